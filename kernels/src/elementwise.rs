@@ -1,0 +1,49 @@
+//! Row-wise and element-wise kernels: layer norm, GELU, residual add.
+
+use rayon::prelude::*;
+
+/// Elements per rayon task for element-wise work; below one such chunk a call
+/// runs on the calling thread, where thread wake-up would cost more than it saves.
+const PAR_CHUNK: usize = 16 * 1024;
+
+/// `out[M,C] = (x - mean) / sqrt(var + eps) * gamma + beta`, for each row of
+/// `x[M,C]`, with `C = gamma.len()`. Mean and (biased) variance are computed
+/// in two passes, as PyTorch does. Overwrites `out`.
+pub fn layernorm(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let c = gamma.len();
+    assert_eq!(beta.len(), c, "layernorm: beta is not [C={c}]");
+    assert_eq!(out.len(), x.len(), "layernorm: out and x differ in length");
+    assert_eq!(x.len() % c, 0, "layernorm: x is not [M, C={c}]");
+    for (o, xr) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        let mean = xr.iter().sum::<f32>() / c as f32;
+        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &g), &b) in o.iter_mut().zip(xr).zip(gamma).zip(beta) {
+            *o = (v - mean) * rstd * g + b;
+        }
+    }
+}
+
+/// GPT-2's tanh approximation of GELU ("gelu_new"), in place:
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+/// Not the erf form: the two differ by up to ~1e-3, which the reference tests see.
+pub fn gelu_inplace(x: &mut [f32]) {
+    const S: f32 = 0.797_884_6; // sqrt(2 / pi)
+    let f = |v: &mut f32| {
+        let u = *v;
+        *v = 0.5 * u * (1.0 + (S * (u + 0.044_715 * u * u * u)).tanh());
+    };
+    if x.len() <= PAR_CHUNK {
+        x.iter_mut().for_each(f);
+    } else {
+        x.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(f));
+    }
+}
+
+/// `acc += x`, element-wise (the residual connections).
+pub fn add_assign(acc: &mut [f32], x: &[f32]) {
+    assert_eq!(acc.len(), x.len(), "add_assign: lengths differ");
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a += v;
+    }
+}

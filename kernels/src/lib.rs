@@ -1,0 +1,24 @@
+//! The numeric kernels of gpt2-rs: plain functions over `f32` slices.
+//!
+//! Dimension legend (used in every shape comment in this crate):
+//! - `M`: rows of a batch (tokens, possibly from many sequences)
+//! - `K`: input features of a linear layer, `N`: its output features
+//! - `C`: channels (`n_embd`), `T`: positions attended to, `hd`: head dimension
+//!
+//! Conventions, after llm.c: the output comes first, then the inputs, then the
+//! dimensions; no kernel allocates; lengths are checked on entry. A name says
+//! whether a kernel overwrites its output (`linear`, `matmul_bt`) or adds into
+//! it (`add_assign`). Every fast kernel has a naive twin in [`reference`] that
+//! the tests compare it against.
+//!
+//! Parallel kernels use rayon's *current* pool, so a caller that wants a fixed
+//! number of threads runs them inside `pool.install(..)`.
+
+pub mod attention;
+pub mod elementwise;
+pub mod matmul;
+pub mod reference;
+
+pub use attention::{attention_head, softmax_inplace};
+pub use elementwise::{add_assign, gelu_inplace, layernorm};
+pub use matmul::{dot, linear, matmul_bt};

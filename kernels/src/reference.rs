@@ -1,0 +1,213 @@
+//! Naive twins of the fast kernels: the definition of each op written as
+//! plainly as possible, accumulating in f64. The tests below hold every fast
+//! kernel to its twin on odd shapes; `benches/` uses them as a baseline.
+
+/// `out[M,N] = x[M,K] · w[K,N] + bias[N]`.
+pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
+    for r in 0..m {
+        for j in 0..n {
+            let mut s = bias[j] as f64;
+            for kk in 0..k {
+                s += x[r * k + kk] as f64 * w[kk * n + j] as f64;
+            }
+            out[r * n + j] = s as f32;
+        }
+    }
+}
+
+/// `out[M,N] = x[M,K] · w[N,K]ᵀ`.
+pub fn matmul_bt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+    for r in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for kk in 0..k {
+                s += x[r * k + kk] as f64 * w[j * k + kk] as f64;
+            }
+            out[r * n + j] = s as f32;
+        }
+    }
+}
+
+/// Row-wise layer norm of `x[M,C]`.
+pub fn layernorm(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let c = gamma.len();
+    for (o, xr) in out.chunks_mut(c).zip(x.chunks(c)) {
+        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+        let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+        for i in 0..c {
+            let norm = (xr[i] as f64 - mean) / (var + eps as f64).sqrt();
+            o[i] = (norm * gamma[i] as f64 + beta[i] as f64) as f32;
+        }
+    }
+}
+
+/// tanh-approximated GELU.
+pub fn gelu(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        let u = *v as f64;
+        let inner = (2.0 / std::f64::consts::PI).sqrt() * (u + 0.044715 * u * u * u);
+        *v = (0.5 * u * (1.0 + inner.tanh())) as f32;
+    }
+}
+
+/// Softmax.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let exps: Vec<f64> = x.iter().map(|&v| (v as f64 - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    for (v, e) in x.iter_mut().zip(exps) {
+        *v = (e / sum) as f32;
+    }
+}
+
+/// One head's attention over `t` positions, cache rows every `stride` floats.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_head(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], t: usize, stride: usize, scale: f32) {
+    let hd = q.len();
+    let mut p: Vec<f32> = (0..t)
+        .map(|i| {
+            let s: f64 = (0..hd).map(|d| q[d] as f64 * k[i * stride + d] as f64).sum();
+            (s * scale as f64) as f32
+        })
+        .collect();
+    softmax(&mut p);
+    for d in 0..hd {
+        out[d] = (0..t)
+            .map(|i| p[i] as f64 * v[i * stride + d] as f64)
+            .sum::<f64>() as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) from a 64-bit LCG: no dependency, no flakiness.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `|a - b| <= atol + rtol * |b|` everywhere; the message names the worst index.
+    #[track_caller]
+    fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+        let (mut worst, mut worst_i) = (0f32, 0);
+        for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+            let excess = (a - b).abs() - (atol + rtol * b.abs());
+            if excess > worst || a.is_nan() {
+                (worst, worst_i) = (excess.max(f32::MIN_POSITIVE), i);
+            }
+        }
+        assert!(
+            worst <= 0.0,
+            "{what}: index {worst_i}: got {} want {} (tolerance {atol} + {rtol}*|want|)",
+            got[worst_i],
+            want[worst_i]
+        );
+    }
+
+    const ROWS: [usize; 9] = [1, 2, 3, 4, 5, 7, 16, 17, 33];
+
+    #[test]
+    fn linear_matches_naive_on_odd_shapes() {
+        for &m in &ROWS {
+            for &(k, n) in &[(1, 1), (7, 3), (64, 32), (65, 33), (33, 100), (96, 257)] {
+                let (x, w, b) = (values(m * k, 1), values(k * n, 2), values(n, 3));
+                let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
+                crate::linear(&mut got, &x, &w, &b, m, k, n);
+                linear(&mut want, &x, &w, &b, m, k, n);
+                assert_close(&format!("linear m={m} k={k} n={n}"), &got, &want, 1e-5, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_bt_matches_naive_on_odd_shapes() {
+        for &m in &ROWS {
+            for &(k, n) in &[(1, 1), (7, 3), (64, 32), (65, 33), (33, 100), (96, 257)] {
+                let (x, w) = (values(m * k, 4), values(n * k, 5));
+                let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
+                crate::matmul_bt(&mut got, &x, &w, m, k, n);
+                matmul_bt(&mut want, &x, &w, m, k, n);
+                assert_close(&format!("matmul_bt m={m} k={k} n={n}"), &got, &want, 1e-5, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn linear_runs_inside_a_one_thread_pool() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let (m, k, n) = (20, 65, 70);
+        let (x, w, b) = (values(m * k, 6), values(k * n, 7), values(n, 8));
+        let (mut got, mut want) = (vec![0.0; m * n], vec![0.0; m * n]);
+        pool.install(|| crate::linear(&mut got, &x, &w, &b, m, k, n));
+        linear(&mut want, &x, &w, &b, m, k, n);
+        assert_close("linear in a 1-thread pool", &got, &want, 1e-5, 1e-5);
+    }
+
+    #[test]
+    fn layernorm_matches_naive() {
+        for &(m, c) in &[(1, 1), (3, 7), (5, 64), (2, 769)] {
+            let x: Vec<f32> = values(m * c, 9).iter().map(|v| v * 3.0 + 0.5).collect();
+            let (g, b) = (values(c, 10), values(c, 11));
+            let (mut got, mut want) = (vec![0.0; m * c], vec![0.0; m * c]);
+            crate::layernorm(&mut got, &x, &g, &b, 1e-5);
+            layernorm(&mut want, &x, &g, &b, 1e-5);
+            assert_close(&format!("layernorm m={m} c={c}"), &got, &want, 1e-5, 1e-5);
+        }
+    }
+
+    #[test]
+    fn gelu_matches_naive_small_and_parallel() {
+        for n in [1, 31, 100_003] {
+            let x: Vec<f32> = values(n, 12).iter().map(|v| v * 6.0).collect();
+            let (mut got, mut want) = (x.clone(), x);
+            crate::gelu_inplace(&mut got);
+            gelu(&mut want);
+            assert_close(&format!("gelu n={n}"), &got, &want, 1e-6, 1e-5);
+        }
+    }
+
+    #[test]
+    fn softmax_matches_naive_and_survives_large_inputs() {
+        for n in [1, 5, 1000] {
+            let x: Vec<f32> = values(n, 13).iter().map(|v| v * 80.0).collect();
+            let (mut got, mut want) = (x.clone(), x);
+            crate::softmax_inplace(&mut got);
+            softmax(&mut want);
+            assert_close(&format!("softmax n={n}"), &got, &want, 1e-6, 1e-5);
+            assert!((got.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn attention_head_matches_naive() {
+        for &(t, hd, stride) in &[(1, 1, 1), (3, 8, 24), (17, 64, 768), (100, 12, 36)] {
+            let q = values(hd, 14);
+            let (k, v) = (values(t * stride, 15), values(t * stride, 16));
+            let (mut got, mut want) = (vec![0.0; hd], vec![0.0; hd]);
+            let mut scores = vec![0.0; t + 3];
+            let scale = 1.0 / (hd as f32).sqrt();
+            crate::attention_head(&mut got, &q, &k, &v, t, stride, &mut scores, scale);
+            attention_head(&mut want, &q, &k, &v, t, stride, scale);
+            assert_close(&format!("attention t={t} hd={hd}"), &got, &want, 1e-6, 1e-5);
+        }
+    }
+
+    #[test]
+    fn add_assign_adds() {
+        let mut a = vec![1.0, 2.0, 3.0];
+        crate::add_assign(&mut a, &[0.5, -2.0, 1.0]);
+        assert_eq!(a, vec![1.5, 0.0, 4.0]);
+    }
+}

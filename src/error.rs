@@ -1,0 +1,75 @@
+//! The one error type of the library. Every variant names what went wrong and
+//! where: the file, the tensor, the shapes, the token id, the lengths.
+
+use std::path::PathBuf;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: invalid config: {msg}", path.display())]
+    Config { path: PathBuf, msg: String },
+    #[error("{}: not a valid safetensors file: {msg}", path.display())]
+    Safetensors { path: PathBuf, msg: String },
+    #[error("{}: missing tensor `{tensor}`", path.display())]
+    MissingTensor { path: PathBuf, tensor: String },
+    #[error("{}: tensor `{tensor}` has shape {got:?}, expected {expected:?} (from config.json)", path.display())]
+    Shape {
+        path: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("{}: tensor `{tensor}` has unsupported dtype {dtype}: only F32 checkpoints are supported", path.display())]
+    Dtype {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
+    #[error("{}: unknown tensor `{tensor}` (not part of a GPT-2 checkpoint)", path.display())]
+    UnknownTensor { path: PathBuf, tensor: String },
+    #[error("{}: tensor `{tensor}` is stored twice (as `{first}` and `{second}`)", path.display())]
+    DuplicateTensor {
+        path: PathBuf,
+        tensor: String,
+        first: String,
+        second: String,
+    },
+    #[error("{}: tensor `{tensor}` holds a non-finite value ({value}) at index {index}", path.display())]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
+    #[error("token id {id} is out of range: the vocabulary has {vocab_size} tokens (0..{vocab_size})")]
+    TokenId { id: u32, vocab_size: usize },
+    #[error("context window exceeded: position {pos} needs {} positions, the model has n_positions = {n_positions}", pos + 1)]
+    ContextLength { pos: usize, n_positions: usize },
+    #[error("invalid batch: {0}")]
+    Batch(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The GPT-2 forward pass over a batch of rows.
+//!
+//! Dimension legend: M = rows in the batch, C = channels (n_embd), F = MLP
+//! width (n_inner), V = vocabulary, L = layers, H = heads, hd = C / H,
+//! P = context window (n_positions).
+//!
+//! A batch row is one token of one sequence at one position. Prefill is many
+//! rows of one sequence; batched decode is one row from each of many
+//! sequences; both are the same call to [`Gpt2Model::forward`]. The model is
+//! immutable and shared; the KV cache ([`KvCache`]) belongs to a sequence and
+//! the work buffers ([`Scratch`]) to a caller, so any number of threads can
+//! run forward passes over one model at once.
+
+use std::path::Path;
+
+use gpt2_kernels::{add_assign, attention_head, gelu_inplace, layernorm, linear, matmul_bt};
+use rayon::prelude::*;
+
+use crate::config::Gpt2Config;
+use crate::error::{Error, Result};
+use crate::weights::{self, Weights};
+
+/// A GPT-2 model: config plus weights. `Send + Sync`, `&self` only.
+pub struct Gpt2Model {
+    pub config: Gpt2Config,
+    pub weights: Weights,
+}
+
+/// One row of a batch: `token` of sequence `seq` (an index into the caches
+/// passed to `forward`) at position `pos`. `logits` asks for this row's
+/// next-token logits; rows that do not ask skip the final norm and LM head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    pub seq: usize,
+    pub token: u32,
+    pub pos: usize,
+    pub logits: bool,
+}
+
+/// Keys and values of every layer for one sequence.
+///
+/// Memory for the full context window is reserved up front with a zeroed
+/// allocation, which the OS backs with pages only as positions are written.
+pub struct KvCache {
+    k: Vec<f32>, // (L, P, C)
+    v: Vec<f32>, // (L, P, C)
+    len: usize,
+    n_positions: usize,
+    n_embd: usize,
+}
+
+impl KvCache {
+    pub fn new(config: &Gpt2Config) -> Self {
+        let size = config.n_layer * config.n_positions * config.n_embd;
+        KvCache {
+            k: vec![0.0; size],
+            v: vec![0.0; size],
+            len: 0,
+            n_positions: config.n_positions,
+            n_embd: config.n_embd,
+        }
+    }
+
+    /// Positions stored so far; the next row of this sequence has `pos == len()`.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position, keeping the memory for the next sequence.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Start of layer `l`, position `pos` in `k` / `v`.
+    fn offset(&self, l: usize, pos: usize) -> usize {
+        (l * self.n_positions + pos) * self.n_embd
+    }
+}
+
+/// Work buffers for batches of up to `max_rows` rows, allocated once.
+pub struct Scratch {
+    max_rows: usize,
+    x: Vec<f32>,          // (M, C) residual stream
+    h: Vec<f32>,          // (M, C) layer-norm output
+    qkv: Vec<f32>,        // (M, 3C) queries, keys, values
+    att: Vec<f32>,        // (M, C) attention output, heads side by side
+    proj: Vec<f32>,       // (M, C) output of a projection, before the residual add
+    fc: Vec<f32>,         // (M, F) MLP hidden layer
+    scores: Vec<f32>,     // (M * H, P) attention scores of each (row, head)
+    lm_in: Vec<f32>,      // (M, C) final-normed rows that want logits
+    logits: Vec<f32>,     // (rows wanting logits, V), grown on demand
+    next_pos: Vec<usize>, // per sequence: the position its next row must have
+}
+
+impl Scratch {
+    pub fn new(config: &Gpt2Config, max_rows: usize) -> Self {
+        let max_rows = max_rows.max(1);
+        let (c, f, h, p) = (config.n_embd, config.n_inner, config.n_head, config.n_positions);
+        Scratch {
+            max_rows,
+            x: vec![0.0; max_rows * c],
+            h: vec![0.0; max_rows * c],
+            qkv: vec![0.0; max_rows * 3 * c],
+            att: vec![0.0; max_rows * c],
+            proj: vec![0.0; max_rows * c],
+            fc: vec![0.0; max_rows * f],
+            scores: vec![0.0; max_rows * h * p],
+            lm_in: vec![0.0; max_rows * c],
+            logits: Vec::new(),
+            next_pos: Vec::new(),
+        }
+    }
+
+    /// The largest batch this scratch can run.
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+}
+
+impl Gpt2Model {
+    /// Loads `config.json` and `model.safetensors` from a checkpoint directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let (config_path, weights_path) = weights::checkpoint_files(dir);
+        Self::load_files(&config_path, &weights_path)
+    }
+
+    pub fn load_files(config_path: &Path, weights_path: &Path) -> Result<Self> {
+        let config = Gpt2Config::from_file(config_path)?;
+        let weights = weights::load(weights_path, &config)?;
+        Ok(Gpt2Model { config, weights })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.config)
+    }
+
+    pub fn new_scratch(&self, max_rows: usize) -> Scratch {
+        Scratch::new(&self.config, max_rows)
+    }
+
+    /// Runs one forward pass over `rows`, appending each row's key and value
+    /// to its sequence's cache, and returns the logits `(n, V)` of the `n`
+    /// rows that asked for them, in row order.
+    ///
+    /// Rows of one sequence must have consecutive positions, the first equal
+    /// to that cache's `len()`. On error nothing has been changed.
+    pub fn forward<'s>(
+        &self,
+        rows: &[Row],
+        caches: &mut [&mut KvCache],
+        s: &'s mut Scratch,
+    ) -> Result<&'s [f32]> {
+        self.check_batch(rows, caches, s)?;
+        let cfg = &self.config;
+        let (m, c, f, v) = (rows.len(), cfg.n_embd, cfg.n_inner, cfg.vocab_size);
+        let (nh, hd, p) = (cfg.n_head, cfg.head_dim(), cfg.n_positions);
+        let eps = cfg.layer_norm_epsilon;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let w = &self.weights;
+        let x = &mut s.x[..m * c];
+        let h = &mut s.h[..m * c];
+        let qkv = &mut s.qkv[..m * 3 * c];
+        let att = &mut s.att[..m * c];
+        let proj = &mut s.proj[..m * c];
+        let fc = &mut s.fc[..m * f];
+        let scores = &mut s.scores[..m * nh * p];
+
+        // x = wte[token] + wpe[pos]
+        let (wte, wpe) = (w.wte.data(), w.wpe.data());
+        for (xr, row) in x.chunks_exact_mut(c).zip(rows) {
+            let (t, pos) = (row.token as usize, row.pos);
+            xr.copy_from_slice(&wte[t * c..(t + 1) * c]);
+            add_assign(xr, &wpe[pos * c..(pos + 1) * c]);
+        }
+
+        for (l, lw) in w.layers.iter().enumerate() {
+            // Attention block.
+            layernorm(h, x, lw.ln_1_g.data(), lw.ln_1_b.data(), eps);
+            linear(qkv, h, lw.attn_qkv_w.data(), lw.attn_qkv_b.data(), m, c, 3 * c);
+            for (qkv_r, row) in qkv.chunks_exact(3 * c).zip(rows) {
+                let cache = &mut *caches[row.seq];
+                let o = cache.offset(l, row.pos);
+                cache.k[o..o + c].copy_from_slice(&qkv_r[c..2 * c]);
+                cache.v[o..o + c].copy_from_slice(&qkv_r[2 * c..]);
+            }
+            // One task per (row, head). Every key and value of this batch is
+            // already in the cache; row r reads positions 0..=pos only.
+            let caches: &[&mut KvCache] = caches;
+            let qkv: &[f32] = qkv;
+            att.par_chunks_mut(hd)
+                .zip(scores.par_chunks_mut(p))
+                .enumerate()
+                .for_each(|(i, (out, sc))| {
+                    let (r, head) = (i / nh, i % nh);
+                    let row = &rows[r];
+                    let cache = &*caches[row.seq];
+                    let start = cache.offset(l, 0) + head * hd;
+                    let end = cache.offset(l, row.pos) + c;
+                    let q = &qkv[r * 3 * c + head * hd..][..hd];
+                    let (k, vv) = (&cache.k[start..end], &cache.v[start..end]);
+                    attention_head(out, q, k, vv, row.pos + 1, c, sc, scale);
+                });
+            linear(proj, att, lw.attn_proj_w.data(), lw.attn_proj_b.data(), m, c, c);
+            add_assign(x, proj);
+
+            // MLP block.
+            layernorm(h, x, lw.ln_2_g.data(), lw.ln_2_b.data(), eps);
+            linear(fc, h, lw.mlp_fc_w.data(), lw.mlp_fc_b.data(), m, c, f);
+            gelu_inplace(fc);
+            linear(proj, fc, lw.mlp_proj_w.data(), lw.mlp_proj_b.data(), m, f, c);
+            add_assign(x, proj);
+        }
+
+        for row in rows {
+            let cache = &mut *caches[row.seq];
+            cache.len = cache.len.max(row.pos + 1);
+        }
+
+        // Final norm and LM head, only for the rows that want logits.
+        let mut n = 0;
+        for (xr, row) in x.chunks_exact(c).zip(rows) {
+            if row.logits {
+                layernorm(
+                    &mut s.lm_in[n * c..(n + 1) * c],
+                    xr,
+                    w.ln_f_g.data(),
+                    w.ln_f_b.data(),
+                    eps,
+                );
+                n += 1;
+            }
+        }
+        if s.logits.len() < n * v {
+            s.logits.resize(n * v, 0.0);
+        }
+        let logits = &mut s.logits[..n * v];
+        matmul_bt(logits, &s.lm_in[..n * c], w.lm_head().data(), n, c, v);
+        Ok(logits)
+    }
+
+    /// Checks every row before any work, so a bad batch changes nothing.
+    fn check_batch(&self, rows: &[Row], caches: &[&mut KvCache], s: &mut Scratch) -> Result<()> {
+        let cfg = &self.config;
+        if rows.is_empty() {
+            return Err(Error::Batch("no rows".into()));
+        }
+        if rows.len() > s.max_rows {
+            return Err(Error::Batch(format!(
+                "{} rows, but the scratch holds at most {}",
+                rows.len(),
+                s.max_rows
+            )));
+        }
+        if s.x.len() != s.max_rows * cfg.n_embd || s.fc.len() != s.max_rows * cfg.n_inner {
+            return Err(Error::Batch("the scratch was made for another config".into()));
+        }
+        s.next_pos.clear();
+        s.next_pos.extend(caches.iter().map(|c| c.len));
+        for (i, row) in rows.iter().enumerate() {
+            if row.token as usize >= cfg.vocab_size {
+                return Err(Error::TokenId {
+                    id: row.token,
+                    vocab_size: cfg.vocab_size,
+                });
+            }
+            if row.pos >= cfg.n_positions {
+                return Err(Error::ContextLength {
+                    pos: row.pos,
+                    n_positions: cfg.n_positions,
+                });
+            }
+            let Some(cache) = caches.get(row.seq) else {
+                return Err(Error::Batch(format!(
+                    "row {i} names sequence {}, but only {} caches were given",
+                    row.seq,
+                    caches.len()
+                )));
+            };
+            if cache.n_positions != cfg.n_positions
+                || cache.n_embd != cfg.n_embd
+                || cache.k.len() != cfg.n_layer * cfg.n_positions * cfg.n_embd
+            {
+                return Err(Error::Batch(format!(
+                    "row {i}: the cache of sequence {} was made for another config",
+                    row.seq
+                )));
+            }
+            let expected = s.next_pos[row.seq];
+            if row.pos != expected {
+                return Err(Error::Batch(format!(
+                    "row {i}: sequence {} expects position {expected}, got {}",
+                    row.seq, row.pos
+                )));
+            }
+            s.next_pos[row.seq] += 1;
+        }
+        Ok(())
+    }
+
+    /// Logits `(T, V)` for every position of `tokens`, run from an empty cache
+    /// in chunks of at most `chunk` rows. For checking against other
+    /// implementations (`gpt2 logits`) and for tests.
+    pub fn logits_all(&self, tokens: &[u32], chunk: usize) -> Result<Vec<f32>> {
+        let mut cache = self.new_cache();
+        let mut scratch = self.new_scratch(chunk);
+        let mut out = Vec::with_capacity(tokens.len() * self.config.vocab_size);
+        for (ci, part) in tokens.chunks(scratch.max_rows()).enumerate() {
+            let start = ci * scratch.max_rows();
+            let rows: Vec<Row> = part
+                .iter()
+                .enumerate()
+                .map(|(i, &token)| Row {
+                    seq: 0,
+                    token,
+                    pos: start + i,
+                    logits: true,
+                })
+                .collect();
+            out.extend_from_slice(self.forward(&rows, &mut [&mut cache], &mut scratch)?);
+        }
+        Ok(out)
+    }
+}

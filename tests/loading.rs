@@ -1,0 +1,254 @@
+//! Loading checkpoints: both naming styles, and a clear error for every bad input.
+
+mod common;
+
+use std::path::Path;
+
+use common::scratch_dir;
+use gpt2::weights::expected_shapes;
+use gpt2::{Error, Gpt2Config, Gpt2Model};
+
+const MICRO: &str =
+    r#"{"model_type":"gpt2","n_layer":1,"n_head":2,"n_embd":8,"n_positions":16,"vocab_size":32}"#;
+
+/// A tensor to write: name, dtype string, shape, raw little-endian bytes.
+type Entry = (String, &'static str, Vec<usize>, Vec<u8>);
+
+/// Every tensor of the micro config, with `prefix` ("transformer." or "").
+fn micro_tensors(prefix: &str) -> Vec<Entry> {
+    let config = Gpt2Config::from_json(MICRO).unwrap();
+    expected_shapes(&config)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let bytes = (0..n)
+                .flat_map(|j| (((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5).to_le_bytes())
+                .collect();
+            (format!("{prefix}{name}"), "F32", shape, bytes)
+        })
+        .collect()
+}
+
+/// Writes a safetensors file by hand, so tests control every byte. `pad`
+/// extra header bytes move the data section (alignment tests).
+fn write_safetensors(path: &Path, tensors: &[Entry], pad: usize) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let mut text = serde_json::Value::Object(header).to_string();
+    text.push_str(&" ".repeat(pad));
+    let mut file = (text.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(text.as_bytes());
+    for (_, _, _, bytes) in tensors {
+        file.extend_from_slice(bytes);
+    }
+    std::fs::write(path, file).unwrap();
+}
+
+fn checkpoint(name: &str, config: &str, tensors: &[Entry], pad: usize) -> std::path::PathBuf {
+    let dir = scratch_dir(name);
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    write_safetensors(&dir.join("model.safetensors"), tensors, pad);
+    dir
+}
+
+fn load_err(dir: &Path) -> Error {
+    match Gpt2Model::load(dir) {
+        Ok(_) => panic!("{} loaded, expected an error", dir.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn both_naming_styles_load_and_agree() {
+    let hf = checkpoint("load-hf", MICRO, &micro_tensors("transformer."), 0);
+    // The hub's original file: no prefix, plus causal-mask buffers to skip.
+    let mut hub = micro_tensors("");
+    hub.push((
+        "h.0.attn.bias".into(),
+        "F32",
+        vec![1, 1, 16, 16],
+        vec![0; 16 * 16 * 4],
+    ));
+    hub.push(("h.0.attn.masked_bias".into(), "F32", vec![], vec![0; 4]));
+    let hub = checkpoint("load-hub", MICRO, &hub, 0);
+    let a = Gpt2Model::load(&hf).unwrap().logits_all(&[1, 2, 3], 8).unwrap();
+    let b = Gpt2Model::load(&hub).unwrap().logits_all(&[1, 2, 3], 8).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn weights_are_borrowed_from_the_map_when_aligned_and_copied_when_not() {
+    let tensors = micro_tensors("transformer.");
+    // Paddings that put the data section on, and off, a 4-byte boundary.
+    let data_start = |pad| {
+        let dir = checkpoint("load-probe", MICRO, &tensors, pad);
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
+    };
+    let on = (0..4).find(|&p| data_start(p) % 4 == 0).unwrap();
+    let off = (0..4).find(|&p| data_start(p) % 4 != 0).unwrap();
+    let aligned = Gpt2Model::load(&checkpoint("load-aligned", MICRO, &tensors, on)).unwrap();
+    let misaligned = Gpt2Model::load(&checkpoint("load-misaligned", MICRO, &tensors, off)).unwrap();
+    assert_eq!(aligned.weights.copied_bytes, 0);
+    assert!(aligned.weights.wte.is_mapped());
+    assert_eq!(misaligned.weights.mapped_bytes, 0);
+    assert!(!misaligned.weights.wte.is_mapped());
+    assert_eq!(
+        aligned.logits_all(&[5, 6], 8).unwrap(),
+        misaligned.logits_all(&[5, 6], 8).unwrap()
+    );
+}
+
+#[test]
+fn an_untied_lm_head_is_used() {
+    let mut tensors = micro_tensors("transformer.");
+    let tied = Gpt2Model::load(&checkpoint("load-tied", MICRO, &tensors, 0)).unwrap();
+    tensors.push(("lm_head.weight".into(), "F32", vec![32, 8], vec![0; 32 * 8 * 4]));
+    let untied = Gpt2Model::load(&checkpoint("load-untied", MICRO, &tensors, 0)).unwrap();
+    assert!(untied.weights.lm_head.is_some());
+    assert!(untied.logits_all(&[1], 8).unwrap().iter().all(|&x| x == 0.0));
+    assert!(tied.logits_all(&[1], 8).unwrap().iter().any(|&x| x != 0.0));
+}
+
+#[test]
+fn missing_files_name_their_path() {
+    let dir = scratch_dir("load-missing");
+    let err = load_err(&dir);
+    assert!(
+        matches!(err, Error::Io { .. }) && err.to_string().contains("config.json"),
+        "{err}"
+    );
+    std::fs::write(dir.join("config.json"), MICRO).unwrap();
+    let err = load_err(&dir);
+    assert!(
+        matches!(err, Error::Io { .. }) && err.to_string().contains("model.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_or_corrupt_files_are_named_errors() {
+    let dir = checkpoint("load-truncated", MICRO, &micro_tensors("transformer."), 0);
+    let path = dir.join("model.safetensors");
+    let full = std::fs::read(&path).unwrap();
+    for (what, bytes) in [
+        ("cut in half", full[..full.len() / 2].to_vec()),
+        ("cut by one byte", full[..full.len() - 1].to_vec()),
+        ("three bytes", full[..3].to_vec()),
+        ("empty", Vec::new()),
+        ("garbage", b"this is not a safetensors file at all".to_vec()),
+        (
+            "header length past the end",
+            [&u64::MAX.to_le_bytes()[..], &full[8..]].concat(),
+        ),
+    ] {
+        std::fs::write(&path, &bytes).unwrap();
+        let err = load_err(&dir);
+        assert!(matches!(err, Error::Safetensors { .. }), "{what}: {err}");
+        assert!(err.to_string().contains("model.safetensors"), "{what}: {err}");
+    }
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let mut tensors = micro_tensors("transformer.");
+    tensors.retain(|t| t.0 != "transformer.h.0.mlp.c_fc.bias");
+    let err = load_err(&checkpoint("load-missing-tensor", MICRO, &tensors, 0));
+    assert!(
+        matches!(&err, Error::MissingTensor { tensor, .. } if tensor == "transformer.h.0.mlp.c_fc.bias"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_wrong_shape_names_tensor_expected_and_got() {
+    let mut tensors = micro_tensors("transformer.");
+    let t = tensors
+        .iter_mut()
+        .find(|t| t.0 == "transformer.h.0.attn.c_attn.weight")
+        .unwrap();
+    t.2 = vec![24, 8]; // transposed: [out, in] instead of [in, out]
+    let err = load_err(&checkpoint("load-shape", MICRO, &tensors, 0));
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Shape { .. }), "{msg}");
+    assert!(
+        msg.contains("c_attn.weight") && msg.contains("[24, 8]") && msg.contains("[8, 24]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_config_that_disagrees_with_the_tensors_is_a_shape_error() {
+    let config = MICRO.replace("\"n_embd\":8", "\"n_embd\":16");
+    let err = load_err(&checkpoint(
+        "load-mismatch",
+        &config,
+        &micro_tensors("transformer."),
+        0,
+    ));
+    assert!(matches!(err, Error::Shape { .. }), "{err}");
+    assert!(err.to_string().contains("from config.json"), "{err}");
+}
+
+#[test]
+fn half_precision_is_an_unsupported_dtype() {
+    let mut tensors = micro_tensors("transformer.");
+    for t in tensors.iter_mut().filter(|t| t.0 == "transformer.wte.weight") {
+        t.1 = "F16";
+        t.3.truncate(t.3.len() / 2);
+    }
+    let err = load_err(&checkpoint("load-f16", MICRO, &tensors, 0));
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::Dtype { .. }) && msg.contains("F16") && msg.contains("wte"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_and_duplicated_tensors_are_rejected() {
+    let mut tensors = micro_tensors("transformer.");
+    tensors.push(("transformer.h.0.attn.rotary".into(), "F32", vec![1], vec![0; 4]));
+    let err = load_err(&checkpoint("load-unknown", MICRO, &tensors, 0));
+    assert!(
+        matches!(&err, Error::UnknownTensor { tensor, .. } if tensor == "transformer.h.0.attn.rotary"),
+        "{err}"
+    );
+
+    // A mask buffer of a layer the config does not have is not "exactly those".
+    let mut tensors = micro_tensors("");
+    tensors.push(("h.5.attn.bias".into(), "F32", vec![1], vec![0; 4]));
+    let err = load_err(&checkpoint("load-unknown-mask", MICRO, &tensors, 0));
+    assert!(matches!(err, Error::UnknownTensor { .. }), "{err}");
+
+    let mut tensors = micro_tensors("transformer.");
+    tensors.push(("wpe.weight".into(), "F32", vec![16, 8], vec![0; 16 * 8 * 4]));
+    let err = load_err(&checkpoint("load-duplicate", MICRO, &tensors, 0));
+    assert!(matches!(err, Error::DuplicateTensor { .. }), "{err}");
+}
+
+#[test]
+fn an_unsupported_config_is_rejected_with_the_path() {
+    let config = MICRO.replace("\"n_layer\"", "\"activation_function\":\"relu\",\"n_layer\"");
+    let err = load_err(&checkpoint(
+        "load-relu",
+        &config,
+        &micro_tensors("transformer."),
+        0,
+    ));
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::Config { .. }) && msg.contains("config.json") && msg.contains("relu"),
+        "{msg}"
+    );
+    let dir = checkpoint("load-badjson", "{not json", &micro_tensors("transformer."), 0);
+    assert!(matches!(load_err(&dir), Error::Config { .. }));
+}
