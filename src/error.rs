@@ -59,6 +59,8 @@ pub enum Error {
     TokenId { id: u32, vocab_size: usize },
     #[error("context window exceeded: position {pos} needs {} positions, the model has n_positions = {n_positions}", pos + 1)]
     ContextLength { pos: usize, n_positions: usize },
+    #[error("the model produced a non-finite logit ({value}) for token id {index}; refusing to sample from it")]
+    NonFiniteLogits { index: usize, value: f32 },
     #[error("invalid batch: {0}")]
     Batch(String),
     #[error("invalid argument: {0}")]
