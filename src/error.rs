@@ -59,8 +59,19 @@ pub enum Error {
     TokenId { id: u32, vocab_size: usize },
     #[error("context window exceeded: position {pos} needs {} positions, the model has n_positions = {n_positions}", pos + 1)]
     ContextLength { pos: usize, n_positions: usize },
-    #[error("the model produced a non-finite logit ({value}) for token id {index}; refusing to sample from it")]
+    #[error(
+        "the model produced a non-finite logit ({value}) for token id {index}; refusing to sample from it"
+    )]
     NonFiniteLogits { index: usize, value: f32 },
+    #[error(
+        "the prompt is {prompt_tokens} tokens, longer than the context window of {n_positions} positions"
+    )]
+    PromptTooLong {
+        prompt_tokens: usize,
+        n_positions: usize,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     #[error("invalid batch: {0}")]
     Batch(String),
     #[error("invalid argument: {0}")]

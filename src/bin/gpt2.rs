@@ -5,8 +5,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+use gpt2::hub::{self, WeightsArgs};
 use gpt2::synth::{self, Preset};
-use gpt2::Gpt2Model;
+use gpt2::tokenizer::{Gpt2Tokenizer, TextStream, EOS_TOKEN};
+use gpt2::{GenerateOptions, Gpt2Model, SamplingParams, Session};
 
 #[derive(Parser)]
 #[command(name = "gpt2", version, about = "A pure-Rust GPT-2 inference engine")]
@@ -17,6 +19,50 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a prompt, streamed to stdout; timings go to stderr.
+    Generate {
+        #[arg(long)]
+        prompt: String,
+        /// How many tokens to generate at most.
+        #[arg(long, default_value_t = 30)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 is greedy (the default).
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        temperature: f32,
+        /// Sample only among the K most likely tokens.
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Sample only from the smallest set of tokens whose probability reaches P (0 < P <= 1).
+        #[arg(long)]
+        top_p: Option<f32>,
+        /// Penalise tokens already present (1.0 = off; > 1 discourages repeats).
+        #[arg(long)]
+        repetition_penalty: Option<f32>,
+        /// Seed of the sampler's RNG.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Do not stop at <|endoftext|>.
+        #[arg(long)]
+        ignore_eos: bool,
+        #[command(flatten)]
+        weights: WeightsArgs,
+    },
+    /// Print the token ids of a text as a JSON array.
+    Tokenize {
+        #[arg(long)]
+        text: String,
+        /// A tokenizer.json to use instead of the built-in GPT-2 one.
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
+    },
+    /// Print the text of comma-separated token ids.
+    Detokenize {
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+        /// A tokenizer.json to use instead of the built-in GPT-2 one.
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
+    },
     /// Write a deterministic synthetic checkpoint (config.json + model.safetensors).
     Synth {
         /// Shape of the model.
@@ -53,8 +99,92 @@ fn main() -> ExitCode {
     }
 }
 
+fn tokenizer(path: Option<PathBuf>) -> gpt2::Result<Gpt2Tokenizer> {
+    path.map_or_else(|| Ok(Gpt2Tokenizer::builtin()), |p| Gpt2Tokenizer::from_file(&p))
+}
+
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
+        Command::Generate {
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            ignore_eos,
+            weights,
+        } => {
+            let sampling = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+            };
+            let opts = GenerateOptions {
+                max_new_tokens,
+                sampling,
+                seed,
+                ignore_eos,
+                eos_token_id: Some(EOS_TOKEN),
+            };
+            let resolved = hub::resolve(&weights)?;
+            let tok = resolved.load_tokenizer()?;
+            let ids = tok.encode(&prompt)?;
+            let t = Instant::now();
+            let model = Gpt2Model::load(&resolved.dir)?;
+            let load = t.elapsed();
+            // Check the request before printing anything, so a bad one fails cleanly.
+            gpt2::generate::check_request(&ids, &opts, model.config.n_positions)?;
+            eprintln!("weights: {}", resolved.source);
+            eprintln!(
+                "loaded in {:.0} ms; prompt is {} tokens",
+                load.as_secs_f64() * 1e3,
+                ids.len()
+            );
+            let mut session = Session::new(&model, ids.len().clamp(1, 128));
+            let mut stream = TextStream::new(&tok);
+            let mut out = std::io::stdout();
+            print_flush(&mut out, &prompt);
+            let mut stream_err = None;
+            let gen = session.generate(&model, &ids, &opts, |id| match stream.push(id) {
+                Ok(Some(piece)) => print_flush(&mut out, &piece),
+                Ok(None) => {}
+                Err(e) => stream_err = Some(e),
+            })?;
+            if let Some(e) = stream_err {
+                return Err(e.into());
+            }
+            if let Some(rest) = stream.finish()? {
+                print_flush(&mut out, &rest);
+            }
+            println!();
+            let tm = &gen.timings;
+            let n = gen.tokens.len();
+            eprintln!(
+                "generated {n} tokens ({:?}) in {:.0} ms: time to first token {:.1} ms, {:.1} ms/token after \
+                 ({:.1} tok/s)",
+                gen.stop,
+                tm.total.as_secs_f64() * 1e3,
+                tm.ttft.as_secs_f64() * 1e3,
+                tm.tpot().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+                tm.tpot().map_or(0.0, |d| 1.0 / d.as_secs_f64()),
+            );
+        }
+        Command::Tokenize {
+            text,
+            tokenizer: path,
+        } => {
+            let ids = tokenizer(path)?.encode(&text)?;
+            print_stdout(&serde_json::to_string(&ids)?)?;
+        }
+        Command::Detokenize {
+            tokens,
+            tokenizer: path,
+        } => {
+            print_stdout(&tokenizer(path)?.decode(&tokens)?)?;
+        }
         Command::Synth { preset, seed, out } => {
             let t = Instant::now();
             synth::write_checkpoint(&out, preset, seed)?;
@@ -89,4 +219,11 @@ fn print_stdout(text: &str) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => other,
     }
+}
+
+/// Writes a streamed piece and flushes it, so text appears as it is made.
+fn print_flush(out: &mut std::io::Stdout, text: &str) {
+    use std::io::Write;
+    // A closed stdout must not stop generation; the error is the reader's choice.
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
 }

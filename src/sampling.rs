@@ -1,0 +1,923 @@
+//! Picking the next token from one row of logits (length V, the vocabulary).
+//!
+//! The steps run in the order of Hugging Face transformers' logits processors:
+//! repetition penalty, then either argmax (temperature 0) or temperature,
+//! top-k, top-p, softmax and one draw. Randomness comes only from the
+//! sampler's own seeded RNG, written in this file, so a seed gives the same
+//! tokens on every machine and with every version of the dependencies.
+//!
+//! A [`Sampler`] belongs to one request, like the KV cache: it keeps its RNG
+//! state and a work buffer between tokens, so after the first call sampling
+//! does not allocate.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// How to pick the next token. `temperature == 0` means greedy (argmax,
+/// first index on ties); top-k and top-p are then ignored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// Divides the logits before the softmax; `>= 0` and finite, 0 = greedy.
+    pub temperature: f32,
+    /// Keep only the `k` largest logits (`k >= 1`). Exactly `k` are kept: on
+    /// equal logits the lower token id wins, as in [`argmax`], so `top_k = 1`
+    /// is greedy. (HF keeps every token tied with the k-th.)
+    pub top_k: Option<usize>,
+    /// Nucleus sampling, in (0, 1]: keep the smallest set of most likely
+    /// tokens whose probability adds up to at least `top_p`, never fewer
+    /// than one. Probabilities are those after temperature and top-k.
+    pub top_p: Option<f32>,
+    /// CTRL-style penalty, `> 0` and finite, as in HF: for every token that is
+    /// already in the history, a logit `> 0` is divided by it and any other
+    /// is multiplied by it. A token is penalised once however often it
+    /// occurs. Values above 1 discourage repetition.
+    pub repetition_penalty: Option<f32>,
+}
+
+impl SamplingParams {
+    /// Argmax decoding: no randomness, no penalty.
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: None,
+        }
+    }
+
+    /// Checks every parameter; the error names the parameter and its value.
+    pub fn validate(&self) -> Result<()> {
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(invalid(format!("temperature must be >= 0 and finite, got {t}")));
+        }
+        if let Some(k) = self.top_k {
+            if k == 0 {
+                return Err(invalid(format!("top_k must be at least 1, got {k}")));
+            }
+        }
+        if let Some(p) = self.top_p {
+            // Written so that NaN fails too.
+            let in_range = p > 0.0 && p <= 1.0;
+            if !in_range {
+                return Err(invalid(format!("top_p must be in (0, 1], got {p}")));
+            }
+        }
+        if let Some(r) = self.repetition_penalty {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(invalid(format!(
+                    "repetition_penalty must be > 0 and finite, got {r}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the next token is the argmax and no random number is drawn.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+impl Default for SamplingParams {
+    /// Greedy, so that output is reproducible unless sampling is asked for.
+    fn default() -> Self {
+        SamplingParams::greedy()
+    }
+}
+
+/// A request's own sampler: parameters, a seeded RNG and a reusable buffer.
+///
+/// Each non-greedy [`sample`](Sampler::sample) draws exactly one number from
+/// the RNG and greedy draws none, so the tokens of a request depend only on
+/// its seed, its parameters and its logits, not on what else ran.
+#[derive(Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    /// (V) at most: (token id, value). The value is first the (penalised)
+    /// logit, in f64 so that neither the penalty nor a tiny temperature can
+    /// overflow it, then the token's unnormalised probability.
+    candidates: Vec<(u32, f64)>,
+}
+
+impl fmt::Debug for Sampler {
+    // The buffer is V entries of scratch: not worth printing.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sampler")
+            .field("params", &self.params)
+            .field("rng", &self.rng)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sampler {
+    /// A sampler whose random stream is fixed by `seed`. Fails if the
+    /// parameters are invalid (see [`SamplingParams::validate`]).
+    pub fn new(params: SamplingParams, seed: u64) -> Result<Self> {
+        params.validate()?;
+        Ok(Sampler {
+            params,
+            rng: Rng::new(seed),
+            candidates: Vec::new(),
+        })
+    }
+
+    /// The parameters it was built with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` (one row, length V). `history` is
+    /// the tokens so far (prompt + generated), used only by the repetition
+    /// penalty. The caller's logits are never modified.
+    ///
+    /// Errors: any NaN or infinite logit (even when greedy), an empty row, or,
+    /// with a repetition penalty, a history token id `>= V`.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        check_logits(logits)?;
+        let params = &self.params;
+        let cands = &mut self.candidates;
+
+        let penalised = match params.repetition_penalty {
+            Some(penalty) => {
+                fill(cands, logits);
+                apply_repetition_penalty(cands, logits, history, f64::from(penalty))?;
+                true
+            }
+            None => false,
+        };
+
+        if params.is_greedy() {
+            // Without a penalty there is nothing to copy: argmax reads the row.
+            return Ok(if penalised {
+                argmax_candidates(cands)
+            } else {
+                argmax(logits)
+            });
+        }
+        if !penalised {
+            fill(cands, logits);
+        }
+
+        if let Some(k) = params.top_k {
+            if k < cands.len() {
+                // O(V) instead of sorting all V logits.
+                cands.select_nth_unstable_by(k - 1, by_rank);
+                cands.truncate(k);
+                // select_nth leaves the k in an order that std may change
+                // between versions; the draw walks them in a fixed one.
+                cands.sort_unstable_by(by_rank);
+            }
+        }
+
+        // Softmax with the max subtracted; the values are finite (checked, and
+        // penalised in f64), so `value - max` is finite and <= 0, and dividing
+        // by even the smallest positive f32 temperature stays finite in f64.
+        // libm, not std: std's exp calls the platform's C library, whose last
+        // bit can differ between systems, and with it a sampled token.
+        let max = cands.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
+        let temperature = f64::from(params.temperature);
+        let mut total = 0.0;
+        for c in cands.iter_mut() {
+            c.1 = libm::exp((c.1 - max) / temperature);
+            total += c.1;
+        }
+        // The max maps to exp(0) = 1, so `total >= 1`: no division by zero.
+
+        if let Some(top_p) = params.top_p {
+            // top_p = 1 keeps everything; HF skips the step too.
+            if top_p < 1.0 {
+                total = nucleus(cands, total, f64::from(top_p));
+            }
+        }
+
+        let u = self.rng.next_f64();
+        Ok(pick(cands, u * total))
+    }
+}
+
+/// Index of the largest value, first on ties (like `torch.argmax`).
+///
+/// `logits` must not be empty (checked in debug builds; release returns 0).
+/// NaN never counts as larger, so check finiteness first where it matters,
+/// as [`Sampler::sample`] does; a row of only NaN or -inf gives 0.
+pub fn argmax(logits: &[f32]) -> u32 {
+    debug_assert!(!logits.is_empty(), "argmax of an empty slice");
+    let mut best = 0;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &x) in logits.iter().enumerate() {
+        // Strict `>` keeps the first of equal values.
+        if x > best_value {
+            best = i;
+            best_value = x;
+        }
+    }
+    best as u32
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}
+
+/// Rejects rows that cannot be sampled from: empty, too long for u32 ids, or
+/// holding a NaN or infinity (reported with the first such index).
+fn check_logits(logits: &[f32]) -> Result<()> {
+    if logits.is_empty() {
+        return Err(invalid("logits must not be empty"));
+    }
+    if u32::try_from(logits.len()).is_err() {
+        return Err(invalid(format!(
+            "logits row has {} entries, more than u32 token ids can index",
+            logits.len()
+        )));
+    }
+    match logits.iter().position(|x| !x.is_finite()) {
+        Some(index) => Err(Error::NonFiniteLogits {
+            index,
+            value: logits[index],
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Replaces `cands` with every token of the row, in token order.
+fn fill(cands: &mut Vec<(u32, f64)>, logits: &[f32]) {
+    cands.clear();
+    // check_logits made sure every index fits in u32.
+    cands.extend(logits.iter().enumerate().map(|(i, &x)| (i as u32, f64::from(x))));
+}
+
+/// `cands` holds the whole row in token order.
+fn apply_repetition_penalty(
+    cands: &mut [(u32, f64)],
+    logits: &[f32],
+    history: &[u32],
+    penalty: f64,
+) -> Result<()> {
+    for &id in history {
+        let Some(&x) = logits.get(id as usize) else {
+            return Err(Error::TokenId {
+                id,
+                vocab_size: logits.len(),
+            });
+        };
+        // Computed from the caller's logit, not the buffer, so a token that
+        // occurs several times is penalised once, as in HF (gather, scatter).
+        let x = f64::from(x);
+        cands[id as usize].1 = if x < 0.0 { x * penalty } else { x / penalty };
+    }
+    Ok(())
+}
+
+/// First index of the largest value of `cands` (in token order).
+fn argmax_candidates(cands: &[(u32, f64)]) -> u32 {
+    let mut best = cands[0];
+    for &c in &cands[1..] {
+        if c.1 > best.1 {
+            best = c;
+        }
+    }
+    best.0
+}
+
+/// The order of top-k and top-p: larger value first, then lower token id. A
+/// total order (ids are unique), so the kept set never depends on the sort.
+fn by_rank(a: &(u32, f64), b: &(u32, f64)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// How many of the most likely tokens `nucleus` sorts first. Sampling with
+/// top-p usually keeps a small part of V, so a few O(V) selections of a
+/// growing head are cheaper than sorting all 50257 entries.
+const NUCLEUS_WINDOW: usize = 64;
+
+/// Top-p: keeps the smallest prefix, in `by_rank` order, of the tokens in
+/// `cands` (value = unnormalised probability, summing to `total`) whose
+/// probability reaches `top_p`; all of them if rounding never gets there.
+/// Leaves that prefix sorted in `cands` and returns its unnormalised mass,
+/// summed in the order `pick` walks.
+fn nucleus(cands: &mut Vec<(u32, f64)>, total: f64, top_p: f64) -> f64 {
+    let n = cands.len();
+    let mut window = NUCLEUS_WINDOW.min(n);
+    loop {
+        // The `window` most likely tokens, sorted, at the front. Those are the
+        // front of the full sort, so the cut is the same as a full sort's.
+        if window < n {
+            cands.select_nth_unstable_by(window - 1, by_rank);
+        }
+        cands[..window].sort_unstable_by(by_rank);
+
+        let mut cumulative = 0.0;
+        let mut kept = 0.0;
+        let mut cut = None;
+        for (i, c) in cands[..window].iter().enumerate() {
+            kept += c.1;
+            cumulative += c.1 / total;
+            if cumulative >= top_p {
+                cut = Some(i + 1);
+                break;
+            }
+        }
+        if let Some(len) = cut {
+            cands.truncate(len);
+            return kept;
+        }
+        if window == n {
+            return kept;
+        }
+        window = (window * 4).min(n);
+    }
+}
+
+/// The token whose interval of the cumulative sum holds `target`, where
+/// `target` is in `[0, sum of the values)`.
+fn pick(cands: &[(u32, f64)], target: f64) -> u32 {
+    let mut cumulative = 0.0;
+    for &(id, weight) in cands {
+        cumulative += weight;
+        // Strict `<`: a token of probability 0 is never picked.
+        if target < cumulative {
+            return id;
+        }
+    }
+    // `u * total` can round up to `total`: take the last token with any mass.
+    cands.iter().rev().find(|c| c.1 > 0.0).map_or(cands[0].0, |c| c.0)
+}
+
+/// xoshiro256** (Blackman and Vigna), seeded through splitmix64 as its
+/// authors recommend. Written here rather than taken from a crate so that the
+/// stream for a seed is fixed by this file alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        // splitmix64 outputs distinct words of a bijection, so at most one is
+        // zero and the state is never the all-zero state xoshiro cannot leave.
+        let mut state = seed;
+        let s = [
+            splitmix64(&mut state),
+            splitmix64(&mut state),
+            splitmix64(&mut state),
+            splitmix64(&mut state),
+        ];
+        Rng { s }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1): the top 53 bits, every value exactly representable.
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: Option<usize>, top_p: Option<f32>) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty: None,
+        }
+    }
+
+    /// How often each token is drawn in `n` samples.
+    fn counts(sampler: &mut Sampler, logits: &[f32], n: usize) -> Vec<usize> {
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..n {
+            counts[sampler.sample(logits, &[]).unwrap() as usize] += 1;
+        }
+        counts
+    }
+
+    /// Logits whose softmax at temperature `t` is `probs`.
+    fn logits_for(probs: &[f64], t: f64) -> Vec<f32> {
+        probs.iter().map(|p| (p.ln() * t) as f32).collect()
+    }
+
+    fn softmax(logits: &[f32], t: f64) -> Vec<f64> {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let e: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) / t).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        e.iter().map(|x| x / sum).collect()
+    }
+
+    fn invalid_message(p: SamplingParams) -> String {
+        match p.validate() {
+            Err(Error::InvalidArgument(msg)) => msg,
+            other => panic!("expected InvalidArgument for {p:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn argmax_takes_first_of_ties() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[5.0]), 0);
+        assert_eq!(argmax(&[-2.0, -1.0, -1.0]), 1);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+    }
+
+    #[test]
+    fn greedy_picks_argmax_and_draws_nothing() {
+        let logits = [0.5, 2.0, -1.0, 2.0, 1.9];
+        let mut s = Sampler::new(SamplingParams::greedy(), 7).unwrap();
+        let rng_before = s.rng.clone();
+        for _ in 0..10 {
+            assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+        }
+        assert_eq!(s.rng, rng_before, "greedy must not consume random numbers");
+        assert!(SamplingParams::default().is_greedy());
+        assert_eq!(SamplingParams::default(), SamplingParams::greedy());
+    }
+
+    #[test]
+    fn temperature_zero_ignores_top_k_and_top_p() {
+        // top_k = 3 and top_p = 0.99 would leave tokens 0, 3, 4 to sample from.
+        let logits = [2.0, -1.0, 0.0, 1.99, 1.98];
+        let mut s = Sampler::new(params(0.0, Some(3), Some(0.99)), 1).unwrap();
+        assert!(s.params().is_greedy());
+        let rng_before = s.rng.clone();
+        for _ in 0..200 {
+            assert_eq!(s.sample(&logits, &[]).unwrap(), 0);
+        }
+        assert_eq!(s.rng, rng_before);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_different_seed_different_tokens() {
+        let logits = [0.1, 0.3, -0.2, 0.0, 0.25, 0.05, -0.1, 0.2];
+        let p = params(1.0, None, None);
+        let draw = |seed| {
+            let mut s = Sampler::new(p.clone(), seed).unwrap();
+            (0..100)
+                .map(|_| s.sample(&logits, &[]).unwrap())
+                .collect::<Vec<u32>>()
+        };
+        let a = draw(42);
+        assert_eq!(a, draw(42));
+        assert_ne!(a, draw(43));
+        assert_ne!(a, draw(0));
+        // Not a constant stream: several tokens show up.
+        let mut seen = a.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        assert!(seen.len() >= 5, "only {seen:?} in 100 draws");
+    }
+
+    #[test]
+    fn each_sample_draws_exactly_one_number() {
+        let logits = [0.3, 1.0, -0.5, 0.8];
+        for p in [
+            params(1.0, None, None),
+            params(0.7, Some(2), None),
+            params(1.3, None, Some(0.6)),
+            params(1.0, Some(1), None),
+        ] {
+            let mut s = Sampler::new(p.clone(), 99).unwrap();
+            let mut expected = Rng::new(99);
+            for _ in 0..25 {
+                s.sample(&logits, &[]).unwrap();
+                expected.next_u64();
+            }
+            assert_eq!(s.rng, expected, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_at_any_temperature() {
+        // Ties too: token 1 and 2 are equal, the lower id wins as in argmax.
+        let logits = [0.5, 2.0, 2.0, -1.0, 1.999];
+        for t in [0.01, 0.5, 1.0, 10.0, 1000.0] {
+            let mut s = Sampler::new(params(t, Some(1), None), 3).unwrap();
+            for _ in 0..200 {
+                assert_eq!(
+                    s.sample(&logits, &[]).unwrap(),
+                    argmax(&logits),
+                    "temperature {t}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_three_keeps_the_three_largest() {
+        let logits = [0.0, 1.0, 0.8, -0.5, 0.9, 0.7, 0.2, 0.85];
+        // The three largest: 1 (1.0), 4 (0.9), 7 (0.85).
+        let mut s = Sampler::new(params(1.5, Some(3), None), 11).unwrap();
+        let c = counts(&mut s, &logits, 2000);
+        for (id, &n) in c.iter().enumerate() {
+            if [1, 4, 7].contains(&id) {
+                assert!(n > 0, "token {id} never drawn: {c:?}");
+            } else {
+                assert_eq!(n, 0, "token {id} is outside the top 3: {c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_larger_than_vocab_keeps_everything() {
+        let logits = [0.0, 0.1, 0.2];
+        let mut s = Sampler::new(params(1.0, Some(1000), None), 5).unwrap();
+        let c = counts(&mut s, &logits, 600);
+        assert!(c.iter().all(|&n| n > 0), "{c:?}");
+    }
+
+    #[test]
+    fn tiny_top_p_is_argmax() {
+        let logits = [0.1, 0.3, 0.29, -0.2, 0.0];
+        let mut s = Sampler::new(params(1.0, None, Some(1e-6)), 17).unwrap();
+        for _ in 0..500 {
+            assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_smallest_prefix_reaching_it() {
+        // Probabilities 0.4, 0.3, 0.2, 0.1: 0.4 < 0.5 <= 0.7, so two are kept.
+        let logits = logits_for(&[0.4, 0.3, 0.2, 0.1], 1.0);
+        let mut s = Sampler::new(params(1.0, None, Some(0.5)), 23).unwrap();
+        let c = counts(&mut s, &logits, 5000);
+        assert_eq!((c[2], c[3]), (0, 0), "{c:?}");
+        assert!(c[0] > 0 && c[1] > 0, "{c:?}");
+        // Renormalised over the two kept: 0.4 / 0.7.
+        let f0 = c[0] as f64 / 5000.0;
+        assert!((f0 - 4.0 / 7.0).abs() < 0.03, "{c:?}");
+    }
+
+    #[test]
+    fn top_k_then_top_p_then_temperature() {
+        // At temperature 2 the probabilities are 0.45, 0.3, 0.15, 0.1.
+        let logits = logits_for(&[0.45, 0.3, 0.15, 0.1], 2.0);
+
+        // top_p alone at 0.8: cumulative 0.45, 0.75, 0.9 keeps three tokens.
+        let mut s = Sampler::new(params(2.0, None, Some(0.8)), 31).unwrap();
+        let c = counts(&mut s, &logits, 3000);
+        assert!(c[0] > 0 && c[1] > 0 && c[2] > 0 && c[3] == 0, "{c:?}");
+
+        // top_k = 3 first renormalises to 0.5, 0.333, 0.167, so top_p = 0.8
+        // is reached after two tokens: top-k runs before top-p, as in HF.
+        let mut s = Sampler::new(params(2.0, Some(3), Some(0.8)), 31).unwrap();
+        let c = counts(&mut s, &logits, 3000);
+        assert!(c[0] > 0 && c[1] > 0 && c[2] == 0 && c[3] == 0, "{c:?}");
+        let f0 = c[0] as f64 / 3000.0;
+        assert!((f0 - 0.6).abs() < 0.03, "0.5 / (0.5 + 0.333) expected, got {c:?}");
+
+        // Temperature comes before top-p: at 0.5 the same logits give
+        // probabilities proportional to p^4, and 0.45^4 alone is over 0.8.
+        let mut s = Sampler::new(params(0.5, Some(3), Some(0.8)), 31).unwrap();
+        let c = counts(&mut s, &logits, 500);
+        assert_eq!(c[0], 500, "{c:?}");
+    }
+
+    #[test]
+    fn frequencies_match_softmax() {
+        let logits = [1.0, 2.0, 0.5, -1.0];
+        let n = 20_000;
+        for t in [0.8, 1.0, 2.5] {
+            let expected = softmax(&logits, t as f64);
+            let mut s = Sampler::new(params(t, None, None), 2024).unwrap();
+            let c = counts(&mut s, &logits, n);
+            for (id, (&got, want)) in c.iter().zip(&expected).enumerate() {
+                let freq = got as f64 / n as f64;
+                assert!(
+                    (freq - want).abs() < 0.02,
+                    "temperature {t}, token {id}: frequency {freq}, softmax {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_logits() {
+        let logits = [1.0, 3.0, 2.0];
+        let p = SamplingParams {
+            repetition_penalty: Some(2.0),
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(p, 0).unwrap();
+        assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+        // 3 / 2 = 1.5 < 2.
+        assert_eq!(s.sample(&logits, &[1]).unwrap(), 2);
+        assert_eq!(logits, [1.0, 3.0, 2.0], "the caller's logits must not change");
+        // The buffer is rebuilt each call: a history without token 1 restores it.
+        assert_eq!(s.sample(&logits, &[0]).unwrap(), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_multiplies_negative_logits() {
+        let logits = [-1.0, -0.5, -3.0];
+        let p = SamplingParams {
+            repetition_penalty: Some(4.0),
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(p, 0).unwrap();
+        assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+        // -0.5 * 4 = -2 < -1; dividing would have raised it to -0.125.
+        assert_eq!(s.sample(&logits, &[1]).unwrap(), 0);
+        assert_eq!(logits, [-1.0, -0.5, -3.0]);
+    }
+
+    #[test]
+    fn repetition_penalty_applies_once_per_token() {
+        let logits = [1.0, 3.0, 2.0];
+        let p = SamplingParams {
+            repetition_penalty: Some(1.4),
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(p, 0).unwrap();
+        // Once: 3 / 1.4 = 2.14 > 2. Three times would be 3 / 1.4^3 = 1.09.
+        assert_eq!(s.sample(&logits, &[1, 1, 1]).unwrap(), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_shapes_sampling() {
+        let logits = [0.1, 5.0, 4.0, -10.0];
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: Some(2),
+            top_p: None,
+            repetition_penalty: Some(100.0),
+        };
+        // Token 1 falls to 0.05, below token 0: the top 2 become 2 and 0.
+        // Token 3 rises to -1000, which changes nothing.
+        let mut s = Sampler::new(p, 8).unwrap();
+        let mut seen = [0usize; 4];
+        for _ in 0..1000 {
+            seen[s.sample(&logits, &[1, 3]).unwrap() as usize] += 1;
+        }
+        assert_eq!((seen[1], seen[3]), (0, 0), "{seen:?}");
+        assert!(seen[0] > 0 && seen[2] > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn repetition_penalty_rejects_out_of_range_history() {
+        let p = SamplingParams {
+            repetition_penalty: Some(1.2),
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(p, 0).unwrap();
+        match s.sample(&[0.0, 1.0, 2.0], &[0, 3]) {
+            Err(Error::TokenId { id: 3, vocab_size: 3 }) => {}
+            other => panic!("expected TokenId error, got {other:?}"),
+        }
+        // Without a penalty the history is not read.
+        let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
+        assert_eq!(s.sample(&[0.0, 1.0, 2.0], &[0, 3]).unwrap(), 2);
+    }
+
+    #[test]
+    fn invalid_params_name_the_parameter() {
+        let g = SamplingParams::greedy;
+        let cases = [
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..g()
+                },
+                "temperature must be >= 0 and finite, got -1",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..g()
+                },
+                "temperature must be >= 0 and finite, got NaN",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::INFINITY,
+                    ..g()
+                },
+                "temperature must be >= 0 and finite, got inf",
+            ),
+            (
+                SamplingParams {
+                    top_k: Some(0),
+                    ..g()
+                },
+                "top_k must be at least 1, got 0",
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(1.5),
+                    ..g()
+                },
+                "top_p must be in (0, 1], got 1.5",
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(0.0),
+                    ..g()
+                },
+                "top_p must be in (0, 1], got 0",
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(f32::NAN),
+                    ..g()
+                },
+                "top_p must be in (0, 1], got NaN",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: Some(0.0),
+                    ..g()
+                },
+                "repetition_penalty must be > 0 and finite, got 0",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: Some(-2.0),
+                    ..g()
+                },
+                "repetition_penalty must be > 0 and finite, got -2",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: Some(f32::INFINITY),
+                    ..g()
+                },
+                "repetition_penalty must be > 0 and finite, got inf",
+            ),
+        ];
+        for (p, want) in cases {
+            assert_eq!(invalid_message(p.clone()), want);
+            assert!(matches!(Sampler::new(p, 0), Err(Error::InvalidArgument(_))));
+        }
+        // The edges that are allowed.
+        let ok = SamplingParams {
+            temperature: 0.0,
+            top_k: Some(1),
+            top_p: Some(1.0),
+            repetition_penalty: Some(1e-3),
+        };
+        assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn non_finite_logits_are_rejected_with_their_index() {
+        let cases: [(&[f32], usize); 4] = [
+            (&[0.0, 1.0, f32::NAN, 2.0], 2),
+            (&[f32::INFINITY, 1.0], 0),
+            (&[0.0, 1.0, 2.0, f32::NEG_INFINITY], 3),
+            (&[0.0, f32::NAN, f32::INFINITY], 1),
+        ];
+        for p in [SamplingParams::greedy(), params(1.0, Some(2), Some(0.9))] {
+            let mut s = Sampler::new(p, 0).unwrap();
+            for (logits, want) in cases {
+                match s.sample(logits, &[]) {
+                    Err(Error::NonFiniteLogits { index, value }) => {
+                        assert_eq!(index, want);
+                        assert_eq!(value.to_bits(), logits[want].to_bits());
+                    }
+                    other => panic!("expected NonFiniteLogits at {want}, got {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_logits_are_rejected() {
+        let mut s = Sampler::new(params(1.0, None, None), 0).unwrap();
+        assert!(matches!(s.sample(&[], &[]), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn extreme_values_stay_finite() {
+        // A subnormal temperature: (x - max) / T is about -1e45 in f64, not
+        // -inf or NaN, so sampling is greedy in effect.
+        let logits = [1.0, 2.0, 1.5];
+        let mut s = Sampler::new(params(1e-45, None, Some(0.9)), 4).unwrap();
+        for _ in 0..50 {
+            assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+        }
+        // Huge logits with a temperature near f32::MAX: close to uniform.
+        let logits = [3e36, -3e36, 0.0];
+        let mut s = Sampler::new(params(3e38, None, None), 4).unwrap();
+        let c = counts(&mut s, &logits, 3000);
+        assert!(c.iter().all(|&n| n > 500), "{c:?}");
+        // A penalty that would overflow f32 (3e38 / 1e-3).
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: Some(1e-3),
+        };
+        let mut s = Sampler::new(p, 4).unwrap();
+        assert_eq!(s.sample(&[0.0, 3e38, 3e38], &[2]).unwrap(), 2);
+    }
+
+    /// The naive twin of `nucleus`: sort everything, cut the prefix.
+    fn nucleus_reference(cands: &[(u32, f64)], total: f64, top_p: f64) -> Vec<u32> {
+        let mut sorted = cands.to_vec();
+        sorted.sort_by(by_rank);
+        let mut cumulative = 0.0;
+        let mut kept = Vec::new();
+        for (id, w) in sorted {
+            kept.push(id);
+            cumulative += w / total;
+            if cumulative >= top_p {
+                break;
+            }
+        }
+        kept
+    }
+
+    #[test]
+    fn nucleus_matches_full_sort() {
+        let mut rng = Rng::new(12345);
+        for n in [1, 2, 5, 63, 64, 65, 300, 5000] {
+            for flatness in [0.1, 1.0, 8.0] {
+                // Weights exp(-flatness * u): flat ones need a nucleus far
+                // larger than the first window. Some exact ties on purpose.
+                let cands: Vec<(u32, f64)> = (0..n as u32)
+                    .map(|i| {
+                        let u = if i % 7 == 3 { 0.5 } else { rng.next_f64() };
+                        (i, (-flatness * u * 10.0).exp())
+                    })
+                    .collect();
+                let total: f64 = cands.iter().map(|c| c.1).sum();
+                for top_p in [1e-9, 0.1, 0.5, 0.9, 0.999, 1.0] {
+                    let want = nucleus_reference(&cands, total, top_p);
+                    let mut got = cands.clone();
+                    let kept = nucleus(&mut got, total, top_p);
+                    let got_ids: Vec<u32> = got.iter().map(|c| c.0).collect();
+                    assert_eq!(got_ids, want, "n {n}, flatness {flatness}, top_p {top_p}");
+                    let sum: f64 = got.iter().map(|c| c.1).sum();
+                    assert_eq!(kept, sum);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pick_walks_the_cumulative_sum() {
+        let cands = [(7, 0.25), (3, 0.0), (5, 0.5), (9, 0.25)];
+        assert_eq!(pick(&cands, 0.0), 7);
+        assert_eq!(pick(&cands, 0.2499), 7);
+        // Token 3 has no mass: never picked, even at its boundary.
+        assert_eq!(pick(&cands, 0.25), 5);
+        assert_eq!(pick(&cands, 0.7499), 5);
+        assert_eq!(pick(&cands, 0.75), 9);
+        // Rounding past the end falls back to the last token with mass.
+        assert_eq!(pick(&[(1, 0.5), (2, 0.5), (4, 0.0)], 1.0), 2);
+    }
+
+    #[test]
+    fn rng_matches_reference_streams() {
+        // splitmix64 from seed 0 (Vigna's reference, also Java's SplittableRandom).
+        let mut state = 0;
+        assert_eq!(splitmix64(&mut state), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(splitmix64(&mut state), 0x6E78_9E6A_A1B9_65F4);
+        // xoshiro256** from state [1, 2, 3, 4] (the rand_xoshiro test vector).
+        let mut rng = Rng { s: [1, 2, 3, 4] };
+        let want: [u64; 10] = [
+            11520,
+            0,
+            1509978240,
+            1215971899390074240,
+            1216172134540287360,
+            607988272756665600,
+            16172922978634559625,
+            8476171486693032832,
+            10595114339597558777,
+            2904607092377533576,
+        ];
+        for w in want {
+            assert_eq!(rng.next_u64(), w);
+        }
+        // next_f64 stays in [0, 1).
+        let mut rng = Rng::new(1);
+        assert!((0..10_000)
+            .map(|_| rng.next_f64())
+            .all(|u| (0.0..1.0).contains(&u)));
+    }
+}

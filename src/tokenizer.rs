@@ -1,0 +1,116 @@
+//! GPT-2's byte-level BPE through the `tokenizers` crate, and streaming decode.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// The committed GPT-2 tokenizer (`weights/gpt2/tokenizer.json`, built from
+/// OpenAI's published vocab and merges; see `weights/gpt2/README.md`),
+/// embedded so that every binary works without files or network.
+const BUILTIN: &[u8] = include_bytes!("../weights/gpt2/tokenizer.json");
+
+/// GPT-2's `<|endoftext|>`.
+pub const EOS_TOKEN: u32 = 50256;
+
+pub struct Gpt2Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Cached: `tokenizers` rebuilds the whole vocabulary map to count it.
+    vocab_size: usize,
+}
+
+impl Gpt2Tokenizer {
+    /// The built-in GPT-2 tokenizer.
+    pub fn builtin() -> Self {
+        let inner = tokenizers::Tokenizer::from_bytes(BUILTIN).expect("the embedded tokenizer.json parses");
+        Self::new(inner)
+    }
+
+    /// A `tokenizer.json` from disk.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self::new(inner))
+    }
+
+    fn new(inner: tokenizers::Tokenizer) -> Self {
+        let vocab_size = inner.get_vocab_size(true);
+        Gpt2Tokenizer { inner, vocab_size }
+    }
+
+    /// Text to ids. `<|endoftext|>` in the text becomes the special token 50256.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids to text; special tokens are kept (so `decode(encode(s)) == s`).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let vocab = self.vocab_size();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::TokenId {
+                id,
+                vocab_size: vocab,
+            });
+        }
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+}
+
+/// Turns a stream of token ids into text pieces without ever emitting half a
+/// UTF-8 character: a character split over several byte-level tokens decodes
+/// to U+FFFD until its last byte arrives. Like candle's `TokenOutputStream`,
+/// it re-decodes from a saved offset instead of decoding token by token.
+pub struct TextStream<'t> {
+    tokenizer: &'t Gpt2Tokenizer,
+    ids: Vec<u32>,
+    /// `ids[..prefix]` has been emitted; `ids[prefix..]` not yet.
+    prefix: usize,
+    /// The text of `ids[context..prefix]`, a little context so that merged
+    /// pieces (e.g. a leading space) decode as they would in full text.
+    context: usize,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tokenizer: &'t Gpt2Tokenizer) -> Self {
+        TextStream {
+            tokenizer,
+            ids: Vec::new(),
+            prefix: 0,
+            context: 0,
+        }
+    }
+
+    /// Adds a token; returns the new text, if a complete piece is ready.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let done = self.tokenizer.decode(&self.ids[self.context..self.prefix])?;
+        let all = self.tokenizer.decode(&self.ids[self.context..])?;
+        if all.len() > done.len() && !all.ends_with('\u{FFFD}') && all.starts_with(&done) {
+            let piece = all[done.len()..].to_string();
+            self.context = self.prefix;
+            self.prefix = self.ids.len();
+            Ok(Some(piece))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whatever is still held back (e.g. an incomplete character at the end).
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let done = self.tokenizer.decode(&self.ids[self.context..self.prefix])?;
+        let all = self.tokenizer.decode(&self.ids[self.context..])?;
+        self.prefix = self.ids.len();
+        self.context = self.prefix;
+        Ok((all.len() > done.len()).then(|| all.get(done.len()..).unwrap_or(&all).to_string()))
+    }
+}

@@ -1,0 +1,165 @@
+//! The `gpt2` command, end to end, on the tiny synthetic checkpoint.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::synth_dir;
+use gpt2::synth::Preset;
+
+fn gpt2(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gpt2"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn tokenize_and_detokenize() {
+    let out = gpt2(&["tokenize", "--text", "Hello, how are you?"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "[15496,11,703,389,345,30]");
+    let out = gpt2(&["detokenize", "--tokens", "464,2068,7586,21831"]);
+    assert_eq!(text(&out.stdout).trim_end_matches('\n'), "The quick brown fox");
+    let out = gpt2(&["detokenize", "--tokens", "1,99999"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("99999"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn generate_streams_text_and_reports_timings() {
+    let dir = synth_dir(Preset::Tiny, 0);
+    let out = gpt2(&[
+        "generate",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hello, how are you?",
+        "--max-new-tokens",
+        "12",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.starts_with("Hello, how are you?") && stdout.len() > "Hello, how are you?".len() + 1,
+        "{stdout}"
+    );
+    assert!(stderr.contains("weights: local checkpoint"), "{stderr}");
+    assert!(
+        stderr.contains("generated 12 tokens (MaxNewTokens)") && stderr.contains("time to first token"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn logits_prints_one_row_per_token() {
+    let dir = synth_dir(Preset::Tiny, 0);
+    let out = gpt2(&[
+        "logits",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "15496,11,703",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tokens"], serde_json::json!([15496, 11, 703]));
+    let rows = v["logits"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r.as_array().unwrap().len() == 50257));
+}
+
+#[test]
+fn bad_input_is_a_clear_error_not_a_panic() {
+    let dir = synth_dir(Preset::Tiny, 0);
+    let w = dir.to_str().unwrap();
+    let long = "word ".repeat(200);
+    for (args, needle) in [
+        (vec!["generate", "--weights", w, "--prompt", ""], "empty prompt"),
+        (
+            vec!["generate", "--weights", w, "--prompt", &long],
+            "longer than the context window of 128",
+        ),
+        (
+            vec![
+                "generate",
+                "--weights",
+                w,
+                "--prompt",
+                "Hi",
+                "--temperature",
+                "-1",
+            ],
+            "temperature",
+        ),
+        (
+            vec![
+                "generate",
+                "--weights",
+                w,
+                "--prompt",
+                "Hi",
+                "--temperature",
+                "1",
+                "--top-p",
+                "1.5",
+            ],
+            "top_p",
+        ),
+        (
+            vec![
+                "generate",
+                "--weights",
+                w,
+                "--prompt",
+                "Hi",
+                "--temperature",
+                "1",
+                "--top-k",
+                "0",
+            ],
+            "top_k",
+        ),
+        (
+            vec![
+                "generate",
+                "--weights",
+                w,
+                "--prompt",
+                "Hi",
+                "--tokenizer",
+                "/no/such/tokenizer.json",
+            ],
+            "/no/such/tokenizer.json",
+        ),
+        (
+            vec!["generate", "--weights", "/no/such/dir", "--prompt", "Hi"],
+            "/no/such/dir",
+        ),
+        (
+            vec!["logits", "--weights", w, "--tokens", "50257"],
+            "token id 50257",
+        ),
+        (
+            vec!["generate", "--prompt", "Hi", "--no-such-flag"],
+            "--no-such-flag",
+        ),
+    ] {
+        let out = gpt2(&args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected {needle:?} in: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+}
