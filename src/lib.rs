@@ -1,18 +1,28 @@
 //! gpt2-rs: a pure-Rust GPT-2 inference engine.
 //!
-//! The path of data: [`config`] and [`weights`] read a Hugging Face checkpoint
-//! (memory-mapped, zero-copy) into a [`model::Gpt2Model`]; its
-//! [`forward`](model::Gpt2Model::forward) turns a batch of rows (token,
-//! sequence, position) into logits using the kernels of the `gpt2-kernels`
-//! crate; [`synth`] writes deterministic synthetic checkpoints for machines
-//! that cannot download the real one.
+//! The path of data: [`hub`] finds a checkpoint (local, Hugging Face cache or
+//! synthetic); [`config`] and [`weights`] read it (memory-mapped, zero-copy)
+//! into a [`model::Gpt2Model`], whose [`forward`](model::Gpt2Model::forward)
+//! turns a batch of rows (token, sequence, position) into logits using the
+//! kernels of the `gpt2-kernels` crate. [`tokenizer`] turns text into ids and
+//! back, [`sampling`] picks tokens, and [`generate`] runs the decode loop.
+//! [`synth`] writes deterministic synthetic checkpoints for machines that
+//! cannot download the real one.
 
+pub mod bench;
 pub mod config;
 pub mod error;
+pub mod generate;
+pub mod hub;
 pub mod model;
+pub mod sampling;
 pub mod synth;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::Gpt2Config;
 pub use error::{Error, Result};
+pub use generate::{GenerateOptions, Generation, Session, StopReason};
 pub use model::{Gpt2Model, KvCache, Row, Scratch};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::Gpt2Tokenizer;

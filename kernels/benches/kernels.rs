@@ -1,0 +1,79 @@
+//! Every kernel at GPT-2 124M shapes, printing achieved GB/s (weight-streaming
+//! kernels) or GFLOP/s (SGEMM). `cargo bench -p gpt2-kernels [-- FILTER]`.
+//! Medians over repetitions; the machine is shared, so compare ratios.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use gpt2_kernels as k;
+
+fn values(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect()
+}
+
+/// Median wall time of `f` over enough repetitions to fill ~0.5 s.
+fn median(mut f: impl FnMut()) -> Duration {
+    f();
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().max(Duration::from_micros(1));
+    let reps = (Duration::from_millis(500).as_secs_f64() / once.as_secs_f64()).clamp(5.0, 2000.0) as usize;
+    let mut times: Vec<Duration> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[reps / 2]
+}
+
+fn main() {
+    let filter = std::env::args()
+        .nth(1)
+        .filter(|a| !a.starts_with('-'))
+        .unwrap_or_default();
+    let threads = rayon::current_num_threads();
+    println!("threads: {threads}");
+    let (c, v) = (768, 50257);
+    for &(name, kk, n) in &[
+        ("qkv", c, 3 * c),
+        ("attn_proj", c, c),
+        ("mlp_up", c, 4 * c),
+        ("mlp_down", 4 * c, c),
+    ] {
+        let (w, b) = (values(kk * n), values(n));
+        for m in [1, 2, 4, 8, 16, 32, 128] {
+            let label = format!("linear {name} M={m} K={kk} N={n}");
+            if !label.contains(&filter) {
+                continue;
+            }
+            let (x, mut out) = (values(m * kk), vec![0.0; m * n]);
+            let t = median(|| k::linear(black_box(&mut out), &x, &w, &b, m, kk, n));
+            let gbs = (kk * n * 4) as f64 / t.as_secs_f64() / 1e9;
+            let gflops = (2 * m * kk * n) as f64 / t.as_secs_f64() / 1e9;
+            println!(
+                "{label:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
+                t.as_secs_f64() * 1e6
+            );
+        }
+    }
+    let w = values(v * c);
+    for m in [1, 8, 128] {
+        let label = format!("matmul_bt lm_head M={m} K={c} N={v}");
+        if !label.contains(&filter) {
+            continue;
+        }
+        let (x, mut out) = (values(m * c), vec![0.0; m * v]);
+        let t = median(|| k::matmul_bt(black_box(&mut out), &x, &w, m, c, v));
+        let gbs = (c * v * 4) as f64 / t.as_secs_f64() / 1e9;
+        let gflops = (2 * m * c * v) as f64 / t.as_secs_f64() / 1e9;
+        println!(
+            "{label:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
+            t.as_secs_f64() * 1e6
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! The `throughput` benchmark's data: what one run measured, the analysis
+//! computed from it, and the renderers (`report`: Markdown, stdout table, SVG).
+//!
+//! The JSON written by `throughput` is [`Report`] serialised; its schema is
+//! documented in `docs/results-schema.md` and versioned by [`SCHEMA_VERSION`].
+
+pub mod report;
+pub mod stats;
+
+use serde::{Deserialize, Serialize};
+
+/// Bump when a field changes meaning or disappears (adding fields is compatible).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The reference study that our default protocol reproduces: PyTorch GPT-2
+/// 124M on some other CPU. `(concurrency, requests/s, tokens/s)`.
+pub const REFERENCE_STUDY: [(usize, f64, f64); 3] = [(1, 0.84, 25.24), (2, 1.26, 37.88), (4, 1.38, 41.46)];
+
+/// mean / p50 / p95 / p99 of a set of values, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub mean: f64,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+/// One request as measured by its client thread.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// Order of submission within the test.
+    pub index: usize,
+    /// Which client thread ran it.
+    pub client: usize,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// When it started, from the start of the test.
+    pub start_ms: f64,
+    /// Time to first token; `None` if it failed before one.
+    pub ttft_ms: Option<f64>,
+    /// End-to-end latency.
+    pub latency_ms: f64,
+    /// Per output token after the first: `(latency - ttft) / (n - 1)`.
+    pub tpot_ms: Option<f64>,
+    /// Why it failed (an error, a panic, or fewer tokens than asked); `None` if it succeeded.
+    pub error: Option<String>,
+}
+
+/// One test: a number of requests at a fixed concurrency in one mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestResult {
+    /// e.g. "single" or "concurrent-4".
+    pub name: String,
+    /// "threads": one client thread per in-flight request, each running its
+    /// own forward passes; "batched": requests share batched forward steps.
+    pub mode: String,
+    pub concurrency: usize,
+    /// 0-based repetition index (`--full` repeats every test).
+    pub repetition: usize,
+    pub requests: usize,
+    pub failed: usize,
+    /// Generated tokens of the successful requests.
+    pub total_tokens: usize,
+    /// Prompt tokens of all requests, counted apart.
+    pub prompt_tokens: usize,
+    pub duration_s: f64,
+    pub requests_per_s: f64,
+    pub tokens_per_s: f64,
+    pub latency_ms: Summary,
+    pub ttft_ms: Summary,
+    pub tpot_ms: Summary,
+    /// Every request's raw timings.
+    pub raw: Vec<RequestRecord>,
+}
+
+/// Where and how the run happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub timestamp_utc: String,
+    pub git_commit: String,
+    pub rustc: String,
+    pub cpu_model: String,
+    /// Logical cores available to this process.
+    pub cores: usize,
+    /// "shared": one rayon pool for all requests; "per-request": a pool each.
+    pub pool_layout: String,
+    /// Threads in the shared pool, or in each request's pool.
+    pub threads_per_request: usize,
+    /// Upper bound of busy compute threads at the highest concurrency.
+    pub max_busy_threads: usize,
+    pub concurrency_levels: Vec<usize>,
+    /// "quick" (default) or "full".
+    pub run_mode: String,
+    pub modes: Vec<String>,
+    /// e.g. "SYNTHETIC 124m checkpoint, seed 0 (...)" or "hub gpt2 @ <revision>".
+    pub weights_source: String,
+    pub weights_sha256: String,
+    pub synthetic_weights: bool,
+    pub model: ModelInfo,
+    pub max_new_tokens: usize,
+    pub warmup_requests: usize,
+    pub repetitions: usize,
+    pub prompts: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub n_positions: usize,
+    pub vocab_size: usize,
+    pub n_params: usize,
+    pub dtype: String,
+}
+
+/// Scaling of one (mode, concurrency) level against the single request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LevelAnalysis {
+    pub mode: String,
+    pub concurrency: usize,
+    /// Means over repetitions.
+    pub requests_per_s: f64,
+    pub tokens_per_s: f64,
+    pub latency_p50_ms: f64,
+    /// tokens_per_s / tokens_per_s at concurrency 1.
+    pub scaling: f64,
+    /// scaling / concurrency.
+    pub efficiency: f64,
+    /// latency_p50 / latency_p50 at concurrency 1.
+    pub latency_penalty: f64,
+    /// The reference study's (requests/s, tokens/s) at this level, if it has one.
+    pub reference: Option<(f64, f64)>,
+}
+
+/// A pass/fail target on a headline figure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    /// e.g. "single_tokens_per_s".
+    pub name: String,
+    /// ">" or "=".
+    pub op: String,
+    pub threshold: f64,
+    pub measured: f64,
+    pub pass: bool,
+}
+
+/// mean / stddev / min / max of one headline figure over repetitions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub test: String,
+    pub metric: String,
+    pub mean: f64,
+    pub stddev: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Analysis {
+    pub levels: Vec<LevelAnalysis>,
+    /// Per mode: the lowest concurrency reaching 90% of that mode's best tokens/s.
+    pub recommended_concurrency: Vec<(String, usize)>,
+    pub targets: Vec<Target>,
+    pub spread: Vec<Spread>,
+}
+
+/// Everything one `throughput` run wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub metadata: Metadata,
+    pub tests: Vec<TestResult>,
+    pub analysis: Analysis,
+}

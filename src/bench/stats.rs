@@ -1,0 +1,366 @@
+//! Statistics of a benchmark run: summaries of request timings, and the
+//! analysis (scaling, efficiency, knee, targets, spread) computed from tests.
+
+use super::{Analysis, LevelAnalysis, RequestRecord, Spread, Summary, Target, TestResult, REFERENCE_STUDY};
+
+/// The `q`-quantile (0..=1) of sorted values, interpolating linearly between
+/// ranks as numpy's default does. 0 for no values.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n => {
+            let rank = q.clamp(0.0, 1.0) * (n - 1) as f64;
+            let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+            sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+        }
+    }
+}
+
+/// mean / p50 / p95 / p99 of `values` (any order).
+pub fn summarize(values: &[f64]) -> Summary {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    let mean = if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    Summary {
+        mean,
+        p50: quantile(&v, 0.50),
+        p95: quantile(&v, 0.95),
+        p99: quantile(&v, 0.99),
+    }
+}
+
+/// (mean, sample standard deviation, min, max).
+pub fn spread(values: &[f64]) -> (f64, f64, f64, f64) {
+    if values.is_empty() {
+        return (0.0, 0.0, 0.0, 0.0);
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (mean, var.sqrt(), min, max)
+}
+
+/// Builds a test's figures from its raw records. `duration_s` is the wall
+/// time from the first request's start to the last one's end.
+pub fn test_result(
+    name: &str,
+    mode: &str,
+    concurrency: usize,
+    repetition: usize,
+    duration_s: f64,
+    raw: Vec<RequestRecord>,
+) -> TestResult {
+    let ok: Vec<&RequestRecord> = raw.iter().filter(|r| r.error.is_none()).collect();
+    let total_tokens: usize = ok.iter().map(|r| r.generated_tokens).sum();
+    let per_s = |x: f64| if duration_s > 0.0 { x / duration_s } else { 0.0 };
+    TestResult {
+        name: name.into(),
+        mode: mode.into(),
+        concurrency,
+        repetition,
+        requests: raw.len(),
+        failed: raw.len() - ok.len(),
+        total_tokens,
+        prompt_tokens: raw.iter().map(|r| r.prompt_tokens).sum(),
+        duration_s,
+        requests_per_s: per_s(ok.len() as f64),
+        tokens_per_s: per_s(total_tokens as f64),
+        latency_ms: summarize(&ok.iter().map(|r| r.latency_ms).collect::<Vec<_>>()),
+        ttft_ms: summarize(&ok.iter().filter_map(|r| r.ttft_ms).collect::<Vec<_>>()),
+        tpot_ms: summarize(&ok.iter().filter_map(|r| r.tpot_ms).collect::<Vec<_>>()),
+        raw,
+    }
+}
+
+/// Overridable pass/fail thresholds (the reference study's targets by default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Thresholds {
+    pub single_requests_per_s: f64,
+    pub single_tokens_per_s: f64,
+    pub concurrent_requests_per_s: f64,
+    pub concurrent_tokens_per_s: f64,
+    pub failed: usize,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            single_requests_per_s: 0.5,
+            single_tokens_per_s: 20.0,
+            concurrent_requests_per_s: 1.0,
+            concurrent_tokens_per_s: 30.0,
+            failed: 0,
+        }
+    }
+}
+
+impl Thresholds {
+    /// Applies one `NAME=VALUE` override.
+    pub fn set(&mut self, spec: &str) -> Result<(), String> {
+        let (name, value) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("target `{spec}` is not NAME=VALUE"))?;
+        let v: f64 = value
+            .trim()
+            .parse()
+            .map_err(|_| format!("target `{spec}`: `{value}` is not a number"))?;
+        match name.trim() {
+            "single_requests_per_s" => self.single_requests_per_s = v,
+            "single_tokens_per_s" => self.single_tokens_per_s = v,
+            "concurrent_requests_per_s" => self.concurrent_requests_per_s = v,
+            "concurrent_tokens_per_s" => self.concurrent_tokens_per_s = v,
+            "failed" if v >= 0.0 && v.fract() == 0.0 => self.failed = v as usize,
+            other => {
+                return Err(format!(
+                    "unknown target `{other}` (known: single_requests_per_s, single_tokens_per_s, \
+                     concurrent_requests_per_s, concurrent_tokens_per_s, failed)"
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mean_of(tests: &[&TestResult], f: impl Fn(&TestResult) -> f64) -> f64 {
+    if tests.is_empty() {
+        0.0
+    } else {
+        tests.iter().map(|t| f(t)).sum::<f64>() / tests.len() as f64
+    }
+}
+
+/// Scaling per level, the recommended concurrency, targets and spread.
+pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
+    // Distinct (mode, concurrency) levels in order of first appearance.
+    let mut keys: Vec<(String, usize)> = Vec::new();
+    for t in tests {
+        let key = (t.mode.clone(), t.concurrency);
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    let of = |mode: &str, c: usize| -> Vec<&TestResult> {
+        tests
+            .iter()
+            .filter(|t| t.mode == mode && t.concurrency == c)
+            .collect()
+    };
+    // The single-request baseline is shared by every mode: with one request
+    // in flight, batching has nothing to batch.
+    let base: Vec<&TestResult> = tests.iter().filter(|t| t.concurrency == 1).collect();
+    let base_tps = mean_of(&base, |t| t.tokens_per_s);
+    let base_p50 = mean_of(&base, |t| t.latency_ms.p50);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let levels: Vec<LevelAnalysis> = keys
+        .iter()
+        .map(|(mode, c)| {
+            let ts = of(mode, *c);
+            let tps = mean_of(&ts, |t| t.tokens_per_s);
+            let p50 = mean_of(&ts, |t| t.latency_ms.p50);
+            LevelAnalysis {
+                mode: mode.clone(),
+                concurrency: *c,
+                requests_per_s: mean_of(&ts, |t| t.requests_per_s),
+                tokens_per_s: tps,
+                latency_p50_ms: p50,
+                scaling: ratio(tps, base_tps),
+                efficiency: ratio(tps, base_tps * *c as f64),
+                latency_penalty: ratio(p50, base_p50),
+                reference: REFERENCE_STUDY.iter().find(|r| r.0 == *c).map(|r| (r.1, r.2)),
+            }
+        })
+        .collect();
+
+    let mut modes: Vec<&str> = Vec::new();
+    for l in &levels {
+        if !modes.contains(&l.mode.as_str()) {
+            modes.push(&l.mode);
+        }
+    }
+    let recommended_concurrency = modes
+        .iter()
+        .map(|m| {
+            // The single-request level counts for every mode.
+            let mine: Vec<&LevelAnalysis> = levels
+                .iter()
+                .filter(|l| l.mode == *m || l.concurrency == 1)
+                .collect();
+            let best = mine.iter().map(|l| l.tokens_per_s).fold(0.0, f64::max);
+            let knee = mine
+                .iter()
+                .filter(|l| l.tokens_per_s >= 0.9 * best)
+                .map(|l| l.concurrency)
+                .min()
+                .unwrap_or(1);
+            (m.to_string(), knee)
+        })
+        .collect();
+
+    let concurrent: Vec<&LevelAnalysis> = levels.iter().filter(|l| l.concurrency > 1).collect();
+    let best_conc_rps = concurrent.iter().map(|l| l.requests_per_s).fold(0.0, f64::max);
+    let best_conc_tps = concurrent.iter().map(|l| l.tokens_per_s).fold(0.0, f64::max);
+    let failed: usize = tests.iter().map(|t| t.failed).sum();
+    let gt = |name: &str, threshold: f64, measured: f64| Target {
+        name: name.into(),
+        op: ">".into(),
+        threshold,
+        measured,
+        pass: measured > threshold,
+    };
+    let mut targets = vec![
+        gt(
+            "single_requests_per_s",
+            thresholds.single_requests_per_s,
+            mean_of(&base, |t| t.requests_per_s),
+        ),
+        gt("single_tokens_per_s", thresholds.single_tokens_per_s, base_tps),
+    ];
+    if !concurrent.is_empty() {
+        targets.push(gt(
+            "concurrent_requests_per_s",
+            thresholds.concurrent_requests_per_s,
+            best_conc_rps,
+        ));
+        targets.push(gt(
+            "concurrent_tokens_per_s",
+            thresholds.concurrent_tokens_per_s,
+            best_conc_tps,
+        ));
+    }
+    targets.push(Target {
+        name: "failed".into(),
+        op: "<=".into(),
+        threshold: thresholds.failed as f64,
+        measured: failed as f64,
+        pass: failed <= thresholds.failed,
+    });
+
+    let mut spread_rows = Vec::new();
+    for (mode, c) in &keys {
+        let ts = of(mode, *c);
+        if ts.len() < 2 {
+            continue;
+        }
+        for (metric, f) in [
+            (
+                "tokens_per_s",
+                (|t: &TestResult| t.tokens_per_s) as fn(&TestResult) -> f64,
+            ),
+            ("requests_per_s", |t| t.requests_per_s),
+            ("latency_p50_ms", |t| t.latency_ms.p50),
+        ] {
+            let values: Vec<f64> = ts.iter().map(|t| f(t)).collect();
+            let (mean, stddev, min, max) = spread(&values);
+            spread_rows.push(Spread {
+                test: ts[0].name.clone(),
+                metric: metric.into(),
+                mean,
+                stddev,
+                min,
+                max,
+                n: values.len(),
+            });
+        }
+    }
+
+    Analysis {
+        levels,
+        recommended_concurrency,
+        targets,
+        spread: spread_rows,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(latency: f64, tokens: usize, error: Option<&str>) -> RequestRecord {
+        RequestRecord {
+            index: 0,
+            client: 0,
+            prompt_tokens: 6,
+            generated_tokens: tokens,
+            start_ms: 0.0,
+            ttft_ms: Some(latency / 10.0),
+            latency_ms: latency,
+            tpot_ms: Some(latency * 0.9 / (tokens.max(2) - 1) as f64),
+            error: error.map(String::from),
+        }
+    }
+
+    #[test]
+    fn quantiles_interpolate_like_numpy() {
+        let v = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(quantile(&v, 0.5), 2.5);
+        assert_eq!(quantile(&v, 0.0), 1.0);
+        assert_eq!(quantile(&v, 1.0), 4.0);
+        assert!((quantile(&v, 0.95) - 3.85).abs() < 1e-12);
+        assert_eq!(quantile(&[], 0.5), 0.0);
+        let s = summarize(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.mean, s.p50), (2.0, 2.0));
+    }
+
+    #[test]
+    fn failed_requests_count_apart_and_add_no_tokens() {
+        let t = test_result(
+            "x",
+            "threads",
+            2,
+            0,
+            2.0,
+            vec![rec(100.0, 30, None), rec(50.0, 3, Some("short"))],
+        );
+        assert_eq!(
+            (t.requests, t.failed, t.total_tokens, t.prompt_tokens),
+            (2, 1, 30, 12)
+        );
+        assert_eq!((t.requests_per_s, t.tokens_per_s), (0.5, 15.0));
+        assert_eq!(t.latency_ms.p50, 100.0);
+    }
+
+    #[test]
+    fn analysis_computes_efficiency_knee_and_targets() {
+        let mk = |c: usize, dur: f64, lat: f64| {
+            let raw = (0..4).map(|_| rec(lat, 30, None)).collect();
+            test_result(&format!("c{c}"), "threads", c, 0, dur, raw)
+        };
+        // 120 tokens in 4 s at 1, 2.5 s at 2, 2.4 s at 4.
+        let tests = vec![mk(1, 4.0, 1000.0), mk(2, 2.5, 1600.0), mk(4, 2.4, 3000.0)];
+        let a = analyze(&tests, &Thresholds::default());
+        let l2 = &a.levels[1];
+        assert!((l2.scaling - 1.6).abs() < 1e-9 && (l2.efficiency - 0.8).abs() < 1e-9);
+        assert!((l2.latency_penalty - 1.6).abs() < 1e-9);
+        assert_eq!(l2.reference, Some((1.26, 37.88)));
+        // Best is 50 tok/s at 4; 48 tok/s at 2 is within 90%: the knee is 2.
+        assert_eq!(a.recommended_concurrency, vec![("threads".to_string(), 2)]);
+        let single_tps = a
+            .targets
+            .iter()
+            .find(|t| t.name == "single_tokens_per_s")
+            .unwrap();
+        assert!(single_tps.pass && single_tps.measured == 30.0);
+        assert!(a.targets.iter().find(|t| t.name == "failed").unwrap().pass);
+        assert!(a.spread.is_empty());
+    }
+
+    #[test]
+    fn thresholds_parse_overrides_and_reject_unknown_names() {
+        let mut t = Thresholds::default();
+        t.set("single_tokens_per_s=55").unwrap();
+        assert_eq!(t.single_tokens_per_s, 55.0);
+        assert!(t.set("speed=1").unwrap_err().contains("unknown target"));
+        assert!(t.set("failed").is_err());
+        assert!(t.set("failed=x").is_err());
+    }
+}
