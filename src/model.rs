@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
+use crate::profile::{Op, Profile, Timer};
 use crate::weights::{self, Weights};
 
 /// A GPT-2 model: config plus weights. `Send + Sync`, `&self` only.
@@ -94,6 +95,8 @@ pub struct Scratch {
     lm_in: Vec<f32>,      // (M, C) final-normed rows that want logits
     logits: Vec<f32>,     // (rows wanting logits, V), grown on demand
     next_pos: Vec<usize>, // per sequence: the position its next row must have
+    /// Per-op timings, when profiling is on.
+    pub profile: Option<Box<Profile>>,
 }
 
 impl Scratch {
@@ -112,6 +115,7 @@ impl Scratch {
             lm_in: vec![0.0; max_rows * c],
             logits: Vec::new(),
             next_pos: Vec::new(),
+            profile: None,
         }
     }
 
@@ -169,50 +173,78 @@ impl Gpt2Model {
         let fc = &mut s.fc[..m * f];
         let scores = &mut s.scores[..m * nh * p];
 
+        let mut profile = s.profile.take();
+        let mut t = Timer::new(profile.as_deref_mut());
+        let f32s = std::mem::size_of::<f32>();
+        let lin_bytes = |k: usize, n: usize| ((k * n + n) * f32s, 2 * m * k * n);
+
         // x = wte[token] + wpe[pos]
         let (wte, wpe) = (w.wte.data(), w.wpe.data());
-        for (xr, row) in x.chunks_exact_mut(c).zip(rows) {
-            let (t, pos) = (row.token as usize, row.pos);
-            xr.copy_from_slice(&wte[t * c..(t + 1) * c]);
-            add_assign(xr, &wpe[pos * c..(pos + 1) * c]);
-        }
+        t.time(Op::Embed, 2 * m * c * f32s, m * c, || {
+            for (xr, row) in x.chunks_exact_mut(c).zip(rows) {
+                let (tok, pos) = (row.token as usize, row.pos);
+                xr.copy_from_slice(&wte[tok * c..(tok + 1) * c]);
+                add_assign(xr, &wpe[pos * c..(pos + 1) * c]);
+            }
+        });
+        // Attention reads every cached key and value of every row's sequence.
+        let att_positions: usize = rows.iter().map(|r| r.pos + 1).sum();
+        let (att_bytes, att_flops) = (2 * att_positions * c * f32s, 4 * att_positions * c);
 
         for (l, lw) in w.layers.iter().enumerate() {
             // Attention block.
-            layernorm(h, x, lw.ln_1_g.data(), lw.ln_1_b.data(), eps);
-            linear(qkv, h, lw.attn_qkv_w.data(), lw.attn_qkv_b.data(), m, c, 3 * c);
-            for (qkv_r, row) in qkv.chunks_exact(3 * c).zip(rows) {
-                let cache = &mut *caches[row.seq];
-                let o = cache.offset(l, row.pos);
-                cache.k[o..o + c].copy_from_slice(&qkv_r[c..2 * c]);
-                cache.v[o..o + c].copy_from_slice(&qkv_r[2 * c..]);
-            }
-            // One task per (row, head). Every key and value of this batch is
-            // already in the cache; row r reads positions 0..=pos only.
-            let caches: &[&mut KvCache] = caches;
-            let qkv: &[f32] = qkv;
-            att.par_chunks_mut(hd)
-                .zip(scores.par_chunks_mut(p))
-                .enumerate()
-                .for_each(|(i, (out, sc))| {
-                    let (r, head) = (i / nh, i % nh);
-                    let row = &rows[r];
-                    let cache = &*caches[row.seq];
-                    let start = cache.offset(l, 0) + head * hd;
-                    let end = cache.offset(l, row.pos) + c;
-                    let q = &qkv[r * 3 * c + head * hd..][..hd];
-                    let (k, vv) = (&cache.k[start..end], &cache.v[start..end]);
-                    attention_head(out, q, k, vv, row.pos + 1, c, sc, scale);
-                });
-            linear(proj, att, lw.attn_proj_w.data(), lw.attn_proj_b.data(), m, c, c);
-            add_assign(x, proj);
+            t.time(Op::LayerNorm, 0, 0, || {
+                layernorm(h, x, lw.ln_1_g.data(), lw.ln_1_b.data(), eps)
+            });
+            let (b, fl) = lin_bytes(c, 3 * c);
+            t.time(Op::Qkv, b, fl, || {
+                linear(qkv, h, lw.attn_qkv_w.data(), lw.attn_qkv_b.data(), m, c, 3 * c)
+            });
+            t.time(Op::Attention, att_bytes, att_flops, || {
+                for (qkv_r, row) in qkv.chunks_exact(3 * c).zip(rows) {
+                    let cache = &mut *caches[row.seq];
+                    let o = cache.offset(l, row.pos);
+                    cache.k[o..o + c].copy_from_slice(&qkv_r[c..2 * c]);
+                    cache.v[o..o + c].copy_from_slice(&qkv_r[2 * c..]);
+                }
+                // One task per (row, head). Every key and value of this batch
+                // is already in the cache; row r reads positions 0..=pos only.
+                let caches: &[&mut KvCache] = caches;
+                let qkv: &[f32] = qkv;
+                att.par_chunks_mut(hd)
+                    .zip(scores.par_chunks_mut(p))
+                    .enumerate()
+                    .for_each(|(i, (out, sc))| {
+                        let (r, head) = (i / nh, i % nh);
+                        let row = &rows[r];
+                        let cache = &*caches[row.seq];
+                        let start = cache.offset(l, 0) + head * hd;
+                        let end = cache.offset(l, row.pos) + c;
+                        let q = &qkv[r * 3 * c + head * hd..][..hd];
+                        let (k, vv) = (&cache.k[start..end], &cache.v[start..end]);
+                        attention_head(out, q, k, vv, row.pos + 1, c, sc, scale);
+                    });
+            });
+            let (b, fl) = lin_bytes(c, c);
+            t.time(Op::AttnProj, b, fl, || {
+                linear(proj, att, lw.attn_proj_w.data(), lw.attn_proj_b.data(), m, c, c)
+            });
+            t.time(Op::Residual, 0, 0, || add_assign(x, proj));
 
             // MLP block.
-            layernorm(h, x, lw.ln_2_g.data(), lw.ln_2_b.data(), eps);
-            linear(fc, h, lw.mlp_fc_w.data(), lw.mlp_fc_b.data(), m, c, f);
-            gelu_inplace(fc);
-            linear(proj, fc, lw.mlp_proj_w.data(), lw.mlp_proj_b.data(), m, f, c);
-            add_assign(x, proj);
+            t.time(Op::LayerNorm, 0, 0, || {
+                layernorm(h, x, lw.ln_2_g.data(), lw.ln_2_b.data(), eps)
+            });
+            let (b, fl) = lin_bytes(c, f);
+            t.time(Op::MlpUp, b, fl, || {
+                linear(fc, h, lw.mlp_fc_w.data(), lw.mlp_fc_b.data(), m, c, f)
+            });
+            t.time(Op::Gelu, 0, 0, || gelu_inplace(fc));
+            let (b, fl) = lin_bytes(f, c);
+            t.time(Op::MlpDown, b, fl, || {
+                linear(proj, fc, lw.mlp_proj_w.data(), lw.mlp_proj_b.data(), m, f, c)
+            });
+            t.time(Op::Residual, 0, 0, || add_assign(x, proj));
         }
 
         for row in rows {
@@ -221,25 +253,24 @@ impl Gpt2Model {
         }
 
         // Final norm and LM head, only for the rows that want logits.
-        let mut n = 0;
-        for (xr, row) in x.chunks_exact(c).zip(rows) {
-            if row.logits {
-                layernorm(
-                    &mut s.lm_in[n * c..(n + 1) * c],
-                    xr,
-                    w.ln_f_g.data(),
-                    w.ln_f_b.data(),
-                    eps,
-                );
-                n += 1;
+        let n = rows.iter().filter(|r| r.logits).count();
+        let lm_in = &mut s.lm_in[..n * c];
+        t.time(Op::LayerNorm, 0, 0, || {
+            let wanted = x.chunks_exact(c).zip(rows).filter(|(_, r)| r.logits);
+            for (dst, (xr, _)) in lm_in.chunks_exact_mut(c).zip(wanted) {
+                layernorm(dst, xr, w.ln_f_g.data(), w.ln_f_b.data(), eps);
             }
-        }
+        });
         if s.logits.len() < n * v {
             s.logits.resize(n * v, 0.0);
         }
         let logits = &mut s.logits[..n * v];
-        matmul_bt(logits, &s.lm_in[..n * c], w.lm_head().data(), n, c, v);
-        Ok(logits)
+        let (lm_bytes, lm_flops) = (v * c * f32s, 2 * n * c * v);
+        t.time(Op::LmHead, lm_bytes, lm_flops, || {
+            matmul_bt(logits, lm_in, w.lm_head().data(), n, c, v)
+        });
+        s.profile = profile;
+        Ok(&s.logits[..n * v])
     }
 
     /// Checks every row before any work, so a bad batch changes nothing.

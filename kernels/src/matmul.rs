@@ -22,10 +22,6 @@ pub const FEW_ROWS: usize = 16;
 /// AVX-512 register. LLVM keeps `[f32; LANES]` arithmetic in vector registers.
 const LANES: usize = 16;
 
-/// Column tile of the few-row linear kernel: each `k` step reads 32
-/// contiguous floats (two cache lines) of one weight row.
-const TILE: usize = 32;
-
 /// `a * b + c`, as one fused instruction where the CPU has FMA (compiled with
 /// `target-cpu=native`); plain multiply-add otherwise, since a software `fma`
 /// call would be far slower than the rounding difference is worth.
@@ -172,72 +168,179 @@ fn sgemm_acc_columns(
 }
 
 /// Few-row linear layer: each task owns a range of output columns and streams
-/// the matching `[K, TILE]` blocks of `w` once, applying each block to all rows.
+/// the matching `[K, width]` blocks of `w` once, applying each block to every
+/// row while it is in L1/L2.
 fn linear_few_rows(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
     let out_ptr = OutPtr(out.as_mut_ptr());
-    column_chunks(n, TILE, 4).into_par_iter().for_each(|(j0, j1)| {
-        let mut j = j0;
-        while j < j1 {
-            let width = TILE.min(j1 - j);
-            let mut r = 0;
-            // Four rows at a time: 4 x TILE accumulators fill the vector registers.
-            while r < m {
-                let rows = (m - r).min(4);
-                // SAFETY: rows r..r+rows and columns j..j+width are in bounds
-                // and those columns belong to this task only.
-                unsafe {
-                    match (rows, width) {
-                        (4, TILE) => tile::<4>(out_ptr, x, w, bias, r, j, k, n),
-                        (3, TILE) => tile::<3>(out_ptr, x, w, bias, r, j, k, n),
-                        (2, TILE) => tile::<2>(out_ptr, x, w, bias, r, j, k, n),
-                        (1, TILE) => tile::<1>(out_ptr, x, w, bias, r, j, k, n),
-                        _ => edge(out_ptr, x, w, bias, r..r + rows, j..j + width, k, n),
-                    }
-                }
-                r += rows;
-            }
-            j += width;
-        }
+    column_chunks(n, 64, 2).into_par_iter().for_each(|(j0, j1)| {
+        // SAFETY: columns j0..j1 belong to this task only; the tile functions
+        // stay inside rows 0..m and columns j0..j1.
+        unsafe { few_rows_block(out_ptr, x, w, bias, m, k, n, j0, j1) }
     });
 }
 
-/// `R` rows times one full `TILE` of columns starting at `(r0, j0)`.
+/// Columns `j0..j1` of the few-row linear layer, in tiles.
 ///
 /// # Safety
-/// `r0 + R <= M`, `j0 + TILE <= N`, and no other thread writes those outputs.
+/// `j0 <= j1 <= N`, and no other thread writes columns `j0..j1` of `out`.
 #[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn tile<const R: usize>(
+unsafe fn few_rows_block(
     out: OutPtr,
     x: &[f32],
     w: &[f32],
     bias: &[f32],
-    r0: usize,
-    j0: usize,
+    m: usize,
     k: usize,
     n: usize,
+    j0: usize,
+    j1: usize,
 ) {
-    let mut acc = [[0f32; TILE]; R];
-    for a in acc.iter_mut() {
-        a.copy_from_slice(&bias[j0..j0 + TILE]);
+    // Register blocking by row count: one row takes 64-wide tiles (each k
+    // step reads 256 contiguous bytes of w), two rows 32-wide, more rows the
+    // classic 6 x 16 AVX2 block (12 accumulators, 2 weight loads per 6 FMAs
+    // pairs). Rows beyond one block re-read the tile from L2, not memory.
+    //
+    // With several row blocks the tile is re-read, and it must come from L2:
+    // but a weight row stride that is a multiple of 4 KiB (N = 3072 floats is
+    // 12 KiB) maps every k step to the same few cache sets, so a whole
+    // K x 64 B tile does not stay. Blocks of KB k-steps do; partial sums go
+    // through `out`, which is seeded with the bias first.
+    const KB: usize = 128;
+    for r in 0..m {
+        // SAFETY: row r < m, columns j0..j1 are this task's (the caller's contract).
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(r * n + j0), j1 - j0) };
+        dst.copy_from_slice(&bias[j0..j1]);
     }
-    for kk in 0..k {
-        let wrow: &[f32; TILE] = w[kk * n + j0..kk * n + j0 + TILE].try_into().unwrap();
-        for (r, a) in acc.iter_mut().enumerate() {
-            let xv = x[(r0 + r) * k + kk];
-            for (s, &wv) in a.iter_mut().zip(wrow) {
-                *s = fmadd(xv, wv, *s);
+    let mut j = j0;
+    macro_rules! sweep {
+        ($w:expr, $($r:literal)+) => {{
+            let kb = if m <= max_rows!($($r)+) { k } else { KB };
+            while j + $w <= j1 {
+                for k0 in (0..k).step_by(kb) {
+                    let k1 = (k0 + kb).min(k);
+                    let mut r = 0;
+                    while r < m {
+                        let rows = (m - r).min(max_rows!($($r)+));
+                        match rows {
+                            $($r => tile::<$r, $w>(out, x, w, r, j, k0..k1, k, n),)+
+                            _ => unreachable!(),
+                        }
+                        r += rows;
+                    }
+                }
+                j += $w;
             }
-        }
+        }};
     }
-    for (r, a) in acc.iter().enumerate() {
-        // SAFETY: in bounds and owned by this task (the caller's contract).
-        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add((r0 + r) * n + j0), TILE) };
-        dst.copy_from_slice(a);
+    macro_rules! max_rows {
+        ($($r:literal)+) => { 0 $(.max($r))+ };
+    }
+    match m {
+        1 => sweep!(64, 1),
+        2 => sweep!(32, 1 2),
+        _ => sweep!(16, 1 2 3 4 5 6),
+    }
+    if j < j1 {
+        edge(out, x, w, 0..m, j..j1, k, n);
     }
 }
 
-/// Scalar fallback for a partial tile at the right edge of the matrix.
+/// `out[r0..r0+R, j0..j0+W] += x[.., ks] · w[ks, ..]`: for each k in `ks`,
+/// broadcast x[r, k] and multiply-add it with the `W` contiguous weights of row k.
+///
+/// # Safety
+/// `r0 + R <= M`, `j0 + W <= N`, and no other thread writes those outputs.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile<const R: usize, const W: usize>(
+    out: OutPtr,
+    x: &[f32],
+    w: &[f32],
+    r0: usize,
+    j0: usize,
+    ks: std::ops::Range<usize>,
+    k: usize,
+    n: usize,
+) {
+    debug_assert!(r0 + R <= x.len() / k && j0 + W <= n && w.len() == k * n);
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    {
+        // SAFETY: the bounds above (the caller's contract) keep every load and
+        // store inside x, w, bias and out; AVX2 and FMA are enabled at compile time.
+        unsafe { avx2::tile::<R, W>(out.get(), x.as_ptr(), w.as_ptr(), r0, j0, ks, k, n) }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    {
+        let mut acc = [[0f32; W]; R];
+        for (r, a) in acc.iter_mut().enumerate() {
+            // SAFETY: in bounds and owned by this task (the caller's contract).
+            a.copy_from_slice(unsafe { std::slice::from_raw_parts(out.get().add((r0 + r) * n + j0), W) });
+        }
+        for kk in ks {
+            let wrow = &w[kk * n + j0..kk * n + j0 + W];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = x[(r0 + r) * k + kk];
+                for (s, &wv) in a.iter_mut().zip(wrow) {
+                    *s = fmadd(xv, wv, *s);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            // SAFETY: in bounds and owned by this task (the caller's contract).
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add((r0 + r) * n + j0), W) };
+            dst.copy_from_slice(a);
+        }
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// The AVX2 body of [`super::tile`]: `R x W/8` accumulator registers.
+    ///
+    /// # Safety
+    /// Pointers valid for `x[M, K]`, `w[K, N]`, `out[M, N]`, with
+    /// `r0 + R <= M` and `j0 + W <= N`; `W` a multiple of 8.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub unsafe fn tile<const R: usize, const W: usize>(
+        out: *mut f32,
+        x: *const f32,
+        w: *const f32,
+        r0: usize,
+        j0: usize,
+        ks: std::ops::Range<usize>,
+        k: usize,
+        n: usize,
+    ) {
+        // SAFETY (whole body): every offset is inside the buffers by the contract above.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 8]; R];
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (v, reg) in a.iter_mut().enumerate().take(W / 8) {
+                    *reg = _mm256_loadu_ps(out.add((r0 + r) * n + j0 + 8 * v));
+                }
+            }
+            let xrow = |r: usize| x.add((r0 + r) * k);
+            for kk in ks {
+                let wrow = w.add(kk * n + j0);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*xrow(r).add(kk));
+                    for (v, reg) in a.iter_mut().enumerate().take(W / 8) {
+                        *reg = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wrow.add(8 * v)), *reg);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (v, reg) in a.iter().enumerate().take(W / 8) {
+                    _mm256_storeu_ps(out.add((r0 + r) * n + j0 + 8 * v), *reg);
+                }
+            }
+        }
+    }
+}
+/// Scalar fallback for a partial tile at the right edge: `out += x · w` there.
 ///
 /// # Safety
 /// The ranges are in bounds and no other thread writes those outputs.
@@ -246,7 +349,6 @@ unsafe fn edge(
     out: OutPtr,
     x: &[f32],
     w: &[f32],
-    bias: &[f32],
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
     k: usize,
@@ -254,12 +356,11 @@ unsafe fn edge(
 ) {
     for r in rows {
         for j in cols.clone() {
-            let mut s = bias[j];
-            for kk in 0..k {
-                s = fmadd(x[r * k + kk], w[kk * n + j], s);
-            }
             // SAFETY: in bounds and owned by this task (the caller's contract).
-            unsafe { *out.get().add(r * n + j) = s };
+            let dst = unsafe { &mut *out.get().add(r * n + j) };
+            for kk in 0..k {
+                *dst = fmadd(x[r * k + kk], w[kk * n + j], *dst);
+            }
         }
     }
 }

@@ -1,0 +1,184 @@
+//! Per-op timing of forward passes (`--profile`): where a request's time goes.
+//!
+//! Off by default: the forward pass then pays one branch per op. On, each op
+//! is timed with `Instant` and charged with the bytes of weights it reads and
+//! the FLOPs it does, so the table shows achieved GB/s and GFLOP/s per op.
+
+use std::time::Instant;
+
+/// The ops of a GPT-2 forward pass, plus sampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Embed,
+    LayerNorm,
+    Qkv,
+    Attention,
+    AttnProj,
+    Residual,
+    MlpUp,
+    Gelu,
+    MlpDown,
+    LmHead,
+    Sampling,
+}
+
+impl Op {
+    pub const ALL: [Op; 11] = [
+        Op::Embed,
+        Op::LayerNorm,
+        Op::Qkv,
+        Op::Attention,
+        Op::AttnProj,
+        Op::Residual,
+        Op::MlpUp,
+        Op::Gelu,
+        Op::MlpDown,
+        Op::LmHead,
+        Op::Sampling,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Embed => "embed",
+            Op::LayerNorm => "layer norms",
+            Op::Qkv => "qkv",
+            Op::Attention => "attention",
+            Op::AttnProj => "attention proj",
+            Op::Residual => "residuals",
+            Op::MlpUp => "mlp up",
+            Op::Gelu => "gelu",
+            Op::MlpDown => "mlp down",
+            Op::LmHead => "lm head",
+            Op::Sampling => "sampling",
+        }
+    }
+
+    /// What bounds the op: weight bytes read ("GB/s") or arithmetic ("GFLOP/s").
+    pub fn is_matmul(self) -> bool {
+        matches!(
+            self,
+            Op::Qkv | Op::AttnProj | Op::MlpUp | Op::MlpDown | Op::LmHead
+        )
+    }
+}
+
+/// Prefill (the prompt, up to the first token) or decode (every later token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Prefill,
+    Decode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OpStat {
+    pub nanos: u64,
+    pub calls: u64,
+    /// Bytes of weights (and KV cache, for attention) read.
+    pub bytes: u64,
+    pub flops: u64,
+}
+
+/// Accumulated op times for both phases.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// The phase charged by the next ops; the caller switches it.
+    pub phase: Phase,
+    pub stats: [[OpStat; Op::ALL.len()]; 2],
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Profile {
+            phase: Phase::Prefill,
+            stats: [[OpStat::default(); Op::ALL.len()]; 2],
+        }
+    }
+}
+
+impl Profile {
+    pub fn stat(&self, phase: Phase, op: Op) -> &OpStat {
+        &self.stats[phase as usize][op as usize]
+    }
+
+    pub fn add(&mut self, op: Op, nanos: u64, bytes: u64, flops: u64) {
+        let s = &mut self.stats[self.phase as usize][op as usize];
+        s.nanos += nanos;
+        s.calls += 1;
+        s.bytes += bytes;
+        s.flops += flops;
+    }
+
+    /// Adds another profile's counts into this one.
+    pub fn merge(&mut self, other: &Profile) {
+        for (mine, theirs) in self.stats.iter_mut().zip(&other.stats) {
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                a.nanos += b.nanos;
+                a.calls += b.calls;
+                a.bytes += b.bytes;
+                a.flops += b.flops;
+            }
+        }
+    }
+
+    /// A Markdown table per phase: ms, share of the phase, GB/s or GFLOP/s.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        for (phase, name) in [(Phase::Prefill, "prefill"), (Phase::Decode, "decode")] {
+            let total: u64 = Op::ALL.iter().map(|&op| self.stat(phase, op).nanos).sum();
+            if total == 0 {
+                continue;
+            }
+            out.push_str(&format!("\n{name} ({:.1} ms in all)\n\n", total as f64 / 1e6));
+            out.push_str("| op | ms | share | calls | GB/s | GFLOP/s |\n|---|---:|---:|---:|---:|---:|\n");
+            for op in Op::ALL {
+                let s = self.stat(phase, op);
+                if s.calls == 0 {
+                    continue;
+                }
+                let secs = s.nanos as f64 / 1e9;
+                let rate = |x: u64| {
+                    if secs > 0.0 && x > 0 {
+                        format!("{:.1}", x as f64 / secs / 1e9)
+                    } else {
+                        "".into()
+                    }
+                };
+                out.push_str(&format!(
+                    "| {} | {:.2} | {:.1}% | {} | {} | {} |\n",
+                    op.name(),
+                    s.nanos as f64 / 1e6,
+                    100.0 * s.nanos as f64 / total as f64,
+                    s.calls,
+                    rate(s.bytes),
+                    rate(s.flops)
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Times ops into an optional profile; with `None` it only runs them.
+pub struct Timer<'p> {
+    profile: Option<&'p mut Profile>,
+}
+
+impl<'p> Timer<'p> {
+    pub fn new(profile: Option<&'p mut Profile>) -> Self {
+        Timer { profile }
+    }
+
+    /// Runs `f`, charging its time to `op` with the given bytes and FLOPs.
+    #[inline]
+    pub fn time<T>(&mut self, op: Op, bytes: usize, flops: usize, f: impl FnOnce() -> T) -> T {
+        match self.profile.as_deref_mut() {
+            None => f(),
+            Some(p) => {
+                let t = Instant::now();
+                let r = f();
+                p.add(op, t.elapsed().as_nanos() as u64, bytes as u64, flops as u64);
+                r
+            }
+        }
+    }
+}
