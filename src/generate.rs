@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::model::{Gpt2Model, KvCache, Row, Scratch};
+use crate::profile::{Op, Phase, Profile};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// What to generate.
@@ -91,6 +92,22 @@ impl Session {
         }
     }
 
+    /// Turns the per-op profile on (a fresh one) or off.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.scratch.profile = on.then(Box::default);
+    }
+
+    /// The per-op profile accumulated since profiling was turned on.
+    pub fn profile(&self) -> Option<&Profile> {
+        self.scratch.profile.as_deref()
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        if let Some(p) = self.scratch.profile.as_deref_mut() {
+            p.phase = phase;
+        }
+    }
+
     /// Generates from `prompt`, calling `on_token` with each new id as soon as
     /// it is sampled.
     pub fn generate(
@@ -115,6 +132,7 @@ impl Session {
         // Prefill, in chunks of at most max_rows rows; only the very last row
         // needs logits.
         self.cache.clear();
+        self.set_phase(Phase::Prefill);
         let chunk = self.scratch.max_rows();
         let mut pos = 0;
         let mut logits: &[f32] = &[];
@@ -132,8 +150,13 @@ impl Session {
         }
 
         let stop = loop {
+            let t = Instant::now();
             let next = sampler.sample(logits, &history)?;
             let now = start.elapsed();
+            if let Some(p) = self.scratch.profile.as_deref_mut() {
+                p.add(Op::Sampling, t.elapsed().as_nanos() as u64, 0, 0);
+                p.phase = Phase::Decode;
+            }
             if timings.token_times.is_empty() {
                 timings.ttft = now;
             }

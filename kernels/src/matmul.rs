@@ -167,68 +167,106 @@ fn sgemm_acc_columns(
     });
 }
 
-/// Few-row linear layer: each task owns a range of output columns and streams
-/// the matching `[K, width]` blocks of `w` once, applying each block to every
-/// row while it is in L1/L2.
-fn linear_few_rows(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    column_chunks(n, 64, 2).into_par_iter().for_each(|(j0, j1)| {
-        // SAFETY: columns j0..j1 belong to this task only; the tile functions
-        // stay inside rows 0..m and columns j0..j1.
-        unsafe { few_rows_block(out_ptr, x, w, bias, m, k, n, j0, j1) }
-    });
+thread_local! {
+    /// Partial sums of the K-split few-row kernel, reused across calls so
+    /// the decode loop does not allocate. Taken out while in use, so a
+    /// re-entrant call (rayon may run another job on this thread while it
+    /// waits) gets a fresh buffer instead of a borrow error.
+    static PARTIALS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Columns `j0..j1` of the few-row linear layer, in tiles.
+/// Few-row linear layer, split over K: task `i` owns weight rows
+/// `ks_i = K·i/T .. K·(i+1)/T`, one contiguous block of `w`, and streams it
+/// front to back (the access pattern the hardware prefetcher follows best),
+/// applying each weight to every row while it is in L1. Task 0 accumulates
+/// into `out` (seeded with the bias), the others into partial sums that are
+/// added at the end: `T·M·N` adds, against `K·N` weights streamed.
+fn linear_few_rows(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
+    for row in out.chunks_exact_mut(n) {
+        row.copy_from_slice(bias);
+    }
+    let parts = rayon::current_num_threads().min(k / 64).max(1);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let ks = |i: usize| k * i / parts..k * (i + 1) / parts;
+    if parts == 1 {
+        // SAFETY: out is [M, N], and this is the only task.
+        unsafe { few_rows_block(out_ptr, x, w, m, k, n, 0..k) };
+        return;
+    }
+    let mut partials = PARTIALS.take();
+    partials.clear();
+    partials.resize((parts - 1) * m * n, 0.0);
+    let part_ptr = OutPtr(partials.as_mut_ptr());
+    (0..parts).into_par_iter().for_each(|i| {
+        // SAFETY: task 0 owns `out`, task i > 0 owns the i-1'th [M, N] block
+        // of `partials`; no two tasks share a buffer.
+        unsafe {
+            let dst = if i == 0 {
+                out_ptr
+            } else {
+                OutPtr(part_ptr.get().add((i - 1) * m * n))
+            };
+            few_rows_block(dst, x, w, m, k, n, ks(i));
+        }
+    });
+    for part in partials.chunks_exact(m * n) {
+        for (o, p) in out.iter_mut().zip(part) {
+            *o += p;
+        }
+    }
+    PARTIALS.set(partials);
+}
+
+/// `out += x[.., ks] · w[ks, ..]` for all M rows and N columns, in tiles.
 ///
 /// # Safety
-/// `j0 <= j1 <= N`, and no other thread writes columns `j0..j1` of `out`.
+/// `out` points to an `[M, N]` buffer no other thread touches; `ks` within `0..K`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn few_rows_block(
     out: OutPtr,
     x: &[f32],
     w: &[f32],
-    bias: &[f32],
     m: usize,
     k: usize,
     n: usize,
-    j0: usize,
-    j1: usize,
+    ks: std::ops::Range<usize>,
 ) {
-    // Register blocking by row count: one row takes 64-wide tiles (each k
-    // step reads 256 contiguous bytes of w), two rows 32-wide, more rows the
-    // classic 6 x 16 AVX2 block (12 accumulators, 2 weight loads per 6 FMAs
-    // pairs). Rows beyond one block re-read the tile from L2, not memory.
+    // Register blocking by row count: one row takes 64-wide tiles (8
+    // accumulators), two rows 32-wide, more rows the classic 6 x 16 AVX2
+    // block (12 accumulators, 2 weight loads per 12 FMAs).
     //
-    // With several row blocks the tile is re-read, and it must come from L2:
-    // but a weight row stride that is a multiple of 4 KiB (N = 3072 floats is
-    // 12 KiB) maps every k step to the same few cache sets, so a whole
-    // K x 64 B tile does not stay. Blocks of KB k-steps do; partial sums go
-    // through `out`, which is seeded with the bias first.
-    const KB: usize = 128;
-    for r in 0..m {
-        // SAFETY: row r < m, columns j0..j1 are this task's (the caller's contract).
-        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(r * n + j0), j1 - j0) };
-        dst.copy_from_slice(&bias[j0..j1]);
-    }
-    let mut j = j0;
+    // Loop order: for a block of KB weight rows (contiguous in memory), sweep
+    // the tiles left to right, so `w` is read strictly in order; a tile's
+    // KB x W weights stay in L1 for the other row groups. Partial sums go
+    // through `out` once per block. (Tile by tile down all K rows instead
+    // reads 64 to 256 bytes per row at a stride of N floats, a new page at
+    // almost every access, and ran at a third of the bandwidth.)
+    const KB: usize = 16;
     macro_rules! sweep {
         ($w:expr, $($r:literal)+) => {{
-            let kb = if m <= max_rows!($($r)+) { k } else { KB };
-            while j + $w <= j1 {
-                for k0 in (0..k).step_by(kb) {
-                    let k1 = (k0 + kb).min(k);
+            for k0 in ks.clone().step_by(KB) {
+                let k1 = (k0 + KB).min(ks.end);
+                let mut j = 0;
+                while j + $w <= n {
                     let mut r = 0;
                     while r < m {
                         let rows = (m - r).min(max_rows!($($r)+));
-                        match rows {
-                            $($r => tile::<$r, $w>(out, x, w, r, j, k0..k1, k, n),)+
-                            _ => unreachable!(),
+                        // SAFETY: rows r..r+rows < M, columns j..j+W <= N, in
+                        // the buffer this task owns (the caller's contract).
+                        unsafe {
+                            match rows {
+                                $($r => tile::<$r, $w>(out, x, w, r, j, k0..k1, k, n),)+
+                                _ => unreachable!(),
+                            }
                         }
                         r += rows;
                     }
+                    j += $w;
                 }
-                j += $w;
+                if j < n {
+                    // SAFETY: as above, for the last partial tile.
+                    unsafe { edge(out, x, w, 0..m, j..n, k0..k1, k, n) };
+                }
             }
         }};
     }
@@ -239,9 +277,6 @@ unsafe fn few_rows_block(
         1 => sweep!(64, 1),
         2 => sweep!(32, 1 2),
         _ => sweep!(16, 1 2 3 4 5 6),
-    }
-    if j < j1 {
-        edge(out, x, w, 0..m, j..j1, k, n);
     }
 }
 
@@ -351,6 +386,7 @@ unsafe fn edge(
     w: &[f32],
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
+    ks: std::ops::Range<usize>,
     k: usize,
     n: usize,
 ) {
@@ -358,7 +394,7 @@ unsafe fn edge(
         for j in cols.clone() {
             // SAFETY: in bounds and owned by this task (the caller's contract).
             let dst = unsafe { &mut *out.get().add(r * n + j) };
-            for kk in 0..k {
+            for kk in ks.clone() {
                 *dst = fmadd(x[r * k + kk], w[kk * n + j], *dst);
             }
         }

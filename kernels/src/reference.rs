@@ -121,7 +121,16 @@ mod tests {
     #[test]
     fn linear_matches_naive_on_odd_shapes() {
         for &m in &ROWS {
-            for &(k, n) in &[(1, 1), (7, 3), (64, 32), (65, 33), (33, 100), (96, 257)] {
+            for &(k, n) in &[
+                (1, 1),
+                (7, 3),
+                (64, 32),
+                (65, 33),
+                (33, 100),
+                (96, 257),
+                (200, 70),
+                (301, 129),
+            ] {
                 let (x, w, b) = (values(m * k, 1), values(k * n, 2), values(n, 3));
                 let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
                 crate::linear(&mut got, &x, &w, &b, m, k, n);

@@ -44,6 +44,9 @@ enum Command {
         /// Do not stop at <|endoftext|>.
         #[arg(long)]
         ignore_eos: bool,
+        /// Print a per-op breakdown of the time (prefill and decode apart) to stderr.
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         weights: WeightsArgs,
     },
@@ -114,6 +117,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             repetition_penalty,
             seed,
             ignore_eos,
+            profile,
             weights,
         } => {
             let sampling = SamplingParams {
@@ -144,6 +148,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 ids.len()
             );
             let mut session = Session::new(&model, ids.len().clamp(1, 128));
+            session.set_profiling(profile);
             let mut stream = TextStream::new(&tok);
             let mut out = std::io::stdout();
             print_flush(&mut out, &prompt);
@@ -171,6 +176,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 tm.tpot().map_or(0.0, |d| d.as_secs_f64() * 1e3),
                 tm.tpot().map_or(0.0, |d| 1.0 / d.as_secs_f64()),
             );
+            if let Some(p) = session.profile() {
+                eprintln!("{}", p.table());
+            }
         }
         Command::Tokenize {
             text,
