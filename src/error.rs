@@ -76,6 +76,9 @@ pub enum Error {
     Batch(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The batching engine failed a request (a caught panic, or it stopped).
+    #[error("engine: {0}")]
+    Engine(String),
 }
 
 impl Error {

@@ -123,6 +123,12 @@ impl Scratch {
     pub fn max_rows(&self) -> usize {
         self.max_rows
     }
+
+    /// The logits of the last forward pass, `(n, V)` for its `n` rows that
+    /// asked for them, in row order (followed by stale values: slice it).
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
 }
 
 impl Gpt2Model {

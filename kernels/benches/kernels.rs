@@ -110,6 +110,20 @@ fn main() {
                 "{label:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
                 t.as_secs_f64() * 1e6
             );
+            if m >= 16 {
+                // matrixmultiply's SGEMM on the same shape, for comparison.
+                let t = median(|| {
+                    i = (i + 1) % copies;
+                    k::linear_sgemm(black_box(&mut out), &x, ws[i], &b, m, kk, n)
+                });
+                let gflops = (2 * m * kk * n) as f64 / t.as_secs_f64() / 1e9;
+                println!(
+                    "{:42} {:9.1} us {:>12} {gflops:7.1} GFLOP/s",
+                    format!("  matrixmultiply M={m}"),
+                    t.as_secs_f64() * 1e6,
+                    ""
+                );
+            }
         }
     }
     let w = Weights::new(v * c);

@@ -21,4 +21,4 @@ pub mod reference;
 
 pub use attention::{attention_head, softmax_inplace};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};
-pub use matmul::{dot, linear, matmul_bt};
+pub use matmul::{dot, linear, linear_sgemm, matmul_bt};

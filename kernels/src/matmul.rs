@@ -5,18 +5,20 @@
 //! head multiplies by the token embedding `wte[V, C]`, i.e. by `w[N,K]`
 //! transposed ([`matmul_bt`]). No kernel copies or transposes a weight.
 //!
-//! Two regimes:
-//! - many rows (prefill): SGEMM through `matrixmultiply`, the output columns
-//!   split over rayon threads. FLOP-bound.
-//! - few rows (decode, batched decode): `matrixmultiply` would repack the whole
-//!   weight matrix on every call, so instead each thread streams a block of
-//!   weight columns once and applies it to every row. Memory-bound.
+//! One kernel serves every row count, from decode (M = 1, bound by memory
+//! bandwidth: every weight is read once per token) through batched decode to
+//! prefill (M in the hundreds, bound by FMA throughput): register tiles of
+//! R rows x W columns, with the weights streamed strictly in memory order.
+//!
+//! **Every output element is computed with the same sequence of roundings
+//! whatever M, the tile it falls in, or the number of threads.** A row's
+//! result therefore does not depend on which other rows share its batch, so
+//! continuous batching gives bit-for-bit the logits (and tokens) of a request
+//! run alone, on any pool size. This is why the engine does not use
+//! `matrixmultiply` (kept here as [`linear_sgemm`] for comparison in the
+//! benches): its blocking, and so its rounding, differs from ours.
 
 use rayon::prelude::*;
-
-/// Rows up to which the streaming kernels beat SGEMM (they read each weight
-/// once for all rows; SGEMM repacks the weights on every call).
-pub const FEW_ROWS: usize = 16;
 
 /// Accumulator width of the hand-vectorised loops: 16 f32 is two AVX2 or one
 /// AVX-512 register. LLVM keeps `[f32; LANES]` arithmetic in vector registers.
@@ -63,7 +65,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: the pointer is only dereferenced at indices that exactly one task
-// owns (disjoint column ranges), and the buffer outlives the parallel region.
+// owns (disjoint column ranges or disjoint buffers), and the buffer outlives
+// the parallel region.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
@@ -72,141 +75,62 @@ impl OutPtr {
     }
 }
 
-/// Splits `n` columns into contiguous chunks, a multiple of `align` wide, about
-/// `per_thread` chunks for each thread of the current rayon pool.
-fn column_chunks(n: usize, align: usize, per_thread: usize) -> Vec<(usize, usize)> {
-    let parts = (rayon::current_num_threads() * per_thread).max(1);
-    let width = n.div_ceil(parts).div_ceil(align).max(1) * align;
-    (0..n)
-        .step_by(width)
-        .map(|j0| (j0, (j0 + width).min(n)))
-        .collect()
+/// Splits `n` columns into `parts` contiguous chunks, each a multiple of
+/// `align` wide (the last one may be narrower).
+fn column_chunks(n: usize, align: usize, parts: usize) -> impl Iterator<Item = (usize, usize)> {
+    let width = n.div_ceil(parts.max(1)).div_ceil(align).max(1) * align;
+    (0..n).step_by(width).map(move |j0| (j0, (j0 + width).min(n)))
 }
 
-/// `out[M,N] = x[M,K] · w[K,N] + bias[N]`: a linear layer with the weight in
-/// GPT-2's stored `[in, out]` layout. Overwrites `out`.
-pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
-    assert_eq!(out.len(), m * n, "linear: out is not [M={m}, N={n}]");
-    assert_eq!(x.len(), m * k, "linear: x is not [M={m}, K={k}]");
-    assert_eq!(w.len(), k * n, "linear: w is not [K={k}, N={n}]");
-    assert_eq!(bias.len(), n, "linear: bias is not [N={n}]");
-    if m <= FEW_ROWS {
-        linear_few_rows(out, x, w, bias, m, k, n);
-    } else {
-        for row in out.chunks_exact_mut(n) {
-            row.copy_from_slice(bias);
-        }
-        // x[M,K] row-major: row stride K; w[K,N]: row stride N.
-        sgemm_acc_columns(out, x, (k, 1), w, (n, 1), m, k, n);
-    }
-}
-
-/// `out[M,N] = x[M,K] · w[N,K]ᵀ`: the LM head, where `w` is the token
-/// embedding `wte[V, C]`. Overwrites `out`.
-pub fn matmul_bt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
-    assert_eq!(out.len(), m * n, "matmul_bt: out is not [M={m}, N={n}]");
-    assert_eq!(x.len(), m * k, "matmul_bt: x is not [M={m}, K={k}]");
-    assert_eq!(w.len(), n * k, "matmul_bt: w is not [N={n}, K={k}]");
-    if m <= FEW_ROWS {
-        // Each output column is a dot product with one contiguous row of `w`:
-        // stream `w` once, applying each row to every x row while it is in L1.
-        let out_ptr = OutPtr(out.as_mut_ptr());
-        column_chunks(n, 1, 8).into_par_iter().for_each(|(j0, j1)| {
-            for j in j0..j1 {
-                let wrow = &w[j * k..(j + 1) * k];
-                for (r, xrow) in x.chunks_exact(k).enumerate() {
-                    // SAFETY: column j belongs to this task only; r < m, j < n.
-                    unsafe { *out_ptr.get().add(r * n + j) = dot(xrow, wrow) };
-                }
-            }
-        });
-    } else {
-        out.fill(0.0);
-        // wᵀ is [K, N] with row stride 1 and column stride K.
-        sgemm_acc_columns(out, x, (k, 1), w, (1, k), m, k, n);
-    }
-}
-
-/// `out[M,N] += a[M,K] · b[K,N]` through `matrixmultiply`, with `b` given by
-/// (row, column) strides and the output columns split over rayon threads.
-#[allow(clippy::too_many_arguments)]
-fn sgemm_acc_columns(
-    out: &mut [f32],
-    a: &[f32],
-    (rsa, csa): (usize, usize),
-    b: &[f32],
-    (rsb, csb): (usize, usize),
-    m: usize,
-    k: usize,
-    n: usize,
-) {
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    // Chunks a multiple of 16 wide, so that the SGEMM micro-kernel tiles fit.
-    column_chunks(n, 16, 1).into_par_iter().for_each(|(j0, j1)| {
-        // SAFETY: a is [M,K] and b is [K,N] under the given strides (checked
-        // by the callers' length asserts); the task writes only columns
-        // j0..j1 of out, which no other task touches.
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                j1 - j0,
-                1.0,
-                a.as_ptr(),
-                rsa as isize,
-                csa as isize,
-                b.as_ptr().add(j0 * csb),
-                rsb as isize,
-                csb as isize,
-                1.0,
-                out_ptr.get().add(j0),
-                n as isize,
-                1,
-            )
-        }
-    });
-}
+/// The K dimension is cut in this many fixed parts (when K >= 128), each
+/// part a contiguous block of `w` that one task streams front to back. Fixed,
+/// not per thread, so that results do not depend on the pool size.
+const K_PARTS: usize = 2;
 
 thread_local! {
-    /// Partial sums of the K-split few-row kernel, reused across calls so
+    /// Partial sums of the K parts after the first, reused across calls so
     /// the decode loop does not allocate. Taken out while in use, so a
     /// re-entrant call (rayon may run another job on this thread while it
     /// waits) gets a fresh buffer instead of a borrow error.
     static PARTIALS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Few-row linear layer, split over K: task `i` owns weight rows
-/// `ks_i = K·i/T .. K·(i+1)/T`, one contiguous block of `w`, and streams it
-/// front to back (the access pattern the hardware prefetcher follows best),
-/// applying each weight to every row while it is in L1. Task 0 accumulates
-/// into `out` (seeded with the bias), the others into partial sums that are
-/// added at the end: `T·M·N` adds, against `K·N` weights streamed.
-fn linear_few_rows(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
+/// `out[M,N] = x[M,K] · w[K,N] + bias[N]`: a linear layer with the weight in
+/// GPT-2's stored `[in, out]` layout. Overwrites `out`.
+///
+/// Work is split into K parts x column chunks. Part 0 accumulates into `out`
+/// (seeded with the bias), part p > 0 into a zeroed partial buffer; the
+/// partials are added at the end in part order (`K_PARTS·M·N` adds against
+/// `K·N` weights streamed). Splitting K rather than only N is what lets each
+/// task read one contiguous block of `w`, which the hardware prefetcher
+/// follows at full bandwidth.
+pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
+    assert_eq!(out.len(), m * n, "linear: out is not [M={m}, N={n}]");
+    assert_eq!(x.len(), m * k, "linear: x is not [M={m}, K={k}]");
+    assert_eq!(w.len(), k * n, "linear: w is not [K={k}, N={n}]");
+    assert_eq!(bias.len(), n, "linear: bias is not [N={n}]");
+    if m == 0 || n == 0 {
+        return;
+    }
     for row in out.chunks_exact_mut(n) {
         row.copy_from_slice(bias);
     }
-    let parts = rayon::current_num_threads().min(k / 64).max(1);
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    let ks = |i: usize| k * i / parts..k * (i + 1) / parts;
-    if parts == 1 {
-        // SAFETY: out is [M, N], and this is the only task.
-        unsafe { few_rows_block(out_ptr, x, w, m, k, n, 0..k) };
-        return;
-    }
+    let parts = if k >= 128 { K_PARTS } else { 1 };
+    let chunks = rayon::current_num_threads().div_ceil(parts);
+    let ks = |p: usize| k * p / parts..k * (p + 1) / parts;
     let mut partials = PARTIALS.take();
     partials.clear();
     partials.resize((parts - 1) * m * n, 0.0);
-    let part_ptr = OutPtr(partials.as_mut_ptr());
-    (0..parts).into_par_iter().for_each(|i| {
-        // SAFETY: task 0 owns `out`, task i > 0 owns the i-1'th [M, N] block
-        // of `partials`; no two tasks share a buffer.
+    let (out_ptr, part_ptr) = (OutPtr(out.as_mut_ptr()), OutPtr(partials.as_mut_ptr()));
+    let tasks: Vec<_> = (0..parts)
+        .flat_map(|p| column_chunks(n, 64, chunks).map(move |cols| (p, cols)))
+        .collect();
+    tasks.into_par_iter().for_each(|(p, (j0, j1))| {
+        // SAFETY: part 0 writes `out`, part p > 0 the (p-1)th [M, N] block of
+        // `partials`; within a part, tasks own disjoint column ranges.
         unsafe {
-            let dst = if i == 0 {
-                out_ptr
-            } else {
-                OutPtr(part_ptr.get().add((i - 1) * m * n))
-            };
-            few_rows_block(dst, x, w, m, k, n, ks(i));
+            let dst = if p == 0 { out_ptr } else { OutPtr(part_ptr.get().add((p - 1) * m * n)) };
+            linear_block(dst, x, w, m, k, n, ks(p), j0..j1);
         }
     });
     for part in partials.chunks_exact(m * n) {
@@ -217,12 +141,13 @@ fn linear_few_rows(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize
     PARTIALS.set(partials);
 }
 
-/// `out += x[.., ks] · w[ks, ..]` for all M rows and N columns, in tiles.
+/// `out[.., cols] += x[.., ks] · w[ks, cols]` for all M rows, in tiles.
 ///
 /// # Safety
-/// `out` points to an `[M, N]` buffer no other thread touches; `ks` within `0..K`.
+/// `out` points to an `[M, N]` buffer whose columns `cols` no other thread
+/// touches; `ks` within `0..K`, `cols` within `0..N`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn few_rows_block(
+unsafe fn linear_block(
     out: OutPtr,
     x: &[f32],
     w: &[f32],
@@ -230,29 +155,33 @@ unsafe fn few_rows_block(
     k: usize,
     n: usize,
     ks: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
 ) {
     // Register blocking by row count: one row takes 64-wide tiles (8
     // accumulators), two rows 32-wide, more rows the classic 6 x 16 AVX2
     // block (12 accumulators, 2 weight loads per 12 FMAs).
     //
-    // Loop order: for a block of KB weight rows (contiguous in memory), sweep
-    // the tiles left to right, so `w` is read strictly in order; a tile's
-    // KB x W weights stay in L1 for the other row groups. Partial sums go
-    // through `out` once per block. (Tile by tile down all K rows instead
-    // reads 64 to 256 bytes per row at a stride of N floats, a new page at
-    // almost every access, and ran at a third of the bandwidth.)
-    const KB: usize = 16;
+    // Loop order: for a block of KB weight rows, sweep the tiles left to
+    // right, so `w` is read in memory order; a tile's KB x W weights stay in
+    // L1 for the other row groups. Partial sums go through `out` once per
+    // block (exactly: a store and reload does not round). Tile by tile down
+    // all K rows instead reads 64 to 256 bytes per row at a stride of N
+    // floats, a new page at almost every access, which the prefetcher does
+    // not follow: it measured at well under half the bandwidth. Few rows want
+    // short blocks (the KB rows stream side by side); many rows want long
+    // ones (fewer passes over `out`).
+    let kb = if m <= 16 { 16 } else { 128 };
     macro_rules! sweep {
         ($w:expr, $($r:literal)+) => {{
-            for k0 in ks.clone().step_by(KB) {
-                let k1 = (k0 + KB).min(ks.end);
-                let mut j = 0;
-                while j + $w <= n {
+            for k0 in ks.clone().step_by(kb) {
+                let k1 = (k0 + kb).min(ks.end);
+                let mut j = cols.start;
+                while j + $w <= cols.end {
                     let mut r = 0;
                     while r < m {
                         let rows = (m - r).min(max_rows!($($r)+));
-                        // SAFETY: rows r..r+rows < M, columns j..j+W <= N, in
-                        // the buffer this task owns (the caller's contract).
+                        // SAFETY: rows r..r+rows < M, columns j..j+W within
+                        // `cols`, which this task owns (the caller's contract).
                         unsafe {
                             match rows {
                                 $($r => tile::<$r, $w>(out, x, w, r, j, k0..k1, k, n),)+
@@ -263,9 +192,9 @@ unsafe fn few_rows_block(
                     }
                     j += $w;
                 }
-                if j < n {
+                if j < cols.end {
                     // SAFETY: as above, for the last partial tile.
-                    unsafe { edge(out, x, w, 0..m, j..n, k0..k1, k, n) };
+                    unsafe { edge(out, x, w, 0..m, j..cols.end, k0..k1, k, n) };
                 }
             }
         }};
@@ -278,6 +207,137 @@ unsafe fn few_rows_block(
         2 => sweep!(32, 1 2),
         _ => sweep!(16, 1 2 3 4 5 6),
     }
+}
+
+/// `out[M,N] = x[M,K] · w[N,K]ᵀ`: the LM head, where `w` is the token
+/// embedding `wte[V, C]`. Overwrites `out`.
+///
+/// Each output is a dot product of an x row with a contiguous row of `w`.
+/// Tasks own chunks of `w`'s rows (vocabulary entries) and stream them in
+/// order; tiles of 3 x rows by 4 w rows keep 12 vector accumulators busy.
+pub fn matmul_bt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+    assert_eq!(out.len(), m * n, "matmul_bt: out is not [M={m}, N={n}]");
+    assert_eq!(x.len(), m * k, "matmul_bt: x is not [M={m}, K={k}]");
+    assert_eq!(w.len(), n * k, "matmul_bt: w is not [N={n}, K={k}]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    // Several chunks per thread: rayon balances them if a core is busy.
+    let chunks: Vec<_> = column_chunks(n, 4, rayon::current_num_threads() * 4).collect();
+    chunks.into_par_iter().for_each(|(j0, j1)| {
+        let mut j = j0;
+        while j < j1 {
+            let cols = (j1 - j).min(4);
+            let mut r = 0;
+            while r < m {
+                let rows = (m - r).min(3);
+                macro_rules! bt {
+                    ($($rr:literal $cc:literal),+) => {
+                        match (rows, cols) {
+                            // SAFETY: rows r..r+rows < M and columns j..j+cols
+                            // within this task's chunk, which no other task writes.
+                            $(($rr, $cc) => unsafe { bt_tile::<$rr, $cc>(out_ptr, x, w, r, j, k, n) },)+
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                bt!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4);
+                r += rows;
+            }
+            j += cols;
+        }
+    });
+}
+
+/// `out[r0..r0+R, j0..j0+C] = x[r0.., :] · w[j0.., :]ᵀ`: R x C dot products of
+/// length K, each accumulated in 8 lanes over `k` in order, the lanes summed
+/// pairwise, then the `K % 8` tail added in order: the same roundings for
+/// every R and C.
+///
+/// # Safety
+/// `r0 + R <= M`, `j0 + C <= N`, and no other thread writes those outputs.
+#[inline(always)]
+unsafe fn bt_tile<const R: usize, const C: usize>(
+    out: OutPtr,
+    x: &[f32],
+    w: &[f32],
+    r0: usize,
+    j0: usize,
+    k: usize,
+    n: usize,
+) {
+    debug_assert!(r0 + R <= x.len() / k && j0 + C <= n && w.len() == k * n);
+    let k8 = k / 8 * 8;
+    let mut acc = [[[0f32; 8]; C]; R];
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    // SAFETY: the bounds above keep every load inside x and w; AVX2 and FMA
+    // are enabled at compile time.
+    unsafe {
+        avx2::bt_lanes::<R, C>(&mut acc, x.as_ptr(), w.as_ptr(), r0, j0, k8, k)
+    };
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    for kk in (0..k8).step_by(8) {
+        for (r, ar) in acc.iter_mut().enumerate() {
+            let xs = &x[(r0 + r) * k + kk..][..8];
+            for (c, a) in ar.iter_mut().enumerate() {
+                let ws = &w[(j0 + c) * k + kk..][..8];
+                for l in 0..8 {
+                    a[l] = fmadd(xs[l], ws[l], a[l]);
+                }
+            }
+        }
+    }
+    for (r, ar) in acc.iter().enumerate() {
+        for (c, a) in ar.iter().enumerate() {
+            let pairs = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+            let mut s = (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]);
+            let (xr, wr) = (&x[(r0 + r) * k..][..k], &w[(j0 + c) * k..][..k]);
+            for kk in k8..k {
+                s = fmadd(xr[kk], wr[kk], s);
+            }
+            // SAFETY: in bounds and owned by this task (the caller's contract).
+            unsafe { *out.get().add((r0 + r) * n + j0 + c) = s };
+        }
+    }
+}
+
+/// `out[M,N] = x[M,K] · w[K,N] + bias[N]` through `matrixmultiply`'s SGEMM,
+/// output columns split over rayon threads. Not used by the engine (its
+/// rounding depends on M, see the module docs); the benches compare it.
+pub fn linear_sgemm(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
+    assert_eq!(out.len(), m * n, "linear_sgemm: out is not [M={m}, N={n}]");
+    assert_eq!(x.len(), m * k, "linear_sgemm: x is not [M={m}, K={k}]");
+    assert_eq!(w.len(), k * n, "linear_sgemm: w is not [K={k}, N={n}]");
+    assert_eq!(bias.len(), n, "linear_sgemm: bias is not [N={n}]");
+    for row in out.chunks_exact_mut(n) {
+        row.copy_from_slice(bias);
+    }
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    // Chunks a multiple of 16 wide, so that the SGEMM micro-kernel tiles fit.
+    let chunks: Vec<_> = column_chunks(n, 16, rayon::current_num_threads()).collect();
+    chunks.into_par_iter().for_each(|(j0, j1)| {
+        // SAFETY: x is [M,K] and w is [K,N] (asserted above); the task writes
+        // only columns j0..j1 of out, which no other task touches.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                j1 - j0,
+                1.0,
+                x.as_ptr(),
+                k as isize,
+                1,
+                w.as_ptr().add(j0),
+                n as isize,
+                1,
+                1.0,
+                out_ptr.get().add(j0),
+                n as isize,
+                1,
+            )
+        }
+    });
 }
 
 /// `out[r0..r0+R, j0..j0+W] += x[.., ks] · w[ks, ..]`: for each k in `ks`,
@@ -370,6 +430,44 @@ mod avx2 {
             for (r, a) in acc.iter().enumerate() {
                 for (v, reg) in a.iter().enumerate().take(W / 8) {
                     _mm256_storeu_ps(out.add((r0 + r) * n + j0 + 8 * v), *reg);
+                }
+            }
+        }
+    }
+
+    /// The AVX2 body of [`super::bt_tile`]: lane sums over `0..k8`.
+    ///
+    /// # Safety
+    /// Pointers valid for `x[M, K]` and `w[N, K]`, with `r0 + R <= M`,
+    /// `j0 + C <= N`, and `k8 <= K` a multiple of 8.
+    #[inline(always)]
+    pub unsafe fn bt_lanes<const R: usize, const C: usize>(
+        acc: &mut [[[f32; 8]; C]; R],
+        x: *const f32,
+        w: *const f32,
+        r0: usize,
+        j0: usize,
+        k8: usize,
+        k: usize,
+    ) {
+        // SAFETY (whole body): every offset is inside the buffers by the contract above.
+        unsafe {
+            let mut v = [[_mm256_setzero_ps(); C]; R];
+            for kk in (0..k8).step_by(8) {
+                let mut wv = [_mm256_setzero_ps(); C];
+                for (c, reg) in wv.iter_mut().enumerate() {
+                    *reg = _mm256_loadu_ps(w.add((j0 + c) * k + kk));
+                }
+                for (r, vr) in v.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add((r0 + r) * k + kk));
+                    for (reg, wc) in vr.iter_mut().zip(&wv) {
+                        *reg = _mm256_fmadd_ps(xv, *wc, *reg);
+                    }
+                }
+            }
+            for (ar, vr) in acc.iter_mut().zip(&v) {
+                for (a, reg) in ar.iter_mut().zip(vr) {
+                    _mm256_storeu_ps(a.as_mut_ptr(), *reg);
                 }
             }
         }

@@ -153,6 +153,34 @@ mod tests {
         }
     }
 
+    /// Each row's result is bit-for-bit the same whatever else is in the
+    /// batch and whatever the pool size: what makes batched generation
+    /// reproduce single-request generation exactly.
+    #[test]
+    fn results_do_not_depend_on_batch_or_threads() {
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for &(k, n) in &[(65, 33), (301, 129), (768, 200)] {
+            let m = 40;
+            let (x, w, b) = (values(m * k, 9), values(k * n, 10), values(n, 11));
+            let mut all = vec![0.0; m * n];
+            crate::linear(&mut all, &x, &w, &b, m, k, n);
+            let mut all_bt = vec![0.0; m * n];
+            let wt = values(n * k, 12);
+            crate::matmul_bt(&mut all_bt, &x, &wt, m, k, n);
+            for (rows, pool) in [(1, &one), (2, &three), (7, &one), (17, &three)] {
+                for r0 in (0..m - rows).step_by(11) {
+                    let xs = &x[r0 * k..(r0 + rows) * k];
+                    let mut got = vec![0.0; rows * n];
+                    pool.install(|| crate::linear(&mut got, xs, &w, &b, rows, k, n));
+                    assert_eq!(got, all[r0 * n..(r0 + rows) * n], "linear k={k} n={n} rows {r0}+{rows}");
+                    pool.install(|| crate::matmul_bt(&mut got, xs, &wt, rows, k, n));
+                    assert_eq!(got, all_bt[r0 * n..(r0 + rows) * n], "matmul_bt k={k} n={n} rows {r0}+{rows}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn linear_runs_inside_a_one_thread_pool() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();

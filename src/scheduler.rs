@@ -1,0 +1,503 @@
+//! Continuous batching: every in-flight request shares each forward step.
+//!
+//! A [`Scheduler`] owns one engine thread. Requests are submitted from any
+//! thread and come back as a [`RequestHandle`] that streams tokens and ends
+//! with the [`Generation`] (or the request's own error). Each engine step:
+//!
+//! 1. takes new requests (FIFO) while fewer than `max_batch` are active,
+//!    giving each a KV cache from a pool that is reused, not reallocated;
+//! 2. builds one batch: one decode row for every sequence that has
+//!    finished its prompt, then prompt rows of newly admitted sequences, at
+//!    most `max_prompt_rows` of them, so a long prompt is prefilled over
+//!    several steps instead of stalling everyone;
+//! 3. runs one forward pass, which reads every weight once for the whole
+//!    batch (this is the point: N requests no longer cost N weight streams);
+//! 4. samples each sequence's next token with its own seeded sampler,
+//!    streams it, and retires finished, failed or cancelled sequences.
+//!
+//! Failure isolation: a request is checked when submitted (empty prompt,
+//! context overflow, bad token ids or sampling parameters fail only that
+//! request); a sampling error (e.g. non-finite logits) ends only its
+//! sequence; a panic inside a batched step is caught, and the step's
+//! sequences are re-run one by one so that only the culprit fails.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::generate::{check_request, GenerateOptions, Generation, StopReason, Timings};
+use crate::model::{Gpt2Model, KvCache, Row, Scratch};
+use crate::sampling::Sampler;
+
+/// Limits of the engine loop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// Most sequences decoded together; later requests wait in FIFO order.
+    pub max_batch: usize,
+    /// Most prompt rows in one step (on top of the decode rows).
+    pub max_prompt_rows: usize,
+    /// Testing only: a step whose batch carries this token id panics, as if
+    /// the engine had a bug, to exercise failure isolation.
+    #[doc(hidden)]
+    pub fault_token: Option<u32>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_batch: 32,
+            max_prompt_rows: 128,
+            fault_token: None,
+        }
+    }
+}
+
+/// What a request's handle receives.
+#[derive(Debug)]
+pub enum Event {
+    /// The next generated token.
+    Token(u32),
+    /// The end: the whole generation, or why this request failed.
+    Done(Result<Generation>),
+}
+
+/// The submitter's side of one request.
+#[derive(Debug)]
+pub struct RequestHandle {
+    events: Receiver<Event>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl RequestHandle {
+    /// The next event; `None` once the request is over and drained.
+    pub fn recv(&self) -> Option<Event> {
+        self.events.recv().ok()
+    }
+
+    /// Streams tokens to `on_token` and returns the result.
+    pub fn stream(self, mut on_token: impl FnMut(u32)) -> Result<Generation> {
+        while let Some(event) = self.recv() {
+            match event {
+                Event::Token(t) => on_token(t),
+                Event::Done(result) => return result,
+            }
+        }
+        Err(Error::Engine("the engine stopped before the request finished".into()))
+    }
+
+    /// Waits for the result, ignoring the token stream.
+    pub fn wait(self) -> Result<Generation> {
+        self.stream(|_| {})
+    }
+
+    /// Asks the engine to drop this request; its sequence and cache are
+    /// freed at the next step. Dropping the handle does the same.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Request {
+    prompt: Vec<u32>,
+    opts: GenerateOptions,
+    submitted: Instant,
+    events: Sender<Event>,
+    cancelled: Arc<AtomicBool>,
+}
+
+/// Runs submitted requests in shared batched forward steps on its own thread.
+pub struct Scheduler {
+    submit: Option<Sender<Request>>,
+    engine: Option<JoinHandle<()>>,
+    model: Arc<Gpt2Model>,
+}
+
+impl Scheduler {
+    pub fn new(model: Arc<Gpt2Model>, config: SchedulerConfig) -> Result<Self> {
+        if config.max_batch == 0 || config.max_prompt_rows == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "max_batch ({}) and max_prompt_rows ({}) must be at least 1",
+                config.max_batch, config.max_prompt_rows
+            )));
+        }
+        let (tx, rx) = mpsc::channel();
+        let engine_model = Arc::clone(&model);
+        let engine = std::thread::Builder::new()
+            .name("gpt2-engine".into())
+            .spawn(move || Engine::new(engine_model, config).run(rx))
+            .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
+        Ok(Scheduler {
+            submit: Some(tx),
+            engine: Some(engine),
+            model,
+        })
+    }
+
+    /// Queues a request. A request that can never run (empty prompt, prompt
+    /// past the context window, unknown token id, bad sampling parameters)
+    /// is an error here, and nothing is queued.
+    pub fn submit(&self, prompt: Vec<u32>, opts: GenerateOptions) -> Result<RequestHandle> {
+        let submitted = Instant::now();
+        let cfg = &self.model.config;
+        check_request(&prompt, &opts, cfg.n_positions)?;
+        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(Error::TokenId {
+                id,
+                vocab_size: cfg.vocab_size,
+            });
+        }
+        let (events, rx) = mpsc::channel();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let request = Request {
+            prompt,
+            opts,
+            submitted,
+            events,
+            cancelled: Arc::clone(&cancelled),
+        };
+        self.submit
+            .as_ref()
+            .and_then(|tx| tx.send(request).ok())
+            .ok_or_else(|| Error::Engine("the engine thread has stopped".into()))?;
+        Ok(RequestHandle { events: rx, cancelled })
+    }
+
+    /// Submits and waits: the batched twin of [`crate::Session::generate`].
+    pub fn generate(&self, prompt: Vec<u32>, opts: GenerateOptions) -> Result<Generation> {
+        self.submit(prompt, opts)?.wait()
+    }
+}
+
+impl Drop for Scheduler {
+    /// Finishes the requests already submitted, then stops the engine thread.
+    fn drop(&mut self) {
+        self.submit.take();
+        if let Some(engine) = self.engine.take() {
+            let _ = engine.join();
+        }
+    }
+}
+
+/// A request being served.
+struct Sequence {
+    req: Request,
+    sampler: Sampler,
+    cache: KvCache,
+    /// Prompt then generated ids.
+    history: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// Ended with an error (already sent); retired at the end of the step.
+    failed: bool,
+    timings: Timings,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.history.len() - self.req.prompt.len()
+    }
+
+    fn in_prefill(&self) -> bool {
+        self.prefilled < self.req.prompt.len()
+    }
+}
+
+struct Engine {
+    model: Arc<Gpt2Model>,
+    config: SchedulerConfig,
+    scratch: Scratch,
+    queue: VecDeque<Request>,
+    active: Vec<Sequence>,
+    pool: Vec<KvCache>,
+    rows: Vec<Row>,
+}
+
+impl Engine {
+    fn new(model: Arc<Gpt2Model>, config: SchedulerConfig) -> Self {
+        let scratch = model.new_scratch(config.max_batch + config.max_prompt_rows);
+        Engine {
+            model,
+            scratch,
+            queue: VecDeque::new(),
+            active: Vec::with_capacity(config.max_batch),
+            pool: Vec::new(),
+            rows: Vec::new(),
+            config,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Request>) {
+        let mut open = true;
+        loop {
+            // Block only when there is nothing to do.
+            if self.active.is_empty() && self.queue.is_empty() {
+                match rx.recv() {
+                    Ok(r) => self.queue.push_back(r),
+                    Err(_) => return,
+                }
+            }
+            while open {
+                match rx.try_recv() {
+                    Ok(r) => self.queue.push_back(r),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            if !open && self.active.is_empty() && self.queue.is_empty() {
+                return;
+            }
+            self.retire_cancelled();
+            self.admit();
+            if !self.active.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn retire_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].req.cancelled.load(Ordering::Relaxed) {
+                let seq = self.active.remove(i);
+                self.pool.push(seq.cache);
+            } else {
+                i += 1;
+            }
+        }
+        self.queue.retain(|r| !r.cancelled.load(Ordering::Relaxed));
+    }
+
+    fn admit(&mut self) {
+        while self.active.len() < self.config.max_batch {
+            let Some(req) = self.queue.pop_front() else {
+                break;
+            };
+            let sampler = match Sampler::new(req.opts.sampling.clone(), req.opts.seed) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = req.events.send(Event::Done(Err(e)));
+                    continue;
+                }
+            };
+            let mut cache = self.pool.pop().unwrap_or_else(|| self.model.new_cache());
+            cache.clear();
+            let mut history = Vec::with_capacity(req.prompt.len() + req.opts.max_new_tokens);
+            history.extend_from_slice(&req.prompt);
+            let timings = Timings {
+                token_times: Vec::with_capacity(req.opts.max_new_tokens),
+                ..Timings::default()
+            };
+            self.active.push(Sequence {
+                req,
+                sampler,
+                cache,
+                history,
+                prefilled: 0,
+                failed: false,
+                timings,
+            });
+        }
+    }
+
+    /// One batched forward step over every active sequence, then sampling.
+    fn step(&mut self) {
+        // Decode rows first (every sequence past its prompt), then prompt
+        // rows in admission order within the budget.
+        self.rows.clear();
+        let mut budget = self.config.max_prompt_rows;
+        for (i, seq) in self.active.iter().enumerate() {
+            if !seq.in_prefill() {
+                let pos = seq.cache.len();
+                self.rows.push(Row {
+                    seq: i,
+                    token: *seq.history.last().expect("a decoding sequence has tokens"),
+                    pos,
+                    logits: true,
+                });
+            }
+        }
+        for (i, seq) in self.active.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if seq.in_prefill() {
+                let n = (seq.req.prompt.len() - seq.prefilled).min(budget);
+                let end = seq.prefilled + n;
+                self.rows.extend((seq.prefilled..end).map(|p| Row {
+                    seq: i,
+                    token: seq.req.prompt[p],
+                    pos: p,
+                    logits: p + 1 == seq.req.prompt.len(),
+                }));
+                budget -= n;
+            }
+        }
+        if self.rows.is_empty() {
+            return;
+        }
+        let rows = std::mem::take(&mut self.rows);
+        match self.forward(&rows) {
+            Ok(()) => self.sample(&rows),
+            Err(()) => self.isolate(&rows),
+        }
+        self.rows = rows;
+        self.retire_finished();
+    }
+
+    /// Runs `rows` through the model; on an error or a panic, nothing of the
+    /// step counts (caches only grow when a forward pass completes).
+    fn forward(&mut self, rows: &[Row]) -> std::result::Result<(), ()> {
+        let fault = self.config.fault_token;
+        let (model, scratch, active) = (&self.model, &mut self.scratch, &mut self.active);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            if let Some(t) = fault {
+                if rows.iter().any(|r| r.token == t) {
+                    panic!("injected fault: token {t} in the batch");
+                }
+            }
+            let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
+            model.forward(rows, &mut caches, scratch).map(|_| ())
+        }));
+        match result {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    /// After a failed batched step: re-run each sequence's rows alone, so
+    /// only the sequences that fail on their own are failed.
+    fn isolate(&mut self, rows: &[Row]) {
+        let mut seqs: Vec<usize> = rows.iter().map(|r| r.seq).collect();
+        seqs.dedup();
+        for s in seqs {
+            let own: Vec<Row> = rows.iter().filter(|r| r.seq == s).map(|r| Row { seq: 0, ..*r }).collect();
+            let fault = self.config.fault_token;
+            let (model, scratch) = (&self.model, &mut self.scratch);
+            let seq = &mut self.active[s];
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                if let Some(t) = fault {
+                    if own.iter().any(|r| r.token == t) {
+                        panic!("injected fault: token {t} in the batch");
+                    }
+                }
+                model.forward(&own, &mut [&mut seq.cache], scratch).map(|_| ())
+            }));
+            match result {
+                Ok(Ok(())) => {
+                    let own: Vec<Row> = own.iter().map(|r| Row { seq: s, ..*r }).collect();
+                    self.sample(&own);
+                }
+                Ok(Err(e)) => self.fail(s, e),
+                Err(panic) => self.fail(s, Error::Engine(format!("panicked: {}", panic_message(&*panic)))),
+            }
+        }
+    }
+
+    /// Samples the next token of every sequence that got logits in `rows`,
+    /// whose logits are in the scratch in row order.
+    fn sample(&mut self, rows: &[Row]) {
+        let v = self.model.config.vocab_size;
+        let logits = self.scratch.logits();
+        let mut li = 0;
+        for row in rows {
+            let seq = &mut self.active[row.seq];
+            if seq.in_prefill() {
+                seq.prefilled = row.pos + 1;
+            }
+            if !row.logits {
+                continue;
+            }
+            let lg = &logits[li * v..(li + 1) * v];
+            li += 1;
+            let next = match catch_unwind(AssertUnwindSafe(|| seq.sampler.sample(lg, &seq.history))) {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    seq.failed = true;
+                    let _ = seq.req.events.send(Event::Done(Err(e)));
+                    continue;
+                }
+                Err(p) => {
+                    seq.failed = true;
+                    let msg = format!("sampling panicked: {}", panic_message(&*p));
+                    let _ = seq.req.events.send(Event::Done(Err(Error::Engine(msg))));
+                    continue;
+                }
+            };
+            let now = seq.req.submitted.elapsed();
+            if seq.timings.token_times.is_empty() {
+                seq.timings.ttft = now;
+            }
+            seq.timings.token_times.push(now);
+            seq.timings.total = now;
+            seq.history.push(next);
+            if seq.req.events.send(Event::Token(next)).is_err() {
+                // The handle is gone: nobody wants the rest.
+                seq.req.cancelled.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn fail(&mut self, s: usize, e: Error) {
+        let seq = &mut self.active[s];
+        seq.failed = true;
+        let _ = seq.req.events.send(Event::Done(Err(e)));
+    }
+
+    /// Ends sequences that reached a stop (sending their result), failed, or
+    /// were cancelled, and returns their caches to the pool.
+    fn retire_finished(&mut self) {
+        let n_positions = self.model.config.n_positions;
+        let mut i = 0;
+        while i < self.active.len() {
+            let seq = &self.active[i];
+            let stop = if seq.failed || seq.req.cancelled.load(Ordering::Relaxed) {
+                Some(None)
+            } else if seq.in_prefill() || seq.timings.token_times.is_empty() {
+                None
+            } else {
+                let last = *seq.history.last().expect("generated at least one token");
+                let opts = &seq.req.opts;
+                if seq.generated() == opts.max_new_tokens {
+                    Some(Some(StopReason::MaxNewTokens))
+                } else if !opts.ignore_eos && opts.eos_token_id == Some(last) {
+                    Some(Some(StopReason::Eos))
+                } else if seq.cache.len() == n_positions {
+                    Some(Some(StopReason::ContextFull))
+                } else {
+                    None
+                }
+            };
+            match stop {
+                None => i += 1,
+                Some(reason) => {
+                    // `remove`, not `swap_remove`: admission order is the
+                    // prompt-row priority order.
+                    let mut seq = self.active.remove(i);
+                    if let Some(stop) = reason {
+                        let prompt_tokens = seq.req.prompt.len();
+                        let generation = Generation {
+                            prompt_tokens,
+                            tokens: seq.history.split_off(prompt_tokens),
+                            stop,
+                            timings: seq.timings,
+                        };
+                        let _ = seq.req.events.send(Event::Done(Ok(generation)));
+                    }
+                    self.pool.push(seq.cache);
+                }
+            }
+        }
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

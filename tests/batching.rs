@@ -1,0 +1,197 @@
+//! Continuous batching: batched requests reproduce single requests exactly,
+//! failures and cancellations stay contained, the same seed gives the same
+//! text in every mode.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::synth_dir;
+use gpt2::scheduler::Event;
+use gpt2::synth::Preset;
+use gpt2::{
+    Error, GenerateOptions, Generation, Gpt2Model, SamplingParams, Scheduler, SchedulerConfig, Session,
+};
+
+fn tiny() -> Arc<Gpt2Model> {
+    Arc::new(Gpt2Model::load(&synth_dir(Preset::Tiny, 0)).unwrap())
+}
+
+/// Prompts of mixed lengths (1 to 100 tokens), deterministic.
+fn prompts(n: usize) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| {
+            let len = [1, 5, 17, 40, 100, 3, 64, 9][i % 8];
+            (0..len).map(|j| ((i * 7919 + j * 104_729) % 50_000) as u32).collect()
+        })
+        .collect()
+}
+
+fn alone(model: &Gpt2Model, prompt: &[u32], opts: &GenerateOptions) -> Generation {
+    Session::new(model, 16).generate(model, prompt, opts, |_| {}).unwrap()
+}
+
+fn sampled(seed: u64, n: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: n,
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_k: Some(40),
+            top_p: Some(0.95),
+            repetition_penalty: None,
+        },
+        seed,
+        ignore_eos: true,
+        eos_token_id: None,
+    }
+}
+
+#[test]
+fn batched_greedy_equals_each_request_run_alone() {
+    let model = tiny();
+    // Small budgets force chunked prefill interleaved with decode steps.
+    let config = SchedulerConfig {
+        max_batch: 5,
+        max_prompt_rows: 24,
+        ..SchedulerConfig::default()
+    };
+    let sched = Scheduler::new(Arc::clone(&model), config).unwrap();
+    let prompts = prompts(12);
+    // Staggered arrivals: submit in three waves while earlier ones decode.
+    let mut handles = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let opts = GenerateOptions::greedy(6 + i % 5 * 4);
+        handles.push((i, opts.clone(), sched.submit(p.clone(), opts).unwrap()));
+        if i % 4 == 3 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for (i, opts, h) in handles {
+        let mut streamed = Vec::new();
+        let got = h.stream(|t| streamed.push(t)).unwrap();
+        let want = alone(&model, &prompts[i], &opts);
+        assert_eq!(got.tokens, want.tokens, "request {i} (prompt of {} tokens)", prompts[i].len());
+        assert_eq!(streamed, got.tokens, "request {i}: the stream is the result");
+        assert_eq!(got.stop, want.stop);
+        assert_eq!(got.timings.token_times.len(), opts.max_new_tokens);
+    }
+}
+
+#[test]
+fn same_seed_same_text_in_every_mode_and_at_any_concurrency() {
+    let model = tiny();
+    let prompts = prompts(6);
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| alone(&model, p, &sampled(i as u64, 12)).tokens)
+        .collect();
+    // Threads mode: one session per client thread, on pools of 1 and 2 threads.
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let got: Vec<Vec<u32>> = std::thread::scope(|s| {
+            let hs: Vec<_> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let (model, pool) = (&model, &pool);
+                    s.spawn(move || pool.install(|| alone(model, p, &sampled(i as u64, 12)).tokens))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got, want, "threads mode, pool of {threads}");
+    }
+    // Batched mode at several batch sizes.
+    for max_batch in [1, 2, 6] {
+        let config = SchedulerConfig {
+            max_batch,
+            ..SchedulerConfig::default()
+        };
+        let sched = Scheduler::new(Arc::clone(&model), config).unwrap();
+        let hs: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| sched.submit(p.clone(), sampled(i as u64, 12)).unwrap())
+            .collect();
+        let got: Vec<Vec<u32>> = hs.into_iter().map(|h| h.wait().unwrap().tokens).collect();
+        assert_eq!(got, want, "batched mode, max_batch {max_batch}");
+    }
+}
+
+#[test]
+fn a_bad_request_fails_alone() {
+    let model = tiny();
+    let sched = Scheduler::new(Arc::clone(&model), SchedulerConfig::default()).unwrap();
+    let n_positions = model.config.n_positions;
+    let good = sched.submit(vec![1, 2, 3], GenerateOptions::greedy(8)).unwrap();
+    // Rejected at submission, naming the problem; nothing is queued.
+    let too_long = sched.submit(vec![1; n_positions + 1], GenerateOptions::greedy(4));
+    assert!(matches!(too_long, Err(Error::PromptTooLong { .. })), "{too_long:?}");
+    let bad_id = sched.submit(vec![1, 60_000], GenerateOptions::greedy(4));
+    assert!(matches!(bad_id, Err(Error::TokenId { id: 60_000, .. })), "{bad_id:?}");
+    let mut bad_sampling = sampled(0, 4);
+    bad_sampling.sampling.top_p = Some(1.5);
+    assert!(sched.submit(vec![1], bad_sampling).is_err());
+    assert!(sched.submit(vec![], GenerateOptions::greedy(4)).is_err());
+    // A prompt that fills the window stops normally at the context limit.
+    let full = sched.submit(vec![7; n_positions], GenerateOptions::greedy(4)).unwrap();
+    let g = full.wait().unwrap();
+    assert_eq!((g.tokens.len(), g.stop), (1, gpt2::StopReason::ContextFull));
+    assert_eq!(good.wait().unwrap().tokens, alone(&model, &[1, 2, 3], &GenerateOptions::greedy(8)).tokens);
+}
+
+#[test]
+fn a_panic_in_a_batched_step_fails_only_its_request() {
+    let model = tiny();
+    const FAULT: u32 = 4242;
+    let config = SchedulerConfig {
+        fault_token: Some(FAULT),
+        ..SchedulerConfig::default()
+    };
+    let sched = Scheduler::new(Arc::clone(&model), config).unwrap();
+    let prompts = prompts(5);
+    let good: Vec<_> = prompts
+        .iter()
+        .map(|p| sched.submit(p.clone(), GenerateOptions::greedy(10)).unwrap())
+        .collect();
+    let bad = sched.submit(vec![5, FAULT, 6], GenerateOptions::greedy(10)).unwrap();
+    let err = bad.wait().unwrap_err();
+    assert!(err.to_string().contains("injected fault"), "{err}");
+    for (p, h) in prompts.iter().zip(good) {
+        assert_eq!(h.wait().unwrap().tokens, alone(&model, p, &GenerateOptions::greedy(10)).tokens);
+    }
+    // The engine is still serving.
+    assert_eq!(sched.generate(vec![1, 2], GenerateOptions::greedy(3)).unwrap().tokens.len(), 3);
+}
+
+#[test]
+fn cancelling_frees_the_sequence_and_others_finish() {
+    let model = tiny();
+    let config = SchedulerConfig {
+        max_batch: 1,
+        ..SchedulerConfig::default()
+    };
+    let sched = Scheduler::new(Arc::clone(&model), config).unwrap();
+    // The long request holds the only batch slot until it is cancelled.
+    let long = sched.submit(vec![1, 2, 3], GenerateOptions::greedy(100)).unwrap();
+    let next = sched.submit(vec![4, 5], GenerateOptions::greedy(5)).unwrap();
+    match long.recv() {
+        Some(Event::Token(_)) => {}
+        other => panic!("expected a token, got {other:?}"),
+    }
+    long.cancel();
+    let g = next.wait().unwrap();
+    // The cancelled stream ends early, without a result.
+    let mut more = 0;
+    while let Some(event) = long.recv() {
+        assert!(matches!(event, Event::Token(_)), "a cancelled request sent {event:?}");
+        more += 1;
+    }
+    assert!(more < 99, "the cancelled request ran to the end");
+    assert_eq!(g.tokens, alone(&model, &[4, 5], &GenerateOptions::greedy(5)).tokens);
+    // A dropped handle is a cancellation too.
+    drop(sched.submit(vec![9], GenerateOptions::greedy(100)).unwrap());
+    assert_eq!(sched.generate(vec![8], GenerateOptions::greedy(2)).unwrap().tokens.len(), 2);
+}
