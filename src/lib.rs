@@ -15,6 +15,7 @@ pub mod error;
 pub mod generate;
 pub mod hub;
 pub mod model;
+pub mod probe;
 pub mod profile;
 pub mod sampling;
 pub mod scheduler;

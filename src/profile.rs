@@ -120,6 +120,32 @@ impl Profile {
         }
     }
 
+    /// One row per (phase, op) that ran, for reports.
+    pub fn rows(&self) -> Vec<OpRow> {
+        let mut rows = Vec::new();
+        for (phase, name) in [(Phase::Prefill, "prefill"), (Phase::Decode, "decode")] {
+            let total: u64 = Op::ALL.iter().map(|&op| self.stat(phase, op).nanos).sum();
+            for op in Op::ALL {
+                let s = self.stat(phase, op);
+                if s.calls == 0 {
+                    continue;
+                }
+                let secs = s.nanos as f64 / 1e9;
+                let rate = |x: u64| (secs > 0.0 && x > 0).then(|| x as f64 / secs / 1e9);
+                rows.push(OpRow {
+                    phase: name.into(),
+                    op: op.name().into(),
+                    ms: s.nanos as f64 / 1e6,
+                    share: s.nanos as f64 / total.max(1) as f64,
+                    calls: s.calls,
+                    gb_per_s: rate(s.bytes),
+                    gflop_per_s: rate(s.flops),
+                });
+            }
+        }
+        rows
+    }
+
     /// A Markdown table per phase: ms, share of the phase, GB/s or GFLOP/s.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -156,6 +182,21 @@ impl Profile {
         }
         out
     }
+}
+
+/// One line of a profile table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OpRow {
+    /// "prefill" or "decode".
+    pub phase: String,
+    pub op: String,
+    pub ms: f64,
+    /// Fraction of the phase's time.
+    pub share: f64,
+    pub calls: u64,
+    /// Weight (and KV cache) bytes read per second.
+    pub gb_per_s: Option<f64>,
+    pub gflop_per_s: Option<f64>,
 }
 
 /// Times ops into an optional profile; with `None` it only runs them.

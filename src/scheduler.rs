@@ -41,6 +41,9 @@ pub struct SchedulerConfig {
     pub max_batch: usize,
     /// Most prompt rows in one step (on top of the decode rows).
     pub max_prompt_rows: usize,
+    /// Compute threads of the engine's own rayon pool; `None` uses the
+    /// global pool (one thread per core).
+    pub threads: Option<usize>,
     /// Testing only: a step whose batch carries this token id panics, as if
     /// the engine had a bug, to exercise failure isolation.
     #[doc(hidden)]
@@ -52,6 +55,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             max_batch: 32,
             max_prompt_rows: 128,
+            threads: None,
             fault_token: None,
         }
     }
@@ -87,7 +91,9 @@ impl RequestHandle {
                 Event::Done(result) => return result,
             }
         }
-        Err(Error::Engine("the engine stopped before the request finished".into()))
+        Err(Error::Engine(
+            "the engine stopped before the request finished".into(),
+        ))
     }
 
     /// Waits for the result, ignoring the token stream.
@@ -125,11 +131,27 @@ impl Scheduler {
                 config.max_batch, config.max_prompt_rows
             )));
         }
+        let pool = match config.threads {
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("gpt2-engine-{i}"))
+                    .build()
+                    .map_err(|e| Error::Engine(format!("cannot start {n} compute threads: {e}")))?,
+            ),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel();
         let engine_model = Arc::clone(&model);
         let engine = std::thread::Builder::new()
             .name("gpt2-engine".into())
-            .spawn(move || Engine::new(engine_model, config).run(rx))
+            .spawn(move || {
+                let engine = Engine::new(engine_model, config);
+                match pool {
+                    Some(pool) => pool.install(|| engine.run(rx)),
+                    None => engine.run(rx),
+                }
+            })
             .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
         Ok(Scheduler {
             submit: Some(tx),
@@ -164,7 +186,10 @@ impl Scheduler {
             .as_ref()
             .and_then(|tx| tx.send(request).ok())
             .ok_or_else(|| Error::Engine("the engine thread has stopped".into()))?;
-        Ok(RequestHandle { events: rx, cancelled })
+        Ok(RequestHandle {
+            events: rx,
+            cancelled,
+        })
     }
 
     /// Submits and waits: the batched twin of [`crate::Session::generate`].
@@ -375,7 +400,11 @@ impl Engine {
         let mut seqs: Vec<usize> = rows.iter().map(|r| r.seq).collect();
         seqs.dedup();
         for s in seqs {
-            let own: Vec<Row> = rows.iter().filter(|r| r.seq == s).map(|r| Row { seq: 0, ..*r }).collect();
+            let own: Vec<Row> = rows
+                .iter()
+                .filter(|r| r.seq == s)
+                .map(|r| Row { seq: 0, ..*r })
+                .collect();
             let fault = self.config.fault_token;
             let (model, scratch) = (&self.model, &mut self.scratch);
             let seq = &mut self.active[s];

@@ -17,6 +17,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod matmul;
+pub mod probe;
 pub mod reference;
 
 pub use attention::{attention_head, softmax_inplace};

@@ -123,13 +123,17 @@ pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: 
     partials.resize((parts - 1) * m * n, 0.0);
     let (out_ptr, part_ptr) = (OutPtr(out.as_mut_ptr()), OutPtr(partials.as_mut_ptr()));
     let tasks: Vec<_> = (0..parts)
-        .flat_map(|p| column_chunks(n, 64, chunks).map(move |cols| (p, cols)))
+        .flat_map(|p| column_chunks(n, 48, chunks).map(move |cols| (p, cols)))
         .collect();
     tasks.into_par_iter().for_each(|(p, (j0, j1))| {
         // SAFETY: part 0 writes `out`, part p > 0 the (p-1)th [M, N] block of
         // `partials`; within a part, tasks own disjoint column ranges.
         unsafe {
-            let dst = if p == 0 { out_ptr } else { OutPtr(part_ptr.get().add((p - 1) * m * n)) };
+            let dst = if p == 0 {
+                out_ptr
+            } else {
+                OutPtr(part_ptr.get().add((p - 1) * m * n))
+            };
             linear_block(dst, x, w, m, k, n, ks(p), j0..j1);
         }
     });
@@ -157,9 +161,9 @@ unsafe fn linear_block(
     ks: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 ) {
-    // Register blocking by row count: one row takes 64-wide tiles (8
-    // accumulators), two rows 32-wide, more rows the classic 6 x 16 AVX2
-    // block (12 accumulators, 2 weight loads per 12 FMAs).
+    // Register blocking by row count: one row takes 48-wide tiles (6
+    // accumulators), two rows 2 x 48, 3-4 and 7-8 rows 4 x 24, other counts
+    // the classic 6 x 16 AVX2 block (12 accumulators, 2 weight loads per 12 FMAs).
     //
     // Loop order: for a block of KB weight rows, sweep the tiles left to
     // right, so `w` is read in memory order; a tile's KB x W weights stay in
@@ -202,9 +206,12 @@ unsafe fn linear_block(
     macro_rules! max_rows {
         ($($r:literal)+) => { 0 $(.max($r))+ };
     }
+    // Tile shapes keep 6 to 12 accumulators busy with at most 12 registers
+    // (of 16), and every width divides 48, the column-chunk alignment.
     match m {
-        1 => sweep!(64, 1),
-        2 => sweep!(32, 1 2),
+        1 => sweep!(48, 1),
+        2 => sweep!(48, 1 2),
+        3 | 4 | 7 | 8 => sweep!(24, 1 2 3 4),
         _ => sweep!(16, 1 2 3 4 5 6),
     }
 }

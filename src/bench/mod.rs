@@ -92,6 +92,14 @@ pub struct Metadata {
     /// "quick" (default) or "full".
     pub run_mode: String,
     pub modes: Vec<String>,
+    /// "closed loop" or "poisson R req/s, seed S".
+    #[serde(default)]
+    pub arrival: String,
+    /// Batched mode: most sequences per step, and prompt rows per step.
+    #[serde(default)]
+    pub max_batch: usize,
+    #[serde(default)]
+    pub max_prompt_rows: usize,
     /// e.g. "SYNTHETIC 124m checkpoint, seed 0 (...)" or "hub gpt2 @ <revision>".
     pub weights_source: String,
     pub weights_sha256: String,
@@ -131,6 +139,10 @@ pub struct LevelAnalysis {
     pub latency_penalty: f64,
     /// The reference study's (requests/s, tokens/s) at this level, if it has one.
     pub reference: Option<(f64, f64)>,
+    /// tokens_per_s over threads mode's at the same concurrency (modes other
+    /// than threads, where both were measured).
+    #[serde(default)]
+    pub vs_threads: Option<f64>,
 }
 
 /// A pass/fail target on a headline figure.
@@ -166,6 +178,34 @@ pub struct Analysis {
     pub spread: Vec<Spread>,
 }
 
+/// Achieved against measured machine limits (`throughput --probe`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Roofline {
+    /// Sustained read bandwidth, GB/s, one thread and all threads.
+    pub read_gbs_1t: f64,
+    pub read_gbs_all: f64,
+    /// Peak FMA throughput of all threads, GFLOP/s.
+    pub fma_gflops_all: f64,
+    /// Our `linear` at M = 128 (GPT-2 shapes), the best of them, GFLOP/s.
+    pub sgemm_gflops: f64,
+    /// Bytes a batch-1 decode step reads: every weight once (f32) plus the KV cache.
+    pub decode_bytes_per_token: f64,
+    /// Single-request decode rate, 1 / p50 time per output token.
+    pub decode_tokens_per_s: f64,
+    /// decode_bytes_per_token x decode_tokens_per_s, GB/s.
+    pub decode_achieved_gbs: f64,
+    /// decode_achieved_gbs / read_gbs_all.
+    pub decode_fraction_of_bandwidth: f64,
+    /// read_gbs_all / decode_bytes_per_token: the bandwidth-bound ceiling.
+    pub decode_ceiling_tokens_per_s: f64,
+    /// A prefill of this many tokens, timed alone (median).
+    pub prefill_tokens: usize,
+    pub prefill_ms: f64,
+    pub prefill_gflops: f64,
+    /// prefill_gflops / fma_gflops_all.
+    pub prefill_fraction_of_fma_peak: f64,
+}
+
 /// Everything one `throughput` run wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -173,4 +213,10 @@ pub struct Report {
     pub metadata: Metadata,
     pub tests: Vec<TestResult>,
     pub analysis: Analysis,
+    /// Per-op breakdown of the single-request test (`--profile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<crate::profile::OpRow>>,
+    /// Achieved / limit (`--probe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roofline: Option<Roofline>,
 }

@@ -102,7 +102,7 @@ pub fn stdout_table(report: &Report) -> String {
     // Scaling.
     let levels = sorted_levels(&report.analysis.levels);
     if !levels.is_empty() {
-        out.push_str("\nScaling vs concurrency 1 (efficiency = tok/s(N) / (N * tok/s(1)))\n");
+        out.push_str("\nScaling vs concurrency 1 (efficiency = tok/s(N) / (N * tok/s(1)))\n(ref: the reference study, on another machine)\n");
         let mut t = Table::new(&[
             "mode",
             "conc",
@@ -111,7 +111,8 @@ pub fn stdout_table(report: &Report) -> String {
             "efficiency",
             "p50 lat ms",
             "lat penalty",
-            "ref tok/s (other machine)",
+            "vs threads",
+            "ref tok/s",
         ]);
         t.left(0);
         for l in &levels {
@@ -123,6 +124,7 @@ pub fn stdout_table(report: &Report) -> String {
                 percent(l.efficiency),
                 f1(l.latency_p50_ms),
                 times(l.latency_penalty),
+                l.vs_threads.map_or_else(|| "-".to_string(), times),
                 l.reference.map_or_else(|| "-".to_string(), |(_, tok)| f2(tok)),
             ]);
         }
@@ -365,6 +367,7 @@ pub fn markdown(report: &Report, svg_file_name: &str) -> String {
             "efficiency",
             "p50 latency ms",
             "latency penalty",
+            "vs threads",
         ]);
         t.left(0);
         for l in &levels {
@@ -383,6 +386,7 @@ pub fn markdown(report: &Report, svg_file_name: &str) -> String {
                 percent(l.efficiency),
                 f1(l.latency_p50_ms),
                 times(l.latency_penalty),
+                l.vs_threads.map_or_else(|| "—".to_string(), times),
             ]);
         }
         out.push_str(&t.markdown());
@@ -393,6 +397,7 @@ pub fn markdown(report: &Report, svg_file_name: &str) -> String {
              *Efficiency* = throughput(N) / (N · throughput(1)): 100% means N concurrent requests \
              each run as fast as one alone, 1/N means no gain over running them one after another. \
              *Latency penalty* is the p50 end-to-end latency at N over that at 1. \
+             *vs threads* is a mode's tokens/s over threads mode's at the same concurrency. \
              The reference column is a PyTorch GPT-2 124M study on a different CPU: compare the \
              shape of the curves, not the absolute numbers.\n\n",
         );
@@ -1376,6 +1381,7 @@ mod tests {
             efficiency: tok / tok1 / c as f64,
             latency_penalty: lat / lat1,
             reference,
+            vs_threads: None,
         }
     }
 
@@ -1474,6 +1480,9 @@ mod tests {
                 concurrency_levels: levels.to_vec(),
                 run_mode: "quick".to_string(),
                 modes: modes.iter().map(|m| m.to_string()).collect(),
+                arrival: "closed loop".to_string(),
+                max_batch: 32,
+                max_prompt_rows: 128,
                 weights_source: "SYNTHETIC 124m checkpoint, seed 0 (R&D)".to_string(),
                 weights_sha256: "0123456789abcdef0123456789abcdef".to_string(),
                 synthetic_weights: true,
@@ -1513,6 +1522,8 @@ mod tests {
                 ],
                 spread,
             },
+            profile: None,
+            roofline: None,
         }
     }
 

@@ -90,6 +90,9 @@ pub struct Thresholds {
     pub concurrent_requests_per_s: f64,
     pub concurrent_tokens_per_s: f64,
     pub failed: usize,
+    pub batched_scaling_at_8: f64,
+    pub batched_tpot_penalty_at_8: f64,
+    pub batched_efficiency_at_4: f64,
 }
 
 impl Default for Thresholds {
@@ -100,6 +103,9 @@ impl Default for Thresholds {
             concurrent_requests_per_s: 1.0,
             concurrent_tokens_per_s: 30.0,
             failed: 0,
+            batched_scaling_at_8: 6.0,
+            batched_tpot_penalty_at_8: 1.5,
+            batched_efficiency_at_4: 0.9,
         }
     }
 }
@@ -120,10 +126,14 @@ impl Thresholds {
             "concurrent_requests_per_s" => self.concurrent_requests_per_s = v,
             "concurrent_tokens_per_s" => self.concurrent_tokens_per_s = v,
             "failed" if v >= 0.0 && v.fract() == 0.0 => self.failed = v as usize,
+            "batched_scaling_at_8" => self.batched_scaling_at_8 = v,
+            "batched_tpot_penalty_at_8" => self.batched_tpot_penalty_at_8 = v,
+            "batched_efficiency_at_4" => self.batched_efficiency_at_4 = v,
             other => {
                 return Err(format!(
                     "unknown target `{other}` (known: single_requests_per_s, single_tokens_per_s, \
-                     concurrent_requests_per_s, concurrent_tokens_per_s, failed)"
+                     concurrent_requests_per_s, concurrent_tokens_per_s, failed, batched_scaling_at_8, \
+                     batched_tpot_penalty_at_8, batched_efficiency_at_4)"
                 ))
             }
         }
@@ -177,9 +187,21 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
                 efficiency: ratio(tps, base_tps * *c as f64),
                 latency_penalty: ratio(p50, base_p50),
                 reference: REFERENCE_STUDY.iter().find(|r| r.0 == *c).map(|r| (r.1, r.2)),
+                vs_threads: None,
             }
         })
         .collect();
+    let mut levels = levels;
+    for i in 0..levels.len() {
+        let l = &levels[i];
+        if l.mode != "threads" && l.concurrency > 1 {
+            let threads = levels
+                .iter()
+                .find(|t| t.mode == "threads" && t.concurrency == l.concurrency)
+                .map(|t| ratio(l.tokens_per_s, t.tokens_per_s));
+            levels[i].vs_threads = threads;
+        }
+    }
 
     let mut modes: Vec<&str> = Vec::new();
     for l in &levels {
@@ -236,6 +258,41 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
             thresholds.concurrent_tokens_per_s,
             best_conc_tps,
         ));
+    }
+    // Continuous batching (issue 6): at concurrency 8, >= 6x the single
+    // request's tokens/s with p50 per-token latency <= 1.5x; at 4, >= 90%
+    // efficiency.
+    let batched = |c: usize| levels.iter().find(|l| l.mode == "batched" && l.concurrency == c);
+    if let Some(l) = batched(8) {
+        targets.push(Target {
+            name: "batched_scaling_at_8".into(),
+            op: ">=".into(),
+            threshold: thresholds.batched_scaling_at_8,
+            measured: l.scaling,
+            pass: l.scaling >= thresholds.batched_scaling_at_8,
+        });
+        let tpot = |ts: &[&TestResult]| mean_of(ts, |t| t.tpot_ms.p50);
+        let at8: Vec<&TestResult> = tests
+            .iter()
+            .filter(|t| t.mode == "batched" && t.concurrency == 8)
+            .collect();
+        let penalty = ratio(tpot(&at8), tpot(&base));
+        targets.push(Target {
+            name: "batched_tpot_penalty_at_8".into(),
+            op: "<=".into(),
+            threshold: thresholds.batched_tpot_penalty_at_8,
+            measured: penalty,
+            pass: penalty > 0.0 && penalty <= thresholds.batched_tpot_penalty_at_8,
+        });
+    }
+    if let Some(l) = batched(4) {
+        targets.push(Target {
+            name: "batched_efficiency_at_4".into(),
+            op: ">=".into(),
+            threshold: thresholds.batched_efficiency_at_4,
+            measured: l.efficiency,
+            pass: l.efficiency >= thresholds.batched_efficiency_at_4,
+        });
     }
     targets.push(Target {
         name: "failed".into(),

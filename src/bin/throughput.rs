@@ -5,20 +5,26 @@
 //! request (EOS ignored), 2 warmup requests, 5 sequential single requests,
 //! then 6 requests at each concurrency level (2 and 4), 3 prompts rotated,
 //! one client thread per in-flight request sharing the one immutable model.
+//!
+//! Two modes run the same requests from the same client threads: `threads`
+//! (each request runs its own forward passes: the saturation curve) and
+//! `batched` (requests are submitted to the continuous-batching scheduler,
+//! which decodes all of them in one forward step).
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Barrier;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
 use gpt2::bench::stats::{self, Thresholds};
-use gpt2::bench::{report, Metadata, ModelInfo, Report, RequestRecord, TestResult, SCHEMA_VERSION};
+use gpt2::bench::{report, Metadata, ModelInfo, Report, RequestRecord, Roofline, TestResult, SCHEMA_VERSION};
 use gpt2::hub::{self, WeightsArgs};
-use gpt2::{GenerateOptions, Gpt2Model, Session};
+use gpt2::profile::Profile;
+use gpt2::{GenerateOptions, Generation, Gpt2Model, Scheduler, SchedulerConfig, Session};
 use sha2::{Digest, Sha256};
 
 const DEFAULT_CONCURRENT_PROMPTS: [&str; 3] = [
@@ -44,6 +50,32 @@ impl PoolLayout {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    /// One client thread per in-flight request, each running its own forward passes.
+    Threads,
+    /// The same requests through the continuous-batching scheduler.
+    Batched,
+    /// Both, one after the other, for a side-by-side comparison.
+    Both,
+}
+
+/// How one test's requests are executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Threads,
+    Batched,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Threads => "threads",
+            Mode::Batched => "batched",
+        }
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "throughput",
@@ -63,9 +95,35 @@ struct Args {
     /// Sequential requests in the single-request test.
     #[arg(long, default_value_t = 5)]
     single_requests: usize,
-    /// Concurrency levels of the concurrent tests (1 is the single-request test).
-    #[arg(long, value_delimiter = ',', default_value = "2,4")]
-    levels: Vec<usize>,
+    /// Concurrency levels of the concurrent tests (1 is the single-request test)
+    /// [default: 2,4, or 2,4,8,16,32 with --full].
+    #[arg(long, value_delimiter = ',')]
+    levels: Option<Vec<usize>>,
+    /// Which execution modes to measure.
+    #[arg(long, value_enum, default_value = "both")]
+    mode: ModeArg,
+    /// Batched mode: most sequences decoded together.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// Batched mode: most prompt rows prefilled per step.
+    #[arg(long, default_value_t = 128)]
+    max_prompt_rows: usize,
+    /// Open loop: requests arrive as a seeded Poisson process at this many per
+    /// second (each level still caps in-flight requests at its concurrency);
+    /// latency and TTFT count from the arrival, so queueing shows.
+    /// Default: closed loop (a client sends its next request when the last ends).
+    #[arg(long, value_name = "R")]
+    request_rate: Option<f64>,
+    /// Seed of the Poisson arrivals.
+    #[arg(long, default_value_t = 0)]
+    arrival_seed: u64,
+    /// Break the single-request test's time down by op (prefill and decode apart).
+    #[arg(long)]
+    profile: bool,
+    /// Measure this machine's limits (read bandwidth, FMA peak, SGEMM) and
+    /// report achieved / limit for decode and prefill.
+    #[arg(long)]
+    probe: bool,
     /// Requests per concurrency level [default: 6, or 20 with --full].
     #[arg(long)]
     requests_per_level: Option<usize>,
@@ -104,6 +162,7 @@ struct Args {
 /// The validated plan of a run.
 struct Plan {
     levels: Vec<usize>,
+    modes: Vec<Mode>,
     requests_per_level: usize,
     repetitions: usize,
     threads: usize,
@@ -123,10 +182,17 @@ fn main() -> ExitCode {
 }
 
 fn plan(args: &Args) -> Result<Plan, String> {
-    if args.levels.contains(&0) {
+    let levels = args.levels.clone().unwrap_or_else(|| {
+        if args.full {
+            vec![2, 4, 8, 16, 32]
+        } else {
+            vec![2, 4]
+        }
+    });
+    if levels.contains(&0) {
         return Err("--levels: a concurrency level of 0 runs nothing; use levels >= 1".into());
     }
-    let mut levels: Vec<usize> = args.levels.iter().copied().filter(|&l| l > 1).collect();
+    let mut levels: Vec<usize> = levels.into_iter().filter(|&l| l > 1).collect();
     levels.sort_unstable();
     levels.dedup();
     let requests_per_level = args.requests_per_level.unwrap_or(if args.full { 20 } else { 6 });
@@ -136,6 +202,8 @@ fn plan(args: &Args) -> Result<Plan, String> {
         ("--requests-per-level", requests_per_level),
         ("--repetitions", repetitions),
         ("--max-new-tokens", args.max_new_tokens),
+        ("--max-batch", args.max_batch),
+        ("--max-prompt-rows", args.max_prompt_rows),
     ] {
         if v < 1 {
             return Err(format!("{name} must be at least 1"));
@@ -160,12 +228,25 @@ fn plan(args: &Args) -> Result<Plan, String> {
             args.pool.name()
         ));
     }
+    if let Some(r) = args.request_rate {
+        if !(r.is_finite() && r > 0.0) {
+            return Err(format!(
+                "--request-rate must be a positive number of requests per second, not {r}"
+            ));
+        }
+    }
+    let modes = match args.mode {
+        ModeArg::Threads => vec![Mode::Threads],
+        ModeArg::Batched => vec![Mode::Batched],
+        ModeArg::Both => vec![Mode::Threads, Mode::Batched],
+    };
     let mut thresholds = Thresholds::default();
     for t in &args.targets {
         thresholds.set(t)?;
     }
     Ok(Plan {
         levels,
+        modes,
         requests_per_level,
         repetitions,
         threads,
@@ -228,28 +309,75 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let shared_pool = rayon::ThreadPoolBuilder::new()
         .num_threads(plan.threads)
         .build()?;
+    let model = Arc::new(model);
+    // Batched mode: one engine thread driving a pool of `plan.threads`
+    // compute threads; the client threads only submit and wait.
+    let scheduler = if plan.modes.contains(&Mode::Batched) {
+        eprintln!(
+            "batched mode: one engine thread, {} compute threads, max batch {}, at most {} prompt rows per step",
+            plan.threads, args.max_batch, args.max_prompt_rows
+        );
+        Some(Scheduler::new(
+            Arc::clone(&model),
+            SchedulerConfig {
+                max_batch: args.max_batch,
+                max_prompt_rows: args.max_prompt_rows,
+                threads: Some(plan.threads),
+                ..SchedulerConfig::default()
+            },
+        )?)
+    } else {
+        None
+    };
     let runner = Runner {
         model: &model,
         opts: GenerateOptions::greedy(args.max_new_tokens),
         layout: args.pool,
         threads: plan.threads,
         shared_pool: &shared_pool,
+        scheduler: scheduler.as_ref(),
+        request_rate: args.request_rate,
+        arrival_seed: args.arrival_seed,
+        profile: None,
     };
 
     if args.warmup > 0 {
-        eprintln!("warmup: {} request(s), not counted", args.warmup);
-        runner.run("warmup", 1, args.warmup, &single_prompt);
-    }
-    let mut tests: Vec<TestResult> = Vec::new();
-    for rep in 0..plan.repetitions {
-        let (d, raw) = runner.run("single", 1, args.single_requests, &single_prompt);
-        tests.push(stats::test_result("single", "threads", 1, rep, d, raw));
-        for &level in &plan.levels {
-            let name = format!("concurrent-{level}");
-            let (d, raw) = runner.run(&name, level, plan.requests_per_level, &concurrent_prompts);
-            tests.push(stats::test_result(&name, "threads", level, rep, d, raw));
+        eprintln!("warmup: {} request(s) per mode, not counted", args.warmup);
+        for &mode in &plan.modes {
+            runner.run("warmup", mode, 1, args.warmup, &single_prompt);
         }
     }
+    let mut tests: Vec<TestResult> = Vec::new();
+    let single_profile = Mutex::new(Profile::default());
+    for rep in 0..plan.repetitions {
+        // The single request: one baseline for every mode (with one request
+        // in flight there is nothing to batch), run in threads mode.
+        let single_runner = Runner {
+            profile: (args.profile && rep == 0).then_some(&single_profile),
+            ..runner.clone()
+        };
+        let (d, raw) = single_runner.run("single", Mode::Threads, 1, args.single_requests, &single_prompt);
+        tests.push(stats::test_result("single", "threads", 1, rep, d, raw));
+        for &mode in &plan.modes {
+            for &level in &plan.levels {
+                let name = format!("concurrent-{level}");
+                let (d, raw) = runner.run(&name, mode, level, plan.requests_per_level, &concurrent_prompts);
+                tests.push(stats::test_result(&name, mode.name(), level, rep, d, raw));
+            }
+        }
+    }
+    drop(scheduler);
+    let profile = args
+        .profile
+        .then(|| single_profile.into_inner().unwrap_or_else(|e| e.into_inner()));
+    if let Some(p) = &profile {
+        eprintln!("per-op profile of the single-request test:\n{}", p.table());
+    }
+    let roofline = if args.probe {
+        Some(measure_roofline(&model, &tests, &shared_pool)?)
+    } else {
+        None
+    };
 
     let analysis = stats::analyze(&tests, &plan.thresholds);
     let model_path = resolved.dir.join("model.safetensors");
@@ -264,7 +392,13 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         max_busy_threads: max_busy,
         concurrency_levels: std::iter::once(1).chain(plan.levels.iter().copied()).collect(),
         run_mode: if args.full { "full" } else { "quick" }.into(),
-        modes: vec!["threads".into()],
+        modes: plan.modes.iter().map(|m| m.name().to_string()).collect(),
+        arrival: match args.request_rate {
+            Some(r) => format!("poisson {r} req/s, seed {}", args.arrival_seed),
+            None => "closed loop".into(),
+        },
+        max_batch: args.max_batch,
+        max_prompt_rows: args.max_prompt_rows,
         weights_source: resolved.source.to_string(),
         weights_sha256: sha256_file(&model_path)?,
         synthetic_weights: matches!(resolved.source, hub::WeightsSource::Synthetic { .. }),
@@ -289,6 +423,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         metadata,
         tests,
         analysis,
+        profile: profile.map(|p| p.rows()),
+        roofline,
     };
     write_outputs(args, &report)
 }
@@ -313,12 +449,13 @@ fn write_outputs(args: &Args, report: &Report) -> Result<(), Box<dyn std::error:
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned();
-    write(&md_path, &report::markdown(report, &svg_name))?;
+    let extra = extra_sections(report);
+    write(&md_path, &(report::markdown(report, &svg_name) + &extra))?;
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{json}")?;
     } else {
-        writeln!(out, "{}", report::stdout_table(report))?;
+        writeln!(out, "{}{extra}", report::stdout_table(report))?;
     }
     eprintln!(
         "wrote {}, {} and {}",
@@ -329,34 +466,104 @@ fn write_outputs(args: &Args, report: &Report) -> Result<(), Box<dyn std::error:
     Ok(())
 }
 
-/// Runs requests on client threads with the chosen thread layout.
+/// Markdown for the optional parts of a report: roofline and profile.
+fn extra_sections(report: &Report) -> String {
+    let mut out = String::new();
+    if let Some(r) = &report.roofline {
+        out.push_str(&format!(
+            "\n## Achieved / limit (measured on this machine)\n\n\
+             | | achieved | limit | achieved / limit |\n|---|---:|---:|---:|\n\
+             | decode, batch 1 ({:.0} MB read per token) | {:.1} GB/s ({:.1} tok/s) | {:.1} GB/s read bandwidth ({:.1} tok/s) | {:.0}% |\n\
+             | prefill, {} tokens in {:.0} ms | {:.1} GFLOP/s | {:.1} GFLOP/s FMA peak | {:.0}% |\n\
+             | (our SGEMM at M = 128, best GPT-2 shape) | {:.1} GFLOP/s | {:.1} GFLOP/s | {:.0}% |\n\n\
+             Read bandwidth on one thread: {:.1} GB/s. Decode moves every f32 weight once per token, so \
+             its ceiling is bandwidth / bytes per token; prefill is bound by FMA throughput.\n",
+            r.decode_bytes_per_token / 1e6,
+            r.decode_achieved_gbs,
+            r.decode_tokens_per_s,
+            r.read_gbs_all,
+            r.decode_ceiling_tokens_per_s,
+            100.0 * r.decode_fraction_of_bandwidth,
+            r.prefill_tokens,
+            r.prefill_ms,
+            r.prefill_gflops,
+            r.fma_gflops_all,
+            100.0 * r.prefill_fraction_of_fma_peak,
+            r.sgemm_gflops,
+            r.fma_gflops_all,
+            100.0 * r.sgemm_gflops / r.fma_gflops_all,
+            r.read_gbs_1t,
+        ));
+    }
+    if let Some(rows) = &report.profile {
+        out.push_str("\n## Per-op profile of the single-request test\n\n");
+        for phase in ["prefill", "decode"] {
+            let mine: Vec<_> = rows.iter().filter(|r| r.phase == phase).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let total: f64 = mine.iter().map(|r| r.ms).sum();
+            out.push_str(&format!(
+                "\n{phase}: {total:.1} ms in all\n\n| op | ms | share | calls | GB/s | GFLOP/s |\n\
+                 |---|---:|---:|---:|---:|---:|\n"
+            ));
+            let rate = |x: Option<f64>| x.map_or_else(String::new, |v| format!("{v:.1}"));
+            for r in mine {
+                out.push_str(&format!(
+                    "| {} | {:.2} | {:.1}% | {} | {} | {} |\n",
+                    r.op,
+                    r.ms,
+                    100.0 * r.share,
+                    r.calls,
+                    rate(r.gb_per_s),
+                    rate(r.gflop_per_s)
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Runs requests on client threads, in threads or batched mode.
+#[derive(Clone)]
 struct Runner<'a> {
     model: &'a Gpt2Model,
     opts: GenerateOptions,
     layout: PoolLayout,
     threads: usize,
     shared_pool: &'a rayon::ThreadPool,
+    scheduler: Option<&'a Scheduler>,
+    request_rate: Option<f64>,
+    arrival_seed: u64,
+    /// Where threads-mode sessions add their per-op profile, if profiling.
+    profile: Option<&'a Mutex<Profile>>,
 }
 
 impl Runner<'_> {
-    /// `n` requests, `concurrency` in flight (closed loop: each client thread
-    /// takes the next request when its last one ends), prompts rotated.
-    /// Returns the wall time from the first start to the last end, and records.
+    /// `n` requests, at most `concurrency` in flight, prompts rotated.
+    /// Closed loop: each client thread takes the next request when its last
+    /// one ends. With a request rate, request i is due at its Poisson arrival
+    /// time and its latency counts from then. Returns the wall time from the
+    /// first start to the last end, and the records.
     fn run(
         &self,
         name: &str,
+        mode: Mode,
         concurrency: usize,
         n: usize,
         prompts: &[Vec<u32>],
     ) -> (f64, Vec<RequestRecord>) {
+        let arrivals = self
+            .request_rate
+            .map(|r| poisson_arrivals(n, r, self.arrival_seed));
         let next = AtomicUsize::new(0);
         let barrier = Barrier::new(concurrency);
         let t0 = Instant::now();
         let mut records: Vec<RequestRecord> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..concurrency)
                 .map(|client| {
-                    let (next, barrier) = (&next, &barrier);
-                    s.spawn(move || self.client(name, client, n, prompts, next, barrier, t0))
+                    let (next, barrier, arrivals) = (&next, &barrier, arrivals.as_deref());
+                    s.spawn(move || self.client(name, mode, client, n, prompts, next, barrier, arrivals, t0))
                 })
                 .collect();
             handles
@@ -377,21 +584,28 @@ impl Runner<'_> {
     fn client(
         &self,
         name: &str,
+        mode: Mode,
         client: usize,
         n: usize,
         prompts: &[Vec<u32>],
         next: &AtomicUsize,
         barrier: &Barrier,
+        arrivals: Option<&[Duration]>,
         t0: Instant,
     ) -> Vec<RequestRecord> {
         let max_prompt = prompts.iter().map(Vec::len).max().unwrap_or(1);
-        let mut session = Session::new(self.model, max_prompt.clamp(1, 256));
-        let own_pool = match self.layout {
-            PoolLayout::PerRequest => rayon::ThreadPoolBuilder::new()
+        let new_session = || {
+            let mut s = Session::new(self.model, max_prompt.clamp(1, 256));
+            s.set_profiling(self.profile.is_some());
+            s
+        };
+        let mut session = (mode == Mode::Threads).then(new_session);
+        let own_pool = match (mode, self.layout) {
+            (Mode::Threads, PoolLayout::PerRequest) => rayon::ThreadPoolBuilder::new()
                 .num_threads(self.threads)
                 .build()
                 .ok(),
-            PoolLayout::Shared => None,
+            _ => None,
         };
         let pool = own_pool.as_ref().unwrap_or(self.shared_pool);
         let mut records = Vec::new();
@@ -402,11 +616,36 @@ impl Runner<'_> {
                 break;
             }
             let prompt = &prompts[index % prompts.len()];
-            let start = Instant::now();
-            let result = catch_unwind(AssertUnwindSafe(|| {
-                pool.install(|| session.generate(self.model, prompt, &self.opts, |_| {}))
-            }));
+            // Open loop: wait for the arrival; latency counts from it.
+            let start = match arrivals {
+                Some(a) => {
+                    let due = t0 + a[index];
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    due
+                }
+                None => Instant::now(),
+            };
+            let result: std::thread::Result<gpt2::Result<Generation>> = match mode {
+                Mode::Threads => catch_unwind(AssertUnwindSafe(|| {
+                    let s = session.get_or_insert_with(new_session);
+                    pool.install(|| s.generate(self.model, prompt, &self.opts, |_| {}))
+                })),
+                Mode::Batched => catch_unwind(AssertUnwindSafe(|| match self.scheduler {
+                    Some(sched) => sched.generate(prompt.clone(), self.opts.clone()),
+                    None => Err(gpt2::Error::Engine("no scheduler".into())),
+                })),
+            };
             let latency_ms = start.elapsed().as_secs_f64() * 1e3;
+            // Generation timings count from the submission; add any queueing
+            // between the arrival and the submission.
+            let queued_ms = latency_ms
+                - result
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.as_ref().ok())
+                    .map_or(latency_ms, |g| g.timings.total.as_secs_f64() * 1e3);
             let mut rec = RequestRecord {
                 index,
                 client,
@@ -421,10 +660,10 @@ impl Runner<'_> {
             match result {
                 Ok(Ok(g)) => {
                     let k = g.tokens.len();
+                    let ttft_ms = queued_ms.max(0.0) + g.timings.ttft.as_secs_f64() * 1e3;
                     rec.generated_tokens = k;
-                    rec.ttft_ms = Some(g.timings.ttft.as_secs_f64() * 1e3);
-                    rec.tpot_ms =
-                        (k > 1).then(|| (latency_ms - g.timings.ttft.as_secs_f64() * 1e3) / (k - 1) as f64);
+                    rec.ttft_ms = Some(ttft_ms);
+                    rec.tpot_ms = (k > 1).then(|| (latency_ms - ttft_ms) / (k - 1) as f64);
                     if k != self.opts.max_new_tokens {
                         rec.error = Some(format!(
                             "short: {k} of {} tokens (stop: {:?})",
@@ -441,11 +680,12 @@ impl Runner<'_> {
                         .unwrap_or_else(|| "unknown panic".into());
                     rec.error = Some(format!("panicked: {what}"));
                     // The session may be half-updated; start afresh.
-                    session = Session::new(self.model, max_prompt.clamp(1, 256));
+                    session = None;
                 }
             }
             eprintln!(
-                "[{name}] request {}/{n} (client {client}): {:.0} ms, {} tokens{}",
+                "[{name} {}] request {}/{n} (client {client}): {:.0} ms, {} tokens{}",
+                mode.name(),
                 index + 1,
                 latency_ms,
                 rec.generated_tokens,
@@ -456,8 +696,100 @@ impl Runner<'_> {
             );
             records.push(rec);
         }
+        if let (Some(total), Some(p)) = (self.profile, session.as_ref().and_then(|s| s.profile())) {
+            total.lock().unwrap_or_else(|e| e.into_inner()).merge(p);
+        }
         records
     }
+}
+
+/// Arrival times of `n` requests of a Poisson process at `rate` per second:
+/// exponential gaps from a seeded xorshift, so a seed fixes the schedule.
+fn poisson_arrivals(n: usize, rate: f64, seed: u64) -> Vec<Duration> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut t = 0.0;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Uniform in (0, 1]: never ln(0).
+            let u = ((state >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+            let at = Duration::from_secs_f64(t);
+            t += -u.ln() / rate;
+            at
+        })
+        .collect()
+}
+
+/// Times a prefill alone and derives achieved / limit for decode and prefill.
+fn measure_roofline(
+    model: &Gpt2Model,
+    tests: &[TestResult],
+    pool: &rayon::ThreadPool,
+) -> Result<Roofline, Box<dyn std::error::Error>> {
+    eprintln!("probe: measuring read bandwidth, FMA peak and SGEMM (takes a few seconds) ...");
+    let limits = gpt2::probe::measure(false);
+    eprintln!("{}", limits.table());
+    let cfg = &model.config;
+    // Batch-1 decode reads every weight once (f32); the KV cache it reads is
+    // small next to that at these prompt lengths and is left out.
+    let decode_bytes = (cfg.n_params() * 4) as f64;
+    let single: Vec<f64> = tests
+        .iter()
+        .filter(|t| t.concurrency == 1)
+        .map(|t| t.tpot_ms.p50)
+        .filter(|&x| x > 0.0)
+        .collect();
+    let tpot_ms = if single.is_empty() {
+        f64::NAN
+    } else {
+        single.iter().sum::<f64>() / single.len() as f64
+    };
+    let decode_tps = 1e3 / tpot_ms;
+    // Prefill: a prompt of 128 tokens, median of 3, on the shared pool.
+    let tokens = 128.min(cfg.n_positions);
+    let prompt: Vec<u32> = (0..tokens as u32)
+        .map(|i| (i * 101) % cfg.vocab_size as u32)
+        .collect();
+    let mut session = Session::new(model, tokens);
+    let mut times: Vec<f64> = (0..3)
+        .map(|_| {
+            pool.install(|| session.generate(model, &prompt, &GenerateOptions::greedy(1), |_| {}))
+                .map(|g| g.timings.ttft.as_secs_f64())
+        })
+        .collect::<Result<_, _>>()?;
+    times.sort_by(f64::total_cmp);
+    let prefill_s = times[1];
+    // FLOPs: 2 per weight per token in the blocks, attention's QK and AV, and
+    // the LM head for the last row only.
+    let (c, l, v) = (cfg.n_embd as f64, cfg.n_layer as f64, cfg.vocab_size as f64);
+    let block_weights = l * (4.0 * c * c + 2.0 * c * cfg.n_inner as f64);
+    let t = tokens as f64;
+    let attention = l * 2.0 * 2.0 * c * t * (t + 1.0) / 2.0;
+    let flops = 2.0 * block_weights * t + attention + 2.0 * c * v;
+    let prefill_gflops = flops / prefill_s / 1e9;
+    let sgemm = limits
+        .sgemm
+        .iter()
+        .filter(|p| p.m >= 128)
+        .map(|p| p.gflops)
+        .fold(0.0, f64::max);
+    Ok(Roofline {
+        read_gbs_1t: limits.read_gbs_1t,
+        read_gbs_all: limits.read_gbs_all,
+        fma_gflops_all: limits.fma_gflops_all,
+        sgemm_gflops: sgemm,
+        decode_bytes_per_token: decode_bytes,
+        decode_tokens_per_s: decode_tps,
+        decode_achieved_gbs: decode_bytes * decode_tps / 1e9,
+        decode_fraction_of_bandwidth: decode_bytes * decode_tps / 1e9 / limits.read_gbs_all,
+        decode_ceiling_tokens_per_s: limits.decode_ceiling_tok_s(decode_bytes),
+        prefill_tokens: tokens,
+        prefill_ms: prefill_s * 1e3,
+        prefill_gflops,
+        prefill_fraction_of_fma_peak: prefill_gflops / limits.fma_gflops_all,
+    })
 }
 
 fn sha256_file(path: &Path) -> Result<String, String> {

@@ -1,0 +1,335 @@
+//! Machine limits, measured: sustained memory read bandwidth and peak FMA
+//! throughput. The benchmark report divides what the engine achieves by these.
+//!
+//! Both probes run on exactly `threads` OS threads (`std::thread::scope`, not
+//! rayon, so the count is exact and no pool is shared with the kernels), start
+//! them together behind a barrier, and return a checksum of the work next to
+//! the rate: the checksum goes through `black_box`, so the compiler cannot
+//! delete the loads or the FMAs it depends on.
+//!
+//! Units are SI: 1 GB = 1e9 bytes, 1 GFLOP = 1e9 floating-point operations,
+//! an FMA counting as two.
+
+use std::hint::black_box;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+/// The best sustained read rate of [`read_bandwidth`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadBandwidth {
+    /// Bytes read per second, best over the repetitions.
+    pub bytes_per_s: f64,
+    /// Sum of the buffer from the last repetition (order of summation varies).
+    pub checksum: f64,
+}
+
+/// The FMA throughput of [`fma_peak`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FmaPeak {
+    /// Peak rate, 10⁹ floating-point operations per second: the sum over the
+    /// threads of each one's best window of [`FMA_WINDOW`].
+    pub gflops: f64,
+    /// All the work over the whole run of the slowest thread, in the same
+    /// unit: below `gflops` by what other load on the machine took.
+    pub sustained_gflops: f64,
+    /// Sum of the final accumulators of every thread.
+    pub checksum: f64,
+}
+
+/// The length of the windows that [`fma_peak`] keeps the best of. Short
+/// enough that most windows of a busy machine are not interrupted, long
+/// enough (~100 clock reads) that the clock costs nothing.
+pub const FMA_WINDOW: Duration = Duration::from_millis(1);
+
+/// Reads `buf` once per repetition, split into `threads` contiguous chunks,
+/// one per thread, and returns the best of `reps` timings. Make `buf` far
+/// larger than the last-level cache (and touch it first) to measure DRAM.
+///
+/// A repetition is timed from the barrier that releases all threads to the
+/// barrier that the last one reaches, so it is the slowest chunk that counts.
+pub fn read_bandwidth(buf: &[f32], threads: usize, reps: usize) -> ReadBandwidth {
+    assert!(threads >= 1, "read_bandwidth: threads must be at least 1");
+    assert!(reps >= 1, "read_bandwidth: reps must be at least 1");
+    // Chunks are whole multiples of the 64-float inner block, so only the last
+    // one has a scalar tail.
+    let chunk = buf.len().div_ceil(threads).div_ceil(BLOCK) * BLOCK;
+    let chunks: Vec<&[f32]> = buf.chunks(chunk.max(BLOCK)).collect();
+    // The main thread joins the barrier too, and holds the clock.
+    let barrier = Barrier::new(chunks.len() + 1);
+    let mut best = Duration::MAX;
+    let mut checksum = 0.0f64;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = chunks
+            .iter()
+            .map(|&part| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let mut last = 0.0f32;
+                    for _ in 0..reps {
+                        barrier.wait();
+                        last = black_box(sum(black_box(part)));
+                        barrier.wait();
+                    }
+                    last
+                })
+            })
+            .collect();
+        for _ in 0..reps {
+            barrier.wait();
+            let t0 = Instant::now();
+            barrier.wait();
+            best = best.min(t0.elapsed());
+        }
+        for w in workers {
+            checksum += f64::from(w.join().expect("read_bandwidth: a worker panicked"));
+        }
+    });
+    let bytes = std::mem::size_of_val(buf) as f64;
+    ReadBandwidth {
+        bytes_per_s: bytes / best.as_secs_f64().max(1e-9),
+        checksum: black_box(checksum),
+    }
+}
+
+/// Runs independent FMA chains held in registers on each of `threads` threads
+/// for about `seconds`, and returns the total rate. With enough independent
+/// chains to cover the FMA latency this is the core's peak: FMA units × 8 f32
+/// lanes × 2 FLOP × clock, per core.
+pub fn fma_peak(threads: usize, seconds: f64) -> FmaPeak {
+    assert!(threads >= 1, "fma_peak: threads must be at least 1");
+    assert!(seconds > 0.0, "fma_peak: seconds must be positive");
+    let budget = Duration::from_secs_f64(seconds);
+    let barrier = Barrier::new(threads);
+    let runs: Vec<FmaRun> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    // acc ← acc·a + b converges to b / (1 - a) = 1: no overflow,
+                    // no denormals, however long it runs.
+                    let (a, b) = (black_box(0.999_9f32), black_box(1e-4f32));
+                    barrier.wait();
+                    let mut run = FmaRun {
+                        flops: 0,
+                        elapsed: Duration::ZERO,
+                        best: 0.0,
+                        check: 0.0,
+                    };
+                    let t0 = Instant::now();
+                    while run.elapsed < budget {
+                        let w0 = Instant::now();
+                        let mut flops = 0u64;
+                        while w0.elapsed() < FMA_WINDOW {
+                            run.check += fma_chains(FMA_ITERS, a, b);
+                            flops += FMA_ITERS * FLOPS_PER_ITER;
+                        }
+                        run.best = run.best.max(flops as f64 / w0.elapsed().as_secs_f64());
+                        run.flops += flops;
+                        run.elapsed = t0.elapsed();
+                    }
+                    black_box(run)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("fma_peak: a worker panicked"))
+            .collect()
+    });
+    let flops: u64 = runs.iter().map(|r| r.flops).sum();
+    let slowest = runs.iter().map(|r| r.elapsed).max().unwrap_or(Duration::ZERO);
+    FmaPeak {
+        gflops: runs.iter().map(|r| r.best).sum::<f64>() / 1e9,
+        sustained_gflops: flops as f64 / slowest.as_secs_f64().max(1e-9) / 1e9,
+        checksum: black_box(runs.iter().map(|r| f64::from(r.check)).sum()),
+    }
+}
+
+/// What one thread of [`fma_peak`] did.
+struct FmaRun {
+    flops: u64,
+    elapsed: Duration,
+    /// Best FLOP/s over a window.
+    best: f64,
+    check: f32,
+}
+
+/// Floats per inner block of the read loop: 8 accumulators × 8 lanes.
+const BLOCK: usize = 64;
+
+/// Independent FMA chains. An FMA has a latency of 4–5 cycles and two issue
+/// per cycle on current x86 cores, so at least 8–10 chains must be in flight
+/// to saturate both units; 12 plus the two constants still fit the 16 YMM
+/// registers.
+const CHAINS: usize = 12;
+
+/// Iterations between two looks at the clock (~25k cycles at peak).
+const FMA_ITERS: u64 = 4096;
+
+/// FLOP per iteration of [`fma_chains`]: `CHAINS` FMAs of 8 lanes, 2 FLOP each.
+const FLOPS_PER_ITER: u64 = (CHAINS * 8 * 2) as u64;
+
+/// Sum of `x` with 8 independent 8-lane accumulators, so that the add latency
+/// never limits the loads.
+fn sum(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { sum_avx2(x) };
+    }
+    sum_portable(x)
+}
+
+/// The fallback of [`sum`]: a `[f32; 64]` accumulator that LLVM keeps in
+/// eight vector registers (or 16 SSE ones).
+fn sum_portable(x: &[f32]) -> f32 {
+    let blocks = x.chunks_exact(BLOCK);
+    let tail: f32 = blocks.remainder().iter().sum();
+    let mut acc = [0.0f32; BLOCK];
+    for block in blocks {
+        for (a, v) in acc.iter_mut().zip(block) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_avx2(x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let blocks = x.chunks_exact(BLOCK);
+    let tail: f32 = blocks.remainder().iter().sum();
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for block in blocks {
+        for (i, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `block` holds 64 floats, so floats 8i..8i+8 (i < 8) are in
+            // bounds; the unaligned load has no alignment requirement.
+            let v = unsafe { _mm256_loadu_ps(block.as_ptr().add(8 * i)) };
+            *a = _mm256_add_ps(*a, v);
+        }
+    }
+    let mut total = _mm256_setzero_ps();
+    for a in acc {
+        total = _mm256_add_ps(total, a);
+    }
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` holds 8 floats; the unaligned store has no alignment
+    // requirement.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `iters` rounds of `acc ← acc·a + b` over [`CHAINS`] independent 8-lane
+/// accumulators; returns the sum of the accumulators.
+fn fma_chains(iters: u64, a: f32, b: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+        return unsafe { fma_chains_avx2(iters, a, b) };
+    }
+    fma_chains_portable(iters, a, b)
+}
+
+/// The fallback of [`fma_chains`]: a separate multiply and add per element
+/// (still 2 FLOP), since a software `fma` call would measure libm.
+fn fma_chains_portable(iters: u64, a: f32, b: f32) -> f32 {
+    let mut acc = [[0.0f32; 8]; CHAINS];
+    for (i, chain) in acc.iter_mut().enumerate() {
+        chain.fill(i as f32 * 0.01);
+    }
+    for _ in 0..iters {
+        for chain in acc.iter_mut() {
+            for x in chain.iter_mut() {
+                *x = *x * a + b;
+            }
+        }
+    }
+    acc.iter().flatten().sum()
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains_avx2(iters: u64, a: f32, b: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let va = _mm256_set1_ps(a);
+    let vb = _mm256_set1_ps(b);
+    // Distinct starting values: equal chains would let LLVM merge them into one,
+    // which would then be latency-bound.
+    let mut acc = [_mm256_setzero_ps(); CHAINS];
+    for (i, x) in acc.iter_mut().enumerate() {
+        *x = _mm256_set1_ps(i as f32 * 0.01);
+    }
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm256_fmadd_ps(*x, va, vb);
+        }
+    }
+    let mut total = _mm256_setzero_ps();
+    for x in acc {
+        total = _mm256_add_ps(total, x);
+    }
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` holds 8 floats; the unaligned store has no alignment
+    // requirement.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
+    lanes.iter().sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_agree_with_a_plain_sum() {
+        // 1000 is not a multiple of 64: exercises the tail.
+        let x: Vec<f32> = (0..1000).map(|i| (i % 7) as f32).collect();
+        let want: f32 = x.iter().sum();
+        assert_eq!(sum_portable(&x), want);
+        assert_eq!(sum(&x), want);
+    }
+
+    #[test]
+    fn fma_chains_agree_with_the_portable_loop() {
+        let got = fma_chains(100, 0.9, 0.1);
+        let want = fma_chains_portable(100, 0.9, 0.1);
+        assert!(
+            (got - want).abs() <= 1e-3 * want.abs(),
+            "fma: {got} vs portable {want}"
+        );
+    }
+
+    #[test]
+    fn read_bandwidth_is_finite_and_positive() {
+        let buf = vec![1.0f32; 1 << 20];
+        for threads in [1, 2, 3] {
+            let r = read_bandwidth(&buf, threads, 2);
+            assert!(
+                r.bytes_per_s.is_finite() && r.bytes_per_s > 0.0,
+                "{threads} threads: {r:?}"
+            );
+            assert_eq!(
+                r.checksum,
+                buf.len() as f64,
+                "{threads} threads: every float read once"
+            );
+        }
+    }
+
+    #[test]
+    fn fma_peak_is_finite_and_positive() {
+        for threads in [1, 2] {
+            let p = fma_peak(threads, 0.05);
+            assert!(p.gflops.is_finite() && p.gflops > 0.0, "{threads} threads: {p:?}");
+            assert!(
+                p.sustained_gflops > 0.0 && p.sustained_gflops <= p.gflops,
+                "{threads} threads: {p:?}"
+            );
+            assert!(p.checksum.is_finite(), "{threads} threads: {p:?}");
+        }
+    }
+}

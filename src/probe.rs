@@ -1,0 +1,293 @@
+//! The limits of this machine, measured inside the project, for the benchmark
+//! report's "achieved / limit" columns: sustained DRAM read bandwidth, peak FMA
+//! throughput, and our own SGEMM ([`gpt2_kernels::linear`]) at GPT-2 124M
+//! shapes.
+//!
+//! Units are SI: 1 GB = 1e9 bytes, 1 GFLOP = 1e9 floating-point operations.
+
+use std::time::Instant;
+
+use gpt2_kernels::probe::{fma_peak, read_bandwidth};
+use serde::{Deserialize, Serialize};
+
+/// What this machine can do, measured by [`measure`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Limits {
+    /// Sustained read bandwidth of one thread, GB/s.
+    pub read_gbs_1t: f64,
+    /// Sustained read bandwidth of `threads` threads, GB/s.
+    pub read_gbs_all: f64,
+    /// Threads of the "all" figures: `std::thread::available_parallelism()`.
+    pub threads: usize,
+    /// Peak FMA throughput of one thread, GFLOP/s.
+    pub fma_gflops_1t: f64,
+    /// Peak FMA throughput of `threads` threads, GFLOP/s.
+    pub fma_gflops_all: f64,
+    /// Our `linear` at GPT-2 shapes, on `threads` threads.
+    pub sgemm: Vec<SgemmPoint>,
+}
+
+/// One timed shape of `out[M,N] = x[M,K] · w[K,N] + bias[N]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SgemmPoint {
+    /// The layer of GPT-2 with this shape: `qkv`, `mlp_up` or `mlp_down`.
+    pub name: String,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    /// `2·M·K·N` over the median time of a call.
+    pub gflops: f64,
+}
+
+/// The linear layers of GPT-2 124M (C = 768): name, K, N.
+const GPT2_LAYERS: [(&str, usize, usize); 3] = [
+    ("qkv", 768, 3 * 768),
+    ("mlp_up", 768, 4 * 768),
+    ("mlp_down", 4 * 768, 768),
+];
+
+/// Rows per call: a 128-token prefill, and a decode step batched over 8 sequences.
+const GPT2_ROWS: [usize; 2] = [128, 8];
+
+/// How much to measure; [`measure`] picks one, the tests a tiny one.
+struct Plan {
+    /// Size of the bandwidth buffer, far above the last-level cache.
+    buf_bytes: usize,
+    /// Repetitions of the bandwidth read; the best counts.
+    read_reps: usize,
+    /// Duration of each FMA run.
+    fma_seconds: f64,
+    /// Timed calls per SGEMM shape (after one warm-up); the median counts.
+    gemm_reps: usize,
+    /// Total size of the weight copies the SGEMM calls cycle through, so that
+    /// each call reads its weights from DRAM, as a layer of a real forward does.
+    cold_bytes: usize,
+    /// (name, M, K, N)
+    shapes: Vec<(String, usize, usize, usize)>,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        let shapes = GPT2_ROWS
+            .iter()
+            .flat_map(|&m| {
+                GPT2_LAYERS
+                    .iter()
+                    .map(move |&(name, k, n)| (name.to_string(), m, k, n))
+            })
+            .collect();
+        Plan {
+            buf_bytes: if quick { 256 << 20 } else { 1 << 30 },
+            read_reps: if quick { 4 } else { 20 },
+            fma_seconds: if quick { 0.1 } else { 0.5 },
+            gemm_reps: if quick { 5 } else { 21 },
+            cold_bytes: 128 << 20,
+            shapes,
+        }
+    }
+}
+
+/// Measures this machine: a second or two with `quick` (256 MiB buffer, short runs),
+/// 5 to 10 s without (1 GiB buffer). Needs the bandwidth buffer in RAM.
+///
+/// # Panics
+/// If the buffer cannot be mapped or the thread pool cannot start.
+pub fn measure(quick: bool) -> Limits {
+    measure_plan(&Plan::new(quick))
+}
+
+fn measure_plan(plan: &Plan) -> Limits {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    let (read_gbs_1t, read_gbs_all) = {
+        let mut map = memmap2::MmapMut::map_anon(plan.buf_bytes)
+            .unwrap_or_else(|e| panic!("probe: cannot map {} bytes: {e}", plan.buf_bytes));
+        // Huge pages spare the read loop a TLB miss every 4 KiB; without them
+        // the figure is a little lower, so say so rather than fail.
+        #[cfg(target_os = "linux")]
+        if let Err(e) = map.advise(memmap2::Advice::HugePage) {
+            eprintln!("probe: no transparent huge pages for the bandwidth buffer ({e})");
+        }
+        // Writing every float touches every page: no page fault, and no shared
+        // zero page, inside the timed reads.
+        let buf: &mut [f32] = bytemuck::cast_slice_mut(&mut map[..]);
+        buf.fill(1.0);
+        let gbs = |t| read_bandwidth(buf, t, plan.read_reps).bytes_per_s / 1e9;
+        let one = gbs(1);
+        (one, if threads == 1 { one } else { gbs(threads) })
+    };
+
+    let fma_gflops_1t = fma_peak(1, plan.fma_seconds).gflops;
+    let fma_gflops_all = if threads == 1 {
+        fma_gflops_1t
+    } else {
+        fma_peak(threads, plan.fma_seconds).gflops
+    };
+
+    // `linear` runs on rayon's current pool: give it exactly `threads`.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap_or_else(|e| panic!("probe: cannot start a pool of {threads} threads: {e}"));
+    let sgemm = pool.install(|| {
+        plan.shapes
+            .iter()
+            .map(|(name, m, k, n)| SgemmPoint {
+                name: name.clone(),
+                m: *m,
+                k: *k,
+                n: *n,
+                gflops: time_linear(*m, *k, *n, plan.gemm_reps, plan.cold_bytes),
+            })
+            .collect()
+    });
+
+    Limits {
+        read_gbs_1t,
+        read_gbs_all,
+        threads,
+        fma_gflops_1t,
+        fma_gflops_all,
+        sgemm,
+    }
+}
+
+/// GFLOP/s of `linear` at one shape: `2·M·K·N` over the median of `reps`
+/// calls after one warm-up, each call on the next of several weight copies
+/// that together take `cold_bytes`.
+fn time_linear(m: usize, k: usize, n: usize, reps: usize, cold_bytes: usize) -> f64 {
+    let copies = cold_bytes.div_ceil(k * n * std::mem::size_of::<f32>()).max(1);
+    let ws: Vec<Vec<f32>> = (0..copies).map(|c| filled(k * n, c)).collect(); // copies × [K, N]
+    let x = filled(m * k, copies); // [M, K]
+    let bias = filled(n, copies + 1); // [N]
+    let mut out = vec![0.0f32; m * n]; // [M, N]
+
+    gpt2_kernels::linear(&mut out, &x, &ws[0], &bias, m, k, n);
+    let mut secs: Vec<f64> = (1..=reps)
+        .map(|r| {
+            let w = &ws[r % copies];
+            let t0 = Instant::now();
+            gpt2_kernels::linear(&mut out, &x, w, &bias, m, k, n);
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    std::hint::black_box(&out);
+    secs.sort_by(f64::total_cmp);
+    let median = secs[secs.len() / 2];
+    2.0 * (m * k * n) as f64 / median.max(1e-9) / 1e9
+}
+
+/// `len` deterministic values in [-0.5, 0.5), different for each `seed`.
+fn filled(len: usize, seed: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 1000.0 - 0.5)
+        .collect()
+}
+
+impl Limits {
+    /// The limits as two Markdown tables: machine, then SGEMM.
+    pub fn table(&self) -> String {
+        let t = self.threads;
+        let mut s = String::new();
+        s.push_str(&format!("| limit | 1 thread | {t} threads |\n|---|---:|---:|\n"));
+        s.push_str(&format!(
+            "| read bandwidth (GB/s) | {:.1} | {:.1} |\n",
+            self.read_gbs_1t, self.read_gbs_all
+        ));
+        s.push_str(&format!(
+            "| FMA peak (GFLOP/s) | {:.1} | {:.1} |\n",
+            self.fma_gflops_1t, self.fma_gflops_all
+        ));
+        s.push_str(&format!(
+            "\n| SGEMM `linear`, {t} threads | M | K | N | GFLOP/s |\n|---|---:|---:|---:|---:|\n"
+        ));
+        for p in &self.sgemm {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {:.1} |\n",
+                p.name, p.m, p.k, p.n, p.gflops
+            ));
+        }
+        s
+    }
+
+    /// The decode rate that memory bandwidth allows, tokens/s, when each token
+    /// must stream `bytes_per_token` bytes (for batch 1: all the weights) at
+    /// the all-threads read bandwidth.
+    pub fn decode_ceiling_tok_s(&self, bytes_per_token: f64) -> f64 {
+        assert!(
+            bytes_per_token > 0.0,
+            "decode_ceiling_tok_s: bytes_per_token must be positive"
+        );
+        self.read_gbs_all * 1e9 / bytes_per_token
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_plan() -> Plan {
+        Plan {
+            buf_bytes: 4 << 20,
+            read_reps: 2,
+            fma_seconds: 0.05,
+            gemm_reps: 3,
+            cold_bytes: 1 << 20,
+            // M = 4 takes the few-rows path of `linear`, M = 40 the SGEMM one.
+            shapes: vec![("few".to_string(), 4, 48, 80), ("many".to_string(), 40, 48, 80)],
+        }
+    }
+
+    #[test]
+    fn tiny_measurement_is_finite_and_positive() {
+        let l = measure_plan(&tiny_plan());
+        let figures = [l.read_gbs_1t, l.read_gbs_all, l.fma_gflops_1t, l.fma_gflops_all];
+        assert!(figures.iter().all(|f| f.is_finite() && *f > 0.0), "{l:?}");
+        assert!(l.threads >= 1);
+        assert_eq!(l.sgemm.len(), 2);
+        assert!(
+            l.sgemm.iter().all(|p| p.gflops.is_finite() && p.gflops > 0.0),
+            "{l:?}"
+        );
+
+        let table = l.table();
+        assert!(
+            table.contains("| read bandwidth (GB/s) |") && table.contains("| many | 40 | 48 | 80 |"),
+            "{table}"
+        );
+        let ceiling = l.decode_ceiling_tok_s(1e9);
+        assert!(
+            (ceiling - l.read_gbs_all).abs() <= 1e-9 * ceiling,
+            "{ceiling} vs {}",
+            l.read_gbs_all
+        );
+
+        let back: Limits = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        assert_eq!(back.sgemm[1].name, "many");
+        assert_eq!(back.read_gbs_all, l.read_gbs_all);
+    }
+
+    #[test]
+    fn plans_cover_the_gpt2_shapes() {
+        for quick in [true, false] {
+            let plan = Plan::new(quick);
+            assert_eq!(plan.shapes.len(), 6);
+            assert!(plan.shapes.contains(&("mlp_down".to_string(), 8, 3072, 768)));
+            assert!(
+                plan.buf_bytes >= 256 << 20,
+                "the buffer must dwarf the last-level cache"
+            );
+        }
+    }
+
+    /// The full measurement, printed:
+    /// `cargo test --release --lib probe -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "takes seconds and 1 GiB of RAM; run by hand"]
+    fn print_full_measurement() {
+        let l = measure(false);
+        println!("{}", l.table());
+        println!("{}", serde_json::to_string_pretty(&l).unwrap());
+        assert!(l.read_gbs_all > 0.0 && l.fma_gflops_all > 0.0);
+    }
+}
