@@ -1,0 +1,301 @@
+//! `soak`: sustained mixed load in threads and batched modes. Checks that no
+//! request fails, every request gets exactly its token count, and resident
+//! memory, threads and open files stay flat after warm-up.
+//!
+//! `cargo run --release --bin soak` runs the issue's size (500 requests at
+//! concurrency 16, prompts of 1 to 900 tokens); CI runs a small one on the
+//! tiny synthetic model. Exit status 1 if any check fails.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+use gpt2::hub::{self, WeightsArgs};
+use gpt2::{GenerateOptions, Gpt2Model, Scheduler, SchedulerConfig, Session};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    Threads,
+    Batched,
+    Both,
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "soak", version, about = "Sustained mixed load: failures, exact token counts, RSS/threads/fds")]
+struct Args {
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// Requests per mode.
+    #[arg(long, default_value_t = 500)]
+    requests: usize,
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Prompt lengths are drawn from 1..=this (capped by the context window).
+    #[arg(long, default_value_t = 900)]
+    max_prompt: usize,
+    /// max_new_tokens is drawn from 1..=this (capped so the request fits the window).
+    #[arg(long, default_value_t = 32)]
+    max_new: usize,
+    #[arg(long, value_enum, default_value = "both")]
+    mode: ModeArg,
+    /// Seed of the request mix.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Allowed RSS growth from the middle to the end of a mode, in MiB.
+    #[arg(long, default_value_t = 64.0)]
+    rss_slack_mib: f64,
+    /// Also write the summary as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// One request of the mix: prompt tokens and how many to generate.
+struct Job {
+    prompt: Vec<u32>,
+    max_new: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+struct Sample {
+    rss_mib: f64,
+    threads: usize,
+    fds: usize,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct ModeSummary {
+    mode: &'static str,
+    requests: usize,
+    failed: usize,
+    wrong_count: usize,
+    generated_tokens: usize,
+    seconds: f64,
+    start: Sample,
+    middle: Sample,
+    end: Sample,
+    checks_passed: bool,
+    problems: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
+    if args.requests == 0 || args.concurrency == 0 || args.max_prompt == 0 || args.max_new == 0 {
+        return Err("--requests, --concurrency, --max-prompt and --max-new must be at least 1".into());
+    }
+    let resolved = hub::resolve(&args.weights)?;
+    eprintln!("weights: {}", resolved.source);
+    let model = Arc::new(Gpt2Model::load(&resolved.dir)?);
+    let jobs = mix(args, &model);
+    let modes: &[&'static str] = match args.mode {
+        ModeArg::Threads => &["threads"],
+        ModeArg::Batched => &["batched"],
+        ModeArg::Both => &["threads", "batched"],
+    };
+    let mut summaries = Vec::new();
+    for &mode in modes {
+        summaries.push(soak(mode, args, &model, &jobs)?);
+    }
+    let ok = summaries.iter().all(|s| s.checks_passed);
+    let json = serde_json::json!({
+        "weights_source": resolved.source.to_string(),
+        "requests_per_mode": args.requests,
+        "concurrency": args.concurrency,
+        "max_prompt": args.max_prompt,
+        "max_new": args.max_new,
+        "seed": args.seed,
+        "modes": summaries,
+        "passed": ok,
+    });
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    eprintln!("{}", if ok { "soak: PASS" } else { "soak: FAIL" });
+    Ok(ok)
+}
+
+/// A seeded mix: prompt lengths uniform in 1..=max_prompt, max_new_tokens
+/// uniform in 1..=max_new, each capped so prompt + new tokens fit the window.
+fn mix(args: &Args, model: &Gpt2Model) -> Vec<Job> {
+    let cfg = &model.config;
+    let mut state = args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let max_prompt = args.max_prompt.min(cfg.n_positions - 1);
+    (0..args.requests)
+        .map(|_| {
+            let len = 1 + next(max_prompt);
+            let prompt = (0..len).map(|_| next(cfg.vocab_size) as u32).collect();
+            let max_new = (1 + next(args.max_new)).min(cfg.n_positions - len + 1);
+            Job { prompt, max_new }
+        })
+        .collect()
+}
+
+fn soak(
+    mode: &'static str,
+    args: &Args,
+    model: &Arc<Gpt2Model>,
+    jobs: &[Job],
+) -> Result<ModeSummary, Box<dyn std::error::Error>> {
+    let scheduler = (mode == "batched")
+        .then(|| {
+            Scheduler::new(
+                Arc::clone(model),
+                SchedulerConfig {
+                    max_batch: args.concurrency,
+                    ..SchedulerConfig::default()
+                },
+            )
+        })
+        .transpose()?;
+    let next = AtomicUsize::new(0);
+    let (failed, wrong, tokens) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    let samples = std::sync::Mutex::new(Vec::new());
+    // Warm-up: the first `concurrency` requests (sessions, caches, pools
+    // come to size); `start` is sampled after them, `middle` at half way.
+    let warm = args.concurrency.min(jobs.len());
+    let half = warm + (jobs.len() - warm) / 2;
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..args.concurrency {
+            s.spawn(|| {
+                let mut session: Option<Session> = None;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= jobs.len() {
+                        break;
+                    }
+                    if i == warm || i == half {
+                        samples.lock().unwrap_or_else(|e| e.into_inner()).push((i, sample()));
+                    }
+                    let job = &jobs[i];
+                    let opts = GenerateOptions::greedy(job.max_new);
+                    let result = match &scheduler {
+                        Some(sched) => sched.generate(job.prompt.clone(), opts),
+                        None => session
+                            .get_or_insert_with(|| Session::new(model, 128))
+                            .generate(model, &job.prompt, &opts, |_| {}),
+                    };
+                    match result {
+                        Ok(g) if g.tokens.len() == job.max_new => {
+                            tokens.fetch_add(g.tokens.len(), Ordering::Relaxed);
+                        }
+                        Ok(g) => {
+                            wrong.fetch_add(1, Ordering::Relaxed);
+                            eprintln!(
+                                "[{mode}] request {i}: {} tokens, expected {} ({:?})",
+                                g.tokens.len(),
+                                job.max_new,
+                                g.stop
+                            );
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("[{mode}] request {i} FAILED: {e}");
+                        }
+                    }
+                    if (i + 1) % 50 == 0 {
+                        eprintln!("[{mode}] {} / {} requests", i + 1, jobs.len());
+                    }
+                }
+            });
+        }
+    });
+    let seconds = t0.elapsed().as_secs_f64();
+    drop(scheduler);
+    let end = sample();
+    let mut taken = samples.into_inner().unwrap_or_else(|e| e.into_inner());
+    taken.sort_by_key(|(i, _)| *i);
+    let at = |n: usize| taken.iter().find(|(i, _)| *i == n).map_or(end, |(_, s)| *s);
+    let (start, middle) = (at(warm), at(half));
+    let (failed, wrong) = (failed.into_inner(), wrong.into_inner());
+    let mut problems = Vec::new();
+    if failed > 0 {
+        problems.push(format!("{failed} requests failed"));
+    }
+    if wrong > 0 {
+        problems.push(format!("{wrong} requests got the wrong token count"));
+    }
+    if end.rss_mib - middle.rss_mib > args.rss_slack_mib {
+        problems.push(format!(
+            "RSS grew from {:.0} MiB (middle) to {:.0} MiB (end), more than {} MiB",
+            middle.rss_mib, end.rss_mib, args.rss_slack_mib
+        ));
+    }
+    // Client threads and the engine are gone at the end; only growth counts.
+    if end.threads > start.threads {
+        problems.push(format!("threads grew from {} to {}", start.threads, end.threads));
+    }
+    if end.fds > start.fds {
+        problems.push(format!("open files grew from {} to {}", start.fds, end.fds));
+    }
+    let summary = ModeSummary {
+        mode,
+        requests: jobs.len(),
+        failed,
+        wrong_count: wrong,
+        generated_tokens: tokens.into_inner(),
+        seconds,
+        start,
+        middle,
+        end,
+        checks_passed: problems.is_empty(),
+        problems,
+    };
+    eprintln!(
+        "[{mode}] {} requests in {:.1} s: {} failed, {} wrong counts; RSS {:.0} / {:.0} / {:.0} MiB; \
+         threads {} / {} / {}; fds {} / {} / {}",
+        summary.requests,
+        seconds,
+        summary.failed,
+        summary.wrong_count,
+        start.rss_mib,
+        middle.rss_mib,
+        end.rss_mib,
+        start.threads,
+        middle.threads,
+        end.threads,
+        start.fds,
+        middle.fds,
+        end.fds
+    );
+    Ok(summary)
+}
+
+/// Resident memory, threads and open files of this process (Linux /proc;
+/// zeros elsewhere).
+fn sample() -> Sample {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    Sample {
+        rss_mib: field("VmRSS:") / 1024.0,
+        threads: field("Threads:") as usize,
+        fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()),
+    }
+}
