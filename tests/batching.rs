@@ -23,13 +23,17 @@ fn prompts(n: usize) -> Vec<Vec<u32>> {
     (0..n)
         .map(|i| {
             let len = [1, 5, 17, 40, 100, 3, 64, 9][i % 8];
-            (0..len).map(|j| ((i * 7919 + j * 104_729) % 50_000) as u32).collect()
+            (0..len)
+                .map(|j| ((i * 7919 + j * 104_729) % 50_000) as u32)
+                .collect()
         })
         .collect()
 }
 
 fn alone(model: &Gpt2Model, prompt: &[u32], opts: &GenerateOptions) -> Generation {
-    Session::new(model, 16).generate(model, prompt, opts, |_| {}).unwrap()
+    Session::new(model, 16)
+        .generate(model, prompt, opts, |_| {})
+        .unwrap()
 }
 
 fn sampled(seed: u64, n: usize) -> GenerateOptions {
@@ -71,7 +75,12 @@ fn batched_greedy_equals_each_request_run_alone() {
         let mut streamed = Vec::new();
         let got = h.stream(|t| streamed.push(t)).unwrap();
         let want = alone(&model, &prompts[i], &opts);
-        assert_eq!(got.tokens, want.tokens, "request {i} (prompt of {} tokens)", prompts[i].len());
+        assert_eq!(
+            got.tokens,
+            want.tokens,
+            "request {i} (prompt of {} tokens)",
+            prompts[i].len()
+        );
         assert_eq!(streamed, got.tokens, "request {i}: the stream is the result");
         assert_eq!(got.stop, want.stop);
         assert_eq!(got.timings.token_times.len(), opts.max_new_tokens);
@@ -89,7 +98,10 @@ fn same_seed_same_text_in_every_mode_and_at_any_concurrency() {
         .collect();
     // Threads mode: one session per client thread, on pools of 1 and 2 threads.
     for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         let got: Vec<Vec<u32>> = std::thread::scope(|s| {
             let hs: Vec<_> = prompts
                 .iter()
@@ -128,18 +140,29 @@ fn a_bad_request_fails_alone() {
     let good = sched.submit(vec![1, 2, 3], GenerateOptions::greedy(8)).unwrap();
     // Rejected at submission, naming the problem; nothing is queued.
     let too_long = sched.submit(vec![1; n_positions + 1], GenerateOptions::greedy(4));
-    assert!(matches!(too_long, Err(Error::PromptTooLong { .. })), "{too_long:?}");
+    assert!(
+        matches!(too_long, Err(Error::PromptTooLong { .. })),
+        "{too_long:?}"
+    );
     let bad_id = sched.submit(vec![1, 60_000], GenerateOptions::greedy(4));
-    assert!(matches!(bad_id, Err(Error::TokenId { id: 60_000, .. })), "{bad_id:?}");
+    assert!(
+        matches!(bad_id, Err(Error::TokenId { id: 60_000, .. })),
+        "{bad_id:?}"
+    );
     let mut bad_sampling = sampled(0, 4);
     bad_sampling.sampling.top_p = Some(1.5);
     assert!(sched.submit(vec![1], bad_sampling).is_err());
     assert!(sched.submit(vec![], GenerateOptions::greedy(4)).is_err());
     // A prompt that fills the window stops normally at the context limit.
-    let full = sched.submit(vec![7; n_positions], GenerateOptions::greedy(4)).unwrap();
+    let full = sched
+        .submit(vec![7; n_positions], GenerateOptions::greedy(4))
+        .unwrap();
     let g = full.wait().unwrap();
     assert_eq!((g.tokens.len(), g.stop), (1, gpt2::StopReason::ContextFull));
-    assert_eq!(good.wait().unwrap().tokens, alone(&model, &[1, 2, 3], &GenerateOptions::greedy(8)).tokens);
+    assert_eq!(
+        good.wait().unwrap().tokens,
+        alone(&model, &[1, 2, 3], &GenerateOptions::greedy(8)).tokens
+    );
 }
 
 #[test]
@@ -156,14 +179,26 @@ fn a_panic_in_a_batched_step_fails_only_its_request() {
         .iter()
         .map(|p| sched.submit(p.clone(), GenerateOptions::greedy(10)).unwrap())
         .collect();
-    let bad = sched.submit(vec![5, FAULT, 6], GenerateOptions::greedy(10)).unwrap();
+    let bad = sched
+        .submit(vec![5, FAULT, 6], GenerateOptions::greedy(10))
+        .unwrap();
     let err = bad.wait().unwrap_err();
     assert!(err.to_string().contains("injected fault"), "{err}");
     for (p, h) in prompts.iter().zip(good) {
-        assert_eq!(h.wait().unwrap().tokens, alone(&model, p, &GenerateOptions::greedy(10)).tokens);
+        assert_eq!(
+            h.wait().unwrap().tokens,
+            alone(&model, p, &GenerateOptions::greedy(10)).tokens
+        );
     }
     // The engine is still serving.
-    assert_eq!(sched.generate(vec![1, 2], GenerateOptions::greedy(3)).unwrap().tokens.len(), 3);
+    assert_eq!(
+        sched
+            .generate(vec![1, 2], GenerateOptions::greedy(3))
+            .unwrap()
+            .tokens
+            .len(),
+        3
+    );
 }
 
 #[test]
@@ -186,12 +221,25 @@ fn cancelling_frees_the_sequence_and_others_finish() {
     // The cancelled stream ends early, without a result.
     let mut more = 0;
     while let Some(event) = long.recv() {
-        assert!(matches!(event, Event::Token(_)), "a cancelled request sent {event:?}");
+        assert!(
+            matches!(event, Event::Token(_)),
+            "a cancelled request sent {event:?}"
+        );
         more += 1;
     }
     assert!(more < 99, "the cancelled request ran to the end");
-    assert_eq!(g.tokens, alone(&model, &[4, 5], &GenerateOptions::greedy(5)).tokens);
+    assert_eq!(
+        g.tokens,
+        alone(&model, &[4, 5], &GenerateOptions::greedy(5)).tokens
+    );
     // A dropped handle is a cancellation too.
     drop(sched.submit(vec![9], GenerateOptions::greedy(100)).unwrap());
-    assert_eq!(sched.generate(vec![8], GenerateOptions::greedy(2)).unwrap().tokens.len(), 2);
+    assert_eq!(
+        sched
+            .generate(vec![8], GenerateOptions::greedy(2))
+            .unwrap()
+            .tokens
+            .len(),
+        2
+    );
 }

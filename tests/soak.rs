@@ -11,7 +11,16 @@ fn soak_at_ci_size_passes_in_both_modes() {
     let dir = synth_dir(Preset::Tiny, 0);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_soak"))
         .args(["--weights", dir.to_str().unwrap()])
-        .args(["--requests", "80", "--concurrency", "8", "--max-prompt", "120", "--max-new", "12"])
+        .args([
+            "--requests",
+            "80",
+            "--concurrency",
+            "8",
+            "--max-prompt",
+            "120",
+            "--max-new",
+            "12",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

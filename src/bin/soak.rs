@@ -23,7 +23,11 @@ enum ModeArg {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "soak", version, about = "Sustained mixed load: failures, exact token counts, RSS/threads/fds")]
+#[command(
+    name = "soak",
+    version,
+    about = "Sustained mixed load: failures, exact token counts, RSS/threads/fds"
+)]
 struct Args {
     #[command(flatten)]
     weights: WeightsArgs,
@@ -185,15 +189,21 @@ fn soak(
                         break;
                     }
                     if i == warm || i == half {
-                        samples.lock().unwrap_or_else(|e| e.into_inner()).push((i, sample()));
+                        samples
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((i, sample()));
                     }
                     let job = &jobs[i];
                     let opts = GenerateOptions::greedy(job.max_new);
                     let result = match &scheduler {
                         Some(sched) => sched.generate(job.prompt.clone(), opts),
-                        None => session
-                            .get_or_insert_with(|| Session::new(model, 128))
-                            .generate(model, &job.prompt, &opts, |_| {}),
+                        None => session.get_or_insert_with(|| Session::new(model, 128)).generate(
+                            model,
+                            &job.prompt,
+                            &opts,
+                            |_| {},
+                        ),
                     };
                     match result {
                         Ok(g) if g.tokens.len() == job.max_new => {
