@@ -75,11 +75,12 @@ impl OutPtr {
     }
 }
 
-/// Splits `n` columns into `parts` contiguous chunks, each a multiple of
-/// `align` wide (the last one may be narrower).
-fn column_chunks(n: usize, align: usize, parts: usize) -> impl Iterator<Item = (usize, usize)> {
+/// Splits `n` columns into at most `parts` contiguous chunks, each a multiple
+/// of `align` wide (the last may be narrower): `(count, width)`; chunk `i`
+/// is `i * width .. min((i + 1) * width, n)`. No allocation.
+fn column_chunks(n: usize, align: usize, parts: usize) -> (usize, usize) {
     let width = n.div_ceil(parts.max(1)).div_ceil(align).max(1) * align;
-    (0..n).step_by(width).map(move |j0| (j0, (j0 + width).min(n)))
+    (n.div_ceil(width), width)
 }
 
 /// The K dimension is cut in this many fixed parts (when K >= 128), each
@@ -122,10 +123,9 @@ pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: 
     partials.clear();
     partials.resize((parts - 1) * m * n, 0.0);
     let (out_ptr, part_ptr) = (OutPtr(out.as_mut_ptr()), OutPtr(partials.as_mut_ptr()));
-    let tasks: Vec<_> = (0..parts)
-        .flat_map(|p| column_chunks(n, 48, chunks).map(move |cols| (p, cols)))
-        .collect();
-    tasks.into_par_iter().for_each(|(p, (j0, j1))| {
+    let (count, width) = column_chunks(n, 48, chunks);
+    (0..parts * count).into_par_iter().for_each(|t| {
+        let (p, j0) = (t / count, t % count * width);
         // SAFETY: part 0 writes `out`, part p > 0 the (p-1)th [M, N] block of
         // `partials`; within a part, tasks own disjoint column ranges.
         unsafe {
@@ -134,7 +134,7 @@ pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: 
             } else {
                 OutPtr(part_ptr.get().add((p - 1) * m * n))
             };
-            linear_block(dst, x, w, m, k, n, ks(p), j0..j1);
+            linear_block(dst, x, w, m, k, n, ks(p), j0..(j0 + width).min(n));
         }
     });
     for part in partials.chunks_exact(m * n) {
@@ -231,8 +231,9 @@ pub fn matmul_bt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: u
     }
     let out_ptr = OutPtr(out.as_mut_ptr());
     // Several chunks per thread: rayon balances them if a core is busy.
-    let chunks: Vec<_> = column_chunks(n, 4, rayon::current_num_threads() * 4).collect();
-    chunks.into_par_iter().for_each(|(j0, j1)| {
+    let (count, width) = column_chunks(n, 4, rayon::current_num_threads() * 4);
+    (0..count).into_par_iter().for_each(|c| {
+        let (j0, j1) = (c * width, ((c + 1) * width).min(n));
         let mut j = j0;
         while j < j1 {
             let cols = (j1 - j).min(4);
@@ -322,8 +323,9 @@ pub fn linear_sgemm(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usiz
     }
     let out_ptr = OutPtr(out.as_mut_ptr());
     // Chunks a multiple of 16 wide, so that the SGEMM micro-kernel tiles fit.
-    let chunks: Vec<_> = column_chunks(n, 16, rayon::current_num_threads()).collect();
-    chunks.into_par_iter().for_each(|(j0, j1)| {
+    let (count, width) = column_chunks(n, 16, rayon::current_num_threads());
+    (0..count).into_par_iter().for_each(|c| {
+        let (j0, j1) = (c * width, ((c + 1) * width).min(n));
         // SAFETY: x is [M,K] and w is [K,N] (asserted above); the task writes
         // only columns j0..j1 of out, which no other task touches.
         unsafe {
