@@ -77,7 +77,7 @@ impl Gpt2Config {
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self, String> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| name_the_field(text, e))?;
         if let Some(t) = raw.model_type.as_deref() {
             if t != "gpt2" {
                 return Err(format!("model_type is \"{t}\", only \"gpt2\" is supported"));
@@ -102,6 +102,7 @@ impl Gpt2Config {
             ("n_embd", raw.n_embd),
             ("n_positions", raw.n_positions),
             ("vocab_size", raw.vocab_size),
+            ("n_inner", raw.n_inner.unwrap_or(1)),
         ] {
             if v == 0 {
                 return Err(format!("{name} is 0"));
@@ -124,9 +125,31 @@ impl Gpt2Config {
         if raw.vocab_size > u32::MAX as usize {
             return Err(format!("vocab_size = {} does not fit token ids", raw.vocab_size));
         }
-        let eps = raw.layer_norm_epsilon;
+        let n_inner = match raw.n_inner {
+            Some(f) => f,
+            None => raw
+                .n_embd
+                .checked_mul(4)
+                .ok_or_else(|| format!("n_embd = {} is too large", raw.n_embd))?,
+        };
+        // Every size derived from the config (3C, C * F, V * C, the total)
+        // must be computable; the weights file then bounds them for real.
+        let weight_bytes = param_count(raw.n_layer, raw.n_embd, n_inner, raw.vocab_size, raw.n_positions)
+            .and_then(|n| n.checked_mul(4));
+        if weight_bytes.is_none() {
+            return Err(format!(
+                "n_layer = {}, n_embd = {}, n_inner = {n_inner}, vocab_size = {}, n_positions = {} \
+                 describe more weights than memory can address",
+                raw.n_layer, raw.n_embd, raw.vocab_size, raw.n_positions
+            ));
+        }
+        // Checked as f32, the type it is used in: 1e-50 would become 0, 1e300 infinity.
+        let eps = raw.layer_norm_epsilon as f32;
         if !(eps.is_finite() && eps > 0.0) {
-            return Err(format!("layer_norm_epsilon = {eps} must be positive"));
+            return Err(format!(
+                "layer_norm_epsilon = {} must be a positive, finite f32",
+                raw.layer_norm_epsilon
+            ));
         }
         Ok(Gpt2Config {
             n_layer: raw.n_layer,
@@ -134,8 +157,8 @@ impl Gpt2Config {
             n_embd: raw.n_embd,
             n_positions: raw.n_positions,
             vocab_size: raw.vocab_size,
-            n_inner: raw.n_inner.unwrap_or(4 * raw.n_embd),
-            layer_norm_epsilon: eps as f32,
+            n_inner,
+            layer_norm_epsilon: eps,
             eos_token_id: raw.eos_token_id,
             synthetic: raw.gpt2_rs_synthetic,
         })
@@ -148,10 +171,74 @@ impl Gpt2Config {
 
     /// Number of parameters (counting the tied LM head once).
     pub fn n_params(&self) -> usize {
-        let (c, f) = (self.n_embd, self.n_inner);
-        let per_layer = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c);
-        self.vocab_size * c + self.n_positions * c + self.n_layer * per_layer + 2 * c
+        param_count(
+            self.n_layer,
+            self.n_embd,
+            self.n_inner,
+            self.vocab_size,
+            self.n_positions,
+        )
+        .expect("validated configs have a countable size")
     }
+}
+
+/// `n_params` in checked arithmetic: `None` if any step overflows.
+fn param_count(n_layer: usize, c: usize, f: usize, v: usize, p: usize) -> Option<usize> {
+    let c3 = c.checked_mul(3)?;
+    let cf = c.checked_mul(f)?;
+    // ln_1, ln_2 (4C); c_attn (C * 3C + 3C); attn c_proj (C * C + C); c_fc (C * F + F); mlp c_proj (F * C + C).
+    let per_layer = [
+        c.checked_mul(4)?,
+        c.checked_mul(c3)?,
+        c3,
+        c.checked_mul(c)?,
+        c,
+        cf,
+        f,
+        cf,
+        c,
+    ]
+    .into_iter()
+    .try_fold(0usize, usize::checked_add)?;
+    [
+        v.checked_mul(c)?,
+        p.checked_mul(c)?,
+        n_layer.checked_mul(per_layer)?,
+        c.checked_mul(2)?,
+    ]
+    .into_iter()
+    .try_fold(0usize, usize::checked_add)
+}
+
+/// serde reports a value of the wrong type by its position only ("invalid
+/// value: integer `-1`, expected usize at line 1 column 14"); this finds the
+/// field by reading each known one alone, and otherwise keeps serde's words.
+fn name_the_field(text: &str, err: serde_json::Error) -> String {
+    use serde::de::DeserializeOwned;
+    use serde_json::Value;
+    fn check<T: DeserializeOwned>(v: &Value) -> Result<(), serde_json::Error> {
+        serde_json::from_value::<T>(v.clone()).map(drop)
+    }
+    let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text) else {
+        return err.to_string();
+    };
+    for (field, v) in &map {
+        let checked = match field.as_str() {
+            "n_layer" | "n_head" | "n_embd" | "n_positions" | "vocab_size" => check::<usize>(v),
+            "n_ctx" | "n_inner" => check::<Option<usize>>(v),
+            "eos_token_id" => check::<Option<u32>>(v),
+            "model_type" => check::<Option<String>>(v),
+            "activation_function" => check::<String>(v),
+            "layer_norm_epsilon" => check::<f64>(v),
+            "scale_attn_by_inverse_layer_idx" | "reorder_and_upcast_attn" => check::<bool>(v),
+            "gpt2_rs_synthetic" => check::<Option<SyntheticInfo>>(v),
+            _ => Ok(()),
+        };
+        if let Err(e) = checked {
+            return format!("{field} = {v}: {e}");
+        }
+    }
+    err.to_string()
 }
 
 #[cfg(test)]

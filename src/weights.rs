@@ -125,68 +125,94 @@ impl Weights {
 }
 
 fn layer_fields(l: &LayerWeights) -> [(&'static str, &Tensor); 12] {
-    [
-        ("ln_1.weight", &l.ln_1_g),
-        ("ln_1.bias", &l.ln_1_b),
-        ("attn.c_attn.weight", &l.attn_qkv_w),
-        ("attn.c_attn.bias", &l.attn_qkv_b),
-        ("attn.c_proj.weight", &l.attn_proj_w),
-        ("attn.c_proj.bias", &l.attn_proj_b),
-        ("ln_2.weight", &l.ln_2_g),
-        ("ln_2.bias", &l.ln_2_b),
-        ("mlp.c_fc.weight", &l.mlp_fc_w),
-        ("mlp.c_fc.bias", &l.mlp_fc_b),
-        ("mlp.c_proj.weight", &l.mlp_proj_w),
-        ("mlp.c_proj.bias", &l.mlp_proj_b),
-    ]
+    let tensors = [
+        &l.ln_1_g,
+        &l.ln_1_b,
+        &l.attn_qkv_w,
+        &l.attn_qkv_b,
+        &l.attn_proj_w,
+        &l.attn_proj_b,
+        &l.ln_2_g,
+        &l.ln_2_b,
+        &l.mlp_fc_w,
+        &l.mlp_fc_b,
+        &l.mlp_proj_w,
+        &l.mlp_proj_b,
+    ];
+    std::array::from_fn(|i| (LAYER_SUFFIXES[i], tensors[i]))
 }
+
+/// The twelve tensors of every block, by suffix after `h.{i}.`.
+const LAYER_SUFFIXES: [&str; 12] = [
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.c_attn.weight",
+    "attn.c_attn.bias",
+    "attn.c_proj.weight",
+    "attn.c_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+];
 
 /// The shape of every tensor a checkpoint of this config must hold, by
 /// canonical name (without the `transformer.` prefix). Public so that the
 /// synthetic generator writes exactly what the loader expects.
 pub fn expected_shapes(config: &Gpt2Config) -> BTreeMap<String, Vec<usize>> {
+    let layers = (0..config.n_layer).flat_map(|i| LAYER_SUFFIXES.map(|s| format!("h.{i}.{s}")));
+    ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]
+        .map(String::from)
+        .into_iter()
+        .chain(layers)
+        .filter_map(|name| expected_shape(&name, config).map(|shape| (name, shape)))
+        .collect()
+}
+
+/// The shape the tensor `canonical` must have under `config` (`lm_head.weight`
+/// included), or `None` if such a checkpoint has no tensor of that name.
+/// Computed per name rather than from `expected_shapes`, so that a config.json
+/// claiming billions of layers costs nothing before the file disagrees.
+/// Validated configs keep these products far from overflow.
+fn expected_shape(canonical: &str, config: &Gpt2Config) -> Option<Vec<usize>> {
     let (c, f, v, p) = (
         config.n_embd,
         config.n_inner,
         config.vocab_size,
         config.n_positions,
     );
-    let mut m = BTreeMap::new();
-    m.insert("wte.weight".to_string(), vec![v, c]);
-    m.insert("wpe.weight".to_string(), vec![p, c]);
-    for i in 0..config.n_layer {
-        for (suffix, shape) in [
-            ("ln_1.weight", vec![c]),
-            ("ln_1.bias", vec![c]),
-            ("attn.c_attn.weight", vec![c, 3 * c]),
-            ("attn.c_attn.bias", vec![3 * c]),
-            ("attn.c_proj.weight", vec![c, c]),
-            ("attn.c_proj.bias", vec![c]),
-            ("ln_2.weight", vec![c]),
-            ("ln_2.bias", vec![c]),
-            ("mlp.c_fc.weight", vec![c, f]),
-            ("mlp.c_fc.bias", vec![f]),
-            ("mlp.c_proj.weight", vec![f, c]),
-            ("mlp.c_proj.bias", vec![c]),
-        ] {
-            m.insert(format!("h.{i}.{suffix}"), shape);
-        }
-    }
-    m.insert("ln_f.weight".to_string(), vec![c]);
-    m.insert("ln_f.bias".to_string(), vec![c]);
-    m
+    Some(match canonical {
+        "wte.weight" | "lm_head.weight" => vec![v, c],
+        "wpe.weight" => vec![p, c],
+        "ln_f.weight" | "ln_f.bias" => vec![c],
+        _ => match layer_field(canonical, config.n_layer)? {
+            "ln_1.weight" | "ln_1.bias" | "ln_2.weight" | "ln_2.bias" => vec![c],
+            "attn.c_attn.weight" => vec![c, 3 * c],
+            "attn.c_attn.bias" => vec![3 * c],
+            "attn.c_proj.weight" => vec![c, c],
+            "attn.c_proj.bias" | "mlp.c_proj.bias" => vec![c],
+            "mlp.c_fc.weight" => vec![c, f],
+            "mlp.c_fc.bias" => vec![f],
+            "mlp.c_proj.weight" => vec![f, c],
+            _ => return None,
+        },
+    })
+}
+
+/// For `h.{i}.{field}` with a canonically written `i < n_layer` (not `h.01`
+/// or `h.+1`, which `parse` would accept), the `field`.
+fn layer_field(canonical: &str, n_layer: usize) -> Option<&str> {
+    let (index, field) = canonical.strip_prefix("h.")?.split_once('.')?;
+    let i: usize = index.parse().ok()?;
+    (i < n_layer && i.to_string() == index).then_some(field)
 }
 
 /// The hub's original `gpt2` file carries causal-mask buffers `h.N.attn.bias`
 /// and `h.N.attn.masked_bias`; they are not weights, and exactly those are skipped.
 fn is_mask_buffer(canonical: &str, n_layer: usize) -> bool {
-    let Some(rest) = canonical.strip_prefix("h.") else {
-        return false;
-    };
-    let Some((index, field)) = rest.split_once('.') else {
-        return false;
-    };
-    matches!(field, "attn.bias" | "attn.masked_bias") && index.parse::<usize>().is_ok_and(|i| i < n_layer)
+    layer_field(canonical, n_layer).is_some_and(|field| matches!(field, "attn.bias" | "attn.masked_bias"))
 }
 
 /// Memory-maps `path` and checks every tensor against `config`.
@@ -208,12 +234,14 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
     let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
     let st = SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
 
-    let mut expected = expected_shapes(config);
-    expected.insert("lm_head.weight".into(), vec![config.vocab_size, config.n_embd]);
+    // In file order, so that of several faults the first one is reported,
+    // the same one on every run (the header's map has no order).
+    let mut views: Vec<_> = st.iter().collect();
+    views.sort_by_key(|(name, view)| (view.data().as_ptr(), *name));
     let mut found: HashMap<String, (String, Tensor)> = HashMap::new();
     let mut prefixed = false;
     let (mut mapped_bytes, mut copied_bytes) = (0, 0);
-    for (name, view) in st.iter() {
+    for (name, view) in views {
         let canonical = match name.strip_prefix("transformer.") {
             Some(rest) => {
                 prefixed = true;
@@ -224,7 +252,7 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
         if is_mask_buffer(canonical, config.n_layer) {
             continue;
         }
-        let Some(shape) = expected.get(canonical) else {
+        let Some(shape) = expected_shape(canonical, config) else {
             return Err(Error::UnknownTensor {
                 path: path.to_owned(),
                 tensor: name.to_owned(),
@@ -241,7 +269,7 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
             return Err(Error::Shape {
                 path: path.to_owned(),
                 tensor: name.to_owned(),
-                expected: shape.clone(),
+                expected: shape,
                 got: view.shape().to_vec(),
             });
         }
@@ -270,13 +298,12 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
                     .collect(),
             )
         };
-        let tensor = Tensor {
-            storage,
-            shape: shape.clone(),
-        };
+        let tensor = Tensor { storage, shape };
         found.insert(canonical.to_owned(), (name.to_owned(), tensor));
     }
 
+    // n_layer is config.json's word: reserve no more than the file holds.
+    let mut layers = Vec::with_capacity(config.n_layer.min(found.len()));
     let mut take = |canonical: &str| -> Result<Tensor> {
         found
             .remove(canonical)
@@ -292,7 +319,6 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
     };
     let wte = take("wte.weight")?;
     let wpe = take("wpe.weight")?;
-    let mut layers = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
         let mut t = |suffix: &str| take(&format!("h.{i}.{suffix}"));
         layers.push(LayerWeights {
@@ -328,4 +354,23 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
 /// The two files of a Hugging Face checkpoint directory.
 pub fn checkpoint_files(dir: &Path) -> (PathBuf, PathBuf) {
     (dir.join("config.json"), dir.join("model.safetensors"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_canonical_layer_names_are_mask_buffers() {
+        assert!(is_mask_buffer("h.1.attn.bias", 2) && is_mask_buffer("h.0.attn.masked_bias", 2));
+        for name in [
+            "h.+1.attn.bias",
+            "h.01.attn.bias",
+            "h.2.attn.bias",
+            "h.1.attn.c_attn.bias",
+            "h..attn.bias",
+        ] {
+            assert!(!is_mask_buffer(name, 2), "{name}");
+        }
+    }
 }

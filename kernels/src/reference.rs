@@ -173,9 +173,17 @@ mod tests {
                     let xs = &x[r0 * k..(r0 + rows) * k];
                     let mut got = vec![0.0; rows * n];
                     pool.install(|| crate::linear(&mut got, xs, &w, &b, rows, k, n));
-                    assert_eq!(got, all[r0 * n..(r0 + rows) * n], "linear k={k} n={n} rows {r0}+{rows}");
+                    assert_eq!(
+                        got,
+                        all[r0 * n..(r0 + rows) * n],
+                        "linear k={k} n={n} rows {r0}+{rows}"
+                    );
                     pool.install(|| crate::matmul_bt(&mut got, xs, &wt, rows, k, n));
-                    assert_eq!(got, all_bt[r0 * n..(r0 + rows) * n], "matmul_bt k={k} n={n} rows {r0}+{rows}");
+                    assert_eq!(
+                        got,
+                        all_bt[r0 * n..(r0 + rows) * n],
+                        "matmul_bt k={k} n={n} rows {r0}+{rows}"
+                    );
                 }
             }
         }

@@ -1,0 +1,237 @@
+//! Loader fuzzing under proptest: a valid micro checkpoint, damaged by the
+//! mutators of `src/bin/fuzz_loader.rs` (compiled here as a module, so there
+//! is one copy of them), must load or fail with a `gpt2::Error` naming the
+//! file, never panic, and never allocate a size read from a header (the
+//! fuzzer's allocator refuses single allocations over 1 GiB). The long run is
+//! `cargo run --release --bin fuzz_loader -- --seconds 600`.
+
+#[allow(dead_code)]
+#[path = "../src/bin/fuzz_loader.rs"]
+mod fuzz_loader;
+
+mod common;
+
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use fuzz_loader::{apply, base, contract_violation, random_case, run_case, Base, Family, Mutation, Outcome};
+use gpt2::Error;
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::test_runner::{RngSeed, TestCaseError};
+use serde_json::json;
+
+static BASE: LazyLock<Base> = LazyLock::new(base);
+
+/// `cases` cases from a fixed seed, so that a run is repeatable; the
+/// `PROPTEST_CASES` and `PROPTEST_RNG_SEED` variables still override both.
+fn config(cases: u32) -> ProptestConfig {
+    let mut c = ProptestConfig::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        c.cases = cases;
+    }
+    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+        c.rng_seed = RngSeed::Fixed(0x6c6f_6164);
+    }
+    c.failure_persistence = None;
+    c
+}
+
+/// Up to three mutations of the given families, one seed each, so that
+/// shrinking drops whole mutations; the failure report lists them.
+fn mutations(families: &'static [Family]) -> impl Strategy<Value = Vec<Mutation>> {
+    vec(any::<u64>(), 1..4)
+        .prop_map(move |seeds| seeds.iter().flat_map(|&s| random_case(s, families, 1)).collect())
+}
+
+/// Runs one case in `dir` under `catch_unwind`; a panic, or an error that
+/// names no file, fails the case.
+fn run(dir: &Path, mutations: &[Mutation]) -> Result<Outcome, TestCaseError> {
+    let case = apply(&BASE, mutations);
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| run_case(dir, &case))).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        TestCaseError::fail(format!("panic: {msg}"))
+    })?;
+    if let Some(violation) = contract_violation(&outcome) {
+        return Err(TestCaseError::fail(violation));
+    }
+    prop_assert!(fuzz_loader::LARGEST_ALLOC.load(Ordering::Relaxed) < 64 << 20);
+    Ok(outcome)
+}
+
+fn dir(name: &str) -> PathBuf {
+    common::scratch_dir(&format!("loader-fuzz-{name}"))
+}
+
+proptest! {
+    #![proptest_config(config(1000))]
+
+    #[test]
+    fn damaged_bytes_give_named_errors(m in mutations(&[Family::Bytes])) {
+        run(&dir("bytes"), &m)?;
+    }
+
+    #[test]
+    fn damaged_headers_give_named_errors(m in mutations(&[Family::Header])) {
+        run(&dir("header"), &m)?;
+    }
+
+    #[test]
+    fn damaged_configs_give_named_errors(m in mutations(&[Family::Config])) {
+        run(&dir("config"), &m)?;
+    }
+
+    #[test]
+    fn mixed_damage_gives_named_errors(m in mutations(&fuzz_loader::FAMILIES)) {
+        run(&dir("mixed"), &m)?;
+    }
+
+    /// The checkpoint still loads (the loader does not scan values), and
+    /// `check_finite` names the poisoned tensor and element.
+    #[test]
+    fn check_finite_names_a_poisoned_tensor(
+        tensor in 0..BASE.entries.len(),
+        index in any::<usize>(),
+        value in prop::sample::select(vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY]),
+    ) {
+        let outcome = run(&dir("poison"), &[Mutation::Poison { tensor, index, value }])?;
+        let (name, entry) = &BASE.entries[tensor];
+        let len = entry["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).product::<usize>();
+        let Outcome::Rejected(Error::NonFinite { tensor: got, index: got_index, value: got_value, .. }) = &outcome else {
+            return Err(TestCaseError::fail("a poisoned checkpoint passed check_finite"));
+        };
+        prop_assert_eq!(got, name.strip_prefix("transformer.").unwrap());
+        prop_assert_eq!(*got_index, index % len);
+        prop_assert_eq!(got_value.to_bits(), value.to_bits());
+    }
+}
+
+#[test]
+fn the_undamaged_checkpoint_loads() {
+    let outcome = run(&dir("clean"), &[]).unwrap();
+    assert!(matches!(outcome, Outcome::Loaded));
+    // Out-of-order header entries and a misaligned data section are valid too.
+    let outcome = run(&dir("clean"), &[Mutation::Reverse, Mutation::Pad(1)]).unwrap();
+    assert!(matches!(outcome, Outcome::Loaded));
+}
+
+/// Runs one case and returns its error message, which must contain `needle`;
+/// the case must also be fast (no loop over a count taken from the input).
+#[track_caller]
+fn assert_rejected(dir: &Path, mutations: &[Mutation], needle: &str) {
+    let start = Instant::now();
+    let outcome = run(dir, mutations).unwrap_or_else(|e| panic!("{mutations:?}: {e}"));
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{mutations:?} took {:?}",
+        start.elapsed()
+    );
+    let Outcome::Rejected(e) = outcome else {
+        panic!("{mutations:?} was not rejected");
+    };
+    assert!(
+        e.to_string().contains(needle),
+        "{mutations:?}: `{e}` lacks `{needle}`"
+    );
+}
+
+/// Each file of `tests/fuzz_regressions/` is a `config.json` for the micro
+/// weights that once hung, panicked or was wrongly accepted.
+#[test]
+fn regression_configs_are_named_errors() {
+    let expected = [
+        // Hung (then ran out of memory) listing 2^31 * 12 expected tensor names.
+        ("n_layer_2pow31", "missing tensor `transformer.h.2.ln_1.weight`"),
+        ("n_layer_u64_max", "more weights than memory can address"),
+        ("n_layer_negative", "n_layer = -1"),
+        // Panicked in debug builds ("attempt to multiply with overflow"), wrapped in release.
+        ("n_embd_2pow62", "n_embd = 4611686018427387904 is too large"),
+        (
+            "n_embd_2pow62_with_n_inner",
+            "more weights than memory can address",
+        ),
+        // Accepted before: a zero-width MLP.
+        ("n_inner_zero", "n_inner is 0"),
+        // Must be a shape error found without allocating V * C floats.
+        (
+            "vocab_size_u32_max",
+            "`transformer.wte.weight` has shape [16, 8], expected [4294967295, 8]",
+        ),
+        // Accepted before: valid as f64, infinity or zero as the f32 in use.
+        ("layer_norm_epsilon_1e300", "layer_norm_epsilon"),
+        ("layer_norm_epsilon_1e-50", "layer_norm_epsilon"),
+    ];
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
+    let mut files: Vec<String> = std::fs::read_dir(&seeds)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut listed: Vec<String> = expected
+        .iter()
+        .map(|(stem, _)| format!("{stem}.config.json"))
+        .collect();
+    listed.sort();
+    assert_eq!(files, listed, "every seed file needs an expected error here");
+    for (stem, needle) in expected {
+        let text = std::fs::read(seeds.join(format!("{stem}.config.json"))).unwrap();
+        assert_rejected(&dir("seeds"), &[Mutation::ConfigBytes(text)], needle);
+    }
+}
+
+/// The header attacks of the issue, one each, with the error they must give.
+#[test]
+fn header_attacks_are_named_errors() {
+    let shape = |tensor, dims: serde_json::Value| Mutation::HeaderField {
+        tensor,
+        key: "shape".into(),
+        value: dims,
+    };
+    let d = dir("attacks");
+    let petabytes = Mutation::HeaderLen {
+        value: 1 << 50,
+        relative: false,
+    };
+    assert_rejected(&d, &[petabytes], "header too large");
+    let past_end = Mutation::ShiftOffsets {
+        tensor: 3,
+        delta: 1 << 40,
+        end_only: false,
+    };
+    assert_rejected(&d, &[past_end], "invalid offset");
+    let overlap = Mutation::CopyOffsets {
+        from: 0,
+        to: 1,
+        swap: false,
+    };
+    // Which of the two overlapping entries safetensors checks first varies.
+    assert_rejected(&d, &[overlap], "model.safetensors: not a valid safetensors file");
+    assert_rejected(&d, &[shape(0, json!([1u64 << 62, 1u64 << 62]))], "overflow");
+    assert_rejected(&d, &[shape(0, json!([u64::MAX, 2]))], "overflow");
+    let f16 = Mutation::HeaderField {
+        tensor: 5,
+        key: "dtype".into(),
+        value: json!("F16"),
+    };
+    assert_rejected(&d, &[f16], "invalid shape, data type, or offset");
+    assert_rejected(&d, &[Mutation::Truncate(1000)], "model.safetensors");
+    // Two names for one tensor's bytes: the copy overlaps the original.
+    let twice = Mutation::Duplicate {
+        tensor: 0,
+        name: Some("wte.weight".into()),
+    };
+    assert_rejected(&d, &[twice], "invalid offset");
+    // `h.+0` parses as layer 0 but is not a name the loader knows.
+    let plus = Mutation::Rename {
+        tensor: 0,
+        name: "transformer.h.+0.ln_1.weight".into(),
+    };
+    assert_rejected(&d, &[plus], "unknown tensor `transformer.h.+0.ln_1.weight`");
+}
