@@ -243,3 +243,33 @@ fn cancelling_frees_the_sequence_and_others_finish() {
         2
     );
 }
+
+/// Finite weights whose logits overflow: the request ends with a clear error
+/// in both modes instead of sampling garbage.
+#[test]
+fn non_finite_logits_end_the_request_with_an_error() {
+    let src = synth_dir(Preset::Tiny, 0);
+    let dir = common::scratch_dir("overflowing-logits");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    // Final layer norm gain and bias 3e38: its outputs overflow to infinity.
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    for name in ["transformer.ln_f.weight", "transformer.ln_f.bias"] {
+        let offsets = &header[name]["data_offsets"];
+        let (start, end) = (
+            offsets[0].as_u64().unwrap() as usize,
+            offsets[1].as_u64().unwrap() as usize,
+        );
+        for f in bytes[8 + header_len + start..8 + header_len + end].chunks_exact_mut(4) {
+            f.copy_from_slice(&3e38f32.to_le_bytes());
+        }
+    }
+    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+    let model = Arc::new(Gpt2Model::load(&dir).unwrap());
+    let err = Session::new(&model, 8).generate(&model, &[1, 2, 3], &GenerateOptions::greedy(4), |_| {});
+    assert!(matches!(err, Err(Error::NonFiniteLogits { .. })), "{err:?}");
+    let sched = Scheduler::new(Arc::clone(&model), SchedulerConfig::default()).unwrap();
+    let err = sched.generate(vec![1, 2, 3], GenerateOptions::greedy(4));
+    assert!(matches!(err, Err(Error::NonFiniteLogits { .. })), "{err:?}");
+}

@@ -93,8 +93,7 @@ proptest! {
         run(&dir("mixed"), &m)?;
     }
 
-    /// The checkpoint still loads (the loader does not scan values), and
-    /// `check_finite` names the poisoned tensor and element.
+    /// Loading (which runs `check_finite`) names the poisoned tensor and element.
     #[test]
     fn check_finite_names_a_poisoned_tensor(
         tensor in 0..BASE.entries.len(),
