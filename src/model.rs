@@ -21,6 +21,10 @@ use crate::error::{Error, Result};
 use crate::profile::{Op, Profile, Timer};
 use crate::weights::{self, Weights};
 
+/// Attention work (cached positions x channels, summed over the batch's
+/// rows) below which the heads run on the calling thread: about 100 µs.
+const PAR_ATTENTION: usize = 256 * 768;
+
 /// A GPT-2 model: config plus weights. `Send + Sync`, `&self` only.
 pub struct Gpt2Model {
     pub config: Gpt2Config,
@@ -221,19 +225,28 @@ impl Gpt2Model {
                 // is already in the cache; row r reads positions 0..=pos only.
                 let caches: &[&mut KvCache] = caches;
                 let qkv: &[f32] = qkv;
-                att.par_chunks_mut(hd)
-                    .zip(scores.par_chunks_mut(p))
-                    .enumerate()
-                    .for_each(|(i, (out, sc))| {
-                        let (r, head) = (i / nh, i % nh);
-                        let row = &rows[r];
-                        let cache = &*caches[row.seq];
-                        let start = cache.offset(l, 0) + head * hd;
-                        let end = cache.offset(l, row.pos) + c;
-                        let q = &qkv[r * 3 * c + head * hd..][..hd];
-                        let (k, vv) = (&cache.k[start..end], &cache.v[start..end]);
-                        attention_head(out, q, k, vv, row.pos + 1, c, sc, scale);
-                    });
+                let head = |(i, (out, sc)): (usize, (&mut [f32], &mut [f32]))| {
+                    let (r, head) = (i / nh, i % nh);
+                    let row = &rows[r];
+                    let cache = &*caches[row.seq];
+                    let start = cache.offset(l, 0) + head * hd;
+                    let end = cache.offset(l, row.pos) + c;
+                    let q = &qkv[r * 3 * c + head * hd..][..hd];
+                    let (k, vv) = (&cache.k[start..end], &cache.v[start..end]);
+                    attention_head(out, q, k, vv, row.pos + 1, c, sc, scale);
+                };
+                // Short contexts are cheaper on this thread than handed out.
+                if att_positions * c < PAR_ATTENTION {
+                    att.chunks_mut(hd)
+                        .zip(scores.chunks_mut(p))
+                        .enumerate()
+                        .for_each(head);
+                } else {
+                    att.par_chunks_mut(hd)
+                        .zip(scores.par_chunks_mut(p))
+                        .enumerate()
+                        .for_each(head);
+                }
             });
             let (b, fl) = lin_bytes(c, c);
             t.time(Op::AttnProj, b, fl, || {

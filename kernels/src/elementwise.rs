@@ -31,13 +31,35 @@ pub fn gelu_inplace(x: &mut [f32]) {
     const S: f32 = 0.797_884_6; // sqrt(2 / pi)
     let f = |v: &mut f32| {
         let u = *v;
-        *v = 0.5 * u * (1.0 + (S * (u + 0.044_715 * u * u * u)).tanh());
+        *v = 0.5 * u * (1.0 + tanh(S * (u + 0.044_715 * u * u * u)));
     };
     if x.len() <= PAR_CHUNK {
         x.iter_mut().for_each(f);
     } else {
         x.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(f));
     }
+}
+
+/// `tanh` as a rational function (Eigen's float approximation: odd degree-13
+/// numerator over even degree-6 denominator, a few ulp from the true value),
+/// branch-free so that a loop over it vectorises; the libm call it replaces
+/// cost ~25 ns a value and made GELU 3% of a decode step.
+#[inline(always)]
+fn tanh(x: f32) -> f32 {
+    // Beyond +-7.9, tanh is +-1 in f32; the polynomial is fitted up to there.
+    let x = x.clamp(-7.905_311, 7.905_311);
+    let x2 = x * x;
+    let mut p = x2 * -2.760_768_5e-16 + 2.000_187_9e-13;
+    p = p * x2 + -8.604_671_5e-11;
+    p = p * x2 + 5.122_297e-8;
+    p = p * x2 + 1.485_722_4e-5;
+    p = p * x2 + 6.372_619_3e-4;
+    p = p * x2 + 4.893_524_6e-3;
+    p *= x;
+    let mut q = x2 * 1.198_258_4e-6 + 1.185_347_1e-4;
+    q = q * x2 + 2.268_434_6e-3;
+    q = q * x2 + 4.893_525_2e-3;
+    p / q
 }
 
 /// `acc += x`, element-wise (the residual connections).
