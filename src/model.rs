@@ -75,6 +75,11 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Forgets positions `len..`, keeping the memory.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Forgets every position, keeping the memory for the next sequence.
     pub fn clear(&mut self) {
         self.len = 0;

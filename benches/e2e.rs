@@ -1,0 +1,112 @@
+//! End-to-end forward passes of GPT-2 124M (synthetic weights): prefill and
+//! decode at batch 1, and batched decode steps, printing GB/s (weights
+//! streamed) and GFLOP/s. `cargo bench --bench e2e`. Medians over
+//! repetitions; the machine is shared, so compare ratios within one run.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use gpt2::synth::{self, Preset};
+use gpt2::{Gpt2Model, KvCache, Row};
+
+fn median(reps: usize, mut f: impl FnMut()) -> Duration {
+    f();
+    let mut times: Vec<Duration> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[reps / 2]
+}
+
+fn main() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-synth-124m-0");
+    if !dir.join("config.json").exists() {
+        eprintln!(
+            "writing the synthetic 124M checkpoint to {} (once)",
+            dir.display()
+        );
+        synth::write_checkpoint(&dir, Preset::Gpt2_124M, 0).expect("synthetic checkpoint");
+    }
+    let model = Gpt2Model::load(&dir).expect("load");
+    let cfg = &model.config;
+    let weight_bytes = (cfg.n_params() * 4) as f64;
+    let flops_per_row = 2.0 * (cfg.n_params() - cfg.n_positions * cfg.n_embd) as f64;
+    println!(
+        "threads: {}; SYNTHETIC 124M weights",
+        rayon::current_num_threads()
+    );
+
+    // Prefill: one sequence, T rows, logits for the last one.
+    for t in [16, 128, 512] {
+        let mut cache = model.new_cache();
+        let mut scratch = model.new_scratch(t);
+        let rows: Vec<Row> = (0..t)
+            .map(|p| Row {
+                seq: 0,
+                token: (p * 101 % cfg.vocab_size) as u32,
+                pos: p,
+                logits: p + 1 == t,
+            })
+            .collect();
+        let d = median(5, || {
+            cache.clear();
+            black_box(model.forward(&rows, &mut [&mut cache], &mut scratch).unwrap());
+        });
+        // Blocks' FLOPs per row; the LM head counted once.
+        let lm = 2.0 * (cfg.n_embd * cfg.vocab_size) as f64;
+        let flops = (flops_per_row - lm) * t as f64 + lm;
+        println!(
+            "{:36} {:9.2} ms {:8.1} GFLOP/s",
+            format!("prefill T={t}"),
+            d.as_secs_f64() * 1e3,
+            flops / d.as_secs_f64() / 1e9
+        );
+    }
+
+    // Decode steps: B sequences each at position 64, one row each.
+    for b in [1, 2, 4, 8, 16, 32] {
+        let mut caches: Vec<KvCache> = (0..b).map(|_| model.new_cache()).collect();
+        let mut scratch = model.new_scratch(64.max(b));
+        for cache in caches.iter_mut() {
+            let rows: Vec<Row> = (0..64)
+                .map(|p| Row {
+                    seq: 0,
+                    token: p as u32,
+                    pos: p,
+                    logits: false,
+                })
+                .collect();
+            model.forward(&rows, &mut [cache], &mut scratch).unwrap();
+        }
+        let rows: Vec<Row> = (0..b)
+            .map(|s| Row {
+                seq: s,
+                token: 42,
+                pos: 64,
+                logits: true,
+            })
+            .collect();
+        let d = median(9, || {
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            black_box(model.forward(&rows, &mut refs, &mut scratch).unwrap());
+            // Rewind so every repetition decodes position 64 again.
+            for c in refs.iter_mut() {
+                c.truncate(64);
+            }
+        });
+        let s = d.as_secs_f64();
+        println!(
+            "{:36} {:9.2} ms {:8.1} GB/s {:8.1} GFLOP/s {:8.1} tok/s",
+            format!("decode step B={b} (pos 64)"),
+            s * 1e3,
+            weight_bytes / s / 1e9,
+            flops_per_row * b as f64 / s / 1e9,
+            b as f64 / s
+        );
+    }
+}
