@@ -35,15 +35,15 @@ use crate::model::{Gpt2Model, KvCache, Row, Scratch};
 use crate::sampling::Sampler;
 
 /// Limits of the engine loop.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     /// Most sequences decoded together; later requests wait in FIFO order.
     pub max_batch: usize,
     /// Most prompt rows in one step (on top of the decode rows).
     pub max_prompt_rows: usize,
-    /// Compute threads of the engine's own rayon pool; `None` uses the
-    /// global pool (one thread per core).
-    pub threads: Option<usize>,
+    /// The rayon pool the forward passes run on; `None` uses the global
+    /// pool (one thread per core).
+    pub pool: Option<Arc<rayon::ThreadPool>>,
     /// Testing only: a step whose batch carries this token id panics, as if
     /// the engine had a bug, to exercise failure isolation.
     #[doc(hidden)]
@@ -55,7 +55,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             max_batch: 32,
             max_prompt_rows: 128,
-            threads: None,
+            pool: None,
             fault_token: None,
         }
     }
@@ -131,27 +131,11 @@ impl Scheduler {
                 config.max_batch, config.max_prompt_rows
             )));
         }
-        let pool = match config.threads {
-            Some(n) => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .thread_name(|i| format!("gpt2-engine-{i}"))
-                    .build()
-                    .map_err(|e| Error::Engine(format!("cannot start {n} compute threads: {e}")))?,
-            ),
-            None => None,
-        };
         let (tx, rx) = mpsc::channel();
         let engine_model = Arc::clone(&model);
         let engine = std::thread::Builder::new()
             .name("gpt2-engine".into())
-            .spawn(move || {
-                let engine = Engine::new(engine_model, config);
-                match pool {
-                    Some(pool) => pool.install(|| engine.run(rx)),
-                    None => engine.run(rx),
-                }
-            })
+            .spawn(move || Engine::new(engine_model, config).run(rx))
             .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
         Ok(Scheduler {
             submit: Some(tx),
@@ -377,7 +361,7 @@ impl Engine {
     /// Runs `rows` through the model; on an error or a panic, nothing of the
     /// step counts (caches only grow when a forward pass completes).
     fn forward(&mut self, rows: &[Row]) -> std::result::Result<(), ()> {
-        let fault = self.config.fault_token;
+        let (fault, pool) = (self.config.fault_token, self.config.pool.as_deref());
         let (model, scratch, active) = (&self.model, &mut self.scratch, &mut self.active);
         let result = catch_unwind(AssertUnwindSafe(|| {
             if let Some(t) = fault {
@@ -386,7 +370,7 @@ impl Engine {
                 }
             }
             let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
-            model.forward(rows, &mut caches, scratch).map(|_| ())
+            in_pool(pool, || model.forward(rows, &mut caches, scratch).map(|_| ()))
         }));
         match result {
             Ok(Ok(())) => Ok(()),
@@ -405,7 +389,7 @@ impl Engine {
                 .filter(|r| r.seq == s)
                 .map(|r| Row { seq: 0, ..*r })
                 .collect();
-            let fault = self.config.fault_token;
+            let (fault, pool) = (self.config.fault_token, self.config.pool.as_deref());
             let (model, scratch) = (&self.model, &mut self.scratch);
             let seq = &mut self.active[s];
             let result = catch_unwind(AssertUnwindSafe(|| {
@@ -414,7 +398,9 @@ impl Engine {
                         panic!("injected fault: token {t} in the batch");
                     }
                 }
-                model.forward(&own, &mut [&mut seq.cache], scratch).map(|_| ())
+                in_pool(pool, || {
+                    model.forward(&own, &mut [&mut seq.cache], scratch).map(|_| ())
+                })
             }));
             match result {
                 Ok(Ok(())) => {
@@ -521,6 +507,15 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// Runs `f` on `pool` (one step at a time: the engine does not hold a pool
+/// thread while it waits for requests), or on the global pool.
+fn in_pool<T: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> T + Send) -> T {
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
     }
 }
 

@@ -306,15 +306,18 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         plan.cores
     );
-    let shared_pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(plan.threads)
-        .build()?;
+    let shared_pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(plan.threads)
+            .build()?,
+    );
     let model = Arc::new(model);
     // Batched mode: one engine thread driving a pool of `plan.threads`
     // compute threads; the client threads only submit and wait.
     let scheduler = if plan.modes.contains(&Mode::Batched) {
         eprintln!(
-            "batched mode: one engine thread, {} compute threads, max batch {}, at most {} prompt rows per step",
+            "batched mode: one engine thread on the shared pool of {} compute threads, max batch {}, at most {} \
+             prompt rows per step",
             plan.threads, args.max_batch, args.max_prompt_rows
         );
         Some(Scheduler::new(
@@ -322,7 +325,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             SchedulerConfig {
                 max_batch: args.max_batch,
                 max_prompt_rows: args.max_prompt_rows,
-                threads: Some(plan.threads),
+                pool: Some(Arc::clone(&shared_pool)),
                 ..SchedulerConfig::default()
             },
         )?)
