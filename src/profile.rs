@@ -148,40 +148,36 @@ impl Profile {
 
     /// A Markdown table per phase: ms, share of the phase, GB/s or GFLOP/s.
     pub fn table(&self) -> String {
-        let mut out = String::new();
-        for (phase, name) in [(Phase::Prefill, "prefill"), (Phase::Decode, "decode")] {
-            let total: u64 = Op::ALL.iter().map(|&op| self.stat(phase, op).nanos).sum();
-            if total == 0 {
-                continue;
-            }
-            out.push_str(&format!("\n{name} ({:.1} ms in all)\n\n", total as f64 / 1e6));
-            out.push_str("| op | ms | share | calls | GB/s | GFLOP/s |\n|---|---:|---:|---:|---:|---:|\n");
-            for op in Op::ALL {
-                let s = self.stat(phase, op);
-                if s.calls == 0 {
-                    continue;
-                }
-                let secs = s.nanos as f64 / 1e9;
-                let rate = |x: u64| {
-                    if secs > 0.0 && x > 0 {
-                        format!("{:.1}", x as f64 / secs / 1e9)
-                    } else {
-                        "".into()
-                    }
-                };
-                out.push_str(&format!(
-                    "| {} | {:.2} | {:.1}% | {} | {} | {} |\n",
-                    op.name(),
-                    s.nanos as f64 / 1e6,
-                    100.0 * s.nanos as f64 / total as f64,
-                    s.calls,
-                    rate(s.bytes),
-                    rate(s.flops)
-                ));
-            }
-        }
-        out
+        rows_table(&self.rows())
     }
+}
+
+/// Renders profile rows (from [`Profile::rows`] or a saved report) as one
+/// Markdown table per phase.
+pub fn rows_table(rows: &[OpRow]) -> String {
+    let mut out = String::new();
+    for phase in ["prefill", "decode"] {
+        let mine: Vec<&OpRow> = rows.iter().filter(|r| r.phase == phase).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let total: f64 = mine.iter().map(|r| r.ms).sum();
+        out.push_str(&format!("\n{phase}: {total:.1} ms in all\n\n"));
+        out.push_str("| op | ms | share | calls | GB/s | GFLOP/s |\n|---|---:|---:|---:|---:|---:|\n");
+        let rate = |x: Option<f64>| x.map_or_else(String::new, |v| format!("{v:.1}"));
+        for r in mine {
+            out.push_str(&format!(
+                "| {} | {:.2} | {:.1}% | {} | {} | {} |\n",
+                r.op,
+                r.ms,
+                100.0 * r.share,
+                r.calls,
+                rate(r.gb_per_s),
+                rate(r.gflop_per_s)
+            ));
+        }
+    }
+    out
 }
 
 /// One line of a profile table.

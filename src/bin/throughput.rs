@@ -499,30 +499,8 @@ fn extra_sections(report: &Report) -> String {
         ));
     }
     if let Some(rows) = &report.profile {
-        out.push_str("\n## Per-op profile of the single-request test\n\n");
-        for phase in ["prefill", "decode"] {
-            let mine: Vec<_> = rows.iter().filter(|r| r.phase == phase).collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let total: f64 = mine.iter().map(|r| r.ms).sum();
-            out.push_str(&format!(
-                "\n{phase}: {total:.1} ms in all\n\n| op | ms | share | calls | GB/s | GFLOP/s |\n\
-                 |---|---:|---:|---:|---:|---:|\n"
-            ));
-            let rate = |x: Option<f64>| x.map_or_else(String::new, |v| format!("{v:.1}"));
-            for r in mine {
-                out.push_str(&format!(
-                    "| {} | {:.2} | {:.1}% | {} | {} | {} |\n",
-                    r.op,
-                    r.ms,
-                    100.0 * r.share,
-                    r.calls,
-                    rate(r.gb_per_s),
-                    rate(r.gflop_per_s)
-                ));
-            }
-        }
+        out.push_str("\n## Per-op profile of the single-request test\n");
+        out.push_str(&gpt2::profile::rows_table(rows));
     }
     out
 }
