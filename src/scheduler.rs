@@ -352,18 +352,18 @@ impl Engine {
         let rows = std::mem::take(&mut self.rows);
         match self.forward(&rows) {
             Ok(()) => self.sample(&rows),
-            Err(()) => self.isolate(&rows),
+            Err(_) => self.isolate(&rows),
         }
         self.rows = rows;
         self.retire_finished();
     }
 
-    /// Runs `rows` through the model; on an error or a panic, nothing of the
-    /// step counts (caches only grow when a forward pass completes).
-    fn forward(&mut self, rows: &[Row]) -> std::result::Result<(), ()> {
+    /// Runs `rows` through the model, a panic caught as an error. On an error
+    /// nothing of the step counts (caches only grow when a pass completes).
+    fn forward(&mut self, rows: &[Row]) -> Result<()> {
         let (fault, pool) = (self.config.fault_token, self.config.pool.as_deref());
         let (model, scratch, active) = (&self.model, &mut self.scratch, &mut self.active);
-        let result = catch_unwind(AssertUnwindSafe(|| {
+        catch_unwind(AssertUnwindSafe(|| {
             if let Some(t) = fault {
                 if rows.iter().any(|r| r.token == t) {
                     panic!("injected fault: token {t} in the batch");
@@ -371,11 +371,8 @@ impl Engine {
             }
             let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
             in_pool(pool, || model.forward(rows, &mut caches, scratch).map(|_| ()))
-        }));
-        match result {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(()),
-        }
+        }))
+        .unwrap_or_else(|panic| Err(Error::Engine(format!("panicked: {}", panic_message(&*panic)))))
     }
 
     /// After a failed batched step: re-run each sequence's rows alone, so
@@ -384,31 +381,10 @@ impl Engine {
         let mut seqs: Vec<usize> = rows.iter().map(|r| r.seq).collect();
         seqs.dedup();
         for s in seqs {
-            let own: Vec<Row> = rows
-                .iter()
-                .filter(|r| r.seq == s)
-                .map(|r| Row { seq: 0, ..*r })
-                .collect();
-            let (fault, pool) = (self.config.fault_token, self.config.pool.as_deref());
-            let (model, scratch) = (&self.model, &mut self.scratch);
-            let seq = &mut self.active[s];
-            let result = catch_unwind(AssertUnwindSafe(|| {
-                if let Some(t) = fault {
-                    if own.iter().any(|r| r.token == t) {
-                        panic!("injected fault: token {t} in the batch");
-                    }
-                }
-                in_pool(pool, || {
-                    model.forward(&own, &mut [&mut seq.cache], scratch).map(|_| ())
-                })
-            }));
-            match result {
-                Ok(Ok(())) => {
-                    let own: Vec<Row> = own.iter().map(|r| Row { seq: s, ..*r }).collect();
-                    self.sample(&own);
-                }
-                Ok(Err(e)) => self.fail(s, e),
-                Err(panic) => self.fail(s, Error::Engine(format!("panicked: {}", panic_message(&*panic)))),
+            let own: Vec<Row> = rows.iter().filter(|r| r.seq == s).copied().collect();
+            match self.forward(&own) {
+                Ok(()) => self.sample(&own),
+                Err(e) => self.fail(s, e),
             }
         }
     }
@@ -519,7 +495,8 @@ fn in_pool<T: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> T + Se
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+/// The message of a caught panic (`&str` or `String` payloads).
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())

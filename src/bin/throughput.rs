@@ -654,12 +654,7 @@ impl Runner<'_> {
                 }
                 Ok(Err(e)) => rec.error = Some(e.to_string()),
                 Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    rec.error = Some(format!("panicked: {what}"));
+                    rec.error = Some(format!("panicked: {}", gpt2::scheduler::panic_message(&*panic)));
                     // The session may be half-updated; start afresh.
                     session = None;
                 }
