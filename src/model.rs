@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use gpt2_kernels::{add_assign, attention_head, gelu_inplace, layernorm, linear, matmul_bt};
+use gpt2_kernels::{add_assign, attention_head, gelu_inplace, layernorm, linear_packed};
 use rayon::prelude::*;
 
 use crate::config::Gpt2Config;
@@ -210,14 +210,23 @@ impl Gpt2Model {
         let att_positions: usize = rows.iter().map(|r| r.pos + 1).sum();
         let (att_bytes, att_flops) = (2 * att_positions * c * f32s, 4 * att_positions * c);
 
-        for (l, lw) in w.layers.iter().enumerate() {
+        debug_assert_eq!(w.packed.len(), w.layers.len(), "every layer is packed at load");
+        for (l, (lw, pw)) in w.layers.iter().zip(&w.packed).enumerate() {
             // Attention block.
             t.time(Op::LayerNorm, 0, 0, || {
                 layernorm(h, x, lw.ln_1_g.data(), lw.ln_1_b.data(), eps)
             });
             let (b, fl) = lin_bytes(c, 3 * c);
             t.time(Op::Qkv, b, fl, || {
-                linear(qkv, h, lw.attn_qkv_w.data(), lw.attn_qkv_b.data(), m, c, 3 * c)
+                linear_packed(
+                    qkv,
+                    h,
+                    pw.attn_qkv.data(),
+                    Some(lw.attn_qkv_b.data()),
+                    m,
+                    c,
+                    3 * c,
+                )
             });
             t.time(Op::Attention, att_bytes, att_flops, || {
                 for (qkv_r, row) in qkv.chunks_exact(3 * c).zip(rows) {
@@ -255,7 +264,15 @@ impl Gpt2Model {
             });
             let (b, fl) = lin_bytes(c, c);
             t.time(Op::AttnProj, b, fl, || {
-                linear(proj, att, lw.attn_proj_w.data(), lw.attn_proj_b.data(), m, c, c)
+                linear_packed(
+                    proj,
+                    att,
+                    pw.attn_proj.data(),
+                    Some(lw.attn_proj_b.data()),
+                    m,
+                    c,
+                    c,
+                )
             });
             t.time(Op::Residual, 0, 0, || add_assign(x, proj));
 
@@ -265,12 +282,12 @@ impl Gpt2Model {
             });
             let (b, fl) = lin_bytes(c, f);
             t.time(Op::MlpUp, b, fl, || {
-                linear(fc, h, lw.mlp_fc_w.data(), lw.mlp_fc_b.data(), m, c, f)
+                linear_packed(fc, h, pw.mlp_fc.data(), Some(lw.mlp_fc_b.data()), m, c, f)
             });
             t.time(Op::Gelu, 0, 0, || gelu_inplace(fc));
             let (b, fl) = lin_bytes(f, c);
             t.time(Op::MlpDown, b, fl, || {
-                linear(proj, fc, lw.mlp_proj_w.data(), lw.mlp_proj_b.data(), m, f, c)
+                linear_packed(proj, fc, pw.mlp_proj.data(), Some(lw.mlp_proj_b.data()), m, f, c)
             });
             t.time(Op::Residual, 0, 0, || add_assign(x, proj));
         }
@@ -295,7 +312,7 @@ impl Gpt2Model {
         let logits = &mut s.logits[..n * v];
         let (lm_bytes, lm_flops) = (v * c * f32s, 2 * n * c * v);
         t.time(Op::LmHead, lm_bytes, lm_flops, || {
-            matmul_bt(logits, lm_in, w.lm_head().data(), n, c, v)
+            linear_packed(logits, lm_in, w.lm_head_packed.data(), None, n, c, v)
         });
         s.profile = profile;
         Ok(&s.logits[..n * v])

@@ -1,6 +1,6 @@
 //! The limits of this machine, measured inside the project, for the benchmark
 //! report's "achieved / limit" columns: sustained DRAM read bandwidth, peak FMA
-//! throughput, and our own SGEMM ([`gpt2_kernels::linear`]) at GPT-2 124M
+//! throughput, and our own SGEMM ([`gpt2_kernels::linear_packed`], as the engine runs it) at GPT-2 124M
 //! shapes.
 //!
 //! Units are SI: 1 GB = 1e9 bytes, 1 GFLOP = 1e9 floating-point operations.
@@ -23,7 +23,7 @@ pub struct Limits {
     pub fma_gflops_1t: f64,
     /// Peak FMA throughput of `threads` threads, GFLOP/s.
     pub fma_gflops_all: f64,
-    /// Our `linear` at GPT-2 shapes, on `threads` threads.
+    /// Our `linear_packed` at GPT-2 shapes, on `threads` threads.
     pub sgemm: Vec<SgemmPoint>,
 }
 
@@ -124,7 +124,7 @@ fn measure_plan(plan: &Plan) -> Limits {
         fma_peak(threads, plan.fma_seconds).gflops
     };
 
-    // `linear` runs on rayon's current pool: give it exactly `threads`.
+    // `linear_packed` runs on rayon's current pool: give it exactly `threads`.
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -152,22 +152,29 @@ fn measure_plan(plan: &Plan) -> Limits {
     }
 }
 
-/// GFLOP/s of `linear` at one shape: `2·M·K·N` over the median of `reps`
-/// calls after one warm-up, each call on the next of several weight copies
-/// that together take `cold_bytes`.
+/// GFLOP/s of the engine's `linear_packed` at one shape: `2·M·K·N` over the
+/// median of `reps` calls after one warm-up, each call on the next of several
+/// packed weight copies that together take `cold_bytes`.
 fn time_linear(m: usize, k: usize, n: usize, reps: usize, cold_bytes: usize) -> f64 {
+    use gpt2_kernels::{linear_packed, pack_panels, packed_len};
     let copies = cold_bytes.div_ceil(k * n * std::mem::size_of::<f32>()).max(1);
-    let ws: Vec<Vec<f32>> = (0..copies).map(|c| filled(k * n, c)).collect(); // copies × [K, N]
+    let ws: Vec<Vec<f32>> = (0..copies)
+        .map(|c| {
+            let mut p = vec![0.0; packed_len(k, n)];
+            pack_panels(&mut p, &filled(k * n, c), k, n); // [K, N] in panels
+            p
+        })
+        .collect();
     let x = filled(m * k, copies); // [M, K]
     let bias = filled(n, copies + 1); // [N]
     let mut out = vec![0.0f32; m * n]; // [M, N]
 
-    gpt2_kernels::linear(&mut out, &x, &ws[0], &bias, m, k, n);
+    linear_packed(&mut out, &x, &ws[0], Some(&bias), m, k, n);
     let mut secs: Vec<f64> = (1..=reps)
         .map(|r| {
             let w = &ws[r % copies];
             let t0 = Instant::now();
-            gpt2_kernels::linear(&mut out, &x, w, &bias, m, k, n);
+            linear_packed(&mut out, &x, w, Some(&bias), m, k, n);
             t0.elapsed().as_secs_f64()
         })
         .collect();
@@ -199,7 +206,7 @@ impl Limits {
             self.fma_gflops_1t, self.fma_gflops_all
         ));
         s.push_str(&format!(
-            "\n| SGEMM `linear`, {t} threads | M | K | N | GFLOP/s |\n|---|---:|---:|---:|---:|\n"
+            "\n| SGEMM `linear_packed`, {t} threads | M | K | N | GFLOP/s |\n|---|---:|---:|---:|---:|\n"
         ));
         for p in &self.sgemm {
             s.push_str(&format!(
@@ -233,7 +240,7 @@ mod tests {
             fma_seconds: 0.05,
             gemm_reps: 3,
             cold_bytes: 1 << 20,
-            // M = 4 takes the few-rows path of `linear`, M = 40 the SGEMM one.
+            // M = 4 takes the few-rows path of `linear_packed`, M = 40 the SGEMM one.
             shapes: vec![("few".to_string(), 4, 48, 80), ("many".to_string(), 40, 48, 80)],
         }
     }

@@ -29,6 +29,11 @@ impl Weights {
         Weights(map)
     }
 
+    fn get_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `get`, and the borrow is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() / 4) }
+    }
+
     fn get(&self) -> &[f32] {
         // SAFETY: the map is page-aligned, its length a multiple of 4, and
         // every bit pattern is a valid f32.
@@ -93,6 +98,12 @@ fn main() {
         let copies = (256 << 20) / (kk * n * 4) + 1;
         let (ws, b) = (Weights::new(copies * kk * n), values(n));
         let ws: Vec<&[f32]> = ws.get().chunks_exact(kk * n).collect();
+        // The same matrices packed in panels, as the engine holds them.
+        let mut packed = Weights::new(copies * k::packed_len(kk, n));
+        for (dst, w) in packed.get_mut().chunks_exact_mut(k::packed_len(kk, n)).zip(&ws) {
+            k::pack_panels(dst, w, kk, n);
+        }
+        let ps: Vec<&[f32]> = packed.get().chunks_exact(k::packed_len(kk, n)).collect();
         for m in [1, 2, 4, 8, 16, 32, 128] {
             let label = format!("linear {name} M={m} K={kk} N={n}");
             if !label.contains(&filter) {
@@ -107,7 +118,19 @@ fn main() {
             let gbs = (kk * n * 4) as f64 / t.as_secs_f64() / 1e9;
             let gflops = (2 * m * kk * n) as f64 / t.as_secs_f64() / 1e9;
             println!(
-                "{label:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
+                "{:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
+                format!("{label} (as stored)"),
+                t.as_secs_f64() * 1e6
+            );
+            let t = median(|| {
+                i = (i + 1) % copies;
+                k::linear_packed(black_box(&mut out), &x, ps[i], Some(&b), m, kk, n)
+            });
+            let gbs = (kk * n * 4) as f64 / t.as_secs_f64() / 1e9;
+            let gflops = (2 * m * kk * n) as f64 / t.as_secs_f64() / 1e9;
+            println!(
+                "{:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
+                format!("  packed panels (engine) M={m}"),
                 t.as_secs_f64() * 1e6
             );
             if m >= 16 {
@@ -126,19 +149,31 @@ fn main() {
             }
         }
     }
+    // The LM head: packed from wte's transpose, as the engine runs it, and
+    // the dot-product form over wte as stored.
     let w = Weights::new(v * c);
     let w = w.get();
-    for m in [1, 8, 128] {
-        let label = format!("matmul_bt lm_head M={m} K={c} N={v}");
+    let mut packed = Weights::new(k::packed_len(c, v));
+    k::pack_panels_t(packed.get_mut(), w, c, v);
+    for m in [1, 2, 4, 8, 16, 32, 128] {
+        let label = format!("lm_head M={m} K={c} N={v}");
         if !label.contains(&filter) {
             continue;
         }
         let (x, mut out) = (values(m * c), vec![0.0; m * v]);
-        let t = median(|| k::matmul_bt(black_box(&mut out), &x, w, m, c, v));
+        let t = median(|| k::linear_packed(black_box(&mut out), &x, packed.get(), None, m, c, v));
         let gbs = (c * v * 4) as f64 / t.as_secs_f64() / 1e9;
         let gflops = (2 * m * c * v) as f64 / t.as_secs_f64() / 1e9;
         println!(
             "{label:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
+            t.as_secs_f64() * 1e6
+        );
+        let t = median(|| k::matmul_bt(black_box(&mut out), &x, w, m, c, v));
+        let gbs = (c * v * 4) as f64 / t.as_secs_f64() / 1e9;
+        let gflops = (2 * m * c * v) as f64 / t.as_secs_f64() / 1e9;
+        println!(
+            "{:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
+            format!("  matmul_bt (wte as stored) M={m}"),
             t.as_secs_f64() * 1e6
         );
     }

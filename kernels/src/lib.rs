@@ -22,4 +22,6 @@ pub mod reference;
 
 pub use attention::{attention_head, softmax_inplace};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};
-pub use matmul::{dot, linear, linear_sgemm, matmul_bt};
+pub use matmul::{
+    dot, linear, linear_packed, linear_sgemm, matmul_bt, pack_panels, pack_panels_t, packed_len, PANEL,
+};

@@ -1,9 +1,15 @@
 //! Matrix products: the hot path. Almost all of a forward pass is spent here.
 //!
 //! GPT-2 stores its Conv1D weights as `[K, N]` (input-major), so a linear layer
-//! is `out[M,N] = x[M,K] · w[K,N] + bias[N]` with `w` used as stored. The LM
-//! head multiplies by the token embedding `wte[V, C]`, i.e. by `w[N,K]`
-//! transposed ([`matmul_bt`]). No kernel copies or transposes a weight.
+//! is `out[M,N] = x[M,K] · w[K,N] + bias[N]`. The engine packs every such
+//! weight once, at load, into column panels ([`pack_panels`]): 48 columns of
+//! all K rows, contiguous, so that a kernel streams one run of memory per
+//! panel instead of 48 floats per row at a stride of N. The LM head multiplies
+//! by the token embedding `wte[V, C]`, i.e. by `w[K=C, N=V]` transposed; it is
+//! packed from the transpose ([`pack_panels_t`]) and runs through the same
+//! [`linear_packed`]. [`linear`] reads the stored layout (same results, bit
+//! for bit, slower from memory); [`matmul_bt`] is the dot-product form over
+//! `wte` as stored. Neither is used by the engine: the benches compare them.
 //!
 //! One kernel serves every row count, from decode (M = 1, bound by memory
 //! bandwidth: every weight is read once per token) through batched decode to
@@ -106,15 +112,137 @@ thread_local! {
 /// task read one contiguous block of `w`, which the hardware prefetcher
 /// follows at full bandwidth.
 pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
+    assert_eq!(w.len(), k * n, "linear: w is not [K={k}, N={n}]");
+    linear_impl(out, x, w, Layout::Rows, Some(bias), m, k, n);
+}
+
+/// Width of the column panels of [`pack_panels`]: a multiple of every tile
+/// width (48, 24, 16), so that a tile never straddles two panels.
+pub const PANEL: usize = 48;
+
+/// Floats in the packed form of a `[K, N]` weight: N rounded up to whole panels.
+pub fn packed_len(k: usize, n: usize) -> usize {
+    n.div_ceil(PANEL) * PANEL * k
+}
+
+/// Packs `w[K, N]` into column panels for [`linear_packed`]: panel `p` holds
+/// columns `p·48 .. p·48 + 48` of rows `0..K`, row after row, so
+/// `dst[(p·K + k)·48 + c] = w[k, p·48 + c]`, and zero past column N.
+///
+/// Done once at load. The stored layout makes a kernel read 48 floats of one
+/// row, then jump N floats to the next: many short streams, which the
+/// prefetcher follows poorly. Packed, every task reads one contiguous run per
+/// panel. The values and the order of the sums are unchanged, so
+/// [`linear_packed`] returns exactly what [`linear`] does.
+pub fn pack_panels(dst: &mut [f32], w: &[f32], k: usize, n: usize) {
+    assert_eq!(w.len(), k * n, "pack_panels: w is not [K={k}, N={n}]");
+    assert_eq!(
+        dst.len(),
+        packed_len(k, n),
+        "pack_panels: dst is not {} floats",
+        packed_len(k, n)
+    );
+    if n == 0 || k == 0 {
+        return;
+    }
+    dst.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
+        let (j0, j1) = (p * PANEL, ((p + 1) * PANEL).min(n));
+        for (kk, row) in panel.chunks_exact_mut(PANEL).enumerate() {
+            row[..j1 - j0].copy_from_slice(&w[kk * n + j0..kk * n + j1]);
+            row[j1 - j0..].fill(0.0);
+        }
+    });
+}
+
+/// [`pack_panels`] from the transpose: `wt` is `w` stored `[N, K]` (the
+/// token embedding `wte[V, C]` that GPT-2's LM head multiplies by), and `dst`
+/// receives the panels of `w[K, N]`. Each panel gathers 48 rows of `wt`.
+pub fn pack_panels_t(dst: &mut [f32], wt: &[f32], k: usize, n: usize) {
+    assert_eq!(wt.len(), n * k, "pack_panels_t: wt is not [N={n}, K={k}]");
+    assert_eq!(
+        dst.len(),
+        packed_len(k, n),
+        "pack_panels_t: dst is not {} floats",
+        packed_len(k, n)
+    );
+    if n == 0 || k == 0 {
+        return;
+    }
+    dst.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
+        panel.fill(0.0);
+        for c in 0..PANEL.min(n - p * PANEL) {
+            let src = &wt[(p * PANEL + c) * k..][..k];
+            for (kk, &v) in src.iter().enumerate() {
+                panel[kk * PANEL + c] = v;
+            }
+        }
+    });
+}
+
+/// [`linear`] with the weight packed by [`pack_panels`]: the same result,
+/// bit for bit, read from memory in order.
+/// `bias: None` is a bias of zeros (the LM head has none).
+pub fn linear_packed(
+    out: &mut [f32],
+    x: &[f32],
+    panels: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert_eq!(
+        panels.len(),
+        packed_len(k, n),
+        "linear_packed: w is not [K={k}, N={n}] packed in panels"
+    );
+    linear_impl(out, x, panels, Layout::Panels, bias, m, k, n);
+}
+
+/// How a `[K, N]` weight is laid out in memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Row-major, as stored: `w[k, j]` at `k·N + j`.
+    Rows,
+    /// Column panels ([`pack_panels`]): `w[k, j]` at `(j/48·K + k)·48 + j%48`.
+    Panels,
+}
+
+impl Layout {
+    /// `(offset, stride)`: `w[k, j]` is at `offset + k·stride`.
+    #[inline(always)]
+    fn col(self, j: usize, k: usize, n: usize) -> (usize, usize) {
+        match self {
+            Layout::Rows => (j, n),
+            Layout::Panels => (j / PANEL * k * PANEL + j % PANEL, PANEL),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_impl(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    layout: Layout,
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
     assert_eq!(out.len(), m * n, "linear: out is not [M={m}, N={n}]");
     assert_eq!(x.len(), m * k, "linear: x is not [M={m}, K={k}]");
-    assert_eq!(w.len(), k * n, "linear: w is not [K={k}, N={n}]");
-    assert_eq!(bias.len(), n, "linear: bias is not [N={n}]");
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), n, "linear: bias is not [N={n}]");
+    }
     if m == 0 || n == 0 {
         return;
     }
     for row in out.chunks_exact_mut(n) {
-        row.copy_from_slice(bias);
+        match bias {
+            Some(bias) => row.copy_from_slice(bias),
+            None => row.fill(0.0),
+        }
     }
     let parts = if k >= 128 { K_PARTS } else { 1 };
     let chunks = rayon::current_num_threads().div_ceil(parts);
@@ -123,7 +251,7 @@ pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: 
     partials.clear();
     partials.resize((parts - 1) * m * n, 0.0);
     let (out_ptr, part_ptr) = (OutPtr(out.as_mut_ptr()), OutPtr(partials.as_mut_ptr()));
-    let (count, width) = column_chunks(n, 48, chunks);
+    let (count, width) = column_chunks(n, PANEL, chunks);
     (0..parts * count).into_par_iter().for_each(|t| {
         let (p, j0) = (t / count, t % count * width);
         // SAFETY: part 0 writes `out`, part p > 0 the (p-1)th [M, N] block of
@@ -134,7 +262,7 @@ pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: 
             } else {
                 OutPtr(part_ptr.get().add((p - 1) * m * n))
             };
-            linear_block(dst, x, w, m, k, n, ks(p), j0..(j0 + width).min(n));
+            linear_block(dst, x, w, layout, m, k, n, ks(p), j0..(j0 + width).min(n));
         }
     });
     for part in partials.chunks_exact(m * n) {
@@ -149,12 +277,14 @@ pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: 
 ///
 /// # Safety
 /// `out` points to an `[M, N]` buffer whose columns `cols` no other thread
-/// touches; `ks` within `0..K`, `cols` within `0..N`.
+/// touches; `ks` within `0..K`, `cols` within `0..N`, `cols.start` a
+/// multiple of [`PANEL`]; `w` holds `[K, N]` in `layout`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn linear_block(
     out: OutPtr,
     x: &[f32],
     w: &[f32],
+    layout: Layout,
     m: usize,
     k: usize,
     n: usize,
@@ -165,7 +295,7 @@ unsafe fn linear_block(
     // accumulators), two rows 2 x 48, 3-4 and 7-8 rows 4 x 24, other counts
     // the classic 6 x 16 AVX2 block (12 accumulators, 2 weight loads per 12 FMAs).
     //
-    // Loop order: for a block of KB weight rows, sweep the tiles left to
+    // Stored layout: for a block of KB weight rows, sweep the tiles left to
     // right, so `w` is read in memory order; a tile's KB x W weights stay in
     // L1 for the other row groups. Partial sums go through `out` once per
     // block (exactly: a store and reload does not round). Tile by tile down
@@ -174,21 +304,40 @@ unsafe fn linear_block(
     // not follow: it measured at well under half the bandwidth. Few rows want
     // short blocks (the KB rows stream side by side); many rows want long
     // ones (fewer passes over `out`).
-    let kb = if m <= 16 { 16 } else { 128 };
+    //
+    // Panels: one panel at a time, its KB x 48 blocks in order: a single
+    // stream per task. One row group (M <= 2) takes the whole K range in one
+    // block, so its sums stay in registers; more groups take blocks that stay
+    // in L1 while every group uses them.
+    // From 8 rows on, the FMAs take long enough that the hardware prefetcher
+    // falls behind and the reads stop overlapping the arithmetic; the first
+    // row group then also prefetches its weights 32 panel rows (6 KiB)
+    // ahead. Measured: +10-25% at 8 and 16 rows from memory, but -5-10% at
+    // 1 and 4 rows, where the hardware keeps up and the extra instructions cost.
+    let prefetch = layout == Layout::Panels && m >= 8;
+    let kb = match layout {
+        Layout::Rows if m <= 16 => 16,
+        Layout::Rows => 128,
+        Layout::Panels if m <= 2 => ks.len().max(1),
+        Layout::Panels => 64,
+    };
     macro_rules! sweep {
         ($w:expr, $($r:literal)+) => {{
-            for k0 in ks.clone().step_by(kb) {
-                let k1 = (k0 + kb).min(ks.end);
+            // Tiles of W columns over `cols`, rows `ks`.
+            let tiles = |cols: std::ops::Range<usize>, ks: std::ops::Range<usize>| {
                 let mut j = cols.start;
                 while j + $w <= cols.end {
+                    let (off, stride) = layout.col(j, k, n);
                     let mut r = 0;
                     while r < m {
                         let rows = (m - r).min(max_rows!($($r)+));
                         // SAFETY: rows r..r+rows < M, columns j..j+W within
-                        // `cols`, which this task owns (the caller's contract).
+                        // `cols`, which this task owns (the caller's contract),
+                        // and within one panel (W divides PANEL).
                         unsafe {
                             match rows {
-                                $($r => tile::<$r, $w>(out, x, w, r, j, k0..k1, k, n),)+
+                                $($r if prefetch && r == 0 => tile::<$r, $w, true>(out, x, w, off, stride, r, j, ks.clone(), k, n),
+                                $r => tile::<$r, $w, false>(out, x, w, off, stride, r, j, ks.clone(), k, n),)+
                                 _ => unreachable!(),
                             }
                         }
@@ -197,8 +346,26 @@ unsafe fn linear_block(
                     j += $w;
                 }
                 if j < cols.end {
+                    let (off, stride) = layout.col(j, k, n);
                     // SAFETY: as above, for the last partial tile.
-                    unsafe { edge(out, x, w, 0..m, j..cols.end, k0..k1, k, n) };
+                    unsafe { edge(out, x, w, off, stride, 0..m, j..cols.end, ks, k, n) };
+                }
+            };
+            let blocks = |ks: std::ops::Range<usize>| {
+                (ks.start..ks.end).step_by(kb).map(move |k0| k0..(k0 + kb).min(ks.end))
+            };
+            match layout {
+                Layout::Rows => {
+                    for kr in blocks(ks.clone()) {
+                        tiles(cols.clone(), kr);
+                    }
+                }
+                Layout::Panels => {
+                    for p0 in cols.clone().step_by(PANEL) {
+                        for kr in blocks(ks.clone()) {
+                            tiles(p0..(p0 + PANEL).min(cols.end), kr);
+                        }
+                    }
                 }
             }
         }};
@@ -216,8 +383,9 @@ unsafe fn linear_block(
     }
 }
 
-/// `out[M,N] = x[M,K] · w[N,K]ᵀ`: the LM head, where `w` is the token
-/// embedding `wte[V, C]`. Overwrites `out`.
+/// `out[M,N] = x[M,K] · w[N,K]ᵀ`: the LM head over the token embedding
+/// `wte[V, C]` as stored. Overwrites `out`. Not used by the engine (which packs
+/// the LM head, see the module docs); the benches compare it.
 ///
 /// Each output is a dot product of an x row with a contiguous row of `w`.
 /// Tasks own chunks of `w`'s rows (vocabulary entries) and stream them in
@@ -349,29 +517,46 @@ pub fn linear_sgemm(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usiz
     });
 }
 
-/// `out[r0..r0+R, j0..j0+W] += x[.., ks] · w[ks, ..]`: for each k in `ks`,
-/// broadcast x[r, k] and multiply-add it with the `W` contiguous weights of row k.
+/// `out[r0..r0+R, j0..j0+W] += x[.., ks] · w[ks, j0..j0+W]`: for each k in
+/// `ks`, broadcast x[r, k] and multiply-add it with the `W` contiguous weights
+/// of row k, which start at `w[off + k·stride]`.
 ///
 /// # Safety
-/// `r0 + R <= M`, `j0 + W <= N`, and no other thread writes those outputs.
+/// `r0 + R <= M`, `j0 + W <= N`, `w[off + k·stride..][..W]` in bounds for
+/// every k in `ks`, and no other thread writes those outputs.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn tile<const R: usize, const W: usize>(
+unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
     out: OutPtr,
     x: &[f32],
     w: &[f32],
+    off: usize,
+    stride: usize,
     r0: usize,
     j0: usize,
     ks: std::ops::Range<usize>,
     k: usize,
     n: usize,
 ) {
-    debug_assert!(r0 + R <= x.len() / k && j0 + W <= n && w.len() == k * n);
+    debug_assert!(r0 + R <= x.len() / k && j0 + W <= n);
+    debug_assert!(ks.is_empty() || off + (ks.end - 1) * stride + W <= w.len());
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     {
         // SAFETY: the bounds above (the caller's contract) keep every load and
         // store inside x, w, bias and out; AVX2 and FMA are enabled at compile time.
-        unsafe { avx2::tile::<R, W>(out.get(), x.as_ptr(), w.as_ptr(), r0, j0, ks, k, n) }
+        unsafe {
+            avx2::tile::<R, W, PREFETCH>(
+                out.get(),
+                x.as_ptr(),
+                w.as_ptr().add(off),
+                stride,
+                r0,
+                j0,
+                ks,
+                k,
+                n,
+            )
+        }
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
     {
@@ -381,7 +566,7 @@ unsafe fn tile<const R: usize, const W: usize>(
             a.copy_from_slice(unsafe { std::slice::from_raw_parts(out.get().add((r0 + r) * n + j0), W) });
         }
         for kk in ks {
-            let wrow = &w[kk * n + j0..kk * n + j0 + W];
+            let wrow = &w[off + kk * stride..][..W];
             for (r, a) in acc.iter_mut().enumerate() {
                 let xv = x[(r0 + r) * k + kk];
                 for (s, &wv) in a.iter_mut().zip(wrow) {
@@ -401,17 +586,22 @@ unsafe fn tile<const R: usize, const W: usize>(
 mod avx2 {
     use std::arch::x86_64::*;
 
+    /// How far ahead (in weight rows) a prefetching tile asks for its weights.
+    const PREFETCH_ROWS: usize = 32;
+
     /// The AVX2 body of [`super::tile`]: `R x W/8` accumulator registers.
     ///
     /// # Safety
-    /// Pointers valid for `x[M, K]`, `w[K, N]`, `out[M, N]`, with
-    /// `r0 + R <= M` and `j0 + W <= N`; `W` a multiple of 8.
+    /// Pointers valid for `x[M, K]`, `out[M, N]`, and `W` weights at
+    /// `w + k·stride` for every k in `ks`, with `r0 + R <= M` and
+    /// `j0 + W <= N`; `W` a multiple of 8.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub unsafe fn tile<const R: usize, const W: usize>(
+    pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
         out: *mut f32,
         x: *const f32,
         w: *const f32,
+        stride: usize,
         r0: usize,
         j0: usize,
         ks: std::ops::Range<usize>,
@@ -428,7 +618,16 @@ mod avx2 {
             }
             let xrow = |r: usize| x.add((r0 + r) * k);
             for kk in ks {
-                let wrow = w.add(kk * n + j0);
+                let wrow = w.add(kk * stride);
+                if PREFETCH {
+                    // The cache lines of this tile's columns, PREFETCH_ROWS
+                    // rows on (a hint: never faults, even past the end).
+                    for v in 0..W.div_ceil(16) {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            wrow.wrapping_add(PREFETCH_ROWS * stride + 16 * v).cast(),
+                        );
+                    }
+                }
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm256_broadcast_ss(&*xrow(r).add(kk));
                     for (v, reg) in a.iter_mut().enumerate().take(W / 8) {
@@ -482,7 +681,8 @@ mod avx2 {
         }
     }
 }
-/// Scalar fallback for a partial tile at the right edge: `out += x · w` there.
+/// Scalar fallback for a partial tile at the right edge: `out += x · w` there,
+/// with `w[k, j]` at `off + k·stride + (j - cols.start)`.
 ///
 /// # Safety
 /// The ranges are in bounds and no other thread writes those outputs.
@@ -491,6 +691,8 @@ unsafe fn edge(
     out: OutPtr,
     x: &[f32],
     w: &[f32],
+    off: usize,
+    stride: usize,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
     ks: std::ops::Range<usize>,
@@ -502,7 +704,7 @@ unsafe fn edge(
             // SAFETY: in bounds and owned by this task (the caller's contract).
             let dst = unsafe { &mut *out.get().add(r * n + j) };
             for kk in ks.clone() {
-                *dst = fmadd(x[r * k + kk], w[kk * n + j], *dst);
+                *dst = fmadd(x[r * k + kk], w[off + kk * stride + (j - cols.start)], *dst);
             }
         }
     }

@@ -140,6 +140,66 @@ mod tests {
         }
     }
 
+    /// The packed layout changes where the weights are read from, never the
+    /// order of the sums: its results equal the stored layout's bit for bit
+    /// (so also the naive twin's, within the tolerance above).
+    #[test]
+    fn linear_packed_equals_linear_exactly() {
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for &m in &ROWS {
+            for &(k, n) in &[
+                (1, 1),
+                (7, 3),
+                (65, 33),
+                (33, 100),
+                (200, 70),
+                (301, 129),
+                (768, 96),
+            ] {
+                let (x, w, b) = (values(m * k, 13), values(k * n, 14), values(n, 15));
+                let mut packed = vec![f32::NAN; crate::packed_len(k, n)];
+                crate::pack_panels(&mut packed, &w, k, n);
+                let (mut got, mut want) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                crate::linear(&mut want, &x, &w, &b, m, k, n);
+                crate::linear_packed(&mut got, &x, &packed, Some(&b), m, k, n);
+                assert_eq!(got, want, "linear_packed m={m} k={k} n={n}");
+                three.install(|| crate::linear_packed(&mut got, &x, &packed, Some(&b), m, k, n));
+                assert_eq!(got, want, "linear_packed m={m} k={k} n={n} on 3 threads");
+            }
+        }
+    }
+
+    #[test]
+    fn pack_panels_t_packs_the_transpose() {
+        for &(k, n) in &[(1, 1), (3, 50), (65, 97)] {
+            let w = values(k * n, 17);
+            let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect(); // [N, K]
+            let (mut a, mut b) = (
+                vec![f32::NAN; crate::packed_len(k, n)],
+                vec![1.0; crate::packed_len(k, n)],
+            );
+            crate::pack_panels(&mut a, &w, k, n);
+            crate::pack_panels_t(&mut b, &wt, k, n);
+            assert_eq!(a, b, "k={k} n={n}");
+        }
+    }
+
+    #[test]
+    fn pack_panels_places_every_weight_and_pads_with_zeros() {
+        let (k, n) = (3, 50); // two panels, the second 2 columns wide
+        let w = values(k * n, 16);
+        let mut packed = vec![f32::NAN; crate::packed_len(k, n)];
+        crate::pack_panels(&mut packed, &w, k, n);
+        assert_eq!(packed.len(), 2 * k * crate::PANEL);
+        for kk in 0..k {
+            for j in 0..2 * crate::PANEL {
+                let at = (j / crate::PANEL * k + kk) * crate::PANEL + j % crate::PANEL;
+                let want = if j < n { w[kk * n + j] } else { 0.0 };
+                assert_eq!(packed[at], want, "k={kk} j={j}");
+            }
+        }
+    }
+
     #[test]
     fn matmul_bt_matches_naive_on_odd_shapes() {
         for &m in &ROWS {

@@ -186,7 +186,7 @@ pub struct Roofline {
     pub read_gbs_all: f64,
     /// Peak FMA throughput of all threads, GFLOP/s.
     pub fma_gflops_all: f64,
-    /// Our `linear` at M = 128 (GPT-2 shapes), the best of them, GFLOP/s.
+    /// Our `linear_packed` at M = 128 (GPT-2 shapes), the best of them, GFLOP/s.
     pub sgemm_gflops: f64,
     /// Bytes a batch-1 decode step reads: every weight once (f32) plus the KV cache.
     pub decode_bytes_per_token: f64,
