@@ -99,6 +99,20 @@ fn main() {
                 c.truncate(64);
             }
         });
+        if std::env::var_os("E2E_PROFILE").is_some() {
+            // Where a step of this size goes (`E2E_PROFILE=1 cargo bench --bench e2e`).
+            scratch.profile = Some(Box::default());
+            for _ in 0..5 {
+                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                black_box(model.forward(&rows, &mut refs, &mut scratch).unwrap());
+                for c in refs.iter_mut() {
+                    c.truncate(64);
+                }
+            }
+            if let Some(p) = scratch.profile.take() {
+                println!("profile of 5 steps at B={b}:\n{}", p.table());
+            }
+        }
         let s = d.as_secs_f64();
         println!(
             "{:36} {:9.2} ms {:8.1} GB/s {:8.1} GFLOP/s {:8.1} tok/s",

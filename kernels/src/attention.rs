@@ -18,8 +18,8 @@ pub fn softmax_inplace(x: &mut [f32]) {
 /// `out[hd] = softmax(q · K[0..t]ᵀ · scale) · V[0..t]`.
 ///
 /// `k` and `v` start at this head's first element of position 0 and hold one
-/// position every `stride` floats (the cache is `[T, C]` with the heads side
-/// by side, so `stride = C`). The causal mask is implicit: the caller passes
+/// position every `stride` floats (`stride = hd` for the engine's cache, which
+/// keeps each head's positions contiguous; `C` for heads side by side). The causal mask is implicit: the caller passes
 /// `t = pos + 1`, so no later position is read. `scores` is scratch of at least
 /// `t` floats. Overwrites `out`.
 #[allow(clippy::too_many_arguments)]

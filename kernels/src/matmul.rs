@@ -265,9 +265,16 @@ fn linear_impl(
             linear_block(dst, x, w, layout, m, k, n, ks(p), j0..(j0 + width).min(n));
         }
     });
+    // The same adds in the same order either way; large outputs (the LM head
+    // of a batch: 50257 columns per row) split them over the pool.
+    let add = |(o, p): (&mut [f32], &[f32])| o.iter_mut().zip(p).for_each(|(o, p)| *o += p);
     for part in partials.chunks_exact(m * n) {
-        for (o, p) in out.iter_mut().zip(part) {
-            *o += p;
+        if m * n >= 1 << 16 {
+            out.par_chunks_mut(1 << 14)
+                .zip(part.par_chunks(1 << 14))
+                .for_each(add);
+        } else {
+            add((&mut out[..], part));
         }
     }
     PARTIALS.set(partials);

@@ -143,8 +143,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             gpt2::generate::check_request(&ids, &opts, model.config.n_positions)?;
             eprintln!("weights: {}", resolved.source);
             eprintln!(
-                "loaded in {:.0} ms; prompt is {} tokens",
+                "loaded in {:.0} ms ({:.0} MB packed into kernel panels); prompt is {} tokens",
                 load.as_secs_f64() * 1e3,
+                model.weights.packed_bytes as f64 / 1e6,
                 ids.len()
             );
             let mut session = Session::new(&model, ids.len().clamp(1, 128));
