@@ -331,31 +331,50 @@ unsafe fn linear_block(
     macro_rules! sweep {
         ($w:expr, $($r:literal)+) => {{
             // Tiles of W columns over `cols`, rows `ks`.
-            let tiles = |cols: std::ops::Range<usize>, ks: std::ops::Range<usize>| {
-                let mut j = cols.start;
-                while j + $w <= cols.end {
-                    let (off, stride) = layout.col(j, k, n);
-                    let mut r = 0;
-                    while r < m {
-                        let rows = (m - r).min(max_rows!($($r)+));
-                        // SAFETY: rows r..r+rows < M, columns j..j+W within
-                        // `cols`, which this task owns (the caller's contract),
-                        // and within one panel (W divides PANEL).
-                        unsafe {
-                            match rows {
-                                $($r if prefetch && r == 0 => tile::<$r, $w, true>(out, x, w, off, stride, r, j, ks.clone(), k, n),
-                                $r => tile::<$r, $w, false>(out, x, w, off, stride, r, j, ks.clone(), k, n),)+
-                                _ => unreachable!(),
-                            }
-                        }
-                        r += rows;
+            // One tile: rows r..r+R, columns j..j+W, weight rows `ks`.
+            let tile_at = |r: usize, rows: usize, j: usize, ks: std::ops::Range<usize>| {
+                let (off, stride) = layout.col(j, k, n);
+                // SAFETY: rows r..r+rows < M, columns j..j+W within `cols`,
+                // which this task owns (the caller's contract), and within
+                // one panel (W divides PANEL).
+                unsafe {
+                    match rows {
+                        $($r if prefetch && r == 0 => tile::<$r, $w, true>(out, x, w, off, stride, r, j, ks, k, n),
+                        $r => tile::<$r, $w, false>(out, x, w, off, stride, r, j, ks, k, n),)+
+                        _ => unreachable!(),
                     }
-                    j += $w;
                 }
-                if j < cols.end {
-                    let (off, stride) = layout.col(j, k, n);
+            };
+            let groups = || {
+                (0..m)
+                    .step_by(max_rows!($($r)+))
+                    .map(|r| (r, (m - r).min(max_rows!($($r)+))))
+            };
+            let tiles = |cols: std::ops::Range<usize>, ks: std::ops::Range<usize>| {
+                let full = cols.start + (cols.end - cols.start) / $w * $w;
+                if layout == Layout::Panels {
+                    // Row groups outer: a group's x block (R x KB) stays in
+                    // L1 across the panel's tiles, and the panel block
+                    // (KB x 48) across the groups.
+                    for (r, rows) in groups() {
+                        for j in (cols.start..full).step_by($w) {
+                            tile_at(r, rows, j, ks.clone());
+                        }
+                    }
+                } else {
+                    // Tiles outer: a tile's KB x W weights stay in L1 for
+                    // the row groups (a KB x N block of the stored layout
+                    // would not).
+                    for j in (cols.start..full).step_by($w) {
+                        for (r, rows) in groups() {
+                            tile_at(r, rows, j, ks.clone());
+                        }
+                    }
+                }
+                if full < cols.end {
+                    let (off, stride) = layout.col(full, k, n);
                     // SAFETY: as above, for the last partial tile.
-                    unsafe { edge(out, x, w, off, stride, 0..m, j..cols.end, ks, k, n) };
+                    unsafe { edge(out, x, w, off, stride, 0..m, full..cols.end, ks, k, n) };
                 }
             };
             let blocks = |ks: std::ops::Range<usize>| {
