@@ -316,12 +316,6 @@ unsafe fn linear_block(
     // stream per task. One row group (M <= 2) takes the whole K range in one
     // block, so its sums stay in registers; more groups take blocks that stay
     // in L1 while every group uses them.
-    // From 8 rows on, the FMAs take long enough that the hardware prefetcher
-    // falls behind and the reads stop overlapping the arithmetic; the first
-    // row group then also prefetches its weights 32 panel rows (6 KiB)
-    // ahead. Measured: +10-25% at 8 and 16 rows from memory, but -5-10% at
-    // 1 and 4 rows, where the hardware keeps up and the extra instructions cost.
-    let prefetch = layout == Layout::Panels && m >= 8;
     let kb = match layout {
         Layout::Rows if m <= 16 => 16,
         Layout::Rows => 128,
@@ -339,8 +333,7 @@ unsafe fn linear_block(
                 // one panel (W divides PANEL).
                 unsafe {
                     match rows {
-                        $($r if prefetch && r == 0 => tile::<$r, $w, true>(out, x, w, off, stride, r, j, ks, k, n),
-                        $r => tile::<$r, $w, false>(out, x, w, off, stride, r, j, ks, k, n),)+
+                        $($r => tile::<$r, $w>(out, x, w, off, stride, r, j, ks, k, n),)+
                         _ => unreachable!(),
                     }
                 }
@@ -552,7 +545,7 @@ pub fn linear_sgemm(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usiz
 /// every k in `ks`, and no other thread writes those outputs.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
+unsafe fn tile<const R: usize, const W: usize>(
     out: OutPtr,
     x: &[f32],
     w: &[f32],
@@ -571,7 +564,7 @@ unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
         // SAFETY: the bounds above (the caller's contract) keep every load and
         // store inside x, w, bias and out; AVX2 and FMA are enabled at compile time.
         unsafe {
-            avx2::tile::<R, W, PREFETCH>(
+            avx2::tile::<R, W>(
                 out.get(),
                 x.as_ptr(),
                 w.as_ptr().add(off),
@@ -612,9 +605,6 @@ unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// How far ahead (in weight rows) a prefetching tile asks for its weights.
-    const PREFETCH_ROWS: usize = 32;
-
     /// The AVX2 body of [`super::tile`]: `R x W/8` accumulator registers.
     ///
     /// # Safety
@@ -623,7 +613,7 @@ mod avx2 {
     /// `j0 + W <= N`; `W` a multiple of 8.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
+    pub unsafe fn tile<const R: usize, const W: usize>(
         out: *mut f32,
         x: *const f32,
         w: *const f32,
@@ -645,15 +635,6 @@ mod avx2 {
             let xrow = |r: usize| x.add((r0 + r) * k);
             for kk in ks {
                 let wrow = w.add(kk * stride);
-                if PREFETCH {
-                    // The cache lines of this tile's columns, PREFETCH_ROWS
-                    // rows on (a hint: never faults, even past the end).
-                    for v in 0..W.div_ceil(16) {
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            wrow.wrapping_add(PREFETCH_ROWS * stride + 16 * v).cast(),
-                        );
-                    }
-                }
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm256_broadcast_ss(&*xrow(r).add(kk));
                     for (v, reg) in a.iter_mut().enumerate().take(W / 8) {
