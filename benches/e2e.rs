@@ -57,6 +57,14 @@ fn main() {
             cache.clear();
             black_box(model.forward(&rows, &mut [&mut cache], &mut scratch).unwrap());
         });
+        if std::env::var_os("E2E_PROFILE").is_some() {
+            scratch.profile = Some(Box::default());
+            cache.clear();
+            black_box(model.forward(&rows, &mut [&mut cache], &mut scratch).unwrap());
+            if let Some(p) = scratch.profile.take() {
+                println!("profile of one prefill of T={t}:\n{}", p.table());
+            }
+        }
         // Blocks' FLOPs per row; the LM head counted once.
         let lm = 2.0 * (cfg.n_embd * cfg.vocab_size) as f64;
         let flops = (flops_per_row - lm) * t as f64 + lm;
