@@ -206,11 +206,11 @@ impl Gpt2Model {
         let lin_bytes = |k: usize, n: usize| ((k * n + n) * f32s, 2 * m * k * n);
 
         // x = wte[token] + wpe[pos]
-        let (wte, wpe) = (w.wte.data(), w.wpe.data());
+        let wpe = w.wpe.data();
         t.time(Op::Embed, 2 * m * c * f32s, m * c, || {
             for (xr, row) in x.chunks_exact_mut(c).zip(rows) {
                 let (tok, pos) = (row.token as usize, row.pos);
-                xr.copy_from_slice(&wte[tok * c..(tok + 1) * c]);
+                w.token_embedding(xr, tok);
                 add_assign(xr, &wpe[pos * c..(pos + 1) * c]);
             }
         });

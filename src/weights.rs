@@ -144,6 +144,19 @@ impl Weights {
         out
     }
 
+    /// Token `tok`'s embedding (row `tok` of `wte`) into `dst[C]`. With the
+    /// LM head tied, from its packed copy: the map's pages of `wte` were
+    /// released, and reading them back would grow resident memory by up to
+    /// 154 MB as prompts touch more of the vocabulary.
+    pub fn token_embedding(&self, dst: &mut [f32], tok: usize) {
+        let c = dst.len();
+        if self.lm_head.is_none() {
+            gpt2_kernels::unpack_column(dst, self.lm_head_packed.data(), c, tok);
+        } else {
+            dst.copy_from_slice(&self.wte.data()[tok * c..(tok + 1) * c]);
+        }
+    }
+
     /// Fails on the first NaN or infinity in any tensor (a full pass over the
     /// weights: about 0.1 s for 124M parameters).
     ///
@@ -250,8 +263,8 @@ fn pack(path: &Path, layers: &[LayerWeights], lm_head: &Tensor, config: &Gpt2Con
         })
         .collect();
     let lm_head_packed = next(c, v);
-    // The token embedding's rows are still read, a few per step: they fault
-    // back in one page at a time.
+    // Tied, the token embeddings are read from the packed copy too
+    // (`Weights::token_embedding`), so nothing reads these pages again.
     lm_head.release_pages();
     Ok(Packing {
         layers: packed,

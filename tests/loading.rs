@@ -118,6 +118,39 @@ fn an_untied_lm_head_is_used() {
     assert!(tied.logits_all(&[1], 8).unwrap().iter().any(|&x| x != 0.0));
 }
 
+/// Tied, the token embeddings come from the packed LM head; untied, from
+/// `wte`. An untied head equal to `wte` must give the tied model's logits
+/// exactly, and a different head different ones.
+#[test]
+fn embeddings_and_lm_head_agree_tied_and_untied() {
+    let mut tensors = micro_tensors("transformer.");
+    let tied = Gpt2Model::load(&checkpoint("load-tied-same", MICRO, &tensors, 0)).unwrap();
+    let wte = tensors
+        .iter()
+        .find(|t| t.0 == "transformer.wte.weight")
+        .unwrap()
+        .clone();
+    tensors.push(("lm_head.weight".into(), "F32", wte.2.clone(), wte.3.clone()));
+    let same = Gpt2Model::load(&checkpoint("load-untied-same", MICRO, &tensors, 0)).unwrap();
+    let tokens = [0, 1, 5, 31];
+    assert_eq!(
+        tied.logits_all(&tokens, 8).unwrap(),
+        same.logits_all(&tokens, 8).unwrap()
+    );
+    // A head that differs from wte in one row changes that token's logit only.
+    let head = tensors.last_mut().unwrap();
+    head.3[..8 * 4].iter_mut().for_each(|b| *b = 0);
+    let other = Gpt2Model::load(&checkpoint("load-untied-other", MICRO, &tensors, 0)).unwrap();
+    let (a, b) = (
+        tied.logits_all(&tokens, 8).unwrap(),
+        other.logits_all(&tokens, 8).unwrap(),
+    );
+    for (ra, rb) in a.chunks_exact(32).zip(b.chunks_exact(32)) {
+        assert_eq!(rb[0], 0.0);
+        assert_eq!(ra[1..], rb[1..]);
+    }
+}
+
 #[test]
 fn missing_files_name_their_path() {
     let dir = scratch_dir("load-missing");

@@ -23,5 +23,6 @@ pub mod reference;
 pub use attention::{attention_head, softmax_inplace};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};
 pub use matmul::{
-    dot, linear, linear_packed, linear_sgemm, matmul_bt, pack_panels, pack_panels_t, packed_len, PANEL,
+    dot, linear, linear_packed, linear_sgemm, matmul_bt, pack_panels, pack_panels_t, packed_len,
+    unpack_column, PANEL,
 };

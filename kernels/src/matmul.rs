@@ -179,6 +179,21 @@ pub fn pack_panels_t(dst: &mut [f32], wt: &[f32], k: usize, n: usize) {
     });
 }
 
+/// Column `j` of a `[K, N]` weight packed by [`pack_panels`] (row `j` of the
+/// `[N, K]` matrix packed by [`pack_panels_t`]) into `dst[K]`: exact copies.
+/// GPT-2 reads its token embeddings this way from the packed LM head.
+pub fn unpack_column(dst: &mut [f32], panels: &[f32], k: usize, j: usize) {
+    assert_eq!(dst.len(), k, "unpack_column: dst is not [K={k}]");
+    let base = j / PANEL * k * PANEL + j % PANEL;
+    assert!(
+        k == 0 || base + (k - 1) * PANEL < panels.len(),
+        "unpack_column: column {j} is past the panels"
+    );
+    for (kk, d) in dst.iter_mut().enumerate() {
+        *d = panels[base + kk * PANEL];
+    }
+}
+
 /// [`linear`] with the weight packed by [`pack_panels`]: the same result,
 /// bit for bit, read from memory in order.
 /// `bias: None` is a bias of zeros (the LM head has none).

@@ -181,6 +181,11 @@ mod tests {
             crate::pack_panels(&mut a, &w, k, n);
             crate::pack_panels_t(&mut b, &wt, k, n);
             assert_eq!(a, b, "k={k} n={n}");
+            for j in 0..n {
+                let mut row = vec![f32::NAN; k];
+                crate::unpack_column(&mut row, &b, k, j);
+                assert_eq!(row, wt[j * k..(j + 1) * k], "row {j} of wt");
+            }
         }
     }
 
