@@ -34,7 +34,7 @@ const LANES: usize = 16;
 /// `target-cpu=native`); plain multiply-add otherwise, since a software `fma`
 /// call would be far slower than the rounding difference is worth.
 #[inline(always)]
-fn fmadd(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn fmadd(a: f32, b: f32, c: f32) -> f32 {
     #[cfg(target_feature = "fma")]
     {
         a.mul_add(b, c)
