@@ -2,12 +2,13 @@
 //! dtype, shape) against the config, and borrowed as `&[f32]` straight from the
 //! map. A tensor is copied only when its bytes are not 4-byte aligned.
 //!
-//! The four `[K, N]` matrices of every block are also packed once, at load, in
-//! the column panels of [`gpt2_kernels::pack_panels`] (anonymous memory, huge
-//! pages where the OS grants them), which the kernels stream in order: decode
-//! reads them 1.1-1.5x faster than in the stored layout (`cargo bench -p
-//! gpt2-kernels -- linear`). The map's pages of those matrices are then handed
-//! back to the OS, so the packed copy does not double the resident memory.
+//! The four `[K, N]` matrices of every block, and the LM head (`wte`
+//! transposed), are also packed once, at load, in the column panels of
+//! [`gpt2_kernels::pack_panels`] (anonymous memory, huge pages where the OS
+//! grants them), which the kernels stream in order: decode reads them 1.1-1.5x
+//! faster than in the stored layout (`cargo bench -p gpt2-kernels`). The map's
+//! pages of those tensors are then handed back to the OS, so the packed copy
+//! does not double the resident memory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -160,9 +161,10 @@ impl Weights {
     /// Fails on the first NaN or infinity in any tensor (a full pass over the
     /// weights: about 0.1 s for 124M parameters).
     ///
-    /// A block matrix is scanned in its packed copy, which holds the same
-    /// values (plus zero padding) and is what the kernels read; only when
-    /// that finds a bad value is the stored tensor searched for its index.
+    /// A block matrix or the LM head is scanned in its packed copy, which
+    /// holds the same values (plus zero padding) and is what the kernels read;
+    /// only when that finds a bad value is the stored tensor searched for its
+    /// index.
     pub fn check_finite(&self, path: &Path) -> Result<()> {
         use rayon::prelude::*;
         let packed: HashMap<*const Tensor, &[f32]> = self
