@@ -59,6 +59,18 @@ fn median(mut f: impl FnMut()) -> Duration {
     times[reps / 2]
 }
 
+/// One result line: the median time, and the rate as GB/s of `bytes` (the
+/// weights streamed) and GFLOP/s of `flops`.
+fn report(label: &str, t: Duration, bytes: usize, flops: usize) {
+    let s = t.as_secs_f64();
+    println!(
+        "{label:42} {:9.1} us {:7.1} GB/s {:7.1} GFLOP/s",
+        s * 1e6,
+        bytes as f64 / s / 1e9,
+        flops as f64 / s / 1e9
+    );
+}
+
 fn main() {
     let filter = std::env::args()
         .nth(1)
@@ -115,23 +127,16 @@ fn main() {
                 i = (i + 1) % copies;
                 k::linear(black_box(&mut out), &x, ws[i], &b, m, kk, n)
             });
-            let gbs = (kk * n * 4) as f64 / t.as_secs_f64() / 1e9;
-            let gflops = (2 * m * kk * n) as f64 / t.as_secs_f64() / 1e9;
-            println!(
-                "{:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
-                format!("{label} (as stored)"),
-                t.as_secs_f64() * 1e6
-            );
+            report(&format!("{label} (as stored)"), t, kk * n * 4, 2 * m * kk * n);
             let t = median(|| {
                 i = (i + 1) % copies;
                 k::linear_packed(black_box(&mut out), &x, ps[i], Some(&b), m, kk, n)
             });
-            let gbs = (kk * n * 4) as f64 / t.as_secs_f64() / 1e9;
-            let gflops = (2 * m * kk * n) as f64 / t.as_secs_f64() / 1e9;
-            println!(
-                "{:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
-                format!("  packed panels (engine) M={m}"),
-                t.as_secs_f64() * 1e6
+            report(
+                &format!("  packed panels (engine) M={m}"),
+                t,
+                kk * n * 4,
+                2 * m * kk * n,
             );
             if m >= 16 {
                 // matrixmultiply's SGEMM on the same shape, for comparison.
@@ -162,19 +167,13 @@ fn main() {
         }
         let (x, mut out) = (values(m * c), vec![0.0; m * v]);
         let t = median(|| k::linear_packed(black_box(&mut out), &x, packed.get(), None, m, c, v));
-        let gbs = (c * v * 4) as f64 / t.as_secs_f64() / 1e9;
-        let gflops = (2 * m * c * v) as f64 / t.as_secs_f64() / 1e9;
-        println!(
-            "{label:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
-            t.as_secs_f64() * 1e6
-        );
+        report(&label, t, c * v * 4, 2 * m * c * v);
         let t = median(|| k::matmul_bt(black_box(&mut out), &x, w, m, c, v));
-        let gbs = (c * v * 4) as f64 / t.as_secs_f64() / 1e9;
-        let gflops = (2 * m * c * v) as f64 / t.as_secs_f64() / 1e9;
-        println!(
-            "{:42} {:9.1} us {gbs:7.1} GB/s {gflops:7.1} GFLOP/s",
-            format!("  matmul_bt (wte as stored) M={m}"),
-            t.as_secs_f64() * 1e6
+        report(
+            &format!("  matmul_bt (wte as stored) M={m}"),
+            t,
+            c * v * 4,
+            2 * m * c * v,
         );
     }
 }
