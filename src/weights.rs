@@ -84,6 +84,13 @@ pub struct PackedLayer {
     pub mlp_proj: Packed,  // (F, C)
 }
 
+impl PackedLayer {
+    /// The four matrices, in the order of [`LayerWeights::matrices`].
+    fn matrices(&self) -> [&Packed; 4] {
+        [&self.attn_qkv, &self.attn_proj, &self.mlp_fc, &self.mlp_proj]
+    }
+}
+
 /// The weights of one transformer block. Conv1D weights are `[in, out]`.
 pub struct LayerWeights {
     pub ln_1_g: Tensor,      // (C)
@@ -98,6 +105,18 @@ pub struct LayerWeights {
     pub mlp_fc_b: Tensor,    // (F)
     pub mlp_proj_w: Tensor,  // (F, C)    `mlp.c_proj.weight`
     pub mlp_proj_b: Tensor,  // (C)
+}
+
+impl LayerWeights {
+    /// The four `[K, N]` matrices, in the order of [`PackedLayer`]'s fields.
+    fn matrices(&self) -> [&Tensor; 4] {
+        [
+            &self.attn_qkv_w,
+            &self.attn_proj_w,
+            &self.mlp_fc_w,
+            &self.mlp_proj_w,
+        ]
+    }
 }
 
 /// All weights of a GPT-2 checkpoint.
@@ -171,14 +190,7 @@ impl Weights {
             .layers
             .iter()
             .zip(&self.packed)
-            .flat_map(|(l, p)| {
-                [
-                    (&l.attn_qkv_w, &p.attn_qkv),
-                    (&l.attn_proj_w, &p.attn_proj),
-                    (&l.mlp_fc_w, &p.mlp_fc),
-                    (&l.mlp_proj_w, &p.mlp_proj),
-                ]
-            })
+            .flat_map(|(l, p)| l.matrices().into_iter().zip(p.matrices()))
             .chain([(self.lm_head(), &self.lm_head_packed)])
             .map(|(t, p)| (t as *const Tensor, p.data()))
             .collect();
@@ -212,13 +224,16 @@ impl Weights {
 /// Packs the four matrices of every block and the LM head into one anonymous
 /// map, then lets the OS drop the file map's pages of the originals (they are
 /// read again, from the page cache, only if someone asks for them).
-fn pack(path: &Path, layers: &[LayerWeights], lm_head: &Tensor, config: &Gpt2Config) -> Result<Packing> {
+fn pack(path: &Path, layers: &[LayerWeights], lm_head: &Tensor) -> Result<Packing> {
     use gpt2_kernels::{pack_panels, pack_panels_t, packed_len};
-    let (c, f, v) = (config.n_embd, config.n_inner, config.vocab_size);
-    let shapes = [(c, 3 * c), (c, c), (c, f), (f, c)];
-    let per_layer: usize = shapes.iter().map(|&(k, n)| packed_len(k, n)).sum();
-    let total = per_layer * layers.len() + packed_len(c, v);
-    // At least one float, so that every layer gets an entry even if empty.
+    // Shapes as checked against the config: block matrices [K, N], the LM
+    // head [V, C], i.e. the transpose of a [K = C, N = V] weight.
+    let kn = |t: &Tensor| (t.shape()[0], t.shape()[1]);
+    let (v, c) = kn(lm_head);
+    let matrices = || layers.iter().flat_map(|l| l.matrices());
+    let len = |t: &Tensor| packed_len(kn(t).0, kn(t).1);
+    let total = matrices().map(len).sum::<usize>() + packed_len(c, v);
+    // At least one float: a zero-length map is refused.
     let mut anon = memmap2::MmapMut::map_anon(total.max(1) * 4).map_err(|e| Error::io(path, e))?;
     // Huge pages spare the streaming kernels a TLB miss every 4 KiB; without
     // them (THP off) the kernels are a little slower, not wrong.
@@ -226,45 +241,40 @@ fn pack(path: &Path, layers: &[LayerWeights], lm_head: &Tensor, config: &Gpt2Con
     let _ = anon.advise(memmap2::Advice::HugePage);
     {
         let mut rest: &mut [f32] = bytemuck::cast_slice_mut(&mut anon[..]);
-        for l in layers {
-            for (t, &(k, n)) in [&l.attn_qkv_w, &l.attn_proj_w, &l.mlp_fc_w, &l.mlp_proj_w]
-                .iter()
-                .zip(&shapes)
-            {
-                let (head, tail) = std::mem::take(&mut rest).split_at_mut(packed_len(k, n));
-                pack_panels(head, t.data(), k, n);
-                rest = tail;
-            }
+        for t in matrices() {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len(t));
+            pack_panels(head, t.data(), kn(t).0, kn(t).1);
+            rest = tail;
         }
         pack_panels_t(&mut rest[..packed_len(c, v)], lm_head.data(), c, v);
     }
     let map = Arc::new(anon.make_read_only().map_err(|e| Error::io(path, e))?);
     let mut start = 0;
-    let mut next = |k: usize, n: usize| {
+    let mut next = |len: usize| {
         let p = Packed {
             map: Arc::clone(&map),
             start,
-            len: packed_len(k, n),
+            len,
         };
-        start += p.len;
+        start += len;
         p
     };
     let packed = layers
         .iter()
         .map(|l| {
-            let p = PackedLayer {
-                attn_qkv: next(c, 3 * c),
-                attn_proj: next(c, c),
-                mlp_fc: next(c, f),
-                mlp_proj: next(f, c),
-            };
-            for t in [&l.attn_qkv_w, &l.attn_proj_w, &l.mlp_fc_w, &l.mlp_proj_w] {
+            let [attn_qkv, attn_proj, mlp_fc, mlp_proj] = l.matrices().map(|t| {
                 t.release_pages();
+                next(len(t))
+            });
+            PackedLayer {
+                attn_qkv,
+                attn_proj,
+                mlp_fc,
+                mlp_proj,
             }
-            p
         })
         .collect();
-    let lm_head_packed = next(c, v);
+    let lm_head_packed = next(packed_len(c, v));
     // Tied, the token embeddings are read from the packed copy too
     // (`Weights::token_embedding`), so nothing reads these pages again.
     lm_head.release_pages();
@@ -522,7 +532,7 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
     let ln_f_g = take("ln_f.weight")?;
     let ln_f_b = take("ln_f.bias")?;
     let lm_head = take("lm_head.weight").ok();
-    let packing = pack(path, &layers, lm_head.as_ref().unwrap_or(&wte), config)?;
+    let packing = pack(path, &layers, lm_head.as_ref().unwrap_or(&wte))?;
     Ok(Weights {
         wte,
         wpe,

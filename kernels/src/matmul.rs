@@ -339,7 +339,6 @@ unsafe fn linear_block(
     };
     macro_rules! sweep {
         ($w:expr, $($r:literal)+) => {{
-            // Tiles of W columns over `cols`, rows `ks`.
             // One tile: rows r..r+R, columns j..j+W, weight rows `ks`.
             let tile_at = |r: usize, rows: usize, j: usize, ks: std::ops::Range<usize>| {
                 let (off, stride) = layout.col(j, k, n);
