@@ -252,7 +252,8 @@ fn linear_impl(
     // One task per thread, each a run of whole panels: in the packed layout
     // that is one contiguous stretch of memory, read front to back. (Cutting
     // K in halves instead, with the halves' sums added at the end, measured
-    // 5-15% slower at 4-8 rows from memory and no faster at one row.)
+    // the same within +-5% at 1-8 rows from huge pages, and needs a buffer
+    // and an extra pass over the output.)
     let out_ptr = OutPtr(out.as_mut_ptr());
     let (count, width) = column_chunks(n, PANEL, rayon::current_num_threads());
     (0..count).into_par_iter().for_each(|t| {
@@ -304,8 +305,9 @@ unsafe fn linear_block(
     // the FMAs and a step costs about streaming time plus compute time. The
     // tiles then prefetch the block PREFETCH_BLOCKS ahead in this task's
     // order into L2, one line per weight row they compute. Measured from
-    // memory at GPT-2's shapes: 10-15% faster at 8 and 16 rows, 0-5% at 4;
-    // one or two rows stream at full bandwidth without it.
+    // huge pages at GPT-2's shapes (7 alternating runs, medians): without
+    // it 8 rows take 1.0-1.18x as long; one or two rows stream at full
+    // bandwidth without it.
     let prefetch = layout == Layout::Panels && m > 2;
     let kb = match layout {
         Layout::Rows if m <= 16 => 16,
