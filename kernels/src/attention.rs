@@ -4,7 +4,21 @@ use crate::matmul::fmadd;
 
 /// Numerically stable softmax over `x`, in place.
 pub fn softmax_inplace(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // The maximum in 8 lanes (a single running max is a chain of dependent
+    // compares; the maximum does not depend on the order).
+    let mut top = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let max = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for (m, &v) in top.iter_mut().zip(c) {
+            *m = m.max(v);
+        }
+    }
+    let max = top.into_iter().fold(max, f32::max);
     // Two passes that vectorise: the exponentials, then their sum in 8 lanes.
     x.iter_mut().for_each(|v| *v = exp(*v - max));
     let mut lanes = [0f32; 8];
@@ -51,27 +65,69 @@ fn exp(x: f32) -> f32 {
 /// keys were grouped.
 #[inline(always)]
 fn dots<const J: usize>(q: &[f32], ks: [&[f32]; J]) -> [f32; J] {
-    let h8 = q.len() / 8 * 8;
-    let mut acc = [[0f32; 8]; J];
-    for d in (0..h8).step_by(8) {
-        let qd: &[f32; 8] = q[d..d + 8].try_into().expect("8 floats");
-        for (a, kj) in acc.iter_mut().zip(&ks) {
-            let kd: &[f32; 8] = kj[d..d + 8].try_into().expect("8 floats");
-            for l in 0..8 {
-                a[l] = fmadd(qd[l], kd[l], a[l]);
+    let hd = q.len();
+    let h8 = hd / 8 * 8;
+    for kj in &ks {
+        assert!(kj.len() >= hd, "dots: key shorter than the query");
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    // SAFETY: every key holds at least `hd >= h8` floats (asserted above);
+    // AVX2 and FMA are enabled at compile time.
+    let mut out = unsafe { avx2::dot_lanes::<J>(q.as_ptr(), ks.map(|k| k.as_ptr()), h8) };
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    let mut out = {
+        let mut acc = [[0f32; 8]; J];
+        for d in (0..h8).step_by(8) {
+            for (a, kj) in acc.iter_mut().zip(&ks) {
+                for l in 0..8 {
+                    a[l] = fmadd(q[d + l], kj[d + l], a[l]);
+                }
             }
         }
-    }
-    let mut out = [0f32; J];
-    for ((o, a), kj) in out.iter_mut().zip(&acc).zip(&ks) {
-        let p = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
-        let mut s = (p[0] + p[2]) + (p[1] + p[3]);
-        for d in h8..q.len() {
-            s = fmadd(q[d], kj[d], s);
+        acc.map(|a| {
+            let p = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+            (p[0] + p[2]) + (p[1] + p[3])
+        })
+    };
+    for (o, kj) in out.iter_mut().zip(&ks) {
+        for d in h8..hd {
+            *o = fmadd(q[d], kj[d], *o);
         }
-        *o = s;
     }
     out
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// The lane sums of [`super::dots`] over `0..h8`: per key, 8 lanes
+    /// accumulated over d in steps of 8, then `(l0+l4 + l2+l6) + (l1+l5 +
+    /// l3+l7)` exactly as the portable code adds them.
+    ///
+    /// # Safety
+    /// `q` and every key valid for `h8` floats, `h8` a multiple of 8.
+    #[inline(always)]
+    pub unsafe fn dot_lanes<const J: usize>(q: *const f32, ks: [*const f32; J], h8: usize) -> [f32; J] {
+        // SAFETY (whole body): every offset is below h8 (the contract above).
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); J];
+            for d in (0..h8).step_by(8) {
+                let qd = _mm256_loadu_ps(q.add(d));
+                for (a, k) in acc.iter_mut().zip(&ks) {
+                    *a = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k.add(d)), *a);
+                }
+            }
+            acc.map(|a| {
+                // [l0+l4, l1+l5, l2+l6, l3+l7]
+                let p = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+                // [p0+p2, p1+p3, ..]
+                let p = _mm_add_ps(p, _mm_movehl_ps(p, p));
+                // (p0+p2) + (p1+p3)
+                _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps::<1>(p, p)))
+            })
+        }
+    }
 }
 
 /// Attention of one query of one head over the first `t` cached positions:
@@ -104,24 +160,45 @@ pub fn attention_head(
     assert!(scores.len() >= t, "attention_head: scores shorter than t={t}");
     let scores = &mut scores[..t];
     let key = |i: usize| &k[i * stride..i * stride + hd];
-    // Four keys at a time: four independent chains hide the FMA latency.
+    // Eight keys at a time: eight independent chains hide the FMA latency.
     let mut i = 0;
-    while i + 4 <= t {
-        let s = dots(q, [key(i), key(i + 1), key(i + 2), key(i + 3)]);
-        for (dst, s) in scores[i..i + 4].iter_mut().zip(s) {
+    while i + 8 <= t {
+        let s = dots::<8>(q, std::array::from_fn(|j| key(i + j)));
+        for (dst, s) in scores[i..i + 8].iter_mut().zip(s) {
             *dst = s * scale;
         }
-        i += 4;
+        i += 8;
     }
     for (j, dst) in scores.iter_mut().enumerate().skip(i) {
         *dst = dots(q, [key(j)])[0] * scale;
     }
     softmax_inplace(scores);
-    out.fill(0.0);
-    for (i, &p) in scores.iter().enumerate() {
-        for (o, &vv) in out.iter_mut().zip(&v[i * stride..i * stride + hd]) {
-            *o = fmadd(p, vv, *o);
+    weighted_sum(out, scores, v, stride);
+}
+
+/// `out[d] = Σ_i p[i] · v[i·stride + d]`, summed in order of i from 0.
+/// Columns go 64 at a time (eight AVX2 registers held across all of `p`),
+/// so the sums never leave registers; any remainder one column at a time.
+fn weighted_sum(out: &mut [f32], p: &[f32], v: &[f32], stride: usize) {
+    const W: usize = 64;
+    let hd = out.len();
+    let mut d0 = 0;
+    while d0 + W <= hd {
+        let mut acc = [0f32; W];
+        for (i, &pi) in p.iter().enumerate() {
+            let vi: &[f32; W] = v[i * stride + d0..][..W].try_into().expect("64 floats");
+            for (a, &vv) in acc.iter_mut().zip(vi) {
+                *a = fmadd(pi, vv, *a);
+            }
         }
+        out[d0..d0 + W].copy_from_slice(&acc);
+        d0 += W;
+    }
+    for (d, o) in out.iter_mut().enumerate().skip(d0) {
+        *o = p
+            .iter()
+            .enumerate()
+            .fold(0.0, |a, (i, &pi)| fmadd(pi, v[i * stride + d], a));
     }
 }
 
@@ -145,12 +222,27 @@ mod tests {
     #[test]
     fn grouped_and_single_dots_round_alike() {
         let q: Vec<f32> = (0..67).map(|i| (i as f32 * 0.37).sin()).collect();
-        let ks: Vec<Vec<f32>> = (0..4)
+        let ks: Vec<Vec<f32>> = (0..8)
             .map(|j| (0..67).map(|i| ((i * 7 + j) as f32 * 0.11).cos()).collect())
             .collect();
-        let four = dots(&q, [&ks[0][..], &ks[1], &ks[2], &ks[3]]);
+        let eight = dots::<8>(&q, std::array::from_fn(|j| &ks[j][..]));
+        let four = dots(&q, [&ks[4][..], &ks[5], &ks[6], &ks[7]]);
         for (j, k) in ks.iter().enumerate() {
-            assert_eq!(four[j], dots(&q, [&k[..]])[0]);
+            // The order the doc comment promises, written out in scalars.
+            let mut lanes = [0f32; 8];
+            for d in 0..64 {
+                lanes[d % 8] = fmadd(q[d], k[d], lanes[d % 8]);
+            }
+            let l = lanes;
+            let mut want = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+            for d in 64..67 {
+                want = fmadd(q[d], k[d], want);
+            }
+            assert_eq!(dots(&q, [&k[..]])[0], want, "key {j} alone");
+            assert_eq!(eight[j], want, "key {j} of eight");
+            if j >= 4 {
+                assert_eq!(four[j - 4], want, "key {j} of four");
+            }
         }
     }
 }
