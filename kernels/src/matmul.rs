@@ -297,8 +297,11 @@ unsafe fn linear_block(
     //
     // Panels: one panel at a time, its KB x 48 blocks in order: a single
     // stream per task. One row group (M <= 2) takes the whole K range in one
-    // block, so its sums stay in registers; more groups take blocks that stay
-    // in L1 while every group uses them.
+    // block, so its sums stay in registers; up to 32 rows take blocks of 64
+    // panel rows (12 KiB), which stay in L1 while every group uses them.
+    // Prompts take blocks of 256 (48 KiB, from L2): each tile then loads and
+    // stores its sums a quarter as often, and prefill of 128 and 512 tokens
+    // measured 8-9% faster than with 64 (e2e bench, 3 alternating runs).
     //
     // From 3 rows on, the arithmetic of a block takes long enough that the
     // hardware prefetcher stops running ahead: the reads stop overlapping
@@ -313,7 +316,8 @@ unsafe fn linear_block(
         Layout::Rows if m <= 16 => 16,
         Layout::Rows => 128,
         Layout::Panels if m <= 2 => ks.len().max(1),
-        Layout::Panels => 64,
+        Layout::Panels if m <= 32 => 64,
+        Layout::Panels => 256,
     };
     macro_rules! sweep {
         ($w:expr, $($r:literal)+) => {{
