@@ -43,8 +43,8 @@ fn main() {
 
     // Prefill: one sequence, T rows, logits for the last one.
     for t in [16, 128, 512] {
-        let mut cache = model.new_cache();
-        let mut scratch = model.new_scratch(t);
+        let mut cache = model.new_cache().expect("cache");
+        let mut scratch = model.new_scratch(t).expect("scratch");
         let rows: Vec<Row> = (0..t)
             .map(|p| Row {
                 seq: 0,
@@ -78,8 +78,8 @@ fn main() {
 
     // Decode steps: B sequences each at position 64, one row each.
     for b in [1, 2, 4, 8, 16, 32] {
-        let mut caches: Vec<KvCache> = (0..b).map(|_| model.new_cache()).collect();
-        let mut scratch = model.new_scratch(64.max(b));
+        let mut caches: Vec<KvCache> = (0..b).map(|_| model.new_cache().expect("cache")).collect();
+        let mut scratch = model.new_scratch(64.max(b)).expect("scratch");
         for cache in caches.iter_mut() {
             let rows: Vec<Row> = (0..64)
                 .map(|p| Row {

@@ -84,12 +84,13 @@ pub struct Session {
 
 impl Session {
     /// `max_rows` bounds the rows per forward pass: prompts longer than that
-    /// are prefilled in chunks.
-    pub fn new(model: &Gpt2Model, max_rows: usize) -> Self {
-        Session {
-            cache: model.new_cache(),
-            scratch: model.new_scratch(max_rows),
-        }
+    /// are prefilled in chunks. An error if the cache or buffers cannot be
+    /// allocated (a config whose context window is too large for memory).
+    pub fn new(model: &Gpt2Model, max_rows: usize) -> Result<Self> {
+        Ok(Session {
+            cache: model.new_cache()?,
+            scratch: model.new_scratch(max_rows)?,
+        })
     }
 
     /// Turns the per-op profile on (a fresh one) or off.

@@ -55,8 +55,8 @@ pub struct Row {
 /// side (`[L, P, C]`) made every head read 64 floats every 3 KiB; attention
 /// took ~20% longer that way at 1 and at 8 rows of 65 positions.
 pub struct KvCache {
-    k: Vec<f32>, // (L, H, P, hd)
-    v: Vec<f32>, // (L, H, P, hd)
+    k: Floats, // (L, H, P, hd)
+    v: Floats, // (L, H, P, hd)
     len: usize,
     n_positions: usize,
     n_embd: usize,
@@ -64,16 +64,30 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(config: &Gpt2Config) -> Self {
-        let size = config.n_layer * config.n_positions * config.n_embd;
-        KvCache {
-            k: vec![0.0; size],
-            v: vec![0.0; size],
+    /// An empty cache for `config`'s n_layer × n_positions × n_embd keys and
+    /// as many values. Its memory is mapped, not touched: pages become
+    /// resident as positions are written. An error (naming the size) if the
+    /// OS refuses the mapping.
+    pub fn new(config: &Gpt2Config) -> Result<Self> {
+        let size = config
+            .n_layer
+            .checked_mul(config.n_positions)
+            .and_then(|n| n.checked_mul(config.n_embd));
+        let what = || {
+            format!(
+                "a KV cache of 2 x {} layers x {} positions x {} channels",
+                config.n_layer, config.n_positions, config.n_embd
+            )
+        };
+        let size = size.ok_or_else(|| Error::Engine(format!("{} overflows", what())))?;
+        Ok(KvCache {
+            k: Floats::zeroed(size).map_err(|e| Error::Engine(format!("cannot allocate {}: {e}", what())))?,
+            v: Floats::zeroed(size).map_err(|e| Error::Engine(format!("cannot allocate {}: {e}", what())))?,
             len: 0,
             n_positions: config.n_positions,
             n_embd: config.n_embd,
             n_head: config.n_head,
-        }
+        })
     }
 
     /// Positions stored so far; the next row of this sequence has `pos == len()`.
@@ -102,6 +116,49 @@ impl KvCache {
     }
 }
 
+/// Zeroed f32 storage in an anonymous map: the OS hands out zero pages as
+/// they are first written (as `calloc` does for large blocks), and a refusal
+/// is an error rather than an abort.
+struct Floats {
+    map: memmap2::MmapMut,
+    len: usize,
+}
+
+impl Floats {
+    fn zeroed(len: usize) -> std::io::Result<Self> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<f32>())
+            .ok_or_else(|| std::io::Error::other(format!("{len} floats overflow the address space")))?;
+        // A zero-length map is an error on some systems; map one page instead.
+        let map = memmap2::MmapMut::map_anon(bytes.max(1))?;
+        Ok(Floats { map, len })
+    }
+}
+
+impl std::ops::Deref for Floats {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // The map is page-aligned, so the cast cannot fail.
+        bytemuck::cast_slice(&self.map[..self.len * std::mem::size_of::<f32>()])
+    }
+}
+
+impl std::ops::DerefMut for Floats {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        bytemuck::cast_slice_mut(&mut self.map[..self.len * std::mem::size_of::<f32>()])
+    }
+}
+
+/// `n` zeroed floats, or an error naming `what` if that much cannot be had.
+fn zeroed_vec(n: Option<usize>, what: &str) -> Result<Vec<f32>> {
+    let n = n.ok_or_else(|| Error::Engine(format!("the {what} buffer's size overflows")))?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|e| Error::Engine(format!("cannot allocate the {what} buffer of {n} floats: {e}")))?;
+    v.resize(n, 0.0);
+    Ok(v)
+}
+
 /// Work buffers for batches of up to `max_rows` rows, allocated once.
 pub struct Scratch {
     max_rows: usize,
@@ -120,23 +177,26 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub fn new(config: &Gpt2Config, max_rows: usize) -> Self {
+    /// Buffers for up to `max_rows` rows (at least 1); an error naming the
+    /// buffer if one cannot be allocated.
+    pub fn new(config: &Gpt2Config, max_rows: usize) -> Result<Self> {
         let max_rows = max_rows.max(1);
         let (c, f, h, p) = (config.n_embd, config.n_inner, config.n_head, config.n_positions);
-        Scratch {
+        let rows = |n: usize, what: &str| zeroed_vec(max_rows.checked_mul(n), what);
+        Ok(Scratch {
             max_rows,
-            x: vec![0.0; max_rows * c],
-            h: vec![0.0; max_rows * c],
-            qkv: vec![0.0; max_rows * 3 * c],
-            att: vec![0.0; max_rows * c],
-            proj: vec![0.0; max_rows * c],
-            fc: vec![0.0; max_rows * f],
-            scores: vec![0.0; max_rows * h * p],
-            lm_in: vec![0.0; max_rows * c],
+            x: rows(c, "residual")?,
+            h: rows(c, "layer-norm")?,
+            qkv: rows(3 * c, "qkv")?,
+            att: rows(c, "attention")?,
+            proj: rows(c, "projection")?,
+            fc: rows(f, "MLP")?,
+            scores: rows(h.saturating_mul(p), "attention scores")?,
+            lm_in: rows(c, "LM head input")?,
             logits: Vec::new(),
             next_pos: Vec::new(),
             profile: None,
-        }
+        })
     }
 
     /// The largest batch this scratch can run.
@@ -168,11 +228,13 @@ impl Gpt2Model {
         Ok(Gpt2Model { config, weights })
     }
 
-    pub fn new_cache(&self) -> KvCache {
+    /// A KV cache for one sequence (see [`KvCache::new`]).
+    pub fn new_cache(&self) -> Result<KvCache> {
         KvCache::new(&self.config)
     }
 
-    pub fn new_scratch(&self, max_rows: usize) -> Scratch {
+    /// Work buffers for batches of up to `max_rows` rows (see [`Scratch::new`]).
+    pub fn new_scratch(&self, max_rows: usize) -> Result<Scratch> {
         Scratch::new(&self.config, max_rows)
     }
 
@@ -189,6 +251,16 @@ impl Gpt2Model {
         s: &'s mut Scratch,
     ) -> Result<&'s [f32]> {
         self.check_batch(rows, caches, s)?;
+        // The logits buffer grows to the largest batch of logit rows seen,
+        // before anything changes, so that running short is a clean error.
+        let wanted = rows.iter().filter(|r| r.logits).count();
+        let need = wanted.saturating_mul(self.config.vocab_size);
+        if s.logits.len() < need {
+            s.logits
+                .try_reserve_exact(need - s.logits.len())
+                .map_err(|e| Error::Engine(format!("cannot allocate logits for {wanted} rows: {e}")))?;
+            s.logits.resize(need, 0.0);
+        }
         let cfg = &self.config;
         let (m, c, f, v) = (rows.len(), cfg.n_embd, cfg.n_inner, cfg.vocab_size);
         let (nh, hd, p) = (cfg.n_head, cfg.head_dim(), cfg.n_positions);
@@ -319,9 +391,6 @@ impl Gpt2Model {
                 layernorm(dst, xr, w.ln_f_g.data(), w.ln_f_b.data(), eps);
             }
         });
-        if s.logits.len() < n * v {
-            s.logits.resize(n * v, 0.0);
-        }
         let logits = &mut s.logits[..n * v];
         let (lm_bytes, lm_flops) = (v * c * f32s, 2 * n * c * v);
         t.time(Op::LmHead, lm_bytes, lm_flops, || {
@@ -395,8 +464,8 @@ impl Gpt2Model {
     /// in chunks of at most `chunk` rows. For checking against other
     /// implementations (`gpt2 logits`) and for tests.
     pub fn logits_all(&self, tokens: &[u32], chunk: usize) -> Result<Vec<f32>> {
-        let mut cache = self.new_cache();
-        let mut scratch = self.new_scratch(chunk);
+        let mut cache = self.new_cache()?;
+        let mut scratch = self.new_scratch(chunk)?;
         let mut out = Vec::with_capacity(tokens.len() * self.config.vocab_size);
         for (ci, part) in tokens.chunks(scratch.max_rows()).enumerate() {
             let start = ci * scratch.max_rows();

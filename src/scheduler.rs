@@ -131,11 +131,12 @@ impl Scheduler {
                 config.max_batch, config.max_prompt_rows
             )));
         }
+        let scratch = model.new_scratch(config.max_batch + config.max_prompt_rows)?;
         let (tx, rx) = mpsc::channel();
         let engine_model = Arc::clone(&model);
         let engine = std::thread::Builder::new()
             .name("gpt2-engine".into())
-            .spawn(move || Engine::new(engine_model, config).run(rx))
+            .spawn(move || Engine::new(engine_model, config, scratch).run(rx))
             .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
         Ok(Scheduler {
             submit: Some(tx),
@@ -227,8 +228,7 @@ struct Engine {
 }
 
 impl Engine {
-    fn new(model: Arc<Gpt2Model>, config: SchedulerConfig) -> Self {
-        let scratch = model.new_scratch(config.max_batch + config.max_prompt_rows);
+    fn new(model: Arc<Gpt2Model>, config: SchedulerConfig, scratch: Scratch) -> Self {
         Engine {
             model,
             scratch,
@@ -293,7 +293,15 @@ impl Engine {
                     continue;
                 }
             };
-            let mut cache = self.pool.pop().unwrap_or_else(|| self.model.new_cache());
+            // A cache from the pool, or a new one; if none can be had, this
+            // request fails and the others carry on.
+            let mut cache = match self.pool.pop().map_or_else(|| self.model.new_cache(), Ok) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = req.events.send(Event::Done(Err(e)));
+                    continue;
+                }
+            };
             cache.clear();
             let mut history = Vec::with_capacity(req.prompt.len() + req.opts.max_new_tokens);
             history.extend_from_slice(&req.prompt);

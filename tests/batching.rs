@@ -32,6 +32,7 @@ fn prompts(n: usize) -> Vec<Vec<u32>> {
 
 fn alone(model: &Gpt2Model, prompt: &[u32], opts: &GenerateOptions) -> Generation {
     Session::new(model, 16)
+        .expect("session")
         .generate(model, prompt, opts, |_| {})
         .unwrap()
 }
@@ -267,7 +268,12 @@ fn non_finite_logits_end_the_request_with_an_error() {
     }
     std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
     let model = Arc::new(Gpt2Model::load(&dir).unwrap());
-    let err = Session::new(&model, 8).generate(&model, &[1, 2, 3], &GenerateOptions::greedy(4), |_| {});
+    let err = Session::new(&model, 8).expect("session").generate(
+        &model,
+        &[1, 2, 3],
+        &GenerateOptions::greedy(4),
+        |_| {},
+    );
     assert!(matches!(err, Err(Error::NonFiniteLogits { .. })), "{err:?}");
     let sched = Scheduler::new(Arc::clone(&model), SchedulerConfig::default()).unwrap();
     let err = sched.generate(vec![1, 2, 3], GenerateOptions::greedy(4));

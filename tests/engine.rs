@@ -35,8 +35,8 @@ fn prefill_equals_token_by_token_decode() {
     let tokens = prompt(40, 1);
     let prefill = m.logits_all(&tokens, 64).unwrap();
     // One row at a time through the cache.
-    let mut cache = m.new_cache();
-    let mut scratch = m.new_scratch(1);
+    let mut cache = m.new_cache().expect("cache");
+    let mut scratch = m.new_scratch(1).expect("scratch");
     let mut decode = Vec::new();
     for (pos, &token) in tokens.iter().enumerate() {
         let row = Row {
@@ -62,8 +62,8 @@ fn a_batch_of_sequences_equals_each_sequence_alone() {
     let alone: Vec<Vec<f32>> = prompts.iter().map(|p| m.logits_all(p, 64).unwrap()).collect();
 
     // Bring the sequences to different positions: prefill all but the last token...
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| m.new_cache()).collect();
-    let mut scratch = m.new_scratch(64);
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| m.new_cache().expect("cache")).collect();
+    let mut scratch = m.new_scratch(64).expect("scratch");
     for (i, p) in prompts.iter().enumerate() {
         if p.len() > 1 {
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
@@ -108,8 +108,8 @@ fn a_batch_of_sequences_equals_each_sequence_alone() {
 #[test]
 fn bad_rows_are_rejected_before_any_work() {
     let m = tiny();
-    let mut cache = m.new_cache();
-    let mut scratch = m.new_scratch(4);
+    let mut cache = m.new_cache().expect("cache");
+    let mut scratch = m.new_scratch(4).expect("scratch");
     let row = |token, pos| Row {
         seq: 0,
         token,
@@ -179,4 +179,32 @@ fn the_model_is_shared_across_threads() {
             s.spawn(|| assert_eq!(m.logits_all(&prompt(9, 6), 64).unwrap(), want));
         }
     });
+}
+
+#[test]
+fn a_kv_cache_too_large_for_memory_is_an_error_not_an_abort() {
+    use gpt2::Gpt2Config;
+    let config = |n_layer: u64, n_positions: u64| {
+        Gpt2Config::from_json(&format!(
+            r#"{{"n_layer": {n_layer}, "n_head": 1, "n_embd": 8, "n_positions": {n_positions}, "vocab_size": 16}}"#
+        ))
+        .unwrap()
+    };
+    // 2^30 layers x 2^16 positions x 8 channels: 2 PiB of keys, past any
+    // address space, so the OS refuses the map.
+    let err = KvCache::new(&config(1 << 30, 1 << 16))
+        .err()
+        .expect("no such map");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cannot allocate a KV cache of 2 x 1073741824 layers x 65536 positions x 8 channels"),
+        "{msg}"
+    );
+    // 2^40 x 2^20 x 8 floats fit a usize, their bytes do not.
+    let err = KvCache::new(&config(1 << 40, 1 << 20))
+        .err()
+        .expect("no such size");
+    assert!(err.to_string().contains("overflow"), "{err}");
+    // A small one maps.
+    assert!(KvCache::new(&config(2, 16)).unwrap().is_empty());
 }

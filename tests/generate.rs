@@ -28,7 +28,7 @@ fn greedy_generation_matches_the_transformers_fixture() {
     assert_eq!(fixture["configs"][0]["preset"], "tiny");
     let m = tiny();
     // A scratch of 4 rows: the 6-token prompt is prefilled in two chunks.
-    let mut session = Session::new(&m, 4);
+    let mut session = Session::new(&m, 4).expect("session");
     let mut streamed = Vec::new();
     let g = session
         .generate(&m, &PROMPT, &GenerateOptions::greedy(30), |t| streamed.push(t))
@@ -51,7 +51,7 @@ fn greedy_generation_matches_the_transformers_fixture() {
 #[test]
 fn eos_stops_unless_ignored() {
     let m = tiny();
-    let mut session = Session::new(&m, 16);
+    let mut session = Session::new(&m, 16).expect("session");
     // The tiny model greedily repeats one token; call that token EOS.
     let first = session
         .generate(&m, &PROMPT, &GenerateOptions::greedy(1), |_| {})
@@ -82,7 +82,7 @@ fn eos_stops_unless_ignored() {
 fn a_full_context_window_is_a_normal_stop() {
     let m = tiny(); // n_positions = 128
     let prompt: Vec<u32> = (0..120).map(|i| i * 37 % 50257).collect();
-    let mut session = Session::new(&m, 64);
+    let mut session = Session::new(&m, 64).expect("session");
     let g = session
         .generate(&m, &prompt, &GenerateOptions::greedy(30), |_| {})
         .unwrap();
@@ -98,7 +98,7 @@ fn a_full_context_window_is_a_normal_stop() {
 #[test]
 fn sampling_is_reproducible_from_the_seed() {
     let m = tiny();
-    let mut session = Session::new(&m, 16);
+    let mut session = Session::new(&m, 16).expect("session");
     let opts = |seed| GenerateOptions {
         sampling: SamplingParams {
             temperature: 1.0,
@@ -118,11 +118,13 @@ fn sampling_is_reproducible_from_the_seed() {
     std::thread::scope(|s| {
         let other = s.spawn(|| {
             Session::new(&m, 16)
+                .expect("session")
                 .generate(&m, &PROMPT, &opts(9), |_| {})
                 .unwrap()
         });
         assert_eq!(
             Session::new(&m, 16)
+                .expect("session")
                 .generate(&m, &PROMPT, &opts(1), |_| {})
                 .unwrap()
                 .tokens,
@@ -135,7 +137,7 @@ fn sampling_is_reproducible_from_the_seed() {
 #[test]
 fn bad_requests_are_clear_errors() {
     let m = tiny();
-    let mut s = Session::new(&m, 16);
+    let mut s = Session::new(&m, 16).expect("session");
     let err = s
         .generate(&m, &[], &GenerateOptions::greedy(5), |_| {})
         .unwrap_err();
@@ -229,6 +231,7 @@ fn real_gpt2_matches_hugging_face_greedy() {
     );
     let m = Gpt2Model::load(&resolved.dir).unwrap();
     let g = Session::new(&m, 16)
+        .expect("session")
         .generate(&m, &[464, 3290], &GenerateOptions::greedy(18), |_| {})
         .unwrap();
     let mut all = vec![464, 3290];

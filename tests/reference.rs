@@ -107,8 +107,8 @@ fn check_greedy(preset: Preset) {
     let (c, m) = (case(preset), model(preset));
     let v = m.config.vocab_size;
     for p in &c.prompts {
-        let mut cache = m.new_cache();
-        let mut scratch = m.new_scratch(p.ids.len());
+        let mut cache = m.new_cache().expect("cache");
+        let mut scratch = m.new_scratch(p.ids.len()).expect("scratch");
         let rows: Vec<Row> = p
             .ids
             .iter()

@@ -148,7 +148,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 model.weights.packed_bytes as f64 / 1e6,
                 ids.len()
             );
-            let mut session = Session::new(&model, ids.len().clamp(1, 128));
+            let mut session = Session::new(&model, ids.len().clamp(1, 128))?;
             session.set_profiling(profile);
             let mut stream = TextStream::new(&tok);
             let mut out = std::io::stdout();

@@ -206,12 +206,11 @@ fn soak(
                     let opts = GenerateOptions::greedy(job.max_new);
                     let result = match &scheduler {
                         Some(sched) => sched.generate(job.prompt.clone(), opts),
-                        None => session.get_or_insert_with(|| Session::new(model, 128)).generate(
-                            model,
-                            &job.prompt,
-                            &opts,
-                            |_| {},
-                        ),
+                        None => match session {
+                            Some(ref mut s) => Ok(s),
+                            None => Session::new(model, 128).map(|s| session.insert(s)),
+                        }
+                        .and_then(|s| s.generate(model, &job.prompt, &opts, |_| {})),
                     };
                     match result {
                         Ok(g) if g.tokens.len() == job.max_new => {

@@ -576,11 +576,13 @@ impl Runner<'_> {
     ) -> Vec<RequestRecord> {
         let max_prompt = prompts.iter().map(Vec::len).max().unwrap_or(1);
         let new_session = || {
-            let mut s = Session::new(self.model, max_prompt.clamp(1, 256));
+            let mut s = Session::new(self.model, max_prompt.clamp(1, 256))?;
             s.set_profiling(self.profile.is_some());
-            s
+            Ok::<_, gpt2::Error>(s)
         };
-        let mut session = (mode == Mode::Threads).then(new_session);
+        // Allocated before the clock starts; if that fails, each request
+        // tries again and reports the error.
+        let mut session = (mode == Mode::Threads).then(new_session).and_then(Result::ok);
         let own_pool = match (mode, self.layout) {
             (Mode::Threads, PoolLayout::PerRequest) => rayon::ThreadPoolBuilder::new()
                 .num_threads(self.threads)
@@ -610,7 +612,10 @@ impl Runner<'_> {
             };
             let result: std::thread::Result<gpt2::Result<Generation>> = match mode {
                 Mode::Threads => catch_unwind(AssertUnwindSafe(|| {
-                    let s = session.get_or_insert_with(new_session);
+                    let s = match session {
+                        Some(ref mut s) => s,
+                        None => session.insert(new_session()?),
+                    };
                     pool.install(|| s.generate(self.model, prompt, &self.opts, |_| {}))
                 })),
                 Mode::Batched => catch_unwind(AssertUnwindSafe(|| match self.scheduler {
@@ -728,7 +733,7 @@ fn measure_roofline(
     let prompt: Vec<u32> = (0..tokens as u32)
         .map(|i| (i * 101) % cfg.vocab_size as u32)
         .collect();
-    let mut session = Session::new(model, tokens);
+    let mut session = Session::new(model, tokens)?;
     let mut times: Vec<f64> = (0..3)
         .map(|_| {
             pool.install(|| session.generate(model, &prompt, &GenerateOptions::greedy(1), |_| {}))
