@@ -259,16 +259,16 @@ fn linear_impl(
     (0..count).into_par_iter().for_each(|t| {
         let j0 = t * width;
         // SAFETY: tasks own disjoint column ranges of `out`.
-        unsafe { linear_block(out_ptr, x, w, layout, m, k, n, 0..k, j0..(j0 + width).min(n)) };
+        unsafe { linear_block(out_ptr, x, w, layout, m, k, n, j0..(j0 + width).min(n)) };
     });
 }
 
-/// `out[.., cols] += x[.., ks] · w[ks, cols]` for all M rows, in tiles.
+/// `out[.., cols] += x · w[.., cols]` for all M rows, in tiles.
 ///
 /// # Safety
 /// `out` points to an `[M, N]` buffer whose columns `cols` no other thread
-/// touches; `ks` within `0..K`, `cols` within `0..N`, `cols.start` a
-/// multiple of [`PANEL`]; `w` holds `[K, N]` in `layout`.
+/// touches; `cols` within `0..N`, `cols.start` a multiple of [`PANEL`];
+/// `w` holds `[K, N]` in `layout`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn linear_block(
     out: OutPtr,
@@ -278,9 +278,10 @@ unsafe fn linear_block(
     m: usize,
     k: usize,
     n: usize,
-    ks: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 ) {
+    // Every weight row, in blocks of KB.
+    let ks = 0..k;
     // Register blocking by row count: one row takes 48-wide tiles (6
     // accumulators), two rows 2 x 48, 3-4 and 7-8 rows 4 x 24, other counts
     // the classic 6 x 16 AVX2 block (12 accumulators, 2 weight loads per 12 FMAs).
@@ -315,7 +316,7 @@ unsafe fn linear_block(
     let kb = match layout {
         Layout::Rows if m <= 16 => 16,
         Layout::Rows => 128,
-        Layout::Panels if m <= 2 => ks.len().max(1),
+        Layout::Panels if m <= 2 => k.max(1),
         Layout::Panels if m <= 32 => 64,
         Layout::Panels => 256,
     };
