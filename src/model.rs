@@ -80,9 +80,11 @@ impl KvCache {
             )
         };
         let size = size.ok_or_else(|| Error::Engine(format!("{} overflows", what())))?;
+        let alloc =
+            || Floats::zeroed(size).map_err(|e| Error::Engine(format!("cannot allocate {}: {e}", what())));
         Ok(KvCache {
-            k: Floats::zeroed(size).map_err(|e| Error::Engine(format!("cannot allocate {}: {e}", what())))?,
-            v: Floats::zeroed(size).map_err(|e| Error::Engine(format!("cannot allocate {}: {e}", what())))?,
+            k: alloc()?,
+            v: alloc()?,
             len: 0,
             n_positions: config.n_positions,
             n_embd: config.n_embd,
