@@ -14,14 +14,43 @@ pub fn layernorm(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f
     assert_eq!(beta.len(), c, "layernorm: beta is not [C={c}]");
     assert_eq!(out.len(), x.len(), "layernorm: out and x differ in length");
     assert_eq!(x.len() % c, 0, "layernorm: x is not [M, C={c}]");
-    for (o, xr) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-        let mean = xr.iter().sum::<f32>() / c as f32;
-        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+    if c == 0 {
+        return;
+    }
+    let row = |(o, xr): (&mut [f32], &[f32])| {
+        let mean = lane_sum(xr, |v| v) / c as f32;
+        let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / c as f32;
         let rstd = 1.0 / (var + eps).sqrt();
         for (((o, &v), &g), &b) in o.iter_mut().zip(xr).zip(gamma).zip(beta) {
             *o = (v - mean) * rstd * g + b;
         }
+    };
+    // A prompt's rows are independent: split them over the pool when there
+    // are enough (one decode row stays on this thread).
+    if x.len() <= PAR_CHUNK {
+        out.chunks_exact_mut(c).zip(x.chunks_exact(c)).for_each(row);
+    } else {
+        out.par_chunks_exact_mut(c)
+            .zip(x.par_chunks_exact(c))
+            .for_each(row);
     }
+}
+
+/// `sum(f(v) for v in x)` in `LANES` partial sums, then the lanes in order:
+/// a single running sum cannot be vectorised (each add waits for the last),
+/// and made a layer norm of a 128-token prompt cost 0.2 ms.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for ch in chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// GPT-2's tanh approximation of GELU ("gelu_new"), in place:

@@ -267,7 +267,8 @@ mod tests {
 
     #[test]
     fn layernorm_matches_naive() {
-        for &(m, c) in &[(1, 1), (3, 7), (5, 64), (2, 769)] {
+        // Up to the lane width and past it, with a tail; 40 x 768 runs the rows in parallel.
+        for &(m, c) in &[(1, 1), (3, 7), (5, 64), (2, 769), (1, 16), (4, 33), (40, 768)] {
             let x: Vec<f32> = values(m * c, 9).iter().map(|v| v * 3.0 + 0.5).collect();
             let (g, b) = (values(c, 10), values(c, 11));
             let (mut got, mut want) = (vec![0.0; m * c], vec![0.0; m * c]);
