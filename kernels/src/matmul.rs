@@ -304,9 +304,11 @@ unsafe fn linear_block(
     // at all five GPT-2 shapes (2 threads from memory, 300 alternating
     // calls). Up to 32 rows take blocks of 64
     // panel rows (12 KiB), which stay in L1 while every group uses them.
-    // Prompts take blocks of 256 (48 KiB, from L2): each tile then loads and
-    // stores its sums a quarter as often, and prefill of 128 and 512 tokens
-    // measured 8-9% faster than with 64 (e2e bench, 3 alternating runs).
+    // Prompts take blocks of 768 (144 KiB, from L2; all of K but for the
+    // MLP's down projection): each tile loads and stores its sums far less
+    // often. 256 measured 8-9% faster than 64 on prefill of 128 and 512
+    // tokens (e2e bench, 3 alternating runs), and 768 2-5% faster than 256
+    // at M = 128 (6 of 6 alternating kernel runs at GPT-2's shapes).
     //
     // From 3 rows on, the arithmetic of a block takes long enough that the
     // hardware prefetcher stops running ahead: the reads stop overlapping
@@ -323,7 +325,7 @@ unsafe fn linear_block(
         Layout::Panels if m <= 2 => k.max(1),
         Layout::Panels if m <= 4 => 256,
         Layout::Panels if m <= 32 => 64,
-        Layout::Panels => 256,
+        Layout::Panels => 768,
     };
     macro_rules! sweep {
         ($w:expr, $($r:literal)+) => {{
