@@ -1,5 +1,7 @@
 //! Every kernel at GPT-2 124M shapes, printing achieved GB/s (weight-streaming
-//! kernels) or GFLOP/s (SGEMM). `cargo bench -p gpt2-kernels [-- FILTER]`.
+//! kernels) or GFLOP/s (SGEMM): the linear layers at 1-128 rows, the LM head,
+//! then layer norm, GELU, the residual add, softmax and one head's attention
+//! (in cache, each next to its naive twin). `cargo bench -p gpt2-kernels [-- FILTER]`.
 //! Medians over repetitions; the machine is shared, so compare ratios.
 
 use std::hint::black_box;
@@ -175,5 +177,97 @@ fn main() {
             c * v * 4,
             2 * m * c * v,
         );
+    }
+
+    // The small kernels of a forward pass, at GPT-2's shapes: one decode row
+    // and a 128-token prompt. GB/s counts the floats read and written once
+    // (they are in cache: this is the in-cache rate, not DRAM); the naive
+    // twin (`reference`, f64 sums, no lanes) for comparison.
+    let gb = |t: Duration, bytes: usize| bytes as f64 / t.as_secs_f64() / 1e9;
+    for rows in [1, 128] {
+        let label = format!("layernorm M={rows} C={c}");
+        if label.contains(&filter) {
+            let (x, g, b) = (values(rows * c), values(c), values(c));
+            let mut out = vec![0.0; rows * c];
+            let t = median(|| k::layernorm(black_box(&mut out), &x, &g, &b, 1e-5));
+            let naive = median(|| k::reference::layernorm(black_box(&mut out), &x, &g, &b, 1e-5));
+            println!(
+                "{label:42} {:9.2} us {:7.1} GB/s   naive {:9.2} us",
+                t.as_secs_f64() * 1e6,
+                gb(t, 2 * rows * c * 4),
+                naive.as_secs_f64() * 1e6
+            );
+        }
+        let label = format!("gelu M={rows} N={}", 4 * c);
+        if label.contains(&filter) {
+            let x = values(rows * 4 * c);
+            let mut y = x.clone();
+            let t = median(|| {
+                y.copy_from_slice(&x);
+                k::gelu_inplace(black_box(&mut y))
+            });
+            let naive = median(|| {
+                y.copy_from_slice(&x);
+                k::reference::gelu(black_box(&mut y))
+            });
+            println!(
+                "{label:42} {:9.2} us {:7.1} GB/s   naive {:9.2} us (each with a copy-in)",
+                t.as_secs_f64() * 1e6,
+                gb(t, 2 * y.len() * 4),
+                naive.as_secs_f64() * 1e6
+            );
+        }
+        let label = format!("add_assign (residual) M={rows} C={c}");
+        if label.contains(&filter) {
+            let (mut acc, x) = (values(rows * c), values(rows * c));
+            let t = median(|| k::add_assign(black_box(&mut acc), &x));
+            println!(
+                "{label:42} {:9.2} us {:7.1} GB/s",
+                t.as_secs_f64() * 1e6,
+                gb(t, 3 * rows * c * 4)
+            );
+        }
+    }
+    for t_len in [64, 256, 1024] {
+        let label = format!("softmax N={t_len}");
+        if label.contains(&filter) {
+            let x = values(t_len);
+            let mut y = x.clone();
+            let t = median(|| {
+                y.copy_from_slice(&x);
+                k::softmax_inplace(black_box(&mut y))
+            });
+            let naive = median(|| {
+                y.copy_from_slice(&x);
+                k::reference::softmax(black_box(&mut y))
+            });
+            println!(
+                "{label:42} {:9.2} us {:7.1} GB/s   naive {:9.2} us",
+                t.as_secs_f64() * 1e6,
+                gb(t, 2 * t_len * 4),
+                naive.as_secs_f64() * 1e6
+            );
+        }
+        // One query of one head (hd 64) over t cached positions, the cache
+        // laid out as the engine keeps it (each head's positions contiguous).
+        let label = format!("attention_head hd=64 t={t_len}");
+        if label.contains(&filter) {
+            let hd = 64;
+            let (q, kc, vc) = (values(hd), values(t_len * hd), values(t_len * hd));
+            let (mut out, mut scores) = (vec![0.0; hd], vec![0.0; t_len]);
+            let t = median(|| {
+                k::attention_head(black_box(&mut out), &q, &kc, &vc, t_len, hd, &mut scores, 0.125)
+            });
+            let naive =
+                median(|| k::reference::attention_head(black_box(&mut out), &q, &kc, &vc, t_len, hd, 0.125));
+            println!(
+                "{label:42} {:9.2} us {:7.1} GB/s {:7.1} GFLOP/s   {:.1} ns/key, naive {:9.2} us",
+                t.as_secs_f64() * 1e6,
+                gb(t, 2 * t_len * hd * 4),
+                (4 * t_len * hd) as f64 / t.as_secs_f64() / 1e9,
+                t.as_secs_f64() * 1e9 / t_len as f64,
+                naive.as_secs_f64() * 1e6
+            );
+        }
     }
 }
