@@ -61,6 +61,26 @@ fn median(mut f: impl FnMut()) -> Duration {
     times[reps / 2]
 }
 
+/// An in-place kernel over `n` floats against its naive twin; each timed call
+/// first copies the input back in (counted in the time).
+fn in_place(label: &str, n: usize, fast: impl Fn(&mut [f32]), naive: impl Fn(&mut [f32])) {
+    let x = values(n);
+    let mut y = x.clone();
+    let mut time = |f: &dyn Fn(&mut [f32])| {
+        median(|| {
+            y.copy_from_slice(&x);
+            f(black_box(&mut y))
+        })
+    };
+    let (t, tn) = (time(&fast), time(&naive));
+    println!(
+        "{label:42} {:9.2} us {:7.1} GB/s   naive {:9.2} us (with a copy-in)",
+        t.as_secs_f64() * 1e6,
+        (2 * n * 4) as f64 / t.as_secs_f64() / 1e9,
+        tn.as_secs_f64() * 1e6
+    );
+}
+
 /// One result line: the median time, and the rate as GB/s of `bytes` (the
 /// weights streamed) and GFLOP/s of `flops`.
 fn report(label: &str, t: Duration, bytes: usize, flops: usize) {
@@ -200,22 +220,7 @@ fn main() {
         }
         let label = format!("gelu M={rows} N={}", 4 * c);
         if label.contains(&filter) {
-            let x = values(rows * 4 * c);
-            let mut y = x.clone();
-            let t = median(|| {
-                y.copy_from_slice(&x);
-                k::gelu_inplace(black_box(&mut y))
-            });
-            let naive = median(|| {
-                y.copy_from_slice(&x);
-                k::reference::gelu(black_box(&mut y))
-            });
-            println!(
-                "{label:42} {:9.2} us {:7.1} GB/s   naive {:9.2} us (each with a copy-in)",
-                t.as_secs_f64() * 1e6,
-                gb(t, 2 * y.len() * 4),
-                naive.as_secs_f64() * 1e6
-            );
+            in_place(&label, rows * 4 * c, k::gelu_inplace, k::reference::gelu);
         }
         let label = format!("add_assign (residual) M={rows} C={c}");
         if label.contains(&filter) {
@@ -231,22 +236,7 @@ fn main() {
     for t_len in [64, 256, 1024] {
         let label = format!("softmax N={t_len}");
         if label.contains(&filter) {
-            let x = values(t_len);
-            let mut y = x.clone();
-            let t = median(|| {
-                y.copy_from_slice(&x);
-                k::softmax_inplace(black_box(&mut y))
-            });
-            let naive = median(|| {
-                y.copy_from_slice(&x);
-                k::reference::softmax(black_box(&mut y))
-            });
-            println!(
-                "{label:42} {:9.2} us {:7.1} GB/s   naive {:9.2} us",
-                t.as_secs_f64() * 1e6,
-                gb(t, 2 * t_len * 4),
-                naive.as_secs_f64() * 1e6
-            );
+            in_place(&label, t_len, k::softmax_inplace, k::reference::softmax);
         }
         // One query of one head (hd 64) over t cached positions, the cache
         // laid out as the engine keeps it (each head's positions contiguous).
