@@ -14,9 +14,6 @@ pub fn layernorm(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f
     assert_eq!(beta.len(), c, "layernorm: beta is not [C={c}]");
     assert_eq!(out.len(), x.len(), "layernorm: out and x differ in length");
     assert_eq!(x.len() % c, 0, "layernorm: x is not [M, C={c}]");
-    if c == 0 {
-        return;
-    }
     let row = |(o, xr): (&mut [f32], &[f32])| {
         let mean = lane_sum(xr, |v| v) / c as f32;
         let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / c as f32;

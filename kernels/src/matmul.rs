@@ -302,8 +302,8 @@ unsafe fn linear_block(
     // 4 x 24 group too: nothing rereads a block, so blocks of 256 rows
     // (fewer stores and reloads of the sums) measured 3-5% faster than 64
     // at all five GPT-2 shapes (2 threads from memory, 300 alternating
-    // calls). Up to 32 rows take blocks of 64
-    // panel rows (12 KiB), which stay in L1 while every group uses them.
+    // calls). Up to 32 rows take blocks of 64 panel rows (12 KiB), which
+    // stay in L1 while every group uses them.
     // Prompts take blocks of 768 (144 KiB, from L2; all of K but for the
     // MLP's down projection): each tile loads and stores its sums far less
     // often. 256 measured 8-9% faster than 64 on prefill of 128 and 512
@@ -643,11 +643,11 @@ mod avx2 {
     /// Pointers valid for `x[M, K]`, `out[M, N]`, and `W` weights at
     /// `w + k·stride` for every k in `ks`, with `r0 + R <= M` and
     /// `j0 + W <= N`; `W` a multiple of 8.
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
     ///
     /// With `PREFETCH`, iteration i also asks for the cache line at
     /// `ahead + i·16` (into L2); a hint, which never faults.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
         out: *mut f32,
         x: *const f32,
