@@ -161,6 +161,10 @@ pub struct Target {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
     pub test: String,
+    /// `threads` or `batched`: the test names are shared by the modes. Empty
+    /// in reports written before the field existed; readers then infer it.
+    #[serde(default)]
+    pub mode: String,
     pub metric: String,
     pub mean: f64,
     pub stddev: f64,

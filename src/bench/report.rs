@@ -487,7 +487,11 @@ pub fn markdown(report: &Report, svg_file_name: &str) -> String {
             };
             t.row(vec![
                 md_text(&s.test),
-                spread_mode(&groups, s).map_or_else(|| "—".to_string(), md_text),
+                if s.mode.is_empty() {
+                    spread_mode(&groups, s).map_or_else(|| "—".to_string(), md_text)
+                } else {
+                    md_text(&s.mode)
+                },
                 format!("`{}`", md_code(&s.metric)),
                 v(s.mean),
                 v(s.stddev),
@@ -1004,16 +1008,24 @@ fn group_tests(tests: &[TestResult]) -> Vec<Group<'_>> {
     groups
 }
 
-/// The tokens/s spread of a (mode, concurrency) group. `stats` may qualify
-/// the test with its mode (`<mode>/<name>`, `<name> (<mode>)`, ...) or use
-/// the bare name; bare names are ambiguous across modes, so among those the
-/// entry whose mean is closest to the group's mean tokens/s is taken.
+/// The tokens/s spread of a (mode, concurrency) group: the entry of that
+/// mode and test name. Entries without a mode (older reports) may qualify the
+/// test with it (`<mode>/<name>`, `<name> (<mode>)`, ...) or use the bare
+/// name; bare names are ambiguous across modes, so among those the entry
+/// whose mean is closest to the group's mean tokens/s is taken.
 fn spread_for<'a>(spread: &'a [Spread], mode: &str, names: &[&str], mean_tok: f64) -> Option<&'a Spread> {
     let is_tok = |s: &Spread| {
         let m = s.metric.to_ascii_lowercase();
         m.contains("tok") && (m.ends_with("per_s") || m.ends_with("/s"))
     };
     let candidates: Vec<&Spread> = spread.iter().filter(|s| is_tok(s)).collect();
+    if let Some(s) = candidates
+        .iter()
+        .find(|s| s.mode == mode && names.contains(&s.test.as_str()))
+    {
+        return Some(s);
+    }
+    let candidates: Vec<&Spread> = candidates.into_iter().filter(|s| s.mode.is_empty()).collect();
     let qualified = candidates.iter().find(|s| {
         let words: Vec<&str> = s
             .test
@@ -1034,9 +1046,9 @@ fn spread_for<'a>(spread: &'a [Spread], mode: &str, names: &[&str], mean_tok: f6
     qualified.or_else(bare).copied()
 }
 
-/// The mode a spread entry belongs to. `stats` names entries by test name
-/// only, which the modes share, so the group with that name whose mean of the
-/// metric is closest to the entry's mean is taken.
+/// The mode of a spread entry without one (older reports named entries by
+/// test name only, which the modes share): the group with that name whose
+/// mean of the metric is closest to the entry's mean.
 fn spread_mode<'a>(groups: &[Group<'a>], s: &Spread) -> Option<&'a str> {
     let metric: Option<fn(&TestResult) -> f64> = match s.metric.as_str() {
         "tokens_per_s" => Some(|t| t.tokens_per_s),
@@ -1445,12 +1457,13 @@ mod tests {
                     } else {
                         format!("concurrent-{c}")
                     };
-                    // As `stats` writes it: the bare test name, no mode.
+                    // As `stats` writes it: the bare test name and its mode.
                     let sd = 0.25 + 0.5 * mi as f64;
                     let m = tok(c) + (reps - 1) as f64 / 2.0;
                     for (metric, mean) in [("tokens_per_s", m), ("latency_p50_ms", lat(c))] {
                         spread.push(Spread {
                             test: name.clone(),
+                            mode: mode.to_string(),
                             metric: metric.to_string(),
                             mean,
                             stddev: sd,
@@ -1557,15 +1570,20 @@ mod tests {
         // The reference figures at concurrency 4 appear in the scaling table.
         assert!(md.contains("41.46"));
         assert!(md.contains("124,439,808"));
-        // Spread entries carry only the test name; the mode column is inferred from the means.
-        let spread_row = |mode: &str, metric: &str| {
-            md.lines()
-                .find(|l| l.starts_with("| concurrent-4") && l.contains(mode) && l.contains(metric))
-                .unwrap_or_else(|| panic!("no spread row for {mode} {metric}:\n{md}"))
-                .to_string()
-        };
-        assert!(spread_row("batched", "`tokens_per_s`").contains(" 0.75 |"));
-        assert!(spread_row("threads", "`tokens_per_s`").contains(" 0.25 |"));
+        // Spread entries name their mode; in older reports without it, the
+        // mode column is inferred from the means.
+        let mut legacy = r.clone();
+        legacy.analysis.spread.iter_mut().for_each(|s| s.mode.clear());
+        for md in [md.clone(), markdown(&legacy, "throughput.svg")] {
+            let spread_row = |mode: &str, metric: &str| {
+                md.lines()
+                    .find(|l| l.starts_with("| concurrent-4") && l.contains(mode) && l.contains(metric))
+                    .unwrap_or_else(|| panic!("no spread row for {mode} {metric}:\n{md}"))
+                    .to_string()
+            };
+            assert!(spread_row("batched", "`tokens_per_s`").contains(" 0.75 |"));
+            assert!(spread_row("threads", "`tokens_per_s`").contains(" 0.25 |"));
+        }
     }
 
     #[test]
@@ -1621,14 +1639,20 @@ mod tests {
             );
         }
 
-        // Bare test names are shared by the modes: each row still gets its own mode's stddev,
-        // and so it does when the names are qualified by mode.
-        let mut qualified = r.clone();
+        // Test names are shared by the modes: each row gets its own mode's
+        // stddev from the entry's mode, even where both modes' means are
+        // equal; and in older reports without the mode field, from bare names
+        // (the closest mean) or names qualified by mode.
+        let mut same_means = r.clone();
+        same_means.analysis.spread.iter_mut().for_each(|s| s.mean = 1.0);
+        let mut bare = r.clone();
+        bare.analysis.spread.iter_mut().for_each(|s| s.mode.clear());
+        let mut qualified = bare.clone();
         for sp in &mut qualified.analysis.spread {
             let mode = if sp.stddev > 0.5 { "batched" } else { "threads" };
             sp.test = format!("{mode}/{}", sp.test);
         }
-        for report in [&r, &qualified] {
+        for report in [&r, &same_means, &bare, &qualified] {
             let t = stdout_table(report);
             for (mode, sd) in [("threads", "±0.25"), ("batched", "±0.75")] {
                 let rows: Vec<&str> = t

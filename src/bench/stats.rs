@@ -320,6 +320,7 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
             let (mean, stddev, min, max) = spread(&values);
             spread_rows.push(Spread {
                 test: ts[0].name.clone(),
+                mode: mode.clone(),
                 metric: metric.into(),
                 mean,
                 stddev,
