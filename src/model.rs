@@ -45,7 +45,8 @@ const SPIN_CAP: Duration = Duration::from_millis(1);
 /// is a job like any other: a worker busy with other work (other requests
 /// on a shared pool) runs it only later, finds `f` done and returns at once.
 /// None spins longer than [`SPIN_CAP`]. Costs two small allocations a call.
-fn keep_pool_awake<T>(f: impl FnOnce() -> T) -> T {
+/// The scheduler keeps the pool awake the same way while it samples.
+pub(crate) fn keep_pool_awake<T>(f: impl FnOnce() -> T) -> T {
     // Every worker but this thread, if it is one (else the pool's workers
     // are all elsewhere).
     let idle = rayon::current_num_threads() - usize::from(rayon::current_thread_index().is_some());
