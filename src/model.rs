@@ -291,7 +291,25 @@ impl Gpt2Model {
     ///
     /// Rows of one sequence must have consecutive positions, the first equal
     /// to that cache's `len()`. On error nothing has been changed.
+    ///
+    /// The parallel ops run on the current rayon pool. Called from outside
+    /// any pool, the pass runs on a thread of the global pool: every parallel
+    /// op called from outside hands its work in and sleeps until woken, some
+    /// 50 round trips a token, where inside they are plain fork-joins. Steps
+    /// of 1-8 rows measured 2-9% faster so (31 alternating steps each).
     pub fn forward<'s>(
+        &self,
+        rows: &[Row],
+        caches: &mut [&mut KvCache],
+        s: &'s mut Scratch,
+    ) -> Result<&'s [f32]> {
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward_in_pool(rows, caches, s));
+        }
+        self.forward_in_pool(rows, caches, s)
+    }
+
+    fn forward_in_pool<'s>(
         &self,
         rows: &[Row],
         caches: &mut [&mut KvCache],
