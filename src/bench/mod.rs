@@ -162,7 +162,7 @@ pub struct Target {
 pub struct Spread {
     pub test: String,
     /// `threads` or `batched`: the test names are shared by the modes. Empty
-    /// in reports written before the field existed; readers then infer it.
+    /// in reports written before the field existed.
     #[serde(default)]
     pub mode: String,
     pub metric: String,

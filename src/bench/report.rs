@@ -72,7 +72,7 @@ pub fn stdout_table(report: &Report) -> String {
         let mean = |f: fn(&TestResult) -> f64| mean_of(g.tests.iter().map(|t| f(t)));
         let mean_tok = mean(|t| t.tokens_per_s);
         let mut tok = f2(mean_tok);
-        if let Some(s) = spread_for(&report.analysis.spread, &first.mode, &g.test_names(), mean_tok) {
+        if let Some(s) = spread_for(&report.analysis.spread, &first.mode, &g.test_names()) {
             if s.n > 1 {
                 let _ = write!(tok, " ±{}", f2(s.stddev));
             }
@@ -472,7 +472,6 @@ pub fn markdown(report: &Report, svg_file_name: &str) -> String {
     // Spread.
     if !a.spread.is_empty() {
         out.push_str("\n## Spread over repetitions\n\n");
-        let groups = group_tests(&report.tests);
         let mut t = Table::new(&[
             "test", "mode", "metric", "mean", "stddev", "cv", "min", "max", "n",
         ]);
@@ -488,7 +487,7 @@ pub fn markdown(report: &Report, svg_file_name: &str) -> String {
             t.row(vec![
                 md_text(&s.test),
                 if s.mode.is_empty() {
-                    spread_mode(&groups, s).map_or_else(|| "—".to_string(), md_text)
+                    "—".to_string()
                 } else {
                     md_text(&s.mode)
                 },
@@ -1009,77 +1008,13 @@ fn group_tests(tests: &[TestResult]) -> Vec<Group<'_>> {
 }
 
 /// The tokens/s spread of a (mode, concurrency) group: the entry of that
-/// mode and test name. Entries without a mode (older reports) may qualify the
-/// test with it (`<mode>/<name>`, `<name> (<mode>)`, ...) or use the bare
-/// name; bare names are ambiguous across modes, so among those the entry
-/// whose mean is closest to the group's mean tokens/s is taken.
-fn spread_for<'a>(spread: &'a [Spread], mode: &str, names: &[&str], mean_tok: f64) -> Option<&'a Spread> {
-    let is_tok = |s: &Spread| {
+/// mode and one of the group's test names (the modes share test names).
+fn spread_for<'a>(spread: &'a [Spread], mode: &str, names: &[&str]) -> Option<&'a Spread> {
+    spread.iter().find(|s| {
         let m = s.metric.to_ascii_lowercase();
-        m.contains("tok") && (m.ends_with("per_s") || m.ends_with("/s"))
-    };
-    let candidates: Vec<&Spread> = spread.iter().filter(|s| is_tok(s)).collect();
-    if let Some(s) = candidates
-        .iter()
-        .find(|s| s.mode == mode && names.contains(&s.test.as_str()))
-    {
-        return Some(s);
-    }
-    let candidates: Vec<&Spread> = candidates.into_iter().filter(|s| s.mode.is_empty()).collect();
-    let qualified = candidates.iter().find(|s| {
-        let words: Vec<&str> = s
-            .test
-            .split(|c: char| !(c.is_alphanumeric() || c == '-' || c == '_'))
-            .collect();
-        words.contains(&mode) && names.iter().any(|n| words.contains(n))
-    });
-    let bare = || {
-        candidates
-            .iter()
-            .filter(|s| names.contains(&s.test.as_str()))
-            .min_by(|x, y| {
-                (finite(x.mean) - mean_tok)
-                    .abs()
-                    .total_cmp(&(finite(y.mean) - mean_tok).abs())
-            })
-    };
-    qualified.or_else(bare).copied()
-}
-
-/// The mode of a spread entry without one (older reports named entries by
-/// test name only, which the modes share): the group with that name whose
-/// mean of the metric is closest to the entry's mean.
-fn spread_mode<'a>(groups: &[Group<'a>], s: &Spread) -> Option<&'a str> {
-    let metric: Option<fn(&TestResult) -> f64> = match s.metric.as_str() {
-        "tokens_per_s" => Some(|t| t.tokens_per_s),
-        "requests_per_s" => Some(|t| t.requests_per_s),
-        "latency_p50_ms" => Some(|t| t.latency_ms.p50),
-        _ => None,
-    };
-    let words: Vec<&str> = s
-        .test
-        .split(|c: char| !(c.is_alphanumeric() || c == '-' || c == '_'))
-        .collect();
-    let named: Vec<&Group> = groups
-        .iter()
-        .filter(|g| g.test_names().iter().any(|n| words.contains(n)))
-        .collect();
-    if let Some(g) = named.iter().find(|g| words.contains(&g.tests[0].mode.as_str())) {
-        return Some(g.tests[0].mode.as_str());
-    }
-    let distance = |g: &Group| match metric {
-        Some(f) => (finite(mean_of(g.tests.iter().map(|t| f(t)))) - finite(s.mean)).abs(),
-        None => 0.0,
-    };
-    match named.len() {
-        0 => None,
-        1 => Some(named[0].tests[0].mode.as_str()),
-        _ if metric.is_none() => None,
-        _ => named
-            .iter()
-            .min_by(|x, y| distance(x).total_cmp(&distance(y)))
-            .map(|g| g.tests[0].mode.as_str()),
-    }
+        let tokens = m.contains("tok") && (m.ends_with("per_s") || m.ends_with("/s"));
+        tokens && s.mode == mode && names.contains(&s.test.as_str())
+    })
 }
 
 /// Levels grouped by mode (first-seen order), each mode by concurrency.
@@ -1570,20 +1505,15 @@ mod tests {
         // The reference figures at concurrency 4 appear in the scaling table.
         assert!(md.contains("41.46"));
         assert!(md.contains("124,439,808"));
-        // Spread entries name their mode; in older reports without it, the
-        // mode column is inferred from the means.
-        let mut legacy = r.clone();
-        legacy.analysis.spread.iter_mut().for_each(|s| s.mode.clear());
-        for md in [md.clone(), markdown(&legacy, "throughput.svg")] {
-            let spread_row = |mode: &str, metric: &str| {
-                md.lines()
-                    .find(|l| l.starts_with("| concurrent-4") && l.contains(mode) && l.contains(metric))
-                    .unwrap_or_else(|| panic!("no spread row for {mode} {metric}:\n{md}"))
-                    .to_string()
-            };
-            assert!(spread_row("batched", "`tokens_per_s`").contains(" 0.75 |"));
-            assert!(spread_row("threads", "`tokens_per_s`").contains(" 0.25 |"));
-        }
+        // Spread entries name their mode (the modes share test names).
+        let spread_row = |mode: &str, metric: &str| {
+            md.lines()
+                .find(|l| l.starts_with("| concurrent-4") && l.contains(mode) && l.contains(metric))
+                .unwrap_or_else(|| panic!("no spread row for {mode} {metric}:\n{md}"))
+                .to_string()
+        };
+        assert!(spread_row("batched", "`tokens_per_s`").contains(" 0.75 |"));
+        assert!(spread_row("threads", "`tokens_per_s`").contains(" 0.25 |"));
     }
 
     #[test]
@@ -1640,19 +1570,10 @@ mod tests {
         }
 
         // Test names are shared by the modes: each row gets its own mode's
-        // stddev from the entry's mode, even where both modes' means are
-        // equal; and in older reports without the mode field, from bare names
-        // (the closest mean) or names qualified by mode.
+        // stddev from the entry's mode, even where both modes' means are equal.
         let mut same_means = r.clone();
         same_means.analysis.spread.iter_mut().for_each(|s| s.mean = 1.0);
-        let mut bare = r.clone();
-        bare.analysis.spread.iter_mut().for_each(|s| s.mode.clear());
-        let mut qualified = bare.clone();
-        for sp in &mut qualified.analysis.spread {
-            let mode = if sp.stddev > 0.5 { "batched" } else { "threads" };
-            sp.test = format!("{mode}/{}", sp.test);
-        }
-        for report in [&r, &same_means, &bare, &qualified] {
+        for report in [&r, &same_means] {
             let t = stdout_table(report);
             for (mode, sd) in [("threads", "±0.25"), ("batched", "±0.75")] {
                 let rows: Vec<&str> = t
