@@ -47,9 +47,12 @@ const SPIN_CAP: Duration = Duration::from_millis(1);
 /// None spins longer than [`SPIN_CAP`]. Costs two small allocations a call.
 /// The scheduler keeps the pool awake the same way while it samples.
 pub(crate) fn keep_pool_awake<T>(f: impl FnOnce() -> T) -> T {
-    // Every worker but this thread, if it is one (else the pool's workers
-    // are all elsewhere).
-    let idle = rayon::current_num_threads() - usize::from(rayon::current_thread_index().is_some());
+    // Outside a pool there is no next parallel op of ours to keep warm for:
+    // `forward` and the scheduler run on pool threads.
+    let idle = match rayon::current_thread_index() {
+        Some(_) => rayon::current_num_threads() - 1,
+        None => 0,
+    };
     if idle == 0 {
         return f();
     }

@@ -400,7 +400,7 @@ impl Engine {
     /// Runs `rows` through the model, a panic caught as an error. On an error
     /// nothing of the step counts (caches only grow when a pass completes).
     fn forward(&mut self, rows: &[Row]) -> Result<()> {
-        let (fault, pool) = (self.config.fault_token, self.config.pool.as_deref());
+        let fault = self.config.fault_token;
         let (model, scratch, active) = (&self.model, &mut self.scratch, &mut self.active);
         catch_unwind(AssertUnwindSafe(|| {
             if let Some(t) = fault {
@@ -409,7 +409,8 @@ impl Engine {
                 }
             }
             let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
-            in_pool(pool, || model.forward(rows, &mut caches, scratch).map(|_| ()))
+            // Already on a thread of the engine's pool (`run`).
+            model.forward(rows, &mut caches, scratch).map(|_| ())
         }))
         .unwrap_or_else(|panic| Err(Error::Engine(format!("panicked: {}", panic_message(&*panic)))))
     }
