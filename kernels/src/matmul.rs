@@ -675,6 +675,22 @@ mod avx2 {
                     _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add((kk - k0) * super::LINE).cast());
                 }
                 let wrow = w.add(kk * stride);
+                if R == 2 && W == 48 {
+                    // Both broadcasts first, then each weight vector loaded
+                    // once for both rows: 12 sums + 2 + 1 registers. In the
+                    // row-by-row order below LLVM keeps all six weight
+                    // vectors live and spills sums to the stack: 2 rows
+                    // took 1.01-1.09x as long from memory, 1.4-1.5x from
+                    // cache. The same sums in the same order.
+                    let xs: [__m256; R] = std::array::from_fn(|r| _mm256_broadcast_ss(&*xrow(r).add(kk)));
+                    for v in 0..W / 8 {
+                        let wv = _mm256_loadu_ps(wrow.add(8 * v));
+                        for (a, xv) in acc.iter_mut().zip(&xs) {
+                            a[v] = _mm256_fmadd_ps(*xv, wv, a[v]);
+                        }
+                    }
+                    continue;
+                }
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm256_broadcast_ss(&*xrow(r).add(kk));
                     for (v, reg) in a.iter_mut().enumerate().take(W / 8) {
