@@ -146,6 +146,7 @@ mod tests {
     #[test]
     fn linear_packed_equals_linear_exactly() {
         let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         for &m in &ROWS {
             for &(k, n) in &[
                 (1, 1),
@@ -155,6 +156,10 @@ mod tests {
                 (200, 70),
                 (301, 129),
                 (768, 96),
+                // Several whole panels per task, odd and even counts, and a
+                // partial one: one row reads two panels at a time.
+                (24, 336),
+                (40, 500),
             ] {
                 let (x, w, b) = (values(m * k, 13), values(k * n, 14), values(n, 15));
                 let mut packed = vec![f32::NAN; crate::packed_len(k, n)];
@@ -165,6 +170,8 @@ mod tests {
                 assert_eq!(got, want, "linear_packed m={m} k={k} n={n}");
                 three.install(|| crate::linear_packed(&mut got, &x, &packed, Some(&b), m, k, n));
                 assert_eq!(got, want, "linear_packed m={m} k={k} n={n} on 3 threads");
+                one.install(|| crate::linear_packed(&mut got, &x, &packed, Some(&b), m, k, n));
+                assert_eq!(got, want, "linear_packed m={m} k={k} n={n} on 1 thread");
             }
         }
     }
