@@ -367,10 +367,16 @@ unsafe fn linear_block(
     n: usize,
     cols: std::ops::Range<usize>,
 ) {
+    if m == 1 && layout == Layout::Panels {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { one_row_two_streams(out, x, w, k, n, cols) };
+        return;
+    }
     // Every weight row, in blocks of KB.
     let ks = 0..k;
     // Register blocking by row count: one row takes 48-wide tiles (6
-    // accumulators), two rows 2 x 48, 3-4 and 7-8 rows 4 x 24, other counts
+    // accumulators; over panels, two of them side by side, see
+    // `one_row_two_streams`), two rows 2 x 48, 3-4 and 7-8 rows 4 x 24, other counts
     // the classic 6 x 16 AVX2 block (12 accumulators, 2 weight loads per 12 FMAs).
     //
     // Stored layout: for a block of KB weight rows, sweep the tiles left to
@@ -405,11 +411,6 @@ unsafe fn linear_block(
     // huge pages at GPT-2's shapes (7 alternating runs, medians): without
     // it 8 rows take 1.0-1.18x as long; one or two rows stream at full
     // bandwidth without it.
-    if m == 1 && layout == Layout::Panels {
-        // SAFETY: the caller's contract, passed on.
-        unsafe { one_row_two_streams(out, x, w, k, n, cols) };
-        return;
-    }
     let prefetch = layout == Layout::Panels && m > 2;
     let kb = match layout {
         Layout::Rows if m <= 16 => 16,
