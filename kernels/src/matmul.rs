@@ -271,7 +271,7 @@ fn linear_impl(
 /// alternating calls per GPT-2 shape, 2 threads, weights from memory), and
 /// one-row decode steps 0.91-0.95x (31 alternating steps at 8-200
 /// positions): one stream at a time, it seems, keeps too few lines in
-/// flight. Interleaving two panels block by block instead (3-16 rows)
+/// flight. Interleaving two panels block by block instead (2-16 rows)
 /// changed nothing; the streams must be read at the same time. Two streams
 /// need 12 accumulators, all the registers hold. Each output column is the
 /// same sum in the same order as through [`tile`]: results are unchanged.
