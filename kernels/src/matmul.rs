@@ -263,58 +263,101 @@ fn linear_impl(
     });
 }
 
-/// [`linear_block`] for one row over panels: the task's whole panels, read
-/// as two streams at once (panel i of the first half beside panel i of the
-/// second), then any partial panel.
+/// Most rows that [`rows_two_streams`] takes.
+const ROWS_TWO_STREAMS: usize = 3;
+
+/// Weight rows per block when several rows take turns in
+/// [`rows_two_streams`]: two panels' blocks (24 KiB) stay in L1 for the
+/// second and third rows.
+const TWO_STREAM_BLOCK: usize = 64;
+
+/// [`linear_block`] for one to three rows over panels: the task's whole
+/// panels read as two streams at once (panel i of the first half beside
+/// panel i of the second), then any partial panel. One row takes all K rows
+/// of a pair in one pass; two or three rows take blocks of
+/// [`TWO_STREAM_BLOCK`] weight rows, row after row, the first reading the
+/// pair's block from memory and the others from L1.
 ///
-/// Two streams took 0.82-0.95x the time of one (LM head 0.92x; 200
-/// alternating calls per GPT-2 shape, 2 threads, weights from memory), and
-/// one-row decode steps 0.91-0.95x (31 alternating steps at 8-200
-/// positions): one stream at a time, it seems, keeps too few lines in
-/// flight. Interleaving two panels block by block instead (2-16 rows)
-/// changed nothing; the streams must be read at the same time. Two streams
-/// need 12 accumulators, all the registers hold. Each output column is the
-/// same sum in the same order as through [`tile`]: results are unchanged.
+/// One row through two streams took 0.82-0.95x the time of one stream (LM
+/// head 0.92x; 200 alternating calls per GPT-2 shape, 2 threads, weights
+/// from memory), and one-row decode steps 0.91-0.95x (31 alternating steps
+/// at 8-200 positions): one stream at a time, it seems, keeps too few lines
+/// in flight. Two rows took 0.90-0.96x the time of 2 x 48 tiles over one
+/// stream, three rows 0.88-0.99x the 4 x 24 tiles (300 alternating calls,
+/// all but one of ten shape runs), and 2- and 3-row decode steps 0.89-0.98x
+/// (31 alternating steps at 8-200 positions); four rows gained nothing (0.94-
+/// 1.07x), eight rows lost.
+/// Interleaving two panels block by block (2-16 rows, same tiles) changed
+/// nothing: the streams must be read in the same loop. Two streams need 12
+/// accumulators, all the registers hold. Each output is the same sum in the
+/// same order as through [`tile`]: results are unchanged.
 ///
 /// # Safety
-/// As [`linear_block`], with M = 1 and `w` in panels.
-unsafe fn one_row_two_streams(
+/// As [`linear_block`], with `m <= ROWS_TWO_STREAMS` and `w` in panels.
+unsafe fn rows_two_streams(
     out: OutPtr,
     x: &[f32],
     w: &[f32],
+    m: usize,
     k: usize,
     n: usize,
     cols: std::ops::Range<usize>,
 ) {
+    debug_assert!((1..=ROWS_TWO_STREAMS).contains(&m));
     let panels = (cols.end - cols.start) / PANEL;
     let full = cols.start + panels * PANEL;
     // Panel i pairs with panel `second + i`; an odd one out runs alone.
     let second = panels.div_ceil(2);
     let col = |i: usize| cols.start + i * PANEL;
     let off = |j: usize| Layout::Panels.col(j, k, n).0;
+    let kb = if m == 1 { k.max(1) } else { TWO_STREAM_BLOCK };
+    let blocks = || (0..k).step_by(kb).map(|k0| k0..(k0 + kb).min(k));
     for i in 0..panels / 2 {
         let (ja, jb) = (col(i), col(second + i));
-        // SAFETY: both panels are whole, within `cols` (owned by this task).
-        unsafe { tile_pair(out, x, w, off(ja), off(jb), ja, jb, k, n) };
+        for ks in blocks() {
+            for r in 0..m {
+                // SAFETY: both panels are whole, within `cols` (owned by
+                // this task); row r < M; ks within 0..K.
+                unsafe { tile_pair(out, x, w, off(ja), off(jb), r, ja, jb, ks.clone(), k, n) };
+            }
+        }
     }
     if panels % 2 == 1 {
         let j = col(second - 1);
-        // SAFETY: as above.
-        unsafe { tile::<1, PANEL, false>(out, x, w, off(j), PANEL, 0, j, 0..k, k, n, std::ptr::null()) };
+        for ks in blocks() {
+            for r in 0..m {
+                // SAFETY: as above.
+                unsafe {
+                    tile::<1, PANEL, false>(
+                        out,
+                        x,
+                        w,
+                        off(j),
+                        PANEL,
+                        r,
+                        j,
+                        ks.clone(),
+                        k,
+                        n,
+                        std::ptr::null(),
+                    )
+                };
+            }
+        }
     }
     if full < cols.end {
         let (o, stride) = Layout::Panels.col(full, k, n);
         // SAFETY: the partial panel at the right edge, within `cols`.
-        unsafe { edge(out, x, w, o, stride, 0..1, full..cols.end, 0..k, k, n) };
+        unsafe { edge(out, x, w, o, stride, 0..m, full..cols.end, 0..k, k, n) };
     }
 }
 
-/// `out[0, ja..ja+48] += x · panel at wa` and the same for `jb`, `wb`: two
-/// 1 x 48 tiles over all K rows, their weights read side by side.
+/// `out[r, ja..ja+48] += x[r, ks] · panel at wa, rows ks` and the same for
+/// `jb`, `wb`: two 1 x 48 tiles, their weights read side by side.
 ///
 /// # Safety
-/// Both panels whole and in bounds, `out` columns `ja..ja+48` and
-/// `jb..jb+48` owned by this task.
+/// Both panels whole and in bounds, `r < M`, `ks` within `0..K`, `out`
+/// row r's columns `ja..ja+48` and `jb..jb+48` owned by this task.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_pair(
     out: OutPtr,
@@ -322,31 +365,34 @@ unsafe fn tile_pair(
     w: &[f32],
     wa: usize,
     wb: usize,
+    r: usize,
     ja: usize,
     jb: usize,
+    ks: std::ops::Range<usize>,
     k: usize,
     n: usize,
 ) {
     debug_assert!(wa.max(wb) + k * PANEL <= w.len() && ja.max(jb) + PANEL <= n);
+    debug_assert!((r + 1) * k <= x.len() && ks.end <= k);
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     // SAFETY: the bounds above (the caller's contract); AVX2 and FMA are
     // enabled at compile time.
     unsafe {
         avx2::tile_pair(
-            out.get(),
-            x.as_ptr(),
+            out.get().add(r * n),
+            x.as_ptr().add(r * k),
             w.as_ptr().add(wa),
             w.as_ptr().add(wb),
             ja,
             jb,
-            k,
+            ks,
         )
     };
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
     // SAFETY: as above.
     unsafe {
-        tile::<1, PANEL, false>(out, x, w, wa, PANEL, 0, ja, 0..k, k, n, std::ptr::null());
-        tile::<1, PANEL, false>(out, x, w, wb, PANEL, 0, jb, 0..k, k, n, std::ptr::null());
+        tile::<1, PANEL, false>(out, x, w, wa, PANEL, r, ja, ks.clone(), k, n, std::ptr::null());
+        tile::<1, PANEL, false>(out, x, w, wb, PANEL, r, jb, ks, k, n, std::ptr::null());
     }
 }
 
@@ -367,16 +413,16 @@ unsafe fn linear_block(
     n: usize,
     cols: std::ops::Range<usize>,
 ) {
-    if m == 1 && layout == Layout::Panels {
+    if m <= ROWS_TWO_STREAMS && layout == Layout::Panels {
         // SAFETY: the caller's contract, passed on.
-        unsafe { one_row_two_streams(out, x, w, k, n, cols) };
+        unsafe { rows_two_streams(out, x, w, m, k, n, cols) };
         return;
     }
     // Every weight row, in blocks of KB.
     let ks = 0..k;
-    // Register blocking by row count: one row takes 48-wide tiles (6
-    // accumulators; over panels, two of them side by side, see
-    // `one_row_two_streams`), two rows 2 x 48, 3-4 and 7-8 rows 4 x 24, other counts
+    // Register blocking by row count (over panels, up to three rows go to
+    // `rows_two_streams` instead): one row takes 48-wide tiles (6
+    // accumulators), two rows 2 x 48, 3-4 and 7-8 rows 4 x 24, other counts
     // the classic 6 x 16 AVX2 block (12 accumulators, 2 weight loads per 12 FMAs).
     //
     // Stored layout: for a block of KB weight rows, sweep the tiles left to
@@ -389,10 +435,9 @@ unsafe fn linear_block(
     // short blocks (the KB rows stream side by side); many rows want long
     // ones (fewer passes over `out`).
     //
-    // Panels: one panel at a time, its KB x 48 blocks in order: a single
-    // stream per task. One row group (M <= 2) takes the whole K range in one
-    // block, so its sums stay in registers. Three or four rows are one
-    // 4 x 24 group too: nothing rereads a block, so blocks of 256 rows
+    // Panels (4 rows or more; fewer went to `rows_two_streams`): one panel
+    // at a time, its KB x 48 blocks in order: a single stream per task.
+    // Four rows are one 4 x 24 group: nothing rereads a block, so blocks of 256 rows
     // (fewer stores and reloads of the sums) measured 3-5% faster than 64
     // at all five GPT-2 shapes (2 threads from memory, 300 alternating
     // calls). Up to 32 rows take blocks of 64 panel rows (12 KiB), which
@@ -415,7 +460,6 @@ unsafe fn linear_block(
     let kb = match layout {
         Layout::Rows if m <= 16 => 16,
         Layout::Rows => 128,
-        Layout::Panels if m <= 2 => k.max(1),
         Layout::Panels if m <= 4 => 256,
         Layout::Panels if m <= 32 => 64,
         Layout::Panels => 768,
@@ -799,11 +843,12 @@ mod avx2 {
         }
     }
 
-    /// The AVX2 body of [`super::tile_pair`]: 2 x 6 accumulators.
+    /// The AVX2 body of [`super::tile_pair`]: 2 x 6 accumulators. `out` and
+    /// `x` point at the row's start.
     ///
     /// # Safety
-    /// `x` valid for `k` floats, `wa` and `wb` for `k` rows of 48, `out` for
-    /// columns `ja..ja+48` and `jb..jb+48`.
+    /// `x` valid for `ks.end` floats, `wa` and `wb` for `ks.end` rows of 48,
+    /// `out` for columns `ja..ja+48` and `jb..jb+48`.
     #[inline(always)]
     pub unsafe fn tile_pair(
         out: *mut f32,
@@ -812,7 +857,7 @@ mod avx2 {
         wb: *const f32,
         ja: usize,
         jb: usize,
-        k: usize,
+        ks: std::ops::Range<usize>,
     ) {
         // SAFETY (whole body): every offset is inside the buffers by the contract above.
         unsafe {
@@ -822,7 +867,7 @@ mod avx2 {
                 a[v] = _mm256_loadu_ps(out.add(ja + 8 * v));
                 b[v] = _mm256_loadu_ps(out.add(jb + 8 * v));
             }
-            for kk in 0..k {
+            for kk in ks {
                 let xv = _mm256_broadcast_ss(&*x.add(kk));
                 let (ra, rb) = (wa.add(super::PANEL * kk), wb.add(super::PANEL * kk));
                 for (v, s) in a.iter_mut().enumerate() {
