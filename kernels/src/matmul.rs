@@ -285,9 +285,9 @@ const TWO_STREAM_BLOCK: usize = 64;
 /// in flight. Two rows took 0.90-0.96x the time of 2 x 48 tiles over one
 /// stream, three rows 0.88-0.99x the 4 x 24 tiles (300 alternating calls,
 /// all but one of ten shape runs), and 2- and 3-row decode steps 0.89-0.98x
-/// (31 alternating steps at 8-200 positions); four rows gained nothing (0.94-
-/// 1.07x), eight rows lost.
-/// Interleaving two panels block by block (2-16 rows, same tiles) changed
+/// (31 alternating steps at 8-200 positions); four rows gained nothing
+/// (0.94-1.07x), eight rows lost. Interleaving two panels block by block
+/// (2-16 rows, same tiles) changed
 /// nothing: the streams must be read in the same loop. Two streams need 12
 /// accumulators, all the registers hold. Each output is the same sum in the
 /// same order as through [`tile`]: results are unchanged.
