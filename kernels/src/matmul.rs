@@ -421,8 +421,9 @@ unsafe fn linear_block(
     // Every weight row, in blocks of KB.
     let ks = 0..k;
     // Register blocking by row count (over panels, up to three rows go to
-    // `rows_two_streams` instead): one row takes 48-wide tiles (6
-    // accumulators), two rows 2 x 48, 3-4 and 7-8 rows 4 x 24, other counts
+    // `rows_two_streams` instead, so 1-3 rows below serve the stored layout
+    // only): one row takes 48-wide tiles (6 accumulators), two rows 2 x 48,
+    // 3-4 and 7-8 rows 4 x 24, other counts
     // the classic 6 x 16 AVX2 block (12 accumulators, 2 weight loads per 12 FMAs).
     //
     // Stored layout: for a block of KB weight rows, sweep the tiles left to
@@ -437,8 +438,8 @@ unsafe fn linear_block(
     //
     // Panels (4 rows or more; fewer went to `rows_two_streams`): one panel
     // at a time, its KB x 48 blocks in order: a single stream per task.
-    // Four rows are one 4 x 24 group: nothing rereads a block, so blocks of 256 rows
-    // (fewer stores and reloads of the sums) measured 3-5% faster than 64
+    // Four rows are one 4 x 24 group: nothing rereads a block, so blocks of
+    // 256 rows (fewer stores and reloads of the sums) measured 3-5% faster than 64
     // at all five GPT-2 shapes (2 threads from memory, 300 alternating
     // calls). Up to 32 rows take blocks of 64 panel rows (12 KiB), which
     // stay in L1 while every group uses them.
