@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use gpt2_kernels::probe::{fma_peak, read_bandwidth};
+use gpt2_kernels::probe::{fma_peak, read_bandwidth, read_fma_bandwidth, FMA_ROWS};
 use serde::{Deserialize, Serialize};
 
 /// What this machine can do, measured by [`measure`].
@@ -17,6 +17,13 @@ pub struct Limits {
     pub read_gbs_1t: f64,
     /// Sustained read bandwidth of `threads` threads, GB/s.
     pub read_gbs_all: f64,
+    /// The same read with 8 FMAs per loaded vector (an 8-row decode step's
+    /// arithmetic, [`read_fma_bandwidth`]), one thread and `threads`, GB/s.
+    /// 0 in reports written before it was measured.
+    #[serde(default)]
+    pub read_fma8_gbs_1t: f64,
+    #[serde(default)]
+    pub read_fma8_gbs_all: f64,
     /// Threads of the "all" figures: `std::thread::available_parallelism()`.
     pub threads: usize,
     /// Peak FMA throughput of one thread, GFLOP/s.
@@ -99,7 +106,7 @@ pub fn measure(quick: bool) -> Limits {
 fn measure_plan(plan: &Plan) -> Limits {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
-    let (read_gbs_1t, read_gbs_all) = {
+    let (read_gbs_1t, read_gbs_all, read_fma8_gbs_1t, read_fma8_gbs_all) = {
         let mut map = memmap2::MmapMut::map_anon(plan.buf_bytes)
             .unwrap_or_else(|e| panic!("probe: cannot map {} bytes: {e}", plan.buf_bytes));
         // Huge pages spare the read loop a TLB miss every 4 KiB; without them
@@ -113,8 +120,13 @@ fn measure_plan(plan: &Plan) -> Limits {
         let buf: &mut [f32] = bytemuck::cast_slice_mut(&mut map[..]);
         buf.fill(1.0);
         let gbs = |t| read_bandwidth(buf, t, plan.read_reps).bytes_per_s / 1e9;
-        let one = gbs(1);
-        (one, if threads == 1 { one } else { gbs(threads) })
+        let fma8 = |t| read_fma_bandwidth(buf, t, plan.read_reps).bytes_per_s / 1e9;
+        let (one, one8) = (gbs(1), fma8(1));
+        if threads == 1 {
+            (one, one, one8, one8)
+        } else {
+            (one, gbs(threads), one8, fma8(threads))
+        }
     };
 
     let fma_gflops_1t = fma_peak(1, plan.fma_seconds).gflops;
@@ -145,6 +157,8 @@ fn measure_plan(plan: &Plan) -> Limits {
     Limits {
         read_gbs_1t,
         read_gbs_all,
+        read_fma8_gbs_1t,
+        read_fma8_gbs_all,
         threads,
         fma_gflops_1t,
         fma_gflops_all,
@@ -202,6 +216,10 @@ impl Limits {
             self.read_gbs_1t, self.read_gbs_all
         ));
         s.push_str(&format!(
+            "| read with {FMA_ROWS} FMAs per vector (GB/s) | {:.1} | {:.1} |\n",
+            self.read_fma8_gbs_1t, self.read_fma8_gbs_all
+        ));
+        s.push_str(&format!(
             "| FMA peak (GFLOP/s) | {:.1} | {:.1} |\n",
             self.fma_gflops_1t, self.fma_gflops_all
         ));
@@ -248,7 +266,14 @@ mod tests {
     #[test]
     fn tiny_measurement_is_finite_and_positive() {
         let l = measure_plan(&tiny_plan());
-        let figures = [l.read_gbs_1t, l.read_gbs_all, l.fma_gflops_1t, l.fma_gflops_all];
+        let figures = [
+            l.read_gbs_1t,
+            l.read_gbs_all,
+            l.read_fma8_gbs_1t,
+            l.read_fma8_gbs_all,
+            l.fma_gflops_1t,
+            l.fma_gflops_all,
+        ];
         assert!(figures.iter().all(|f| f.is_finite() && *f > 0.0), "{l:?}");
         assert!(l.threads >= 1);
         assert_eq!(l.sgemm.len(), 2);

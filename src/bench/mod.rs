@@ -208,6 +208,24 @@ pub struct Roofline {
     pub prefill_gflops: f64,
     /// prefill_gflops / fma_gflops_all.
     pub prefill_fraction_of_fma_peak: f64,
+    /// The all-threads read with 8 FMAs per loaded vector (the arithmetic of
+    /// an 8-row step and nothing else), GB/s. 0 in older reports.
+    #[serde(default)]
+    pub read_fma8_gbs_all: f64,
+    /// One decode step of 8 sequences at position `batch8_position`, timed
+    /// alone (median), ms. 0 in older reports.
+    #[serde(default)]
+    pub batch8_step_ms: f64,
+    #[serde(default)]
+    pub batch8_position: usize,
+    /// decode_bytes_per_token / batch8_step_ms, GB/s: the weights streamed
+    /// once per step, as if the step did nothing else.
+    #[serde(default)]
+    pub batch8_achieved_gbs: f64,
+    /// batch8_achieved_gbs / read_gbs_all: the step's rate over the
+    /// bandwidth-bound rate of 8 tokens per pass over the weights.
+    #[serde(default)]
+    pub batch8_fraction_of_bandwidth: f64,
 }
 
 /// Everything one `throughput` run wrote.
