@@ -282,7 +282,9 @@ unsafe fn sum_rows_avx2(x: &[f32], one: f32) -> f32 {
     let blocks = x.chunks_exact(BLOCK);
     let tail: f32 = blocks.remainder().iter().sum::<f32>() * FMA_ROWS as f32;
     let m = _mm256_set1_ps(one);
-    let mut acc = [_mm256_setzero_ps(); FMA_ROWS];
+    // Distinct starting values (row r starts at r, taken off at the end):
+    // equal accumulators fed the same FMAs could be merged into one.
+    let mut acc: [__m256; FMA_ROWS] = std::array::from_fn(|r| _mm256_set1_ps(r as f32));
     for block in blocks {
         let p = block.as_ptr();
         for line in 0..BLOCK / 16 {
@@ -306,8 +308,12 @@ unsafe fn sum_rows_avx2(x: &[f32], one: f32) -> f32 {
     // SAFETY: `lanes` holds 8 floats; the unaligned store has no alignment
     // requirement.
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
-    lanes.iter().sum::<f32>() + tail
+    lanes.iter().sum::<f32>() - ROW_STARTS + tail
 }
+
+/// What the starting values of [`sum_rows_avx2`]'s accumulators add up to:
+/// 8 lanes of 0 + 1 + ... + 7.
+const ROW_STARTS: f32 = (8 * FMA_ROWS * (FMA_ROWS - 1) / 2) as f32;
 
 /// `iters` rounds of `acc ← acc·a + b` over [`CHAINS`] independent 8-lane
 /// accumulators; returns the sum of the accumulators.
