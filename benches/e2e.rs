@@ -7,8 +7,9 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use gpt2::bench::step::DecodeStep;
 use gpt2::synth::{self, Preset};
-use gpt2::{Gpt2Model, KvCache, Row};
+use gpt2::{Gpt2Model, Row};
 
 fn median(reps: usize, mut f: impl FnMut()) -> Duration {
     f();
@@ -78,46 +79,17 @@ fn main() {
 
     // Decode steps: B sequences each at position 64, one row each.
     for b in [1, 2, 4, 8, 16, 32] {
-        let mut caches: Vec<KvCache> = (0..b).map(|_| model.new_cache().expect("cache")).collect();
-        let mut scratch = model.new_scratch(64.max(b)).expect("scratch");
-        for cache in caches.iter_mut() {
-            let rows: Vec<Row> = (0..64)
-                .map(|p| Row {
-                    seq: 0,
-                    token: p as u32,
-                    pos: p,
-                    logits: false,
-                })
-                .collect();
-            model.forward(&rows, &mut [cache], &mut scratch).unwrap();
-        }
-        let rows: Vec<Row> = (0..b)
-            .map(|s| Row {
-                seq: s,
-                token: 42,
-                pos: 64,
-                logits: true,
-            })
-            .collect();
+        let mut step = DecodeStep::new(&model, b, 64).expect("decode step");
         let d = median(9, || {
-            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            black_box(model.forward(&rows, &mut refs, &mut scratch).unwrap());
-            // Rewind so every repetition decodes position 64 again.
-            for c in refs.iter_mut() {
-                c.truncate(64);
-            }
+            black_box(step.run(&model).unwrap());
         });
         if std::env::var_os("E2E_PROFILE").is_some() {
             // Where a step of this size goes (`E2E_PROFILE=1 cargo bench --bench e2e`).
-            scratch.profile = Some(Box::default());
+            step.scratch.profile = Some(Box::default());
             for _ in 0..5 {
-                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-                black_box(model.forward(&rows, &mut refs, &mut scratch).unwrap());
-                for c in refs.iter_mut() {
-                    c.truncate(64);
-                }
+                black_box(step.run(&model).unwrap());
             }
-            if let Some(p) = scratch.profile.take() {
+            if let Some(p) = step.scratch.profile.take() {
                 println!("profile of 5 steps at B={b}:\n{}", p.table());
             }
         }

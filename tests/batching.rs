@@ -279,3 +279,23 @@ fn non_finite_logits_end_the_request_with_an_error() {
     let err = sched.generate(vec![1, 2, 3], GenerateOptions::greedy(4));
     assert!(matches!(err, Err(Error::NonFiniteLogits { .. })), "{err:?}");
 }
+
+#[test]
+fn a_decode_step_rewinds_so_every_run_decodes_the_same_position() {
+    let model = tiny();
+    let mut step = gpt2::bench::step::DecodeStep::new(&model, 3, 10).unwrap();
+    assert_eq!(step.position(), 10);
+    step.run(&model).unwrap();
+    let first = step.scratch.logits().to_vec();
+    assert_eq!(first.len(), 3 * model.config.vocab_size);
+    step.run(&model).unwrap();
+    assert_eq!(
+        step.scratch.logits(),
+        &first[..],
+        "the second run saw the first one's keys"
+    );
+    // Past the context window the position is capped: the step still runs.
+    let mut long = gpt2::bench::step::DecodeStep::new(&model, 1, 10_000).unwrap();
+    assert_eq!(long.position(), model.config.n_positions - 1);
+    long.run(&model).unwrap();
+}

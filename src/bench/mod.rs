@@ -6,6 +6,7 @@
 
 pub mod report;
 pub mod stats;
+pub mod step;
 
 use serde::{Deserialize, Serialize};
 

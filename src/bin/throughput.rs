@@ -21,10 +21,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
 use gpt2::bench::stats::{self, Thresholds};
+use gpt2::bench::step::DecodeStep;
 use gpt2::bench::{report, Metadata, ModelInfo, Report, RequestRecord, Roofline, TestResult, SCHEMA_VERSION};
 use gpt2::hub::{self, WeightsArgs};
 use gpt2::profile::Profile;
-use gpt2::{GenerateOptions, Generation, Gpt2Model, KvCache, Row, Scheduler, SchedulerConfig, Session};
+use gpt2::{GenerateOptions, Generation, Gpt2Model, Scheduler, SchedulerConfig, Session};
 use sha2::{Digest, Sha256};
 
 const DEFAULT_CONCURRENT_PROMPTS: [&str; 3] = [
@@ -813,57 +814,22 @@ fn measure_roofline(
 }
 
 /// One decode step of `batch` sequences, each with `position` tokens cached
-/// (capped by the context), timed alone on `pool`: the median of 9 steps,
-/// each rewound so that every repetition decodes the same position.
+/// (capped by the context), timed alone on `pool`: the median of 9 steps.
 /// Returns the position and the seconds.
 fn time_batched_step(
     model: &Gpt2Model,
     pool: &rayon::ThreadPool,
     batch: usize,
     position: usize,
-) -> Result<(usize, f64), Box<dyn std::error::Error>> {
-    let cfg = &model.config;
-    let position = position.min(cfg.n_positions - 1);
-    let mut caches: Vec<KvCache> = (0..batch).map(|_| model.new_cache()).collect::<Result<_, _>>()?;
-    let mut scratch = model.new_scratch(position.max(batch).max(1))?;
-    let token = |i: usize| (i * 101 % cfg.vocab_size) as u32;
-    let prompt: Vec<Row> = (0..position)
-        .map(|p| Row {
-            seq: 0,
-            token: token(p),
-            pos: p,
-            logits: false,
-        })
-        .collect();
-    let step: Vec<Row> = (0..batch)
-        .map(|s| Row {
-            seq: s,
-            token: token(position + s),
-            pos: position,
-            logits: true,
-        })
-        .collect();
-    pool.install(|| -> gpt2::Result<f64> {
-        if !prompt.is_empty() {
-            for cache in caches.iter_mut() {
-                model.forward(&prompt, &mut [cache], &mut scratch)?;
-            }
-        }
-        let mut times = Vec::with_capacity(9);
-        for _ in 0..9 {
-            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            let t0 = Instant::now();
-            model.forward(&step, &mut refs, &mut scratch)?;
-            times.push(t0.elapsed().as_secs_f64());
-            for c in refs.iter_mut() {
-                c.truncate(position);
-            }
-        }
+) -> gpt2::Result<(usize, f64)> {
+    pool.install(|| {
+        let mut step = DecodeStep::new(model, batch, position)?;
+        let mut times: Vec<f64> = (0..9)
+            .map(|_| step.run(model).map(|d| d.as_secs_f64()))
+            .collect::<gpt2::Result<_>>()?;
         times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
+        Ok((step.position(), times[times.len() / 2]))
     })
-    .map(|s| (position, s))
-    .map_err(Into::into)
 }
 
 fn sha256_file(path: &Path) -> Result<String, String> {
