@@ -234,15 +234,9 @@ unsafe fn sum_avx2(x: &[f32]) -> f32 {
             *a = _mm256_add_ps(*a, v);
         }
     }
-    let mut total = _mm256_setzero_ps();
-    for a in acc {
-        total = _mm256_add_ps(total, a);
-    }
-    let mut lanes = [0.0f32; 8];
-    // SAFETY: `lanes` holds 8 floats; the unaligned store has no alignment
-    // requirement.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
-    lanes.iter().sum::<f32>() + tail
+    // SAFETY: the CPU supports AVX2 (this function's own requirement).
+    let total = unsafe { lanes_total(&acc) };
+    total + tail
 }
 
 /// Every 8-float vector of `x` multiplied by 1 and added into [`FMA_ROWS`]
@@ -300,20 +294,34 @@ unsafe fn sum_rows_avx2(x: &[f32], one: f32) -> f32 {
             }
         }
     }
+    // SAFETY: the CPU supports AVX2 (this function's own requirement).
+    let total = unsafe { lanes_total(&acc) };
+    total - ROW_STARTS + tail
+}
+
+/// What the starting values of [`sum_rows_avx2`]'s accumulators add up to:
+/// 8 lanes of 0 + 1 + ... + 7.
+const ROW_STARTS: f32 = (8 * FMA_ROWS * (FMA_ROWS - 1) / 2) as f32;
+
+/// The sum of every lane of every register of `acc`: the registers added
+/// in order, then their 8 lanes.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn lanes_total(acc: &[std::arch::x86_64::__m256]) -> f32 {
+    use std::arch::x86_64::*;
     let mut total = _mm256_setzero_ps();
-    for a in acc {
+    for &a in acc {
         total = _mm256_add_ps(total, a);
     }
     let mut lanes = [0.0f32; 8];
     // SAFETY: `lanes` holds 8 floats; the unaligned store has no alignment
     // requirement.
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
-    lanes.iter().sum::<f32>() - ROW_STARTS + tail
+    lanes.iter().sum()
 }
-
-/// What the starting values of [`sum_rows_avx2`]'s accumulators add up to:
-/// 8 lanes of 0 + 1 + ... + 7.
-const ROW_STARTS: f32 = (8 * FMA_ROWS * (FMA_ROWS - 1) / 2) as f32;
 
 /// `iters` rounds of `acc ← acc·a + b` over [`CHAINS`] independent 8-lane
 /// accumulators; returns the sum of the accumulators.
@@ -362,15 +370,8 @@ unsafe fn fma_chains_avx2(iters: u64, a: f32, b: f32) -> f32 {
             *x = _mm256_fmadd_ps(*x, va, vb);
         }
     }
-    let mut total = _mm256_setzero_ps();
-    for x in acc {
-        total = _mm256_add_ps(total, x);
-    }
-    let mut lanes = [0.0f32; 8];
-    // SAFETY: `lanes` holds 8 floats; the unaligned store has no alignment
-    // requirement.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
-    lanes.iter().sum()
+    // SAFETY: the CPU supports AVX2 (this function's own requirement).
+    unsafe { lanes_total(&acc) }
 }
 
 #[cfg(test)]
