@@ -93,6 +93,7 @@ pub struct Thresholds {
     pub batched_scaling_at_8: f64,
     pub batched_tpot_penalty_at_8: f64,
     pub batched_efficiency_at_4: f64,
+    pub batched_holds_past_8: f64,
 }
 
 impl Default for Thresholds {
@@ -106,6 +107,9 @@ impl Default for Thresholds {
             batched_scaling_at_8: 6.0,
             batched_tpot_penalty_at_8: 1.5,
             batched_efficiency_at_4: 0.9,
+            // "Keeps rising or holds": a dip of up to 10% is within this
+            // machine's run-to-run noise.
+            batched_holds_past_8: 0.9,
         }
     }
 }
@@ -129,11 +133,12 @@ impl Thresholds {
             "batched_scaling_at_8" => self.batched_scaling_at_8 = v,
             "batched_tpot_penalty_at_8" => self.batched_tpot_penalty_at_8 = v,
             "batched_efficiency_at_4" => self.batched_efficiency_at_4 = v,
+            "batched_holds_past_8" => self.batched_holds_past_8 = v,
             other => {
                 return Err(format!(
                     "unknown target `{other}` (known: single_requests_per_s, single_tokens_per_s, \
                      concurrent_requests_per_s, concurrent_tokens_per_s, failed, batched_scaling_at_8, \
-                     batched_tpot_penalty_at_8, batched_efficiency_at_4)"
+                     batched_tpot_penalty_at_8, batched_efficiency_at_4, batched_holds_past_8)"
                 ))
             }
         }
@@ -294,6 +299,32 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
             pass: l.efficiency >= thresholds.batched_efficiency_at_4,
         });
     }
+    // Past 8, batched throughput keeps rising or holds: each level's tok/s
+    // over the best of the batched levels below it (the single request
+    // included), the worst such ratio.
+    let mut ladder: Vec<&LevelAnalysis> = levels
+        .iter()
+        .filter(|l| l.mode == "batched" || l.concurrency == 1)
+        .collect();
+    ladder.sort_by_key(|l| l.concurrency);
+    let holds = ladder
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.concurrency > 8)
+        .map(|(i, l)| {
+            let below = ladder[..i].iter().map(|b| b.tokens_per_s).fold(0.0, f64::max);
+            ratio(l.tokens_per_s, below)
+        })
+        .reduce(f64::min);
+    if let Some(worst) = holds {
+        targets.push(Target {
+            name: "batched_holds_past_8".into(),
+            op: ">=".into(),
+            threshold: thresholds.batched_holds_past_8,
+            measured: worst,
+            pass: worst >= thresholds.batched_holds_past_8,
+        });
+    }
     targets.push(Target {
         name: "failed".into(),
         op: "<=".into(),
@@ -410,6 +441,45 @@ mod tests {
         assert!(single_tps.pass && single_tps.measured == 30.0);
         assert!(a.targets.iter().find(|t| t.name == "failed").unwrap().pass);
         assert!(a.spread.is_empty());
+    }
+
+    /// Past concurrency 8 the batched curve is judged against the best level
+    /// below it: a dip beyond the threshold fails, however high the top is.
+    #[test]
+    fn batched_curve_must_hold_past_8() {
+        let mk = |mode: &str, c: usize, dur: f64| {
+            let raw = (0..c.max(1)).map(|_| rec(1000.0, 30, None)).collect();
+            test_result(&format!("c{c}"), mode, c, 0, dur, raw)
+        };
+        // Tokens: 30 per request; tok/s = 30c / dur.
+        let run = |d16: f64, d32: f64| {
+            let tests = vec![
+                mk("threads", 1, 1.0),
+                mk("batched", 8, 1.0),
+                mk("batched", 16, d16),
+                mk("batched", 32, d32),
+            ];
+            let a = analyze(&tests, &Thresholds::default());
+            a.targets
+                .into_iter()
+                .find(|t| t.name == "batched_holds_past_8")
+                .unwrap()
+        };
+        // 240, 480, 960 tok/s: rising.
+        let t = run(1.0, 1.0);
+        assert!(t.pass && (t.measured - 2.0).abs() < 1e-9);
+        // 240, 480, then 400: 400 / 480 = 0.83 < 0.9.
+        let t = run(1.0, 2.4);
+        assert!(!t.pass && (t.measured - 400.0 / 480.0).abs() < 1e-9);
+        // 240, then 228 at 16 (0.95): holds.
+        let t = run(480.0 / 228.0, 1.0);
+        assert!(t.pass && (t.measured - 0.95).abs() < 1e-9);
+        // No level past 8: no such target.
+        let a = analyze(
+            &[mk("threads", 1, 1.0), mk("batched", 8, 1.0)],
+            &Thresholds::default(),
+        );
+        assert!(a.targets.iter().all(|t| t.name != "batched_holds_past_8"));
     }
 
     #[test]
