@@ -116,7 +116,7 @@ mod tests {
         );
     }
 
-    const ROWS: [usize; 9] = [1, 2, 3, 4, 5, 7, 16, 17, 33];
+    const ROWS: [usize; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33];
 
     #[test]
     fn linear_matches_naive_on_odd_shapes() {
