@@ -227,6 +227,20 @@ pub struct Roofline {
     /// bandwidth-bound rate of 8 tokens per pass over the weights.
     #[serde(default)]
     pub batch8_fraction_of_bandwidth: f64,
+    /// One decode step of a single sequence at position
+    /// `long_decode_position` (after a 200-token prompt), timed alone
+    /// (median), ms. 0 in older reports.
+    #[serde(default)]
+    pub long_decode_step_ms: f64,
+    #[serde(default)]
+    pub long_decode_position: usize,
+    /// Bytes that step reads (every f32 weight, and the KV cache at that
+    /// position) / its time, GB/s.
+    #[serde(default)]
+    pub long_decode_achieved_gbs: f64,
+    /// long_decode_achieved_gbs / read_gbs_all.
+    #[serde(default)]
+    pub long_decode_fraction_of_bandwidth: f64,
 }
 
 /// Everything one `throughput` run wrote.

@@ -470,6 +470,23 @@ fn write_outputs(args: &Args, report: &Report) -> Result<(), Box<dyn std::error:
     Ok(())
 }
 
+/// The achieved / limit row of a one-row decode step after a long prompt,
+/// or nothing for a report without one.
+fn long_decode_row(r: &Roofline) -> String {
+    if r.long_decode_step_ms <= 0.0 {
+        return String::new();
+    }
+    format!(
+        "| decode, batch 1 at position {} (weights and KV cache, one step in {:.1} ms) | {:.1} GB/s ({:.1} tok/s) | {:.1} GB/s read bandwidth | {:.0}% |\n",
+        r.long_decode_position,
+        r.long_decode_step_ms,
+        r.long_decode_achieved_gbs,
+        1e3 / r.long_decode_step_ms,
+        r.read_gbs_all,
+        100.0 * r.long_decode_fraction_of_bandwidth,
+    )
+}
+
 /// The achieved / limit row of an 8-row decode step, or nothing for a
 /// report without one.
 fn batch8_row(r: &Roofline) -> String {
@@ -496,7 +513,7 @@ fn extra_sections(report: &Report) -> String {
             "\n## Achieved / limit (measured on this machine)\n\n\
              | | achieved | limit | achieved / limit |\n|---|---:|---:|---:|\n\
              | decode, batch 1 ({:.0} MB read per token) | {:.1} GB/s ({:.1} tok/s) | {:.1} GB/s read bandwidth ({:.1} tok/s) | {:.0}% |\n\
-             {}\
+             {}{}\
              | prefill, {} tokens in {:.0} ms | {:.1} GFLOP/s | {:.1} GFLOP/s FMA peak | {:.0}% |\n\
              | (our SGEMM at M = 128, best GPT-2 shape) | {:.1} GFLOP/s | {:.1} GFLOP/s | {:.0}% |\n\n\
              Read bandwidth on one thread: {:.1} GB/s. Decode moves every f32 weight once per token, so \
@@ -507,6 +524,7 @@ fn extra_sections(report: &Report) -> String {
             r.read_gbs_all,
             r.decode_ceiling_tokens_per_s,
             100.0 * r.decode_fraction_of_bandwidth,
+            long_decode_row(r),
             batch8_row(r),
             r.prefill_tokens,
             r.prefill_ms,
@@ -785,6 +803,11 @@ fn measure_roofline(
     let prefill_gflops = flops / prefill_s / 1e9;
     let (batch8_position, batch8_step_s) = time_batched_step(model, pool, 8, 64)?;
     let batch8_gbs = decode_bytes / batch8_step_s / 1e9;
+    // Decode after a long prompt: the weights, and now a KV cache of 200
+    // positions (keys and values, every layer) as well.
+    let (long_position, long_step_s) = time_batched_step(model, pool, 1, 200)?;
+    let long_bytes = decode_bytes + (2 * cfg.n_layer * long_position * cfg.n_embd * 4) as f64;
+    let long_gbs = long_bytes / long_step_s / 1e9;
     let sgemm = limits
         .sgemm
         .iter()
@@ -810,6 +833,10 @@ fn measure_roofline(
         batch8_position,
         batch8_achieved_gbs: batch8_gbs,
         batch8_fraction_of_bandwidth: batch8_gbs / limits.read_gbs_all,
+        long_decode_step_ms: long_step_s * 1e3,
+        long_decode_position: long_position,
+        long_decode_achieved_gbs: long_gbs,
+        long_decode_fraction_of_bandwidth: long_gbs / limits.read_gbs_all,
     })
 }
 
