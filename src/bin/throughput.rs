@@ -803,10 +803,10 @@ fn measure_roofline(
     let prefill_gflops = flops / prefill_s / 1e9;
     let (batch8_position, batch8_step_s) = time_batched_step(model, pool, 8, 64)?;
     let batch8_gbs = decode_bytes / batch8_step_s / 1e9;
-    // Decode after a long prompt: the weights, and now a KV cache of 200
-    // positions (keys and values, every layer) as well.
+    // Decode after a long prompt: the weights, and now the keys and values of
+    // every layer at the 200 cached positions and the new one as well.
     let (long_position, long_step_s) = time_batched_step(model, pool, 1, 200)?;
-    let long_bytes = decode_bytes + (2 * cfg.n_layer * long_position * cfg.n_embd * 4) as f64;
+    let long_bytes = decode_bytes + (2 * cfg.n_layer * (long_position + 1) * cfg.n_embd * 4) as f64;
     let long_gbs = long_bytes / long_step_s / 1e9;
     let sgemm = limits
         .sgemm
