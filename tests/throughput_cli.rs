@@ -26,7 +26,7 @@ fn both_modes_write_a_complete_report() {
         "--single-requests",
         "2",
         "--levels",
-        "2,3",
+        "2,6",
         "--requests-per-level",
         "4",
         "--profile",
@@ -51,11 +51,15 @@ fn both_modes_write_a_complete_report() {
         [
             ("threads", 1),
             ("threads", 2),
-            ("threads", 3),
+            ("threads", 6),
             ("batched", 2),
-            ("batched", 3)
+            ("batched", 6)
         ]
     );
+    // A level runs at least as many requests as it has clients: 4 per level
+    // were asked for, level 6 runs 6.
+    let requests: Vec<usize> = report.tests.iter().map(|t| t.requests).collect();
+    assert_eq!(requests, [2, 4, 6, 4, 6]);
     for t in &report.tests {
         assert_eq!(t.failed, 0, "{}", t.name);
         assert_eq!(t.total_tokens, t.requests * 5, "{} {}", t.mode, t.name);

@@ -125,7 +125,8 @@ struct Args {
     /// report achieved / limit for decode and prefill.
     #[arg(long)]
     probe: bool,
-    /// Requests per concurrency level [default: 6, or 20 with --full].
+    /// Requests per concurrency level, and at least the level itself, so
+    /// that every client runs one [default: 6, or 20 with --full].
     #[arg(long)]
     requests_per_level: Option<usize>,
     /// Repetitions of every test [default: 1, or 3 with --full].
@@ -365,7 +366,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         for &mode in &plan.modes {
             for &level in &plan.levels {
                 let name = format!("concurrent-{level}");
-                let (d, raw) = runner.run(&name, mode, level, plan.requests_per_level, &concurrent_prompts);
+                // Fewer requests than clients would never reach the level.
+                let n = plan.requests_per_level.max(level);
+                let (d, raw) = runner.run(&name, mode, level, n, &concurrent_prompts);
                 tests.push(stats::test_result(&name, mode.name(), level, rep, d, raw));
             }
         }
