@@ -473,38 +473,47 @@ fn write_outputs(args: &Args, report: &Report) -> Result<(), Box<dyn std::error:
     Ok(())
 }
 
-/// The achieved / limit row of a one-row decode step after a long prompt,
-/// or nothing for a report without one.
-fn long_decode_row(r: &Roofline) -> String {
-    if r.long_decode_step_ms <= 0.0 {
+/// An achieved / limit row for one timed decode step of `rows` rows, or
+/// nothing when the report has no such step (`step_ms` 0).
+fn step_row(what: &str, step_ms: f64, rows: f64, gbs: f64, limit: &str, fraction: f64) -> String {
+    if step_ms <= 0.0 {
         return String::new();
     }
     format!(
-        "| decode, batch 1 at position {} (weights and KV cache, one step in {:.1} ms) | {:.1} GB/s ({:.1} tok/s) | {:.1} GB/s read bandwidth | {:.0}% |\n",
-        r.long_decode_position,
-        r.long_decode_step_ms,
-        r.long_decode_achieved_gbs,
-        1e3 / r.long_decode_step_ms,
-        r.read_gbs_all,
-        100.0 * r.long_decode_fraction_of_bandwidth,
+        "| {what}, one step in {step_ms:.1} ms) | {gbs:.1} GB/s ({:.1} tok/s) | {limit} | {:.0}% |\n",
+        rows * 1e3 / step_ms,
+        100.0 * fraction,
     )
 }
 
-/// The achieved / limit row of an 8-row decode step, or nothing for a
-/// report without one.
+/// The achieved / limit row of a one-row decode step after a long prompt.
+fn long_decode_row(r: &Roofline) -> String {
+    step_row(
+        &format!(
+            "decode, batch 1 at position {} (weights and KV cache",
+            r.long_decode_position
+        ),
+        r.long_decode_step_ms,
+        1.0,
+        r.long_decode_achieved_gbs,
+        &format!("{:.1} GB/s read bandwidth", r.read_gbs_all),
+        r.long_decode_fraction_of_bandwidth,
+    )
+}
+
+/// The achieved / limit row of an 8-row decode step.
 fn batch8_row(r: &Roofline) -> String {
-    if r.batch8_step_ms <= 0.0 {
-        return String::new();
-    }
-    format!(
-        "| decode, 8 rows (8 sequences at position {}, one step in {:.1} ms) | {:.1} GB/s ({:.1} tok/s) | {:.1} GB/s read bandwidth ({:.1} tok/s) | {:.0}% |\n",
-        r.batch8_position,
+    step_row(
+        &format!("decode, 8 rows (8 sequences at position {}", r.batch8_position),
         r.batch8_step_ms,
+        8.0,
         r.batch8_achieved_gbs,
-        8e3 / r.batch8_step_ms,
-        r.read_gbs_all,
-        8.0 * r.decode_ceiling_tokens_per_s,
-        100.0 * r.batch8_fraction_of_bandwidth,
+        &format!(
+            "{:.1} GB/s read bandwidth ({:.1} tok/s)",
+            r.read_gbs_all,
+            8.0 * r.decode_ceiling_tokens_per_s
+        ),
+        r.batch8_fraction_of_bandwidth,
     )
 }
 
