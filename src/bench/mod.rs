@@ -227,6 +227,13 @@ pub struct Roofline {
     /// bandwidth-bound rate of 8 tokens per pass over the weights.
     #[serde(default)]
     pub batch8_fraction_of_bandwidth: f64,
+    /// The arithmetic of that step's linear layers (every weight, the LM
+    /// head included, times 8 rows) at the rate the same kernel reaches with
+    /// its weights in cache (the probe's M = 8 shapes, FLOP-weighted), ms:
+    /// what the step would cost if nothing came from memory. 0 in older
+    /// reports.
+    #[serde(default)]
+    pub batch8_compute_ms: f64,
     /// One decode step of a single sequence at position
     /// `long_decode_position` (after a 200-token prompt), timed alone
     /// (median), ms. 0 in older reports.
@@ -243,6 +250,58 @@ pub struct Roofline {
     pub long_decode_fraction_of_bandwidth: f64,
 }
 
+/// An 8-row decode step against its two parts: streaming the weights and
+/// computing on them ([`Roofline::batch8_parts`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepParts {
+    /// The weights read once at the all-threads read bandwidth, ms.
+    pub stream_ms: f64,
+    /// The linear layers' arithmetic with the weights in cache, ms.
+    pub compute_ms: f64,
+    /// The step as measured, ms.
+    pub step_ms: f64,
+}
+
+impl StepParts {
+    /// The step if streaming and computing overlapped perfectly: the larger.
+    pub fn overlapped_ms(&self) -> f64 {
+        self.stream_ms.max(self.compute_ms)
+    }
+
+    /// The step if they did not overlap at all: the sum.
+    pub fn serial_ms(&self) -> f64 {
+        self.stream_ms + self.compute_ms
+    }
+
+    /// How much of the smaller part the step hides behind the larger: 1 when
+    /// it takes [`Self::overlapped_ms`], 0 when it takes [`Self::serial_ms`],
+    /// below 0 when it takes longer than both parts one after the other (the
+    /// step's other work, attention first, is in neither part).
+    pub fn hidden(&self) -> f64 {
+        (self.serial_ms() - self.step_ms) / self.stream_ms.min(self.compute_ms)
+    }
+}
+
+impl Roofline {
+    /// The 8-row step's parts, or `None` in reports without them.
+    pub fn batch8_parts(&self) -> Option<StepParts> {
+        let known = [
+            self.batch8_step_ms,
+            self.batch8_compute_ms,
+            self.read_gbs_all,
+            self.decode_bytes_per_token,
+        ];
+        known
+            .iter()
+            .all(|v| v.is_finite() && *v > 0.0)
+            .then(|| StepParts {
+                stream_ms: self.decode_bytes_per_token / self.read_gbs_all / 1e6,
+                compute_ms: self.batch8_compute_ms,
+                step_ms: self.batch8_step_ms,
+            })
+    }
+}
+
 /// Everything one `throughput` run wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -256,4 +315,72 @@ pub struct Report {
     /// Achieved / limit (`--probe`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roofline: Option<Roofline>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roofline(step_ms: f64, compute_ms: f64) -> Roofline {
+        Roofline {
+            read_gbs_1t: 20.0,
+            read_gbs_all: 40.0,
+            fma_gflops_all: 200.0,
+            sgemm_gflops: 120.0,
+            decode_bytes_per_token: 0.5e9,
+            decode_tokens_per_s: 60.0,
+            decode_achieved_gbs: 30.0,
+            decode_fraction_of_bandwidth: 0.75,
+            decode_ceiling_tokens_per_s: 80.0,
+            prefill_tokens: 128,
+            prefill_ms: 180.0,
+            prefill_gflops: 120.0,
+            prefill_fraction_of_fma_peak: 0.6,
+            read_fma8_gbs_all: 35.0,
+            batch8_step_ms: step_ms,
+            batch8_position: 64,
+            batch8_achieved_gbs: 0.5e9 / step_ms / 1e6,
+            batch8_fraction_of_bandwidth: 0.5,
+            batch8_compute_ms: compute_ms,
+            long_decode_step_ms: 16.0,
+            long_decode_position: 200,
+            long_decode_achieved_gbs: 32.0,
+            long_decode_fraction_of_bandwidth: 0.8,
+        }
+    }
+
+    #[test]
+    fn batch8_parts_place_the_step_between_overlap_and_sum() {
+        // 0.5 GB at 40 GB/s: 12.5 ms of streaming; 10 ms of arithmetic.
+        let parts = |step| roofline(step, 10.0).batch8_parts().unwrap();
+        let p = parts(12.5);
+        assert!((p.stream_ms - 12.5).abs() < 1e-9, "{p:?}");
+        assert_eq!((p.overlapped_ms(), p.serial_ms()), (12.5, 22.5));
+        assert!((p.hidden() - 1.0).abs() < 1e-9, "perfect overlap: {p:?}");
+        assert!(parts(22.5).hidden().abs() < 1e-9, "no overlap");
+        assert!(
+            (parts(17.5).hidden() - 0.5).abs() < 1e-9,
+            "half of the 10 ms hidden"
+        );
+        assert!(parts(25.0).hidden() < 0.0, "longer than both parts in a row");
+        // The smaller part is the stream when compute is the larger.
+        let q = roofline(27.5, 20.0).batch8_parts().unwrap();
+        assert!(
+            (q.hidden() - 0.4).abs() < 1e-9,
+            "5 of the 12.5 ms stream hidden: {q:?}"
+        );
+    }
+
+    #[test]
+    fn batch8_parts_need_every_figure() {
+        assert_eq!(
+            roofline(20.0, 0.0).batch8_parts(),
+            None,
+            "older report: no compute time"
+        );
+        assert_eq!(roofline(0.0, 10.0).batch8_parts(), None, "no step timed");
+        let mut r = roofline(20.0, 10.0);
+        r.read_gbs_all = 0.0;
+        assert_eq!(r.batch8_parts(), None);
+    }
 }

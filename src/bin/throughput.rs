@@ -560,6 +560,21 @@ fn extra_sections(report: &Report) -> String {
                 100.0 * r.batch8_achieved_gbs / r.read_fma8_gbs_all,
             ));
         }
+        if let Some(p) = r.batch8_parts() {
+            out.push_str(&format!(
+                "\nThe same step in two parts: streaming the weights once at the read bandwidth takes \
+                 {:.1} ms; its linear layers' arithmetic, at the rate the same kernel reaches with the \
+                 weights in cache, {:.1} ms. Were the two fully overlapped the step would take {:.1} ms, \
+                 run one after the other {:.1} ms; it takes {:.1} ms, hiding {:.0}% of the smaller part \
+                 (attention and the small ops are in neither part).\n",
+                p.stream_ms,
+                p.compute_ms,
+                p.overlapped_ms(),
+                p.serial_ms(),
+                p.step_ms,
+                100.0 * p.hidden(),
+            ));
+        }
     }
     if let Some(rows) = &report.profile {
         out.push_str("\n## Per-op profile of the single-request test\n");
@@ -815,6 +830,22 @@ fn measure_roofline(
     let prefill_gflops = flops / prefill_s / 1e9;
     let (batch8_position, batch8_step_s) = time_batched_step(model, pool, 8, 64)?;
     let batch8_gbs = decode_bytes / batch8_step_s / 1e9;
+    // The 8-row step's linear layers (the blocks' and the LM head's weights,
+    // 8 rows each) at the in-cache rate of the probe's M = 8 shapes, weighted
+    // by their FLOPs (a harmonic mean: time adds up, not rate).
+    let few: Vec<_> = limits
+        .sgemm
+        .iter()
+        .filter(|p| p.m == 8 && p.gflops_hot > 0.0)
+        .collect();
+    let batch8_compute_ms = if few.is_empty() {
+        0.0
+    } else {
+        let flops = |p: &&gpt2::probe::SgemmPoint| 2.0 * (p.m * p.k * p.n) as f64;
+        let hot_gflops =
+            few.iter().map(flops).sum::<f64>() / few.iter().map(|p| flops(p) / p.gflops_hot).sum::<f64>();
+        2.0 * 8.0 * (block_weights + c * v) / hot_gflops / 1e6
+    };
     // Decode after a long prompt: the weights, and now the keys and values of
     // every layer at the 200 cached positions and the new one as well.
     let (long_position, long_step_s) = time_batched_step(model, pool, 1, 200)?;
@@ -845,6 +876,7 @@ fn measure_roofline(
         batch8_position,
         batch8_achieved_gbs: batch8_gbs,
         batch8_fraction_of_bandwidth: batch8_gbs / limits.read_gbs_all,
+        batch8_compute_ms,
         long_decode_step_ms: long_step_s * 1e3,
         long_decode_position: long_position,
         long_decode_achieved_gbs: long_gbs,
