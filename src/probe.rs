@@ -32,6 +32,12 @@ pub struct Limits {
     pub fma_gflops_all: f64,
     /// Our `linear_packed` at GPT-2 shapes, on `threads` threads.
     pub sgemm: Vec<SgemmPoint>,
+    /// `linear_packed` at 8 rows ([`FMA_ROWS`]) on one thread over a weight
+    /// that stays in L2 (K = 768, one 48-column panel, 147 KB): the
+    /// few-row kernel's arithmetic with no memory stream at all, GFLOP/s.
+    /// 0 in reports written before it was measured.
+    #[serde(default)]
+    pub rows8_in_l2_gflops_1t: f64,
 }
 
 /// One timed shape of `out[M,N] = x[M,K] · w[K,N] + bias[N]`.
@@ -165,6 +171,14 @@ fn measure_plan(plan: &Plan) -> Limits {
             .collect()
     });
 
+    // One thread: a one-panel weight is one task, so there is no fork-join
+    // in the call, and the cores compute independently of each other.
+    let rows8_in_l2_gflops_1t = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap_or_else(|e| panic!("probe: cannot start a pool of 1 thread: {e}"))
+        .install(|| time_linear_in_cache(FMA_ROWS, 768, 48, plan.read_reps, 10 * plan.gemm_reps));
+
     Limits {
         read_gbs_1t,
         read_gbs_all,
@@ -174,50 +188,101 @@ fn measure_plan(plan: &Plan) -> Limits {
         fma_gflops_1t,
         fma_gflops_all,
         sgemm,
+        rows8_in_l2_gflops_1t,
+    }
+}
+
+/// One shape of `linear_packed` with its inputs: `copies` packed weights.
+struct Case {
+    m: usize,
+    k: usize,
+    n: usize,
+    ws: Vec<Vec<f32>>,
+    x: Vec<f32>,
+    bias: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl Case {
+    fn new(m: usize, k: usize, n: usize, copies: usize) -> Case {
+        use gpt2_kernels::{pack_panels, packed_len};
+        let ws = (0..copies)
+            .map(|c| {
+                let mut p = vec![0.0; packed_len(k, n)];
+                pack_panels(&mut p, &filled(k * n, c), k, n); // [K, N] in panels
+                p
+            })
+            .collect();
+        Case {
+            m,
+            k,
+            n,
+            ws,
+            x: filled(m * k, copies),    // [M, K]
+            bias: filled(n, copies + 1), // [N]
+            out: vec![0.0f32; m * n],    // [M, N]
+        }
+    }
+
+    /// Seconds of one call on weight copy `c`.
+    fn call(&mut self, c: usize) -> f64 {
+        let t0 = Instant::now();
+        gpt2_kernels::linear_packed(
+            &mut self.out,
+            &self.x,
+            &self.ws[c],
+            Some(&self.bias),
+            self.m,
+            self.k,
+            self.n,
+        );
+        let secs = t0.elapsed().as_secs_f64();
+        std::hint::black_box(&self.out);
+        secs
+    }
+
+    /// `2·M·K·N` over the median of `secs`, GFLOP/s.
+    fn gflops(&self, mut secs: Vec<f64>) -> f64 {
+        secs.sort_by(f64::total_cmp);
+        2.0 * (self.m * self.k * self.n) as f64 / secs[secs.len() / 2].max(1e-9) / 1e9
     }
 }
 
 /// GFLOP/s of the engine's `linear_packed` at one shape, `(from memory,
-/// from cache)`: `2·M·K·N` over the median of `reps` calls of each kind after
-/// one warm-up. From memory, each call takes the next of several packed
-/// weight copies that together take `cold_bytes`; from cache, a call takes
-/// copy 0 right after an untimed call on it (a GPT-2 124M weight, 2.4–9.4 MB,
-/// fits in the last-level cache of the machines we measure). The two kinds
+/// from cache)`, over the median of `reps` calls of each kind after one
+/// warm-up. From memory, each call takes the next of several packed weight
+/// copies that together take `cold_bytes`; from cache, a call takes copy 0
+/// right after an untimed call on it (a GPT-2 124M weight, 2.4–9.4 MB, fits
+/// in the last-level cache of the machines we measure). The two kinds
 /// alternate, so that both see the same conditions on a shared machine,
 /// where what the neighbours run can halve a core's FMA rate for seconds.
 fn time_linear(m: usize, k: usize, n: usize, reps: usize, cold_bytes: usize) -> (f64, f64) {
-    use gpt2_kernels::{linear_packed, pack_panels, packed_len};
     // Copy 0 stays in cache; copies 1.. take `cold_bytes` between them.
-    let copies = 1 + cold_bytes.div_ceil(k * n * std::mem::size_of::<f32>()).max(1);
-    let ws: Vec<Vec<f32>> = (0..copies)
-        .map(|c| {
-            let mut p = vec![0.0; packed_len(k, n)];
-            pack_panels(&mut p, &filled(k * n, c), k, n); // [K, N] in panels
-            p
-        })
-        .collect();
-    let x = filled(m * k, copies); // [M, K]
-    let bias = filled(n, copies + 1); // [N]
-    let mut out = vec![0.0f32; m * n]; // [M, N]
-    let mut call = |w: &[f32]| {
-        let t0 = Instant::now();
-        linear_packed(&mut out, &x, w, Some(&bias), m, k, n);
-        t0.elapsed().as_secs_f64()
-    };
-
-    call(&ws[1]);
+    let cold_copies = cold_bytes.div_ceil(k * n * std::mem::size_of::<f32>()).max(1);
+    let mut case = Case::new(m, k, n, 1 + cold_copies);
+    case.call(1);
     let (mut cold, mut hot) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     for r in 0..reps {
-        cold.push(call(&ws[1 + (r + 1) % (copies - 1)]));
-        call(&ws[0]);
-        hot.push(call(&ws[0]));
+        cold.push(case.call(1 + (r + 1) % cold_copies));
+        case.call(0);
+        hot.push(case.call(0));
     }
-    std::hint::black_box(&out);
-    let gflops = |mut secs: Vec<f64>| {
-        secs.sort_by(f64::total_cmp);
-        2.0 * (m * k * n) as f64 / secs[secs.len() / 2].max(1e-9) / 1e9
-    };
-    (gflops(cold), gflops(hot))
+    (case.gflops(cold), case.gflops(hot))
+}
+
+/// GFLOP/s of `linear_packed` at one shape over one weight (from cache
+/// when it fits), after one warm-up call: `rounds` rounds of `calls` calls,
+/// the best round's median. Best of several, like the read bandwidth: a
+/// limit of the machine, which a neighbour's burst should not lower.
+fn time_linear_in_cache(m: usize, k: usize, n: usize, rounds: usize, calls: usize) -> f64 {
+    let mut case = Case::new(m, k, n, 1);
+    case.call(0);
+    (0..rounds)
+        .map(|_| {
+            let secs = (0..calls).map(|_| case.call(0)).collect();
+            case.gflops(secs)
+        })
+        .fold(0.0, f64::max)
 }
 
 /// `len` deterministic values in [-0.5, 0.5), different for each `seed`.
@@ -244,6 +309,10 @@ impl Limits {
         s.push_str(&format!(
             "| FMA peak (GFLOP/s) | {:.1} | {:.1} |\n",
             self.fma_gflops_1t, self.fma_gflops_all
+        ));
+        s.push_str(&format!(
+            "| `linear_packed`, {FMA_ROWS} rows, weight in L2 (GFLOP/s) | {:.1} | |\n",
+            self.rows8_in_l2_gflops_1t
         ));
         s.push_str(&format!(
             "\n| SGEMM `linear_packed`, {t} threads | M | K | N | GFLOP/s | weights in cache |\n\
@@ -296,6 +365,7 @@ mod tests {
             l.read_fma8_gbs_all,
             l.fma_gflops_1t,
             l.fma_gflops_all,
+            l.rows8_in_l2_gflops_1t,
         ];
         assert!(figures.iter().all(|f| f.is_finite() && *f > 0.0), "{l:?}");
         assert!(l.threads >= 1);

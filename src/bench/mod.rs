@@ -227,10 +227,10 @@ pub struct Roofline {
     /// bandwidth-bound rate of 8 tokens per pass over the weights.
     #[serde(default)]
     pub batch8_fraction_of_bandwidth: f64,
-    /// The arithmetic of that step's linear layers (every weight, the LM
-    /// head included, times 8 rows) at the rate the same kernel reaches with
-    /// its weights in cache (the probe's M = 8 shapes, FLOP-weighted), ms:
-    /// what the step would cost if nothing came from memory. 0 in older
+    /// The arithmetic of that step's linear layers (the blocks' and the LM
+    /// head's weights, times 8 rows) at the rate the same kernel reaches
+    /// with a weight in L2, one core's rate times the threads, ms: what the
+    /// step's linears would cost if nothing came from memory. 0 in older
     /// reports.
     #[serde(default)]
     pub batch8_compute_ms: f64,
@@ -256,7 +256,7 @@ pub struct Roofline {
 pub struct StepParts {
     /// The weights read once at the all-threads read bandwidth, ms.
     pub stream_ms: f64,
-    /// The linear layers' arithmetic with the weights in cache, ms.
+    /// The linear layers' arithmetic with the weights in L2, ms.
     pub compute_ms: f64,
     /// The step as measured, ms.
     pub step_ms: f64,

@@ -563,8 +563,8 @@ fn extra_sections(report: &Report) -> String {
         if let Some(p) = r.batch8_parts() {
             out.push_str(&format!(
                 "\nThe same step in two parts: streaming the weights once at the read bandwidth takes \
-                 {:.1} ms; its linear layers' arithmetic, at the rate the same kernel reaches with the \
-                 weights in cache, {:.1} ms. Were the two fully overlapped the step would take {:.1} ms, \
+                 {:.1} ms; its linear layers' arithmetic, at the rate the same kernel reaches on every \
+                 core with a weight in L2, {:.1} ms. Were the two fully overlapped the step would take {:.1} ms, \
                  run one after the other {:.1} ms; it takes {:.1} ms, hiding {:.0}% of the smaller part \
                  (attention and the small ops are in neither part).\n",
                 p.stream_ms,
@@ -831,20 +831,12 @@ fn measure_roofline(
     let (batch8_position, batch8_step_s) = time_batched_step(model, pool, 8, 64)?;
     let batch8_gbs = decode_bytes / batch8_step_s / 1e9;
     // The 8-row step's linear layers (the blocks' and the LM head's weights,
-    // 8 rows each) at the in-cache rate of the probe's M = 8 shapes, weighted
-    // by their FLOPs (a harmonic mean: time adds up, not rate).
-    let few: Vec<_> = limits
-        .sgemm
-        .iter()
-        .filter(|p| p.m == 8 && p.gflops_hot > 0.0)
-        .collect();
-    let batch8_compute_ms = if few.is_empty() {
-        0.0
+    // 8 rows each) at the rate the same kernel computes with its weight in
+    // L2, on every core (they compute independently): the arithmetic alone.
+    let batch8_compute_ms = if limits.rows8_in_l2_gflops_1t > 0.0 {
+        2.0 * 8.0 * (block_weights + c * v) / (limits.rows8_in_l2_gflops_1t * limits.threads as f64) / 1e6
     } else {
-        let flops = |p: &&gpt2::probe::SgemmPoint| 2.0 * (p.m * p.k * p.n) as f64;
-        let hot_gflops =
-            few.iter().map(flops).sum::<f64>() / few.iter().map(|p| flops(p) / p.gflops_hot).sum::<f64>();
-        2.0 * 8.0 * (block_weights + c * v) / hot_gflops / 1e6
+        0.0
     };
     // Decode after a long prompt: the weights, and now the keys and values of
     // every layer at the 200 cached positions and the new one as well.
