@@ -229,7 +229,7 @@ pub struct Roofline {
     pub batch8_fraction_of_bandwidth: f64,
     /// The arithmetic of that step's linear layers (the blocks' and the LM
     /// head's weights, times 8 rows) at the rate the same kernel reaches
-    /// with a weight in L2, one core's rate times the threads, ms: what the
+    /// with a weight in L2, one core's rate times the step's threads, ms: what the
     /// step's linears would cost if nothing came from memory. 0 in older
     /// reports.
     #[serde(default)]

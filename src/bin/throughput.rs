@@ -563,8 +563,8 @@ fn extra_sections(report: &Report) -> String {
         if let Some(p) = r.batch8_parts() {
             out.push_str(&format!(
                 "\nThe same step in two parts: streaming the weights once at the read bandwidth takes \
-                 {:.1} ms; its linear layers' arithmetic, at the rate the same kernel reaches on every \
-                 core with a weight in L2, {:.1} ms. Were the two fully overlapped the step would take {:.1} ms, \
+                 {:.1} ms; its linear layers' arithmetic, at the rate the same kernel reaches on each of the \
+                 step's threads with a weight in L2, {:.1} ms. Were the two fully overlapped the step would take {:.1} ms, \
                  run one after the other {:.1} ms; it takes {:.1} ms, hiding {:.0}% of the smaller part \
                  (attention and the small ops are in neither part).\n",
                 p.stream_ms,
@@ -832,9 +832,11 @@ fn measure_roofline(
     let batch8_gbs = decode_bytes / batch8_step_s / 1e9;
     // The 8-row step's linear layers (the blocks' and the LM head's weights,
     // 8 rows each) at the rate the same kernel computes with its weight in
-    // L2, on every core (they compute independently): the arithmetic alone.
+    // L2, on every thread of the step's pool (they compute independently):
+    // the arithmetic alone.
     let batch8_compute_ms = if limits.rows8_in_l2_gflops_1t > 0.0 {
-        2.0 * 8.0 * (block_weights + c * v) / (limits.rows8_in_l2_gflops_1t * limits.threads as f64) / 1e6
+        let threads = pool.current_num_threads() as f64;
+        2.0 * 8.0 * (block_weights + c * v) / (limits.rows8_in_l2_gflops_1t * threads) / 1e6
     } else {
         0.0
     };
