@@ -17,6 +17,8 @@ pub mod hub;
 pub mod model;
 pub mod probe;
 pub mod profile;
+pub mod progress;
+pub mod rng;
 pub mod sampling;
 pub mod scheduler;
 pub mod synth;

@@ -3,8 +3,8 @@
 //! The steps run in the order of Hugging Face transformers' logits processors:
 //! repetition penalty, then either argmax (temperature 0) or temperature,
 //! top-k, top-p, softmax and one draw. Randomness comes only from the
-//! sampler's own seeded RNG, written in this file, so a seed gives the same
-//! tokens on every machine and with every version of the dependencies.
+//! sampler's own seeded [`Rng`] (`crate::rng`, whose draws for a seed are
+//! pinned by a test), so a seed gives the same tokens on every machine.
 //!
 //! A [`Sampler`] belongs to one request, like the KV cache: it keeps its RNG
 //! state and a work buffer between tokens, so after the first call sampling
@@ -14,6 +14,7 @@ use std::cmp::Ordering;
 use std::fmt;
 
 use crate::error::{Error, Result};
+use crate::rng::Rng;
 
 /// How to pick the next token. `temperature == 0` means greedy (argmax,
 /// first index on ties); top-k and top-p are then ignored.
@@ -382,55 +383,6 @@ fn pick(cands: &[(u32, f64)], target: f64) -> u32 {
     }
     // `u * total` can round up to `total`: take the last token with any mass.
     cands.iter().rev().find(|c| c.1 > 0.0).map_or(cands[0].0, |c| c.0)
-}
-
-/// xoshiro256** (Blackman and Vigna), seeded through splitmix64 as its
-/// authors recommend. Written here rather than taken from a crate so that the
-/// stream for a seed is fixed by this file alone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Rng {
-    s: [u64; 4],
-}
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        // splitmix64 outputs distinct words of a bijection, so at most one is
-        // zero and the state is never the all-zero state xoshiro cannot leave.
-        let mut state = seed;
-        let s = [
-            splitmix64(&mut state),
-            splitmix64(&mut state),
-            splitmix64(&mut state),
-            splitmix64(&mut state),
-        ];
-        Rng { s }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
-    /// Uniform in [0, 1): the top 53 bits, every value exactly representable.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -983,35 +935,5 @@ mod tests {
         assert_eq!(pick(&cands, 0.75), 9);
         // Rounding past the end falls back to the last token with mass.
         assert_eq!(pick(&[(1, 0.5), (2, 0.5), (4, 0.0)], 1.0), 2);
-    }
-
-    #[test]
-    fn rng_matches_reference_streams() {
-        // splitmix64 from seed 0 (Vigna's reference, also Java's SplittableRandom).
-        let mut state = 0;
-        assert_eq!(splitmix64(&mut state), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(splitmix64(&mut state), 0x6E78_9E6A_A1B9_65F4);
-        // xoshiro256** from state [1, 2, 3, 4] (the rand_xoshiro test vector).
-        let mut rng = Rng { s: [1, 2, 3, 4] };
-        let want: [u64; 10] = [
-            11520,
-            0,
-            1509978240,
-            1215971899390074240,
-            1216172134540287360,
-            607988272756665600,
-            16172922978634559625,
-            8476171486693032832,
-            10595114339597558777,
-            2904607092377533576,
-        ];
-        for w in want {
-            assert_eq!(rng.next_u64(), w);
-        }
-        // next_f64 stays in [0, 1).
-        let mut rng = Rng::new(1);
-        assert!((0..10_000)
-            .map(|_| rng.next_f64())
-            .all(|u| (0.0..1.0).contains(&u)));
     }
 }
