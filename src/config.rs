@@ -68,7 +68,7 @@ fn default_activation() -> String {
 impl Gpt2Config {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::files::read_bounded_string(path, crate::files::CONFIG_LIMIT)?;
         Self::from_json(&text).map_err(|msg| Error::Config {
             path: path.to_owned(),
             msg,

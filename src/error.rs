@@ -20,6 +20,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read {}: it is {kind}, not a regular file", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error("cannot read {}: longer than the {limit} bytes we accept for it", path.display())]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error("{} already exists: refusing to overwrite it", path.display())]
+    Exists { path: PathBuf },
+    #[error("{}: {what} {got} does not match the expected {expected}; refusing to use it", path.display())]
+    Integrity {
+        path: PathBuf,
+        what: &'static str,
+        expected: String,
+        got: String,
+    },
     #[error("{}: invalid config: {msg}", path.display())]
     Config { path: PathBuf, msg: String },
     #[error("{}: not a valid safetensors file: {msg}", path.display())]
@@ -63,6 +76,14 @@ pub enum Error {
         "the model produced a non-finite logit ({value}) for token id {index}; refusing to sample from it"
     )]
     NonFiniteLogits { index: usize, value: f32 },
+    #[error(
+        "the model produced a non-finite logit ({value}) for the token at position {position}, vocabulary index {index}: the weights or activations overflow f32"
+    )]
+    NonFiniteOutput {
+        position: usize,
+        index: usize,
+        value: f32,
+    },
     #[error(
         "the prompt is {prompt_tokens} tokens, longer than the context window of {n_positions} positions"
     )]

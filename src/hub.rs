@@ -5,11 +5,20 @@
 //! downloaded into it with `hf-hub` unless `HF_HUB_OFFLINE` is set. If that
 //! fails (no network), one notice on stderr and the deterministic synthetic
 //! 124M checkpoint, generated once under `weights/synthetic/` and reused.
+//!
+//! Hub files are pinned and verified: `gpt2` resolves to a fixed commit whose
+//! three files' SHA-256 are known here; any other model to `--revision`
+//! (default `main`), each file checked against the hash the hub named it by
+//! (its cache blob's name: the SHA-256 of an LFS file, the git blob id of a
+//! small one). A mismatch, or a cached file we cannot check, is an error that
+//! names the file, never a silent fallback.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
+
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::synth::{self, Preset};
@@ -35,6 +44,10 @@ pub struct WeightsArgs {
     /// Use the deterministic synthetic GPT-2 124M checkpoint (random weights).
     #[arg(long, conflicts_with = "weights")]
     pub synthetic: bool,
+    /// The hub revision (branch, tag or commit) of `--model`. Default: the
+    /// pinned commit for `gpt2`, `main` for any other model.
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
     /// A tokenizer.json to use instead of the checkpoint's or the built-in GPT-2 one.
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
@@ -99,9 +112,10 @@ pub fn resolve(args: &WeightsArgs) -> Result<Resolved> {
     } else if args.synthetic {
         synthetic(Preset::Gpt2_124M, SYNTHETIC_SEED)?
     } else {
-        match from_hub(&args.model) {
+        match from_hub(&args.model, args.revision.as_deref()) {
             Ok(r) => r,
-            Err(why) => {
+            Err(HubError::Refused(e)) => return Err(e),
+            Err(HubError::Unreachable(why)) => {
                 eprintln!(
                     "notice: could not get `{}` from the Hugging Face hub ({why}); falling back to the \
                      deterministic SYNTHETIC GPT-2 124M checkpoint (seed {SYNTHETIC_SEED}, random weights) \
@@ -152,24 +166,75 @@ fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false" | "False"))
 }
 
-/// The cache first (honouring `HF_HOME`), then a bounded download.
-fn from_hub(model_id: &str) -> Result<Resolved, String> {
-    const FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+/// The three files of a checkpoint on the hub, in the order we fetch them.
+const HUB_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+
+/// A model whose revision and file hashes we know.
+struct Pinned {
+    ids: &'static [&'static str],
+    revision: &'static str,
+    /// SHA-256 of each of [`HUB_FILES`], in that order.
+    sha256: [&'static str; 3],
+}
+
+/// `openai-community/gpt2` (alias `gpt2`) as of its current `main`.
+const PINNED: [Pinned; 1] = [Pinned {
+    ids: &["gpt2", "openai-community/gpt2"],
+    revision: "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+    sha256: [
+        "0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4",
+        "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707",
+        "8414cab924d8b9b33013f0d221c5862f365ee9be39c5c2bfae8a5a9e970478a6",
+    ],
+}];
+
+fn pinned(model_id: &str) -> Option<&'static Pinned> {
+    PINNED.iter().find(|p| p.ids.contains(&model_id))
+}
+
+/// Why the hub gave us nothing: unreachable (fall back to the synthetic
+/// checkpoint) or refused (a file failed its check: an error, no fallback).
+enum HubError {
+    Unreachable(String),
+    Refused(Error),
+}
+
+impl From<String> for HubError {
+    fn from(why: String) -> Self {
+        HubError::Unreachable(why)
+    }
+}
+
+impl From<&str> for HubError {
+    fn from(why: &str) -> Self {
+        HubError::Unreachable(why.into())
+    }
+}
+
+/// The cache first (honouring `HF_HOME`), then a bounded download; then every
+/// file is verified.
+fn from_hub(model_id: &str, revision: Option<&str>) -> Result<Resolved, HubError> {
+    let pin = pinned(model_id);
+    let revision = match (revision, pin) {
+        (Some(r), _) => r.to_string(),
+        (None, Some(p)) => p.revision.to_string(),
+        (None, None) => "main".to_string(),
+    };
+    let repo = hf_hub::Repo::with_revision(model_id.to_string(), hf_hub::RepoType::Model, revision.clone());
     let cache = hf_hub::Cache::from_env();
-    let repo = cache.model(model_id.to_string());
-    let cached: Vec<Option<PathBuf>> = FILES.iter().map(|f| repo.get(f)).collect();
-    let paths: Vec<PathBuf> = if let [Some(c), Some(m), Some(t)] = &cached[..] {
-        vec![c.clone(), m.clone(), t.clone()]
+    let paths: Vec<PathBuf> = if let Some(paths) = cached_snapshot(cache.path(), &repo) {
+        paths
     } else if offline() {
         return Err(format!(
-            "HF_HUB_OFFLINE is set and it is not in the cache at {}",
+            "HF_HUB_OFFLINE is set and revision {revision} is not in the cache at {}",
             cache.path().display()
-        ));
+        )
+        .into());
     } else {
         let mut paths = Vec::new();
-        for (i, file) in FILES.iter().enumerate() {
+        for (i, file) in HUB_FILES.iter().enumerate() {
             let timeout = if i == 0 { PROBE_TIMEOUT } else { DOWNLOAD_TIMEOUT };
-            paths.push(download(model_id, file, timeout)?);
+            paths.push(download(&repo, file, timeout)?);
         }
         paths
     };
@@ -181,30 +246,148 @@ fn from_hub(model_id: &str) -> Result<Resolved, String> {
         return Err("config.json and model.safetensors are in different cache snapshots".into());
     }
     // The snapshot directory is named after the commit.
-    let revision = dir
+    let commit = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // Asked for a branch of a pinned model: its commit must be the pinned one.
+    if let Some(p) = pin.filter(|p| revision == p.revision) {
+        if commit != p.revision {
+            return Err(HubError::Refused(Error::Integrity {
+                path: dir,
+                what: "snapshot commit",
+                expected: p.revision.into(),
+                got: commit,
+            }));
+        }
+    }
+    for (i, path) in paths.iter().enumerate() {
+        let expected = match pin.filter(|p| p.revision == commit) {
+            Some(p) => Expected::Sha256(p.sha256[i].into()),
+            None => expected_from_blob(path).map_err(HubError::Refused)?,
+        };
+        verify_file(path, &expected).map_err(HubError::Refused)?;
+    }
     Ok(Resolved {
         dir,
         source: WeightsSource::Hub {
             model_id: model_id.into(),
-            revision,
+            revision: commit,
         },
         tokenizer: Some(paths[2].clone()),
     })
 }
 
+/// The cached files of `repo` at its revision (a commit, or a branch through
+/// `refs/`), if all three are there.
+fn cached_snapshot(cache: &Path, repo: &hf_hub::Repo) -> Option<Vec<PathBuf>> {
+    let root = cache.join(repo.folder_name());
+    let rev = repo.revision();
+    let commit = if rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()) {
+        rev.to_string()
+    } else {
+        std::fs::read_to_string(root.join("refs").join(rev))
+            .ok()?
+            .trim()
+            .to_string()
+    };
+    let dir = root.join("snapshots").join(commit);
+    let paths: Vec<PathBuf> = HUB_FILES.iter().map(|f| dir.join(f)).collect();
+    paths.iter().all(|p| p.is_file()).then_some(paths)
+}
+
+/// The digest a file must have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expected {
+    /// Hex SHA-256 of the bytes (an LFS file's id on the hub).
+    Sha256(String),
+    /// Hex git blob id: SHA-1 of `blob <len>\0` and the bytes (a small file's id).
+    GitBlob(String),
+}
+
+/// What the hub said a cached file is: `hf-hub` and `huggingface_hub` store
+/// each file as `blobs/<etag>` and link the snapshot to it, and the etag is
+/// the SHA-256 of an LFS file or the git blob id of a small one.
+pub fn expected_from_blob(path: &Path) -> Result<Expected> {
+    let target = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let hex = name.bytes().all(|b| b.is_ascii_hexdigit());
+    match name.len() {
+        64 if hex => Ok(Expected::Sha256(name.to_ascii_lowercase())),
+        40 if hex => Ok(Expected::GitBlob(name.to_ascii_lowercase())),
+        _ => Err(Error::Integrity {
+            path: path.to_owned(),
+            what: "hub hash",
+            expected: "a cache blob named by its hash".into(),
+            got: format!(
+                "{} (cannot verify it; pass its directory with --weights to use it as is)",
+                target.display()
+            ),
+        }),
+    }
+}
+
+/// Hashes `path` (streaming, 1 MiB at a time) and fails on a mismatch,
+/// naming the file and both digests.
+pub fn verify_file(path: &Path, expected: &Expected) -> Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let (what, want, got) = match expected {
+        Expected::Sha256(want) => {
+            let mut h = Sha256::new();
+            loop {
+                let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            ("sha256", want, hex(&h.finalize()))
+        }
+        Expected::GitBlob(want) => {
+            use sha1::Sha1;
+            let mut h = Sha1::new();
+            h.update(format!("blob {len}\0").as_bytes());
+            loop {
+                let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            ("git blob id", want, hex(&h.finalize()))
+        }
+    };
+    if got != *want {
+        return Err(Error::Integrity {
+            path: path.to_owned(),
+            what,
+            expected: want.clone(),
+            got,
+        });
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// One file through `hf-hub`, on a helper thread so that a stalled connection
 /// cannot hang us: after `timeout` we give up (the thread dies with the process).
-fn download(model_id: &str, file: &str, timeout: Duration) -> Result<PathBuf, String> {
+fn download(repo: &hf_hub::Repo, file: &str, timeout: Duration) -> Result<PathBuf, String> {
     let (tx, rx) = mpsc::channel();
-    let (id, name) = (model_id.to_string(), file.to_string());
+    let (repo, name) = (repo.clone(), file.to_string());
     std::thread::spawn(move || {
         let result = hf_hub::api::sync::ApiBuilder::from_env()
             .with_progress(false)
             .build()
-            .and_then(|api| api.model(id).get(&name))
+            .and_then(|api| api.repo(repo).get(&name))
             .map_err(|e| e.to_string());
         let _ = tx.send(result);
     });

@@ -27,7 +27,7 @@ impl Gpt2Tokenizer {
 
     /// A `tokenizer.json` from disk.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::files::read_bounded(path, crate::files::TOKENIZER_LIMIT)?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self::new(inner))

@@ -163,3 +163,94 @@ fn bad_input_is_a_clear_error_not_a_panic() {
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     }
 }
+
+/// A copy of the tiny checkpoint with every `h.0.mlp.c_fc.weight` value at
+/// 3e38: finite, so the loader accepts it, but the MLP overflows to inf/NaN.
+fn overflowing_checkpoint() -> std::path::PathBuf {
+    use safetensors::tensor::{Dtype, TensorView};
+    let src = synth_dir(Preset::Tiny, 0);
+    let dir = common::scratch_dir("cli-overflow");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let huge: Vec<u8> = std::iter::repeat_n(3e38f32.to_le_bytes(), 1 << 20)
+        .flatten()
+        .collect();
+    let tensors: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            if name.ends_with("h.0.mlp.c_fc.weight") {
+                let shape = view.shape().to_vec();
+                let n = view.data().len();
+                (name, TensorView::new(Dtype::F32, shape, &huge[..n]).unwrap())
+            } else {
+                (name, view)
+            }
+        })
+        .collect();
+    safetensors::serialize_to_file(tensors, None, &dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn logits_that_overflow_are_an_error_not_nulls() {
+    let dir = overflowing_checkpoint();
+    let out = gpt2(&[
+        "logits",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "15496,11",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "exit 0 with stdout of {} bytes",
+        out.stdout.len()
+    );
+    assert!(out.stdout.is_empty(), "printed logits anyway");
+    assert!(
+        stderr.contains("non-finite logit") && stderr.contains("position 0"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_endless_config_is_refused_by_name() {
+    let src = synth_dir(Preset::Tiny, 0);
+    let dir = common::scratch_dir("cli-endless-config");
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.join("config.json")).unwrap();
+    let out = gpt2(&["logits", "--weights", dir.to_str().unwrap(), "--tokens", "1"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("config.json") && stderr.contains("not a regular file"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn logits_out_never_replaces_a_file() {
+    let dir = synth_dir(Preset::Tiny, 0);
+    let scratch = common::scratch_dir("cli-logits-out");
+    let path = scratch.join("logits.json");
+    std::fs::write(&path, "earlier results").unwrap();
+    let out = gpt2(&[
+        "logits",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1",
+        "--out",
+        path.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("already exists"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "earlier results");
+}

@@ -221,6 +221,7 @@ fn real_gpt2_matches_hugging_face_greedy() {
         weights: None,
         model: "gpt2".into(),
         synthetic: false,
+        revision: None,
         tokenizer: None,
     };
     let resolved = gpt2::hub::resolve(&args).unwrap();

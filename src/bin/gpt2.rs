@@ -86,7 +86,7 @@ enum Command {
         /// Comma-separated token ids, e.g. 15496,11,703.
         #[arg(long, value_delimiter = ',', required = true)]
         tokens: Vec<u32>,
-        /// Write the JSON here instead of stdout.
+        /// Write the JSON here instead of stdout (a new file: an existing one is never replaced).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -209,10 +209,21 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let v = model.config.vocab_size;
             let logits = model.logits_all(&tokens, 64)?;
             let rows: Vec<&[f32]> = logits.chunks_exact(v).collect();
+            // JSON has no NaN or infinity (serde_json would print `null`):
+            // a logit that overflowed is an error, not a quiet hole in the output.
+            for (position, row) in rows.iter().enumerate() {
+                if let Some((index, &value)) = row.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                    return Err(gpt2::Error::NonFiniteOutput {
+                        position,
+                        index,
+                        value,
+                    }
+                    .into());
+                }
+            }
             let json = serde_json::json!({ "tokens": tokens, "logits": rows });
             match out {
-                Some(path) => std::fs::write(&path, json.to_string())
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?,
+                Some(path) => gpt2::files::write_new(&path, json.to_string().as_bytes())?,
                 None => print_stdout(&json.to_string())?,
             }
         }
