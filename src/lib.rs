@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod fuzz;
 pub mod generate;
 pub mod hub;
 pub mod model;
