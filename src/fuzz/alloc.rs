@@ -8,9 +8,12 @@
 //! program that wants it (the `fuzz_loader` binary, `tests/loader_fuzz.rs`)
 //! installs it itself:
 //!
-//! ```ignore
+//! ```
 //! #[global_allocator]
 //! static ALLOC: gpt2::fuzz::CappedAlloc = gpt2::fuzz::CappedAlloc;
+//! # fn main() {
+//! assert!(Vec::<u8>::new().try_reserve(gpt2::fuzz::ALLOC_CAP + 1).is_err());
+//! # }
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
