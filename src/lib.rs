@@ -13,6 +13,7 @@ pub mod bench;
 pub mod config;
 pub mod error;
 pub mod files;
+pub mod fuzz;
 pub mod generate;
 pub mod hub;
 pub mod model;

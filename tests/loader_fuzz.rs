@@ -1,28 +1,30 @@
 //! Loader fuzzing under proptest: a valid micro checkpoint, damaged by the
-//! mutators of `src/bin/fuzz_loader.rs` (compiled here as a module, so there
-//! is one copy of them), must load or fail with a `gpt2::Error` naming the
-//! file, never panic, and never allocate a size read from a header (the
-//! fuzzer's allocator refuses single allocations over 1 GiB). The long run is
+//! mutations of [`gpt2::fuzz`] (the same ones the `fuzz_loader` binary
+//! draws), must load or fail with a `gpt2::Error` naming the file, never
+//! panic, and never allocate a size read from a header (the fuzzer's
+//! allocator, installed here too, refuses single allocations over 1 GiB and
+//! records the largest). The long run is
 //! `cargo run --release --bin fuzz_loader -- --seconds 600`.
-
-#[allow(dead_code)]
-#[path = "../src/bin/fuzz_loader.rs"]
-mod fuzz_loader;
 
 mod common;
 
-use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use fuzz_loader::{apply, base, contract_violation, random_case, run_case, Base, Family, Mutation, Outcome};
+use gpt2::fuzz::{
+    apply, base, contract_violation, random_case, run_case_caught, Base, CappedAlloc, Family, Mutation,
+    Outcome, FAMILIES, LARGEST_ALLOC,
+};
 use gpt2::Error;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{RngSeed, TestCaseError};
 use serde_json::json;
+
+#[global_allocator]
+static ALLOC: CappedAlloc = CappedAlloc;
 
 static BASE: LazyLock<Base> = LazyLock::new(base);
 
@@ -51,18 +53,11 @@ fn mutations(families: &'static [Family]) -> impl Strategy<Value = Vec<Mutation>
 /// names no file, fails the case.
 fn run(dir: &Path, mutations: &[Mutation]) -> Result<Outcome, TestCaseError> {
     let case = apply(&BASE, mutations);
-    let outcome = panic::catch_unwind(AssertUnwindSafe(|| run_case(dir, &case))).map_err(|p| {
-        let msg = p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
-        TestCaseError::fail(format!("panic: {msg}"))
-    })?;
+    let outcome = run_case_caught(dir, &case).map_err(|msg| TestCaseError::fail(format!("panic: {msg}")))?;
     if let Some(violation) = contract_violation(&outcome) {
         return Err(TestCaseError::fail(violation));
     }
-    prop_assert!(fuzz_loader::LARGEST_ALLOC.load(Ordering::Relaxed) < 64 << 20);
+    prop_assert!(LARGEST_ALLOC.load(Ordering::Relaxed) < 64 << 20);
     Ok(outcome)
 }
 
@@ -89,7 +84,7 @@ proptest! {
     }
 
     #[test]
-    fn mixed_damage_gives_named_errors(m in mutations(&fuzz_loader::FAMILIES)) {
+    fn mixed_damage_gives_named_errors(m in mutations(&FAMILIES)) {
         run(&dir("mixed"), &m)?;
     }
 
@@ -119,6 +114,16 @@ fn the_undamaged_checkpoint_loads() {
     // Out-of-order header entries and a misaligned data section are valid too.
     let outcome = run(&dir("clean"), &[Mutation::Reverse, Mutation::Pad(1)]).unwrap();
     assert!(matches!(outcome, Outcome::Loaded));
+}
+
+/// The bound on `LARGEST_ALLOC` above means something only if the capped
+/// allocator is this program's, recording what is asked. (That it refuses
+/// over the cap is a unit test of `gpt2::fuzz`: asking that much here would
+/// raise the maximum the other tests bound.)
+#[test]
+fn the_capped_allocator_is_installed() {
+    let granted = vec![0u8; 1 << 20];
+    assert!(LARGEST_ALLOC.load(Ordering::Relaxed) >= granted.len());
 }
 
 /// Runs one case and returns its error message, which must contain `needle`;

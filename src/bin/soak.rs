@@ -4,7 +4,9 @@
 //!
 //! `cargo run --release --bin soak` runs the size (500 requests at
 //! concurrency 16, prompts of 1 to 900 tokens); CI runs a small one on the
-//! tiny synthetic model. Exit status 1 if any check fails.
+//! tiny synthetic model. Exit status 1 if any check fails. On a terminal a
+//! progress bar counts each mode's requests; elsewhere a line goes to stderr
+//! every 50 requests.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +15,8 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use gpt2::hub::{self, WeightsArgs};
+use gpt2::progress::Progress;
+use gpt2::rng::Rng;
 use gpt2::{GenerateOptions, Gpt2Model, Scheduler, SchedulerConfig, Session};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -139,19 +143,13 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
 /// uniform in 1..=max_new, each capped so prompt + new tokens fit the window.
 fn mix(args: &Args, model: &Gpt2Model) -> Vec<Job> {
     let cfg = &model.config;
-    let mut state = args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move |n: usize| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % n as u64) as usize
-    };
+    let mut rng = Rng::new(args.seed);
     let max_prompt = args.max_prompt.min(cfg.n_positions - 1);
     (0..args.requests)
         .map(|_| {
-            let len = 1 + next(max_prompt);
-            let prompt = (0..len).map(|_| next(cfg.vocab_size) as u32).collect();
-            let max_new = (1 + next(args.max_new)).min(cfg.n_positions - len + 1);
+            let len = 1 + rng.below(max_prompt);
+            let prompt = (0..len).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+            let max_new = (1 + rng.below(args.max_new)).min(cfg.n_positions - len + 1);
             Job { prompt, max_new }
         })
         .collect()
@@ -186,6 +184,7 @@ fn soak(
     let warm = args.concurrency.min(jobs.len());
     let half = warm + (jobs.len() - warm) / 2;
     let late = jobs.len().saturating_sub(args.concurrency).max(half);
+    let progress = Progress::new(jobs.len() as u64, &format!("{mode} requests"));
     let t0 = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..args.concurrency {
@@ -218,26 +217,29 @@ fn soak(
                         }
                         Ok(g) => {
                             wrong.fetch_add(1, Ordering::Relaxed);
-                            eprintln!(
+                            progress.println(&format!(
                                 "[{mode}] request {i}: {} tokens, expected {} ({:?})",
                                 g.tokens.len(),
                                 job.max_new,
                                 g.stop
-                            );
+                            ));
                         }
                         Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
-                            eprintln!("[{mode}] request {i} FAILED: {e}");
+                            progress.println(&format!("[{mode}] request {i} FAILED: {e}"));
                         }
                     }
-                    if (i + 1) % 50 == 0 {
-                        eprintln!("[{mode}] {} / {} requests", i + 1, jobs.len());
+                    progress.inc(1);
+                    // A bar counts the requests itself; plain stderr gets a line every 50.
+                    if (i + 1) % 50 == 0 && !progress.is_bar() {
+                        progress.status(&format!("[{mode}] {} / {} requests", i + 1, jobs.len()));
                     }
                 }
             });
         }
     });
     let seconds = t0.elapsed().as_secs_f64();
+    progress.finish();
     drop(scheduler);
     let end = sample();
     let mut taken = samples.into_inner().unwrap_or_else(|e| e.into_inner());
