@@ -1,7 +1,12 @@
 //! The limits of this machine, measured inside the project, for the benchmark
 //! report's "achieved / limit" columns: sustained DRAM read bandwidth, peak FMA
-//! throughput, and our own SGEMM ([`gpt2_kernels::linear_packed`], as the engine runs it) at GPT-2 124M
-//! shapes.
+//! throughput, and our own matrix product ([`gpt2_kernels::linear_packed`], as
+//! the engine runs it) at GPT-2 124M shapes.
+//!
+//! One idea, three layers: `gpt2_kernels::probe` holds the raw probes (a read
+//! loop, an FMA loop); this module runs them and `linear_packed` into
+//! [`Limits`]; `crate::bench::roofline` sets what the engine achieves against
+//! a [`Limits`] (`crate::bench::Roofline`, the report's `roofline`).
 //!
 //! Units are SI: 1 GB = 1e9 bytes, 1 GFLOP = 1e9 floating-point operations.
 
@@ -31,7 +36,8 @@ pub struct Limits {
     /// Peak FMA throughput of `threads` threads, GFLOP/s.
     pub fma_gflops_all: f64,
     /// Our `linear_packed` at GPT-2 shapes, on `threads` threads.
-    pub sgemm: Vec<SgemmPoint>,
+    #[serde(alias = "sgemm")]
+    pub linear_packed: Vec<LinearPoint>,
     /// `linear_packed` at 8 rows ([`FMA_ROWS`]) on one thread over a weight
     /// that stays in L2 (K = 768, one 48-column panel, 147 KB): the
     /// few-row kernel's arithmetic with no memory stream at all, GFLOP/s.
@@ -42,7 +48,7 @@ pub struct Limits {
 
 /// One timed shape of `out[M,N] = x[M,K] · w[K,N] + bias[N]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SgemmPoint {
+pub struct LinearPoint {
     /// The layer of GPT-2 with this shape: `qkv`, `mlp_up` or `mlp_down`.
     pub name: String,
     pub m: usize,
@@ -69,25 +75,25 @@ const GPT2_LAYERS: [(&str, usize, usize); 3] = [
 const GPT2_ROWS: [usize; 2] = [128, 8];
 
 /// How much to measure; [`measure`] picks one, the tests a tiny one.
-struct Plan {
+struct ProbeSettings {
     /// Size of the bandwidth buffer, far above the last-level cache.
     buf_bytes: usize,
     /// Repetitions of the bandwidth read; the best counts.
     read_reps: usize,
     /// Duration of each FMA run.
     fma_seconds: f64,
-    /// Timed calls per SGEMM shape (after one warm-up), from memory and
+    /// Timed calls per `linear_packed` shape (after one warm-up), from memory and
     /// from cache; the medians count.
     gemm_reps: usize,
-    /// Total size of the weight copies the SGEMM calls cycle through, so that
+    /// Total size of the weight copies the `linear_packed` calls cycle through, so that
     /// each call reads its weights from DRAM, as a layer of a real forward does.
     cold_bytes: usize,
     /// (name, M, K, N)
     shapes: Vec<(String, usize, usize, usize)>,
 }
 
-impl Plan {
-    fn new(quick: bool) -> Plan {
+impl ProbeSettings {
+    fn new(quick: bool) -> ProbeSettings {
         let shapes = GPT2_ROWS
             .iter()
             .flat_map(|&m| {
@@ -96,7 +102,7 @@ impl Plan {
                     .map(move |&(name, k, n)| (name.to_string(), m, k, n))
             })
             .collect();
-        Plan {
+        ProbeSettings {
             buf_bytes: if quick { 256 << 20 } else { 1 << 30 },
             read_reps: if quick { 4 } else { 20 },
             fma_seconds: if quick { 0.1 } else { 0.5 },
@@ -113,15 +119,15 @@ impl Plan {
 /// # Panics
 /// If the buffer cannot be mapped or the thread pool cannot start.
 pub fn measure(quick: bool) -> Limits {
-    measure_plan(&Plan::new(quick))
+    measure_with(&ProbeSettings::new(quick))
 }
 
-fn measure_plan(plan: &Plan) -> Limits {
+fn measure_with(settings: &ProbeSettings) -> Limits {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let (read_gbs_1t, read_gbs_all, read_fma8_gbs_1t, read_fma8_gbs_all) = {
-        let mut map = memmap2::MmapMut::map_anon(plan.buf_bytes)
-            .unwrap_or_else(|e| panic!("probe: cannot map {} bytes: {e}", plan.buf_bytes));
+        let mut map = memmap2::MmapMut::map_anon(settings.buf_bytes)
+            .unwrap_or_else(|e| panic!("probe: cannot map {} bytes: {e}", settings.buf_bytes));
         // Huge pages spare the read loop a TLB miss every 4 KiB; without them
         // the figure is a little lower, so say so rather than fail.
         #[cfg(target_os = "linux")]
@@ -132,8 +138,8 @@ fn measure_plan(plan: &Plan) -> Limits {
         // zero page, inside the timed reads.
         let buf: &mut [f32] = bytemuck::cast_slice_mut(&mut map[..]);
         buf.fill(1.0);
-        let gbs = |t| read_bandwidth(buf, t, plan.read_reps).bytes_per_s / 1e9;
-        let fma8 = |t| read_fma_bandwidth(buf, t, plan.read_reps).bytes_per_s / 1e9;
+        let gbs = |t| read_bandwidth(buf, t, settings.read_reps).bytes_per_s / 1e9;
+        let fma8 = |t| read_fma_bandwidth(buf, t, settings.read_reps).bytes_per_s / 1e9;
         let (one, one8) = (gbs(1), fma8(1));
         if threads == 1 {
             (one, one, one8, one8)
@@ -142,11 +148,11 @@ fn measure_plan(plan: &Plan) -> Limits {
         }
     };
 
-    let fma_gflops_1t = fma_peak(1, plan.fma_seconds).gflops;
+    let fma_gflops_1t = fma_peak(1, settings.fma_seconds).gflops;
     let fma_gflops_all = if threads == 1 {
         fma_gflops_1t
     } else {
-        fma_peak(threads, plan.fma_seconds).gflops
+        fma_peak(threads, settings.fma_seconds).gflops
     };
 
     // `linear_packed` runs on rayon's current pool: give it exactly `threads`.
@@ -154,12 +160,13 @@ fn measure_plan(plan: &Plan) -> Limits {
         .num_threads(threads)
         .build()
         .unwrap_or_else(|e| panic!("probe: cannot start a pool of {threads} threads: {e}"));
-    let sgemm = pool.install(|| {
-        plan.shapes
+    let linear_packed = pool.install(|| {
+        settings
+            .shapes
             .iter()
             .map(|(name, m, k, n)| {
-                let (gflops, gflops_hot) = time_linear(*m, *k, *n, plan.gemm_reps, plan.cold_bytes);
-                SgemmPoint {
+                let (gflops, gflops_hot) = time_linear(*m, *k, *n, settings.gemm_reps, settings.cold_bytes);
+                LinearPoint {
                     name: name.clone(),
                     m: *m,
                     k: *k,
@@ -177,7 +184,7 @@ fn measure_plan(plan: &Plan) -> Limits {
         .num_threads(1)
         .build()
         .unwrap_or_else(|e| panic!("probe: cannot start a pool of 1 thread: {e}"))
-        .install(|| time_linear_in_cache(FMA_ROWS, 768, 48, plan.read_reps, 10 * plan.gemm_reps));
+        .install(|| time_linear_in_cache(FMA_ROWS, 768, 48, settings.read_reps, 10 * settings.gemm_reps));
 
     Limits {
         read_gbs_1t,
@@ -187,7 +194,7 @@ fn measure_plan(plan: &Plan) -> Limits {
         threads,
         fma_gflops_1t,
         fma_gflops_all,
-        sgemm,
+        linear_packed,
         rows8_in_l2_gflops_1t,
     }
 }
@@ -293,38 +300,14 @@ fn filled(len: usize, seed: usize) -> Vec<f32> {
 }
 
 impl Limits {
-    /// The limits as two Markdown tables: machine, then SGEMM.
-    pub fn table(&self) -> String {
-        let t = self.threads;
-        let mut s = String::new();
-        s.push_str(&format!("| limit | 1 thread | {t} threads |\n|---|---:|---:|\n"));
-        s.push_str(&format!(
-            "| read bandwidth (GB/s) | {:.1} | {:.1} |\n",
-            self.read_gbs_1t, self.read_gbs_all
-        ));
-        s.push_str(&format!(
-            "| read with {FMA_ROWS} FMAs per vector (GB/s) | {:.1} | {:.1} |\n",
-            self.read_fma8_gbs_1t, self.read_fma8_gbs_all
-        ));
-        s.push_str(&format!(
-            "| FMA peak (GFLOP/s) | {:.1} | {:.1} |\n",
-            self.fma_gflops_1t, self.fma_gflops_all
-        ));
-        s.push_str(&format!(
-            "| `linear_packed`, {FMA_ROWS} rows, weight in L2 (GFLOP/s) | {:.1} | |\n",
-            self.rows8_in_l2_gflops_1t
-        ));
-        s.push_str(&format!(
-            "\n| SGEMM `linear_packed`, {t} threads | M | K | N | GFLOP/s | weights in cache |\n\
-             |---|---:|---:|---:|---:|---:|\n"
-        ));
-        for p in &self.sgemm {
-            s.push_str(&format!(
-                "| {} | {} | {} | {} | {:.1} | {:.1} |\n",
-                p.name, p.m, p.k, p.n, p.gflops, p.gflops_hot
-            ));
-        }
-        s
+    /// The best `linear_packed` rate at `min_rows` rows or more, GFLOP/s (0
+    /// without such a shape): the report's figure for prefill-sized calls.
+    pub fn best_linear_packed_gflops(&self, min_rows: usize) -> f64 {
+        self.linear_packed
+            .iter()
+            .filter(|p| p.m >= min_rows)
+            .map(|p| p.gflops)
+            .fold(0.0, f64::max)
     }
 
     /// The decode rate that memory bandwidth allows, tokens/s, when each token
@@ -343,21 +326,21 @@ impl Limits {
 mod tests {
     use super::*;
 
-    fn tiny_plan() -> Plan {
-        Plan {
+    fn tiny_settings() -> ProbeSettings {
+        ProbeSettings {
             buf_bytes: 4 << 20,
             read_reps: 2,
             fma_seconds: 0.05,
             gemm_reps: 3,
             cold_bytes: 1 << 20,
-            // M = 4 takes the few-rows path of `linear_packed`, M = 40 the SGEMM one.
+            // M = 4 takes the few-rows path of `linear_packed`, M = 40 the many-rows one.
             shapes: vec![("few".to_string(), 4, 48, 80), ("many".to_string(), 40, 48, 80)],
         }
     }
 
     #[test]
     fn tiny_measurement_is_finite_and_positive() {
-        let l = measure_plan(&tiny_plan());
+        let l = measure_with(&tiny_settings());
         let figures = [
             l.read_gbs_1t,
             l.read_gbs_all,
@@ -369,15 +352,15 @@ mod tests {
         ];
         assert!(figures.iter().all(|f| f.is_finite() && *f > 0.0), "{l:?}");
         assert!(l.threads >= 1);
-        assert_eq!(l.sgemm.len(), 2);
+        assert_eq!(l.linear_packed.len(), 2);
         assert!(
-            l.sgemm
+            l.linear_packed
                 .iter()
                 .all(|p| [p.gflops, p.gflops_hot].iter().all(|g| g.is_finite() && *g > 0.0)),
             "{l:?}"
         );
 
-        let table = l.table();
+        let table = crate::bench::report::limits_table(&l);
         assert!(
             table.contains("| read bandwidth (GB/s) |") && table.contains("| many | 40 | 48 | 80 |"),
             "{table}"
@@ -390,18 +373,18 @@ mod tests {
         );
 
         let back: Limits = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
-        assert_eq!(back.sgemm[1].name, "many");
+        assert_eq!(back.linear_packed[1].name, "many");
         assert_eq!(back.read_gbs_all, l.read_gbs_all);
     }
 
     #[test]
-    fn plans_cover_the_gpt2_shapes() {
+    fn settings_cover_the_gpt2_shapes() {
         for quick in [true, false] {
-            let plan = Plan::new(quick);
-            assert_eq!(plan.shapes.len(), 6);
-            assert!(plan.shapes.contains(&("mlp_down".to_string(), 8, 3072, 768)));
+            let settings = ProbeSettings::new(quick);
+            assert_eq!(settings.shapes.len(), 6);
+            assert!(settings.shapes.contains(&("mlp_down".to_string(), 8, 3072, 768)));
             assert!(
-                plan.buf_bytes >= 256 << 20,
+                settings.buf_bytes >= 256 << 20,
                 "the buffer must dwarf the last-level cache"
             );
         }
@@ -413,7 +396,7 @@ mod tests {
     #[ignore = "takes seconds and 1 GiB of RAM; run by hand"]
     fn print_full_measurement() {
         let l = measure(false);
-        println!("{}", l.table());
+        println!("{}", crate::bench::report::limits_table(&l));
         println!("{}", serde_json::to_string_pretty(&l).unwrap());
         assert!(l.read_gbs_all > 0.0 && l.fma_gflops_all > 0.0);
     }

@@ -1,5 +1,7 @@
 //! Machine limits, measured: sustained memory read bandwidth and peak FMA
-//! throughput. The benchmark report divides what the engine achieves by these.
+//! throughput, the raw probes. `gpt2::probe` runs them (and `linear_packed`
+//! at GPT-2 shapes) into its `Limits`, and the benchmark report's `Roofline`
+//! divides what the engine achieves by those.
 //!
 //! Both probes run on exactly `threads` OS threads (`std::thread::scope`, not
 //! rayon, so the count is exact and no pool is shared with the kernels), start

@@ -4,14 +4,23 @@
 //! The JSON written by `throughput` is [`Report`] serialised; its schema is
 //! documented in `docs/results-schema.md` and versioned by [`SCHEMA_VERSION`].
 
+pub mod in_process;
+pub mod legacy;
+pub mod meta;
 pub mod report;
+pub mod roofline;
+pub mod run;
+pub mod runner;
 pub mod stats;
 pub mod step;
 
 use serde::{Deserialize, Serialize};
 
 /// Bump when a field changes meaning or disappears (adding fields is compatible).
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// 2: `roofline` grouped into `limits`, `decode`, `prefill`, `long_decode`,
+/// `batch8` (1 had the same figures flat; [`legacy`] still reads them).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The reference study that our default protocol reproduces: PyTorch GPT-2
 /// 124M on some other CPU. `(concurrency, requests/s, tokens/s)`.
@@ -183,71 +192,98 @@ pub struct Analysis {
     pub spread: Vec<Spread>,
 }
 
-/// Achieved against measured machine limits (`throughput --probe`).
+/// Achieved against measured machine limits (`throughput --probe`): the
+/// limits, then one part per workload set against them. Measured by
+/// [`roofline::measure`]; schema 1 wrote the same figures flat, and
+/// [`legacy`] reads them into this shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Roofline {
+    pub limits: RooflineLimits,
+    /// Batch-1 decode after the short prompts of the single-request test.
+    pub decode: DecodeRoofline,
+    pub prefill: PrefillRoofline,
+    /// One decode step of a single sequence after a long prompt; `None` in
+    /// reports written before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_decode: Option<StepRoofline>,
+    /// One decode step of 8 sequences; `None` in reports written before it
+    /// was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch8: Option<Batch8Roofline>,
+}
+
+/// The machine limits a [`Roofline`] divides by: a summary of
+/// [`crate::probe::Limits`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RooflineLimits {
     /// Sustained read bandwidth, GB/s, one thread and all threads.
     pub read_gbs_1t: f64,
     pub read_gbs_all: f64,
+    /// The all-threads read with 8 FMAs per loaded vector (the arithmetic of
+    /// an 8-row step and nothing else), GB/s: the most an 8-row step can
+    /// stream at. `None` in reports written before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_fma8_gbs_all: Option<f64>,
     /// Peak FMA throughput of all threads, GFLOP/s.
     pub fma_gflops_all: f64,
     /// Our `linear_packed` at M = 128 (GPT-2 shapes), the best of them, GFLOP/s.
-    pub sgemm_gflops: f64,
-    /// Bytes a batch-1 decode step reads: every weight once (f32) plus the KV cache.
-    pub decode_bytes_per_token: f64,
+    pub linear_packed_gflops: f64,
+}
+
+/// Batch-1 decode against the read bandwidth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecodeRoofline {
+    /// Bytes a batch-1 decode step reads: every weight once (f32); the KV
+    /// cache of the short prompts is left out.
+    pub bytes_per_token: f64,
     /// Single-request decode rate, 1 / p50 time per output token.
-    pub decode_tokens_per_s: f64,
-    /// decode_bytes_per_token x decode_tokens_per_s, GB/s.
-    pub decode_achieved_gbs: f64,
-    /// decode_achieved_gbs / read_gbs_all.
-    pub decode_fraction_of_bandwidth: f64,
-    /// read_gbs_all / decode_bytes_per_token: the bandwidth-bound ceiling.
-    pub decode_ceiling_tokens_per_s: f64,
+    pub tokens_per_s: f64,
+    /// bytes_per_token x tokens_per_s, GB/s.
+    pub achieved_gbs: f64,
+    /// achieved_gbs / limits.read_gbs_all.
+    pub fraction_of_bandwidth: f64,
+    /// limits.read_gbs_all / bytes_per_token: the bandwidth-bound ceiling.
+    pub ceiling_tokens_per_s: f64,
+}
+
+/// A prefill timed alone against the FMA peak.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrefillRoofline {
     /// A prefill of this many tokens, timed alone (median).
-    pub prefill_tokens: usize,
-    pub prefill_ms: f64,
-    pub prefill_gflops: f64,
-    /// prefill_gflops / fma_gflops_all.
-    pub prefill_fraction_of_fma_peak: f64,
-    /// The all-threads read with 8 FMAs per loaded vector (the arithmetic of
-    /// an 8-row step and nothing else), GB/s. 0 in older reports.
-    #[serde(default)]
-    pub read_fma8_gbs_all: f64,
-    /// One decode step of 8 sequences at position `batch8_position`, timed
-    /// alone (median), ms. 0 in older reports.
-    #[serde(default)]
-    pub batch8_step_ms: f64,
-    #[serde(default)]
-    pub batch8_position: usize,
-    /// decode_bytes_per_token / batch8_step_ms, GB/s: the weights streamed
-    /// once per step, as if the step did nothing else.
-    #[serde(default)]
-    pub batch8_achieved_gbs: f64,
-    /// batch8_achieved_gbs / read_gbs_all: the step's rate over the
-    /// bandwidth-bound rate of 8 tokens per pass over the weights.
-    #[serde(default)]
-    pub batch8_fraction_of_bandwidth: f64,
+    pub tokens: usize,
+    pub ms: f64,
+    pub gflops: f64,
+    /// gflops / limits.fma_gflops_all.
+    pub fraction_of_fma_peak: f64,
+}
+
+/// One decode step, timed alone (median of 9), against the read bandwidth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRoofline {
+    /// Tokens cached per sequence: the position the step decodes.
+    pub position: usize,
+    pub step_ms: f64,
+    /// The bytes the step reads / step_ms, GB/s: every f32 weight, plus the
+    /// KV cache at `position` for the long decode (for 8 rows the weights
+    /// alone, streamed once per step, as if the step did nothing else).
+    pub achieved_gbs: f64,
+    /// achieved_gbs / limits.read_gbs_all (for 8 rows: the step's rate over
+    /// the bandwidth-bound rate of 8 tokens per pass over the weights).
+    pub fraction_of_bandwidth: f64,
+}
+
+/// The 8-row decode step, and its arithmetic alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch8Roofline {
+    #[serde(flatten)]
+    pub step: StepRoofline,
     /// The arithmetic of that step's linear layers (the blocks' and the LM
     /// head's weights, times 8 rows) at the rate the same kernel reaches
-    /// with a weight in L2, one core's rate times the step's threads, ms: what the
-    /// step's linears would cost if nothing came from memory. 0 in older
-    /// reports.
-    #[serde(default)]
-    pub batch8_compute_ms: f64,
-    /// One decode step of a single sequence at position
-    /// `long_decode_position` (after a 200-token prompt), timed alone
-    /// (median), ms. 0 in older reports.
-    #[serde(default)]
-    pub long_decode_step_ms: f64,
-    #[serde(default)]
-    pub long_decode_position: usize,
-    /// Bytes that step reads (every f32 weight, and the KV cache at that
-    /// position) / its time, GB/s.
-    #[serde(default)]
-    pub long_decode_achieved_gbs: f64,
-    /// long_decode_achieved_gbs / read_gbs_all.
-    #[serde(default)]
-    pub long_decode_fraction_of_bandwidth: f64,
+    /// with a weight in L2, one core's rate times the step's threads, ms:
+    /// what the step's linears would cost if nothing came from memory.
+    /// `None` in reports written before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_ms: Option<f64>,
 }
 
 /// An 8-row decode step against its two parts: streaming the weights and
@@ -285,19 +321,21 @@ impl StepParts {
 impl Roofline {
     /// The 8-row step's parts, or `None` in reports without them.
     pub fn batch8_parts(&self) -> Option<StepParts> {
+        let b = self.batch8.as_ref()?;
+        let compute_ms = b.compute_ms?;
         let known = [
-            self.batch8_step_ms,
-            self.batch8_compute_ms,
-            self.read_gbs_all,
-            self.decode_bytes_per_token,
+            b.step.step_ms,
+            compute_ms,
+            self.limits.read_gbs_all,
+            self.decode.bytes_per_token,
         ];
         known
             .iter()
             .all(|v| v.is_finite() && *v > 0.0)
             .then(|| StepParts {
-                stream_ms: self.decode_bytes_per_token / self.read_gbs_all / 1e6,
-                compute_ms: self.batch8_compute_ms,
-                step_ms: self.batch8_step_ms,
+                stream_ms: self.decode.bytes_per_token / self.limits.read_gbs_all / 1e6,
+                compute_ms,
+                step_ms: b.step.step_ms,
             })
     }
 }
@@ -312,8 +350,12 @@ pub struct Report {
     /// Per-op breakdown of the single-request test (`--profile`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<Vec<crate::profile::OpRow>>,
-    /// Achieved / limit (`--probe`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Achieved / limit (`--probe`); schema 1's flat layout is read too.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "legacy::roofline"
+    )]
     pub roofline: Option<Roofline>,
 }
 
@@ -323,29 +365,41 @@ mod tests {
 
     fn roofline(step_ms: f64, compute_ms: f64) -> Roofline {
         Roofline {
-            read_gbs_1t: 20.0,
-            read_gbs_all: 40.0,
-            fma_gflops_all: 200.0,
-            sgemm_gflops: 120.0,
-            decode_bytes_per_token: 0.5e9,
-            decode_tokens_per_s: 60.0,
-            decode_achieved_gbs: 30.0,
-            decode_fraction_of_bandwidth: 0.75,
-            decode_ceiling_tokens_per_s: 80.0,
-            prefill_tokens: 128,
-            prefill_ms: 180.0,
-            prefill_gflops: 120.0,
-            prefill_fraction_of_fma_peak: 0.6,
-            read_fma8_gbs_all: 35.0,
-            batch8_step_ms: step_ms,
-            batch8_position: 64,
-            batch8_achieved_gbs: 0.5e9 / step_ms / 1e6,
-            batch8_fraction_of_bandwidth: 0.5,
-            batch8_compute_ms: compute_ms,
-            long_decode_step_ms: 16.0,
-            long_decode_position: 200,
-            long_decode_achieved_gbs: 32.0,
-            long_decode_fraction_of_bandwidth: 0.8,
+            limits: RooflineLimits {
+                read_gbs_1t: 20.0,
+                read_gbs_all: 40.0,
+                read_fma8_gbs_all: Some(35.0),
+                fma_gflops_all: 200.0,
+                linear_packed_gflops: 120.0,
+            },
+            decode: DecodeRoofline {
+                bytes_per_token: 0.5e9,
+                tokens_per_s: 60.0,
+                achieved_gbs: 30.0,
+                fraction_of_bandwidth: 0.75,
+                ceiling_tokens_per_s: 80.0,
+            },
+            prefill: PrefillRoofline {
+                tokens: 128,
+                ms: 180.0,
+                gflops: 120.0,
+                fraction_of_fma_peak: 0.6,
+            },
+            long_decode: Some(StepRoofline {
+                position: 200,
+                step_ms: 16.0,
+                achieved_gbs: 32.0,
+                fraction_of_bandwidth: 0.8,
+            }),
+            batch8: Some(Batch8Roofline {
+                step: StepRoofline {
+                    position: 64,
+                    step_ms,
+                    achieved_gbs: 0.5e9 / step_ms / 1e6,
+                    fraction_of_bandwidth: 0.5,
+                },
+                compute_ms: Some(compute_ms),
+            }),
         }
     }
 
@@ -373,14 +427,15 @@ mod tests {
 
     #[test]
     fn batch8_parts_need_every_figure() {
-        assert_eq!(
-            roofline(20.0, 0.0).batch8_parts(),
-            None,
-            "older report: no compute time"
-        );
+        assert_eq!(roofline(20.0, 0.0).batch8_parts(), None, "no compute time");
+        let mut older = roofline(20.0, 10.0);
+        older.batch8.as_mut().unwrap().compute_ms = None;
+        assert_eq!(older.batch8_parts(), None, "older report: no compute time");
+        older.batch8 = None;
+        assert_eq!(older.batch8_parts(), None, "older report: no 8-row step");
         assert_eq!(roofline(0.0, 10.0).batch8_parts(), None, "no step timed");
         let mut r = roofline(20.0, 10.0);
-        r.read_gbs_all = 0.0;
+        r.limits.read_gbs_all = 0.0;
         assert_eq!(r.batch8_parts(), None);
     }
 }

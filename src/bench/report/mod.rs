@@ -1,0 +1,740 @@
+//! Renderers for a [`Report`]: the stdout summary, the Markdown report and the
+//! SVG saturation curve. Pure functions from a report to text; nothing here
+//! measures or computes statistics (that is `stats`), it only formats and
+//! derives ratios already present in [`Analysis`](super::Analysis).
+//!
+//! Numbers: rates with 2 decimals, milliseconds with 1, non-finite values as
+//! "n/a" in tables and as 0 in the plot.
+
+mod markdown;
+mod roofline;
+mod stdout;
+mod svg;
+
+pub use markdown::markdown;
+pub use roofline::limits_table;
+use roofline::optional_sections;
+pub use stdout::stdout_table;
+pub use svg::svg;
+
+use super::{LevelAnalysis, Report, Spread, TestResult};
+
+const SYNTHETIC_BANNER: &str = "SYNTHETIC WEIGHTS (random): speed is real, text is noise";
+const REFERENCE_LABEL: &str = "reference (other machine)";
+
+// ---------------------------------------------------------------------------
+// Shared helpers
+// ---------------------------------------------------------------------------
+
+/// One line: all targets pass, or which fail.
+fn targets_verdict(report: &Report) -> String {
+    let targets = &report.analysis.targets;
+    let failed: Vec<&str> = targets
+        .iter()
+        .filter(|t| !t.pass)
+        .map(|t| t.name.as_str())
+        .collect();
+    if failed.is_empty() {
+        format!("All {} target{} PASS.", targets.len(), plural(targets.len()))
+    } else {
+        format!(
+            "{} of {} target{} FAIL: {}.",
+            failed.len(),
+            targets.len(),
+            plural(targets.len()),
+            failed.join(", ")
+        )
+    }
+}
+
+/// Tests with the same (mode, concurrency), in first-seen order.
+struct Group<'a> {
+    tests: Vec<&'a TestResult>,
+}
+
+impl Group<'_> {
+    fn test_names(&self) -> Vec<&str> {
+        self.tests.iter().map(|t| t.name.as_str()).collect()
+    }
+}
+
+fn group_tests(tests: &[TestResult]) -> Vec<Group<'_>> {
+    let mut groups: Vec<Group> = Vec::new();
+    for t in tests {
+        match groups
+            .iter_mut()
+            .find(|g| g.tests[0].mode == t.mode && g.tests[0].concurrency == t.concurrency)
+        {
+            Some(g) => g.tests.push(t),
+            None => groups.push(Group { tests: vec![t] }),
+        }
+    }
+    groups
+}
+
+/// The tokens/s spread of a (mode, concurrency) group: the entry of that
+/// mode and one of the group's test names (the modes share test names).
+fn spread_for<'a>(spread: &'a [Spread], mode: &str, names: &[&str]) -> Option<&'a Spread> {
+    spread.iter().find(|s| {
+        let m = s.metric.to_ascii_lowercase();
+        let tokens = m.contains("tok") && (m.ends_with("per_s") || m.ends_with("/s"));
+        tokens && s.mode == mode && names.contains(&s.test.as_str())
+    })
+}
+
+/// Levels grouped by mode (first-seen order), each mode by concurrency.
+fn sorted_levels(levels: &[LevelAnalysis]) -> Vec<&LevelAnalysis> {
+    let mut out: Vec<&LevelAnalysis> = levels.iter().collect();
+    let modes = modes_in_order(&out);
+    out.sort_by_key(|l| (modes.iter().position(|m| m == &l.mode), l.concurrency));
+    out
+}
+
+/// A mode's level at `concurrency`; at 1 the single request is shared by all
+/// modes, so any mode's level 1 stands in for a mode without its own.
+fn level_at<'a>(levels: &[&'a LevelAnalysis], mode: &str, concurrency: usize) -> Option<&'a LevelAnalysis> {
+    let own = levels
+        .iter()
+        .find(|l| l.mode == mode && l.concurrency == concurrency);
+    own.or_else(|| levels.iter().find(|l| concurrency == 1 && l.concurrency == 1))
+        .copied()
+}
+
+/// Modes in first-seen order.
+fn modes_in_order(levels: &[&LevelAnalysis]) -> Vec<String> {
+    let mut modes: Vec<String> = Vec::new();
+    for l in levels {
+        if !modes.contains(&l.mode) {
+            modes.push(l.mode.clone());
+        }
+    }
+    modes
+}
+
+/// Minimal text table: right-aligned unless marked left, 2-space gutters.
+struct Table {
+    headers: Vec<String>,
+    left: Vec<bool>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(headers: &[&str]) -> Self {
+        Table {
+            headers: headers.iter().map(|h| h.to_string()).collect(),
+            left: vec![false; headers.len()],
+            rows: Vec::new(),
+        }
+    }
+
+    fn left(&mut self, col: usize) -> &mut Self {
+        self.left[col] = true;
+        self
+    }
+
+    fn row(&mut self, row: Vec<String>) {
+        debug_assert_eq!(row.len(), self.headers.len());
+        self.rows.push(row);
+    }
+
+    fn widths(&self) -> Vec<usize> {
+        let mut w: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for r in &self.rows {
+            for (i, c) in r.iter().enumerate() {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+        w
+    }
+
+    fn cell(&self, text: &str, col: usize, width: usize) -> String {
+        let pad = " ".repeat(width.saturating_sub(text.chars().count()));
+        if self.left[col] {
+            format!("{text}{pad}")
+        } else {
+            format!("{pad}{text}")
+        }
+    }
+
+    fn text(&self) -> String {
+        let w = self.widths();
+        let line = |cells: &[String]| -> String {
+            let parts: Vec<String> = cells
+                .iter()
+                .enumerate()
+                .map(|(i, c)| self.cell(c, i, w[i]))
+                .collect();
+            format!("{}\n", parts.join("  ").trim_end())
+        };
+        let mut out = line(&self.headers);
+        let rule: Vec<String> = w.iter().map(|&n| "-".repeat(n)).collect();
+        out.push_str(&format!("{}\n", rule.join("  ")));
+        for r in &self.rows {
+            out.push_str(&line(r));
+        }
+        out
+    }
+
+    /// Markdown without padding: `| a | b |` rows under a `|---|---:|`
+    /// rule (no mark on a left column). An empty cell is one space.
+    fn compact_markdown(&self) -> String {
+        let line = |cells: &[String]| -> String {
+            let parts: Vec<String> = cells
+                .iter()
+                .map(|c| {
+                    if c.is_empty() {
+                        " ".to_string()
+                    } else {
+                        format!(" {c} ")
+                    }
+                })
+                .collect();
+            format!("|{}|\n", parts.join("|"))
+        };
+        let mut out = line(&self.headers);
+        let rule: Vec<&str> = self
+            .left
+            .iter()
+            .map(|&l| if l { "---" } else { "---:" })
+            .collect();
+        out.push_str(&format!("|{}|\n", rule.join("|")));
+        for r in &self.rows {
+            out.push_str(&line(r));
+        }
+        out
+    }
+
+    fn markdown(&self) -> String {
+        let w: Vec<usize> = self.widths().into_iter().map(|n| n.max(3)).collect();
+        let line = |cells: &[String]| -> String {
+            let parts: Vec<String> = cells
+                .iter()
+                .enumerate()
+                .map(|(i, c)| self.cell(c, i, w[i]))
+                .collect();
+            format!("| {} |\n", parts.join(" | "))
+        };
+        let mut out = line(&self.headers);
+        let rule: Vec<String> = w
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                if self.left[i] {
+                    format!(":{}", "-".repeat(n - 1))
+                } else {
+                    format!("{}:", "-".repeat(n - 1))
+                }
+            })
+            .collect();
+        out.push_str(&format!("| {} |\n", rule.join(" | ")));
+        for r in &self.rows {
+            out.push_str(&line(r));
+        }
+        out
+    }
+}
+
+fn finite(x: f64) -> f64 {
+    if x.is_finite() {
+        x
+    } else {
+        0.0
+    }
+}
+
+fn mean_of(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        f64::NAN
+    } else {
+        sum / n as f64
+    }
+}
+
+fn fmt_dec(x: f64, decimals: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.decimals$}")
+    } else {
+        "n/a".to_string()
+    }
+}
+
+/// Rates (req/s, tok/s) and seconds.
+fn f2(x: f64) -> String {
+    fmt_dec(x, 2)
+}
+
+/// Milliseconds.
+fn f1(x: f64) -> String {
+    fmt_dec(x, 1)
+}
+
+fn times(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}×")
+    } else {
+        "n/a".to_string()
+    }
+}
+
+fn percent(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:.1}%", x * 100.0)
+    } else {
+        "n/a".to_string()
+    }
+}
+
+/// A target's threshold or measured value: integers as integers when both are
+/// (counts such as "failed = 0"), otherwise 2 decimals.
+fn target_value(x: f64, t: &super::Target) -> String {
+    let integral = |v: f64| v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15;
+    if integral(t.threshold) && integral(t.measured) {
+        format!("{x:.0}")
+    } else {
+        f2(x)
+    }
+}
+
+fn pass_fail(pass: bool) -> &'static str {
+    if pass {
+        "PASS"
+    } else {
+        "FAIL"
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn join_usize(v: &[usize]) -> String {
+    v.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let groups: Vec<&str> = digits
+        .as_bytes()
+        .rchunks(3)
+        .rev()
+        .map(|g| std::str::from_utf8(g).unwrap_or_default())
+        .collect();
+    groups.join(",")
+}
+
+/// First 16 hex characters of a digest, with an ellipsis if cut.
+fn short_sha(sha: &str) -> String {
+    if sha.is_empty() {
+        return "unknown".to_string();
+    }
+    let cut: String = sha.chars().take(16).collect();
+    if sha.chars().count() > 16 {
+        format!("{cut}…")
+    } else {
+        cut
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn truncate_chars(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// Escape text from metadata for XML (element content and attributes).
+fn xml(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            // Control characters other than tab/newline are not allowed in XML 1.0.
+            c if c.is_control() && c != '\t' && c != '\n' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Free text in Markdown (also inside table cells): one line, Markdown
+/// punctuation and HTML escaped.
+fn md_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in one_line(s).chars() {
+        match c {
+            '\\' | '`' | '*' | '_' | '[' | ']' | '|' | '#' | '~' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Text for inside a single-backtick code span in a table cell.
+fn md_code(s: &str) -> String {
+    one_line(s).replace('`', "'").replace('|', "\\|")
+}
+
+/// A relative link target; angle brackets allow spaces and parentheses.
+fn md_link_target(name: &str) -> String {
+    if name.chars().any(|c| c.is_whitespace() || c == '(' || c == ')') {
+        format!("<{}>", name.replace('<', "%3C").replace('>', "%3E"))
+    } else {
+        name.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Analysis, Metadata, ModelInfo, RequestRecord, Summary, Target, REFERENCE_STUDY};
+    use super::*;
+
+    fn level(mode: &str, c: usize, tok: f64, lat: f64, tok1: f64, lat1: f64) -> LevelAnalysis {
+        let reference = REFERENCE_STUDY.iter().find(|r| r.0 == c).map(|r| (r.1, r.2));
+        LevelAnalysis {
+            mode: mode.to_string(),
+            concurrency: c,
+            requests_per_s: tok / 50.0,
+            tokens_per_s: tok,
+            latency_p50_ms: lat,
+            scaling: tok / tok1,
+            efficiency: tok / tok1 / c as f64,
+            latency_penalty: lat / lat1,
+            reference,
+            vs_threads: None,
+        }
+    }
+
+    fn test_result(mode: &str, c: usize, rep: usize, tok: f64, lat: f64) -> TestResult {
+        let s = |x: f64| Summary {
+            mean: x,
+            p50: x,
+            p95: x * 1.1,
+            p99: x * 1.2,
+        };
+        TestResult {
+            name: if c == 1 {
+                "single".to_string()
+            } else {
+                format!("concurrent-{c}")
+            },
+            mode: mode.to_string(),
+            concurrency: c,
+            repetition: rep,
+            requests: 4 * c,
+            failed: 0,
+            total_tokens: 200 * c,
+            prompt_tokens: 40 * c,
+            duration_s: 200.0 * c as f64 / tok,
+            requests_per_s: tok / 50.0,
+            tokens_per_s: tok,
+            latency_ms: s(lat),
+            ttft_ms: s(lat / 20.0),
+            tpot_ms: s(lat / 50.0),
+            raw: vec![RequestRecord {
+                index: 0,
+                client: 0,
+                prompt_tokens: 10,
+                generated_tokens: 50,
+                start_ms: 0.0,
+                ttft_ms: Some(lat / 20.0),
+                latency_ms: lat,
+                tpot_ms: Some(lat / 50.0),
+                error: None,
+            }],
+        }
+    }
+
+    /// `modes` each at levels 1, 2, 4; `reps` repetitions of every test.
+    fn report(modes: &[&str], levels: &[usize], reps: usize) -> Report {
+        let mut tests = Vec::new();
+        let mut lv = Vec::new();
+        let mut spread = Vec::new();
+        for (mi, &mode) in modes.iter().enumerate() {
+            let tok = |c: usize| 30.0 * (c as f64).powf(0.5 + 0.2 * mi as f64);
+            let lat = |c: usize| 1600.0 * (c as f64).powf(0.6);
+            // Like `stats`: the single request (concurrency 1) is run in the first mode only.
+            for &c in levels.iter().filter(|&&c| mi == 0 || c > 1) {
+                for rep in 0..reps {
+                    tests.push(test_result(mode, c, rep, tok(c) + rep as f64, lat(c)));
+                }
+                lv.push(level(mode, c, tok(c), lat(c), tok(levels[0]), lat(levels[0])));
+                if reps > 1 {
+                    let name = if c == 1 {
+                        "single".to_string()
+                    } else {
+                        format!("concurrent-{c}")
+                    };
+                    // As `stats` writes it: the bare test name and its mode.
+                    let sd = 0.25 + 0.5 * mi as f64;
+                    let m = tok(c) + (reps - 1) as f64 / 2.0;
+                    for (metric, mean) in [("tokens_per_s", m), ("latency_p50_ms", lat(c))] {
+                        spread.push(Spread {
+                            test: name.clone(),
+                            mode: mode.to_string(),
+                            metric: metric.to_string(),
+                            mean,
+                            stddev: sd,
+                            min: mean - sd,
+                            max: mean + sd,
+                            n: reps,
+                        });
+                    }
+                }
+            }
+        }
+        let recommended = modes
+            .iter()
+            .map(|m| (m.to_string(), *levels.last().unwrap()))
+            .collect();
+        Report {
+            schema_version: 1,
+            metadata: Metadata {
+                timestamp_utc: "2025-01-01T00:00:00Z".to_string(),
+                git_commit: "abc1234".to_string(),
+                rustc: "rustc 1.80.0".to_string(),
+                cpu_model: "Fast & <Cheap> CPU \"x\"".to_string(),
+                cores: 8,
+                pool_layout: "shared".to_string(),
+                threads_per_request: 8,
+                max_busy_threads: 8,
+                concurrency_levels: levels.to_vec(),
+                run_mode: "quick".to_string(),
+                modes: modes.iter().map(|m| m.to_string()).collect(),
+                arrival: "closed loop".to_string(),
+                max_batch: 32,
+                max_prompt_rows: 128,
+                weights_source: "SYNTHETIC 124m checkpoint, seed 0 (R&D)".to_string(),
+                weights_sha256: "0123456789abcdef0123456789abcdef".to_string(),
+                synthetic_weights: true,
+                model: ModelInfo {
+                    n_layer: 12,
+                    n_head: 12,
+                    n_embd: 768,
+                    n_positions: 1024,
+                    vocab_size: 50257,
+                    n_params: 124_439_808,
+                    dtype: "f32".to_string(),
+                },
+                max_new_tokens: 50,
+                warmup_requests: 2,
+                repetitions: reps,
+                prompts: vec!["Hello | world".to_string(), "The *quick* fox".to_string()],
+            },
+            tests,
+            analysis: Analysis {
+                levels: lv,
+                recommended_concurrency: recommended,
+                targets: vec![
+                    Target {
+                        name: "single_tokens_per_s".to_string(),
+                        op: ">".to_string(),
+                        threshold: 25.24,
+                        measured: 30.0,
+                        pass: true,
+                    },
+                    Target {
+                        name: "failed".to_string(),
+                        op: "<=".to_string(),
+                        threshold: 0.0,
+                        measured: 1.0,
+                        pass: false,
+                    },
+                ],
+                spread,
+            },
+            profile: None,
+            roofline: None,
+        }
+    }
+
+    #[test]
+    fn markdown_has_every_section_and_the_reference_column() {
+        let r = report(&["threads", "batched"], &[1, 2, 4], 2);
+        let md = markdown(&r, "throughput.svg");
+        for heading in [
+            "# GPT-2 throughput benchmark",
+            "## Setup",
+            "## Results",
+            "## Scaling",
+            "## Recommended concurrency",
+            "## Targets",
+            "## Spread over repetitions",
+            "## Saturation curve",
+            "## Method",
+        ] {
+            assert!(md.lines().any(|l| l == heading), "missing heading {heading:?}");
+        }
+        assert!(md.contains("reference (other machine)"));
+        assert!(md.contains("(throughput.svg)"));
+        assert!(md.contains(SYNTHETIC_BANNER));
+        assert!(md.contains("`0123456789abcdef…`"));
+        assert!(
+            md.contains("Hello \\| world"),
+            "a prompt's pipe must not split a table cell"
+        );
+        assert!(md.contains("At concurrency 4, threads mode gives 2.00× the throughput"));
+        assert!(md.contains("| PASS ") && md.contains("**FAIL**"));
+        // The reference figures at concurrency 4 appear in the scaling table.
+        assert!(md.contains("41.46"));
+        assert!(md.contains("124,439,808"));
+        // Spread entries name their mode (the modes share test names).
+        let spread_row = |mode: &str, metric: &str| {
+            md.lines()
+                .find(|l| l.starts_with("| concurrent-4") && l.contains(mode) && l.contains(metric))
+                .unwrap_or_else(|| panic!("no spread row for {mode} {metric}:\n{md}"))
+                .to_string()
+        };
+        assert!(spread_row("batched", "`tokens_per_s`").contains(" 0.75 |"));
+        assert!(spread_row("threads", "`tokens_per_s`").contains(" 0.25 |"));
+    }
+
+    #[test]
+    fn markdown_leaves_out_spread_without_repetitions() {
+        let md = markdown(&report(&["threads"], &[1, 2, 4], 1), "plot.svg");
+        assert!(!md.contains("## Spread over repetitions"));
+    }
+
+    #[test]
+    fn svg_is_well_formed_with_one_polyline_per_series() {
+        let r = report(&["threads", "batched"], &[1, 2, 4], 1);
+        let s = svg(&r);
+        assert!(s.starts_with("<svg"));
+        assert!(s.trim_end().ends_with("</svg>"));
+        assert_eq!(s.matches("<svg").count(), 1);
+        assert_eq!(s.matches("</svg>").count(), 1);
+        // 2 modes × 2 panels + the reference.
+        assert_eq!(s.matches("<polyline").count(), 5);
+        assert!(s.contains("stroke=\"#d62728\"") && s.contains("stroke=\"#1f77b4\""));
+        // batched has no level 1 of its own: its lines start from the shared single request.
+        for line in s
+            .lines()
+            .filter(|l| l.starts_with("<polyline") && l.contains("#1f77b4"))
+        {
+            let points = line.split('"').nth(1).unwrap();
+            assert_eq!(points.split(' ').count(), 3, "{line}");
+        }
+        assert!(s.contains("reference (other machine)"));
+        assert!(s.contains("SYNTHETIC weights"));
+        assert!(s.contains("Fast &amp; &lt;Cheap&gt; CPU"));
+        assert_no_raw_ampersand(&s);
+        assert_balanced_tags(&s);
+        assert!(!s.contains("NaN") && !s.contains("inf"));
+    }
+
+    #[test]
+    fn stdout_table_has_targets_and_spread() {
+        let r = report(&["threads", "batched"], &[1, 2, 4], 3);
+        let t = stdout_table(&r);
+        assert!(t.contains("PASS") && t.contains("FAIL"));
+        assert!(t.contains(SYNTHETIC_BANNER));
+        // One row per (mode, concurrency), not per repetition.
+        assert_eq!(
+            t.lines()
+                .filter(|l| l.contains("concurrent-4") && l.contains("threads"))
+                .count(),
+            1
+        );
+        for line in t.lines() {
+            assert!(
+                line.chars().count() <= 100,
+                "line wider than 100 columns: {line:?}"
+            );
+        }
+
+        // Test names are shared by the modes: each row gets its own mode's
+        // stddev from the entry's mode, even where both modes' means are equal.
+        let mut same_means = r.clone();
+        same_means.analysis.spread.iter_mut().for_each(|s| s.mean = 1.0);
+        for report in [&r, &same_means] {
+            let t = stdout_table(report);
+            for (mode, sd) in [("threads", "±0.25"), ("batched", "±0.75")] {
+                let rows: Vec<&str> = t
+                    .lines()
+                    .filter(|l| l.contains(mode) && l.contains("concurrent-"))
+                    .collect();
+                assert_eq!(rows.len(), 2, "{t}");
+                assert!(rows.iter().all(|l| l.contains(sd)), "{mode} rows lack {sd}:\n{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn single_level_and_degenerate_values_render() {
+        let mut r = report(&["threads"], &[1], 1);
+        r.analysis.levels[0].tokens_per_s = f64::NAN;
+        r.analysis.levels[0].latency_p50_ms = 0.0;
+        r.analysis.levels[0].scaling = f64::INFINITY;
+        r.tests[0].tokens_per_s = f64::NAN;
+        let s = svg(&r);
+        assert_balanced_tags(&s);
+        assert!(!s.contains("NaN") && !s.contains("inf"));
+        let md = markdown(&r, "a b.svg");
+        assert!(md.contains("only measured at concurrency 1"));
+        assert!(md.contains("(<a b.svg>)"));
+        assert!(stdout_table(&r).contains("n/a"));
+
+        let mut empty = r.clone();
+        empty.tests.clear();
+        empty.analysis = Analysis {
+            levels: vec![],
+            recommended_concurrency: vec![],
+            targets: vec![],
+            spread: vec![],
+        };
+        let s = svg(&empty);
+        assert_eq!(s.matches("<polyline").count(), 0);
+        assert_balanced_tags(&s);
+        assert!(markdown(&empty, "x.svg").contains("## Targets"));
+        assert!(stdout_table(&empty).contains("(no tests)"));
+    }
+
+    fn assert_no_raw_ampersand(s: &str) {
+        for (i, _) in s.match_indices('&') {
+            let rest = &s[i..];
+            let ok = ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"]
+                .iter()
+                .any(|e| rest.starts_with(e));
+            assert!(ok, "unescaped & at byte {i}: {:?}", &rest[..rest.len().min(20)]);
+        }
+    }
+
+    /// Every opened element is closed in order (self-closing tags count as both).
+    fn assert_balanced_tags(s: &str) {
+        let mut stack: Vec<String> = Vec::new();
+        let mut rest = s;
+        while let Some(start) = rest.find('<') {
+            let end = rest[start..].find('>').expect("unterminated tag") + start;
+            let tag = &rest[start + 1..end];
+            assert!(!tag.contains('<'), "'<' inside a tag: {tag:?}");
+            if let Some(name) = tag.strip_prefix('/') {
+                assert_eq!(stack.pop().as_deref(), Some(name), "mismatched </{name}>");
+            } else if !tag.ends_with('/') {
+                stack.push(tag.split_whitespace().next().unwrap_or("").to_string());
+            }
+            rest = &rest[end + 1..];
+        }
+        assert!(stack.is_empty(), "unclosed elements: {stack:?}");
+    }
+}

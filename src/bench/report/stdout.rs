@@ -1,0 +1,190 @@
+//! The human summary printed on stdout: one function per section.
+
+use std::fmt::Write as _;
+
+use super::*;
+
+/// The human summary printed on stdout: header, per-test rows (means over
+/// repetitions), scaling, recommended concurrency and targets, then the
+/// optional sections ([`super::optional_sections`]). Plain text, aligned
+/// columns; the main tables fit a 100-column terminal for the usual test names.
+pub fn stdout_table(report: &Report) -> String {
+    let sections = [
+        stdout_header(report),
+        stdout_tests(report),
+        stdout_scaling(report),
+        stdout_recommended(report),
+        stdout_targets(report),
+        optional_sections(report),
+    ];
+    sections.concat()
+}
+
+/// Title, weights (with the synthetic banner), threads and CPU.
+fn stdout_header(report: &Report) -> String {
+    let md = &report.metadata;
+    let mut out = String::new();
+    let _ = writeln!(out, "GPT-2 throughput benchmark ({} run)", md.run_mode);
+    let _ = writeln!(
+        out,
+        "weights: {} [sha256 {}]",
+        one_line(&md.weights_source),
+        short_sha(&md.weights_sha256)
+    );
+    if md.synthetic_weights {
+        let bar = "!".repeat(SYNTHETIC_BANNER.len() + 8);
+        let _ = writeln!(out, "{bar}\n!!! {SYNTHETIC_BANNER} !!!\n{bar}");
+    }
+    let _ = writeln!(
+        out,
+        "threads: {} pool, {} threads per request, {} cores, at most {} busy threads",
+        md.pool_layout, md.threads_per_request, md.cores, md.max_busy_threads
+    );
+    let _ = writeln!(
+        out,
+        "cpu: {} | {} new tokens per request (EOS ignored), {} warmup, {} repetition{}",
+        one_line(&md.cpu_model),
+        md.max_new_tokens,
+        md.warmup_requests,
+        md.repetitions,
+        plural(md.repetitions)
+    );
+    out
+}
+
+/// Per-test rows, one per (mode, concurrency), means over repetitions.
+fn stdout_tests(report: &Report) -> String {
+    let mut out = String::new();
+    let groups = group_tests(&report.tests);
+    let reps = groups.iter().map(|g| g.tests.len()).max().unwrap_or(0);
+    out.push('\n');
+    if reps > 1 {
+        let _ = writeln!(
+            out,
+            "Tests: rates and latencies are means over {reps} repetitions, requests and failed are totals"
+        );
+    } else {
+        out.push_str("Tests\n");
+    }
+    let mut table = Table::new(&[
+        "test", "mode", "conc", "reqs", "fail", "req/s", "tok/s", "p50 ms", "p95", "p99", "TTFT", "TPOT",
+    ]);
+    table.left(0).left(1);
+    for g in &groups {
+        let first = g.tests[0];
+        let mean = |f: fn(&TestResult) -> f64| mean_of(g.tests.iter().map(|t| f(t)));
+        let mean_tok = mean(|t| t.tokens_per_s);
+        let mut tok = f2(mean_tok);
+        if let Some(s) = spread_for(&report.analysis.spread, &first.mode, &g.test_names()) {
+            if s.n > 1 {
+                let _ = write!(tok, " ±{}", f2(s.stddev));
+            }
+        }
+        table.row(vec![
+            first.name.clone(),
+            first.mode.clone(),
+            first.concurrency.to_string(),
+            g.tests.iter().map(|t| t.requests).sum::<usize>().to_string(),
+            g.tests.iter().map(|t| t.failed).sum::<usize>().to_string(),
+            f2(mean(|t| t.requests_per_s)),
+            tok,
+            f1(mean(|t| t.latency_ms.p50)),
+            f1(mean(|t| t.latency_ms.p95)),
+            f1(mean(|t| t.latency_ms.p99)),
+            f1(mean(|t| t.ttft_ms.p50)),
+            f1(mean(|t| t.tpot_ms.p50)),
+        ]);
+    }
+    if groups.is_empty() {
+        out.push_str("(no tests)\n");
+    } else {
+        out.push_str(&table.text());
+        out.push_str("(end-to-end latency p50/p95/p99, TTFT p50 and TPOT p50, all in ms)\n");
+    }
+    out
+}
+
+/// Scaling against the single request, per level.
+fn stdout_scaling(report: &Report) -> String {
+    let mut out = String::new();
+    let levels = sorted_levels(&report.analysis.levels);
+    if !levels.is_empty() {
+        out.push_str("\nScaling vs concurrency 1 (efficiency = tok/s(N) / (N * tok/s(1)))\n(ref: the reference study, on another machine)\n");
+        let mut t = Table::new(&[
+            "mode",
+            "conc",
+            "tok/s",
+            "scaling",
+            "efficiency",
+            "p50 lat ms",
+            "lat penalty",
+            "vs threads",
+            "ref tok/s",
+        ]);
+        t.left(0);
+        for l in &levels {
+            t.row(vec![
+                l.mode.clone(),
+                l.concurrency.to_string(),
+                f2(l.tokens_per_s),
+                times(l.scaling),
+                percent(l.efficiency),
+                f1(l.latency_p50_ms),
+                times(l.latency_penalty),
+                l.vs_threads.map_or_else(|| "-".to_string(), times),
+                l.reference.map_or_else(|| "-".to_string(), |(_, tok)| f2(tok)),
+            ]);
+        }
+        out.push_str(&t.text());
+    }
+    out
+}
+
+/// The recommended concurrency of each mode.
+fn stdout_recommended(report: &Report) -> String {
+    let levels = sorted_levels(&report.analysis.levels);
+    let mut out = String::new();
+    if !report.analysis.recommended_concurrency.is_empty() {
+        out.push_str("\nRecommended concurrency (lowest level reaching 90% of the mode's best tok/s)\n");
+        for (mode, conc) in &report.analysis.recommended_concurrency {
+            let at = level_at(&levels, mode, *conc);
+            match at {
+                Some(l) => {
+                    let _ = writeln!(
+                        out,
+                        "{mode}: {conc}  ({} tok/s, p50 latency {} ms)",
+                        f2(l.tokens_per_s),
+                        f1(l.latency_p50_ms)
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "{mode}: {conc}");
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The pass/fail targets and the verdict.
+fn stdout_targets(report: &Report) -> String {
+    let mut out = String::new();
+    let targets = &report.analysis.targets;
+    if !targets.is_empty() {
+        out.push_str("\nTargets\n");
+        let mut t = Table::new(&["target", "condition", "measured", "result"]);
+        t.left(0).left(1).left(3);
+        for tg in targets {
+            t.row(vec![
+                tg.name.clone(),
+                format!("{} {}", tg.op, target_value(tg.threshold, tg)),
+                target_value(tg.measured, tg),
+                pass_fail(tg.pass).to_string(),
+            ]);
+        }
+        out.push_str(&t.text());
+        out.push_str(&targets_verdict(report));
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,383 @@
+//! The SVG saturation curve.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use super::*;
+use crate::bench::Metadata;
+
+const SVG_W: f64 = 800.0;
+const SVG_H: f64 = 420.0;
+const PLOT_TOP: f64 = 78.0;
+const PLOT_BOTTOM: f64 = 330.0;
+/// (left, right) of the two panels' plot areas.
+const PANELS: [(f64, f64); 2] = [(72.0, 372.0), (472.0, 772.0)];
+const REFERENCE_COLOR: &str = "#8c8c8c";
+
+/// A self-contained SVG of the saturation curve: tokens/s (left panel, with
+/// the reference study dashed) and p50 latency (right panel) against
+/// concurrency, one line per mode. NaN and infinities are drawn as 0.
+pub fn svg(report: &Report) -> String {
+    let plot = Plot::new(report);
+    let mut s = svg_header(&report.metadata);
+    s.push_str(&plot.panels());
+    s.push_str(&plot.series());
+    s.push_str(&plot.legend());
+    s.push_str("</svg>\n");
+    s
+}
+
+/// What the two panels show, and where a value lands.
+struct Plot<'a> {
+    levels: Vec<&'a LevelAnalysis>,
+    modes: Vec<String>,
+    /// The measured concurrency levels, ascending: the x ticks.
+    xs: Vec<usize>,
+    /// log2 of the lowest and highest level.
+    lo: f64,
+    hi: f64,
+    /// The reference series: one point per concurrency where a level carries it.
+    reference: Vec<(usize, f64)>,
+    /// The y axes: tokens/s, then p50 latency.
+    axes: [Axis; 2],
+}
+
+fn lg(c: usize) -> f64 {
+    (c.max(1) as f64).log2()
+}
+
+impl<'a> Plot<'a> {
+    fn new(report: &'a Report) -> Self {
+        let levels = sorted_levels(&report.analysis.levels);
+        let modes = modes_in_order(&levels);
+        // X: the measured concurrency levels, log2-spaced.
+        let xs: Vec<usize> = levels
+            .iter()
+            .map(|l| l.concurrency)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let (lo, hi) = match (xs.first(), xs.last()) {
+            (Some(&a), Some(&b)) => (lg(a), lg(b)),
+            _ => (0.0, 0.0),
+        };
+        let mut reference: Vec<(usize, f64)> = Vec::new();
+        for l in &levels {
+            if let Some((_, tok)) = l.reference {
+                if !reference.iter().any(|&(c, _)| c == l.concurrency) {
+                    reference.push((l.concurrency, finite(tok)));
+                }
+            }
+        }
+        reference.sort_by_key(|&(c, _)| c);
+        let tok_max = levels
+            .iter()
+            .map(|l| finite(l.tokens_per_s))
+            .chain(reference.iter().map(|&(_, t)| t))
+            .fold(0.0, f64::max);
+        let lat_max = levels
+            .iter()
+            .map(|l| finite(l.latency_p50_ms))
+            .fold(0.0, f64::max);
+        // 5% headroom so the highest marker does not sit on the frame.
+        let axes = [nice_axis(tok_max * 1.05), nice_axis(lat_max * 1.05)];
+        Plot {
+            levels,
+            modes,
+            xs,
+            lo,
+            hi,
+            reference,
+            axes,
+        }
+    }
+
+    fn x_at(&self, panel: usize, c: usize) -> f64 {
+        let (l, r) = PANELS[panel];
+        let pad = 0.07 * (r - l);
+        if self.hi > self.lo {
+            l + pad + (lg(c) - self.lo) / (self.hi - self.lo) * (r - l - 2.0 * pad)
+        } else {
+            (l + r) / 2.0
+        }
+    }
+
+    fn y_at(&self, panel: usize, v: f64) -> f64 {
+        let top = self.axes[panel].top;
+        PLOT_BOTTOM - finite(v).clamp(0.0, top) / top * (PLOT_BOTTOM - PLOT_TOP)
+    }
+
+    /// Each panel's title, grid, ticks and axes ("no data" without levels).
+    fn panels(&self) -> String {
+        let (axes, xs) = (&self.axes, &self.xs);
+        let mut s = String::new();
+        let panel_titles = ["tokens/s vs concurrency", "p50 latency (ms) vs concurrency"];
+        let y_titles = ["tokens/s", "p50 latency (ms)"];
+        for panel in 0..2 {
+            let (l, r) = PANELS[panel];
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="66" text-anchor="middle" font-size="13" font-weight="bold">{}</text>"#,
+                (l + r) / 2.0,
+                panel_titles[panel]
+            );
+            // Horizontal grid and y ticks.
+            for i in 0..=axes[panel].steps {
+                let v = axes[panel].step * i as f64;
+                let y = self.y_at(panel, v);
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{l}" y1="{y:.1}" x2="{r}" y2="{y:.1}" stroke="#e5e5e5" stroke-width="1"/>"##
+                );
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+                    l - 6.0,
+                    y + 4.0,
+                    tick_label(v, axes[panel].step)
+                );
+            }
+            // X ticks at the measured levels.
+            for &c in xs {
+                let x = self.x_at(panel, c);
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{x:.1}" y1="{PLOT_BOTTOM}" x2="{x:.1}" y2="{}" stroke="#333333"/>"##,
+                    PLOT_BOTTOM + 5.0
+                );
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{x:.1}" y="{}" text-anchor="middle">{c}</text>"#,
+                    PLOT_BOTTOM + 18.0
+                );
+            }
+            // Axes.
+            let _ = writeln!(
+                s,
+                r##"<path d="M{l} {PLOT_TOP} V{PLOT_BOTTOM} H{r}" fill="none" stroke="#333333" stroke-width="1"/>"##
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle">concurrency (requests in flight)</text>"#,
+                (l + r) / 2.0,
+                PLOT_BOTTOM + 36.0
+            );
+            let (yx, yy) = (l - 52.0, (PLOT_TOP + PLOT_BOTTOM) / 2.0);
+            let _ = writeln!(
+                s,
+                r#"<text x="{yx}" y="{yy}" text-anchor="middle" transform="rotate(-90 {yx} {yy})">{}</text>"#,
+                y_titles[panel]
+            );
+        }
+        if xs.is_empty() {
+            let _ = writeln!(
+                s,
+                r##"<text x="{}" y="{}" text-anchor="middle" fill="#777777">no data</text>"##,
+                SVG_W / 2.0,
+                (PLOT_TOP + PLOT_BOTTOM) / 2.0
+            );
+        }
+
+        s
+    }
+
+    /// One polyline per (mode, panel), plus the reference on panel 0.
+    fn series(&self) -> String {
+        let (levels, modes, reference) = (&self.levels, &self.modes, &self.reference);
+        let mut s = String::new();
+        if !reference.is_empty() {
+            let pts: Vec<(f64, f64)> = reference
+                .iter()
+                .map(|&(c, t)| (self.x_at(0, c), self.y_at(0, t)))
+                .collect();
+            series(&mut s, &pts, REFERENCE_COLOR, true, REFERENCE_LABEL);
+        }
+        for mode in modes {
+            let color = mode_color(mode);
+            // A mode without its own concurrency-1 level starts from the shared single request.
+            let mut ls: Vec<&LevelAnalysis> = levels.iter().copied().filter(|l| &l.mode == mode).collect();
+            if !ls.iter().any(|l| l.concurrency == 1) {
+                if let Some(single) = levels.iter().find(|l| l.concurrency == 1) {
+                    ls.insert(0, single);
+                }
+            }
+            let tok: Vec<_> = ls
+                .iter()
+                .map(|l| (self.x_at(0, l.concurrency), self.y_at(0, l.tokens_per_s)))
+                .collect();
+            let lat: Vec<_> = ls
+                .iter()
+                .map(|l| (self.x_at(1, l.concurrency), self.y_at(1, l.latency_p50_ms)))
+                .collect();
+            series(&mut s, &tok, color, false, &format!("{mode} tokens/s"));
+            series(&mut s, &lat, color, false, &format!("{mode} p50 latency"));
+        }
+
+        s
+    }
+
+    /// The legend, centred along the bottom.
+    fn legend(&self) -> String {
+        let (modes, reference) = (&self.modes, &self.reference);
+        let mut s = String::new();
+        let mut entries: Vec<(String, &str, bool)> =
+            modes.iter().map(|m| (m.clone(), mode_color(m), false)).collect();
+        if !reference.is_empty() {
+            entries.push((format!("{REFERENCE_LABEL}, tokens/s"), REFERENCE_COLOR, true));
+        }
+        let widths: Vec<f64> = entries
+            .iter()
+            .map(|(name, _, _)| 40.0 + 7.0 * name.chars().count() as f64)
+            .collect();
+        let mut x = (SVG_W - widths.iter().sum::<f64>()).max(0.0) / 2.0;
+        let y = SVG_H - 24.0;
+        for ((name, color, dashed), w) in entries.iter().zip(&widths) {
+            let dash = if *dashed { r#" stroke-dasharray="6 4""# } else { "" };
+            let _ = writeln!(
+                s,
+                r#"<line x1="{x:.1}" y1="{y}" x2="{:.1}" y2="{y}" stroke="{color}" stroke-width="2"{dash}/>"#,
+                x + 24.0
+            );
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{y}" r="3.5" fill="{color}"/>"#,
+                x + 12.0
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{}">{}</text>"#,
+                x + 30.0,
+                y + 4.0,
+                xml(name)
+            );
+            x += w;
+        }
+        s
+    }
+}
+
+/// The opening tag, the title (red for synthetic weights) and the subtitle.
+fn svg_header(md: &Metadata) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_W}" height="{SVG_H}" viewBox="0 0 {SVG_W} {SVG_H}" font-family="Helvetica, Arial, sans-serif" font-size="12">"#
+    );
+    let mut title = String::from("GPT-2 throughput: saturation curve");
+    if md.synthetic_weights {
+        title.push_str(": SYNTHETIC weights (random)");
+    }
+    let _ = writeln!(s, "<title>{}</title>", xml(&title));
+    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
+    let title_color = if md.synthetic_weights {
+        "#b00000"
+    } else {
+        "#000000"
+    };
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="16" font-weight="bold" fill="{title_color}">{}</text>"#,
+        SVG_W / 2.0,
+        xml(&title)
+    );
+    let subtitle = format!(
+        "{}{} | {} cores, {} pool, {} threads/request | {} tokens/request | {}",
+        if md.synthetic_weights {
+            "speed is real, text is noise | "
+        } else {
+            ""
+        },
+        md.cpu_model,
+        md.cores,
+        md.pool_layout,
+        md.threads_per_request,
+        md.max_new_tokens,
+        md.timestamp_utc
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="42" text-anchor="middle" font-size="11" fill="#555555">{}</text>"##,
+        SVG_W / 2.0,
+        xml(&truncate_chars(&one_line(&subtitle), 128))
+    );
+
+    s
+}
+
+/// One polyline with a marker per point.
+fn series(s: &mut String, pts: &[(f64, f64)], color: &str, dashed: bool, label: &str) {
+    let points: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+    let dash = if dashed { r#" stroke-dasharray="6 4""# } else { "" };
+    let _ = writeln!(
+        s,
+        r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}><title>{}</title></polyline>"#,
+        points.join(" "),
+        xml(label)
+    );
+    for (x, y) in pts {
+        let _ = writeln!(s, r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{color}"/>"#);
+    }
+}
+
+fn mode_color(mode: &str) -> &'static str {
+    match mode {
+        "threads" => "#d62728",
+        "batched" => "#1f77b4",
+        _ => "#7f7f7f",
+    }
+}
+
+/// A y axis from 0 to `top` in `steps` round steps (1, 2, 2.5 or 5 × 10^k).
+struct Axis {
+    top: f64,
+    step: f64,
+    steps: usize,
+}
+
+fn nice_axis(max: f64) -> Axis {
+    let max = if max.is_finite() && max > 0.0 { max } else { 1.0 };
+    let raw = max / 5.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|&s| s >= raw)
+        .unwrap_or(10.0 * mag);
+    // The small epsilon keeps an exact multiple (e.g. max = 40, step = 10) at 4 steps.
+    let steps = ((max / step) - 1e-9).ceil().max(1.0) as usize;
+    Axis {
+        top: step * steps as f64,
+        step,
+        steps,
+    }
+}
+
+fn tick_label(v: f64, step: f64) -> String {
+    // As many decimals as the step needs (2.5 -> 1, 0.25 -> 2), at most 6.
+    let decimals = (0..6)
+        .find(|&d| {
+            let scaled = step * 10f64.powi(d as i32);
+            (scaled - scaled.round()).abs() < 1e-6 * scaled.max(1.0)
+        })
+        .unwrap_or(6);
+    format!("{v:.decimals$}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nice_axis_rounds_up_to_round_steps() {
+        let a = nice_axis(41.46);
+        assert_eq!((a.step, a.top, a.steps), (10.0, 50.0, 5));
+        let a = nice_axis(40.0);
+        assert_eq!((a.step, a.top), (10.0, 40.0));
+        let a = nice_axis(0.0);
+        assert!(a.top > 0.0 && a.step > 0.0);
+        let a = nice_axis(f64::NAN);
+        assert!(a.top > 0.0);
+        assert_eq!(tick_label(0.25, 0.25), "0.25");
+        assert_eq!(tick_label(1500.0, 500.0), "1500");
+    }
+}

@@ -1,0 +1,437 @@
+//! One `throughput` run: the options, their validated plan, the tests in
+//! order (warmup, then per repetition the single request and every mode's
+//! levels), the optional probe, and the report written to disk.
+//!
+//! Default protocol (the reference study's): greedy, exactly 30 new tokens
+//! per request (EOS ignored), 2 warmup requests, 5 sequential single
+//! requests, then 6 requests at each concurrency level (2 and 4), 3 prompts
+//! rotated, one client thread per in-flight request sharing the one
+//! immutable model.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use clap::ValueEnum;
+
+use super::in_process::{InProcess, Mode, PoolLayout};
+use super::runner::{poisson_arrivals, run_test, Load};
+use super::stats::{self, Thresholds};
+use super::{meta, report, roofline, Metadata, ModelInfo, Report, TestResult, SCHEMA_VERSION};
+use crate::hub::{self, WeightsArgs};
+use crate::profile::Profile;
+use crate::progress::Progress;
+use crate::{GenerateOptions, Gpt2Model, Scheduler, SchedulerConfig};
+
+/// The prompts of the concurrent tests unless `--concurrent-prompt` is given.
+pub const DEFAULT_CONCURRENT_PROMPTS: [&str; 3] = [
+    "Hello, how are you?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time, in a land far away, there lived a",
+];
+
+/// Which execution modes a run measures (`throughput --mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeChoice {
+    /// One client thread per in-flight request, each running its own forward passes.
+    Threads,
+    /// The same requests through the continuous-batching scheduler.
+    Batched,
+    /// Both, one after the other, for a side-by-side comparison.
+    Both,
+}
+
+/// Everything a run is asked to do: the `throughput` flags, as given (see
+/// its `--help` for each).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub weights: WeightsArgs,
+    pub max_new_tokens: usize,
+    pub warmup: usize,
+    pub single_requests: usize,
+    /// `None`: 2,4, or 2,4,8,16,32 with `full`.
+    pub levels: Option<Vec<usize>>,
+    pub mode: ModeChoice,
+    pub max_batch: usize,
+    pub max_prompt_rows: usize,
+    /// Poisson arrivals at this many requests per second; `None`: closed loop.
+    pub request_rate: Option<f64>,
+    pub arrival_seed: u64,
+    pub profile: bool,
+    pub probe: bool,
+    /// `None`: 6, or 20 with `full`.
+    pub requests_per_level: Option<usize>,
+    /// `None`: 1, or 3 with `full`.
+    pub repetitions: Option<usize>,
+    pub full: bool,
+    pub prompt: String,
+    /// Empty: [`DEFAULT_CONCURRENT_PROMPTS`].
+    pub concurrent_prompts: Vec<String>,
+    pub pool: PoolLayout,
+    pub threads_per_request: Option<usize>,
+    pub oversubscribe: bool,
+    /// Print only the JSON report on stdout.
+    pub json: bool,
+    pub out_dir: PathBuf,
+    /// `NAME=VALUE` overrides of the pass/fail targets.
+    pub targets: Vec<String>,
+}
+
+/// The validated shape of a run: defaults resolved, flags checked.
+#[derive(Debug, Clone)]
+pub struct RunPlan {
+    /// Concurrency levels above 1, ascending, without duplicates.
+    pub levels: Vec<usize>,
+    pub modes: Vec<Mode>,
+    pub requests_per_level: usize,
+    pub repetitions: usize,
+    /// Threads of the shared pool, or of each request's pool.
+    pub threads: usize,
+    pub cores: usize,
+    /// Most compute threads busy at once, at the highest level.
+    pub max_busy: usize,
+    pub thresholds: Thresholds,
+}
+
+impl RunPlan {
+    /// Checks `opts` on a machine of `cores` cores; errors name the flag.
+    pub fn new(opts: &Options, cores: usize) -> Result<RunPlan, String> {
+        let levels = opts.levels.clone().unwrap_or_else(|| {
+            if opts.full {
+                vec![2, 4, 8, 16, 32]
+            } else {
+                vec![2, 4]
+            }
+        });
+        if levels.contains(&0) {
+            return Err("--levels: a concurrency level of 0 runs nothing; use levels >= 1".into());
+        }
+        let mut levels: Vec<usize> = levels.into_iter().filter(|&l| l > 1).collect();
+        levels.sort_unstable();
+        levels.dedup();
+        let requests_per_level = opts.requests_per_level.unwrap_or(if opts.full { 20 } else { 6 });
+        let repetitions = opts.repetitions.unwrap_or(if opts.full { 3 } else { 1 });
+        for (name, v) in [
+            ("--single-requests", opts.single_requests),
+            ("--requests-per-level", requests_per_level),
+            ("--repetitions", repetitions),
+            ("--max-new-tokens", opts.max_new_tokens),
+            ("--max-batch", opts.max_batch),
+            ("--max-prompt-rows", opts.max_prompt_rows),
+        ] {
+            if v < 1 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        let max_level = levels.last().copied().unwrap_or(1);
+        let threads = match (opts.pool, opts.threads_per_request) {
+            (_, Some(0)) => return Err("--threads-per-request must be at least 1".into()),
+            (_, Some(t)) => t,
+            (PoolLayout::Shared, None) => cores,
+            (PoolLayout::PerRequest, None) => (cores / max_level).max(1),
+        };
+        let max_busy = match opts.pool {
+            PoolLayout::Shared => threads,
+            PoolLayout::PerRequest => threads * max_level,
+        };
+        if max_busy > cores && !opts.oversubscribe {
+            return Err(format!(
+                "{max_busy} busy compute threads ({} pool of {threads} at concurrency {max_level}) on {cores} \
+                 cores: that measures oversubscription. Lower --threads-per-request, or pass --oversubscribe to do \
+                 it anyway",
+                opts.pool.name()
+            ));
+        }
+        if let Some(r) = opts.request_rate {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(format!(
+                    "--request-rate must be a positive number of requests per second, not {r}"
+                ));
+            }
+        }
+        let modes = match opts.mode {
+            ModeChoice::Threads => vec![Mode::Threads],
+            ModeChoice::Batched => vec![Mode::Batched],
+            ModeChoice::Both => vec![Mode::Threads, Mode::Batched],
+        };
+        let mut thresholds = Thresholds::default();
+        for t in &opts.targets {
+            thresholds.set(t)?;
+        }
+        Ok(RunPlan {
+            levels,
+            modes,
+            requests_per_level,
+            repetitions,
+            threads,
+            cores,
+            max_busy,
+            thresholds,
+        })
+    }
+
+    /// Requests a level runs: fewer than its clients would never reach it.
+    pub fn requests_at(&self, level: usize) -> usize {
+        self.requests_per_level.max(level)
+    }
+
+    /// Every request of the run, warmup included: the progress bar's length.
+    pub fn total_requests(&self, warmup: usize, single_requests: usize) -> usize {
+        let levels: usize = self.levels.iter().map(|&l| self.requests_at(l)).sum();
+        warmup * self.modes.len() + self.repetitions * (single_requests + self.modes.len() * levels)
+    }
+}
+
+/// Runs the benchmark `opts` asks for and writes its report (JSON, Markdown,
+/// SVG) under `opts.out_dir`; the summary (or the JSON) goes to stdout,
+/// progress to stderr.
+pub fn run(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let plan = RunPlan::new(opts, cores)?;
+    let resolved = hub::resolve(&opts.weights)?;
+    let tok = resolved.load_tokenizer()?;
+    let model = Gpt2Model::load(&resolved.dir)?;
+    let progress = Progress::new(
+        plan.total_requests(opts.warmup, opts.single_requests) as u64,
+        "requests",
+    );
+    progress.println(&format!("weights: {}", resolved.source));
+
+    // Tokenize and check every prompt before any work.
+    let concurrent_texts: Vec<String> = if opts.concurrent_prompts.is_empty() {
+        DEFAULT_CONCURRENT_PROMPTS.iter().map(|s| s.to_string()).collect()
+    } else {
+        opts.concurrent_prompts.clone()
+    };
+    let encode = |text: &str| -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+        let ids = tok.encode(text)?;
+        let gen = GenerateOptions::greedy(opts.max_new_tokens);
+        crate::generate::check_request(&ids, &gen, model.config.n_positions)?;
+        let need = ids.len() + opts.max_new_tokens - 1;
+        if need > model.config.n_positions {
+            return Err(format!(
+                "prompt {text:?} is {} tokens; with --max-new-tokens {} it needs {need} positions, past the \
+                 context window of {}",
+                ids.len(),
+                opts.max_new_tokens,
+                model.config.n_positions
+            )
+            .into());
+        }
+        Ok(ids)
+    };
+    let single_prompt = vec![encode(&opts.prompt)?];
+    let concurrent_prompts = concurrent_texts
+        .iter()
+        .map(|t| encode(t))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    progress.println(&format!(
+        "threads: {} pool, {} thread(s){}, {} cores; at most {} busy compute threads",
+        opts.pool.name(),
+        plan.threads,
+        if opts.pool == PoolLayout::PerRequest {
+            " per request"
+        } else {
+            ""
+        },
+        plan.cores,
+        plan.max_busy
+    ));
+    let shared_pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(plan.threads)
+            .build()?,
+    );
+    let model = Arc::new(model);
+    // Batched mode: one engine thread driving a pool of `plan.threads`
+    // compute threads; the client threads only submit and wait.
+    let scheduler = if plan.modes.contains(&Mode::Batched) {
+        progress.println(&format!(
+            "batched mode: one engine thread on the shared pool of {} compute threads, max batch {}, at most {} \
+             prompt rows per step",
+            plan.threads, opts.max_batch, opts.max_prompt_rows
+        ));
+        Some(Scheduler::new(
+            Arc::clone(&model),
+            SchedulerConfig {
+                max_batch: opts.max_batch,
+                max_prompt_rows: opts.max_prompt_rows,
+                pool: Some(Arc::clone(&shared_pool)),
+                ..SchedulerConfig::default()
+            },
+        )?)
+    } else {
+        None
+    };
+    let engine = |mode| InProcess {
+        model: &model,
+        opts: GenerateOptions::greedy(opts.max_new_tokens),
+        mode,
+        layout: opts.pool,
+        threads: plan.threads,
+        shared_pool: &shared_pool,
+        scheduler: scheduler.as_ref(),
+        profile: None,
+    };
+    // One test: its arrivals (open loop) drawn afresh from the seed.
+    let run_one =
+        |backend: &InProcess, name: &str, concurrency: usize, requests: usize, prompts: &[Vec<u32>]| {
+            let arrivals = opts
+                .request_rate
+                .map(|r| poisson_arrivals(requests, r, opts.arrival_seed));
+            let load = Load {
+                name,
+                mode: backend.mode.name(),
+                concurrency,
+                requests,
+                prompts,
+                max_new_tokens: opts.max_new_tokens,
+                arrivals: arrivals.as_deref(),
+            };
+            run_test(backend, &load, &progress)
+        };
+
+    if opts.warmup > 0 {
+        progress.println(&format!(
+            "warmup: {} request(s) per mode, not counted",
+            opts.warmup
+        ));
+        for &mode in &plan.modes {
+            run_one(&engine(mode), "warmup", 1, opts.warmup, &single_prompt);
+        }
+    }
+    let mut tests: Vec<TestResult> = Vec::new();
+    let single_profile = Mutex::new(Profile::default());
+    for rep in 0..plan.repetitions {
+        // The single request: one baseline for every mode (with one request
+        // in flight there is nothing to batch), run in threads mode.
+        let single = InProcess {
+            profile: (opts.profile && rep == 0).then_some(&single_profile),
+            ..engine(Mode::Threads)
+        };
+        let (d, raw) = run_one(&single, "single", 1, opts.single_requests, &single_prompt);
+        tests.push(stats::test_result("single", "threads", 1, rep, d, raw));
+        for &mode in &plan.modes {
+            let backend = engine(mode);
+            for &level in &plan.levels {
+                let name = format!("concurrent-{level}");
+                let (d, raw) = run_one(
+                    &backend,
+                    &name,
+                    level,
+                    plan.requests_at(level),
+                    &concurrent_prompts,
+                );
+                tests.push(stats::test_result(&name, mode.name(), level, rep, d, raw));
+            }
+        }
+    }
+    drop(scheduler);
+    let profile = opts
+        .profile
+        .then(|| single_profile.into_inner().unwrap_or_else(|e| e.into_inner()));
+    if let Some(p) = &profile {
+        progress.println(&format!(
+            "per-op profile of the single-request test:\n{}",
+            p.table()
+        ));
+    }
+    let roofline = if opts.probe {
+        Some(roofline::measure(&model, &tests, &shared_pool, &progress)?)
+    } else {
+        None
+    };
+    progress.finish();
+
+    let analysis = stats::analyze(&tests, &plan.thresholds);
+    let model_path = resolved.dir.join("model.safetensors");
+    let cfg = &model.config;
+    let metadata = Metadata {
+        timestamp_utc: meta::utc_timestamp(SystemTime::now(), true),
+        git_commit: meta::git_commit(),
+        rustc: env!("GPT2_RUSTC_VERSION").into(),
+        cpu_model: meta::cpu_model(),
+        cores: plan.cores,
+        pool_layout: opts.pool.name().into(),
+        threads_per_request: plan.threads,
+        max_busy_threads: plan.max_busy,
+        concurrency_levels: std::iter::once(1).chain(plan.levels.iter().copied()).collect(),
+        run_mode: if opts.full { "full" } else { "quick" }.into(),
+        modes: plan.modes.iter().map(|m| m.name().to_string()).collect(),
+        arrival: match opts.request_rate {
+            Some(r) => format!("poisson {r} req/s, seed {}", opts.arrival_seed),
+            None => "closed loop".into(),
+        },
+        max_batch: opts.max_batch,
+        max_prompt_rows: opts.max_prompt_rows,
+        weights_source: resolved.source.to_string(),
+        weights_sha256: meta::sha256_file(&model_path)?,
+        synthetic_weights: matches!(resolved.source, hub::WeightsSource::Synthetic { .. }),
+        model: ModelInfo {
+            n_layer: cfg.n_layer,
+            n_head: cfg.n_head,
+            n_embd: cfg.n_embd,
+            n_positions: cfg.n_positions,
+            vocab_size: cfg.vocab_size,
+            n_params: cfg.n_params(),
+            dtype: "f32".into(),
+        },
+        max_new_tokens: opts.max_new_tokens,
+        warmup_requests: opts.warmup,
+        repetitions: plan.repetitions,
+        prompts: std::iter::once(opts.prompt.clone())
+            .chain(concurrent_texts)
+            .collect(),
+    };
+    let report = Report {
+        schema_version: SCHEMA_VERSION,
+        metadata,
+        tests,
+        analysis,
+        profile: profile.map(|p| p.rows()),
+        roofline,
+    };
+    write_outputs(&report, &opts.out_dir, opts.json)
+}
+
+/// Writes `throughput_gpt2_<UTC>.{json,md,svg}` into `dir` and prints the
+/// summary (or, with `json`, the JSON) on stdout.
+pub fn write_outputs(report: &Report, dir: &Path, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let stem = format!(
+        "throughput_gpt2_{}",
+        meta::utc_timestamp(SystemTime::now(), false)
+    );
+    let (json_path, md_path, svg_path) = (
+        dir.join(format!("{stem}.json")),
+        dir.join(format!("{stem}.md")),
+        dir.join(format!("{stem}.svg")),
+    );
+    let text = serde_json::to_string_pretty(report)?;
+    let write = |path: &Path, text: &str| {
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    write(&json_path, &text)?;
+    write(&svg_path, &report::svg(report))?;
+    let svg_name = svg_path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    write(&md_path, &report::markdown(report, &svg_name))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{text}")?;
+    } else {
+        writeln!(out, "{}", report::stdout_table(report))?;
+    }
+    eprintln!(
+        "wrote {}, {} and {}",
+        json_path.display(),
+        md_path.display(),
+        svg_path.display()
+    );
+    Ok(())
+}
