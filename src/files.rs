@@ -87,31 +87,58 @@ fn file_kind(meta: &fs::Metadata) -> &'static str {
 /// if `path` was taken meanwhile, so nothing is ever replaced) and unlinked.
 /// Errors name the path; an existing `path` is [`Error::Exists`].
 pub fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_name(path);
-    let written = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::Write {
-            path: path.to_owned(),
-            source: e,
-        });
+    write_new_set(&[(path, bytes)])
+}
+
+/// Writes a set of new files all or nothing: every file is written and
+/// synced under a temporary name first, then each is linked to its name. If
+/// any name is taken ([`Error::Exists`]) or a link fails, the files of the
+/// set already linked are removed again, so a set is never left in part.
+pub fn write_new_set(files: &[(&Path, &[u8])]) -> Result<()> {
+    let mut temps = Vec::with_capacity(files.len());
+    let cleanup = |temps: &[PathBuf]| {
+        for t in temps {
+            let _ = fs::remove_file(t);
+        }
+    };
+    for (path, bytes) in files {
+        let tmp = temp_name(path);
+        let written = (|| {
+            let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        })();
+        temps.push(tmp);
+        if let Err(e) = written {
+            cleanup(&temps);
+            return Err(Error::Write {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
     }
-    let linked = fs::hard_link(&tmp, path);
-    let _ = fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::Exists {
-            path: path.to_owned(),
-        }),
-        Err(e) => Err(Error::Write {
-            path: path.to_owned(),
-            source: e,
-        }),
+    let mut linked: Vec<&Path> = Vec::new();
+    for ((path, _), tmp) in files.iter().zip(&temps) {
+        if let Err(e) = fs::hard_link(tmp, path) {
+            for done in &linked {
+                let _ = fs::remove_file(done);
+            }
+            cleanup(&temps);
+            return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::Exists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                Error::Write {
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            });
+        }
+        linked.push(path);
     }
+    cleanup(&temps);
+    Ok(())
 }
 
 /// Fails, naming the directory, unless files can be created in `dir` (made
@@ -191,6 +218,24 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, [std::ffi::OsString::from("report.json")]);
+    }
+
+    #[test]
+    fn a_set_is_written_whole_or_not_at_all() {
+        let d = dir("set");
+        let (a, b) = (d.join("r.json"), d.join("r.md"));
+        fs::write(&b, b"taken").unwrap();
+        let err = write_new_set(&[(&a, b"1"), (&b, b"2")]).unwrap_err();
+        assert!(matches!(err, Error::Exists { .. }), "{err}");
+        assert!(!a.exists(), "a partial set was left behind");
+        assert_eq!(fs::read(&b).unwrap(), b"taken");
+        fs::remove_file(&b).unwrap();
+        write_new_set(&[(&a, b"1"), (&b, b"2")]).unwrap();
+        assert_eq!(
+            (fs::read(&a).unwrap(), fs::read(&b).unwrap()),
+            (b"1".to_vec(), b"2".to_vec())
+        );
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 2, "temporaries left");
     }
 
     #[test]

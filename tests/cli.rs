@@ -164,38 +164,9 @@ fn bad_input_is_a_clear_error_not_a_panic() {
     }
 }
 
-/// A copy of the tiny checkpoint with every `h.0.mlp.c_fc.weight` value at
-/// 3e38: finite, so the loader accepts it, but the MLP overflows to inf/NaN.
-fn overflowing_checkpoint() -> std::path::PathBuf {
-    use safetensors::tensor::{Dtype, TensorView};
-    let src = synth_dir(Preset::Tiny, 0);
-    let dir = common::scratch_dir("cli-overflow");
-    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let huge: Vec<u8> = std::iter::repeat_n(3e38f32.to_le_bytes(), 1 << 20)
-        .flatten()
-        .collect();
-    let tensors: Vec<(String, TensorView)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            if name.ends_with("h.0.mlp.c_fc.weight") {
-                let shape = view.shape().to_vec();
-                let n = view.data().len();
-                (name, TensorView::new(Dtype::F32, shape, &huge[..n]).unwrap())
-            } else {
-                (name, view)
-            }
-        })
-        .collect();
-    safetensors::serialize_to_file(tensors, None, &dir.join("model.safetensors")).unwrap();
-    dir
-}
-
 #[test]
 fn logits_that_overflow_are_an_error_not_nulls() {
-    let dir = overflowing_checkpoint();
+    let dir = common::overflowing_checkpoint("cli-overflow");
     let out = gpt2(&[
         "logits",
         "--weights",

@@ -110,3 +110,149 @@ fn bad_flags_are_named_errors() {
         assert!(stderr.contains(needle), "{all:?}: {stderr}");
     }
 }
+
+/// Runs `throughput` with `args`, killed after `secs`: a hang fails the test
+/// instead of stalling the suite.
+fn throughput_within(args: &[&str], secs: u64) -> std::process::Output {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_throughput"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if rx.recv_timeout(std::time::Duration::from_secs(secs)).is_err() {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &id.to_string()])
+                .status();
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = tx.send(());
+    assert!(
+        out.status.code().is_some(),
+        "{args:?}: killed after {secs} s (a hang)"
+    );
+    out
+}
+
+fn quick<'a>(weights: &'a str, out_dir: &'a str) -> Vec<&'a str> {
+    vec![
+        "--weights",
+        weights,
+        "--max-new-tokens",
+        "3",
+        "--warmup",
+        "0",
+        "--single-requests",
+        "1",
+        "--levels",
+        "2",
+        "--requests-per-level",
+        "2",
+        "--mode",
+        "batched",
+        "--out-dir",
+        out_dir,
+    ]
+}
+
+#[test]
+fn impossible_levels_and_rates_are_refused_not_a_hang() {
+    let weights = synth_dir(Preset::Tiny, 0);
+    let w = weights.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--levels", "100000"], "--levels"),
+        (vec!["--request-rate", "1e-9"], "--request-rate 0.000000001"),
+    ] {
+        let mut all = vec!["--weights", w];
+        all.extend(args);
+        let out = throughput_within(&all, 60);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{all:?}: {stderr}");
+        assert!(
+            stderr.contains(needle) && !stderr.contains("panicked"),
+            "{all:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn an_unwritable_out_dir_is_named_before_the_run() {
+    let weights = synth_dir(Preset::Tiny, 0);
+    let scratch = scratch_dir("throughput-unwritable");
+    let file = scratch.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let bad = file.join("reports");
+    let out = throughput_within(&quick(weights.to_str().unwrap(), bad.to_str().unwrap()), 60);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("a-file/reports"), "{stderr}");
+    assert!(
+        !stderr.contains("request 1/"),
+        "ran before checking the directory: {stderr}"
+    );
+}
+
+#[test]
+fn exit_status_tells_missed_targets_from_failed_requests() {
+    let weights = synth_dir(Preset::Tiny, 0);
+    let out_dir = scratch_dir("throughput-exit");
+    let o = out_dir.to_str().unwrap();
+    let mut args = quick(weights.to_str().unwrap(), o);
+    args.extend(["--target", "single_tokens_per_s=1e12"]);
+    let out = throughput_within(&args, 120);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("targets missed: single_tokens_per_s"), "{stderr}");
+
+    // Every request fails (the MLP overflows to NaN): exit 4, report written.
+    let broken = common::overflowing_checkpoint("throughput-overflow");
+    let fail_dir = scratch_dir("throughput-exit-fail");
+    let out = throughput_within(&quick(broken.to_str().unwrap(), fail_dir.to_str().unwrap()), 120);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("FAILED: 3 of 3 requests failed"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(&fail_dir).unwrap().count(),
+        3,
+        "the report is still written"
+    );
+}
+
+#[test]
+fn runs_started_together_never_overwrite_each_other() {
+    let weights = synth_dir(Preset::Tiny, 0);
+    let out_dir = scratch_dir("throughput-together");
+    let (w, o) = (weights.to_str().unwrap(), out_dir.to_str().unwrap());
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let args: Vec<String> = quick(w, o).into_iter().map(String::from).collect();
+            std::thread::spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                throughput_within(&args, 120)
+            })
+        })
+        .collect();
+    for r in runs {
+        let out = r.join().unwrap();
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 12, "4 runs, 3 files each: {names:?}");
+    for n in names.iter().filter(|n| n.ends_with(".md")) {
+        // Each Markdown report links its own SVG.
+        let md = std::fs::read_to_string(out_dir.join(n)).unwrap();
+        assert!(md.contains(&n.replace(".md", ".svg")), "{n}");
+    }
+}

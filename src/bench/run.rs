@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use clap::ValueEnum;
 
 use super::in_process::{InProcess, Mode, PoolLayout};
-use super::runner::{poisson_arrivals, run_test, Load};
+use super::runner::{poisson_arrivals, run_test, Load, MAX_CLIENTS};
 use super::stats::{self, Thresholds};
 use super::{meta, report, roofline, Metadata, ModelInfo, Report, TestResult, SCHEMA_VERSION};
 use crate::hub::{self, WeightsArgs};
@@ -78,6 +78,49 @@ pub struct Options {
     pub targets: Vec<String>,
 }
 
+/// The longest open-loop schedule a test may have (`--request-rate`).
+pub const MAX_SCHEDULE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How a finished run went, for the exit status (`throughput --help`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// Requests that failed, over every test (warmup excluded).
+    pub failed_requests: usize,
+    pub requests: usize,
+    /// Names of the pass/fail targets the run missed.
+    pub missed_targets: Vec<String>,
+}
+
+impl RunOutcome {
+    /// 0: every request succeeded and every target passed; 3: targets
+    /// missed; 4: requests failed (whatever the targets). 1 is a run that
+    /// could not finish, 2 a bad flag (clap's usage error).
+    pub fn exit_code(&self) -> u8 {
+        if self.failed_requests > 0 {
+            4
+        } else if !self.missed_targets.is_empty() {
+            3
+        } else {
+            0
+        }
+    }
+
+    /// One line for stderr when the status is not 0.
+    pub fn summary(&self) -> Option<String> {
+        match self.exit_code() {
+            4 => Some(format!(
+                "FAILED: {} of {} requests failed (exit status 4)",
+                self.failed_requests, self.requests
+            )),
+            3 => Some(format!(
+                "targets missed: {} (exit status 3)",
+                self.missed_targets.join(", ")
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// The validated shape of a run: defaults resolved, flags checked.
 #[derive(Debug, Clone)]
 pub struct RunPlan {
@@ -106,6 +149,11 @@ impl RunPlan {
         });
         if levels.contains(&0) {
             return Err("--levels: a concurrency level of 0 runs nothing; use levels >= 1".into());
+        }
+        if let Some(&l) = levels.iter().find(|&&l| l > MAX_CLIENTS) {
+            return Err(format!(
+                "--levels: a concurrency level of {l} would start {l} client threads; at most {MAX_CLIENTS}"
+            ));
         }
         let mut levels: Vec<usize> = levels.into_iter().filter(|&l| l > 1).collect();
         levels.sort_unstable();
@@ -149,6 +197,26 @@ impl RunPlan {
                     "--request-rate must be a positive number of requests per second, not {r}"
                 ));
             }
+            // Each test's schedule is a prefix of the seed's one stream, so
+            // the largest test's last arrival bounds them all.
+            let most = [opts.warmup, opts.single_requests]
+                .into_iter()
+                .chain(levels.iter().map(|&l| requests_per_level.max(l)))
+                .max()
+                .unwrap_or(1);
+            let last = poisson_arrivals(most, r, opts.arrival_seed)
+                .last()
+                .copied()
+                .unwrap_or_default();
+            if last > MAX_SCHEDULE {
+                return Err(format!(
+                    "--request-rate {r}: the last of {most} seeded arrivals (--arrival-seed {}) comes after {:.3e} s, \
+                     more than the {} s a test may wait; raise the rate",
+                    opts.arrival_seed,
+                    last.as_secs_f64(),
+                    MAX_SCHEDULE.as_secs()
+                ));
+            }
         }
         let modes = match opts.mode {
             ModeChoice::Threads => vec![Mode::Threads],
@@ -186,9 +254,11 @@ impl RunPlan {
 /// Runs the benchmark `opts` asks for and writes its report (JSON, Markdown,
 /// SVG) under `opts.out_dir`; the summary (or the JSON) goes to stdout,
 /// progress to stderr.
-pub fn run(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn std::error::Error>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let plan = RunPlan::new(opts, cores)?;
+    // Before any work: a run whose results cannot be written is not started.
+    crate::files::check_writable_dir(&opts.out_dir)?;
     let resolved = hub::resolve(&opts.weights)?;
     let tok = resolved.load_tokenizer()?;
     let model = Gpt2Model::load(&resolved.dir)?;
@@ -299,7 +369,7 @@ pub fn run(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             opts.warmup
         ));
         for &mode in &plan.modes {
-            run_one(&engine(mode), "warmup", 1, opts.warmup, &single_prompt);
+            run_one(&engine(mode), "warmup", 1, opts.warmup, &single_prompt)?;
         }
     }
     let mut tests: Vec<TestResult> = Vec::new();
@@ -311,7 +381,7 @@ pub fn run(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             profile: (opts.profile && rep == 0).then_some(&single_profile),
             ..engine(Mode::Threads)
         };
-        let (d, raw) = run_one(&single, "single", 1, opts.single_requests, &single_prompt);
+        let (d, raw) = run_one(&single, "single", 1, opts.single_requests, &single_prompt)?;
         tests.push(stats::test_result("single", "threads", 1, rep, d, raw));
         for &mode in &plan.modes {
             let backend = engine(mode);
@@ -323,7 +393,7 @@ pub fn run(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
                     level,
                     plan.requests_at(level),
                     &concurrent_prompts,
-                );
+                )?;
                 tests.push(stats::test_result(&name, mode.name(), level, rep, d, raw));
             }
         }
@@ -393,34 +463,56 @@ pub fn run(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         profile: profile.map(|p| p.rows()),
         roofline,
     };
-    write_outputs(&report, &opts.out_dir, opts.json)
+    write_outputs(&report, &opts.out_dir, opts.json)?;
+    Ok(RunOutcome {
+        failed_requests: report.tests.iter().map(|t| t.failed).sum(),
+        requests: report.tests.iter().map(|t| t.requests).sum(),
+        missed_targets: report
+            .analysis
+            .targets
+            .iter()
+            .filter(|t| !t.pass)
+            .map(|t| t.name.clone())
+            .collect(),
+    })
 }
 
-/// Writes `throughput_gpt2_<UTC>.{json,md,svg}` into `dir` and prints the
-/// summary (or, with `json`, the JSON) on stdout.
+/// Writes `throughput_gpt2_<UTC>[_N].{json,md,svg}` into `dir` and prints
+/// the summary (or, with `json`, the JSON) on stdout. No report is ever
+/// replaced: a stem taken by an earlier run (another run in the same second)
+/// gets the next free `_N`. The three files are written under temporary
+/// names first and only then given their names, so an interrupted run leaves
+/// none of them.
 pub fn write_outputs(report: &Report, dir: &Path, json: bool) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let stem = format!(
+    let base = format!(
         "throughput_gpt2_{}",
         meta::utc_timestamp(SystemTime::now(), false)
     );
-    let (json_path, md_path, svg_path) = (
-        dir.join(format!("{stem}.json")),
-        dir.join(format!("{stem}.md")),
-        dir.join(format!("{stem}.svg")),
-    );
     let text = serde_json::to_string_pretty(report)?;
-    let write = |path: &Path, text: &str| {
-        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    let svg = report::svg(report);
+    let mut n = 1;
+    let paths = loop {
+        let stem = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}_{n}")
+        };
+        let path = |ext: &str| dir.join(format!("{stem}.{ext}"));
+        let (json_path, md_path, svg_path) = (path("json"), path("md"), path("svg"));
+        let md = report::markdown(report, &format!("{stem}.svg"));
+        let files = [
+            (json_path.as_path(), text.as_bytes()),
+            (md_path.as_path(), md.as_bytes()),
+            (svg_path.as_path(), svg.as_bytes()),
+        ];
+        match crate::files::write_new_set(&files) {
+            Ok(()) => break (json_path, md_path, svg_path),
+            Err(crate::Error::Exists { .. }) if n < 1000 => n += 1,
+            Err(e) => return Err(e.into()),
+        }
     };
-    write(&json_path, &text)?;
-    write(&svg_path, &report::svg(report))?;
-    let svg_name = svg_path
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
-    write(&md_path, &report::markdown(report, &svg_name))?;
+    let (json_path, md_path, svg_path) = paths;
     let mut out = std::io::stdout().lock();
     if json {
         writeln!(out, "{text}")?;

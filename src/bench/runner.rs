@@ -6,7 +6,6 @@
 //! [`RequestRecord`]s.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use super::RequestRecord;
@@ -61,35 +60,100 @@ pub struct Load<'a> {
     pub arrivals: Option<&'a [Duration]>,
 }
 
+/// Most client threads one test may start (`--levels`): past this a level
+/// measures thread creation, not the engine.
+pub const MAX_CLIENTS: usize = 1024;
+
+/// An open-loop wait longer than this shows as a status line.
+const LONG_WAIT: Duration = Duration::from_secs(1);
+
 /// Runs `load` on `backend`: `requests` requests from `concurrency` client
 /// threads, prompts rotated. Closed loop: each client takes the next request
 /// when its last one ends. With arrivals, request i is due at its arrival
 /// time and its latency counts from then. One status line per request on
 /// `progress`. Returns the wall time from the first start to the last end,
 /// in seconds, and the records in submission order.
-pub fn run_test<B: Backend>(backend: &B, load: &Load, progress: &Progress) -> (f64, Vec<RequestRecord>) {
+///
+/// Every client thread is started before any request is sent; if one cannot
+/// be started (the OS refuses a thread), those already waiting are released
+/// without sending anything and the error names the thread and the level.
+pub fn run_test<B: Backend>(
+    backend: &B,
+    load: &Load,
+    progress: &Progress,
+) -> Result<(f64, Vec<RequestRecord>), String> {
     let next = AtomicUsize::new(0);
-    let barrier = Barrier::new(load.concurrency);
+    let gate = Gate::default();
     let t0 = Instant::now();
-    let mut records: Vec<RequestRecord> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..load.concurrency)
-            .map(|client| {
-                let (next, barrier) = (&next, &barrier);
-                s.spawn(move || run_client(backend, load, client, next, barrier, t0, progress))
-            })
-            .collect();
-        handles
+    let (records, spawn_error) = std::thread::scope(|s| {
+        let mut handles = Vec::with_capacity(load.concurrency);
+        let mut spawn_error = None;
+        for client in 0..load.concurrency {
+            let (next, gate) = (&next, &gate);
+            let spawned = std::thread::Builder::new()
+                .name(format!("client-{client}"))
+                .spawn_scoped(s, move || {
+                    run_client(backend, load, client, next, gate, t0, progress)
+                });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    spawn_error = Some(format!(
+                        "{} {}: could not start client thread {} of {}: {e}",
+                        load.name,
+                        load.mode,
+                        client + 1,
+                        load.concurrency
+                    ));
+                    break;
+                }
+            }
+        }
+        gate.open(spawn_error.is_none());
+        let records: Vec<RequestRecord> = handles
             .into_iter()
             .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
+            .collect();
+        (records, spawn_error)
     });
+    if let Some(e) = spawn_error {
+        return Err(e);
+    }
+    let mut records = records;
     records.sort_by_key(|r| r.index);
     let start = records.iter().map(|r| r.start_ms).fold(f64::INFINITY, f64::min);
     let end = records
         .iter()
         .map(|r| r.start_ms + r.latency_ms)
         .fold(0.0, f64::max);
-    ((end - start).max(0.0) / 1e3, records)
+    Ok(((end - start).max(0.0) / 1e3, records))
+}
+
+/// Where client threads wait until all of them are started: opened with
+/// `true` to go, or `false` to leave without sending anything. Unlike a
+/// `Barrier` sized to the level, a thread that never started cannot leave
+/// the others waiting forever.
+#[derive(Default)]
+struct Gate {
+    state: std::sync::Mutex<Option<bool>>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    fn open(&self, go: bool) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(go);
+        self.opened.notify_all();
+    }
+
+    /// Blocks until opened; whether to go.
+    fn wait(&self) -> bool {
+        let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = self
+            .opened
+            .wait_while(guard, |s| s.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        guard.unwrap_or(false)
+    }
 }
 
 /// One client thread: takes the next request index until there are none.
@@ -98,13 +162,16 @@ fn run_client<B: Backend>(
     load: &Load,
     client: usize,
     next: &AtomicUsize,
-    barrier: &Barrier,
+    gate: &Gate,
     t0: Instant,
     progress: &Progress,
 ) -> Vec<RequestRecord> {
     let mut state = backend.connect(client, load.prompts);
     let mut records = Vec::new();
-    barrier.wait();
+    if !gate.wait() {
+        backend.disconnect(state);
+        return records;
+    }
     loop {
         let index = next.fetch_add(1, Ordering::Relaxed);
         if index >= load.requests {
@@ -116,6 +183,16 @@ fn run_client<B: Backend>(
             Some(a) => {
                 let due = t0 + a[index];
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    if wait > LONG_WAIT {
+                        progress.status(&format!(
+                            "[{} {}] request {}/{} arrives in {:.1} s",
+                            load.name,
+                            load.mode,
+                            index + 1,
+                            load.requests,
+                            wait.as_secs_f64()
+                        ));
+                    }
                     std::thread::sleep(wait);
                 }
                 due
@@ -259,6 +336,22 @@ mod tests {
         }
     }
 
+    /// A gate opened with `false` releases every waiter at once: what lets
+    /// a test whose last client thread could not start end instead of hang.
+    #[test]
+    fn a_closed_gate_releases_its_waiters() {
+        for go in [false, true] {
+            let gate = Gate::default();
+            let went = std::thread::scope(|s| {
+                let waiters: Vec<_> = (0..4).map(|_| s.spawn(|| gate.wait())).collect();
+                std::thread::sleep(Duration::from_millis(20));
+                gate.open(go);
+                waiters.into_iter().map(|w| w.join().unwrap()).collect::<Vec<_>>()
+            });
+            assert_eq!(went, [go; 4]);
+        }
+    }
+
     #[test]
     fn every_request_is_recorded_once_in_order() {
         let fake = Fake {
@@ -268,7 +361,7 @@ mod tests {
         };
         let prompts = [vec![1, 2], vec![0], vec![3]];
         let progress = Progress::with_bar(false, 5, "requests");
-        let (secs, recs) = run_test(&fake, &load(&prompts, None), &progress);
+        let (secs, recs) = run_test(&fake, &load(&prompts, None), &progress).unwrap();
         assert!(secs > 0.0);
         assert_eq!(recs.iter().map(|r| r.index).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
         let mut clients = fake.connected.into_inner().unwrap();
@@ -326,7 +419,7 @@ mod tests {
         let prompts = [vec![1]];
         let due: Vec<Duration> = (0..5).map(|i| Duration::from_millis(20 * i)).collect();
         let progress = Progress::with_bar(false, 5, "requests");
-        let (_, recs) = run_test(&fake, &load(&prompts, Some(&due)), &progress);
+        let (_, recs) = run_test(&fake, &load(&prompts, Some(&due)), &progress).unwrap();
         for r in &recs {
             assert!((r.start_ms - 20.0 * r.index as f64).abs() < 1e-6, "{r:?}");
         }

@@ -26,7 +26,10 @@ use gpt2::hub::WeightsArgs;
     name = "throughput",
     version,
     about = "Benchmark GPT-2 inference: single-request and concurrent throughput, latency percentiles and the \
-             CPU saturation curve. Writes JSON, Markdown and SVG under --out-dir."
+             CPU saturation curve. Writes JSON, Markdown and SVG under --out-dir.",
+    after_help = "Exit status: 0 every request succeeded and every target passed; 1 the run could not finish \
+                  (an error, named on stderr); 2 a bad flag; 3 the report was written but targets were missed; 4 \
+                  the report was written but requests failed."
 )]
 struct Args {
     #[command(flatten)]
@@ -137,7 +140,12 @@ impl From<Args> for Options {
 
 fn main() -> ExitCode {
     match run::run(&Args::parse().into()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(outcome) => {
+            if let Some(line) = outcome.summary() {
+                eprintln!("{line}");
+            }
+            ExitCode::from(outcome.exit_code())
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
