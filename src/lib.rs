@@ -15,6 +15,7 @@ pub mod error;
 pub mod files;
 pub mod fuzz;
 pub mod generate;
+pub mod header;
 pub mod hub;
 pub mod model;
 pub mod probe;
