@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod hub;
+pub mod layers;
 pub mod model;
 pub mod probe;
 pub mod profile;
