@@ -359,8 +359,7 @@ impl Gpt2Model {
         let config = Gpt2Config::from_file(config_path)?;
         let weights = weights::load(weights_path, &config)?;
         // One pass over every weight: NaN or infinity is refused at load, not
-        // discovered as garbage logits. It costs a read of the file (tens of
-        // milliseconds from the page cache), which the first token pays anyway.
+        // discovered as garbage logits; the first token would read them all anyway.
         weights.check_finite(weights_path)?;
         Ok(Gpt2Model { config, weights })
     }

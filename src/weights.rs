@@ -10,8 +10,8 @@
 //! double the resident memory, and nothing keeps the stored matrices: each
 //! layer holds only its panels.
 //!
-//! Every tensor name is built in one place, by prefix, in [`gpt2`] and
-//! [`block`] (as candle's `VarBuilder::pp` does): the shape checks, the
+//! Every tensor name is built in one place, by prefix, in `gpt2` and
+//! `block` (as candle's `VarBuilder::pp` does): the shape checks, the
 //! list of [`expected_shapes`], the mask buffers to skip, the packing and
 //! the loading all read those two functions.
 
