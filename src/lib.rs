@@ -17,6 +17,7 @@ pub mod fuzz;
 pub mod generate;
 pub mod header;
 pub mod hub;
+pub mod layers;
 pub mod model;
 pub mod probe;
 pub mod profile;

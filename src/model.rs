@@ -16,36 +16,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gpt2_kernels::{add_assign, attention_head, gelu_inplace, layernorm, linear_packed};
+use gpt2_kernels::attention_head;
 use rayon::prelude::*;
 
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
+use crate::layers::{gelu, residual};
 use crate::profile::{Op, Profile, Timer};
 use crate::weights::{self, Weights};
 
 /// Attention work (cached positions x channels, summed over the batch's
-/// rows) below which the heads run on the calling thread. Measured per layer
-/// of one decode row (`gpt2 generate --profile`): at 200-300 positions the
-/// pool took 160 µs against 190 µs on the calling thread; at 6-106 positions
-/// the two were within noise (~70 µs), and handing out costs a wake-up.
+/// rows) below which the heads run on the calling thread: short contexts
+/// finish before a handed-out task would wake (measured in
+/// `docs/hot-path-forward.md`).
 const PAR_ATTENTION: usize = 128 * 768;
 
 /// Longest a worker spins for [`keep_pool_awake`].
 const SPIN_CAP: Duration = Duration::from_millis(1);
 
 /// Runs `f` on this thread while the pool's other workers spin rather than
-/// sleep. A rayon worker goes to sleep after some 30 µs without work, and
-/// waking it costs the next parallel op 30-60 µs here (a 768 x 768 linear
-/// after 100 µs of sequential work: 144 against 84 µs). One decode row's
-/// attention takes 10-80 µs per layer on this thread, so the projection
-/// after it paid that wake-up in every layer. With the pool kept awake, one
-/// row's projections took 0.13-0.45 ms less a step and the step 1.4-2.8%
-/// less at 8-100 positions (41 alternating steps in one process). A spinner
-/// is a job like any other: a worker busy with other work (other requests
-/// on a shared pool) runs it only later, finds `f` done and returns at once.
-/// None spins longer than [`SPIN_CAP`]. Costs two small allocations a call.
-/// The scheduler keeps the pool awake the same way while it samples.
+/// sleep. A rayon worker sleeps after some 30 µs without work, and waking it
+/// would delay the next parallel op (after one-thread attention: the
+/// projection) in every layer; measurements in `docs/hot-path-forward.md`.
+/// A spinner is a job like any other: a worker busy with other work (other
+/// requests on a shared pool) runs it only later, finds `f` done and returns
+/// at once. None spins longer than [`SPIN_CAP`]. Costs two small allocations
+/// a call. The scheduler keeps the pool awake the same way while it samples.
 pub(crate) fn keep_pool_awake<T>(f: impl FnOnce() -> T) -> T {
     // Outside a pool there is no next parallel op of ours to keep warm for:
     // `forward` and the scheduler run on pool threads.
@@ -99,9 +95,8 @@ pub struct Row {
 /// allocation, which the OS backs with pages only as positions are written.
 ///
 /// Each head's keys (and values) of a layer are contiguous, position after
-/// position, so attention streams one run of memory per head. Heads side by
-/// side (`[L, P, C]`) made every head read 64 floats every 3 KiB; attention
-/// took ~20% longer that way at 1 and at 8 rows of 65 positions.
+/// position, so attention streams one run of memory per head (rather than
+/// `hd` floats every C; see `docs/hot-path-forward.md`).
 pub struct KvCache {
     k: Floats, // (L, H, P, hd)
     v: Floats, // (L, H, P, hd)
@@ -261,6 +256,98 @@ impl Scratch {
     }
 }
 
+/// Causal self-attention of one batch over its sequences' KV caches. It has
+/// no weights, so it is made per pass, from the batch's rows.
+struct Attention<'r> {
+    rows: &'r [Row],
+    c: usize,  // C
+    nh: usize, // H
+    hd: usize, // hd = C / H
+    p: usize,  // P: the stride of `scores`
+    scale: f32,
+    /// Cached positions attended to, summed over the rows.
+    positions: usize,
+}
+
+impl<'r> Attention<'r> {
+    fn new(cfg: &Gpt2Config, rows: &'r [Row]) -> Self {
+        let hd = cfg.head_dim();
+        Attention {
+            rows,
+            c: cfg.n_embd,
+            nh: cfg.n_head,
+            hd,
+            p: cfg.n_positions,
+            scale: 1.0 / (hd as f32).sqrt(),
+            positions: rows.iter().map(|r| r.pos + 1).sum(),
+        }
+    }
+
+    /// Appends every row's key and value (from `qkv (M, 3C)`) to its cache at
+    /// layer `l`, then `att (M, C)` = each (row, head)'s attention over
+    /// positions `0..=pos`, with `scores (M * H, P)` as work space. Timed as
+    /// one op, charged with every cached key and value it reads.
+    fn forward(
+        &self,
+        att: &mut [f32],
+        scores: &mut [f32],
+        qkv: &[f32],
+        caches: &mut [&mut KvCache],
+        l: usize,
+        t: &mut Timer<'_>,
+    ) {
+        let f32s = std::mem::size_of::<f32>();
+        let (bytes, flops) = (2 * self.positions * self.c * f32s, 4 * self.positions * self.c);
+        t.time(Op::Attention, bytes, flops, || {
+            self.append_kv(qkv, caches, l);
+            self.heads(att, scores, qkv, caches, l);
+        })
+    }
+
+    fn append_kv(&self, qkv: &[f32], caches: &mut [&mut KvCache], l: usize) {
+        let (c, hd) = (self.c, self.hd);
+        for (qkv_r, row) in qkv.chunks_exact(3 * c).zip(self.rows) {
+            let cache = &mut *caches[row.seq];
+            for head in 0..self.nh {
+                let o = cache.offset(l, head, row.pos);
+                cache.k[o..o + hd].copy_from_slice(&qkv_r[c + head * hd..][..hd]);
+                cache.v[o..o + hd].copy_from_slice(&qkv_r[2 * c + head * hd..][..hd]);
+            }
+        }
+    }
+
+    /// One task per (row, head). Every key and value of this batch is
+    /// already in the cache; row r reads positions 0..=pos only.
+    fn heads(&self, att: &mut [f32], scores: &mut [f32], qkv: &[f32], caches: &[&mut KvCache], l: usize) {
+        let (c, nh, hd, p) = (self.c, self.nh, self.hd, self.p);
+        let head = |(i, (out, sc)): (usize, (&mut [f32], &mut [f32]))| {
+            let (r, head) = (i / nh, i % nh);
+            let row = &self.rows[r];
+            let cache = &*caches[row.seq];
+            let start = cache.offset(l, head, 0);
+            let end = cache.offset(l, head, row.pos) + hd;
+            let q = &qkv[r * 3 * c + head * hd..][..hd];
+            let (k, vv) = (&cache.k[start..end], &cache.v[start..end]);
+            attention_head(out, q, k, vv, row.pos + 1, hd, sc, self.scale);
+        };
+        // Short contexts are cheaper on this thread than handed out; the
+        // pool spins meanwhile, ready for the projection.
+        if self.positions * c < PAR_ATTENTION {
+            keep_pool_awake(|| {
+                att.chunks_mut(hd)
+                    .zip(scores.chunks_mut(p))
+                    .enumerate()
+                    .for_each(head)
+            });
+        } else {
+            att.par_chunks_mut(hd)
+                .zip(scores.par_chunks_mut(p))
+                .enumerate()
+                .for_each(head);
+        }
+    }
+}
+
 impl Gpt2Model {
     /// Loads `config.json` and `model.safetensors` from a checkpoint directory.
     pub fn load(dir: &Path) -> Result<Self> {
@@ -272,8 +359,7 @@ impl Gpt2Model {
         let config = Gpt2Config::from_file(config_path)?;
         let weights = weights::load(weights_path, &config)?;
         // One pass over every weight: NaN or infinity is refused at load, not
-        // discovered as garbage logits. It costs a read of the file (tens of
-        // milliseconds from the page cache), which the first token pays anyway.
+        // discovered as garbage logits; the first token would read them all anyway.
         weights.check_finite(weights_path)?;
         Ok(Gpt2Model { config, weights })
     }
@@ -296,10 +382,9 @@ impl Gpt2Model {
     /// to that cache's `len()`. On error nothing has been changed.
     ///
     /// The parallel ops run on the current rayon pool. Called from outside
-    /// any pool, the pass runs on a thread of the global pool: every parallel
-    /// op called from outside hands its work in and sleeps until woken, some
-    /// 50 round trips a token, where inside they are plain fork-joins. Steps
-    /// of 1-8 rows measured 2-9% faster so (31 alternating steps each).
+    /// any pool, the pass runs on a thread of the global pool: from outside,
+    /// every parallel op would hand its work in and sleep until woken (some
+    /// 50 round trips a token), where inside they are plain fork-joins.
     pub fn forward<'s>(
         &self,
         rows: &[Row],
@@ -331,9 +416,7 @@ impl Gpt2Model {
         }
         let cfg = &self.config;
         let (m, c, f, v) = (rows.len(), cfg.n_embd, cfg.n_inner, cfg.vocab_size);
-        let (nh, hd, p) = (cfg.n_head, cfg.head_dim(), cfg.n_positions);
-        let eps = cfg.layer_norm_epsilon;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let (nh, p) = (cfg.n_head, cfg.n_positions);
         let w = &self.weights;
         let x = &mut s.x[..m * c];
         let h = &mut s.h[..m * c];
@@ -345,107 +428,20 @@ impl Gpt2Model {
 
         let mut profile = s.profile.take();
         let mut t = Timer::new(profile.as_deref_mut());
-        let f32s = std::mem::size_of::<f32>();
-        let lin_bytes = |k: usize, n: usize| ((k * n + n) * f32s, 2 * m * k * n);
+        let attn = Attention::new(cfg, rows);
 
-        // x = wte[token] + wpe[pos]
-        let wpe = w.wpe.data();
-        t.time(Op::Embed, 2 * m * c * f32s, m * c, || {
-            for (xr, row) in x.chunks_exact_mut(c).zip(rows) {
-                let (tok, pos) = (row.token as usize, row.pos);
-                w.token_embedding(xr, tok);
-                add_assign(xr, &wpe[pos * c..(pos + 1) * c]);
-            }
-        });
-        // Attention reads every cached key and value of every row's sequence.
-        let att_positions: usize = rows.iter().map(|r| r.pos + 1).sum();
-        let (att_bytes, att_flops) = (2 * att_positions * c * f32s, 4 * att_positions * c);
-
-        debug_assert_eq!(w.packed.len(), w.layers.len(), "every layer is packed at load");
-        for (l, (lw, pw)) in w.layers.iter().zip(&w.packed).enumerate() {
-            // Attention block.
-            t.time(Op::LayerNorm, 0, 0, || {
-                layernorm(h, x, lw.ln_1_g.data(), lw.ln_1_b.data(), eps)
-            });
-            let (b, fl) = lin_bytes(c, 3 * c);
-            t.time(Op::Qkv, b, fl, || {
-                linear_packed(
-                    qkv,
-                    h,
-                    pw.attn_qkv.data(),
-                    Some(lw.attn_qkv_b.data()),
-                    m,
-                    c,
-                    3 * c,
-                )
-            });
-            t.time(Op::Attention, att_bytes, att_flops, || {
-                for (qkv_r, row) in qkv.chunks_exact(3 * c).zip(rows) {
-                    let cache = &mut *caches[row.seq];
-                    for head in 0..nh {
-                        let o = cache.offset(l, head, row.pos);
-                        cache.k[o..o + hd].copy_from_slice(&qkv_r[c + head * hd..][..hd]);
-                        cache.v[o..o + hd].copy_from_slice(&qkv_r[2 * c + head * hd..][..hd]);
-                    }
-                }
-                // One task per (row, head). Every key and value of this batch
-                // is already in the cache; row r reads positions 0..=pos only.
-                let caches: &[&mut KvCache] = caches;
-                let qkv: &[f32] = qkv;
-                let head = |(i, (out, sc)): (usize, (&mut [f32], &mut [f32]))| {
-                    let (r, head) = (i / nh, i % nh);
-                    let row = &rows[r];
-                    let cache = &*caches[row.seq];
-                    let start = cache.offset(l, head, 0);
-                    let end = cache.offset(l, head, row.pos) + hd;
-                    let q = &qkv[r * 3 * c + head * hd..][..hd];
-                    let (k, vv) = (&cache.k[start..end], &cache.v[start..end]);
-                    attention_head(out, q, k, vv, row.pos + 1, hd, sc, scale);
-                };
-                // Short contexts are cheaper on this thread than handed out;
-                // the pool spins meanwhile, ready for the projection.
-                if att_positions * c < PAR_ATTENTION {
-                    keep_pool_awake(|| {
-                        att.chunks_mut(hd)
-                            .zip(scores.chunks_mut(p))
-                            .enumerate()
-                            .for_each(head)
-                    });
-                } else {
-                    att.par_chunks_mut(hd)
-                        .zip(scores.par_chunks_mut(p))
-                        .enumerate()
-                        .for_each(head);
-                }
-            });
-            let (b, fl) = lin_bytes(c, c);
-            t.time(Op::AttnProj, b, fl, || {
-                linear_packed(
-                    proj,
-                    att,
-                    pw.attn_proj.data(),
-                    Some(lw.attn_proj_b.data()),
-                    m,
-                    c,
-                    c,
-                )
-            });
-            t.time(Op::Residual, 0, 0, || add_assign(x, proj));
-
-            // MLP block.
-            t.time(Op::LayerNorm, 0, 0, || {
-                layernorm(h, x, lw.ln_2_g.data(), lw.ln_2_b.data(), eps)
-            });
-            let (b, fl) = lin_bytes(c, f);
-            t.time(Op::MlpUp, b, fl, || {
-                linear_packed(fc, h, pw.mlp_fc.data(), Some(lw.mlp_fc_b.data()), m, c, f)
-            });
-            t.time(Op::Gelu, 0, 0, || gelu_inplace(fc));
-            let (b, fl) = lin_bytes(f, c);
-            t.time(Op::MlpDown, b, fl, || {
-                linear_packed(proj, fc, pw.mlp_proj.data(), Some(lw.mlp_proj_b.data()), m, f, c)
-            });
-            t.time(Op::Residual, 0, 0, || add_assign(x, proj));
+        w.embed.forward(x, rows, &mut t); // x = wte[token] + wpe[pos]
+        for (l, b) in w.blocks.iter().enumerate() {
+            b.ln_1.forward(h, x, &mut t); // h = ln_1(x)
+            b.attn_qkv.forward(qkv, h, m, &mut t); // qkv = h Wqkv + b
+            attn.forward(att, scores, qkv, caches, l, &mut t); // append k, v; att = softmax(q kᵀ / √hd) v
+            b.attn_proj.forward(proj, att, m, &mut t); // proj = att Wo + b
+            residual(x, proj, &mut t); // x += proj
+            b.ln_2.forward(h, x, &mut t); // h = ln_2(x)
+            b.mlp_fc.forward(fc, h, m, &mut t); // fc = h Wfc + b
+            gelu(fc, &mut t); // fc = gelu(fc)
+            b.mlp_proj.forward(proj, fc, m, &mut t); // proj = fc Wproj + b
+            residual(x, proj, &mut t); // x += proj
         }
 
         for row in rows {
@@ -456,17 +452,13 @@ impl Gpt2Model {
         // Final norm and LM head, only for the rows that want logits.
         let n = rows.iter().filter(|r| r.logits).count();
         let lm_in = &mut s.lm_in[..n * c];
-        t.time(Op::LayerNorm, 0, 0, || {
-            let wanted = x.chunks_exact(c).zip(rows).filter(|(_, r)| r.logits);
-            for (dst, (xr, _)) in lm_in.chunks_exact_mut(c).zip(wanted) {
-                layernorm(dst, xr, w.ln_f_g.data(), w.ln_f_b.data(), eps);
-            }
-        });
-        let logits = &mut s.logits[..n * v];
-        let (lm_bytes, lm_flops) = (v * c * f32s, 2 * n * c * v);
-        t.time(Op::LmHead, lm_bytes, lm_flops, || {
-            linear_packed(logits, lm_in, w.lm_head_packed.data(), None, n, c, v)
-        });
+        let wanted = x
+            .chunks_exact(c)
+            .zip(rows)
+            .filter(|(_, r)| r.logits)
+            .map(|(xr, _)| xr);
+        w.ln_f.forward_rows(lm_in, wanted, &mut t); // lm_in = ln_f(x) of those rows
+        w.lm_head.forward(&mut s.logits[..n * v], lm_in, n, &mut t); // logits = lm_in wteᵀ
         s.profile = profile;
         Ok(&s.logits[..n * v])
     }
