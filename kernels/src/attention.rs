@@ -205,6 +205,7 @@ fn weighted_sum(out: &mut [f32], p: &[f32], v: &[f32], stride: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::values;
 
     #[test]
     fn exp_is_close_to_libm_over_softmax_range() {
@@ -221,10 +222,8 @@ mod tests {
 
     #[test]
     fn grouped_and_single_dots_round_alike() {
-        let q: Vec<f32> = (0..67).map(|i| (i as f32 * 0.37).sin()).collect();
-        let ks: Vec<Vec<f32>> = (0..8)
-            .map(|j| (0..67).map(|i| ((i * 7 + j) as f32 * 0.11).cos()).collect())
-            .collect();
+        let q = values(67, 1);
+        let ks: Vec<Vec<f32>> = (0..8).map(|j| values(67, 2 + j)).collect();
         let eight = dots::<8>(&q, std::array::from_fn(|j| &ks[j][..]));
         let four = dots(&q, [&ks[4][..], &ks[5], &ks[6], &ks[7]]);
         for (j, k) in ks.iter().enumerate() {

@@ -19,6 +19,8 @@ pub mod elementwise;
 pub mod matmul;
 pub mod probe;
 pub mod reference;
+#[cfg(test)]
+mod test_data;
 
 pub use attention::{attention_head, softmax_inplace};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};
