@@ -14,6 +14,7 @@
 //! Parallel kernels use rayon's *current* pool, so a caller that wants a fixed
 //! number of threads runs them inside `pool.install(..)`.
 
+mod arch;
 pub mod attention;
 pub mod elementwise;
 pub mod matmul;
