@@ -38,8 +38,8 @@ pub fn softmax_inplace(x: &mut [f32]) {
 /// for `e^r` (Cephes' `expf` coefficients, about 1 ulp), times `2^n` built
 /// from the exponent bits. Below -87 (where e^x is under f32's normal range)
 /// it returns e^-87, which is 0 for softmax's purposes (a weight of 1.6e-38).
-/// The libm call it replaces cost ~20 ns a value: 0.7 ms a decode step at
-/// 250 positions of context.
+/// libm's `expf` is a call per value, which no loop vectorises
+/// (`docs/hot-path.md` has what it cost).
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
