@@ -1,6 +1,6 @@
 //! Softmax and causal self-attention of one query over a KV cache.
 
-use crate::matmul::fmadd;
+use crate::arch::{self, fmadd};
 
 /// Numerically stable softmax over `x`, in place.
 pub fn softmax_inplace(x: &mut [f32]) {
@@ -38,8 +38,8 @@ pub fn softmax_inplace(x: &mut [f32]) {
 /// for `e^r` (Cephes' `expf` coefficients, about 1 ulp), times `2^n` built
 /// from the exponent bits. Below -87 (where e^x is under f32's normal range)
 /// it returns e^-87, which is 0 for softmax's purposes (a weight of 1.6e-38).
-/// The libm call it replaces cost ~20 ns a value: 0.7 ms a decode step at
-/// 250 positions of context.
+/// libm's `expf` is a call per value, which no loop vectorises
+/// (`docs/hot-path.md` has what it cost).
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -70,64 +70,15 @@ fn dots<const J: usize>(q: &[f32], ks: [&[f32]; J]) -> [f32; J] {
     for kj in &ks {
         assert!(kj.len() >= hd, "dots: key shorter than the query");
     }
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-    // SAFETY: every key holds at least `hd >= h8` floats (asserted above);
-    // AVX2 and FMA are enabled at compile time.
-    let mut out = unsafe { avx2::dot_lanes::<J>(q.as_ptr(), ks.map(|k| k.as_ptr()), h8) };
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
-    let mut out = {
-        let mut acc = [[0f32; 8]; J];
-        for d in (0..h8).step_by(8) {
-            for (a, kj) in acc.iter_mut().zip(&ks) {
-                for l in 0..8 {
-                    a[l] = fmadd(q[d + l], kj[d + l], a[l]);
-                }
-            }
-        }
-        acc.map(|a| {
-            let p = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
-            (p[0] + p[2]) + (p[1] + p[3])
-        })
-    };
+    // SAFETY: the query and every key hold at least `hd >= h8` floats
+    // (asserted above).
+    let mut out = unsafe { arch::dot_lanes::<J>(q.as_ptr(), ks.map(|k| k.as_ptr()), h8) };
     for (o, kj) in out.iter_mut().zip(&ks) {
         for d in h8..hd {
             *o = fmadd(q[d], kj[d], *o);
         }
     }
     out
-}
-
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// The lane sums of [`super::dots`] over `0..h8`: per key, 8 lanes
-    /// accumulated over d in steps of 8, then `(l0+l4 + l2+l6) + (l1+l5 +
-    /// l3+l7)` exactly as the portable code adds them.
-    ///
-    /// # Safety
-    /// `q` and every key valid for `h8` floats, `h8` a multiple of 8.
-    #[inline(always)]
-    pub unsafe fn dot_lanes<const J: usize>(q: *const f32, ks: [*const f32; J], h8: usize) -> [f32; J] {
-        // SAFETY (whole body): every offset is below h8 (the contract above).
-        unsafe {
-            let mut acc = [_mm256_setzero_ps(); J];
-            for d in (0..h8).step_by(8) {
-                let qd = _mm256_loadu_ps(q.add(d));
-                for (a, k) in acc.iter_mut().zip(&ks) {
-                    *a = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k.add(d)), *a);
-                }
-            }
-            acc.map(|a| {
-                // [l0+l4, l1+l5, l2+l6, l3+l7]
-                let p = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
-                // [p0+p2, p1+p3, ..]
-                let p = _mm_add_ps(p, _mm_movehl_ps(p, p));
-                // (p0+p2) + (p1+p3)
-                _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps::<1>(p, p)))
-            })
-        }
-    }
 }
 
 /// Attention of one query of one head over the first `t` cached positions:
@@ -205,6 +156,7 @@ fn weighted_sum(out: &mut [f32], p: &[f32], v: &[f32], stride: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::values;
 
     #[test]
     fn exp_is_close_to_libm_over_softmax_range() {
@@ -221,10 +173,8 @@ mod tests {
 
     #[test]
     fn grouped_and_single_dots_round_alike() {
-        let q: Vec<f32> = (0..67).map(|i| (i as f32 * 0.37).sin()).collect();
-        let ks: Vec<Vec<f32>> = (0..8)
-            .map(|j| (0..67).map(|i| ((i * 7 + j) as f32 * 0.11).cos()).collect())
-            .collect();
+        let q = values(67, 1);
+        let ks: Vec<Vec<f32>> = (0..8).map(|j| values(67, 2 + j)).collect();
         let eight = dots::<8>(&q, std::array::from_fn(|j| &ks[j][..]));
         let four = dots(&q, [&ks[4][..], &ks[5], &ks[6], &ks[7]]);
         for (j, k) in ks.iter().enumerate() {

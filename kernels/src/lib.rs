@@ -14,11 +14,14 @@
 //! Parallel kernels use rayon's *current* pool, so a caller that wants a fixed
 //! number of threads runs them inside `pool.install(..)`.
 
+mod arch;
 pub mod attention;
 pub mod elementwise;
 pub mod matmul;
 pub mod probe;
 pub mod reference;
+#[cfg(test)]
+mod test_data;
 
 pub use attention::{attention_head, softmax_inplace};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};

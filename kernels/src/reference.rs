@@ -81,21 +81,7 @@ pub fn attention_head(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], t: usize
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic values in [-1, 1) from a 64-bit LCG: no dependency, no flakiness.
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_data::values;
 
     /// `|a - b| <= atol + rtol * |b|` everywhere; the message names the worst index.
     #[track_caller]

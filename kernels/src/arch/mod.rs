@@ -1,0 +1,64 @@
+//! The instruction-set seam: the innermost loops of the kernels, one module
+//! per instruction set. Every module provides the same four functions, with
+//! the same contracts and the same roundings:
+//!
+//! | function | computes | called from |
+//! |---|---|---|
+//! | [`tile`] | `out[R, W] += x[R, ks] · w[ks, W]`, broadcast and multiply-add | `matmul::tiles` |
+//! | [`tile_pair`] | the same for one row over two 48-wide panels read side by side | `matmul::tiles` |
+//! | [`bt_lanes`] | `R x C` dot products, each in 8 lanes | `matmul::baselines` (`matmul_bt`) |
+//! | [`dot_lanes`] | `J` dot products in 8 lanes, each reduced to one sum | `attention` |
+//!
+//! - `avx2.rs`: x86-64 with AVX2 and FMA (sixteen 256-bit registers).
+//! - `portable.rs`: plain Rust with [`fmadd`], the same sums in the same order;
+//!   what any other CPU builds.
+//!
+//! Selection is at compile time, here and nowhere else (`target_feature`, set
+//! by `-C target-cpu=native` in `.cargo/config.toml`); the rest of the crate
+//! calls `arch::tile` and the others without a `cfg`. The tile driver
+//! (`matmul/tiles.rs`: shapes, blocks, read order, prefetch) is written once
+//! above this seam.
+//!
+//! Where the next pieces plug in:
+//! - Another instruction set (AVX-512, issue 22): a module beside these with
+//!   the same four functions, selected below. Run-time selection replaces the
+//!   `pub(crate) use` lines with one choice made at start
+//!   (`is_x86_feature_detected!`): an enum or a table of function pointers
+//!   that the driver is instantiated over. The tile shapes in `tiles.rs`
+//!   assume AVX2's 16 registers of 8 lanes; that is the part to make generic
+//!   over vector width.
+//! - Another weight dtype (bf16 or int8 panels, issue 21): tile bodies here
+//!   that load and widen its panels, beside the f32 ones; its packer goes
+//!   beside `pack_panels` in `matmul/pack.rs`.
+//!
+//! Any body must give each output the roundings of the portable one: the
+//! tests hold the kernels built on them to the stored-layout kernel bit for
+//! bit, across row counts and thread counts.
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod avx2;
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+pub(crate) use avx2::{bt_lanes, dot_lanes, tile, tile_pair};
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+mod portable;
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+pub(crate) use portable::{bt_lanes, dot_lanes, tile, tile_pair};
+
+/// Floats in a 64-byte cache line: the unit of [`tile`]'s prefetch.
+pub(crate) const LINE: usize = 16;
+
+/// `a * b + c`, as one fused instruction where the CPU has FMA (compiled with
+/// `target-cpu=native`); plain multiply-add otherwise, since a software `fma`
+/// call would be far slower than the rounding difference is worth.
+#[inline(always)]
+pub(crate) fn fmadd(a: f32, b: f32, c: f32) -> f32 {
+    #[cfg(target_feature = "fma")]
+    {
+        a.mul_add(b, c)
+    }
+    #[cfg(not(target_feature = "fma"))]
+    {
+        a * b + c
+    }
+}

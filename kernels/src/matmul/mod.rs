@@ -1,0 +1,170 @@
+//! Matrix products: the hot path. Almost all of a forward pass is spent here.
+//!
+//! GPT-2 stores its Conv1D weights as `[K, N]` (input-major), so a linear layer
+//! is `out[M,N] = x[M,K] · w[K,N] + bias[N]`. The engine packs every such
+//! weight once, at load, into column panels ([`pack_panels`]): 48 columns of
+//! all K rows, contiguous, so that a kernel streams one run of memory per
+//! panel instead of 48 floats per row at a stride of N. The LM head multiplies
+//! by the token embedding `wte[V, C]`, i.e. by `w[K=C, N=V]` transposed; it is
+//! packed from the transpose ([`pack_panels_t`]) and runs through the same
+//! [`linear_packed`].
+//!
+//! One kernel serves every row count, from decode (M = 1, bound by memory
+//! bandwidth: every weight is read once per token) through batched decode to
+//! prefill (M in the hundreds, bound by FMA throughput): register tiles of
+//! R rows x W columns, with the weights streamed strictly in memory order.
+//!
+//! **Every output element is computed with the same sequence of roundings
+//! whatever M, the tile it falls in, or the number of threads.** A row's
+//! result therefore does not depend on which other rows share its batch, so
+//! continuous batching gives bit-for-bit the logits (and tokens) of a request
+//! run alone, on any pool size. This is why the engine does not use
+//! `matrixmultiply` (kept as [`linear_sgemm`] for comparison in the benches):
+//! its blocking, and so its rounding, differs from ours.
+//!
+//! Where things are:
+//! - `pack.rs`: the panel layout ([`PANEL`], [`pack_panels`],
+//!   [`pack_panels_t`], [`unpack_column`]), built once at load.
+//! - here: [`linear_packed`], the engine's kernel, and the split of a call
+//!   into one task per thread.
+//! - `tiles.rs`: what one task does: tile shapes by row count, block lengths,
+//!   the order the weights are read in, software prefetch.
+//! - `baselines.rs`: what the engine does not call and the benches compare:
+//!   [`linear`] (the stored layout, through the same tiles: same results bit
+//!   for bit, slower from memory), [`matmul_bt`] (dot products over `wte` as
+//!   stored), [`linear_sgemm`] (`matrixmultiply`), [`dot`].
+//! - `crate::arch`: the innermost loops, one module per instruction set.
+//!
+//! What each choice measured: `docs/hot-path.md`.
+
+mod baselines;
+mod pack;
+mod tiles;
+
+pub use baselines::{dot, linear, linear_sgemm, matmul_bt};
+pub use pack::{pack_panels, pack_panels_t, packed_len, unpack_column, PANEL};
+
+use rayon::prelude::*;
+
+/// `out[M,N] = x[M,K] · w[K,N] + bias[N]`, with `w` packed in panels by
+/// [`pack_panels`] (or [`pack_panels_t`]). Overwrites `out`.
+///
+/// Most of the running time of a forward pass is spent here: every linear
+/// layer of every block, and the LM head. Shapes: `x` is `[M, K]`, `panels`
+/// is `packed_len(K, N)` floats, `bias` is `[N]`, or `None` for zeros (the
+/// LM head has none), `out` is `[M, N]`. The result equals
+/// [`reference::linear`](crate::reference::linear) (within f32 rounding) and
+/// [`linear`] over the stored layout bit for bit: each output is the bias
+/// plus its K products added in order of k, one fused multiply-add at a time.
+///
+/// Why tiled: each thread takes a run of whole panels, one stretch of memory
+/// read front to back, and computes it in register tiles of up to 6 rows x
+/// 16-48 columns, so that each weight loaded serves every row of its tile
+/// (decode streams at memory bandwidth) and each row's broadcast serves the
+/// tile's columns (prefill runs near FMA peak); see `tiles.rs`.
+pub fn linear_packed(
+    out: &mut [f32],
+    x: &[f32],
+    panels: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert_eq!(
+        panels.len(),
+        packed_len(k, n),
+        "linear_packed: w is not [K={k}, N={n}] packed in panels"
+    );
+    linear_impl(out, x, panels, Layout::Panels, bias, m, k, n);
+}
+
+/// How a `[K, N]` weight is laid out in memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Row-major, as stored: `w[k, j]` at `k·N + j`.
+    Rows,
+    /// Column panels ([`pack_panels`]): `w[k, j]` at `(j/48·K + k)·48 + j%48`.
+    Panels,
+}
+
+impl Layout {
+    /// `(offset, stride)`: `w[k, j]` is at `offset + k·stride`.
+    #[inline(always)]
+    fn col(self, j: usize, k: usize, n: usize) -> (usize, usize) {
+        match self {
+            Layout::Rows => (j, n),
+            Layout::Panels => (j / PANEL * k * PANEL + j % PANEL, PANEL),
+        }
+    }
+}
+
+/// A raw output pointer that rayon tasks may share. Each task writes a
+/// disjoint set of elements, which is what makes sharing it sound.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the pointer is only dereferenced at indices that exactly one task
+// owns (disjoint column ranges or disjoint buffers), and the buffer outlives
+// the parallel region.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Splits `n` columns into at most `parts` contiguous chunks, each a multiple
+/// of `align` wide (the last may be narrower): `(count, width)`; chunk `i`
+/// is `i * width .. min((i + 1) * width, n)`. No allocation.
+fn column_chunks(n: usize, align: usize, parts: usize) -> (usize, usize) {
+    let width = n.div_ceil(parts.max(1)).div_ceil(align).max(1) * align;
+    (n.div_ceil(width), width)
+}
+
+/// [`linear_packed`] and [`linear`]: `out = bias`, then one task per thread
+/// adds `x · w` into its columns.
+#[allow(clippy::too_many_arguments)]
+fn linear_impl(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    layout: Layout,
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert_eq!(out.len(), m * n, "linear: out is not [M={m}, N={n}]");
+    assert_eq!(x.len(), m * k, "linear: x is not [M={m}, K={k}]");
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), n, "linear: bias is not [N={n}]");
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    for row in out.chunks_exact_mut(n) {
+        match bias {
+            Some(bias) => row.copy_from_slice(bias),
+            None => row.fill(0.0),
+        }
+    }
+    // One task per thread, each a run of whole panels: in the packed layout
+    // that is one contiguous stretch of memory, read front to back.
+    let op = tiles::Operands {
+        out: OutPtr(out.as_mut_ptr()),
+        x,
+        w,
+        layout,
+        m,
+        k,
+        n,
+    };
+    let (count, width) = column_chunks(n, PANEL, rayon::current_num_threads());
+    (0..count).into_par_iter().for_each(|t| {
+        let j0 = t * width;
+        // SAFETY: tasks own disjoint column ranges of `out`, which starts
+        // each whole panel.
+        unsafe { tiles::linear_block(&op, j0..(j0 + width).min(n)) };
+    });
+}

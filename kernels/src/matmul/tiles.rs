@@ -1,0 +1,393 @@
+//! What one task of a linear call does: `out[.., cols] += x · w[.., cols]`
+//! for all M rows, in register tiles, reading its weights in memory order.
+//!
+//! | rows M | over panels ([`linear_packed`]) | over the stored layout ([`linear`]) |
+//! |---|---|---|
+//! | 1-3 | [`rows_two_streams`]: 1 x 48 tiles on two panels at once | 1 x 48, 2 x 48, 4 x 24 tiles |
+//! | 4, 7, 8 | 4 x 24 tiles, software prefetch | 4 x 24 tiles |
+//! | other | 6 x 16 tiles, software prefetch | 6 x 16 tiles |
+//!
+//! Tile shapes keep 6 to 12 accumulators busy with at most 12 registers (of
+//! AVX2's 16), and every width divides 48, the panel width. The weight rows
+//! go in blocks of [`block_rows`]; within a block every tile adds its
+//! products in order of k, and blocks go in order of k, so each output is
+//! the same sum in the same order whatever the shape. The tile bodies are
+//! `crate::arch::tile` and `tile_pair`; a partial tile at the right edge is
+//! scalar ([`edge`]).
+//!
+//! [`linear_packed`]: super::linear_packed
+//! [`linear`]: super::linear
+
+use std::ops::Range;
+
+use super::{Layout, OutPtr, PANEL};
+use crate::arch::{self, fmadd, LINE};
+
+/// One call's operands, as every tile of its tasks sees them.
+#[derive(Clone, Copy)]
+pub(super) struct Operands<'a> {
+    /// `out[M, N]`, shared by the tasks; each writes only its own columns.
+    pub out: OutPtr,
+    /// `x[M, K]`.
+    pub x: &'a [f32],
+    /// `w[K, N]`, laid out as `layout` says.
+    pub w: &'a [f32],
+    pub layout: Layout,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// Most rows that [`rows_two_streams`] takes: one stream at a time keeps
+/// too few lines in flight for them; from four rows the tiles gain nothing
+/// from a second stream.
+const ROWS_TWO_STREAMS: usize = 3;
+
+/// Weight rows per block when two or three rows take turns in
+/// [`rows_two_streams`]: two panels' blocks (24 KiB) stay in L1 for the
+/// second and third rows.
+const TWO_STREAM_BLOCK: usize = 64;
+
+/// From this many rows on, the tiles over panels prefetch: the arithmetic
+/// of a block then takes long enough that the hardware prefetcher stops
+/// running ahead. One or two rows stream at full bandwidth without it.
+const PREFETCH_FROM_ROWS: usize = 3;
+
+/// How many blocks ahead, in a task's reading order, the tiles prefetch.
+const PREFETCH_BLOCKS: usize = 2;
+
+/// `out[.., cols] += x · w[.., cols]` for all M rows: the work of one task.
+///
+/// # Safety
+/// No other thread touches columns `cols` of `out`; `cols` within `0..N`,
+/// `cols.start` a multiple of [`PANEL`].
+pub(super) unsafe fn linear_block(op: &Operands, cols: Range<usize>) {
+    // SAFETY (both calls): the caller's contract, passed on.
+    if op.m <= ROWS_TWO_STREAMS && op.layout == Layout::Panels {
+        unsafe { rows_two_streams(op, cols) };
+        return;
+    }
+    unsafe {
+        match op.m {
+            1 => sweep::<48, 1>(op, cols),
+            2 => sweep::<48, 2>(op, cols),
+            3 | 4 | 7 | 8 => sweep::<24, 4>(op, cols),
+            _ => sweep::<16, 6>(op, cols),
+        }
+    }
+}
+
+/// Weight rows per block: the k extent of one tile call.
+///
+/// Stored layout: a block's tiles are swept left to right, so `w` is read in
+/// memory order, and a tile's block of weights stays in L1 for the other row
+/// groups. Few rows want short blocks (the block's rows stream side by side),
+/// many rows long ones (fewer passes over `out`).
+///
+/// Panels: 4 rows are one 4 x 24 row group, so nothing rereads a block and
+/// long blocks mean fewer stores and reloads of the sums; up to 32 rows take
+/// blocks of 64 panel rows (12 KiB), which stay in L1 while every group uses
+/// them; prompts take 768 (144 KiB, from L2; all of K but for the MLP's down
+/// projection), so each tile loads and stores its sums rarely.
+fn block_rows(layout: Layout, m: usize) -> usize {
+    match layout {
+        Layout::Rows if m <= 16 => 16,
+        Layout::Rows => 128,
+        Layout::Panels if m <= 4 => 256,
+        Layout::Panels if m <= 32 => 64,
+        Layout::Panels => 768,
+    }
+}
+
+/// [`linear_block`] in `W`-wide tiles of up to `ROWS` rows, block by block.
+///
+/// # Safety
+/// As [`linear_block`].
+unsafe fn sweep<const W: usize, const ROWS: usize>(op: &Operands, cols: Range<usize>) {
+    let kb = block_rows(op.layout, op.m);
+    match op.layout {
+        Layout::Rows => {
+            for ks in blocks(op.k, kb) {
+                // SAFETY: the caller's contract, passed on.
+                unsafe { row_tiles::<W, ROWS>(op, cols.clone(), ks) };
+            }
+        }
+        Layout::Panels => {
+            // Each panel's blocks in turn (a single stream per task), and
+            // the block PREFETCH_BLOCKS further along that order prefetched
+            // while this one is computed.
+            let prefetch = op.m >= PREFETCH_FROM_ROWS;
+            let mut ahead = panel_blocks(cols.clone(), op.k, kb).skip(PREFETCH_BLOCKS);
+            for (p0, ks) in panel_blocks(cols.clone(), op.k, kb) {
+                let pf = ahead.next().filter(|_| prefetch).map(|(q0, kq)| {
+                    let (first, _) = op.layout.col(q0, op.k, op.n);
+                    Prefetch {
+                        first: op.w.as_ptr().wrapping_add(first + kq.start * PANEL),
+                        floats: kq.len() * PANEL,
+                    }
+                });
+                // SAFETY: the caller's contract; one panel of `cols`.
+                unsafe { panel_tiles::<W, ROWS>(op, p0..(p0 + PANEL).min(cols.end), ks, pf) };
+            }
+        }
+    }
+}
+
+/// A block of weights to prefetch: `floats` floats from `first`.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    first: *const f32,
+    floats: usize,
+}
+
+/// The blocks of weight rows `0..K`, `kb` at a time (the last may be shorter).
+fn blocks(k: usize, kb: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..k).step_by(kb).map(move |k0| k0..(k0 + kb).min(k))
+}
+
+/// The (panel's first column, block) pairs of `cols`, in the order a task
+/// reads them: every block of a panel, then the next panel.
+fn panel_blocks(cols: Range<usize>, k: usize, kb: usize) -> impl Iterator<Item = (usize, Range<usize>)> {
+    cols.step_by(PANEL)
+        .flat_map(move |p0| blocks(k, kb).map(move |ks| (p0, ks)))
+}
+
+/// The row groups `(first row, rows)` of M rows, `rows` at most `max`.
+fn row_groups(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..m).step_by(max).map(move |r| (r, (m - r).min(max)))
+}
+
+/// Weight rows `ks` of one panel's columns `cols`, for every row group.
+/// Row groups outer: a group's x block (R x KB) stays in L1 across the
+/// panel's tiles, and the panel block (KB x 48) across the groups. Tile call
+/// t prefetches lines `t·KB .. (t+1)·KB` of `ahead`, one line a weight row,
+/// until the block is covered.
+///
+/// # Safety
+/// As [`linear_block`], with `cols` within one panel.
+unsafe fn panel_tiles<const W: usize, const ROWS: usize>(
+    op: &Operands,
+    cols: Range<usize>,
+    ks: Range<usize>,
+    ahead: Option<Prefetch>,
+) {
+    let full = cols.start + (cols.end - cols.start) / W * W;
+    let mut call = 0;
+    for (r, rows) in row_groups(op.m, ROWS) {
+        for j in (cols.start..full).step_by(W) {
+            let pf = match ahead {
+                Some(a) if (call + 1) * ks.len() * LINE <= a.floats => {
+                    a.first.wrapping_add(call * ks.len() * LINE)
+                }
+                _ => std::ptr::null(),
+            };
+            call += 1;
+            // SAFETY: rows r..r+rows < M, columns j..j+W within `cols`,
+            // which this task owns, and within one panel (W divides PANEL).
+            // Prefetching is a hint: it never faults, whatever the address.
+            unsafe { tile_group::<W, ROWS>(op, r, rows, j, ks.clone(), pf) };
+        }
+    }
+    // SAFETY: the rest of `cols`, owned by this task.
+    unsafe { edge(op, full..cols.end, ks) };
+}
+
+/// Weight rows `ks` of columns `cols` in the stored layout, for every row
+/// group. Tiles outer: a tile's KB x W weights stay in L1 for the row groups
+/// (a KB x N block of the stored layout would not).
+///
+/// # Safety
+/// As [`linear_block`].
+unsafe fn row_tiles<const W: usize, const ROWS: usize>(op: &Operands, cols: Range<usize>, ks: Range<usize>) {
+    let full = cols.start + (cols.end - cols.start) / W * W;
+    for j in (cols.start..full).step_by(W) {
+        for (r, rows) in row_groups(op.m, ROWS) {
+            // SAFETY: rows r..r+rows < M, columns j..j+W within `cols`,
+            // which this task owns.
+            unsafe { tile_group::<W, ROWS>(op, r, rows, j, ks.clone(), std::ptr::null()) };
+        }
+    }
+    // SAFETY: the rest of `cols`, owned by this task.
+    unsafe { edge(op, full..cols.end, ks) };
+}
+
+/// [`tile`] for a row group of `rows` (at most `ROWS`), prefetching from
+/// `ahead` unless it is null.
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+unsafe fn tile_group<const W: usize, const ROWS: usize>(
+    op: &Operands,
+    r0: usize,
+    rows: usize,
+    j0: usize,
+    ks: Range<usize>,
+    ahead: *const f32,
+) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        if ahead.is_null() {
+            tile_rows::<W, ROWS, false>(op, r0, rows, j0, ks, ahead)
+        } else {
+            tile_rows::<W, ROWS, true>(op, r0, rows, j0, ks, ahead)
+        }
+    }
+}
+
+/// [`tile`] with the row count `rows` as a constant; only the counts up to
+/// `ROWS` are instantiated.
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+unsafe fn tile_rows<const W: usize, const ROWS: usize, const PREFETCH: bool>(
+    op: &Operands,
+    r0: usize,
+    rows: usize,
+    j0: usize,
+    ks: Range<usize>,
+    ahead: *const f32,
+) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        match rows {
+            1 => tile::<1, W, PREFETCH>(op, r0, j0, ks, ahead),
+            2 if ROWS >= 2 => tile::<2, W, PREFETCH>(op, r0, j0, ks, ahead),
+            3 if ROWS >= 3 => tile::<3, W, PREFETCH>(op, r0, j0, ks, ahead),
+            4 if ROWS >= 4 => tile::<4, W, PREFETCH>(op, r0, j0, ks, ahead),
+            5 if ROWS >= 5 => tile::<5, W, PREFETCH>(op, r0, j0, ks, ahead),
+            6 if ROWS >= 6 => tile::<6, W, PREFETCH>(op, r0, j0, ks, ahead),
+            _ => unreachable!("a row group of {rows}, at most {ROWS}"),
+        }
+    }
+}
+
+/// `out[r0..r0+R, j0..j0+W] += x[r0..r0+R, ks] · w[ks, j0..j0+W]`: for each
+/// k in `ks`, broadcast `x[r, k]` and multiply-add it with the `W`
+/// contiguous weights of row k. With `PREFETCH`, iteration i also prefetches
+/// the cache line at `ahead + i·16`.
+///
+/// # Safety
+/// `r0 + R <= M`, `j0 + W <= N` within one panel (over panels), `ks` within
+/// `0..K`, and no other thread writes those outputs.
+#[inline(always)]
+unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
+    op: &Operands,
+    r0: usize,
+    j0: usize,
+    ks: Range<usize>,
+    ahead: *const f32,
+) {
+    let (off, stride) = op.layout.col(j0, op.k, op.n);
+    debug_assert!(r0 + R <= op.m && j0 + W <= op.n);
+    debug_assert!(ks.is_empty() || off + (ks.end - 1) * stride + W <= op.w.len());
+    // SAFETY: the bounds above (the caller's contract) keep every load and
+    // store inside x, w and out.
+    unsafe {
+        arch::tile::<R, W, PREFETCH>(
+            op.out.get(),
+            op.x.as_ptr(),
+            op.w.as_ptr().add(off),
+            stride,
+            r0,
+            j0,
+            ks,
+            op.k,
+            op.n,
+            ahead,
+        )
+    }
+}
+
+/// [`linear_block`] for one to three rows over panels: the task's whole
+/// panels read as two streams at once (panel i of the first half beside
+/// panel i of the second), then any partial panel. One row takes all K rows
+/// of a pair in one pass; two or three rows take blocks of
+/// [`TWO_STREAM_BLOCK`] weight rows, row after row, the first reading the
+/// pair's block from memory and the others from L1. The two streams must be
+/// read in the same loop (interleaving the panels block by block does not
+/// help); their sums fill 12 registers. Each output is the same sum in the
+/// same order as through [`tile`].
+///
+/// # Safety
+/// As [`linear_block`], with `M <= ROWS_TWO_STREAMS` and `w` in panels.
+unsafe fn rows_two_streams(op: &Operands, cols: Range<usize>) {
+    debug_assert!((1..=ROWS_TWO_STREAMS).contains(&op.m) && op.layout == Layout::Panels);
+    let panels = (cols.end - cols.start) / PANEL;
+    let full = cols.start + panels * PANEL;
+    // Panel i pairs with panel `second + i`; an odd one out runs alone.
+    let second = panels.div_ceil(2);
+    let col = |i: usize| cols.start + i * PANEL;
+    let kb = if op.m == 1 { op.k.max(1) } else { TWO_STREAM_BLOCK };
+    for i in 0..panels / 2 {
+        let (ja, jb) = (col(i), col(second + i));
+        for ks in blocks(op.k, kb) {
+            for r in 0..op.m {
+                // SAFETY: both panels are whole, within `cols` (owned by
+                // this task); row r < M; ks within 0..K.
+                unsafe { tile_pair(op, r, ja, jb, ks.clone()) };
+            }
+        }
+    }
+    if panels % 2 == 1 {
+        let j = col(second - 1);
+        for ks in blocks(op.k, kb) {
+            for r in 0..op.m {
+                // SAFETY: as above.
+                unsafe { tile::<1, PANEL, false>(op, r, j, ks.clone(), std::ptr::null()) };
+            }
+        }
+    }
+    // SAFETY: the partial panel at the right edge, within `cols`.
+    unsafe { edge(op, full..cols.end, 0..op.k) };
+}
+
+/// `out[r, ja..ja+48] += x[r, ks] · w[ks, ja..ja+48]` and the same for
+/// `jb`: two 1 x 48 tiles of row r, their panels read side by side.
+///
+/// # Safety
+/// Both panels whole, `r < M`, `ks` within `0..K`, `out` row r's columns
+/// `ja..ja+48` and `jb..jb+48` owned by this task; `w` in panels.
+#[inline(always)]
+unsafe fn tile_pair(op: &Operands, r: usize, ja: usize, jb: usize, ks: Range<usize>) {
+    let (wa, wb) = (op.layout.col(ja, op.k, op.n).0, op.layout.col(jb, op.k, op.n).0);
+    debug_assert!(wa.max(wb) + op.k * PANEL <= op.w.len() && ja.max(jb) + PANEL <= op.n);
+    debug_assert!(r < op.m && ks.end <= op.k);
+    // SAFETY: the bounds above (the caller's contract).
+    unsafe {
+        arch::tile_pair(
+            op.out.get().add(r * op.n),
+            op.x.as_ptr().add(r * op.k),
+            op.w.as_ptr().add(wa),
+            op.w.as_ptr().add(wb),
+            ja,
+            jb,
+            ks,
+        )
+    };
+}
+
+/// A partial tile at the right edge, narrower than the tiles: `out += x · w`
+/// over columns `cols` and weight rows `ks`, every row, one scalar fused
+/// multiply-add at a time in order of k.
+///
+/// # Safety
+/// `cols` within `0..N` (and within one panel, over panels), `ks` within
+/// `0..K`, and no other thread writes those outputs.
+unsafe fn edge(op: &Operands, cols: Range<usize>, ks: Range<usize>) {
+    if cols.is_empty() {
+        return;
+    }
+    let (off, stride) = op.layout.col(cols.start, op.k, op.n);
+    let (x, w, k, n) = (op.x, op.w, op.k, op.n);
+    for r in 0..op.m {
+        for j in cols.clone() {
+            // SAFETY: in bounds and owned by this task (the caller's contract).
+            let dst = unsafe { &mut *op.out.get().add(r * n + j) };
+            for kk in ks.clone() {
+                *dst = fmadd(x[r * k + kk], w[off + kk * stride + (j - cols.start)], *dst);
+            }
+        }
+    }
+}
