@@ -37,12 +37,6 @@ pub enum Error {
     Config { path: PathBuf, msg: String },
     #[error("{}: not a valid safetensors file: {msg}", path.display())]
     Safetensors { path: PathBuf, msg: String },
-    #[error("{}: tensor `{tensor}`: {msg}", path.display())]
-    TensorHeader {
-        path: PathBuf,
-        tensor: String,
-        msg: String,
-    },
     #[error("{}: missing tensor `{tensor}`", path.display())]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{}: tensor `{tensor}` has shape {got:?}, expected {expected:?} (from config.json)", path.display())]

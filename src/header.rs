@@ -35,7 +35,7 @@ pub fn check(path: &Path, bytes: &[u8]) -> Result<()> {
     let file_len = bytes.len() as u64;
     if n > MAX_HEADER {
         return Err(bad(format!(
-            "the header claims {n} bytes, more than the {MAX_HEADER} we read"
+            "header too large: it claims {n} bytes, more than the {MAX_HEADER} we read"
         )));
     }
     if 8 + n > file_len {
@@ -52,11 +52,7 @@ pub fn check(path: &Path, bytes: &[u8]) -> Result<()> {
         if name == "__metadata__" {
             continue;
         }
-        let tensor = |msg: String| Error::TensorHeader {
-            path: path.to_owned(),
-            tensor: name.clone(),
-            msg,
-        };
+        let tensor = |msg: String| bad(format!("tensor `{name}`: {msg}"));
         let entry: RawEntry = serde_json::from_value(value.clone()).map_err(|e| tensor(e.to_string()))?;
         let Some(bits) = dtype_bits(&entry.dtype) else {
             return Err(tensor(format!("unknown dtype {:?}", entry.dtype)));
@@ -101,14 +97,10 @@ pub fn check(path: &Path, bytes: &[u8]) -> Result<()> {
             } else {
                 "leaves a gap after"
             };
-            return Err(Error::TensorHeader {
-                path: path.to_owned(),
-                tensor: name.to_owned(),
-                msg: format!(
-                    "starts at byte {start} and {what} {}, which ends at {covered}",
-                    previous.map_or("the start of the data".into(), |p| format!("tensor `{p}`"))
-                ),
-            });
+            return Err(bad(format!(
+                "tensor `{name}`: starts at byte {start} and {what} {}, which ends at {covered}",
+                previous.map_or("the start of the data".into(), |p| format!("tensor `{p}`"))
+            )));
         }
         covered = end;
         previous = Some(name);

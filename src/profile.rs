@@ -219,3 +219,12 @@ impl<'p> Timer<'p> {
         }
     }
 }
+
+/// This process's peak resident set size in bytes (`VmHWM`), where the OS
+/// tells it (Linux); `None` elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -21,7 +21,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use gpt2_kernels::{pack_panels, pack_panels_t, packed_len, unpack_column};
+use gpt2_kernels::{pack_panels, pack_panels_t, packed_len, unpack_column, PANEL};
 use memmap2::{Mmap, MmapMut};
 use safetensors::{Dtype, SafeTensors};
 
@@ -91,12 +91,18 @@ impl Tensor {
     /// Asks the OS to drop this tensor's resident pages of the file map
     /// (whole pages inside the tensor only). A no-op for copies.
     fn release_pages(&self) {
+        self.release_range(0, self.shape.iter().product());
+    }
+
+    /// As [`Tensor::release_pages`], for the floats `from..to` only.
+    fn release_range(&self, from: usize, to: usize) {
         const PAGE: usize = 4096;
         if let Storage::Mapped { map, start, len } = &self.storage {
+            let to = to.min(*len);
             let base = map.as_ptr() as usize;
             let (lo, hi) = (
-                (base + start).next_multiple_of(PAGE),
-                (base + start + len * 4) / PAGE * PAGE,
+                (base + start + from * 4).next_multiple_of(PAGE),
+                (base + start + to * 4) / PAGE * PAGE,
             );
             if hi > lo {
                 // SAFETY: the map is private, read-only and never written, so
@@ -108,6 +114,19 @@ impl Tensor {
                     map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo - base, hi - lo)
                 };
             }
+        }
+    }
+
+    /// The same tensor with its values copied out of the file map (a copy
+    /// already owned is shared, not copied again).
+    fn detached(&self) -> Tensor {
+        match &self.storage {
+            Storage::Mapped { .. } => Tensor {
+                storage: Storage::Owned(Arc::new(self.data().to_vec())),
+                shape: self.shape.clone(),
+                name: self.name.clone(),
+            },
+            Storage::Owned(_) => self.clone(),
         }
     }
 }
@@ -239,7 +258,7 @@ impl Weights {
 /// checkpoint order, and builds the weights from them.
 fn gpt2(vb: &Vb, config: &Gpt2Config, n_layer: usize) -> Result<Weights> {
     let (c, v, p) = (config.n_embd, config.vocab_size, config.n_positions);
-    let wte = vb.tensor("wte.weight", &[v, c])?;
+    let wte = vb.matrix("wte.weight", &[v, c])?;
     let wpe = vb.tensor("wpe.weight", &[p, c])?;
     // n_layer is config.json's word: grow with what the file holds.
     let mut blocks = Vec::new();
@@ -248,7 +267,10 @@ fn gpt2(vb: &Vb, config: &Gpt2Config, n_layer: usize) -> Result<Weights> {
     }
     let ln_f = vb.layer_norm("ln_f", c, config.layer_norm_epsilon)?;
     let (embed, lm_head) = match vb.optional("lm_head.weight", &[v, c]) {
-        Some(head) => (Embeddings::untied(wte, wpe), vb.linear_t(head, Op::LmHead)),
+        Some(head) => (
+            Embeddings::untied(vb.keep(wte), wpe),
+            vb.linear_t(head, Op::LmHead),
+        ),
         None => {
             let head = vb.linear_t(wte, Op::LmHead);
             (Embeddings::tied(head.panels().clone(), wpe), head)
@@ -326,7 +348,11 @@ struct Spec {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    /// Required, and kept as stored (copied out of the file map).
     Required,
+    /// Required, and read only to be packed (not kept as stored).
+    Matrix,
+    /// A matrix the file may lack (`lm_head.weight`).
     Optional,
     /// Not a weight: skipped when present (the hub's mask buffers).
     Skip,
@@ -382,6 +408,28 @@ impl<'s, 'f> Vb<'s, 'f> {
             .ok_or_else(|| self.missing(&name))
     }
 
+    /// A matrix read only to be packed: not copied out of the file map.
+    fn matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let name = self.name(name);
+        self.get(&name, shape, Kind::Matrix)
+            .ok_or_else(|| self.missing(&name))
+    }
+
+    /// A matrix that was fetched to be packed but is kept as stored after
+    /// all (an untied `wte`): copied out of the file map when taken.
+    fn keep(&self, t: Tensor) -> Tensor {
+        match &mut *self.store.borrow_mut() {
+            Store::Take { params, .. } => {
+                let kept = t.detached();
+                if let Some(entry) = params.iter_mut().rev().find(|(name, _)| *name == kept.name) {
+                    entry.1 = Param::Tensor(kept.clone());
+                }
+                kept
+            }
+            _ => t,
+        }
+    }
+
     fn optional(&self, name: &str, shape: &[usize]) -> Option<Tensor> {
         self.get(&self.name(name), shape, Kind::Optional)
     }
@@ -410,12 +458,18 @@ impl<'s, 'f> Vb<'s, 'f> {
                 });
                 match found {
                     Some(found) => shared(found),
-                    None => (kind == Kind::Required).then(|| Tensor::placeholder(name.to_owned(), shape)),
+                    None => matches!(kind, Kind::Required | Kind::Matrix)
+                        .then(|| Tensor::placeholder(name.to_owned(), shape)),
                 }
             }
             Store::Pack { found, .. } => shared(found),
             Store::Take { found, params, .. } => {
+                // What the model keeps is copied out of the file map, so that
+                // once loaded nothing reads the file: rewriting or truncating
+                // it under a running process cannot fault (SIGBUS). Matrices
+                // are not copied; `pack` replaces them by their panels.
                 let (_, t) = found.tensors.remove(name)?;
+                let t = if kind == Kind::Required { t.detached() } else { t };
                 params.push((name.to_owned(), Param::Tensor(t.clone())));
                 Some(t)
             }
@@ -447,7 +501,7 @@ impl<'s, 'f> Vb<'s, 'f> {
     /// The linear layer `name.weight (k, n)`, `name.bias (n)`, packed.
     fn linear(&self, name: &str, k: usize, n: usize, op: Op) -> Result<PackedLinear> {
         let vb = self.pp(name);
-        let panels = self.pack(vb.tensor("weight", &[k, n])?, k, n, false);
+        let panels = self.pack(vb.matrix("weight", &[k, n])?, k, n, false);
         let bias = vb.tensor("bias", &[n])?;
         Ok(PackedLinear::new(panels, Some(bias), k, n, op))
     }
@@ -470,7 +524,17 @@ impl<'s, 'f> Vb<'s, 'f> {
             Store::Pack { panels, offset, .. } => {
                 let dst = &mut panels[*offset..*offset + len];
                 if transposed {
-                    pack_panels_t(dst, weight.data(), k, n);
+                    // The LM head (wte, 154 MB for GPT-2) a slab of panels at
+                    // a time, each slab's file pages released once packed:
+                    // resident memory never holds the whole stored matrix
+                    // beside its panels. Panel p gathers stored rows 48p..,
+                    // so slabs of whole panels pack exactly as one call.
+                    const SLAB: usize = 64 * PANEL;
+                    for (i, slab) in dst.chunks_mut(SLAB * k).enumerate() {
+                        let (from, to) = (i * SLAB, ((i + 1) * SLAB).min(n));
+                        pack_panels_t(slab, &weight.data()[from * k..to * k], k, to - from);
+                        weight.release_range(from * k, to * k);
+                    }
                 } else {
                     pack_panels(dst, weight.data(), k, n);
                 }
@@ -569,7 +633,7 @@ fn plan(f: impl FnOnce(&Vb) -> Result<()>) -> Vec<Spec> {
 pub fn expected_shapes(config: &Gpt2Config) -> BTreeMap<String, Vec<usize>> {
     plan(|vb| gpt2(vb, config, config.n_layer).map(drop))
         .into_iter()
-        .filter(|s| s.kind == Kind::Required)
+        .filter(|s| matches!(s.kind, Kind::Required | Kind::Matrix))
         .map(|s| (s.name, s.shape))
         .collect()
 }
@@ -595,10 +659,14 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
             "the file is {size} bytes, shorter than the 8-byte header length"
         )));
     }
-    // SAFETY: the map is read-only. Its contents could change if another
-    // process rewrote the file while we run; our own writers (the synthetic
-    // generator) replace files by rename, never in place, so a map stays valid.
+    // SAFETY: the map is read-only and lives only while this function runs:
+    // every tensor the model keeps is copied out of it (or packed from it)
+    // before it is dropped, so a file rewritten in place after loading is
+    // never read. Rewritten *during* the load, a fault (SIGBUS) is possible;
+    // our own writers replace files by rename, never in place.
     let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
+    // Every fault of the header named by its tensor, and no key twice.
+    crate::header::check(path, &map)?;
     let st = SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
     let schema = Schema::new(config);
 
@@ -715,6 +783,14 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
     let Store::Take { params, .. } = take.into_inner() else {
         unreachable!("the store stays a take")
     };
+    drop(st);
+    // Nothing the model keeps points into the file any more.
+    debug_assert_eq!(
+        Arc::strong_count(&map),
+        1,
+        "a tensor still borrows from the file map"
+    );
+    drop(map);
     Ok(Weights {
         params,
         mapped_bytes,

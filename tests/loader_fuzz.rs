@@ -209,14 +209,17 @@ fn header_attacks_are_named_errors() {
         delta: 1 << 40,
         end_only: false,
     };
-    assert_rejected(&d, &[past_end], "invalid offset");
+    assert_rejected(
+        &d,
+        &[past_end],
+        "tensor `transformer.h.0.attn.c_proj.weight`: data_offsets [1099511628672, 1099511628928] run past",
+    );
     let overlap = Mutation::CopyOffsets {
         from: 0,
         to: 1,
         swap: false,
     };
-    // Which of the two overlapping entries safetensors checks first varies.
-    assert_rejected(&d, &[overlap], "model.safetensors: not a valid safetensors file");
+    assert_rejected(&d, &[overlap], "tensor `transformer.h.0.attn.c_attn.weight`: shape [8, 24] of F32 needs 768 bytes, but data_offsets [0, 96] hold 96");
     assert_rejected(&d, &[shape(0, json!([1u64 << 62, 1u64 << 62]))], "overflow");
     assert_rejected(&d, &[shape(0, json!([u64::MAX, 2]))], "overflow");
     let f16 = Mutation::HeaderField {
@@ -224,14 +227,18 @@ fn header_attacks_are_named_errors() {
         key: "dtype".into(),
         value: json!("F16"),
     };
-    assert_rejected(&d, &[f16], "invalid shape, data type, or offset");
+    assert_rejected(&d, &[f16], "tensor `transformer.h.0.ln_1.weight`: shape [8] of F16 needs 16 bytes, but data_offsets [1184, 1216] hold 32");
     assert_rejected(&d, &[Mutation::Truncate(1000)], "model.safetensors");
     // Two names for one tensor's bytes: the copy overlaps the original.
     let twice = Mutation::Duplicate {
         tensor: 0,
         name: Some("wte.weight".into()),
     };
-    assert_rejected(&d, &[twice], "invalid offset");
+    assert_rejected(
+        &d,
+        &[twice],
+        "tensor `wte.weight`: starts at byte 0 and overlaps tensor `transformer.h.0.attn.c_attn.bias`",
+    );
     // `h.+0` parses as layer 0 but is not a name the loader knows.
     let plus = Mutation::Rename {
         tensor: 0,

@@ -85,7 +85,7 @@ fn both_naming_styles_load_and_agree() {
 }
 
 #[test]
-fn weights_are_borrowed_from_the_map_when_aligned_and_copied_when_not() {
+fn weights_are_read_in_place_when_aligned_and_copied_when_not() {
     let tensors = micro_tensors("transformer.");
     // Paddings that put the data section on, and off, a 4-byte boundary.
     let data_start = |pad| {
@@ -98,8 +98,10 @@ fn weights_are_borrowed_from_the_map_when_aligned_and_copied_when_not() {
     let aligned = Gpt2Model::load(&checkpoint("load-aligned", MICRO, &tensors, on)).unwrap();
     let misaligned = Gpt2Model::load(&checkpoint("load-misaligned", MICRO, &tensors, off)).unwrap();
     assert_eq!(aligned.weights.copied_bytes, 0);
-    assert!(aligned.weights.embed.wpe.is_mapped());
+    assert!(aligned.weights.mapped_bytes > 0);
     assert_eq!(misaligned.weights.mapped_bytes, 0);
+    // Either way, what the model keeps no longer points into the file.
+    assert!(!aligned.weights.embed.wpe.is_mapped());
     assert!(!misaligned.weights.embed.wpe.is_mapped());
     assert_eq!(
         aligned.logits_all(&[5, 6], 8).unwrap(),
@@ -284,4 +286,79 @@ fn an_unsupported_config_is_rejected_with_the_path() {
     );
     let dir = checkpoint("load-badjson", "{not json", &micro_tensors("transformer."), 0);
     assert!(matches!(load_err(&dir), Error::Config { .. }));
+}
+
+/// Once loaded, nothing reads the checkpoint file: rewriting it in place or
+/// truncating it (as `cp` or a download client would) under a running model
+/// changes nothing, and faults nothing (it was SIGBUS). Tied and untied.
+#[test]
+fn a_checkpoint_rewritten_in_place_after_loading_is_never_read() {
+    let mut tensors = micro_tensors("transformer.");
+    for untied in [false, true] {
+        if untied {
+            tensors.push(("lm_head.weight".into(), "F32", vec![32, 8], vec![7; 32 * 8 * 4]));
+        }
+        let dir = checkpoint(
+            if untied {
+                "load-rewrite-untied"
+            } else {
+                "load-rewrite"
+            },
+            MICRO,
+            &tensors,
+            0,
+        );
+        let model = Gpt2Model::load(&dir).unwrap();
+        let before = model.logits_all(&[5, 6, 7], 8).unwrap();
+        let path = dir.join("model.safetensors");
+        let len = std::fs::metadata(&path).unwrap().len() as usize;
+        // In place: the same inode, first other bytes of the same size, then cut short.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &vec![0xFF; len]))
+            .unwrap();
+        assert_eq!(
+            model.logits_all(&[5, 6, 7], 8).unwrap(),
+            before,
+            "untied: {untied}"
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(1000)
+            .unwrap();
+        assert_eq!(
+            model.logits_all(&[5, 6, 7], 8).unwrap(),
+            before,
+            "untied: {untied}"
+        );
+    }
+}
+
+/// A header that names a tensor twice: JSON parsers keep one of the two
+/// silently (the `safetensors` crate keeps the last); we refuse it by name.
+#[test]
+fn a_key_given_twice_in_the_header_is_refused() {
+    let dir = checkpoint("load-duplicate-key", MICRO, &micro_tensors(""), 0);
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    // Repeat the first entry (same key, same bytes) at the end of the object.
+    let first_end = header.find("]}").unwrap() + 2;
+    let entry = &header[1..first_end];
+    let doubled = format!("{},{entry}}}", &header[..header.len() - 1]);
+    let mut file = (doubled.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(doubled.as_bytes());
+    file.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&path, file).unwrap();
+    let err = load_err(&dir);
+    let key = entry.split('"').nth(1).unwrap();
+    assert!(
+        matches!(err, Error::Safetensors { .. })
+            && err.to_string().contains(&format!("`{key}` appears twice")),
+        "{err}"
+    );
 }

@@ -180,6 +180,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if let Some(p) = session.profile() {
                 eprintln!("{}", p.table());
             }
+            if let Some(peak) = gpt2::profile::peak_rss_bytes() {
+                let file = std::fs::metadata(resolved.dir.join("model.safetensors")).map_or(0, |m| m.len());
+                eprintln!(
+                    "peak resident memory {:.0} MiB ({:.2}x the {:.0} MiB weights file)",
+                    peak as f64 / (1 << 20) as f64,
+                    peak as f64 / file.max(1) as f64,
+                    file as f64 / (1 << 20) as f64
+                );
+            }
         }
         Command::Tokenize {
             text,
