@@ -28,7 +28,7 @@ use crate::weights::{self, Weights};
 /// Attention work (cached positions x channels, summed over the batch's
 /// rows) below which the heads run on the calling thread: short contexts
 /// finish before a handed-out task would wake (measured in
-/// `docs/hot-path-forward.md`).
+/// `docs/hot-path.md`).
 const PAR_ATTENTION: usize = 128 * 768;
 
 /// Longest a worker spins for [`keep_pool_awake`].
@@ -37,7 +37,7 @@ const SPIN_CAP: Duration = Duration::from_millis(1);
 /// Runs `f` on this thread while the pool's other workers spin rather than
 /// sleep. A rayon worker sleeps after some 30 µs without work, and waking it
 /// would delay the next parallel op (after one-thread attention: the
-/// projection) in every layer; measurements in `docs/hot-path-forward.md`.
+/// projection) in every layer; measurements in `docs/hot-path.md`.
 /// A spinner is a job like any other: a worker busy with other work (other
 /// requests on a shared pool) runs it only later, finds `f` done and returns
 /// at once. None spins longer than [`SPIN_CAP`]. Costs two small allocations
@@ -96,7 +96,7 @@ pub struct Row {
 ///
 /// Each head's keys (and values) of a layer are contiguous, position after
 /// position, so attention streams one run of memory per head (rather than
-/// `hd` floats every C; see `docs/hot-path-forward.md`).
+/// `hd` floats every C; see `docs/hot-path.md`).
 pub struct KvCache {
     k: Floats, // (L, H, P, hd)
     v: Floats, // (L, H, P, hd)
