@@ -2,6 +2,13 @@
 //! request fails, every request gets exactly its token count, and resident
 //! memory, threads and open files stay flat after warm-up.
 //!
+//! Warm-up is one request per client of the mix's longest length, all at
+//! once, before the mix: a KV cache's pages become resident as positions are
+//! first written and stay so, so without it RSS climbs through the whole run
+//! as each cache meets a longer prompt (bounded by concurrency x the longest
+//! request, 66 MiB a cache at 900 tokens on 124M) and a flat-memory check
+//! either fails or needs a slack that would hide a leak.
+//!
 //! `cargo run --release --bin soak` runs the size (500 requests at
 //! concurrency 16, prompts of 1 to 900 tokens); CI runs a small one on the
 //! tiny synthetic model. Exit status 1 if any check fails. On a terminal a
@@ -57,6 +64,10 @@ struct Args {
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Testing only: leak this many KiB (written, so resident) per request,
+    /// to show that the memory check fails on a leak.
+    #[arg(long, hide = true, default_value_t = 0)]
+    leak_kib_per_request: usize,
 }
 
 /// One request of the mix: prompt tokens and how many to generate.
@@ -80,6 +91,12 @@ struct ModeSummary {
     wrong_count: usize,
     generated_tokens: usize,
     seconds: f64,
+    /// Positions of each warm-up request (the mix's longest), one per client.
+    warmup_positions: usize,
+    /// The KV caches at that length, all clients together: what warm-up
+    /// makes resident once, so that the mix adds nothing to it.
+    kv_caches_mib: f64,
+    /// After warm-up, before the mix.
     start: Sample,
     middle: Sample,
     /// The last sample under load (when the last `concurrency` requests start).
@@ -175,14 +192,21 @@ fn soak(
     let next = AtomicUsize::new(0);
     let (failed, wrong, tokens) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
     let samples = std::sync::Mutex::new(Vec::new());
-    // Warm-up: the first `concurrency` requests (sessions, caches, pools
-    // come to size); `start` is sampled after them, `middle` at half way,
-    // `late` when the last `concurrency` requests start: memory is flat if
-    // `late` is `middle`. KV caches are zeroed allocations the OS backs as
-    // positions are first written, so RSS rises until each cache has seen a
-    // long prompt (at most concurrency x the full window), then stays.
-    let warm = args.concurrency.min(jobs.len());
-    let half = warm + (jobs.len() - warm) / 2;
+    // Warm-up (see the module doc): every client runs the mix's longest
+    // request at once, so that each KV cache (a session's, or one of the
+    // scheduler's pool of `concurrency`) has its pages for every position
+    // the mix will write, and buffers and allocator arenas come to size.
+    // `start` is sampled after it, `middle` at half way, `late` when the
+    // last `concurrency` requests start: memory is flat if `late` is both.
+    let longest = jobs
+        .iter()
+        .max_by_key(|j| j.prompt.len() + j.max_new)
+        .expect("at least one request");
+    let warmup_positions = longest.prompt.len() + longest.max_new - 1;
+    let cfg = &model.config;
+    let kv_bytes = args.concurrency * warmup_positions * cfg.n_layer * 2 * cfg.n_embd * 4;
+    let warmed = std::sync::Barrier::new(args.concurrency);
+    let half = jobs.len() / 2;
     let late = jobs.len().saturating_sub(args.concurrency).max(half);
     let progress = Progress::new(jobs.len() as u64, &format!("{mode} requests"));
     let t0 = Instant::now();
@@ -190,18 +214,7 @@ fn soak(
         for _ in 0..args.concurrency {
             s.spawn(|| {
                 let mut session: Option<Session> = None;
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= jobs.len() {
-                        break;
-                    }
-                    if i == warm || i == half || i == late {
-                        samples
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push((i, sample()));
-                    }
-                    let job = &jobs[i];
+                let mut run_job = |job: &Job| {
                     let opts = GenerateOptions::greedy(job.max_new);
                     let result = match &scheduler {
                         Some(sched) => sched.generate(job.prompt.clone(), opts),
@@ -211,6 +224,37 @@ fn soak(
                         }
                         .and_then(|s| s.generate(model, &job.prompt, &opts, |_| {})),
                     };
+                    if args.leak_kib_per_request > 0 {
+                        std::mem::forget(vec![1u8; args.leak_kib_per_request << 10]);
+                    }
+                    result
+                };
+                let warm_up = run_job(longest);
+                if let Err(e) = &warm_up {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    progress.println(&format!("[{mode}] warm-up request FAILED: {e}"));
+                }
+                if warmed.wait().is_leader() {
+                    let start = sample();
+                    samples
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((START, start));
+                }
+                warmed.wait();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= jobs.len() {
+                        break;
+                    }
+                    if i == half || i == late {
+                        samples
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((i, sample()));
+                    }
+                    let job = &jobs[i];
+                    let result = run_job(job);
                     match result {
                         Ok(g) if g.tokens.len() == job.max_new => {
                             tokens.fetch_add(g.tokens.len(), Ordering::Relaxed);
@@ -245,7 +289,7 @@ fn soak(
     let mut taken = samples.into_inner().unwrap_or_else(|e| e.into_inner());
     taken.sort_by_key(|(i, _)| *i);
     let at = |n: usize| taken.iter().find(|(i, _)| *i == n).map_or(end, |(_, s)| *s);
-    let (start, middle, late) = (at(warm), at(half), at(late));
+    let (start, middle, late) = (at(START), at(half), at(late));
     let (failed, wrong) = (failed.into_inner(), wrong.into_inner());
     let mut problems = Vec::new();
     if failed > 0 {
@@ -254,11 +298,13 @@ fn soak(
     if wrong > 0 {
         problems.push(format!("{wrong} requests got the wrong token count"));
     }
-    if late.rss_mib - middle.rss_mib > args.rss_slack_mib {
-        problems.push(format!(
-            "RSS grew from {:.0} MiB (middle) to {:.0} MiB (late), more than {} MiB",
-            middle.rss_mib, late.rss_mib, args.rss_slack_mib
-        ));
+    for (when, before) in [("after warm-up", start), ("middle", middle)] {
+        if late.rss_mib - before.rss_mib > args.rss_slack_mib {
+            problems.push(format!(
+                "RSS grew from {:.0} MiB ({when}) to {:.0} MiB (late), more than {} MiB",
+                before.rss_mib, late.rss_mib, args.rss_slack_mib
+            ));
+        }
     }
     // Under load the counts must not grow; after the mode they must not exceed
     // the start (its client threads and engine are gone by then).
@@ -277,6 +323,8 @@ fn soak(
         wrong_count: wrong,
         generated_tokens: tokens.into_inner(),
         seconds,
+        warmup_positions,
+        kv_caches_mib: kv_bytes as f64 / (1 << 20) as f64,
         start,
         middle,
         late,
@@ -306,6 +354,9 @@ fn soak(
     );
     Ok(summary)
 }
+
+/// The key of the sample taken after warm-up (the others: a request index).
+const START: usize = usize::MAX;
 
 /// Resident memory, threads and open files of this process (Linux /proc;
 /// zeros elsewhere).

@@ -24,7 +24,9 @@ use std::sync::Mutex;
 use serde_json::{json, Value};
 
 pub use alloc::{CappedAlloc, ALLOC_CAP, LARGEST_ALLOC};
-pub use mutation::{apply, random_case, random_mutation, Family, Mutation, FAMILIES};
+pub use mutation::{
+    apply, grow_json, random_case, random_mutation, Bulk, Family, Mutation, Special, Target, FAMILIES,
+};
 
 use crate::weights::expected_shapes;
 use crate::{Error, Gpt2Config, Gpt2Model};
@@ -67,6 +69,8 @@ pub struct Case {
     pub config: Vec<u8>,
     /// The bytes of `model.safetensors`.
     pub file: Vec<u8>,
+    /// Files replaced by something else (the last one given wins).
+    pub replaced: Vec<(Target, Special)>,
 }
 
 /// What loading one case gave.
@@ -79,19 +83,48 @@ pub enum Outcome {
     ForwardFailed(Error),
 }
 
-fn write_fresh(path: &Path, bytes: &[u8]) {
+/// Removes whatever is at `path` (file, link, FIFO or directory).
+fn remove(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).expect("clear the fuzz directory"),
+        Ok(_) => std::fs::remove_file(path).expect("clear the fuzz directory"),
+        Err(_) => {}
+    }
+}
+
+fn write_fresh(path: &Path, bytes: &[u8], special: Option<Special>) {
     // Removed and created anew, never rewritten in place (no case's map is
     // alive by now anyway); also spares ext4's flush on replace-by-rename.
-    let _ = std::fs::remove_file(path);
-    std::fs::write(path, bytes).expect("write into the fuzz directory");
+    remove(path);
+    let made = match special {
+        None => std::fs::write(path, bytes),
+        Some(Special::Directory) => std::fs::create_dir(path),
+        #[cfg(unix)]
+        Some(Special::DevZero) => std::os::unix::fs::symlink("/dev/zero", path),
+        #[cfg(unix)]
+        Some(Special::Dangling) => std::os::unix::fs::symlink(path.with_extension("gone"), path),
+        #[cfg(unix)]
+        Some(Special::Fifo) => std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .and_then(|s| {
+                s.success()
+                    .then_some(())
+                    .ok_or(std::io::Error::other(s.to_string()))
+            }),
+        #[cfg(not(unix))]
+        Some(_) => Ok(()),
+    };
+    made.unwrap_or_else(|e| panic!("cannot make {} in the fuzz directory: {e}", path.display()));
 }
 
 /// Writes the case into `dir` and runs it: load, `check_finite`, and a
 /// forward pass of up to two tokens. A panic propagates to the caller.
 pub fn run_case(dir: &Path, case: &Case) -> Outcome {
-    write_fresh(&dir.join("config.json"), &case.config);
+    let special = |t: Target| case.replaced.iter().rev().find(|(f, _)| *f == t).map(|(_, k)| *k);
+    write_fresh(&dir.join("config.json"), &case.config, special(Target::Config));
     let weights = dir.join("model.safetensors");
-    write_fresh(&weights, &case.file);
+    write_fresh(&weights, &case.file, special(Target::Weights));
     let model = match Gpt2Model::load(dir) {
         Ok(model) => model,
         Err(e) => return Outcome::Rejected(e),

@@ -3,6 +3,7 @@
 use serde_json::{json, Value};
 
 use super::{Base, Case, MICRO_CONFIG};
+use crate::files::CONFIG_LIMIT;
 use crate::rng::Rng;
 
 /// One way to damage the checkpoint. Tensor indices count in file order,
@@ -51,6 +52,45 @@ pub enum Mutation {
     Splice { at: usize, bytes: Vec<u8> },
     /// Replace the whole file.
     Garbage(Vec<u8>),
+    /// Grow config.json to `len` bytes with `bulk` (the size, not the bytes,
+    /// is kept, so that a report stays short).
+    LargeConfig { bulk: Bulk, len: usize },
+    /// Grow the safetensors header by about `len` bytes of `bulk`, the
+    /// length field telling the truth: a large file the loader must not copy.
+    LargeHeader { bulk: Bulk, len: usize },
+    /// Put something that is not a regular file where a file should be.
+    NotAFile { file: Target, kind: Special },
+}
+
+/// What a large input is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bulk {
+    /// Spaces after the object's last field (valid JSON).
+    Whitespace,
+    /// A field `"pad"` holding a string of this length (valid JSON).
+    LongString,
+    /// A field `"pad"` holding arrays nested `len / 2` deep.
+    Nesting,
+}
+
+/// One of the two files of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Config,
+    Weights,
+}
+
+/// What stands in for a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Special {
+    /// A symbolic link to `/dev/zero`: endless zeros, length 0 (unix).
+    DevZero,
+    /// A named pipe nobody writes: opening it for reading blocks (unix).
+    Fifo,
+    /// A directory.
+    Directory,
+    /// A symbolic link to nothing (unix; elsewhere, no file).
+    Dangling,
 }
 
 /// A group of mutations, so that a test can aim at one part of the input.
@@ -64,10 +104,21 @@ pub enum Family {
     Bytes,
     /// A NaN or an infinity in a tensor's data.
     Poison,
+    /// Sizes past the limits, and files that are not regular: config.json
+    /// around [`CONFIG_LIMIT`], headers of up to 8 MiB, a link to
+    /// `/dev/zero`, a FIFO. A case of 1 MiB or more is one draw in 8, so
+    /// that a mixed run keeps its pace.
+    Large,
 }
 
 /// Every family.
-pub const FAMILIES: [Family; 4] = [Family::Config, Family::Header, Family::Bytes, Family::Poison];
+pub const FAMILIES: [Family; 5] = [
+    Family::Config,
+    Family::Header,
+    Family::Bytes,
+    Family::Poison,
+    Family::Large,
+];
 
 #[rustfmt::skip]
 const CONFIG_FIELDS: &[&str] = &[
@@ -208,7 +259,85 @@ pub fn random_mutation(rng: &mut Rng, family: Family) -> Mutation {
             index: rng.next_u64() as usize,
             value: *rng.pick(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY]),
         },
+        Family::Large => random_large(rng),
     }
+}
+
+/// A [`Family::Large`] mutation: one in 8 is 1 MiB or more.
+fn random_large(rng: &mut Rng) -> Mutation {
+    let bulk = *rng.pick(&[Bulk::Whitespace, Bulk::LongString, Bulk::Nesting]);
+    let limit = CONFIG_LIMIT as usize;
+    match rng.below(8) {
+        // Around the limit: one byte under, at, one over, twice.
+        0 => Mutation::LargeConfig {
+            bulk,
+            len: *rng.pick(&[limit - 1, limit, limit + 1, 2 * limit]),
+        },
+        1 => Mutation::LargeHeader {
+            bulk,
+            len: *rng.pick(&[1 << 20, 8 << 20]),
+        },
+        // Large for a config or header, small for a disk: 4-64 kB.
+        2 | 3 => Mutation::LargeConfig {
+            bulk,
+            len: 4096 << rng.below(5),
+        },
+        4 | 5 => Mutation::LargeHeader {
+            bulk,
+            len: 4096 << rng.below(5),
+        },
+        _ => {
+            let file = *rng.pick(&[Target::Config, Target::Weights]);
+            // A FIFO as model.safetensors blocks `File::open` in the loader
+            // (it does not check the kind first): drawn for config.json only
+            // until it does; `tests/loader_fuzz.rs` keeps the case, ignored.
+            let kinds: &[Special] = match file {
+                Target::Config => &[
+                    Special::DevZero,
+                    Special::Fifo,
+                    Special::Directory,
+                    Special::Dangling,
+                ],
+                Target::Weights => &[Special::DevZero, Special::Directory, Special::Dangling],
+            };
+            Mutation::NotAFile {
+                file,
+                kind: *rng.pick(kinds),
+            }
+        }
+    }
+}
+
+/// `json` (an object's text) grown by `bulk` to `len` bytes, or a little
+/// more where `len` is too small for the object and its bulk.
+pub fn grow_json(json: &str, bulk: Bulk, len: usize) -> Vec<u8> {
+    let body = json.trim_end().strip_suffix('}').unwrap_or(json);
+    let room = len.saturating_sub(json.len());
+    let mut out = Vec::with_capacity(len.max(json.len() + 16));
+    out.extend_from_slice(body.as_bytes());
+    match bulk {
+        Bulk::Whitespace => {
+            out.push(b'}');
+            out.resize(out.len() + room, b' ');
+        }
+        Bulk::LongString => {
+            // `,"pad":""` is 9 bytes.
+            out.extend_from_slice(b",\"pad\":\"");
+            out.resize(out.len() + room.saturating_sub(9), b'x');
+            out.extend_from_slice(b"\"}");
+        }
+        Bulk::Nesting => {
+            // `,"pad":` is 7 bytes, then `[` * depth and `]` * depth.
+            let depth = room.saturating_sub(7) / 2;
+            out.extend_from_slice(b",\"pad\":");
+            out.resize(out.len() + depth, b'[');
+            out.resize(out.len() + depth, b']');
+            out.push(b'}');
+        }
+    }
+    // Odd room for an even nesting: a space makes up the length.
+    out.resize(out.len().max(len), b' ');
+    out
 }
 
 /// The mutations of one case: 1..=max of them, from `families`, all drawn from `seed`.
@@ -254,6 +383,9 @@ pub fn apply(base: &Base, mutations: &[Mutation]) -> Case {
                 }
             }
             Mutation::ConfigBytes(b) => config_bytes = Some(b.clone()),
+            Mutation::LargeConfig { bulk, len } => {
+                config_bytes = Some(grow_json(&config.to_string(), *bulk, *len))
+            }
             Mutation::HeaderField { tensor, key, value } => {
                 if let Some((_, e)) = entries.get_mut(tensor % n) {
                     e[key.as_str()] = value.clone();
@@ -315,11 +447,30 @@ pub fn apply(base: &Base, mutations: &[Mutation]) -> Case {
         .chain(copies)
         .chain(entries);
     let items: Vec<String> = items.map(|(k, v)| format!("{}:{v}", Value::from(k))).collect();
-    let mut header = format!("{{{}}}", items.join(","));
+    let mut header = format!("{{{}}}", items.join(",")).into_bytes();
+    // Bulk goes into `__metadata__`, the one place a header may carry
+    // anything (string values only: nesting there is an error).
+    let mut replaced = Vec::new();
+    for m in mutations {
+        match m {
+            Mutation::LargeHeader { bulk, len } => {
+                let text = String::from_utf8(header).expect("the header is JSON text");
+                let (meta_end, rest) = text.split_at(text.find('}').expect("a metadata object") + 1);
+                let grown = grow_json(meta_end, *bulk, len + meta_end.len());
+                header = [grown.as_slice(), rest.as_bytes()].concat();
+            }
+            Mutation::NotAFile { file, kind } => replaced.push((*file, *kind)),
+            _ => {}
+        }
+    }
     // Pad with spaces as safetensors does, so that the data is 8-byte aligned.
-    header.push_str(&" ".repeat((8 - header.len() % 8) % 8 + pad));
-    let mut file = (header.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(header.as_bytes());
+    // (Reserved exactly: a doubled 16 MiB header would be the largest allocation.)
+    let spaces = (8 - header.len() % 8) % 8 + pad;
+    header.reserve_exact(spaces);
+    header.resize(header.len() + spaces, b' ');
+    let mut file = Vec::with_capacity(8 + header.len() + data.len());
+    file.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    file.extend_from_slice(&header);
     file.extend_from_slice(&data);
     for m in mutations {
         let len = file.len();
@@ -345,5 +496,6 @@ pub fn apply(base: &Base, mutations: &[Mutation]) -> Case {
     Case {
         config: config_bytes.unwrap_or_else(|| config.to_string().into_bytes()),
         file,
+        replaced,
     }
 }
