@@ -24,13 +24,7 @@ pub const TOKENIZER_LIMIT: u64 = 64 << 20;
 /// The whole of `path`, refusing anything but a regular file (after links)
 /// and anything longer than `limit` bytes.
 pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
-    let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::NotAFile {
-            path: path.to_owned(),
-            kind: file_kind(&meta),
-        });
-    }
+    let meta = check_regular(path)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut bytes = Vec::with_capacity(meta.len().min(limit) as usize);
     // One byte past the limit tells "exactly the limit" from "longer": the
@@ -45,6 +39,20 @@ pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
         });
     }
     Ok(bytes)
+}
+
+/// Fails, naming the file and what it is, unless `path` is a regular file
+/// (after links). Checked before opening: opening a FIFO for reading blocks
+/// until something writes to it.
+pub fn check_regular(path: &Path) -> Result<fs::Metadata> {
+    let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::NotAFile {
+            path: path.to_owned(),
+            kind: file_kind(&meta),
+        });
+    }
+    Ok(meta)
 }
 
 /// As [`read_bounded`], as UTF-8 text.

@@ -40,7 +40,7 @@ pub fn check(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     if 8 + n > file_len {
         return Err(bad(format!(
-            "the header claims {n} bytes, but the file has only {} after the length",
+            "invalid header length: the header claims {n} bytes, but the file has only {} after the length",
             file_len - 8
         )));
     }

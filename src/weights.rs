@@ -648,6 +648,8 @@ fn layer_field(canonical: &str, n_layer: usize) -> Option<&str> {
 
 /// Memory-maps `path` and checks every tensor against `config`.
 pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
+    // A FIFO would block the open; a device has no length to map.
+    crate::files::check_regular(path)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let bad = |msg: String| Error::Safetensors {

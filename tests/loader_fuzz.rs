@@ -331,7 +331,6 @@ fn large_inputs_and_special_files_are_named_errors() {
 /// (as `files::read_bounded` does for config.json).
 #[cfg(unix)]
 #[test]
-#[ignore = "weights::load blocks opening a FIFO (issue 20, item 6)"]
 fn a_fifo_as_model_safetensors_is_a_named_error() {
     let fifo = Mutation::NotAFile {
         file: Target::Weights,

@@ -298,7 +298,12 @@ fn random_large(rng: &mut Rng) -> Mutation {
                     Special::Directory,
                     Special::Dangling,
                 ],
-                Target::Weights => &[Special::DevZero, Special::Directory, Special::Dangling],
+                Target::Weights => &[
+                    Special::DevZero,
+                    Special::Fifo,
+                    Special::Directory,
+                    Special::Dangling,
+                ],
             };
             Mutation::NotAFile {
                 file,
