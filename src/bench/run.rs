@@ -42,39 +42,83 @@ pub enum ModeChoice {
     Both,
 }
 
-/// Everything a run is asked to do: the `throughput` flags, as given (see
-/// its `--help` for each).
-#[derive(Debug, Clone)]
+/// Everything a run is asked to do: the `throughput` flags (this struct is
+/// their clap definition, flattened into the binary's parser).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
+    #[command(flatten)]
     pub weights: WeightsArgs,
+    /// Exact number of tokens every request generates (EOS is ignored).
+    #[arg(long, default_value_t = 30)]
     pub max_new_tokens: usize,
+    /// Requests run before measuring, not counted.
+    #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Sequential requests in the single-request test.
+    #[arg(long, default_value_t = 5)]
     pub single_requests: usize,
-    /// `None`: 2,4, or 2,4,8,16,32 with `full`.
+    /// Concurrency levels of the concurrent tests (1 is the single-request test)
+    /// [default: 2,4, or 2,4,8,16,32 with --full].
+    #[arg(long, value_delimiter = ',')]
     pub levels: Option<Vec<usize>>,
+    /// Which execution modes to measure.
+    #[arg(long, value_enum, default_value = "both")]
     pub mode: ModeChoice,
+    /// Batched mode: most sequences decoded together.
+    #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
+    /// Batched mode: most prompt rows prefilled per step.
+    #[arg(long, default_value_t = 128)]
     pub max_prompt_rows: usize,
-    /// Poisson arrivals at this many requests per second; `None`: closed loop.
+    /// Open loop: requests arrive as a seeded Poisson process at this many per
+    /// second (each level still caps in-flight requests at its concurrency);
+    /// latency and TTFT count from the arrival, so queueing shows.
+    /// Default: closed loop (a client sends its next request when the last ends).
+    #[arg(long, value_name = "R")]
     pub request_rate: Option<f64>,
+    /// Seed of the Poisson arrivals.
+    #[arg(long, default_value_t = 0)]
     pub arrival_seed: u64,
+    /// Break the single-request test's time down by op (prefill and decode apart).
+    #[arg(long)]
     pub profile: bool,
+    /// Measure this machine's limits (read bandwidth, FMA peak, SGEMM) and
+    /// report achieved / limit for decode and prefill.
+    #[arg(long)]
     pub probe: bool,
-    /// `None`: 6, or 20 with `full`.
+    /// Requests per concurrency level, and at least the level itself, so
+    /// that every client runs one [default: 6, or 20 with --full].
+    #[arg(long)]
     pub requests_per_level: Option<usize>,
-    /// `None`: 1, or 3 with `full`.
+    /// Repetitions of every test [default: 1, or 3 with --full].
+    #[arg(long)]
     pub repetitions: Option<usize>,
+    /// More requests per level and repetitions with spread (stddev, min, max).
+    #[arg(long)]
     pub full: bool,
+    /// Prompt of the single-request test.
+    #[arg(long, default_value = "Hello, how are you?")]
     pub prompt: String,
-    /// Empty: [`DEFAULT_CONCURRENT_PROMPTS`].
+    /// Prompts rotated in the concurrent tests (repeat the flag) [default: 3 built-in prompts].
+    #[arg(long = "concurrent-prompt", value_name = "TEXT")]
     pub concurrent_prompts: Vec<String>,
+    /// How compute threads are organised.
+    #[arg(long, value_enum, default_value = "shared")]
     pub pool: PoolLayout,
+    /// Threads of the shared pool, or of each request's pool (see --pool).
+    #[arg(long)]
     pub threads_per_request: Option<usize>,
+    /// Allow more busy compute threads than cores (per-request pools only).
+    #[arg(long)]
     pub oversubscribe: bool,
     /// Print only the JSON report on stdout.
+    #[arg(long)]
     pub json: bool,
+    /// Directory for the JSON, Markdown and SVG outputs.
+    #[arg(long, default_value = "data/benchmarks")]
     pub out_dir: PathBuf,
-    /// `NAME=VALUE` overrides of the pass/fail targets.
+    /// Override a pass/fail target, e.g. `--target single_tokens_per_s=50` (repeatable).
+    #[arg(long = "target", value_name = "NAME=VALUE")]
     pub targets: Vec<String>,
 }
 
