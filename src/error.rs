@@ -46,7 +46,7 @@ pub enum Error {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
-    #[error("{}: tensor `{tensor}` has unsupported dtype {dtype}: only F32 checkpoints are supported", path.display())]
+    #[error("{}: tensor `{tensor}` has unsupported dtype {dtype}: only F32, BF16 and F16 checkpoints are supported", path.display())]
     Dtype {
         path: PathBuf,
         tensor: String,

@@ -51,17 +51,62 @@ enum Storage {
         start: usize,
         len: usize,
     },
+    /// `len` 16-bit values (BF16 or F16) at byte offset `start` of the file
+    /// map, converted to f32 when read ([`Tensor::values`]): a matrix only
+    /// to be packed, one at a time, or a kept tensor copied as f32 at load.
+    Half {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+        dtype: Half,
+    },
     /// A copy, made when the bytes in the file were misaligned.
     Owned(Arc<Vec<f32>>),
 }
 
+/// The 16-bit float formats a checkpoint may be stored in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Half {
+    Bf16,
+    F16,
+}
+
+impl Half {
+    /// `bytes` (little-endian 16-bit values) as f32, exactly: every BF16 and
+    /// F16 value is an f32 value, NaN and infinities included.
+    fn to_f32(self, bytes: &[u8], out: &mut Vec<f32>) {
+        let bits = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        match self {
+            Half::Bf16 => out.extend(bits.map(|b| half::bf16::from_bits(b).to_f32())),
+            Half::F16 => out.extend(bits.map(|b| half::f16::from_bits(b).to_f32())),
+        }
+    }
+}
+
 impl Tensor {
-    /// The values, row-major.
+    /// The values, row-major. Only for f32 storage: a 16-bit tensor is read
+    /// through [`Tensor::values`] (the model keeps none; see [`load`]).
     pub fn data(&self) -> &[f32] {
         match &self.storage {
             // Alignment was checked when the tensor was made, so this cannot fail.
             Storage::Mapped { map, start, len } => bytemuck::cast_slice(&map[*start..*start + len * 4]),
             Storage::Owned(v) => v,
+            Storage::Half { .. } => unreachable!("a 16-bit tensor is read through values()"),
+        }
+    }
+
+    /// The values `from..to` (in elements) as f32: borrowed when stored as
+    /// f32, converted when stored as BF16 or F16.
+    fn values(&self, from: usize, to: usize) -> std::borrow::Cow<'_, [f32]> {
+        match &self.storage {
+            Storage::Half {
+                map, start, dtype, ..
+            } => {
+                let mut out = Vec::with_capacity(to - from);
+                dtype.to_f32(&map[start + 2 * from..start + 2 * to], &mut out);
+                std::borrow::Cow::Owned(out)
+            }
+            _ => std::borrow::Cow::Borrowed(&self.data()[from..to]),
         }
     }
 
@@ -76,7 +121,7 @@ impl Tensor {
 
     /// Whether the values are read in place from the memory map.
     pub fn is_mapped(&self) -> bool {
-        matches!(self.storage, Storage::Mapped { .. })
+        matches!(self.storage, Storage::Mapped { .. } | Storage::Half { .. })
     }
 
     /// A tensor with no values, standing in while [`gpt2`] is only planned.
@@ -91,18 +136,23 @@ impl Tensor {
     /// Asks the OS to drop this tensor's resident pages of the file map
     /// (whole pages inside the tensor only). A no-op for copies.
     fn release_pages(&self) {
-        self.release_range(0, self.shape.iter().product());
+        self.release_range(0, self.len());
     }
 
     /// As [`Tensor::release_pages`], for the floats `from..to` only.
     fn release_range(&self, from: usize, to: usize) {
         const PAGE: usize = 4096;
-        if let Storage::Mapped { map, start, len } = &self.storage {
+        let (map, start, len, size) = match &self.storage {
+            Storage::Mapped { map, start, len } => (map, start, len, 4),
+            Storage::Half { map, start, len, .. } => (map, start, len, 2),
+            Storage::Owned(_) => return,
+        };
+        {
             let to = to.min(*len);
             let base = map.as_ptr() as usize;
             let (lo, hi) = (
-                (base + start + from * 4).next_multiple_of(PAGE),
-                (base + start + to * 4) / PAGE * PAGE,
+                (base + start + from * size).next_multiple_of(PAGE),
+                (base + start + to * size) / PAGE * PAGE,
             );
             if hi > lo {
                 // SAFETY: the map is private, read-only and never written, so
@@ -121,13 +171,18 @@ impl Tensor {
     /// already owned is shared, not copied again).
     fn detached(&self) -> Tensor {
         match &self.storage {
-            Storage::Mapped { .. } => Tensor {
-                storage: Storage::Owned(Arc::new(self.data().to_vec())),
+            Storage::Mapped { .. } | Storage::Half { .. } => Tensor {
+                storage: Storage::Owned(Arc::new(self.values(0, self.len()).into_owned())),
                 shape: self.shape.clone(),
                 name: self.name.clone(),
             },
             Storage::Owned(_) => self.clone(),
         }
+    }
+
+    /// Elements.
+    fn len(&self) -> usize {
+        self.shape.iter().product()
     }
 }
 
@@ -163,7 +218,8 @@ pub struct Weights {
     /// Every tensor by canonical name, in checkpoint order, as
     /// [`Weights::check_finite`] reads it.
     params: Vec<(String, Param)>,
-    /// Bytes read in place from the map, and bytes copied because misaligned.
+    /// Bytes read in place from the map, and bytes of f32 made by copying
+    /// (misaligned f32, or converted from BF16/F16).
     pub mapped_bytes: usize,
     pub copied_bytes: usize,
     /// Bytes of the packed copies (in anonymous memory).
@@ -532,11 +588,11 @@ impl<'s, 'f> Vb<'s, 'f> {
                     const SLAB: usize = 64 * PANEL;
                     for (i, slab) in dst.chunks_mut(SLAB * k).enumerate() {
                         let (from, to) = (i * SLAB, ((i + 1) * SLAB).min(n));
-                        pack_panels_t(slab, &weight.data()[from * k..to * k], k, to - from);
+                        pack_panels_t(slab, &weight.values(from * k, to * k), k, to - from);
                         weight.release_range(from * k, to * k);
                     }
                 } else {
-                    pack_panels(dst, weight.data(), k, n);
+                    pack_panels(dst, &weight.values(0, k * n), k, n);
                 }
                 *offset += len;
                 // Nothing reads these pages again (tied, the token embeddings
@@ -699,13 +755,18 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
                 tensor: name.to_owned(),
             });
         };
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::Dtype {
-                path: path.to_owned(),
-                tensor: name.to_owned(),
-                dtype: format!("{:?}", view.dtype()),
-            });
-        }
+        let half = match view.dtype() {
+            Dtype::F32 => None,
+            Dtype::BF16 => Some(Half::Bf16),
+            Dtype::F16 => Some(Half::F16),
+            other => {
+                return Err(Error::Dtype {
+                    path: path.to_owned(),
+                    tensor: name.to_owned(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
         if view.shape() != shape {
             return Err(Error::Shape {
                 path: path.to_owned(),
@@ -723,7 +784,16 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
             });
         }
         let bytes = view.data();
-        let storage = if bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok() {
+        let storage = if let Some(dtype) = half {
+            // Read as f32 when packed or kept (`Tensor::values`).
+            copied_bytes += bytes.len() * 2;
+            Storage::Half {
+                map: Arc::clone(&map),
+                start: bytes.as_ptr() as usize - map.as_ptr() as usize,
+                len: bytes.len() / 2,
+                dtype,
+            }
+        } else if bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok() {
             mapped_bytes += bytes.len();
             Storage::Mapped {
                 map: Arc::clone(&map),

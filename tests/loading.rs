@@ -234,16 +234,112 @@ fn a_config_that_disagrees_with_the_tensors_is_a_shape_error() {
 }
 
 #[test]
-fn half_precision_is_an_unsupported_dtype() {
-    let mut tensors = micro_tensors("transformer.");
-    for t in tensors.iter_mut().filter(|t| t.0 == "transformer.wte.weight") {
-        t.1 = "F16";
-        t.3.truncate(t.3.len() / 2);
+fn a_dtype_we_cannot_read_is_named() {
+    for (dtype, size) in [("I8", 1), ("F64", 8)] {
+        let mut tensors = micro_tensors("transformer.");
+        for t in tensors.iter_mut().filter(|t| t.0 == "transformer.wte.weight") {
+            t.1 = dtype;
+            t.3.resize(t.3.len() / 4 * size, 0);
+        }
+        let err = load_err(&checkpoint("load-bad-dtype", MICRO, &tensors, 0));
+        let msg = err.to_string();
+        assert!(
+            matches!(err, Error::Dtype { .. })
+                && msg.contains(dtype)
+                && msg.contains("wte")
+                && msg.contains("model.safetensors"),
+            "{msg}"
+        );
     }
-    let err = load_err(&checkpoint("load-f16", MICRO, &tensors, 0));
+}
+
+/// The tiny synthetic checkpoint with every tensor rounded to `dtype` (BF16
+/// or F16, round to nearest even), written twice: stored in that dtype, and
+/// stored as f32 holding exactly the rounded values.
+fn rounded_checkpoints(dtype: safetensors::Dtype) -> (std::path::PathBuf, std::path::PathBuf) {
+    use safetensors::tensor::TensorView;
+    let src = common::synth_dir(gpt2::synth::Preset::Tiny, 0);
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tag = format!("{dtype:?}").to_lowercase();
+    let (half_dir, f32_dir) = (
+        scratch_dir(&format!("load-{tag}")),
+        scratch_dir(&format!("load-{tag}-as-f32")),
+    );
+    let mut halves: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut rounded: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()));
+        let (mut h, mut r) = (Vec::new(), Vec::new());
+        for v in values {
+            let (bits, back) = match dtype {
+                safetensors::Dtype::BF16 => {
+                    let x = half::bf16::from_f32(v);
+                    (x.to_bits(), x.to_f32())
+                }
+                _ => {
+                    let x = half::f16::from_f32(v);
+                    (x.to_bits(), x.to_f32())
+                }
+            };
+            h.extend_from_slice(&bits.to_le_bytes());
+            r.extend_from_slice(&back.to_le_bytes());
+        }
+        halves.push((name.clone(), view.shape().to_vec(), h));
+        rounded.push((name, view.shape().to_vec(), r));
+    }
+    let write = |dir: &Path, dt, tensors: &[(String, Vec<usize>, Vec<u8>)]| {
+        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .map(|(n, shape, b)| (n.clone(), TensorView::new(dt, shape.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    };
+    write(&half_dir, dtype, &halves);
+    write(&f32_dir, safetensors::Dtype::F32, &rounded);
+    (half_dir, f32_dir)
+}
+
+/// BF16 and F16 checkpoints are read natively (converted exactly to f32 as
+/// they are packed): the same logits, bit for bit, as an f32 file holding
+/// the same values.
+#[test]
+fn bf16_and_f16_checkpoints_load_as_their_exact_f32_values() {
+    for dtype in [safetensors::Dtype::BF16, safetensors::Dtype::F16] {
+        let (half_dir, f32_dir) = rounded_checkpoints(dtype);
+        let half = Gpt2Model::load(&half_dir).unwrap();
+        let full = Gpt2Model::load(&f32_dir).unwrap();
+        let tokens = [15496, 11, 703, 389, 50256];
+        assert_eq!(
+            half.logits_all(&tokens, 8).unwrap(),
+            full.logits_all(&tokens, 8).unwrap(),
+            "{dtype:?}"
+        );
+        assert!(
+            !half.weights.embed.wpe.is_mapped(),
+            "{dtype:?}: still reads the file"
+        );
+    }
+}
+
+/// A BF16 tensor whose bytes do not match its shape is named, with its dtype.
+#[test]
+fn a_bf16_tensor_of_the_wrong_size_is_named() {
+    let mut tensors = micro_tensors("");
+    for t in tensors.iter_mut().filter(|t| t.0 == "h.0.mlp.c_fc.weight") {
+        t.1 = "BF16";
+        t.3.truncate(t.3.len() / 2 - 2);
+    }
+    let err = load_err(&checkpoint("load-bf16-size", MICRO, &tensors, 0));
     let msg = err.to_string();
     assert!(
-        matches!(err, Error::Dtype { .. }) && msg.contains("F16") && msg.contains("wte"),
+        msg.contains("model.safetensors")
+            && msg.contains("`h.0.mlp.c_fc.weight`")
+            && msg.contains("of BF16 needs"),
         "{msg}"
     );
 }
