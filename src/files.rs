@@ -41,6 +41,16 @@ pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The hex digest `D` of `prefix` followed by the bytes of `path`,
+/// streamed; errors name the file.
+pub fn hex_digest<D: sha2::Digest + Write>(path: &Path, prefix: &[u8]) -> Result<String> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = D::new();
+    hasher.update(prefix);
+    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Fails, naming the file and what it is, unless `path` is a regular file
 /// (after links). Checked before opening: opening a FIFO for reading blocks
 /// until something writes to it.

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 use crate::error::{Error, Result};
 use crate::synth::{self, Preset};
@@ -333,34 +333,17 @@ pub fn expected_from_blob(path: &Path) -> Result<Expected> {
 /// Hashes `path` (streaming, 1 MiB at a time) and fails on a mismatch,
 /// naming the file and both digests.
 pub fn verify_file(path: &Path, expected: &Expected) -> Result<()> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut buf = vec![0u8; 1 << 20];
+    use crate::files::hex_digest;
     let (what, want, got) = match expected {
-        Expected::Sha256(want) => {
-            let mut h = Sha256::new();
-            loop {
-                let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            ("sha256", want, hex(&h.finalize()))
-        }
+        Expected::Sha256(want) => ("sha256", want, hex_digest::<Sha256>(path, b"")?),
         Expected::GitBlob(want) => {
-            use sha1::Sha1;
-            let mut h = Sha1::new();
-            h.update(format!("blob {len}\0").as_bytes());
-            loop {
-                let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            ("git blob id", want, hex(&h.finalize()))
+            let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+            let header = format!("blob {len}\0");
+            (
+                "git blob id",
+                want,
+                hex_digest::<sha1::Sha1>(path, header.as_bytes())?,
+            )
         }
     };
     if got != *want {
@@ -372,10 +355,6 @@ pub fn verify_file(path: &Path, expected: &Expected) -> Result<()> {
         });
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One file through `hf-hub`, on a helper thread so that a stalled connection

@@ -525,7 +525,9 @@ impl Gpt2Model {
 
     /// Logits `(T, V)` for every position of `tokens`, run from an empty cache
     /// in chunks of at most `chunk` rows. For checking against other
-    /// implementations (`gpt2 logits`) and for tests.
+    /// implementations (`gpt2 logits`) and for tests. A NaN or infinite
+    /// logit (weights or activations that overflow f32) is an error naming
+    /// its position and vocabulary index, not a value to print.
     pub fn logits_all(&self, tokens: &[u32], chunk: usize) -> Result<Vec<f32>> {
         let mut cache = self.new_cache()?;
         let mut scratch = self.new_scratch(chunk)?;
@@ -543,6 +545,14 @@ impl Gpt2Model {
                 })
                 .collect();
             out.extend_from_slice(self.forward(&rows, &mut [&mut cache], &mut scratch)?);
+        }
+        let v = self.config.vocab_size;
+        if let Some((i, &value)) = out.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(Error::NonFiniteOutput {
+                position: i / v,
+                index: i % v,
+                value,
+            });
         }
         Ok(out)
     }

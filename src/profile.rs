@@ -220,11 +220,16 @@ impl<'p> Timer<'p> {
     }
 }
 
+/// A number field of this process's `/proc/self/status` (Linux), e.g.
+/// `VmRSS:` or `Threads:` (memory fields are in KiB); `None` elsewhere.
+pub fn proc_status(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix(field))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
 /// This process's peak resident set size in bytes (`VmHWM`), where the OS
 /// tells it (Linux); `None` elsewhere.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    proc_status("VmHWM:").map(|kib| kib * 1024)
 }

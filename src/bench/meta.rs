@@ -4,14 +4,11 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 /// The SHA-256 of a file, in hex; the error names the file.
 pub fn sha256_file(path: &Path) -> Result<String, String> {
-    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok(format!("{:x}", hasher.finalize()))
+    crate::files::hex_digest::<Sha256>(path, b"").map_err(|e| e.to_string())
 }
 
 /// The commit of the source tree this binary was built from, `-dirty` if

@@ -85,7 +85,7 @@ pub fn run_test<B: Backend>(
     let next = AtomicUsize::new(0);
     let gate = Gate::default();
     let t0 = Instant::now();
-    let (records, spawn_error) = std::thread::scope(|s| {
+    let (mut records, spawn_error) = std::thread::scope(|s| {
         let mut handles = Vec::with_capacity(load.concurrency);
         let mut spawn_error = None;
         for client in 0..load.concurrency {
@@ -119,7 +119,6 @@ pub fn run_test<B: Backend>(
     if let Some(e) = spawn_error {
         return Err(e);
     }
-    let mut records = records;
     records.sort_by_key(|r| r.index);
     let start = records.iter().map(|r| r.start_ms).fold(f64::INFINITY, f64::min);
     let end = records

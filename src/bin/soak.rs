@@ -361,17 +361,9 @@ const START: usize = usize::MAX;
 /// Resident memory, threads and open files of this process (Linux /proc;
 /// zeros elsewhere).
 fn sample() -> Sample {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| -> f64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let field = |name: &str| gpt2::profile::proc_status(name).unwrap_or(0);
     Sample {
-        rss_mib: field("VmRSS:") / 1024.0,
+        rss_mib: field("VmRSS:") as f64 / 1024.0,
         threads: field("Threads:") as usize,
         fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()),
     }
