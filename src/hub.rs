@@ -53,6 +53,15 @@ pub struct WeightsArgs {
     pub tokenizer: Option<PathBuf>,
 }
 
+/// `--dtype`: the format the linear layers' weights are converted to at load.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct DtypeArgs {
+    /// Weight format of the linear layers and the LM head: f32, bf16 or int8
+    /// (activations, biases, norms, attention and the KV cache stay f32).
+    #[arg(long, default_value_t = crate::Dtype::F32)]
+    pub dtype: crate::Dtype,
+}
+
 /// Where the weights in use came from; printed with every output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WeightsSource {

@@ -32,6 +32,7 @@ pub mod weights;
 pub use config::Gpt2Config;
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Session, StopReason};
+pub use gpt2_kernels::Dtype;
 pub use model::{Gpt2Model, KvCache, Row, Scratch};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{RequestHandle, Scheduler, SchedulerConfig};

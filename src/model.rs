@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gpt2_kernels::attention_head;
+use gpt2_kernels::{attention_head, Dtype};
 use rayon::prelude::*;
 
 use crate::config::Gpt2Config;
@@ -351,17 +351,28 @@ impl<'r> Attention<'r> {
 impl Gpt2Model {
     /// Loads `config.json` and `model.safetensors` from a checkpoint directory.
     pub fn load(dir: &Path) -> Result<Self> {
-        let (config_path, weights_path) = weights::checkpoint_files(dir);
-        Self::load_files(&config_path, &weights_path)
+        Self::load_with(dir, Dtype::F32)
     }
 
-    pub fn load_files(config_path: &Path, weights_path: &Path) -> Result<Self> {
+    /// [`Gpt2Model::load`] with the linear layers' weights converted to
+    /// `dtype` as they are packed.
+    pub fn load_with(dir: &Path, dtype: Dtype) -> Result<Self> {
+        let (config_path, weights_path) = weights::checkpoint_files(dir);
+        Self::load_files(&config_path, &weights_path, dtype)
+    }
+
+    pub fn load_files(config_path: &Path, weights_path: &Path, dtype: Dtype) -> Result<Self> {
         let config = Gpt2Config::from_file(config_path)?;
-        let weights = weights::load(weights_path, &config)?;
+        let weights = weights::load(weights_path, &config, dtype)?;
         // One pass over every weight: NaN or infinity is refused at load, not
         // discovered as garbage logits; the first token would read them all anyway.
         weights.check_finite(weights_path)?;
         Ok(Gpt2Model { config, weights })
+    }
+
+    /// The format of the linear layers' packed weights.
+    pub fn dtype(&self) -> Dtype {
+        self.weights.dtype
     }
 
     /// A KV cache for one sequence (see [`KvCache::new`]).

@@ -21,9 +21,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use gpt2_kernels::Dtype;
 use gpt2_kernels::{pack_panels, pack_panels_t, packed_len, unpack_column, PANEL};
 use memmap2::{Mmap, MmapMut};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::{Dtype as FileDtype, SafeTensors};
 
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
@@ -224,6 +225,8 @@ pub struct Weights {
     pub copied_bytes: usize,
     /// Bytes of the packed copies (in anonymous memory).
     pub packed_bytes: usize,
+    /// The format of the packed matrices.
+    pub dtype: Dtype,
 }
 
 /// Where [`Weights::check_finite`] reads a tensor's values.
@@ -341,6 +344,7 @@ fn gpt2(vb: &Vb, config: &Gpt2Config, n_layer: usize) -> Result<Weights> {
         mapped_bytes: 0,
         copied_bytes: 0,
         packed_bytes: 0,
+        dtype: Dtype::F32,
     })
 }
 
@@ -703,7 +707,7 @@ fn layer_field(canonical: &str, n_layer: usize) -> Option<&str> {
 }
 
 /// Memory-maps `path` and checks every tensor against `config`.
-pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
+pub fn load(path: &Path, config: &Gpt2Config, dtype: Dtype) -> Result<Weights> {
     // A FIFO would block the open; a device has no length to map.
     crate::files::check_regular(path)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
@@ -756,9 +760,9 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
             });
         };
         let half = match view.dtype() {
-            Dtype::F32 => None,
-            Dtype::BF16 => Some(Half::Bf16),
-            Dtype::F16 => Some(Half::F16),
+            FileDtype::F32 => None,
+            FileDtype::BF16 => Some(Half::Bf16),
+            FileDtype::F16 => Some(Half::F16),
             other => {
                 return Err(Error::Dtype {
                     path: path.to_owned(),
@@ -868,6 +872,7 @@ pub fn load(path: &Path, config: &Gpt2Config) -> Result<Weights> {
         mapped_bytes,
         copied_bytes,
         packed_bytes: total * 4,
+        dtype,
         ..weights
     })
 }

@@ -16,6 +16,7 @@
 
 mod arch;
 pub mod attention;
+pub mod dtype;
 pub mod elementwise;
 pub mod matmul;
 pub mod probe;
@@ -24,6 +25,7 @@ pub mod reference;
 mod test_data;
 
 pub use attention::{attention_head, softmax_inplace};
+pub use dtype::{Dtype, UnknownDtype};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};
 pub use matmul::{
     dot, linear, linear_packed, linear_sgemm, matmul_bt, pack_panels, pack_panels_t, packed_len,
