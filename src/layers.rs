@@ -6,7 +6,7 @@
 //! width, V vocabulary, P positions; a linear layer maps K inputs to N
 //! outputs.
 
-use gpt2_kernels::{add_assign, gelu_inplace, layernorm, linear_packed, unpack_column};
+use gpt2_kernels::{add_assign, gelu_inplace, layernorm, linear_panels};
 
 use crate::model::Row;
 use crate::profile::{Op, Timer};
@@ -14,9 +14,10 @@ use crate::weights::{Packed, Tensor};
 
 const F32: usize = std::mem::size_of::<f32>();
 
-/// `out (M, N) = x (M, K) W + b`, with `W` packed in column panels.
+/// `out (M, N) = x (M, K) W + b`, with `W` packed in column panels, in the
+/// run's dtype.
 pub struct PackedLinear {
-    panels: Packed,       // packed_len(K, N) floats: W (K, N) in column panels
+    panels: Packed,       // W (K, N) in column panels: packed_bytes(dtype, K, N)
     bias: Option<Tensor>, // (N); none for the LM head
     k: usize,
     n: usize,
@@ -25,7 +26,7 @@ pub struct PackedLinear {
 
 impl PackedLinear {
     /// A layer over `panels` (a `[k, n]` weight packed by
-    /// `gpt2_kernels::pack_panels` or `pack_panels_t`), profiled as `op`.
+    /// `gpt2_kernels::pack` or `pack_t`), profiled as `op`.
     pub(crate) fn new(panels: Packed, bias: Option<Tensor>, k: usize, n: usize, op: Op) -> Self {
         PackedLinear {
             panels,
@@ -46,11 +47,11 @@ impl PackedLinear {
         (self.k, self.n)
     }
 
-    /// Bytes of weights one call reads: the matrix (without its panels'
-    /// padding) and the bias.
+    /// Bytes of weights one call reads: the matrix in its dtype (without its
+    /// panels' padding; int8 with its scales) and the f32 bias.
     pub fn bytes(&self) -> usize {
         let bias = if self.bias.is_some() { self.n } else { 0 };
-        (self.k * self.n + bias) * F32
+        self.panels.dtype().weight_bytes(self.k, self.n) + bias * F32
     }
 
     /// Multiply-adds of one call over `m` rows, two FLOPs each.
@@ -64,7 +65,7 @@ impl PackedLinear {
     pub fn forward(&self, out: &mut [f32], x: &[f32], m: usize, t: &mut Timer<'_>) {
         t.time(self.op, self.bytes(), self.flops(m), || {
             let bias = self.bias.as_ref().map(Tensor::data);
-            linear_packed(out, x, self.panels.data(), bias, m, self.k, self.n)
+            linear_panels(out, x, self.panels.panels(), bias, m, self.k, self.n)
         })
     }
 }
@@ -113,10 +114,12 @@ pub struct Embeddings {
 
 /// Where the token embeddings `wte (V, C)` are read from.
 enum TokenTable {
-    /// The tied LM head's panels (`wte` transposed, `(C, V)` packed): the
-    /// file's pages of `wte` were handed back after packing, and reading them
-    /// again would grow resident memory as prompts touch more of the
-    /// vocabulary.
+    /// The tied LM head's panels (`wte` transposed, `(C, V)` packed), read
+    /// back as f32 (exactly as the LM head uses them: in bf16 or int8, the
+    /// rounded values): the file's pages of `wte` were handed back after
+    /// packing, and reading them again would grow resident memory as prompts
+    /// touch more of the vocabulary (an f32 copy would cost 154 MB beside a
+    /// 39 MB int8 head).
     Tied(Packed),
     /// `wte (V, C)` as loaded, when the checkpoint has its own LM head.
     Untied(Tensor),
@@ -147,7 +150,7 @@ impl Embeddings {
     pub fn token(&self, dst: &mut [f32], tok: usize) {
         let c = dst.len();
         match &self.wte {
-            TokenTable::Tied(panels) => unpack_column(dst, panels.data(), c, tok),
+            TokenTable::Tied(panels) => panels.panels().unpack_column(dst, c, tok),
             TokenTable::Untied(wte) => dst.copy_from_slice(&wte.data()[tok * c..(tok + 1) * c]),
         }
     }

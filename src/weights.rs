@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use gpt2_kernels::Dtype;
-use gpt2_kernels::{pack_panels, pack_panels_t, packed_len, unpack_column, PANEL};
+use gpt2_kernels::{pack, pack_t, packed_bytes, Panels, PanelsMut, PANEL};
 use memmap2::{Mmap, MmapMut};
 use safetensors::{Dtype as FileDtype, SafeTensors};
 
@@ -188,15 +188,29 @@ impl Tensor {
 }
 
 /// A `[K, N]` weight packed in column panels for
-/// [`gpt2_kernels::linear_packed`]: `gpt2_kernels::packed_len(K, N)` floats of
-/// the one anonymous map that holds every layer's panels.
+/// [`gpt2_kernels::linear_panels`], in the run's [`Dtype`]:
+/// `gpt2_kernels::packed_bytes(dtype, K, N)` bytes of the one anonymous map
+/// that holds every layer's panels. Cloning shares them.
 #[derive(Clone)]
-pub struct Packed(Tensor);
+pub struct Packed {
+    /// `None` in the layers a plan or the packing pass builds (and drops).
+    map: Option<Arc<Mmap>>,
+    start: usize,
+    dtype: Dtype,
+    k: usize,
+    n: usize,
+}
 
 impl Packed {
-    /// The panels.
-    pub fn data(&self) -> &[f32] {
-        self.0.data()
+    /// The panels, as the kernels read them.
+    pub fn panels(&self) -> Panels<'_> {
+        let bytes = packed_bytes(self.dtype, self.k, self.n);
+        let map = self.map.as_ref().expect("only the loaded model's layers are run");
+        Panels::from_bytes(self.dtype, &map[self.start..self.start + bytes], self.k, self.n)
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
     }
 }
 
@@ -232,41 +246,44 @@ pub struct Weights {
 /// Where [`Weights::check_finite`] reads a tensor's values.
 enum Param {
     Tensor(Tensor),
-    /// A matrix, read in its panels (`[K, N]`; `transposed`: stored `[N, K]`).
+    /// A matrix, read in its panels (`[K, N]`; `transposed`: stored `[N, K]`),
+    /// as converted to the run's dtype.
     Panels {
         panels: Packed,
-        k: usize,
-        n: usize,
         transposed: bool,
     },
 }
 
 impl Param {
-    fn data(&self) -> &[f32] {
+    /// Whether any value is NaN or infinite: a branch-free scan (exponent
+    /// bits all ones), in parallel; the element is located only after.
+    fn any_non_finite(&self) -> bool {
+        use rayon::prelude::*;
         match self {
-            Param::Tensor(t) => t.data(),
-            Param::Panels { panels, .. } => panels.data(),
+            Param::Tensor(t) => t.data().par_chunks(1 << 16).any(|c| {
+                c.iter()
+                    .fold(false, |acc, v| acc | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000))
+            }),
+            Param::Panels { panels, .. } => panels.panels().any_non_finite(),
         }
     }
 
     /// The first NaN or infinity, by its row-major index in the tensor as
-    /// stored in the file.
+    /// stored in the file (in a matrix converted to int8, a column with one
+    /// has a non-finite scale: its first element is reported).
     fn first_non_finite(&self) -> Option<(usize, f32)> {
-        let (panels, k, n, transposed) = match self {
+        let (panels, transposed) = match self {
             Param::Tensor(t) => {
                 return t.data().iter().copied().enumerate().find(|(_, v)| !v.is_finite());
             }
-            Param::Panels {
-                panels,
-                k,
-                n,
-                transposed,
-            } => (panels.data(), *k, *n, *transposed),
+            Param::Panels { panels, transposed } => (panels, *transposed),
         };
+        let (k, n) = (panels.k, panels.n);
+        let panels = panels.panels();
         let mut column = vec![0.0; k];
         let mut first: Option<(usize, f32)> = None;
         for j in 0..n {
-            unpack_column(&mut column, panels, k, j);
+            panels.unpack_column(&mut column, k, j);
             let Some((i, &v)) = column.iter().enumerate().find(|(_, v)| !v.is_finite()) else {
                 continue;
             };
@@ -289,15 +306,8 @@ impl Weights {
     /// scanned in its panels, which hold the same values (plus zero padding)
     /// and are what the kernels read.
     pub fn check_finite(&self, path: &Path) -> Result<()> {
-        use rayon::prelude::*;
         for (name, param) in &self.params {
-            // A branch-free scan that vectorises (exponent bits all ones means
-            // NaN or infinity), in parallel; the element is located only after.
-            let bad = param.data().par_chunks(1 << 16).any(|c| {
-                c.iter()
-                    .fold(false, |acc, v| acc | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000))
-            });
-            if !bad {
+            if !param.any_non_finite() {
                 continue;
             }
             if let Some((index, value)) = param.first_non_finite() {
@@ -370,11 +380,13 @@ fn block(vb: &Vb, config: &Gpt2Config) -> Result<Block> {
 struct Vb<'s, 'f> {
     prefix: String,
     store: &'s RefCell<Store<'f>>,
+    /// The format the matrices are packed in.
+    dtype: Dtype,
 }
 
 /// What a run of [`gpt2`] does with the tensors it names.
 enum Store<'f> {
-    /// Lists the names with their shapes and adds up the panels' size; with
+    /// Lists the names with their shapes and adds up the panels' bytes; with
     /// a file, also fails on the first tensor missing from it. Hands out
     /// placeholders (without a file) or shared views.
     Plan {
@@ -386,7 +398,7 @@ enum Store<'f> {
     /// then hands its file pages back to the OS.
     Pack {
         found: &'f Found,
-        panels: &'f mut [f32],
+        panels: &'f mut [u8],
         offset: usize,
     },
     /// Takes the tensors out of the file's set; the matrices become views of
@@ -439,10 +451,11 @@ impl Found {
 }
 
 impl<'s, 'f> Vb<'s, 'f> {
-    fn new(store: &'s RefCell<Store<'f>>) -> Self {
+    fn new(store: &'s RefCell<Store<'f>>, dtype: Dtype) -> Self {
         Vb {
             prefix: String::new(),
             store,
+            dtype,
         }
     }
 
@@ -451,6 +464,7 @@ impl<'s, 'f> Vb<'s, 'f> {
         Vb {
             prefix: self.name(prefix),
             store: self.store,
+            dtype: self.dtype,
         }
     }
 
@@ -575,14 +589,24 @@ impl<'s, 'f> Vb<'s, 'f> {
     /// `weight` as a `[k, n]` matrix (stored `[n, k]` if `transposed`) in
     /// the next panels of the packed map.
     fn pack(&self, weight: Tensor, k: usize, n: usize, transposed: bool) -> Packed {
-        let len = packed_len(k, n);
+        let dtype = self.dtype;
+        let bytes = packed_bytes(dtype, k, n);
+        // Each matrix starts a cache line.
+        let len = bytes.next_multiple_of(64);
+        let mut packed = Packed {
+            map: None,
+            start: 0,
+            dtype,
+            k,
+            n,
+        };
         match &mut *self.store.borrow_mut() {
-            Store::Plan { packed, .. } => {
-                *packed += len;
-                Packed(weight)
+            Store::Plan { packed: total, .. } => {
+                *total += len;
+                packed
             }
             Store::Pack { panels, offset, .. } => {
-                let dst = &mut panels[*offset..*offset + len];
+                let dst = &mut panels[*offset..*offset + bytes];
                 if transposed {
                     // The LM head (wte, 154 MB for GPT-2) a slab of panels at
                     // a time, each slab's file pages released once packed:
@@ -590,43 +614,39 @@ impl<'s, 'f> Vb<'s, 'f> {
                     // beside its panels. Panel p gathers stored rows 48p..,
                     // so slabs of whole panels pack exactly as one call.
                     const SLAB: usize = 64 * PANEL;
-                    for (i, slab) in dst.chunks_mut(SLAB * k).enumerate() {
-                        let (from, to) = (i * SLAB, ((i + 1) * SLAB).min(n));
-                        pack_panels_t(slab, &weight.values(from * k, to * k), k, to - from);
+                    for from in (0..n).step_by(SLAB) {
+                        let to = (from + SLAB).min(n);
+                        let dst = PanelsMut::from_bytes(dtype, dst, k, n);
+                        pack_t(dst, &weight.values(from * k, to * k), k, n, from..to);
                         weight.release_range(from * k, to * k);
                     }
                 } else {
-                    pack_panels(dst, &weight.values(0, k * n), k, n);
+                    pack(
+                        PanelsMut::from_bytes(dtype, dst, k, n),
+                        &weight.values(0, k * n),
+                        k,
+                        n,
+                    );
                 }
                 *offset += len;
                 // Nothing reads these pages again (tied, the token embeddings
                 // are read from the panels too).
                 weight.release_pages();
-                Packed(weight)
+                packed
             }
             Store::Take {
                 map, offset, params, ..
             } => {
-                let panels = Packed(Tensor {
-                    storage: Storage::Mapped {
-                        map: Arc::clone(map),
-                        start: *offset * 4,
-                        len,
-                    },
-                    shape: vec![len],
-                    name: weight.name.clone(),
-                });
+                (packed.map, packed.start) = (Some(Arc::clone(map)), *offset);
                 *offset += len;
                 let view = Param::Panels {
-                    panels: panels.clone(),
-                    k,
-                    n,
+                    panels: packed.clone(),
                     transposed,
                 };
                 if let Some(entry) = params.iter_mut().rev().find(|(name, _)| *name == weight.name) {
                     entry.1 = view;
                 }
-                panels
+                packed
             }
         }
     }
@@ -680,7 +700,7 @@ fn plan(f: impl FnOnce(&Vb) -> Result<()>) -> Vec<Spec> {
         specs: Vec::new(),
         packed: 0,
     });
-    f(&Vb::new(&store)).expect("a plan without a file misses nothing");
+    f(&Vb::new(&store, Dtype::F32)).expect("a plan without a file misses nothing");
     match store.into_inner() {
         Store::Plan { specs, .. } => specs,
         _ => unreachable!("the store stays a plan"),
@@ -830,23 +850,23 @@ pub fn load(path: &Path, config: &Gpt2Config, dtype: Dtype) -> Result<Weights> {
         specs: Vec::new(),
         packed: 0,
     });
-    gpt2(&Vb::new(&plan), config, config.n_layer)?;
+    gpt2(&Vb::new(&plan, dtype), config, config.n_layer)?;
     let Store::Plan { packed: total, .. } = plan.into_inner() else {
         unreachable!("the store stays a plan")
     };
 
-    // At least one float: a zero-length map is refused.
-    let mut anon = MmapMut::map_anon(total.max(1) * 4).map_err(|e| Error::io(path, e))?;
+    // At least one byte: a zero-length map is refused.
+    let mut anon = MmapMut::map_anon(total.max(1)).map_err(|e| Error::io(path, e))?;
     // Huge pages spare the streaming kernels a TLB miss every 4 KiB; without
     // them (THP off) the kernels are a little slower, not wrong.
     #[cfg(target_os = "linux")]
     let _ = anon.advise(memmap2::Advice::HugePage);
     let pack = RefCell::new(Store::Pack {
         found: &found,
-        panels: bytemuck::cast_slice_mut(&mut anon[..]),
+        panels: &mut anon[..],
         offset: 0,
     });
-    gpt2(&Vb::new(&pack), config, config.n_layer)?;
+    gpt2(&Vb::new(&pack, dtype), config, config.n_layer)?;
     drop(pack);
 
     let take = RefCell::new(Store::Take {
@@ -855,7 +875,7 @@ pub fn load(path: &Path, config: &Gpt2Config, dtype: Dtype) -> Result<Weights> {
         offset: 0,
         params: Vec::new(),
     });
-    let weights = gpt2(&Vb::new(&take), config, config.n_layer)?;
+    let weights = gpt2(&Vb::new(&take, dtype), config, config.n_layer)?;
     let Store::Take { params, .. } = take.into_inner() else {
         unreachable!("the store stays a take")
     };
@@ -871,7 +891,7 @@ pub fn load(path: &Path, config: &Gpt2Config, dtype: Dtype) -> Result<Weights> {
         params,
         mapped_bytes,
         copied_bytes,
-        packed_bytes: total * 4,
+        packed_bytes: total,
         dtype,
         ..weights
     })

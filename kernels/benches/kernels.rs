@@ -138,6 +138,21 @@ fn main() {
             k::pack_panels(dst, w, kk, n);
         }
         let ps: Vec<&[f32]> = packed.get().chunks_exact(k::packed_len(kk, n)).collect();
+        // And in the reduced formats: `copies` of each, converted from the f32 ones.
+        let reduced: Vec<(k::Dtype, Vec<u32>)> = [k::Dtype::Bf16, k::Dtype::Int8]
+            .into_iter()
+            .map(|d| {
+                let bytes = k::packed_bytes(d, kk, n);
+                let mut buf = vec![0u32; copies * bytes / 4];
+                for (dst, w) in bytemuck::cast_slice_mut::<u32, u8>(&mut buf)
+                    .chunks_exact_mut(bytes)
+                    .zip(&ws)
+                {
+                    k::pack(k::PanelsMut::from_bytes(d, dst, kk, n), w, kk, n);
+                }
+                (d, buf)
+            })
+            .collect();
         for m in [1, 2, 4, 8, 16, 32, 128] {
             let label = format!("linear {name} M={m} K={kk} N={n}");
             if !label.contains(&filter) {
@@ -160,6 +175,23 @@ fn main() {
                 kk * n * 4,
                 2 * m * kk * n,
             );
+            for (d, buf) in &reduced {
+                let bytes = k::packed_bytes(*d, kk, n);
+                let ps: Vec<k::Panels> = bytemuck::cast_slice::<u32, u8>(buf)
+                    .chunks_exact(bytes)
+                    .map(|b| k::Panels::from_bytes(*d, b, kk, n))
+                    .collect();
+                let t = median(|| {
+                    i = (i + 1) % copies;
+                    k::linear_panels(black_box(&mut out), &x, ps[i], Some(&b), m, kk, n)
+                });
+                report(
+                    &format!("  {d} panels M={m}"),
+                    t,
+                    d.weight_bytes(kk, n),
+                    2 * m * kk * n,
+                );
+            }
             if m >= 16 {
                 // matrixmultiply's SGEMM on the same shape, for comparison.
                 let t = median(|| {
@@ -182,6 +214,15 @@ fn main() {
     let w = w.get();
     let mut packed = Weights::new(k::packed_len(c, v));
     k::pack_panels_t(packed.get_mut(), w, c, v);
+    let heads: Vec<(k::Dtype, Vec<u32>)> = [k::Dtype::Bf16, k::Dtype::Int8]
+        .into_iter()
+        .map(|d| {
+            let mut buf = vec![0u32; k::packed_bytes(d, c, v) / 4];
+            let dst = k::PanelsMut::from_bytes(d, bytemuck::cast_slice_mut(&mut buf), c, v);
+            k::pack_t(dst, w, c, v, 0..v);
+            (d, buf)
+        })
+        .collect();
     for m in [1, 2, 4, 8, 16, 32, 128] {
         let label = format!("lm_head M={m} K={c} N={v}");
         if !label.contains(&filter) {
@@ -190,6 +231,16 @@ fn main() {
         let (x, mut out) = (values(m * c), vec![0.0; m * v]);
         let t = median(|| k::linear_packed(black_box(&mut out), &x, packed.get(), None, m, c, v));
         report(&label, t, c * v * 4, 2 * m * c * v);
+        for (d, buf) in &heads {
+            let p = k::Panels::from_bytes(*d, bytemuck::cast_slice(buf), c, v);
+            let t = median(|| k::linear_panels(black_box(&mut out), &x, p, None, m, c, v));
+            report(
+                &format!("  {d} panels M={m}"),
+                t,
+                d.weight_bytes(c, v),
+                2 * m * c * v,
+            );
+        }
         let t = median(|| k::matmul_bt(black_box(&mut out), &x, w, m, c, v));
         report(
             &format!("  matmul_bt (wte as stored) M={m}"),

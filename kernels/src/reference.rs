@@ -15,6 +15,73 @@ pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: 
     }
 }
 
+/// `v` rounded to bfloat16 (the top 16 bits of an f32), to nearest with
+/// ties to even, as f32; NaN stays NaN. From the definition: drop the low 16
+/// bits, and add one to what is kept when they are more than half, or
+/// exactly half and what is kept is odd (a carry into the exponent is the
+/// right answer, up to infinity).
+pub fn round_bf16(v: f32) -> f32 {
+    if v.is_nan() {
+        return v;
+    }
+    let bits = v.to_bits();
+    let (kept, dropped) = (bits >> 16, bits & 0xffff);
+    let up = dropped > 0x8000 || (dropped == 0x8000 && kept & 1 == 1);
+    f32::from_bits((kept + up as u32) << 16)
+}
+
+/// Symmetric int8 quantisation of `w[K,N]` with one scale per column:
+/// `scale[j] = max_k |w[k,j]| / 127`, `q[k,j] = round(w[k,j] / scale[j])`
+/// (ties to even), so `w ≈ q · scale`. `(q [K,N], scales [N])`.
+pub fn quantize_int8(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
+    let scales: Vec<f32> = (0..n)
+        .map(|j| (0..k).map(|kk| w[kk * n + j].abs()).fold(0.0, f32::max) / 127.0)
+        .collect();
+    let q = (0..k * n)
+        .map(|i| {
+            let s = scales[i % n];
+            if s > 0.0 {
+                (w[i] / s).round_ties_even() as i8
+            } else {
+                0
+            }
+        })
+        .collect();
+    (q, scales)
+}
+
+/// `out[M,N] = x[M,K] · w[K,N] + bias[N]` with `w` in bf16 (`w_bits`, each
+/// the top half of an f32).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bf16(out: &mut [f32], x: &[f32], w_bits: &[u16], bias: &[f32], m: usize, k: usize, n: usize) {
+    let w: Vec<f32> = w_bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+    linear(out, x, &w, bias, m, k, n)
+}
+
+/// `out[M,N] = x[M,K] · (q[K,N] · scales[N]) + bias[N]`: int8 weights with a
+/// scale per column.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_int8(
+    out: &mut [f32],
+    x: &[f32],
+    q: &[i8],
+    scales: &[f32],
+    bias: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    for r in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for kk in 0..k {
+                s += x[r * k + kk] as f64 * q[kk * n + j] as f64;
+            }
+            out[r * n + j] = (s * scales[j] as f64 + bias[j] as f64) as f32;
+        }
+    }
+}
+
 /// `out[M,N] = x[M,K] · w[N,K]ᵀ`.
 pub fn matmul_bt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
     for r in 0..m {
@@ -314,5 +381,228 @@ mod tests {
         let mut a = vec![1.0, 2.0, 3.0];
         crate::add_assign(&mut a, &[0.5, -2.0, 1.0]);
         assert_eq!(a, vec![1.5, 0.0, 4.0]);
+    }
+
+    /// `w[K, N]` packed in `dtype`, in a buffer of u32 (4-byte aligned).
+    fn packed(dtype: crate::Dtype, w: &[f32], k: usize, n: usize) -> Vec<u32> {
+        let mut buf = vec![u32::MAX; crate::packed_bytes(dtype, k, n) / 4];
+        let dst = crate::PanelsMut::from_bytes(dtype, bytemuck::cast_slice_mut(&mut buf), k, n);
+        crate::pack(dst, w, k, n);
+        buf
+    }
+
+    fn panels(dtype: crate::Dtype, buf: &[u32], k: usize, n: usize) -> crate::Panels<'_> {
+        crate::Panels::from_bytes(dtype, bytemuck::cast_slice(buf), k, n)
+    }
+
+    /// The stored `[K, N]` layout of packed int8 panels: `(q, scales)`.
+    fn unpack_int8(p: crate::Panels, k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
+        let crate::Panels::Int8 { q, scales } = p else {
+            panic!("not int8")
+        };
+        let mut out = vec![0i8; k * n];
+        for kk in 0..k {
+            for j in 0..n {
+                out[kk * n + j] = q[(j / crate::PANEL * k + kk) * crate::PANEL + j % crate::PANEL];
+            }
+        }
+        (out, scales[..n].to_vec())
+    }
+
+    /// Round to nearest even, not truncation; NaN kept; overflow to infinity.
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        let bits = |v: f32| crate::matmul::to_bf16(v).to_bits();
+        assert_eq!(bits(f32::from_bits(0x3f80_8000)), 0x3f80, "a tie to even (down)");
+        assert_eq!(bits(f32::from_bits(0x3f81_8000)), 0x3f82, "a tie to even (up)");
+        assert_eq!(
+            bits(f32::from_bits(0x3f80_c000)),
+            0x3f81,
+            "above half rounds up, not truncates"
+        );
+        assert_eq!(
+            bits(f32::from_bits(0xbf80_7fff)),
+            0xbf80,
+            "below half rounds down"
+        );
+        assert!(crate::matmul::to_bf16(f32::NAN).to_f32().is_nan());
+        assert_eq!(crate::matmul::to_bf16(f32::MAX).to_f32(), f32::INFINITY);
+        let mut xs = values(20_000, 40);
+        for (i, v) in xs.iter_mut().enumerate() {
+            *v *= 10f32.powi(i as i32 % 60 - 30);
+        }
+        for v in xs {
+            assert_eq!((bits(v) as u32) << 16, round_bf16(v).to_bits(), "{v:e}");
+        }
+    }
+
+    /// Each column's largest magnitude maps to ±127, every value to its
+    /// nearest step: a scale off by two, or rounding by truncation, fails.
+    #[test]
+    fn int8_quantiser_uses_the_full_range_and_rounds_to_nearest() {
+        let (k, n) = (301, 129);
+        let mut w = values(k * n, 41);
+        for (i, v) in w.iter_mut().enumerate() {
+            *v *= 10f32.powi((i % n) as i32 % 5 - 2); // columns of different magnitude
+        }
+        for kk in 0..k {
+            w[kk * n + 7] = 0.0; // an all-zero column
+        }
+        let buf = packed(crate::Dtype::Int8, &w, k, n);
+        let (q, scales) = unpack_int8(panels(crate::Dtype::Int8, &buf, k, n), k, n);
+        assert_eq!(
+            (q.clone(), scales.clone()),
+            quantize_int8(&w, k, n),
+            "the naive twin"
+        );
+        for j in 0..n {
+            let col = |kk: usize| (w[kk * n + j], q[kk * n + j]);
+            let max_q = (0..k).map(|kk| col(kk).1.unsigned_abs()).max().unwrap();
+            if j == 7 {
+                assert_eq!((scales[j], max_q), (0.0, 0), "zero column");
+                continue;
+            }
+            assert_eq!(max_q, 127, "column {j}: the largest weight maps to 127");
+            let absmax = (0..k).map(|kk| col(kk).0.abs()).fold(0.0, f32::max);
+            assert_eq!(scales[j], absmax / 127.0, "column {j}: scale");
+            for kk in 0..k {
+                let (v, qv) = col(kk);
+                let err = (qv as f32 * scales[j] - v).abs();
+                assert!(
+                    err <= 0.5 * scales[j] * (1.0 + 1e-5),
+                    "w[{kk},{j}] = {v}: q {qv}, error {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_non_finite_weight_survives_conversion_where_the_check_sees_it() {
+        let (k, n) = (5, 50);
+        for (at, bad) in [(3 * n + 49, f32::NAN), (n + 2, f32::INFINITY), (0, f32::MAX)] {
+            let mut w = values(k * n, 42);
+            w[at] = bad;
+            // f32::MAX is finite, but past bf16's range.
+            let dtypes: &[_] = match bad == f32::MAX {
+                true => &[crate::Dtype::Bf16],
+                false => &[crate::Dtype::Bf16, crate::Dtype::Int8],
+            };
+            for &dtype in dtypes {
+                let buf = packed(dtype, &w, k, n);
+                let p = panels(dtype, &buf, k, n);
+                assert!(p.any_non_finite(), "{dtype} with {bad} at {at}");
+                let mut col = vec![0.0; k];
+                p.unpack_column(&mut col, k, at % n);
+                assert!(col.iter().any(|v| !v.is_finite()), "{dtype}: column {}", at % n);
+            }
+        }
+    }
+
+    #[test]
+    fn linear_panels_match_their_naive_twins_on_odd_shapes() {
+        for &m in &ROWS {
+            for &(k, n) in &[
+                (1, 1),
+                (7, 3),
+                (65, 33),
+                (33, 100),
+                (96, 257),
+                (301, 129),
+                (24, 336),
+            ] {
+                let (x, w, b) = (values(m * k, 43), values(k * n, 44), values(n, 45));
+                let mut want = vec![0.0; m * n];
+                let mut got = vec![f32::NAN; m * n];
+                let what = |d: &str| format!("{d} m={m} k={k} n={n}");
+
+                let buf = packed(crate::Dtype::Bf16, &w, k, n);
+                let bits: Vec<u16> = w.iter().map(|&v| crate::matmul::to_bf16(v).to_bits()).collect();
+                linear_bf16(&mut want, &x, &bits, &b, m, k, n);
+                crate::linear_panels(
+                    &mut got,
+                    &x,
+                    panels(crate::Dtype::Bf16, &buf, k, n),
+                    Some(&b),
+                    m,
+                    k,
+                    n,
+                );
+                assert_close(&what("bf16"), &got, &want, 1e-5, 1e-5);
+
+                let buf = packed(crate::Dtype::Int8, &w, k, n);
+                let p = panels(crate::Dtype::Int8, &buf, k, n);
+                let (q, scales) = unpack_int8(p, k, n);
+                linear_int8(&mut want, &x, &q, &scales, &b, m, k, n);
+                crate::linear_panels(&mut got, &x, p, Some(&b), m, k, n);
+                assert_close(&what("int8"), &got, &want, 1e-5, 1e-5);
+                crate::linear_panels(&mut got, &x, p, None, m, k, n);
+                linear_int8(&mut want, &x, &q, &scales, &vec![0.0; n], m, k, n);
+                assert_close(&what("int8 without bias"), &got, &want, 1e-5, 1e-5);
+            }
+        }
+    }
+
+    /// The contract of `linear_packed`, in every format: a row's result is
+    /// the same bits whatever else is in the batch and whatever the pool.
+    #[test]
+    fn every_dtype_s_results_do_not_depend_on_batch_or_threads() {
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for dtype in crate::Dtype::ALL {
+            for &(k, n) in &[(65, 33), (301, 129), (768, 200)] {
+                let m = 40;
+                let (x, w, b) = (values(m * k, 46), values(k * n, 47), values(n, 48));
+                let buf = packed(dtype, &w, k, n);
+                let p = panels(dtype, &buf, k, n);
+                let mut all = vec![0.0; m * n];
+                crate::linear_panels(&mut all, &x, p, Some(&b), m, k, n);
+                for rows in [1, 2, 3, 4, 5, 7, 8, 9, 17, 33] {
+                    for (r0, pool) in [(0, &one), (m - rows, &three), ((m - rows) / 2, &one)] {
+                        let mut got = vec![0.0; rows * n];
+                        let xs = &x[r0 * k..(r0 + rows) * k];
+                        pool.install(|| crate::linear_panels(&mut got, xs, p, Some(&b), rows, k, n));
+                        assert_eq!(
+                            got,
+                            all[r0 * n..(r0 + rows) * n],
+                            "{dtype} k={k} n={n} rows {r0}+{rows}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The LM head is packed from `wte`, a slab of whole panels at a time: the
+    /// same bytes as packing its transpose in one call.
+    #[test]
+    fn pack_t_in_slabs_packs_the_transpose() {
+        for dtype in crate::Dtype::ALL {
+            for &(k, n, slab) in &[(1, 1, 48), (3, 50, 48), (65, 197, 96), (16, 480, 480)] {
+                let w = values(k * n, 49);
+                let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect(); // [N, K]
+                let want = packed(dtype, &w, k, n);
+                let mut got = vec![7u32; crate::packed_bytes(dtype, k, n) / 4];
+                for from in (0..n).step_by(slab) {
+                    let to = (from + slab).min(n);
+                    let dst = crate::PanelsMut::from_bytes(dtype, bytemuck::cast_slice_mut(&mut got), k, n);
+                    crate::pack_t(dst, &wt[from * k..to * k], k, n, from..to);
+                }
+                assert_eq!(got, want, "{dtype} k={k} n={n} in slabs of {slab}");
+                let p = panels(dtype, &got, k, n);
+                let mut row = vec![f32::NAN; k];
+                for j in [0, n / 2, n - 1] {
+                    p.unpack_column(&mut row, k, j);
+                    let exact: Vec<f32> = match dtype {
+                        crate::Dtype::F32 => wt[j * k..(j + 1) * k].to_vec(),
+                        crate::Dtype::Bf16 => wt[j * k..(j + 1) * k].iter().map(|&v| round_bf16(v)).collect(),
+                        crate::Dtype::Int8 => {
+                            let (q, s) = unpack_int8(p, k, n);
+                            (0..k).map(|kk| q[kk * n + j] as f32 * s[j]).collect()
+                        }
+                    };
+                    assert_eq!(row, exact, "{dtype}: row {j} of wt");
+                }
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use gpt2::hub::{self, WeightsArgs};
+use gpt2::hub::{self, DtypeArgs, WeightsArgs};
 use gpt2::synth::{self, Preset};
 use gpt2::tokenizer::{Gpt2Tokenizer, TextStream, EOS_TOKEN};
 use gpt2::{GenerateOptions, Gpt2Model, SamplingParams, Session};
@@ -49,6 +49,8 @@ enum Command {
         profile: bool,
         #[command(flatten)]
         weights: WeightsArgs,
+        #[command(flatten)]
+        dtype: DtypeArgs,
     },
     /// Print the token ids of a text as a JSON array.
     Tokenize {
@@ -89,6 +91,8 @@ enum Command {
         /// Write the JSON here instead of stdout (a new file: an existing one is never replaced).
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        dtype: DtypeArgs,
     },
 }
 
@@ -119,6 +123,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             ignore_eos,
             profile,
             weights,
+            dtype,
         } => {
             let sampling = SamplingParams {
                 temperature,
@@ -137,15 +142,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let tok = resolved.load_tokenizer()?;
             let ids = tok.encode(&prompt)?;
             let t = Instant::now();
-            let model = Gpt2Model::load(&resolved.dir)?;
+            let model = Gpt2Model::load_with(&resolved.dir, dtype.dtype)?;
             let load = t.elapsed();
             // Check the request before printing anything, so a bad one fails cleanly.
             gpt2::generate::check_request(&ids, &opts, model.config.n_positions)?;
             eprintln!("weights: {}", resolved.source);
             eprintln!(
-                "loaded in {:.0} ms ({:.0} MB packed into kernel panels); prompt is {} tokens",
+                "loaded in {:.0} ms ({:.0} MB packed into {} kernel panels); prompt is {} tokens",
                 load.as_secs_f64() * 1e3,
                 model.weights.packed_bytes as f64 / 1e6,
+                model.dtype(),
                 ids.len()
             );
             let mut session = Session::new(&model, ids.len().clamp(1, 128))?;
@@ -213,12 +219,18 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 t.elapsed().as_secs_f64()
             );
         }
-        Command::Logits { weights, tokens, out } => {
-            let model = Gpt2Model::load(&weights)?;
+        Command::Logits {
+            weights,
+            tokens,
+            out,
+            dtype,
+        } => {
+            let model = Gpt2Model::load_with(&weights, dtype.dtype)?;
             let v = model.config.vocab_size;
             let logits = model.logits_all(&tokens, 64)?;
             let rows: Vec<&[f32]> = logits.chunks_exact(v).collect();
-            let json = serde_json::json!({ "tokens": tokens, "logits": rows });
+            let json =
+                serde_json::json!({ "dtype": model.dtype().as_str(), "tokens": tokens, "logits": rows });
             match out {
                 Some(path) => gpt2::files::write_new(&path, json.to_string().as_bytes())?,
                 None => print_stdout(&json.to_string())?,

@@ -5,16 +5,54 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::LINE;
+use super::{Weight, LINE};
 use crate::matmul::PANEL;
+
+/// A weight format's 8 consecutive values loaded into one f32 vector.
+pub(crate) trait Lanes: Weight {
+    /// # Safety
+    /// `p` valid for 8 values.
+    unsafe fn load8(p: *const Self) -> __m256;
+}
+
+impl Lanes for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+}
+
+impl Lanes for half::bf16 {
+    /// 16 bytes zero-extended to 32-bit lanes and shifted into the top half.
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        // SAFETY: the caller's contract (8 values are 16 bytes).
+        unsafe {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                p.cast(),
+            ))))
+        }
+    }
+}
+
+impl Lanes for i8 {
+    /// 8 bytes sign-extended to 32-bit lanes and converted (exactly) to f32.
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        // SAFETY: the caller's contract (8 values are 8 bytes).
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
+    }
+}
 
 /// `out[r0..r0+R, j0..j0+W] += x[r0..r0+R, ks] · w[ks, 0..W]`: for each k in
 /// `ks`, broadcast `x[r, k]` and multiply-add it with the `W` weights at
-/// `w + k·stride`; `R x W/8` accumulator registers, loaded from `out` first
-/// and stored back at the end (exactly: a store and reload does not round).
+/// `w + k·stride` (in any [`Lanes`] format, widened as loaded); `R x W/8`
+/// accumulator registers, loaded from `out` first and stored back at the end
+/// (exactly: a store and reload does not round).
 ///
 /// With `PREFETCH`, iteration i also asks for the cache line at
-/// `ahead + i·16` (into L2); a hint, which never faults.
+/// `ahead + i·64` bytes (into L2); a hint, which never faults.
 ///
 /// # Safety
 /// Pointers valid for `x[M, K]`, `out[M, N]`, and `W` weights at
@@ -22,17 +60,17 @@ use crate::matmul::PANEL;
 /// `j0 + W <= N`; `W` a multiple of 8, at most 64.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
+pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool, E: Lanes>(
     out: *mut f32,
     x: *const f32,
-    w: *const f32,
+    w: *const E,
     stride: usize,
     r0: usize,
     j0: usize,
     ks: Range<usize>,
     k: usize,
     n: usize,
-    ahead: *const f32,
+    ahead: *const u8,
 ) {
     // SAFETY (whole body): every offset is inside the buffers by the contract above.
     unsafe {
@@ -56,7 +94,7 @@ pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
                 // spills sums to the stack. The same sums in the same order.
                 let xs: [__m256; R] = std::array::from_fn(|r| _mm256_broadcast_ss(&*xrow(r).add(kk)));
                 for v in 0..W / 8 {
-                    let wv = _mm256_loadu_ps(wrow.add(8 * v));
+                    let wv = E::load8(wrow.add(8 * v));
                     for (a, xv) in acc.iter_mut().zip(&xs) {
                         a[v] = _mm256_fmadd_ps(*xv, wv, a[v]);
                     }
@@ -66,7 +104,7 @@ pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
             for (r, a) in acc.iter_mut().enumerate() {
                 let xv = _mm256_broadcast_ss(&*xrow(r).add(kk));
                 for (v, reg) in a.iter_mut().enumerate().take(W / 8) {
-                    *reg = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wrow.add(8 * v)), *reg);
+                    *reg = _mm256_fmadd_ps(xv, E::load8(wrow.add(8 * v)), *reg);
                 }
             }
         }
@@ -87,11 +125,11 @@ pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
 /// `x` valid for `ks.end` floats, `wa` and `wb` for `ks.end` rows of 48,
 /// `out` for columns `ja..ja+48` and `jb..jb+48`.
 #[inline(always)]
-pub unsafe fn tile_pair(
+pub unsafe fn tile_pair<E: Lanes>(
     out: *mut f32,
     x: *const f32,
-    wa: *const f32,
-    wb: *const f32,
+    wa: *const E,
+    wb: *const E,
     ja: usize,
     jb: usize,
     ks: Range<usize>,
@@ -108,10 +146,10 @@ pub unsafe fn tile_pair(
             let xv = _mm256_broadcast_ss(&*x.add(kk));
             let (ra, rb) = (wa.add(PANEL * kk), wb.add(PANEL * kk));
             for (v, s) in a.iter_mut().enumerate() {
-                *s = _mm256_fmadd_ps(xv, _mm256_loadu_ps(ra.add(8 * v)), *s);
+                *s = _mm256_fmadd_ps(xv, E::load8(ra.add(8 * v)), *s);
             }
             for (v, s) in b.iter_mut().enumerate() {
-                *s = _mm256_fmadd_ps(xv, _mm256_loadu_ps(rb.add(8 * v)), *s);
+                *s = _mm256_fmadd_ps(xv, E::load8(rb.add(8 * v)), *s);
             }
         }
         for v in 0..6 {

@@ -27,9 +27,11 @@
 //!   that the driver is instantiated over. The tile shapes in `tiles.rs`
 //!   assume AVX2's 16 registers of 8 lanes; that is the part to make generic
 //!   over vector width.
-//! - Another weight dtype (bf16 or int8 panels, issue 21): tile bodies here
-//!   that load and widen its panels, beside the f32 ones; its packer goes
-//!   beside `pack_panels` in `matmul/pack.rs`.
+//! - Another weight dtype: a [`Weight`] impl here (its scalar widening to
+//!   f32) and a `Lanes` impl in each module (8 values loaded and widened to
+//!   one f32 vector); the tile bodies are generic over it, so f32, bf16 and
+//!   int8 panels run through the same sums. Its packer goes beside
+//!   `pack_panels` in `matmul/pack.rs`.
 //!
 //! Any body must give each output the roundings of the portable one: the
 //! tests hold the kernels built on them to the stored-layout kernel bit for
@@ -38,15 +40,45 @@
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod avx2;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-pub(crate) use avx2::{bt_lanes, dot_lanes, tile, tile_pair};
+pub(crate) use avx2::{bt_lanes, dot_lanes, tile, tile_pair, Lanes};
 
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
 mod portable;
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
-pub(crate) use portable::{bt_lanes, dot_lanes, tile, tile_pair};
+pub(crate) use portable::{bt_lanes, dot_lanes, tile, tile_pair, Lanes};
 
-/// Floats in a 64-byte cache line: the unit of [`tile`]'s prefetch.
-pub(crate) const LINE: usize = 16;
+/// Bytes in a cache line: the unit of [`tile`]'s prefetch.
+pub(crate) const LINE: usize = 64;
+
+/// A value of a packed weight format, widened to f32 exactly (every bf16 and
+/// every int8 is an f32). The tiles multiply by the widened value, so a
+/// format changes what is loaded, never the order of the sums.
+pub(crate) trait Weight: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Weight for half::bf16 {
+    /// The top half of an f32's bits: widening is a shift.
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+impl Weight for i8 {
+    /// The integer itself; the column's scale is applied after the sum.
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
 
 /// `a * b + c`, as one fused instruction where the CPU has FMA (compiled with
 /// `target-cpu=native`); plain multiply-add otherwise, since a software `fma`

@@ -5,8 +5,13 @@
 
 use std::ops::Range;
 
-use super::fmadd;
+use super::{fmadd, Weight};
 use crate::matmul::PANEL;
+
+/// Any [`Weight`]: the loops below widen one value at a time.
+pub(crate) trait Lanes: Weight {}
+
+impl<T: Weight> Lanes for T {}
 
 /// `out[r0..r0+R, j0..j0+W] += x[r0..r0+R, ks] · w[ks, 0..W]`, the weights
 /// of row k at `w + k·stride`; `ahead` is ignored.
@@ -17,17 +22,17 @@ use crate::matmul::PANEL;
 /// `j0 + W <= N`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
+pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool, E: Lanes>(
     out: *mut f32,
     x: *const f32,
-    w: *const f32,
+    w: *const E,
     stride: usize,
     r0: usize,
     j0: usize,
     ks: Range<usize>,
     k: usize,
     n: usize,
-    ahead: *const f32,
+    ahead: *const u8,
 ) {
     let _ = ahead;
     // SAFETY (whole body): every offset is inside the buffers by the contract above.
@@ -41,7 +46,7 @@ pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
             for (r, a) in acc.iter_mut().enumerate() {
                 let xv = *x.add((r0 + r) * k + kk);
                 for (s, &wv) in a.iter_mut().zip(wrow) {
-                    *s = fmadd(xv, wv, *s);
+                    *s = fmadd(xv, wv.to_f32(), *s);
                 }
             }
         }
@@ -59,11 +64,11 @@ pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
 /// As `avx2::tile_pair`: `x` valid for `ks.end` floats, `wa` and `wb` for
 /// `ks.end` rows of 48, `out` for columns `ja..ja+48` and `jb..jb+48`.
 #[inline(always)]
-pub unsafe fn tile_pair(
+pub unsafe fn tile_pair<E: Lanes>(
     out: *mut f32,
     x: *const f32,
-    wa: *const f32,
-    wb: *const f32,
+    wa: *const E,
+    wb: *const E,
     ja: usize,
     jb: usize,
     ks: Range<usize>,
@@ -71,8 +76,8 @@ pub unsafe fn tile_pair(
     // SAFETY: the contract above; with one row at `out` and `x` (r0 = 0), the
     // row strides K and N are never used, hence 0.
     unsafe {
-        tile::<1, PANEL, false>(out, x, wa, PANEL, 0, ja, ks.clone(), 0, 0, std::ptr::null());
-        tile::<1, PANEL, false>(out, x, wb, PANEL, 0, jb, ks, 0, 0, std::ptr::null());
+        tile::<1, PANEL, false, E>(out, x, wa, PANEL, 0, ja, ks.clone(), 0, 0, std::ptr::null());
+        tile::<1, PANEL, false, E>(out, x, wb, PANEL, 0, jb, ks, 0, 0, std::ptr::null());
     }
 }
 

@@ -41,7 +41,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// from memory.
 pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
     assert_eq!(w.len(), k * n, "linear: w is not [K={k}, N={n}]");
-    linear_impl(out, x, w, Layout::Rows, Some(bias), m, k, n);
+    linear_impl(out, x, w, Layout::Rows, Some(bias), None, m, k, n);
 }
 
 /// `out[M,N] = x[M,K] · w[N,K]ᵀ`: the LM head over the token embedding

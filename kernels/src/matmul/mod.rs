@@ -42,9 +42,14 @@ mod pack;
 mod tiles;
 
 pub use baselines::{dot, linear, linear_sgemm, matmul_bt};
-pub use pack::{pack_panels, pack_panels_t, packed_len, unpack_column, PANEL};
+pub use pack::{
+    int8_scale, pack, pack_panels, pack_panels_t, pack_t, packed_bytes, packed_len, to_bf16, to_int8,
+    unpack_column, Panels, PanelsMut, PANEL,
+};
 
 use rayon::prelude::*;
+
+use crate::arch::{fmadd, Lanes};
 
 /// `out[M,N] = x[M,K] · w[K,N] + bias[N]`, with `w` packed in panels by
 /// [`pack_panels`] (or [`pack_panels_t`]). Overwrites `out`.
@@ -76,7 +81,46 @@ pub fn linear_packed(
         packed_len(k, n),
         "linear_packed: w is not [K={k}, N={n}] packed in panels"
     );
-    linear_impl(out, x, panels, Layout::Panels, bias, m, k, n);
+    linear_panels(out, x, Panels::F32(panels), bias, m, k, n);
+}
+
+/// [`linear_packed`] over panels in any [`Dtype`](crate::Dtype): each weight
+/// is widened to f32 as it is loaded (bf16 exactly; int8 as the integer) and
+/// the products are added exactly as in f32, so the contract is the same in
+/// every format: a row's result does not depend on the other rows or the
+/// pool size. Int8 adds `x · q` per column and then applies the column's
+/// scale and the bias with one fused multiply-add: `out = s·(x · q) + b`.
+pub fn linear_panels(
+    out: &mut [f32],
+    x: &[f32],
+    w: Panels,
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    let (len, dtype) = match w {
+        Panels::F32(p) => (p.len(), "f32"),
+        Panels::Bf16(p) => (p.len(), "bf16"),
+        Panels::Int8 { q, scales } => {
+            assert_eq!(
+                scales.len(),
+                n.div_ceil(PANEL) * PANEL,
+                "linear: int8 scales are not [N={n}] in panels"
+            );
+            (q.len(), "int8")
+        }
+    };
+    assert_eq!(
+        len,
+        packed_len(k, n),
+        "linear: {dtype} w is not [K={k}, N={n}] packed in panels"
+    );
+    match w {
+        Panels::F32(p) => linear_impl(out, x, p, Layout::Panels, bias, None, m, k, n),
+        Panels::Bf16(p) => linear_impl(out, x, p, Layout::Panels, bias, None, m, k, n),
+        Panels::Int8 { q, scales } => linear_impl(out, x, q, Layout::Panels, bias, Some(scales), m, k, n),
+    }
 }
 
 /// How a `[K, N]` weight is laid out in memory.
@@ -122,15 +166,17 @@ fn column_chunks(n: usize, align: usize, parts: usize) -> (usize, usize) {
     (n.div_ceil(width), width)
 }
 
-/// [`linear_packed`] and [`linear`]: `out = bias`, then one task per thread
-/// adds `x · w` into its columns.
+/// [`linear_panels`] and [`linear`]: `out = bias`, then one task per thread
+/// adds `x · w` into its columns. With `scales` (int8), `out = 0`, and each
+/// task finishes its columns with `out = scale · out + bias`.
 #[allow(clippy::too_many_arguments)]
-fn linear_impl(
+fn linear_impl<E: Lanes>(
     out: &mut [f32],
     x: &[f32],
-    w: &[f32],
+    w: &[E],
     layout: Layout,
     bias: Option<&[f32]>,
+    scales: Option<&[f32]>,
     m: usize,
     k: usize,
     n: usize,
@@ -145,8 +191,8 @@ fn linear_impl(
     }
     for row in out.chunks_exact_mut(n) {
         match bias {
-            Some(bias) => row.copy_from_slice(bias),
-            None => row.fill(0.0),
+            Some(bias) if scales.is_none() => row.copy_from_slice(bias),
+            _ => row.fill(0.0),
         }
     }
     // One task per thread, each a run of whole panels: in the packed layout
@@ -163,8 +209,18 @@ fn linear_impl(
     let (count, width) = column_chunks(n, PANEL, rayon::current_num_threads());
     (0..count).into_par_iter().for_each(|t| {
         let j0 = t * width;
+        let cols = j0..(j0 + width).min(n);
         // SAFETY: tasks own disjoint column ranges of `out`, which starts
         // each whole panel.
-        unsafe { tiles::linear_block(&op, j0..(j0 + width).min(n)) };
+        unsafe { tiles::linear_block(&op, cols.clone()) };
+        if let Some(scales) = scales {
+            for r in 0..m {
+                for j in cols.clone() {
+                    // SAFETY: row r < M, column j in this task's columns.
+                    let o = unsafe { &mut *op.out.get().add(r * n + j) };
+                    *o = fmadd(*o, scales[j], bias.map_or(0.0, |b| b[j]));
+                }
+            }
+        }
     });
 }

@@ -1,6 +1,13 @@
-//! The packed weight layout: column panels of 48, built once at load.
+//! The packed weight layout: column panels of 48, built once at load, in
+//! any [`Dtype`]: f32 as stored, bf16 rounded to nearest even, or int8 with
+//! one scale per column.
 
+use std::ops::Range;
+
+use half::bf16;
 use rayon::prelude::*;
+
+use crate::Dtype;
 
 /// Width of the column panels of [`pack_panels`]: a multiple of every tile
 /// width (48, 24, 16), so that a tile never straddles two panels.
@@ -81,4 +88,294 @@ pub fn unpack_column(dst: &mut [f32], panels: &[f32], k: usize, j: usize) {
     for (kk, d) in dst.iter_mut().enumerate() {
         *d = panels[base + kk * PANEL];
     }
+}
+
+/// A packed weight in one of the [`Dtype`]s, as the kernels read it: the
+/// panels of [`pack_panels`], each value in the format, and for int8 the
+/// per-column scales (`n` rounded up to whole panels, zero past N).
+#[derive(Clone, Copy)]
+pub enum Panels<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    Int8 { q: &'a [i8], scales: &'a [f32] },
+}
+
+/// [`Panels`] being written by [`pack`] or [`pack_t`].
+pub enum PanelsMut<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [bf16]),
+    Int8 { q: &'a mut [i8], scales: &'a mut [f32] },
+}
+
+/// Bytes of a `[K, N]` weight packed in `dtype`: the panels (N rounded up to
+/// whole panels), and for int8 the scales after them. A multiple of 4, so
+/// that packed matrices laid end to end keep every part aligned.
+pub fn packed_bytes(dtype: Dtype, k: usize, n: usize) -> usize {
+    let values = packed_len(k, n) * dtype.bytes_per_value();
+    let scales = if dtype == Dtype::Int8 {
+        n.div_ceil(PANEL) * PANEL * 4
+    } else {
+        0
+    };
+    (values + scales).next_multiple_of(4)
+}
+
+/// Splits `bytes` (`packed_bytes(dtype, k, n)` of them, 4-byte aligned) into
+/// the parts of a packed `[K, N]` weight.
+///
+/// # Panics
+/// On a length or alignment that does not fit.
+fn split(dtype: Dtype, bytes: &[u8], k: usize, n: usize) -> (&[u8], &[u8]) {
+    assert_eq!(
+        bytes.len(),
+        packed_bytes(dtype, k, n),
+        "{dtype} panels of [K={k}, N={n}]: wrong length"
+    );
+    assert_eq!(
+        bytes.as_ptr() as usize % 4,
+        0,
+        "{dtype} panels: not 4-byte aligned"
+    );
+    bytes.split_at(packed_len(k, n) * dtype.bytes_per_value())
+}
+
+impl<'a> Panels<'a> {
+    /// A `[K, N]` weight packed in `dtype` in `bytes`, as [`pack`] wrote it.
+    ///
+    /// # Panics
+    /// Unless `bytes` is `packed_bytes(dtype, k, n)` long and 4-byte aligned.
+    pub fn from_bytes(dtype: Dtype, bytes: &'a [u8], k: usize, n: usize) -> Self {
+        let (values, scales) = split(dtype, bytes, k, n);
+        match dtype {
+            Dtype::F32 => Panels::F32(bytemuck::cast_slice(values)),
+            Dtype::Bf16 => Panels::Bf16(bytemuck::cast_slice(values)),
+            Dtype::Int8 => Panels::Int8 {
+                q: bytemuck::cast_slice(values),
+                scales: &bytemuck::cast_slice(scales)[..n.div_ceil(PANEL) * PANEL],
+            },
+        }
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            Panels::F32(_) => Dtype::F32,
+            Panels::Bf16(_) => Dtype::Bf16,
+            Panels::Int8 { .. } => Dtype::Int8,
+        }
+    }
+
+    /// Column `j` of the `[K, N]` weight (row `j` of an `[N, K]` one packed by
+    /// [`pack_t`]) into `dst[K]`, widened to f32 exactly (int8 as
+    /// `q · scale`, one rounding).
+    pub fn unpack_column(&self, dst: &mut [f32], k: usize, j: usize) {
+        match *self {
+            Panels::F32(p) => unpack_with(dst, p, k, j, |v| v),
+            Panels::Bf16(p) => unpack_with(dst, p, k, j, bf16::to_f32),
+            Panels::Int8 { q, scales } => {
+                let s = scales[j];
+                unpack_with(dst, q, k, j, |v| v as f32 * s)
+            }
+        }
+    }
+
+    /// Whether any value, or int8 scale, is NaN or infinite: a branch-free
+    /// scan (exponent bits all ones), in parallel.
+    pub fn any_non_finite(&self) -> bool {
+        fn scan<T: Copy + Sync>(v: &[T], bad: impl Fn(T) -> bool + Sync) -> bool {
+            v.par_chunks(1 << 16)
+                .any(|c| c.iter().fold(false, |acc, &x| acc | bad(x)))
+        }
+        match *self {
+            Panels::F32(p) => scan(p, |v: f32| v.to_bits() & 0x7f80_0000 == 0x7f80_0000),
+            Panels::Bf16(p) => scan(p, |v: bf16| v.to_bits() & 0x7f80 == 0x7f80),
+            Panels::Int8 { scales, .. } => scan(scales, |v: f32| v.to_bits() & 0x7f80_0000 == 0x7f80_0000),
+        }
+    }
+}
+
+impl<'a> PanelsMut<'a> {
+    /// [`Panels::from_bytes`], to be written.
+    pub fn from_bytes(dtype: Dtype, bytes: &'a mut [u8], k: usize, n: usize) -> Self {
+        split(dtype, bytes, k, n);
+        let (values, scales) = bytes.split_at_mut(packed_len(k, n) * dtype.bytes_per_value());
+        match dtype {
+            Dtype::F32 => PanelsMut::F32(bytemuck::cast_slice_mut(values)),
+            Dtype::Bf16 => PanelsMut::Bf16(bytemuck::cast_slice_mut(values)),
+            Dtype::Int8 => PanelsMut::Int8 {
+                q: bytemuck::cast_slice_mut(values),
+                scales: &mut bytemuck::cast_slice_mut(scales)[..n.div_ceil(PANEL) * PANEL],
+            },
+        }
+    }
+}
+
+fn unpack_with<T: Copy>(dst: &mut [f32], panels: &[T], k: usize, j: usize, f: impl Fn(T) -> f32) {
+    assert_eq!(dst.len(), k, "unpack_column: dst is not [K={k}]");
+    let base = j / PANEL * k * PANEL + j % PANEL;
+    assert!(
+        k == 0 || base + (k - 1) * PANEL < panels.len(),
+        "unpack_column: column {j} is past the panels"
+    );
+    for (kk, d) in dst.iter_mut().enumerate() {
+        *d = f(panels[base + kk * PANEL]);
+    }
+}
+
+/// `v` rounded to bf16: to nearest, ties to even; NaN stays NaN (quieted),
+/// a finite value past bf16's largest rounds to infinity (which the loader's
+/// finiteness check then refuses).
+#[inline]
+pub fn to_bf16(v: f32) -> bf16 {
+    bf16::from_f32(v)
+}
+
+/// The int8 scale of a column whose largest magnitude is `absmax`:
+/// `absmax / 127`, so that the largest weight maps to ±127. NaN or infinite
+/// when the column holds one (and the loader refuses it).
+#[inline]
+pub fn int8_scale(absmax: f32) -> f32 {
+    absmax / 127.0
+}
+
+/// `v / scale` rounded to the nearest integer, ties to even, within ±127;
+/// 0 for a zero or non-finite scale.
+#[inline]
+pub fn to_int8(v: f32, scale: f32) -> i8 {
+    if scale > 0.0 && scale.is_finite() {
+        (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8
+    } else {
+        0
+    }
+}
+
+/// The larger of `acc` and `|v|`, NaN once either is NaN (where `f32::max`
+/// would drop it).
+#[inline]
+fn absmax(acc: f32, v: f32) -> f32 {
+    let a = v.abs();
+    if a > acc || a.is_nan() {
+        a
+    } else {
+        acc
+    }
+}
+
+/// Packs `w[K, N]` (stored layout) into `dst`, converting each value to
+/// `dst`'s format; int8 takes each column's scale from its largest magnitude.
+/// [`pack_panels`] for any [`Dtype`].
+pub fn pack(dst: PanelsMut, w: &[f32], k: usize, n: usize) {
+    assert_eq!(w.len(), k * n, "pack: w is not [K={k}, N={n}]");
+    match dst {
+        PanelsMut::F32(p) => pack_panels(p, w, k, n),
+        PanelsMut::Bf16(p) => pack_with(p, w, k, n, |v, _| to_bf16(v)),
+        PanelsMut::Int8 { q, scales } => {
+            scales.fill(0.0);
+            let mut max = vec![0f32; n];
+            for row in w.chunks_exact(n.max(1)) {
+                for (m, &v) in max.iter_mut().zip(row) {
+                    *m = absmax(*m, v);
+                }
+            }
+            for (s, m) in scales.iter_mut().zip(max) {
+                *s = int8_scale(m);
+            }
+            let scales = &*scales;
+            pack_with(q, w, k, n, |v, j| to_int8(v, scales[j]));
+        }
+    }
+}
+
+/// Packs columns `cols` of a `[K, N]` weight given as its transpose: `wt`
+/// holds rows `cols` of the `[N, K]` matrix (the token embedding the LM head
+/// multiplies by). `cols.start` is a multiple of [`PANEL`], so slabs of
+/// whole panels pack exactly as one call over all N would, and a caller may
+/// hand each slab's source back to the OS before reading the next.
+/// [`pack_panels_t`] for any [`Dtype`], a slab at a time.
+pub fn pack_t(dst: PanelsMut, wt: &[f32], k: usize, n: usize, cols: Range<usize>) {
+    assert!(
+        cols.start % PANEL == 0 && cols.start <= cols.end && cols.end <= n,
+        "pack_t: columns {cols:?} of {n} do not start a panel"
+    );
+    assert_eq!(
+        wt.len(),
+        cols.len() * k,
+        "pack_t: wt is not [{}, K={k}]",
+        cols.len()
+    );
+    let slab = cols.start / PANEL * k * PANEL..cols.end.div_ceil(PANEL) * k * PANEL;
+    let w = cols.len();
+    match dst {
+        PanelsMut::F32(p) => pack_panels_t(&mut p[slab], wt, k, w),
+        PanelsMut::Bf16(p) => pack_with_t(&mut p[slab], wt, k, w, |v, _| to_bf16(v)),
+        PanelsMut::Int8 { q, scales } => {
+            let s = &mut scales[cols.start..cols.start + w.div_ceil(PANEL) * PANEL];
+            s.fill(0.0);
+            s.par_iter_mut()
+                .zip(wt.par_chunks_exact(k.max(1)))
+                .for_each(|(s, row)| {
+                    *s = int8_scale(row.iter().fold(0.0, |m, &v| absmax(m, v)));
+                });
+            let s = &*s;
+            pack_with_t(&mut q[slab], wt, k, w, |v, j| to_int8(v, s[j]));
+        }
+    }
+}
+
+/// [`pack_panels`] into any format: `conv(w[k, j], j)`, zero past column N.
+fn pack_with<T: Copy + Default + Send>(
+    dst: &mut [T],
+    w: &[f32],
+    k: usize,
+    n: usize,
+    conv: impl Fn(f32, usize) -> T + Sync,
+) {
+    assert_eq!(
+        dst.len(),
+        packed_len(k, n),
+        "pack: dst is not {} values",
+        packed_len(k, n)
+    );
+    if n == 0 || k == 0 {
+        return;
+    }
+    dst.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
+        let (j0, j1) = (p * PANEL, ((p + 1) * PANEL).min(n));
+        for (kk, row) in panel.chunks_exact_mut(PANEL).enumerate() {
+            for (c, d) in row.iter_mut().enumerate() {
+                *d = if j0 + c < j1 {
+                    conv(w[kk * n + j0 + c], j0 + c)
+                } else {
+                    T::default()
+                };
+            }
+        }
+    });
+}
+
+/// [`pack_panels_t`] into any format: `conv(wt[j, k], j)`, zero past row N.
+fn pack_with_t<T: Copy + Default + Send>(
+    dst: &mut [T],
+    wt: &[f32],
+    k: usize,
+    n: usize,
+    conv: impl Fn(f32, usize) -> T + Sync,
+) {
+    assert_eq!(
+        dst.len(),
+        packed_len(k, n),
+        "pack_t: dst is not {} values",
+        packed_len(k, n)
+    );
+    if n == 0 || k == 0 {
+        return;
+    }
+    dst.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
+        panel.fill(T::default());
+        for c in 0..PANEL.min(n - p * PANEL) {
+            let j = p * PANEL + c;
+            for (kk, &v) in wt[j * k..][..k].iter().enumerate() {
+                panel[kk * PANEL + c] = conv(v, j);
+            }
+        }
+    });
 }

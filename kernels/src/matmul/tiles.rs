@@ -21,17 +21,17 @@
 use std::ops::Range;
 
 use super::{Layout, OutPtr, PANEL};
-use crate::arch::{self, fmadd, LINE};
+use crate::arch::{self, fmadd, Lanes, LINE};
 
-/// One call's operands, as every tile of its tasks sees them.
-#[derive(Clone, Copy)]
-pub(super) struct Operands<'a> {
+/// One call's operands, as every tile of its tasks sees them. `E` is the
+/// weights' format (f32, bf16 or int8), widened to f32 as it is loaded.
+pub(super) struct Operands<'a, E> {
     /// `out[M, N]`, shared by the tasks; each writes only its own columns.
     pub out: OutPtr,
     /// `x[M, K]`.
     pub x: &'a [f32],
     /// `w[K, N]`, laid out as `layout` says.
-    pub w: &'a [f32],
+    pub w: &'a [E],
     pub layout: Layout,
     pub m: usize,
     pub k: usize,
@@ -61,7 +61,7 @@ const PREFETCH_BLOCKS: usize = 2;
 /// # Safety
 /// No other thread touches columns `cols` of `out`; `cols` within `0..N`,
 /// `cols.start` a multiple of [`PANEL`].
-pub(super) unsafe fn linear_block(op: &Operands, cols: Range<usize>) {
+pub(super) unsafe fn linear_block<E: Lanes>(op: &Operands<E>, cols: Range<usize>) {
     // SAFETY (both calls): the caller's contract, passed on.
     if op.m <= ROWS_TWO_STREAMS && op.layout == Layout::Panels {
         unsafe { rows_two_streams(op, cols) };
@@ -69,10 +69,10 @@ pub(super) unsafe fn linear_block(op: &Operands, cols: Range<usize>) {
     }
     unsafe {
         match op.m {
-            1 => sweep::<48, 1>(op, cols),
-            2 => sweep::<48, 2>(op, cols),
-            3 | 4 | 7 | 8 => sweep::<24, 4>(op, cols),
-            _ => sweep::<16, 6>(op, cols),
+            1 => sweep::<48, 1, E>(op, cols),
+            2 => sweep::<48, 2, E>(op, cols),
+            3 | 4 | 7 | 8 => sweep::<24, 4, E>(op, cols),
+            _ => sweep::<16, 6, E>(op, cols),
         }
     }
 }
@@ -103,13 +103,13 @@ fn block_rows(layout: Layout, m: usize) -> usize {
 ///
 /// # Safety
 /// As [`linear_block`].
-unsafe fn sweep<const W: usize, const ROWS: usize>(op: &Operands, cols: Range<usize>) {
+unsafe fn sweep<const W: usize, const ROWS: usize, E: Lanes>(op: &Operands<E>, cols: Range<usize>) {
     let kb = block_rows(op.layout, op.m);
     match op.layout {
         Layout::Rows => {
             for ks in blocks(op.k, kb) {
                 // SAFETY: the caller's contract, passed on.
-                unsafe { row_tiles::<W, ROWS>(op, cols.clone(), ks) };
+                unsafe { row_tiles::<W, ROWS, E>(op, cols.clone(), ks) };
             }
         }
         Layout::Panels => {
@@ -122,22 +122,22 @@ unsafe fn sweep<const W: usize, const ROWS: usize>(op: &Operands, cols: Range<us
                 let pf = ahead.next().filter(|_| prefetch).map(|(q0, kq)| {
                     let (first, _) = op.layout.col(q0, op.k, op.n);
                     Prefetch {
-                        first: op.w.as_ptr().wrapping_add(first + kq.start * PANEL),
-                        floats: kq.len() * PANEL,
+                        first: op.w.as_ptr().wrapping_add(first + kq.start * PANEL).cast(),
+                        bytes: kq.len() * PANEL * std::mem::size_of::<E>(),
                     }
                 });
                 // SAFETY: the caller's contract; one panel of `cols`.
-                unsafe { panel_tiles::<W, ROWS>(op, p0..(p0 + PANEL).min(cols.end), ks, pf) };
+                unsafe { panel_tiles::<W, ROWS, E>(op, p0..(p0 + PANEL).min(cols.end), ks, pf) };
             }
         }
     }
 }
 
-/// A block of weights to prefetch: `floats` floats from `first`.
+/// A block of weights to prefetch: `bytes` bytes from `first`.
 #[derive(Clone, Copy)]
 struct Prefetch {
-    first: *const f32,
-    floats: usize,
+    first: *const u8,
+    bytes: usize,
 }
 
 /// The blocks of weight rows `0..K`, `kb` at a time (the last may be shorter).
@@ -161,12 +161,12 @@ fn row_groups(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
 /// Row groups outer: a group's x block (R x KB) stays in L1 across the
 /// panel's tiles, and the panel block (KB x 48) across the groups. Tile call
 /// t prefetches lines `t·KB .. (t+1)·KB` of `ahead`, one line a weight row,
-/// until the block is covered.
+/// until the block is covered (fewer calls for the narrower formats).
 ///
 /// # Safety
 /// As [`linear_block`], with `cols` within one panel.
-unsafe fn panel_tiles<const W: usize, const ROWS: usize>(
-    op: &Operands,
+unsafe fn panel_tiles<const W: usize, const ROWS: usize, E: Lanes>(
+    op: &Operands<E>,
     cols: Range<usize>,
     ks: Range<usize>,
     ahead: Option<Prefetch>,
@@ -176,7 +176,7 @@ unsafe fn panel_tiles<const W: usize, const ROWS: usize>(
     for (r, rows) in row_groups(op.m, ROWS) {
         for j in (cols.start..full).step_by(W) {
             let pf = match ahead {
-                Some(a) if (call + 1) * ks.len() * LINE <= a.floats => {
+                Some(a) if (call + 1) * ks.len() * LINE <= a.bytes => {
                     a.first.wrapping_add(call * ks.len() * LINE)
                 }
                 _ => std::ptr::null(),
@@ -185,7 +185,7 @@ unsafe fn panel_tiles<const W: usize, const ROWS: usize>(
             // SAFETY: rows r..r+rows < M, columns j..j+W within `cols`,
             // which this task owns, and within one panel (W divides PANEL).
             // Prefetching is a hint: it never faults, whatever the address.
-            unsafe { tile_group::<W, ROWS>(op, r, rows, j, ks.clone(), pf) };
+            unsafe { tile_group::<W, ROWS, E>(op, r, rows, j, ks.clone(), pf) };
         }
     }
     // SAFETY: the rest of `cols`, owned by this task.
@@ -198,13 +198,17 @@ unsafe fn panel_tiles<const W: usize, const ROWS: usize>(
 ///
 /// # Safety
 /// As [`linear_block`].
-unsafe fn row_tiles<const W: usize, const ROWS: usize>(op: &Operands, cols: Range<usize>, ks: Range<usize>) {
+unsafe fn row_tiles<const W: usize, const ROWS: usize, E: Lanes>(
+    op: &Operands<E>,
+    cols: Range<usize>,
+    ks: Range<usize>,
+) {
     let full = cols.start + (cols.end - cols.start) / W * W;
     for j in (cols.start..full).step_by(W) {
         for (r, rows) in row_groups(op.m, ROWS) {
             // SAFETY: rows r..r+rows < M, columns j..j+W within `cols`,
             // which this task owns.
-            unsafe { tile_group::<W, ROWS>(op, r, rows, j, ks.clone(), std::ptr::null()) };
+            unsafe { tile_group::<W, ROWS, E>(op, r, rows, j, ks.clone(), std::ptr::null()) };
         }
     }
     // SAFETY: the rest of `cols`, owned by this task.
@@ -217,20 +221,20 @@ unsafe fn row_tiles<const W: usize, const ROWS: usize>(op: &Operands, cols: Rang
 /// # Safety
 /// As [`tile`].
 #[inline(always)]
-unsafe fn tile_group<const W: usize, const ROWS: usize>(
-    op: &Operands,
+unsafe fn tile_group<const W: usize, const ROWS: usize, E: Lanes>(
+    op: &Operands<E>,
     r0: usize,
     rows: usize,
     j0: usize,
     ks: Range<usize>,
-    ahead: *const f32,
+    ahead: *const u8,
 ) {
     // SAFETY: the caller's contract, passed on.
     unsafe {
         if ahead.is_null() {
-            tile_rows::<W, ROWS, false>(op, r0, rows, j0, ks, ahead)
+            tile_rows::<W, ROWS, false, E>(op, r0, rows, j0, ks, ahead)
         } else {
-            tile_rows::<W, ROWS, true>(op, r0, rows, j0, ks, ahead)
+            tile_rows::<W, ROWS, true, E>(op, r0, rows, j0, ks, ahead)
         }
     }
 }
@@ -241,23 +245,23 @@ unsafe fn tile_group<const W: usize, const ROWS: usize>(
 /// # Safety
 /// As [`tile`].
 #[inline(always)]
-unsafe fn tile_rows<const W: usize, const ROWS: usize, const PREFETCH: bool>(
-    op: &Operands,
+unsafe fn tile_rows<const W: usize, const ROWS: usize, const PREFETCH: bool, E: Lanes>(
+    op: &Operands<E>,
     r0: usize,
     rows: usize,
     j0: usize,
     ks: Range<usize>,
-    ahead: *const f32,
+    ahead: *const u8,
 ) {
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match rows {
-            1 => tile::<1, W, PREFETCH>(op, r0, j0, ks, ahead),
-            2 if ROWS >= 2 => tile::<2, W, PREFETCH>(op, r0, j0, ks, ahead),
-            3 if ROWS >= 3 => tile::<3, W, PREFETCH>(op, r0, j0, ks, ahead),
-            4 if ROWS >= 4 => tile::<4, W, PREFETCH>(op, r0, j0, ks, ahead),
-            5 if ROWS >= 5 => tile::<5, W, PREFETCH>(op, r0, j0, ks, ahead),
-            6 if ROWS >= 6 => tile::<6, W, PREFETCH>(op, r0, j0, ks, ahead),
+            1 => tile::<1, W, PREFETCH, E>(op, r0, j0, ks, ahead),
+            2 if ROWS >= 2 => tile::<2, W, PREFETCH, E>(op, r0, j0, ks, ahead),
+            3 if ROWS >= 3 => tile::<3, W, PREFETCH, E>(op, r0, j0, ks, ahead),
+            4 if ROWS >= 4 => tile::<4, W, PREFETCH, E>(op, r0, j0, ks, ahead),
+            5 if ROWS >= 5 => tile::<5, W, PREFETCH, E>(op, r0, j0, ks, ahead),
+            6 if ROWS >= 6 => tile::<6, W, PREFETCH, E>(op, r0, j0, ks, ahead),
             _ => unreachable!("a row group of {rows}, at most {ROWS}"),
         }
     }
@@ -272,12 +276,12 @@ unsafe fn tile_rows<const W: usize, const ROWS: usize, const PREFETCH: bool>(
 /// `r0 + R <= M`, `j0 + W <= N` within one panel (over panels), `ks` within
 /// `0..K`, and no other thread writes those outputs.
 #[inline(always)]
-unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
-    op: &Operands,
+unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool, E: Lanes>(
+    op: &Operands<E>,
     r0: usize,
     j0: usize,
     ks: Range<usize>,
-    ahead: *const f32,
+    ahead: *const u8,
 ) {
     let (off, stride) = op.layout.col(j0, op.k, op.n);
     debug_assert!(r0 + R <= op.m && j0 + W <= op.n);
@@ -285,7 +289,7 @@ unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
     // SAFETY: the bounds above (the caller's contract) keep every load and
     // store inside x, w and out.
     unsafe {
-        arch::tile::<R, W, PREFETCH>(
+        arch::tile::<R, W, PREFETCH, E>(
             op.out.get(),
             op.x.as_ptr(),
             op.w.as_ptr().add(off),
@@ -312,7 +316,7 @@ unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool>(
 ///
 /// # Safety
 /// As [`linear_block`], with `M <= ROWS_TWO_STREAMS` and `w` in panels.
-unsafe fn rows_two_streams(op: &Operands, cols: Range<usize>) {
+unsafe fn rows_two_streams<E: Lanes>(op: &Operands<E>, cols: Range<usize>) {
     debug_assert!((1..=ROWS_TWO_STREAMS).contains(&op.m) && op.layout == Layout::Panels);
     let panels = (cols.end - cols.start) / PANEL;
     let full = cols.start + panels * PANEL;
@@ -335,7 +339,7 @@ unsafe fn rows_two_streams(op: &Operands, cols: Range<usize>) {
         for ks in blocks(op.k, kb) {
             for r in 0..op.m {
                 // SAFETY: as above.
-                unsafe { tile::<1, PANEL, false>(op, r, j, ks.clone(), std::ptr::null()) };
+                unsafe { tile::<1, PANEL, false, E>(op, r, j, ks.clone(), std::ptr::null()) };
             }
         }
     }
@@ -350,7 +354,7 @@ unsafe fn rows_two_streams(op: &Operands, cols: Range<usize>) {
 /// Both panels whole, `r < M`, `ks` within `0..K`, `out` row r's columns
 /// `ja..ja+48` and `jb..jb+48` owned by this task; `w` in panels.
 #[inline(always)]
-unsafe fn tile_pair(op: &Operands, r: usize, ja: usize, jb: usize, ks: Range<usize>) {
+unsafe fn tile_pair<E: Lanes>(op: &Operands<E>, r: usize, ja: usize, jb: usize, ks: Range<usize>) {
     let (wa, wb) = (op.layout.col(ja, op.k, op.n).0, op.layout.col(jb, op.k, op.n).0);
     debug_assert!(wa.max(wb) + op.k * PANEL <= op.w.len() && ja.max(jb) + PANEL <= op.n);
     debug_assert!(r < op.m && ks.end <= op.k);
@@ -375,7 +379,7 @@ unsafe fn tile_pair(op: &Operands, r: usize, ja: usize, jb: usize, ks: Range<usi
 /// # Safety
 /// `cols` within `0..N` (and within one panel, over panels), `ks` within
 /// `0..K`, and no other thread writes those outputs.
-unsafe fn edge(op: &Operands, cols: Range<usize>, ks: Range<usize>) {
+unsafe fn edge<E: Lanes>(op: &Operands<E>, cols: Range<usize>, ks: Range<usize>) {
     if cols.is_empty() {
         return;
     }
@@ -386,7 +390,11 @@ unsafe fn edge(op: &Operands, cols: Range<usize>, ks: Range<usize>) {
             // SAFETY: in bounds and owned by this task (the caller's contract).
             let dst = unsafe { &mut *op.out.get().add(r * n + j) };
             for kk in ks.clone() {
-                *dst = fmadd(x[r * k + kk], w[off + kk * stride + (j - cols.start)], *dst);
+                *dst = fmadd(
+                    x[r * k + kk],
+                    w[off + kk * stride + (j - cols.start)].to_f32(),
+                    *dst,
+                );
             }
         }
     }
