@@ -3,14 +3,12 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::OnceLock;
 
+use common::fixture::{case, fixture};
 use common::{argmax, assert_close, synth_dir};
 use gpt2::synth::Preset;
 use gpt2::{Gpt2Model, Row};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 const ATOL: f32 = 1e-4;
@@ -18,59 +16,6 @@ const RTOL: f32 = 1e-4;
 const REGENERATE: &str = "if the model or generator changed on purpose, regenerate the fixtures: \
     `cargo build --release --bin gpt2 && python weights/fixtures/make_reference.py` \
     (needs `pip install torch transformers safetensors numpy`)";
-
-#[derive(Deserialize)]
-struct Manifest {
-    versions: HashMap<String, String>,
-    logits_file: String,
-    configs: Vec<ConfigCase>,
-}
-
-#[derive(Deserialize)]
-struct ConfigCase {
-    preset: String,
-    seed: u64,
-    model_sha256: String,
-    prompts: Vec<PromptCase>,
-}
-
-#[derive(Deserialize)]
-struct PromptCase {
-    ids: Vec<u32>,
-    positions: Vec<usize>,
-    logits_offset: usize,
-    greedy: Vec<u32>,
-    last_step_logits_offset: usize,
-}
-
-struct Fixture {
-    manifest: Manifest,
-    logits: Vec<f32>,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/fixtures");
-        let manifest: Manifest =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-        let bytes = std::fs::read(dir.join(&manifest.logits_file)).unwrap();
-        let logits = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        Fixture { manifest, logits }
-    })
-}
-
-fn case(preset: Preset) -> &'static ConfigCase {
-    fixture()
-        .manifest
-        .configs
-        .iter()
-        .find(|c| c.preset == preset.name())
-        .expect("preset in fixture")
-}
 
 /// One model per preset, loaded once per test binary.
 fn model(preset: Preset) -> &'static Gpt2Model {

@@ -6,6 +6,8 @@ use std::sync::Mutex;
 
 use gpt2::synth::{self, Preset};
 
+pub mod fixture;
+
 /// A synthetic checkpoint of `preset` and `seed`, written once into Cargo's
 /// per-target temporary directory and reused by later tests and runs.
 pub fn synth_dir(preset: Preset, seed: u64) -> PathBuf {
