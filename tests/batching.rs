@@ -1,6 +1,6 @@
 //! Continuous batching: batched requests reproduce single requests exactly,
 //! failures and cancellations stay contained, the same seed gives the same
-//! text in every mode.
+//! text in every mode; in every weight dtype.
 
 mod common;
 
@@ -11,11 +11,15 @@ use common::synth_dir;
 use gpt2::scheduler::Event;
 use gpt2::synth::Preset;
 use gpt2::{
-    Error, GenerateOptions, Generation, Gpt2Model, SamplingParams, Scheduler, SchedulerConfig, Session,
+    Dtype, Error, GenerateOptions, Generation, Gpt2Model, SamplingParams, Scheduler, SchedulerConfig, Session,
 };
 
 fn tiny() -> Arc<Gpt2Model> {
-    Arc::new(Gpt2Model::load(&synth_dir(Preset::Tiny, 0)).unwrap())
+    tiny_in(Dtype::F32)
+}
+
+fn tiny_in(dtype: Dtype) -> Arc<Gpt2Model> {
+    Arc::new(Gpt2Model::load_with(&synth_dir(Preset::Tiny, 0), dtype).unwrap())
 }
 
 /// Prompts of mixed lengths (1 to 100 tokens), deterministic.
@@ -54,7 +58,13 @@ fn sampled(seed: u64, n: usize) -> GenerateOptions {
 
 #[test]
 fn batched_greedy_equals_each_request_run_alone() {
-    let model = tiny();
+    for dtype in Dtype::ALL {
+        batched_greedy_equals_alone(dtype);
+    }
+}
+
+fn batched_greedy_equals_alone(dtype: Dtype) {
+    let model = tiny_in(dtype);
     // Small budgets force chunked prefill interleaved with decode steps.
     let config = SchedulerConfig {
         max_batch: 5,
@@ -79,7 +89,7 @@ fn batched_greedy_equals_each_request_run_alone() {
         assert_eq!(
             got.tokens,
             want.tokens,
-            "request {i} (prompt of {} tokens)",
+            "{dtype}: request {i} (prompt of {} tokens)",
             prompts[i].len()
         );
         assert_eq!(streamed, got.tokens, "request {i}: the stream is the result");
@@ -90,7 +100,13 @@ fn batched_greedy_equals_each_request_run_alone() {
 
 #[test]
 fn same_seed_same_text_in_every_mode_and_at_any_concurrency() {
-    let model = tiny();
+    for dtype in Dtype::ALL {
+        same_seed_same_text(dtype);
+    }
+}
+
+fn same_seed_same_text(dtype: Dtype) {
+    let model = tiny_in(dtype);
     let prompts = prompts(6);
     let want: Vec<Vec<u32>> = prompts
         .iter()
@@ -114,7 +130,7 @@ fn same_seed_same_text_in_every_mode_and_at_any_concurrency() {
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        assert_eq!(got, want, "threads mode, pool of {threads}");
+        assert_eq!(got, want, "{dtype}: threads mode, pool of {threads}");
     }
     // Batched mode at several batch sizes.
     for max_batch in [1, 2, 6] {
@@ -129,7 +145,7 @@ fn same_seed_same_text_in_every_mode_and_at_any_concurrency() {
             .map(|(i, p)| sched.submit(p.clone(), sampled(i as u64, 12)).unwrap())
             .collect();
         let got: Vec<Vec<u32>> = hs.into_iter().map(|h| h.wait().unwrap().tokens).collect();
-        assert_eq!(got, want, "batched mode, max_batch {max_batch}");
+        assert_eq!(got, want, "{dtype}: batched mode, max_batch {max_batch}");
     }
 }
 
