@@ -1,4 +1,4 @@
-//! Resident memory of a run: about one copy of the weights.
+//! Resident memory of a run: about one copy of the weights, in the run's dtype.
 
 mod common;
 
@@ -11,9 +11,23 @@ use gpt2::synth::Preset;
 /// reports its own peak (`VmHWM`), read just before it exits.
 #[test]
 fn generate_peaks_near_one_copy_of_the_weights() {
+    check_peak("f32", 1.15);
+}
+
+/// In bf16 and int8 only the converted panels stay resident, and each f32
+/// matrix's file pages are handed back as it is converted: the peak follows
+/// the dtype (measured 0.60x and 0.35x the file, against 1.09x in f32; the
+/// rest is the runtime, the tokenizer and the work buffers).
+#[test]
+fn reduced_dtypes_peak_near_their_share_of_the_weights() {
+    check_peak("bf16", 0.65);
+    check_peak("int8", 0.40);
+}
+
+fn check_peak(dtype: &str, max_ratio: f64) {
     let dir = synth_dir(Preset::Gpt2_124M, 0);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpt2"))
-        .args(["generate", "--weights", dir.to_str().unwrap()])
+        .args(["generate", "--weights", dir.to_str().unwrap(), "--dtype", dtype])
         .args(["--prompt", "hi", "--max-new-tokens", "5"])
         .output()
         .unwrap();
@@ -23,12 +37,12 @@ fn generate_peaks_near_one_copy_of_the_weights() {
         eprintln!("notice: this OS reports no peak resident memory; not checked\n{stderr}");
         return;
     };
-    eprintln!("{line}");
+    eprintln!("{dtype}: {line}");
     let ratio: f64 = line
         .split('(')
         .nth(1)
         .and_then(|r| r.split('x').next())
         .and_then(|r| r.parse().ok())
         .unwrap_or_else(|| panic!("cannot read the ratio in {line:?}"));
-    assert!(ratio <= 1.15, "{line}");
+    assert!(ratio <= max_ratio, "{dtype}: {line}, above {max_ratio}x");
 }
