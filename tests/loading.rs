@@ -458,3 +458,47 @@ fn a_key_given_twice_in_the_header_is_refused() {
         "{err}"
     );
 }
+
+/// The finiteness check reads the weights as converted: NaN or infinity is
+/// refused in every dtype, naming the tensor; a finite f32 past bf16's range
+/// (which rounds to infinity) is refused in bf16 only.
+#[test]
+fn non_finite_weights_are_refused_in_every_dtype() {
+    let name = "h.0.mlp.c_fc.weight"; // (8, 32)
+    let index = 3 * 32 + 5;
+    let poisoned = |value: f32| {
+        let mut tensors = micro_tensors("");
+        let entry = tensors.iter_mut().find(|t| t.0 == name).unwrap();
+        entry.3[index * 4..index * 4 + 4].copy_from_slice(&value.to_le_bytes());
+        checkpoint("load-non-finite", MICRO, &tensors, 0)
+    };
+    for dtype in gpt2::Dtype::ALL {
+        for value in [f32::NAN, f32::NEG_INFINITY] {
+            let dir = poisoned(value);
+            match Gpt2Model::load_with(&dir, dtype) {
+                Err(Error::NonFinite {
+                    tensor, index: got, ..
+                }) => {
+                    assert_eq!(tensor, name, "{dtype}");
+                    // Int8 finds the column (its scale), and names its first element.
+                    let want = if dtype == gpt2::Dtype::Int8 { 5 } else { index };
+                    assert_eq!(got, want, "{dtype} {value}");
+                }
+                Err(e) => panic!("{dtype} {value}: {e}"),
+                Ok(_) => panic!("{dtype}: a checkpoint with {value} loaded"),
+            }
+        }
+        let dir = poisoned(3.4e38);
+        let loaded = Gpt2Model::load_with(&dir, dtype);
+        match dtype {
+            gpt2::Dtype::Bf16 => {
+                let err = loaded
+                    .err()
+                    .expect("3.4e38 rounds to infinity in bf16")
+                    .to_string();
+                assert!(err.contains(name) && err.contains("inf"), "{err}");
+            }
+            _ => assert!(loaded.is_ok(), "{dtype}: 3.4e38 is finite"),
+        }
+    }
+}
