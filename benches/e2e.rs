@@ -2,6 +2,11 @@
 //! decode at batch 1, and batched decode steps, printing GB/s (weights
 //! streamed) and GFLOP/s. `cargo bench --bench e2e`. Medians over
 //! repetitions; the machine is shared, so compare ratios within one run.
+//!
+//! `cargo bench --bench e2e -- dtypes`: the weight dtypes against each other
+//! instead: f32, bf16 and int8 models loaded side by side, each round timing
+//! every dtype in turn (the order rotating), and the median over rounds of
+//! each round's ratio to f32.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -9,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use gpt2::bench::step::DecodeStep;
 use gpt2::synth::{self, Preset};
-use gpt2::{Gpt2Model, Row};
+use gpt2::{Dtype, Gpt2Model, Row};
 
 fn median(reps: usize, mut f: impl FnMut()) -> Duration {
     f();
@@ -32,6 +37,10 @@ fn main() {
             dir.display()
         );
         synth::write_checkpoint(&dir, Preset::Gpt2_124M, 0).expect("synthetic checkpoint");
+    }
+    if std::env::args().skip(1).any(|a| a == "dtypes") {
+        compare_dtypes(&dir);
+        return;
     }
     let model = Gpt2Model::load(&dir).expect("load");
     let cfg = &model.config;
@@ -102,5 +111,78 @@ fn main() {
             flops_per_row * b as f64 / s / 1e9,
             b as f64 / s
         );
+    }
+}
+
+/// One prefill of `t` tokens (logits for the last), from an empty cache.
+fn prefill(model: &Gpt2Model, t: usize) -> Duration {
+    let mut cache = model.new_cache().expect("cache");
+    let mut scratch = model.new_scratch(t).expect("scratch");
+    let v = model.config.vocab_size;
+    let rows: Vec<Row> = (0..t)
+        .map(|p| Row {
+            seq: 0,
+            token: (p * 101 % v) as u32,
+            pos: p,
+            logits: p + 1 == t,
+        })
+        .collect();
+    median(3, || {
+        cache.clear();
+        black_box(model.forward(&rows, &mut [&mut cache], &mut scratch).unwrap());
+    })
+}
+
+/// `cargo bench --bench e2e -- dtypes`: see the module docs.
+fn compare_dtypes(dir: &std::path::Path) {
+    const ROUNDS: usize = 7;
+    let models: Vec<Gpt2Model> = Dtype::ALL
+        .iter()
+        .map(|&d| Gpt2Model::load_with(dir, d).expect("load"))
+        .collect();
+    println!(
+        "threads: {}; SYNTHETIC 124M weights; {ROUNDS} rounds, dtypes in rotating order",
+        rayon::current_num_threads()
+    );
+    let tests: [(&str, fn(&Gpt2Model) -> Duration); 3] = [
+        ("decode step B=1 (pos 64)", |m| {
+            let mut step = DecodeStep::new(m, 1, 64).expect("decode step");
+            median(9, || black_box(step.run(m).map(drop).unwrap()))
+        }),
+        ("decode step B=8 (pos 64)", |m| {
+            let mut step = DecodeStep::new(m, 8, 64).expect("decode step");
+            median(5, || black_box(step.run(m).map(drop).unwrap()))
+        }),
+        ("prefill T=128", |m| prefill(m, 128)),
+    ];
+    for (label, run) in tests {
+        // times[round][dtype]
+        let mut times = vec![[Duration::ZERO; 3]; ROUNDS];
+        for (round, t) in times.iter_mut().enumerate() {
+            for i in 0..models.len() {
+                let d = (round + i) % models.len();
+                t[d] = run(&models[d]);
+            }
+        }
+        let median_of = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        print!("{label:28}");
+        for (d, dtype) in Dtype::ALL.iter().enumerate() {
+            let ms = median_of(times.iter().map(|t| t[d].as_secs_f64() * 1e3).collect());
+            let speedup = median_of(
+                times
+                    .iter()
+                    .map(|t| t[0].as_secs_f64() / t[d].as_secs_f64())
+                    .collect(),
+            );
+            let (lo, hi) = times
+                .iter()
+                .map(|t| t[0].as_secs_f64() / t[d].as_secs_f64())
+                .fold((f64::INFINITY, 0f64), |(lo, hi), r| (lo.min(r), hi.max(r)));
+            print!("  {dtype} {ms:7.2} ms {speedup:5.2}x ({lo:.2}-{hi:.2})");
+        }
+        println!();
     }
 }
