@@ -120,7 +120,7 @@ pub struct Metadata {
     pub max_batch: usize,
     #[serde(default)]
     pub max_prompt_rows: usize,
-    /// e.g. "SYNTHETIC 124m checkpoint, seed 0 (...)" or "hub gpt2 @ <revision>".
+    /// e.g. `SYNTHETIC 124m checkpoint, seed 0 (...)` or `hub gpt2 @ <revision>`.
     pub weights_source: String,
     pub weights_sha256: String,
     pub synthetic_weights: bool,

@@ -328,7 +328,7 @@ impl RunPlan {
 /// Runs the benchmark `opts` asks for and writes its report (JSON, Markdown,
 /// SVG) under `opts.out_dir`; the summary (or the JSON) goes to stdout,
 /// progress to stderr. The dtypes run one after the other, each with its
-/// own model ([`run_dtype`]); with `--probe` the machine's limits are
+/// own model (`run_dtype`); with `--probe` the machine's limits are
 /// measured once, after the last.
 pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -6,7 +6,7 @@ use super::*;
 
 /// The human summary printed on stdout: header, per-test rows (means over
 /// repetitions), scaling, the dtype comparison, recommended concurrency and
-/// targets, then the optional sections ([`super::optional_sections`]).
+/// targets, then the optional sections (achieved / limit, per-op profile).
 /// Plain text, aligned columns; the main tables fit a 100-column terminal
 /// for the usual test names.
 pub fn stdout_table(report: &Report) -> String {
