@@ -934,6 +934,7 @@ mod tests {
         // 2 modes × 2 dtypes × 2 panels + the reference.
         assert_eq!(s.matches("<polyline").count(), 9);
         assert!(s.contains("threads bf16") && s.contains("batched f32"));
+        assert!(s.contains("f32, bf16 weights"), "the subtitle names the dtypes");
         assert!(s.contains(r#"stroke-dasharray="8 3""#));
         assert_balanced_tags(&s);
     }

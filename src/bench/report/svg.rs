@@ -329,8 +329,9 @@ fn svg_header(md: &Metadata) -> String {
         SVG_W / 2.0,
         xml(&title)
     );
+    let dtypes: Vec<&str> = md.dtypes.iter().map(|d| d.dtype.as_str()).collect();
     let subtitle = format!(
-        "{}{} | {} cores, {} pool, {} threads/request | {} tokens/request | {}",
+        "{}{} | {} cores, {} pool, {} threads/request | {} weights | {} tokens/request | {}",
         if md.synthetic_weights {
             "speed is real, text is noise | "
         } else {
@@ -340,6 +341,7 @@ fn svg_header(md: &Metadata) -> String {
         md.cores,
         md.pool_layout,
         md.threads_per_request,
+        dtypes.join(", "),
         md.max_new_tokens,
         md.timestamp_utc
     );
