@@ -44,14 +44,18 @@ fn soak_at_ci_size_passes_in_both_modes() {
         assert_eq!(mode["requests"], 80, "{mode}");
     }
     assert_eq!(json["modes"].as_array().unwrap().len(), 2);
+    assert_eq!(json["dtype"], "f32", "f32 by default");
+    assert!(stderr.contains("dtype: f32"), "{stderr}");
 }
 
 /// A leak of 1 MiB a request (80 requests, 8 MiB slack) fails the soak, by
-/// name, in both modes.
+/// name, in both modes. On bf16 weights: `--dtype` reaches the model and
+/// the JSON.
 #[test]
 fn a_leak_fails_the_memory_check() {
-    let (ok, json, stderr) = soak(&["--leak-kib-per-request", "1024"]);
+    let (ok, json, stderr) = soak(&["--leak-kib-per-request", "1024", "--dtype", "bf16"]);
     assert!(!ok, "a leaking soak passed:\n{json}\n{stderr}");
+    assert_eq!(json["dtype"], "bf16");
     for mode in json["modes"].as_array().unwrap() {
         assert_eq!(mode["failed"], 0, "{mode}");
         let problems = mode["problems"].to_string();

@@ -72,10 +72,16 @@ fn both_modes_write_a_complete_report() {
         .find(|l| l.mode == "batched")
         .unwrap();
     assert!(batched.vs_threads.is_some_and(|r| r > 0.0));
+    assert!(report.tests.iter().all(|t| t.dtype == "f32"), "f32 by default");
     let profile = report.profile.expect("--profile adds the per-op table");
+    let [profile] = &profile[..] else {
+        panic!("one table per dtype: {profile:?}")
+    };
+    assert_eq!(profile.dtype, "f32");
     for op in ["qkv", "attention", "mlp up", "lm head", "sampling"] {
         assert!(
             profile
+                .rows
                 .iter()
                 .any(|r| r.phase == "decode" && r.op == op && r.ms > 0.0),
             "{op}"
@@ -101,6 +107,10 @@ fn bad_flags_are_named_errors() {
         (vec!["--max-batch", "0"], "--max-batch"),
         (vec!["--request-rate", "0"], "--request-rate"),
         (vec!["--mode", "sideways"], "--mode"),
+        (
+            vec!["--dtype", "f32,fp8"],
+            "unknown dtype `fp8`: expected f32, bf16 or int8",
+        ),
     ] {
         let mut all = vec!["--weights", w];
         all.extend(args);
@@ -157,6 +167,88 @@ fn quick<'a>(weights: &'a str, out_dir: &'a str) -> Vec<&'a str> {
         "--out-dir",
         out_dir,
     ]
+}
+
+/// Each dtype (given twice, run once) loads its own model and runs every
+/// test; the report names the dtype of every test, level and target, and
+/// each dtype's memory. (`--probe` per dtype is left to the unit tests of
+/// `bench::roofline`: measuring the machine takes 5 to 10 s and 1 GiB.)
+#[test]
+fn several_dtypes_run_every_test_each() {
+    let weights = synth_dir(Preset::Tiny, 0);
+    let out_dir = scratch_dir("throughput-dtypes");
+    let mut args = quick(weights.to_str().unwrap(), out_dir.to_str().unwrap());
+    args.extend(["--dtype", "f32,bf16,f32", "--json"]);
+    let out = throughput_within(&args, 240);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    // The default targets are a real machine's: a tiny model may miss none or some.
+    assert!(matches!(out.status.code(), Some(0 | 3)), "{stderr}");
+    let report: gpt2::bench::Report = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report.schema_version, 3);
+    let dtypes: Vec<&str> = report.metadata.dtypes.iter().map(|d| d.dtype.as_str()).collect();
+    assert_eq!(dtypes, ["f32", "bf16"]);
+    for d in &report.metadata.dtypes {
+        assert!(d.packed_weight_bytes.is_some_and(|b| b > 0), "{d:?}");
+        let (rss, peak) = (d.rss_after_load_bytes.unwrap(), d.peak_rss_bytes.unwrap());
+        assert!(rss > 0 && peak >= rss, "{d:?}");
+    }
+    let tests: Vec<(&str, &str)> = report
+        .tests
+        .iter()
+        .map(|t| (t.dtype.as_str(), t.name.as_str()))
+        .collect();
+    assert_eq!(
+        tests,
+        [
+            ("f32", "single"),
+            ("f32", "concurrent-2"),
+            ("bf16", "single"),
+            ("bf16", "concurrent-2")
+        ]
+    );
+    assert!(report
+        .tests
+        .iter()
+        .all(|t| t.failed == 0 && t.total_tokens == t.requests * 3));
+    let a = &report.analysis;
+    for l in &a.levels {
+        assert_eq!(l.vs_f32.is_some(), l.dtype == "bf16", "{l:?}");
+    }
+    // Every target is met or missed per dtype.
+    for name in ["single_tokens_per_s", "failed"] {
+        let of: Vec<&str> = a
+            .targets
+            .iter()
+            .filter(|t| t.name == name)
+            .map(|t| t.dtype.as_str())
+            .collect();
+        assert_eq!(of, ["f32", "bf16"], "{name}");
+    }
+    assert!(stderr.contains("[single threads bf16]"), "{stderr}");
+    // The Markdown report compares them.
+    let md = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "md"))
+        .unwrap();
+    let md = std::fs::read_to_string(md).unwrap();
+    assert!(md.contains("## Dtype comparison"), "{md}");
+    assert!(md.lines().any(|l| l.starts_with("| bf16 ")), "{md}");
+}
+
+/// An unknown dtype is a usage error (status 2) that names it, before
+/// anything is loaded.
+#[test]
+fn an_unknown_dtype_is_refused_by_name() {
+    let weights = synth_dir(Preset::Tiny, 0);
+    let out = throughput(&["--weights", weights.to_str().unwrap(), "--dtype", "fp8"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("fp8") && stderr.contains("--dtype"), "{stderr}");
+    assert!(!stderr.contains("weights:"), "loaded before refusing: {stderr}");
 }
 
 #[test]

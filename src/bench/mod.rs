@@ -19,8 +19,14 @@ use serde::{Deserialize, Serialize};
 /// Bump when a field changes meaning or disappears (adding fields is compatible).
 ///
 /// 2: `roofline` grouped into `limits`, `decode`, `prefill`, `long_decode`,
-/// `batch8` (1 had the same figures flat; [`legacy`] still reads them).
-pub const SCHEMA_VERSION: u32 = 2;
+/// `batch8` (1 had the same figures flat).
+///
+/// 3: a run measures one or more weight formats: every test, level, target
+/// and spread entry names its `dtype`; `metadata.dtypes` lists them with
+/// their memory (2 had `metadata.model.dtype`, always f32); the roofline has
+/// the machine's limits once and the engine's figures per dtype; the
+/// recommended concurrencies are objects. [`legacy`] reads 1 and 2 (as f32).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The reference study that our default protocol reproduces: PyTorch GPT-2
 /// 124M on some other CPU. `(concurrency, requests/s, tokens/s)`.
@@ -64,6 +70,10 @@ pub struct TestResult {
     /// "threads": one client thread per in-flight request, each running its
     /// own forward passes; "batched": requests share batched forward steps.
     pub mode: String,
+    /// The format of the packed weights: "f32", "bf16" or "int8" (f32 in
+    /// reports before schema 3).
+    #[serde(default = "legacy::f32_name")]
+    pub dtype: String,
     pub concurrency: usize,
     /// 0-based repetition index (`--full` repeats every test).
     pub repetition: usize,
@@ -110,11 +120,15 @@ pub struct Metadata {
     pub max_batch: usize,
     #[serde(default)]
     pub max_prompt_rows: usize,
-    /// e.g. "SYNTHETIC 124m checkpoint, seed 0 (...)" or "hub gpt2 @ <revision>".
+    /// e.g. `SYNTHETIC 124m checkpoint, seed 0 (...)` or `hub gpt2 @ <revision>`.
     pub weights_source: String,
     pub weights_sha256: String,
     pub synthetic_weights: bool,
     pub model: ModelInfo,
+    /// The weight formats measured, in the order they ran (schema 2 and
+    /// older: f32 alone, its memory unknown).
+    #[serde(default = "legacy::f32_runs")]
+    pub dtypes: Vec<DtypeRun>,
     pub max_new_tokens: usize,
     pub warmup_requests: usize,
     pub repetitions: usize,
@@ -129,12 +143,37 @@ pub struct ModelInfo {
     pub n_positions: usize,
     pub vocab_size: usize,
     pub n_params: usize,
-    pub dtype: String,
 }
 
-/// Scaling of one (mode, concurrency) level against the single request.
+/// One weight format of a run and the memory it took. The model of one
+/// format is dropped before the next one is loaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DtypeRun {
+    /// "f32", "bf16" or "int8".
+    pub dtype: String,
+    /// Bytes of the packed matrices (the blocks' linear layers and the LM
+    /// head) as the loader reports them.
+    pub packed_weight_bytes: Option<u64>,
+    /// Resident memory (VmRSS) right after loading: this format's weights,
+    /// plus what the process already held (tokenizer, thread pools, freed
+    /// memory the allocator kept). `None` where the OS does not tell.
+    pub rss_after_load_bytes: Option<u64>,
+    /// The resident high-water mark (VmHWM) after this format's tests: the
+    /// peak of its load and its tests when [`Self::peak_rss_own`], else the
+    /// process's peak so far (this format and every one before it).
+    pub peak_rss_bytes: Option<u64>,
+    /// Whether the high-water mark was reset to the resident size before
+    /// this format's load (Linux `/proc/self/clear_refs`), so that
+    /// `peak_rss_bytes` is this format's own.
+    pub peak_rss_own: bool,
+}
+
+/// Scaling of one (dtype, mode, concurrency) level against the single
+/// request of the same dtype.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LevelAnalysis {
+    #[serde(default = "legacy::f32_name")]
+    pub dtype: String,
     pub mode: String,
     pub concurrency: usize,
     /// Means over repetitions.
@@ -153,13 +192,28 @@ pub struct LevelAnalysis {
     /// than threads, where both were measured).
     #[serde(default)]
     pub vs_threads: Option<f64>,
+    /// tokens_per_s over f32's at the same mode and concurrency (dtypes
+    /// other than f32, in runs that measured f32).
+    #[serde(default)]
+    pub vs_f32: Option<f64>,
 }
 
-/// A pass/fail target on a headline figure.
+/// The lowest concurrency of a (dtype, mode) reaching 90% of its best tokens/s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recommendation {
+    pub dtype: String,
+    pub mode: String,
+    pub concurrency: usize,
+}
+
+/// A pass/fail target on a headline figure of one dtype (every dtype of a
+/// run is held to the same targets).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Target {
     /// e.g. "single_tokens_per_s".
     pub name: String,
+    #[serde(default = "legacy::f32_name")]
+    pub dtype: String,
     /// ">" or "=".
     pub op: String,
     pub threshold: f64,
@@ -171,6 +225,8 @@ pub struct Target {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
     pub test: String,
+    #[serde(default = "legacy::f32_name")]
+    pub dtype: String,
     /// `threads` or `batched`: the test names are shared by the modes. Empty
     /// in reports written before the field existed.
     #[serde(default)]
@@ -186,19 +242,28 @@ pub struct Spread {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Analysis {
     pub levels: Vec<LevelAnalysis>,
-    /// Per mode: the lowest concurrency reaching 90% of that mode's best tokens/s.
-    pub recommended_concurrency: Vec<(String, usize)>,
+    /// Per dtype and mode (schema 2 wrote `[mode, concurrency]` pairs).
+    #[serde(deserialize_with = "legacy::recommendations")]
+    pub recommended_concurrency: Vec<Recommendation>,
     pub targets: Vec<Target>,
     pub spread: Vec<Spread>,
 }
 
 /// Achieved against measured machine limits (`throughput --probe`): the
-/// limits, then one part per workload set against them. Measured by
-/// [`roofline::measure`]; schema 1 wrote the same figures flat, and
-/// [`legacy`] reads them into this shape.
+/// limits, measured once, then each dtype's workloads set against them.
+/// Built by [`roofline::roofline`]; [`legacy`] reads schema 1's flat figures
+/// and schema 2's one part (f32) into this shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Roofline {
     pub limits: RooflineLimits,
+    /// In the order the dtypes ran.
+    pub dtypes: Vec<DtypeRoofline>,
+}
+
+/// One dtype's workloads against the limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DtypeRoofline {
+    pub dtype: String,
     /// Batch-1 decode after the short prompts of the single-request test.
     pub decode: DecodeRoofline,
     pub prefill: PrefillRoofline,
@@ -233,8 +298,9 @@ pub struct RooflineLimits {
 /// Batch-1 decode against the read bandwidth.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecodeRoofline {
-    /// Bytes a batch-1 decode step reads: every weight once (f32); the KV
-    /// cache of the short prompts is left out.
+    /// Bytes a batch-1 decode step reads: every weight once, the packed
+    /// matrices in the dtype and the rest in f32; the KV cache of the short
+    /// prompts is left out.
     pub bytes_per_token: f64,
     /// Single-request decode rate, 1 / p50 time per output token.
     pub tokens_per_s: f64,
@@ -263,7 +329,7 @@ pub struct StepRoofline {
     /// Tokens cached per sequence: the position the step decodes.
     pub position: usize,
     pub step_ms: f64,
-    /// The bytes the step reads / step_ms, GB/s: every f32 weight, plus the
+    /// The bytes the step reads / step_ms, GB/s: every weight, plus the
     /// KV cache at `position` for the long decode (for 8 rows the weights
     /// alone, streamed once per step, as if the step did nothing else).
     pub achieved_gbs: f64,
@@ -287,7 +353,7 @@ pub struct Batch8Roofline {
 }
 
 /// An 8-row decode step against its two parts: streaming the weights and
-/// computing on them ([`Roofline::batch8_parts`]).
+/// computing on them ([`DtypeRoofline::batch8_parts`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepParts {
     /// The weights read once at the all-threads read bandwidth, ms.
@@ -318,26 +384,33 @@ impl StepParts {
     }
 }
 
-impl Roofline {
-    /// The 8-row step's parts, or `None` in reports without them.
-    pub fn batch8_parts(&self) -> Option<StepParts> {
+impl DtypeRoofline {
+    /// The 8-row step's parts against `limits`, or `None` in reports without them.
+    pub fn batch8_parts(&self, limits: &RooflineLimits) -> Option<StepParts> {
         let b = self.batch8.as_ref()?;
         let compute_ms = b.compute_ms?;
         let known = [
             b.step.step_ms,
             compute_ms,
-            self.limits.read_gbs_all,
+            limits.read_gbs_all,
             self.decode.bytes_per_token,
         ];
         known
             .iter()
             .all(|v| v.is_finite() && *v > 0.0)
             .then(|| StepParts {
-                stream_ms: self.decode.bytes_per_token / self.limits.read_gbs_all / 1e6,
+                stream_ms: self.decode.bytes_per_token / limits.read_gbs_all / 1e6,
                 compute_ms,
                 step_ms: b.step.step_ms,
             })
     }
+}
+
+/// The per-op profile of one dtype's single-request test.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DtypeProfile {
+    pub dtype: String,
+    pub rows: Vec<crate::profile::OpRow>,
 }
 
 /// Everything one `throughput` run wrote.
@@ -347,10 +420,15 @@ pub struct Report {
     pub metadata: Metadata,
     pub tests: Vec<TestResult>,
     pub analysis: Analysis,
-    /// Per-op breakdown of the single-request test (`--profile`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub profile: Option<Vec<crate::profile::OpRow>>,
-    /// Achieved / limit (`--probe`); schema 1's flat layout is read too.
+    /// Per-op breakdown of the single-request test, per dtype (`--profile`);
+    /// schema 2's one table is read as f32's.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "legacy::profile"
+    )]
+    pub profile: Option<Vec<DtypeProfile>>,
+    /// Achieved / limit (`--probe`); schema 1's and 2's layouts are read too.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -359,19 +437,41 @@ pub struct Report {
     pub roofline: Option<Roofline>,
 }
 
+impl Report {
+    /// Whether the run measured more than one dtype (the renderers then
+    /// name the dtype wherever a figure could be any of them).
+    pub fn several_dtypes(&self) -> bool {
+        self.metadata.dtypes.len() > 1
+    }
+
+    /// A target's name as the exit summary and the verdicts print it: with
+    /// its dtype when the run measured several.
+    pub fn target_label(&self, t: &Target) -> String {
+        if self.several_dtypes() {
+            format!("{} ({})", t.name, t.dtype)
+        } else {
+            t.name.clone()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn roofline(step_ms: f64, compute_ms: f64) -> Roofline {
-        Roofline {
-            limits: RooflineLimits {
-                read_gbs_1t: 20.0,
-                read_gbs_all: 40.0,
-                read_fma8_gbs_all: Some(35.0),
-                fma_gflops_all: 200.0,
-                linear_packed_gflops: 120.0,
-            },
+    fn limits() -> RooflineLimits {
+        RooflineLimits {
+            read_gbs_1t: 20.0,
+            read_gbs_all: 40.0,
+            read_fma8_gbs_all: Some(35.0),
+            fma_gflops_all: 200.0,
+            linear_packed_gflops: 120.0,
+        }
+    }
+
+    fn roofline(step_ms: f64, compute_ms: f64) -> DtypeRoofline {
+        DtypeRoofline {
+            dtype: "f32".into(),
             decode: DecodeRoofline {
                 bytes_per_token: 0.5e9,
                 tokens_per_s: 60.0,
@@ -406,7 +506,7 @@ mod tests {
     #[test]
     fn batch8_parts_place_the_step_between_overlap_and_sum() {
         // 0.5 GB at 40 GB/s: 12.5 ms of streaming; 10 ms of arithmetic.
-        let parts = |step| roofline(step, 10.0).batch8_parts().unwrap();
+        let parts = |step| roofline(step, 10.0).batch8_parts(&limits()).unwrap();
         let p = parts(12.5);
         assert!((p.stream_ms - 12.5).abs() < 1e-9, "{p:?}");
         assert_eq!((p.overlapped_ms(), p.serial_ms()), (12.5, 22.5));
@@ -418,7 +518,7 @@ mod tests {
         );
         assert!(parts(25.0).hidden() < 0.0, "longer than both parts in a row");
         // The smaller part is the stream when compute is the larger.
-        let q = roofline(27.5, 20.0).batch8_parts().unwrap();
+        let q = roofline(27.5, 20.0).batch8_parts(&limits()).unwrap();
         assert!(
             (q.hidden() - 0.4).abs() < 1e-9,
             "5 of the 12.5 ms stream hidden: {q:?}"
@@ -427,15 +527,18 @@ mod tests {
 
     #[test]
     fn batch8_parts_need_every_figure() {
-        assert_eq!(roofline(20.0, 0.0).batch8_parts(), None, "no compute time");
+        let l = limits();
+        assert_eq!(roofline(20.0, 0.0).batch8_parts(&l), None, "no compute time");
         let mut older = roofline(20.0, 10.0);
         older.batch8.as_mut().unwrap().compute_ms = None;
-        assert_eq!(older.batch8_parts(), None, "older report: no compute time");
+        assert_eq!(older.batch8_parts(&l), None, "older report: no compute time");
         older.batch8 = None;
-        assert_eq!(older.batch8_parts(), None, "older report: no 8-row step");
-        assert_eq!(roofline(0.0, 10.0).batch8_parts(), None, "no step timed");
-        let mut r = roofline(20.0, 10.0);
-        r.limits.read_gbs_all = 0.0;
-        assert_eq!(r.batch8_parts(), None);
+        assert_eq!(older.batch8_parts(&l), None, "older report: no 8-row step");
+        assert_eq!(roofline(0.0, 10.0).batch8_parts(&l), None, "no step timed");
+        let no_bandwidth = RooflineLimits {
+            read_gbs_all: 0.0,
+            ..limits()
+        };
+        assert_eq!(roofline(20.0, 10.0).batch8_parts(&no_bandwidth), None);
     }
 }

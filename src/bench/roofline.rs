@@ -1,18 +1,21 @@
 //! `throughput --probe`: what the engine achieves against this machine's
 //! limits ([`crate::probe::Limits`]), as a [`Roofline`]. The FLOP and byte
-//! counts are the functions below; [`measure`] times the workloads.
+//! counts are the functions below; [`time_engine`] times one dtype's
+//! workloads while its model is loaded, [`measure_limits`] the machine once,
+//! and [`roofline`] sets the one against the other.
 
 use std::time::Duration;
 
 use super::step::DecodeStep;
 use super::{
-    Batch8Roofline, DecodeRoofline, PrefillRoofline, Roofline, RooflineLimits, StepRoofline, TestResult,
+    Batch8Roofline, DecodeRoofline, DtypeRoofline, PrefillRoofline, Roofline, RooflineLimits, StepRoofline,
+    TestResult,
 };
 use crate::config::Gpt2Config;
 use crate::error::Result;
 use crate::probe::Limits;
 use crate::progress::Progress;
-use crate::{GenerateOptions, Gpt2Model, Session};
+use crate::{Dtype, GenerateOptions, Gpt2Model, Session};
 
 /// Tokens of the prefill timed alone (capped by the context).
 pub const PREFILL_TOKENS: usize = 128;
@@ -21,11 +24,22 @@ pub const BATCH8: (usize, usize) = (8, 64);
 /// Cached position of the one-row step after a long prompt.
 pub const LONG_DECODE_POSITION: usize = 200;
 
-/// Bytes a batch-1 decode step reads: every weight once (f32). The KV cache
-/// it reads is small next to that at the benchmark's prompt lengths and is
-/// left out.
-pub fn decode_bytes(cfg: &Gpt2Config) -> f64 {
-    (cfg.n_params() * 4) as f64
+/// Bytes a batch-1 decode step reads with the linear layers' weights in
+/// `dtype`: every weight once, the packed matrices (each block's QKV C×3C,
+/// projection C×C, MLP up C×F and down F×C, and the LM head C×V) at
+/// [`Dtype::weight_bytes`], everything else (biases, layer norms, position
+/// embeddings) in f32. The tied token embeddings count once, as the LM head.
+/// The KV cache it reads is small next to that at the benchmark's prompt
+/// lengths and is left out.
+pub fn decode_bytes(cfg: &Gpt2Config, dtype: Dtype) -> f64 {
+    let (c, f, v) = (cfg.n_embd, cfg.n_inner, cfg.vocab_size);
+    let block = dtype.weight_bytes(c, 3 * c)
+        + dtype.weight_bytes(c, c)
+        + dtype.weight_bytes(c, f)
+        + dtype.weight_bytes(f, c);
+    let packed = cfg.n_layer * block + dtype.weight_bytes(c, v);
+    let packed_values = block_weights(cfg) as usize + c * v;
+    (packed + 4 * (cfg.n_params() - packed_values)) as f64
 }
 
 /// The weights of the blocks' linear layers (QKV, projection, MLP up and down).
@@ -54,18 +68,19 @@ pub fn step_compute_ms(cfg: &Gpt2Config, rows: usize, gflops_1t: f64, threads: u
         .then(|| 2.0 * rows as f64 * (block_weights(cfg) + lm_head) / (gflops_1t * threads as f64) / 1e6)
 }
 
-/// Bytes a one-row decode step at `position` reads: every f32 weight, and
-/// the keys and values of every layer at the cached positions and the new one.
-pub fn long_decode_bytes(cfg: &Gpt2Config, position: usize) -> f64 {
-    decode_bytes(cfg) + (2 * cfg.n_layer * (position + 1) * cfg.n_embd * 4) as f64
+/// Bytes a one-row decode step at `position` reads: every weight (as
+/// [`decode_bytes`]), and the keys and values (f32) of every layer at the
+/// cached positions and the new one.
+pub fn long_decode_bytes(cfg: &Gpt2Config, dtype: Dtype, position: usize) -> f64 {
+    decode_bytes(cfg, dtype) + (2 * cfg.n_layer * (position + 1) * cfg.n_embd * 4) as f64
 }
 
-/// The mean over the single-request tests of their p50 time per output
-/// token, ms (NaN without one).
-fn single_tpot_ms(tests: &[TestResult]) -> f64 {
+/// The mean over `dtype`'s single-request tests of their p50 time per
+/// output token, ms (NaN without one).
+fn single_tpot_ms(tests: &[TestResult], dtype: Dtype) -> f64 {
     let single: Vec<f64> = tests
         .iter()
-        .filter(|t| t.concurrency == 1)
+        .filter(|t| t.concurrency == 1 && t.dtype == dtype.as_str())
         .map(|t| t.tpot_ms.p50)
         .filter(|&x| x > 0.0)
         .collect();
@@ -76,61 +91,79 @@ fn single_tpot_ms(tests: &[TestResult]) -> f64 {
     }
 }
 
-/// Measures the machine's limits, times a prefill and two decode steps alone
-/// on `pool`, and sets them, with the single-request decode rate of
-/// `tests`, against the limits. Status lines go to `progress`.
-pub fn measure(
-    model: &Gpt2Model,
-    tests: &[TestResult],
-    pool: &rayon::ThreadPool,
-    progress: &Progress,
-) -> Result<Roofline> {
+/// One dtype's workloads, each timed alone while its model was loaded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineTimes {
+    pub dtype: Dtype,
+    /// A prefill's tokens and its time.
+    pub prefill: (usize, Duration),
+    /// The 8-row decode step's cached position and its time.
+    pub batch8: (usize, Duration),
+    /// The one-row step's after a long prompt.
+    pub long_decode: (usize, Duration),
+    /// Threads of the pool the 8-row step ran on.
+    pub threads: usize,
+}
+
+/// Times a prefill and two decode steps of `model` alone on `pool`.
+pub fn time_engine(model: &Gpt2Model, pool: &rayon::ThreadPool) -> Result<EngineTimes> {
+    let tokens = PREFILL_TOKENS.min(model.config.n_positions);
+    let prefill = time_prefill(model, pool, tokens)?;
+    let (rows, position) = BATCH8;
+    Ok(EngineTimes {
+        dtype: model.dtype(),
+        prefill: (tokens, prefill),
+        batch8: time_step(model, pool, rows, position)?,
+        long_decode: time_step(model, pool, 1, LONG_DECODE_POSITION)?,
+        threads: pool.current_num_threads(),
+    })
+}
+
+/// Measures the machine's limits (a few seconds) and prints their table on
+/// `progress`.
+pub fn measure_limits(progress: &Progress) -> Limits {
     progress.println("probe: measuring read bandwidth, FMA peak and SGEMM (takes a few seconds) ...");
     let limits = crate::probe::measure(false);
     progress.println(&super::report::limits_table(&limits));
-    let cfg = &model.config;
-    let tokens = PREFILL_TOKENS.min(cfg.n_positions);
-    let prefill = time_prefill(model, pool, tokens)?;
-    let (rows, position) = BATCH8;
-    let batch8 = time_step(model, pool, rows, position)?;
-    let long = time_step(model, pool, 1, LONG_DECODE_POSITION)?;
-    Ok(roofline(
-        cfg,
-        &limits,
-        single_tpot_ms(tests),
-        (tokens, prefill),
-        batch8,
-        long,
-        pool.current_num_threads(),
-    ))
+    limits
 }
 
-/// The roofline from the timings: the prefill's (tokens, duration), and the
-/// 8-row and long decode steps' (position, duration), the 8-row step on
-/// `threads` threads.
-fn roofline(
+/// The roofline of every dtype in `engines` (in their order) against
+/// `limits`, their decode rates from the single-request tests of `tests`.
+pub fn roofline(
     cfg: &Gpt2Config,
     limits: &Limits,
-    tpot_ms: f64,
-    (tokens, prefill): (usize, Duration),
-    (batch8_position, batch8_step): (usize, Duration),
-    (long_position, long_step): (usize, Duration),
-    threads: usize,
+    tests: &[TestResult],
+    engines: &[EngineTimes],
 ) -> Roofline {
-    let bytes = decode_bytes(cfg);
-    let tokens_per_s = 1e3 / tpot_ms;
-    let prefill_gflops = prefill_flops(cfg, tokens) / prefill.as_secs_f64() / 1e9;
-    let batch8_gbs = bytes / batch8_step.as_secs_f64() / 1e9;
-    let long_gbs = long_decode_bytes(cfg, long_position) / long_step.as_secs_f64() / 1e9;
-    let read_all = limits.read_gbs_all;
     Roofline {
         limits: RooflineLimits {
             read_gbs_1t: limits.read_gbs_1t,
-            read_gbs_all: read_all,
+            read_gbs_all: limits.read_gbs_all,
             read_fma8_gbs_all: Some(limits.read_fma8_gbs_all),
             fma_gflops_all: limits.fma_gflops_all,
             linear_packed_gflops: limits.best_linear_packed_gflops(PREFILL_TOKENS),
         },
+        dtypes: engines
+            .iter()
+            .map(|e| dtype_roofline(cfg, limits, single_tpot_ms(tests, e.dtype), e))
+            .collect(),
+    }
+}
+
+/// One dtype's part: the decode rate from `tpot_ms`, the rest from `times`.
+fn dtype_roofline(cfg: &Gpt2Config, limits: &Limits, tpot_ms: f64, times: &EngineTimes) -> DtypeRoofline {
+    let dtype = times.dtype;
+    let ((tokens, prefill), (batch8_position, batch8_step)) = (times.prefill, times.batch8);
+    let (long_position, long_step) = times.long_decode;
+    let bytes = decode_bytes(cfg, dtype);
+    let tokens_per_s = 1e3 / tpot_ms;
+    let prefill_gflops = prefill_flops(cfg, tokens) / prefill.as_secs_f64() / 1e9;
+    let batch8_gbs = bytes / batch8_step.as_secs_f64() / 1e9;
+    let long_gbs = long_decode_bytes(cfg, dtype, long_position) / long_step.as_secs_f64() / 1e9;
+    let read_all = limits.read_gbs_all;
+    DtypeRoofline {
+        dtype: dtype.as_str().into(),
         decode: DecodeRoofline {
             bytes_per_token: bytes,
             tokens_per_s,
@@ -157,7 +190,7 @@ fn roofline(
                 achieved_gbs: batch8_gbs,
                 fraction_of_bandwidth: batch8_gbs / read_all,
             },
-            compute_ms: step_compute_ms(cfg, BATCH8.0, limits.rows8_in_l2_gflops_1t, threads),
+            compute_ms: step_compute_ms(cfg, BATCH8.0, limits.rows8_in_l2_gflops_1t, times.threads),
         }),
     }
 }
@@ -210,21 +243,55 @@ mod tests {
     #[test]
     fn counts_match_gpt2_124m() {
         let cfg = gpt2_124m();
-        assert_eq!(decode_bytes(&cfg), 124_439_808.0 * 4.0);
+        assert_eq!(decode_bytes(&cfg, Dtype::F32), 124_439_808.0 * 4.0);
         // 12 layers of 4C² + 2·C·4C = 12C² weights.
         assert_eq!(block_weights(&cfg), 12.0 * 12.0 * 768.0 * 768.0);
         let t = 128.0;
         let want =
             2.0 * block_weights(&cfg) * t + 12.0 * 4.0 * 768.0 * t * (t + 1.0) / 2.0 + 2.0 * 768.0 * 50257.0;
         assert_eq!(prefill_flops(&cfg, 128), want);
-        assert_eq!(
-            long_decode_bytes(&cfg, 200) - decode_bytes(&cfg),
-            (2 * 12 * 201 * 768 * 4) as f64
-        );
+        for dtype in Dtype::ALL {
+            assert_eq!(
+                long_decode_bytes(&cfg, dtype, 200) - decode_bytes(&cfg, dtype),
+                (2 * 12 * 201 * 768 * 4) as f64,
+                "the KV cache is f32 in every dtype"
+            );
+        }
         assert_eq!(step_compute_ms(&cfg, 8, 0.0, 2), None);
         let one = step_compute_ms(&cfg, 8, 50.0, 1).unwrap();
         let two = step_compute_ms(&cfg, 8, 50.0, 2).unwrap();
         assert!((one - 2.0 * two).abs() < 1e-12, "{one} vs {two}");
+    }
+
+    /// bf16 halves and int8 quarters the bytes of a 124M decode step: the
+    /// packed matrices are 99.3% of its weights.
+    #[test]
+    fn reduced_precision_reads_a_fraction_of_the_bytes() {
+        let cfg = gpt2_124m();
+        let f32 = decode_bytes(&cfg, Dtype::F32);
+        for (dtype, fraction) in [(Dtype::Bf16, 0.5), (Dtype::Int8, 0.25)] {
+            let got = decode_bytes(&cfg, dtype) / f32;
+            assert!(
+                (got / fraction - 1.0).abs() < 0.03,
+                "{dtype}: {got} of f32's bytes"
+            );
+            assert!(
+                got > fraction,
+                "{dtype}: the f32 rest and the int8 scales add to the values"
+            );
+        }
+        // Exactly: the matrices' values and int8's per-column scales, the
+        // other 907,776 weights (biases, norms, wpe) in f32.
+        let (c, f, v) = (768, 3072, 50257);
+        let matrices = 12 * (c * 3 * c + c * c + c * f + f * c) + c * v;
+        let rest = 124_439_808 - matrices;
+        assert_eq!(rest, 907_776);
+        assert_eq!(decode_bytes(&cfg, Dtype::Bf16), (2 * matrices + 4 * rest) as f64);
+        let scales = 4 * (12 * (3 * c + c + f + c) + v);
+        assert_eq!(
+            decode_bytes(&cfg, Dtype::Int8),
+            (matrices + scales + 4 * rest) as f64
+        );
     }
 
     #[test]
@@ -250,24 +317,40 @@ mod tests {
             rows8_in_l2_gflops_1t: 40.0,
         };
         let ms = Duration::from_millis;
-        let r = roofline(
-            &cfg,
-            &limits,
-            50.0,
-            (128, ms(500)),
-            (64, ms(100)),
-            (200, ms(40)),
-            2,
-        );
+        let times = |dtype| EngineTimes {
+            dtype,
+            prefill: (128, ms(500)),
+            batch8: (64, ms(100)),
+            long_decode: (200, ms(40)),
+            threads: 2,
+        };
+        // Single requests at 50 ms (f32) and 25 ms (bf16) per output token.
+        let single = |dtype: &str, tpot: f64| TestResult {
+            tpot_ms: super::super::Summary {
+                p50: tpot,
+                ..Default::default()
+            },
+            ..super::super::stats::test_result("single", "threads", dtype, 1, 0, 1.0, vec![])
+        };
+        let tests = [single("f32", 50.0), single("bf16", 25.0)];
+        let r = roofline(&cfg, &limits, &tests, &[times(Dtype::F32), times(Dtype::Bf16)]);
         assert_eq!(r.limits.linear_packed_gflops, 60.0, "the best at M >= 128 only");
-        assert_eq!(r.decode.tokens_per_s, 20.0);
-        let gbs = decode_bytes(&cfg) * 20.0 / 1e9;
-        assert!((r.decode.fraction_of_bandwidth - gbs / 20.0).abs() < 1e-12);
-        assert!((r.prefill.gflops - prefill_flops(&cfg, 128) / 0.5 / 1e9).abs() < 1e-9);
-        let b = r.batch8.unwrap();
-        assert_eq!((b.step.position, b.step.step_ms), (64, 100.0));
-        assert_eq!(b.compute_ms, step_compute_ms(&cfg, 8, 40.0, 2));
-        let l = r.long_decode.unwrap();
-        assert!((l.achieved_gbs - long_decode_bytes(&cfg, 200) / 0.04 / 1e9).abs() < 1e-9);
+        let [f, b] = &r.dtypes[..] else {
+            panic!("two dtypes: {:?}", r.dtypes)
+        };
+        assert_eq!((f.dtype.as_str(), b.dtype.as_str()), ("f32", "bf16"));
+        assert_eq!((f.decode.tokens_per_s, b.decode.tokens_per_s), (20.0, 40.0));
+        for (d, dtype, tok_s) in [(f, Dtype::F32, 20.0), (b, Dtype::Bf16, 40.0)] {
+            let gbs = decode_bytes(&cfg, dtype) * tok_s / 1e9;
+            assert_eq!(d.decode.bytes_per_token, decode_bytes(&cfg, dtype));
+            assert!((d.decode.fraction_of_bandwidth - gbs / 20.0).abs() < 1e-12);
+            assert!((d.prefill.gflops - prefill_flops(&cfg, 128) / 0.5 / 1e9).abs() < 1e-9);
+            let s = d.batch8.as_ref().unwrap();
+            assert_eq!((s.step.position, s.step.step_ms), (64, 100.0));
+            assert!((s.step.achieved_gbs - decode_bytes(&cfg, dtype) / 0.1 / 1e9).abs() < 1e-9);
+            assert_eq!(s.compute_ms, step_compute_ms(&cfg, 8, 40.0, 2));
+            let l = d.long_decode.as_ref().unwrap();
+            assert!((l.achieved_gbs - long_decode_bytes(&cfg, dtype, 200) / 0.04 / 1e9).abs() < 1e-9);
+        }
     }
 }

@@ -1,13 +1,15 @@
-//! One `throughput` run: the options, their validated plan, the tests in
-//! order (warmup, then per repetition the single request and every mode's
-//! levels), the optional probe, and the report written to disk.
+//! One `throughput` run: the options, their validated plan, per weight
+//! format (dtype) the tests in order (warmup, then per repetition the single
+//! request and every mode's levels), the optional probe, and the report
+//! written to disk.
 //!
 //! Default protocol (the reference study's): greedy, exactly 30 new tokens
 //! per request (EOS ignored), 2 warmup requests, 5 sequential single
 //! requests, then 6 requests at each concurrency level (2 and 4), 3 prompts
 //! rotated, one client thread per in-flight request sharing the one
-//! immutable model.
+//! immutable model, f32 weights.
 
+use std::error::Error;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,13 +18,16 @@ use std::time::SystemTime;
 use clap::ValueEnum;
 
 use super::in_process::{InProcess, Mode, PoolLayout};
+use super::roofline::EngineTimes;
 use super::runner::{poisson_arrivals, run_test, Load, MAX_CLIENTS};
 use super::stats::{self, Thresholds};
-use super::{meta, report, roofline, Metadata, ModelInfo, Report, TestResult, SCHEMA_VERSION};
+use super::{
+    meta, report, roofline, DtypeProfile, DtypeRun, Metadata, ModelInfo, Report, TestResult, SCHEMA_VERSION,
+};
 use crate::hub::{self, WeightsArgs};
-use crate::profile::Profile;
+use crate::profile::{self, Profile};
 use crate::progress::Progress;
-use crate::{GenerateOptions, Gpt2Model, Scheduler, SchedulerConfig};
+use crate::{Dtype, GenerateOptions, Gpt2Config, Gpt2Model, Scheduler, SchedulerConfig};
 
 /// The prompts of the concurrent tests unless `--concurrent-prompt` is given.
 pub const DEFAULT_CONCURRENT_PROMPTS: [&str; 3] = [
@@ -48,6 +53,16 @@ pub enum ModeChoice {
 pub struct Options {
     #[command(flatten)]
     pub weights: WeightsArgs,
+    /// Weight formats to measure, comma-separated, run in this order: f32,
+    /// bf16, int8. Each loads the model afresh (the previous one dropped
+    /// first) and runs every test.
+    #[arg(
+        long = "dtype",
+        value_name = "DTYPE",
+        value_delimiter = ',',
+        default_value = "f32"
+    )]
+    pub dtypes: Vec<Dtype>,
     /// Exact number of tokens every request generates (EOS is ignored).
     #[arg(long, default_value_t = 30)]
     pub max_new_tokens: usize,
@@ -168,6 +183,8 @@ impl RunOutcome {
 /// The validated shape of a run: defaults resolved, flags checked.
 #[derive(Debug, Clone)]
 pub struct RunPlan {
+    /// The weight formats, in the order given, without duplicates.
+    pub dtypes: Vec<Dtype>,
     /// Concurrency levels above 1, ascending, without duplicates.
     pub levels: Vec<usize>,
     pub modes: Vec<Mode>,
@@ -184,6 +201,15 @@ pub struct RunPlan {
 impl RunPlan {
     /// Checks `opts` on a machine of `cores` cores; errors name the flag.
     pub fn new(opts: &Options, cores: usize) -> Result<RunPlan, String> {
+        let mut dtypes: Vec<Dtype> = Vec::new();
+        for &d in &opts.dtypes {
+            if !dtypes.contains(&d) {
+                dtypes.push(d);
+            }
+        }
+        if dtypes.is_empty() {
+            return Err("--dtype: name at least one of f32, bf16, int8".into());
+        }
         let levels = opts.levels.clone().unwrap_or_else(|| {
             if opts.full {
                 vec![2, 4, 8, 16, 32]
@@ -272,6 +298,7 @@ impl RunPlan {
             thresholds.set(t)?;
         }
         Ok(RunPlan {
+            dtypes,
             levels,
             modes,
             requests_per_level,
@@ -288,24 +315,32 @@ impl RunPlan {
         self.requests_per_level.max(level)
     }
 
-    /// Every request of the run, warmup included: the progress bar's length.
+    /// Every request of the run, warmup included, over every dtype: the
+    /// progress bar's length.
     pub fn total_requests(&self, warmup: usize, single_requests: usize) -> usize {
         let levels: usize = self.levels.iter().map(|&l| self.requests_at(l)).sum();
-        warmup * self.modes.len() + self.repetitions * (single_requests + self.modes.len() * levels)
+        let per_dtype =
+            warmup * self.modes.len() + self.repetitions * (single_requests + self.modes.len() * levels);
+        self.dtypes.len() * per_dtype
     }
 }
 
 /// Runs the benchmark `opts` asks for and writes its report (JSON, Markdown,
 /// SVG) under `opts.out_dir`; the summary (or the JSON) goes to stdout,
-/// progress to stderr.
-pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn std::error::Error>> {
+/// progress to stderr. The dtypes run one after the other, each with its
+/// own model (`run_dtype`); with `--probe` the machine's limits are
+/// measured once, after the last.
+pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let plan = RunPlan::new(opts, cores)?;
     // Before any work: a run whose results cannot be written is not started.
     crate::files::check_writable_dir(&opts.out_dir)?;
     let resolved = hub::resolve(&opts.weights)?;
     let tok = resolved.load_tokenizer()?;
-    let model = Gpt2Model::load(&resolved.dir)?;
+    // Every dtype loads the same checkpoint, so its config checks the
+    // prompts before any model is loaded.
+    let (config_path, model_path) = crate::weights::checkpoint_files(&resolved.dir);
+    let cfg = Gpt2Config::from_file(&config_path)?;
     let progress = Progress::new(
         plan.total_requests(opts.warmup, opts.single_requests) as u64,
         "requests",
@@ -318,18 +353,18 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn std::error::Error>> {
     } else {
         opts.concurrent_prompts.clone()
     };
-    let encode = |text: &str| -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+    let encode = |text: &str| -> Result<Vec<u32>, Box<dyn Error>> {
         let ids = tok.encode(text)?;
         let gen = GenerateOptions::greedy(opts.max_new_tokens);
-        crate::generate::check_request(&ids, &gen, model.config.n_positions)?;
+        crate::generate::check_request(&ids, &gen, cfg.n_positions)?;
         let need = ids.len() + opts.max_new_tokens - 1;
-        if need > model.config.n_positions {
+        if need > cfg.n_positions {
             return Err(format!(
                 "prompt {text:?} is {} tokens; with --max-new-tokens {} it needs {need} positions, past the \
                  context window of {}",
                 ids.len(),
                 opts.max_new_tokens,
-                model.config.n_positions
+                cfg.n_positions
             )
             .into());
         }
@@ -353,115 +388,42 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn std::error::Error>> {
         plan.cores,
         plan.max_busy
     ));
-    let shared_pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(plan.threads)
-            .build()?,
-    );
-    let model = Arc::new(model);
-    // Batched mode: one engine thread driving a pool of `plan.threads`
-    // compute threads; the client threads only submit and wait.
-    let scheduler = if plan.modes.contains(&Mode::Batched) {
+    if plan.modes.contains(&Mode::Batched) {
         progress.println(&format!(
             "batched mode: one engine thread on the shared pool of {} compute threads, max batch {}, at most {} \
              prompt rows per step",
             plan.threads, opts.max_batch, opts.max_prompt_rows
         ));
-        Some(Scheduler::new(
-            Arc::clone(&model),
-            SchedulerConfig {
-                max_batch: opts.max_batch,
-                max_prompt_rows: opts.max_prompt_rows,
-                pool: Some(Arc::clone(&shared_pool)),
-                ..SchedulerConfig::default()
-            },
-        )?)
-    } else {
-        None
-    };
-    let engine = |mode| InProcess {
-        model: &model,
-        opts: GenerateOptions::greedy(opts.max_new_tokens),
-        mode,
-        layout: opts.pool,
-        threads: plan.threads,
-        shared_pool: &shared_pool,
-        scheduler: scheduler.as_ref(),
-        profile: None,
-    };
-    // One test: its arrivals (open loop) drawn afresh from the seed.
-    let run_one =
-        |backend: &InProcess, name: &str, concurrency: usize, requests: usize, prompts: &[Vec<u32>]| {
-            let arrivals = opts
-                .request_rate
-                .map(|r| poisson_arrivals(requests, r, opts.arrival_seed));
-            let load = Load {
-                name,
-                mode: backend.mode.name(),
-                concurrency,
-                requests,
-                prompts,
-                max_new_tokens: opts.max_new_tokens,
-                arrivals: arrivals.as_deref(),
-            };
-            run_test(backend, &load, &progress)
-        };
-
-    if opts.warmup > 0 {
-        progress.println(&format!(
-            "warmup: {} request(s) per mode, not counted",
-            opts.warmup
-        ));
-        for &mode in &plan.modes {
-            run_one(&engine(mode), "warmup", 1, opts.warmup, &single_prompt)?;
-        }
     }
+    let bench = Bench {
+        opts,
+        plan: &plan,
+        dir: &resolved.dir,
+        pool: &Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(plan.threads)
+                .build()?,
+        ),
+        progress: &progress,
+        single_prompt: &single_prompt,
+        concurrent_prompts: &concurrent_prompts,
+    };
     let mut tests: Vec<TestResult> = Vec::new();
-    let single_profile = Mutex::new(Profile::default());
-    for rep in 0..plan.repetitions {
-        // The single request: one baseline for every mode (with one request
-        // in flight there is nothing to batch), run in threads mode.
-        let single = InProcess {
-            profile: (opts.profile && rep == 0).then_some(&single_profile),
-            ..engine(Mode::Threads)
-        };
-        let (d, raw) = run_one(&single, "single", 1, opts.single_requests, &single_prompt)?;
-        tests.push(stats::test_result("single", "threads", 1, rep, d, raw));
-        for &mode in &plan.modes {
-            let backend = engine(mode);
-            for &level in &plan.levels {
-                let name = format!("concurrent-{level}");
-                let (d, raw) = run_one(
-                    &backend,
-                    &name,
-                    level,
-                    plan.requests_at(level),
-                    &concurrent_prompts,
-                )?;
-                tests.push(stats::test_result(&name, mode.name(), level, rep, d, raw));
-            }
-        }
+    let (mut dtypes, mut profiles, mut engines) = (Vec::new(), Vec::new(), Vec::new());
+    for &dtype in &plan.dtypes {
+        let measured = run_dtype(&bench, dtype)?;
+        tests.extend(measured.tests);
+        dtypes.push(measured.run);
+        profiles.extend(measured.profile);
+        engines.extend(measured.engine);
     }
-    drop(scheduler);
-    let profile = opts
-        .profile
-        .then(|| single_profile.into_inner().unwrap_or_else(|e| e.into_inner()));
-    if let Some(p) = &profile {
-        progress.println(&format!(
-            "per-op profile of the single-request test:\n{}",
-            p.table()
-        ));
-    }
-    let roofline = if opts.probe {
-        Some(roofline::measure(&model, &tests, &shared_pool, &progress)?)
-    } else {
-        None
-    };
+    let roofline = opts.probe.then(|| {
+        let limits = roofline::measure_limits(&progress);
+        roofline::roofline(&cfg, &limits, &tests, &engines)
+    });
     progress.finish();
 
     let analysis = stats::analyze(&tests, &plan.thresholds);
-    let model_path = resolved.dir.join("model.safetensors");
-    let cfg = &model.config;
     let metadata = Metadata {
         timestamp_utc: meta::utc_timestamp(SystemTime::now(), true),
         git_commit: meta::git_commit(),
@@ -490,8 +452,8 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn std::error::Error>> {
             n_positions: cfg.n_positions,
             vocab_size: cfg.vocab_size,
             n_params: cfg.n_params(),
-            dtype: "f32".into(),
         },
+        dtypes,
         max_new_tokens: opts.max_new_tokens,
         warmup_requests: opts.warmup,
         repetitions: plan.repetitions,
@@ -504,7 +466,7 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn std::error::Error>> {
         metadata,
         tests,
         analysis,
-        profile: profile.map(|p| p.rows()),
+        profile: opts.profile.then_some(profiles),
         roofline,
     };
     write_outputs(&report, &opts.out_dir, opts.json)?;
@@ -516,10 +478,174 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn std::error::Error>> {
             .targets
             .iter()
             .filter(|t| !t.pass)
-            .map(|t| t.name.clone())
+            .map(|t| report.target_label(t))
             .collect(),
     })
 }
+
+/// What every dtype of a run shares: the flags, the plan, the checkpoint,
+/// the compute pool, the progress bar and the tokenized prompts.
+struct Bench<'a> {
+    opts: &'a Options,
+    plan: &'a RunPlan,
+    /// The checkpoint directory every dtype loads.
+    dir: &'a Path,
+    pool: &'a Arc<rayon::ThreadPool>,
+    progress: &'a Progress,
+    single_prompt: &'a [Vec<u32>],
+    concurrent_prompts: &'a [Vec<u32>],
+}
+
+/// What one dtype's part of a run measured.
+struct DtypeMeasured {
+    tests: Vec<TestResult>,
+    run: DtypeRun,
+    /// With `--profile`.
+    profile: Option<DtypeProfile>,
+    /// With `--probe`.
+    engine: Option<EngineTimes>,
+}
+
+/// Resident memory of this process (VmRSS), bytes; `None` where the OS does
+/// not tell.
+fn rss_bytes() -> Option<u64> {
+    profile::proc_status("VmRSS:").map(|kib| kib * 1024)
+}
+
+/// One dtype's part of the run: its model loaded (the caller's previous one
+/// is gone by then, and the resident high-water mark is reset first, so
+/// this dtype's peak is its own), the warmup and every repetition's tests,
+/// the memory it took, and with `--probe` its workloads timed alone. The
+/// model, its scheduler and its sessions are dropped on return.
+fn run_dtype(b: &Bench, dtype: Dtype) -> Result<DtypeMeasured, Box<dyn Error>> {
+    let (opts, plan, progress) = (b.opts, b.plan, b.progress);
+    let peak_rss_own = meta::reset_peak_rss();
+    let model = Arc::new(Gpt2Model::load_with(b.dir, dtype)?);
+    let rss_after_load_bytes = rss_bytes();
+    let packed = model.weights.packed_bytes;
+    progress.println(&format!(
+        "dtype {dtype}: packed weights {:.1} MiB, resident after load {}",
+        packed as f64 / MIB,
+        rss_after_load_bytes.map_or_else(|| "unknown".into(), |r| format!("{:.1} MiB", r as f64 / MIB))
+    ));
+    // Batched mode: one engine thread driving the shared pool's compute
+    // threads; the client threads only submit and wait.
+    let scheduler = if plan.modes.contains(&Mode::Batched) {
+        Some(Scheduler::new(
+            Arc::clone(&model),
+            SchedulerConfig {
+                max_batch: opts.max_batch,
+                max_prompt_rows: opts.max_prompt_rows,
+                pool: Some(Arc::clone(b.pool)),
+                ..SchedulerConfig::default()
+            },
+        )?)
+    } else {
+        None
+    };
+    let engine = |mode| InProcess {
+        model: &model,
+        opts: GenerateOptions::greedy(opts.max_new_tokens),
+        mode,
+        layout: opts.pool,
+        threads: plan.threads,
+        shared_pool: b.pool,
+        scheduler: scheduler.as_ref(),
+        profile: None,
+    };
+    // One test: its arrivals (open loop) drawn afresh from the seed.
+    let run_one =
+        |backend: &InProcess, name: &str, concurrency: usize, requests: usize, prompts: &[Vec<u32>]| {
+            let arrivals = opts
+                .request_rate
+                .map(|r| poisson_arrivals(requests, r, opts.arrival_seed));
+            let load = Load {
+                name,
+                mode: backend.mode.name(),
+                dtype: dtype.as_str(),
+                concurrency,
+                requests,
+                prompts,
+                max_new_tokens: opts.max_new_tokens,
+                arrivals: arrivals.as_deref(),
+            };
+            run_test(backend, &load, progress)
+        };
+
+    if opts.warmup > 0 {
+        progress.println(&format!(
+            "warmup ({dtype}): {} request(s) per mode, not counted",
+            opts.warmup
+        ));
+        for &mode in &plan.modes {
+            run_one(&engine(mode), "warmup", 1, opts.warmup, b.single_prompt)?;
+        }
+    }
+    let mut tests: Vec<TestResult> = Vec::new();
+    let single_profile = Mutex::new(Profile::default());
+    let d = dtype.as_str();
+    for rep in 0..plan.repetitions {
+        // The single request: one baseline for every mode (with one request
+        // in flight there is nothing to batch), run in threads mode.
+        let single = InProcess {
+            profile: (opts.profile && rep == 0).then_some(&single_profile),
+            ..engine(Mode::Threads)
+        };
+        let (secs, raw) = run_one(&single, "single", 1, opts.single_requests, b.single_prompt)?;
+        tests.push(stats::test_result("single", "threads", d, 1, rep, secs, raw));
+        for &mode in &plan.modes {
+            let backend = engine(mode);
+            for &level in &plan.levels {
+                let name = format!("concurrent-{level}");
+                let (secs, raw) = run_one(
+                    &backend,
+                    &name,
+                    level,
+                    plan.requests_at(level),
+                    b.concurrent_prompts,
+                )?;
+                tests.push(stats::test_result(&name, mode.name(), d, level, rep, secs, raw));
+            }
+        }
+    }
+    drop(scheduler);
+    // Before the probe, whose decode steps hold 8 KV caches of their own.
+    let peak_rss_bytes = profile::peak_rss_bytes();
+    let profile = opts.profile.then(|| {
+        let p = single_profile.into_inner().unwrap_or_else(|e| e.into_inner());
+        progress.println(&format!(
+            "per-op profile of the single-request test ({dtype}):\n{}",
+            p.table()
+        ));
+        DtypeProfile {
+            dtype: d.into(),
+            rows: p.rows(),
+        }
+    });
+    let engine = if opts.probe {
+        progress.println(&format!(
+            "probe ({dtype}): timing a prefill and two decode steps alone ..."
+        ));
+        Some(roofline::time_engine(&model, b.pool)?)
+    } else {
+        None
+    };
+    Ok(DtypeMeasured {
+        tests,
+        run: DtypeRun {
+            dtype: d.into(),
+            packed_weight_bytes: Some(packed as u64),
+            rss_after_load_bytes,
+            peak_rss_bytes,
+            peak_rss_own,
+        },
+        profile,
+        engine,
+    })
+}
+
+/// Bytes in a MiB, for the memory figures.
+const MIB: f64 = (1u64 << 20) as f64;
 
 /// Writes `throughput_gpt2_<UTC>[_N].{json,md,svg}` into `dir` and prints
 /// the summary (or, with `json`, the JSON) on stdout. No report is ever

@@ -45,9 +45,10 @@ pub trait Backend: Sync {
 /// One test's requests.
 #[derive(Debug, Clone, Copy)]
 pub struct Load<'a> {
-    /// The test's name and mode, for the status lines.
+    /// The test's name, mode and weight format, for the status lines.
     pub name: &'a str,
     pub mode: &'a str,
+    pub dtype: &'a str,
     /// Client threads: requests in flight at most.
     pub concurrency: usize,
     pub requests: usize,
@@ -99,9 +100,10 @@ pub fn run_test<B: Backend>(
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     spawn_error = Some(format!(
-                        "{} {}: could not start client thread {} of {}: {e}",
+                        "{} {} {}: could not start client thread {} of {}: {e}",
                         load.name,
                         load.mode,
+                        load.dtype,
                         client + 1,
                         load.concurrency
                     ));
@@ -184,9 +186,10 @@ fn run_client<B: Backend>(
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     if wait > LONG_WAIT {
                         progress.status(&format!(
-                            "[{} {}] request {}/{} arrives in {:.1} s",
+                            "[{} {} {}] request {}/{} arrives in {:.1} s",
                             load.name,
                             load.mode,
+                            load.dtype,
                             index + 1,
                             load.requests,
                             wait.as_secs_f64()
@@ -209,9 +212,10 @@ fn run_client<B: Backend>(
             load.max_new_tokens,
         );
         let line = format!(
-            "[{} {}] request {}/{} (client {client}): {:.0} ms, {} tokens{}",
+            "[{} {} {}] request {}/{} (client {client}): {:.0} ms, {} tokens{}",
             load.name,
             load.mode,
+            load.dtype,
             index + 1,
             load.requests,
             rec.latency_ms,
@@ -327,6 +331,7 @@ mod tests {
         Load {
             name: "t",
             mode: "fake",
+            dtype: "f32",
             concurrency: 2,
             requests: 5,
             prompts,

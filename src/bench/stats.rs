@@ -1,7 +1,10 @@
 //! Statistics of a benchmark run: summaries of request timings, and the
 //! analysis (scaling, efficiency, knee, targets, spread) computed from tests.
 
-use super::{Analysis, LevelAnalysis, RequestRecord, Spread, Summary, Target, TestResult, REFERENCE_STUDY};
+use super::{
+    Analysis, LevelAnalysis, Recommendation, RequestRecord, Spread, Summary, Target, TestResult,
+    REFERENCE_STUDY,
+};
 
 /// The `q`-quantile (0..=1) of sorted values, interpolating linearly between
 /// ranks as numpy's default does. 0 for no values.
@@ -55,6 +58,7 @@ pub fn spread(values: &[f64]) -> (f64, f64, f64, f64) {
 pub fn test_result(
     name: &str,
     mode: &str,
+    dtype: &str,
     concurrency: usize,
     repetition: usize,
     duration_s: f64,
@@ -66,6 +70,7 @@ pub fn test_result(
     TestResult {
         name: name.into(),
         mode: mode.into(),
+        dtype: dtype.into(),
         concurrency,
         repetition,
         requests: raw.len(),
@@ -154,8 +159,56 @@ fn mean_of(tests: &[&TestResult], f: impl Fn(&TestResult) -> f64) -> f64 {
     }
 }
 
-/// Scaling per level, the recommended concurrency, targets and spread.
+/// Scaling per level, the recommended concurrency, targets and spread, each
+/// dtype on its own (against its own single request, held to the same
+/// targets), dtypes in order of first appearance; then each level's tokens/s
+/// against f32's.
 pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
+    let mut dtypes: Vec<&str> = Vec::new();
+    for t in tests {
+        if !dtypes.contains(&t.dtype.as_str()) {
+            dtypes.push(&t.dtype);
+        }
+    }
+    let mut all = Analysis {
+        levels: Vec::new(),
+        recommended_concurrency: Vec::new(),
+        targets: Vec::new(),
+        spread: Vec::new(),
+    };
+    for dtype in dtypes {
+        let mine: Vec<&TestResult> = tests.iter().filter(|t| t.dtype == dtype).collect();
+        let a = analyze_dtype(dtype, &mine, thresholds);
+        all.levels.extend(a.levels);
+        all.recommended_concurrency.extend(a.recommended_concurrency);
+        all.targets.extend(a.targets);
+        all.spread.extend(a.spread);
+    }
+    for i in 0..all.levels.len() {
+        let l = &all.levels[i];
+        if l.dtype != "f32" {
+            let f32 = all
+                .levels
+                .iter()
+                .find(|f| f.dtype == "f32" && f.mode == l.mode && f.concurrency == l.concurrency)
+                .map(|f| ratio(l.tokens_per_s, f.tokens_per_s));
+            all.levels[i].vs_f32 = f32;
+        }
+    }
+    all
+}
+
+/// `a / b`, 0 when `b` is not positive.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// [`analyze`] of one dtype's tests.
+fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) -> Analysis {
     // Distinct (mode, concurrency) levels in order of first appearance.
     let mut keys: Vec<(String, usize)> = Vec::new();
     for t in tests {
@@ -167,15 +220,15 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
     let of = |mode: &str, c: usize| -> Vec<&TestResult> {
         tests
             .iter()
+            .copied()
             .filter(|t| t.mode == mode && t.concurrency == c)
             .collect()
     };
     // The single-request baseline is shared by every mode: with one request
     // in flight, batching has nothing to batch.
-    let base: Vec<&TestResult> = tests.iter().filter(|t| t.concurrency == 1).collect();
+    let base: Vec<&TestResult> = tests.iter().copied().filter(|t| t.concurrency == 1).collect();
     let base_tps = mean_of(&base, |t| t.tokens_per_s);
     let base_p50 = mean_of(&base, |t| t.latency_ms.p50);
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let levels: Vec<LevelAnalysis> = keys
         .iter()
         .map(|(mode, c)| {
@@ -183,6 +236,7 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
             let tps = mean_of(&ts, |t| t.tokens_per_s);
             let p50 = mean_of(&ts, |t| t.latency_ms.p50);
             LevelAnalysis {
+                dtype: dtype.into(),
                 mode: mode.clone(),
                 concurrency: *c,
                 requests_per_s: mean_of(&ts, |t| t.requests_per_s),
@@ -193,6 +247,7 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
                 latency_penalty: ratio(p50, base_p50),
                 reference: REFERENCE_STUDY.iter().find(|r| r.0 == *c).map(|r| (r.1, r.2)),
                 vs_threads: None,
+                vs_f32: None,
             }
         })
         .collect();
@@ -229,7 +284,11 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
                 .map(|l| l.concurrency)
                 .min()
                 .unwrap_or(1);
-            (m.to_string(), knee)
+            Recommendation {
+                dtype: dtype.into(),
+                mode: m.to_string(),
+                concurrency: knee,
+            }
         })
         .collect();
 
@@ -239,6 +298,7 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
     let failed: usize = tests.iter().map(|t| t.failed).sum();
     let gt = |name: &str, threshold: f64, measured: f64| Target {
         name: name.into(),
+        dtype: dtype.into(),
         op: ">".into(),
         threshold,
         measured,
@@ -271,6 +331,7 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
     if let Some(l) = batched(8) {
         targets.push(Target {
             name: "batched_scaling_at_8".into(),
+            dtype: dtype.into(),
             op: ">=".into(),
             threshold: thresholds.batched_scaling_at_8,
             measured: l.scaling,
@@ -279,11 +340,13 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
         let tpot = |ts: &[&TestResult]| mean_of(ts, |t| t.tpot_ms.p50);
         let at8: Vec<&TestResult> = tests
             .iter()
+            .copied()
             .filter(|t| t.mode == "batched" && t.concurrency == 8)
             .collect();
         let penalty = ratio(tpot(&at8), tpot(&base));
         targets.push(Target {
             name: "batched_tpot_penalty_at_8".into(),
+            dtype: dtype.into(),
             op: "<=".into(),
             threshold: thresholds.batched_tpot_penalty_at_8,
             measured: penalty,
@@ -293,6 +356,7 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
     if let Some(l) = batched(4) {
         targets.push(Target {
             name: "batched_efficiency_at_4".into(),
+            dtype: dtype.into(),
             op: ">=".into(),
             threshold: thresholds.batched_efficiency_at_4,
             measured: l.efficiency,
@@ -319,6 +383,7 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
     if let Some(worst) = holds {
         targets.push(Target {
             name: "batched_holds_past_8".into(),
+            dtype: dtype.into(),
             op: ">=".into(),
             threshold: thresholds.batched_holds_past_8,
             measured: worst,
@@ -327,6 +392,7 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
     }
     targets.push(Target {
         name: "failed".into(),
+        dtype: dtype.into(),
         op: "<=".into(),
         threshold: thresholds.failed as f64,
         measured: failed as f64,
@@ -351,6 +417,7 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
             let (mean, stddev, min, max) = spread(&values);
             spread_rows.push(Spread {
                 test: ts[0].name.clone(),
+                dtype: dtype.into(),
                 mode: mode.clone(),
                 metric: metric.into(),
                 mean,
@@ -405,6 +472,7 @@ mod tests {
         let t = test_result(
             "x",
             "threads",
+            "f32",
             2,
             0,
             2.0,
@@ -422,7 +490,7 @@ mod tests {
     fn analysis_computes_efficiency_knee_and_targets() {
         let mk = |c: usize, dur: f64, lat: f64| {
             let raw = (0..4).map(|_| rec(lat, 30, None)).collect();
-            test_result(&format!("c{c}"), "threads", c, 0, dur, raw)
+            test_result(&format!("c{c}"), "threads", "f32", c, 0, dur, raw)
         };
         // 120 tokens in 4 s at 1, 2.5 s at 2, 2.4 s at 4.
         let tests = vec![mk(1, 4.0, 1000.0), mk(2, 2.5, 1600.0), mk(4, 2.4, 3000.0)];
@@ -432,7 +500,14 @@ mod tests {
         assert!((l2.latency_penalty - 1.6).abs() < 1e-9);
         assert_eq!(l2.reference, Some((1.26, 37.88)));
         // Best is 50 tok/s at 4; 48 tok/s at 2 is within 90%: the knee is 2.
-        assert_eq!(a.recommended_concurrency, vec![("threads".to_string(), 2)]);
+        assert_eq!(
+            a.recommended_concurrency,
+            vec![Recommendation {
+                dtype: "f32".into(),
+                mode: "threads".into(),
+                concurrency: 2
+            }]
+        );
         let single_tps = a
             .targets
             .iter()
@@ -449,7 +524,7 @@ mod tests {
     fn batched_curve_must_hold_past_8() {
         let mk = |mode: &str, c: usize, dur: f64| {
             let raw = (0..c.max(1)).map(|_| rec(1000.0, 30, None)).collect();
-            test_result(&format!("c{c}"), mode, c, 0, dur, raw)
+            test_result(&format!("c{c}"), mode, "f32", c, 0, dur, raw)
         };
         // Tokens: 30 per request; tok/s = 30c / dur.
         let run = |d16: f64, d32: f64| {
@@ -480,6 +555,52 @@ mod tests {
             &Thresholds::default(),
         );
         assert!(a.targets.iter().all(|t| t.name != "batched_holds_past_8"));
+    }
+
+    /// Each dtype scales against its own single request and meets every
+    /// target on its own; its levels are set against f32's.
+    #[test]
+    fn each_dtype_is_analysed_against_itself_and_f32() {
+        let mk = |dtype: &str, mode: &str, c: usize, dur: f64| {
+            let raw = (0..c).map(|_| rec(1000.0, 30, None)).collect();
+            test_result(&format!("c{c}"), mode, dtype, c, 0, dur, raw)
+        };
+        // bf16: twice f32's single rate (30 vs 15 tok/s), the same scaling.
+        let tests = vec![
+            mk("f32", "threads", 1, 2.0),
+            mk("f32", "batched", 4, 2.0),
+            mk("bf16", "threads", 1, 1.0),
+            mk("bf16", "batched", 4, 1.0),
+        ];
+        let a = analyze(&tests, &Thresholds::default());
+        let level = |dtype: &str, c: usize| {
+            a.levels
+                .iter()
+                .find(|l| l.dtype == dtype && l.concurrency == c)
+                .unwrap()
+        };
+        for dtype in ["f32", "bf16"] {
+            assert!((level(dtype, 4).scaling - 4.0).abs() < 1e-9, "{dtype}");
+        }
+        assert_eq!(level("f32", 4).vs_f32, None);
+        assert!((level("bf16", 4).vs_f32.unwrap() - 2.0).abs() < 1e-9);
+        assert!((level("bf16", 1).vs_f32.unwrap() - 2.0).abs() < 1e-9);
+        // single_tokens_per_s > 20: bf16 passes, f32 does not.
+        let single: Vec<(&str, bool)> = a
+            .targets
+            .iter()
+            .filter(|t| t.name == "single_tokens_per_s")
+            .map(|t| (t.dtype.as_str(), t.pass))
+            .collect();
+        assert_eq!(single, [("f32", false), ("bf16", true)]);
+        let efficiency = a.targets.iter().filter(|t| t.name == "batched_efficiency_at_4");
+        assert_eq!(efficiency.count(), 2, "a per-run target applies per dtype");
+        let recommended: Vec<&str> = a
+            .recommended_concurrency
+            .iter()
+            .map(|r| r.dtype.as_str())
+            .collect();
+        assert_eq!(recommended, ["f32", "f32", "bf16", "bf16"]);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use gpt2::hub::{self, WeightsArgs};
+use gpt2::hub::{self, DtypeArgs, WeightsArgs};
 use gpt2::progress::Progress;
 use gpt2::rng::Rng;
 use gpt2::{GenerateOptions, Gpt2Model, Scheduler, SchedulerConfig, Session};
@@ -42,6 +42,8 @@ enum ModeArg {
 struct Args {
     #[command(flatten)]
     weights: WeightsArgs,
+    #[command(flatten)]
+    dtype: DtypeArgs,
     /// Requests per mode.
     #[arg(long, default_value_t = 500)]
     requests: usize,
@@ -124,8 +126,10 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         return Err("--requests, --concurrency, --max-prompt and --max-new must be at least 1".into());
     }
     let resolved = hub::resolve(&args.weights)?;
+    let dtype = args.dtype.dtype;
     eprintln!("weights: {}", resolved.source);
-    let model = Arc::new(Gpt2Model::load(&resolved.dir)?);
+    eprintln!("dtype: {dtype} (linear layers' weights)");
+    let model = Arc::new(Gpt2Model::load_with(&resolved.dir, dtype)?);
     let jobs = mix(args, &model);
     let modes: &[&'static str] = match args.mode {
         ModeArg::Threads => &["threads"],
@@ -139,6 +143,7 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let ok = summaries.iter().all(|s| s.checks_passed);
     let json = serde_json::json!({
         "weights_source": resolved.source.to_string(),
+        "dtype": model.dtype().as_str(),
         "requests_per_mode": args.requests,
         "concurrency": args.concurrency,
         "max_prompt": args.max_prompt,

@@ -13,6 +13,7 @@ pub fn markdown(report: &Report, svg_file_name: &str) -> String {
         md_setup(report),
         md_results(report),
         md_scaling(report),
+        md_dtypes(report),
         md_recommended(report),
         md_targets(report),
         md_spread(report),
@@ -28,11 +29,16 @@ fn md_intro(report: &Report) -> String {
     let md = &report.metadata;
     let mut out = String::new();
     out.push_str("# GPT-2 throughput benchmark\n\n");
+    let dtypes: Vec<String> = md
+        .dtypes
+        .iter()
+        .map(|d| format!("`{}`", md_code(&d.dtype)))
+        .collect();
     let _ = writeln!(
         out,
         "Concurrent text generation with gpt2-rs: each request generates exactly {} tokens \
-         from one of {} prompt{}, at concurrency levels {} in mode{} {}. \
-         Throughput counts generated tokens only; latencies are per request.\n",
+         from one of {} prompt{}, at concurrency levels {} in mode{} {}, with the linear layers' \
+         weights in {}{}. Throughput counts generated tokens only; latencies are per request.\n",
         md.max_new_tokens,
         md.prompts.len(),
         plural(md.prompts.len()),
@@ -42,7 +48,13 @@ fn md_intro(report: &Report) -> String {
             .iter()
             .map(|m| format!("`{}`", md_code(m)))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        dtypes.join(", "),
+        if dtypes.len() > 1 {
+            " (one dtype after the other, each loaded afresh, every test run for each)"
+        } else {
+            ""
+        }
     );
     if md.synthetic_weights {
         let _ = writeln!(
@@ -95,7 +107,14 @@ fn md_setup(report: &Report) -> String {
             "parameters",
             format!("{:.1} M ({})", m.n_params as f64 / 1e6, thousands(m.n_params)),
         ),
-        ("dtype", md_text(&m.dtype)),
+        (
+            "dtypes",
+            md.dtypes
+                .iter()
+                .map(|d| md_text(&d.dtype))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
         ("max_new_tokens", format!("{} (EOS ignored)", md.max_new_tokens)),
         ("warmup requests", md.warmup_requests.to_string()),
         ("repetitions", md.repetitions.to_string()),
@@ -132,6 +151,7 @@ fn md_results(report: &Report) -> String {
         let mut t = Table::new(&[
             "test",
             "mode",
+            "dtype",
             "concurrency",
             "repetition",
             "requests",
@@ -142,11 +162,12 @@ fn md_results(report: &Report) -> String {
             "req/s",
             "tok/s",
         ]);
-        t.left(0).left(1);
+        t.left(0).left(1).left(2);
         for r in &report.tests {
             t.row(vec![
                 md_text(&r.name),
                 md_text(&r.mode),
+                md_text(&r.dtype),
                 r.concurrency.to_string(),
                 r.repetition.to_string(),
                 r.requests.to_string(),
@@ -164,6 +185,7 @@ fn md_results(report: &Report) -> String {
         let mut t = Table::new(&[
             "test",
             "mode",
+            "dtype",
             "concurrency",
             "repetition",
             "latency mean",
@@ -177,11 +199,12 @@ fn md_results(report: &Report) -> String {
             "p50",
             "p99",
         ]);
-        t.left(0).left(1);
+        t.left(0).left(1).left(2);
         for r in &report.tests {
             t.row(vec![
                 md_text(&r.name),
                 md_text(&r.mode),
+                md_text(&r.dtype),
                 r.concurrency.to_string(),
                 r.repetition.to_string(),
                 f1(r.latency_ms.mean),
@@ -214,6 +237,7 @@ fn md_scaling(report: &Report) -> String {
         let ref_tok = format!("{REFERENCE_LABEL} tok/s");
         let mut t = Table::new(&[
             "mode",
+            "dtype",
             "concurrency",
             "req/s",
             "tok/s",
@@ -224,8 +248,9 @@ fn md_scaling(report: &Report) -> String {
             "p50 latency ms",
             "latency penalty",
             "vs threads",
+            "vs f32",
         ]);
-        t.left(0);
+        t.left(0).left(1);
         for l in &levels {
             let (rr, rt) = match l.reference {
                 Some((r, tk)) => (f2(r), f2(tk)),
@@ -233,6 +258,7 @@ fn md_scaling(report: &Report) -> String {
             };
             t.row(vec![
                 md_text(&l.mode),
+                md_text(&l.dtype),
                 l.concurrency.to_string(),
                 f2(l.requests_per_s),
                 f2(l.tokens_per_s),
@@ -243,22 +269,50 @@ fn md_scaling(report: &Report) -> String {
                 f1(l.latency_p50_ms),
                 times(l.latency_penalty),
                 l.vs_threads.map_or_else(|| "—".to_string(), times),
+                l.vs_f32.map_or_else(|| "—".to_string(), times),
             ]);
         }
         out.push_str(&t.markdown());
         out.push_str(
-            "\n*Scaling* is tokens/s at concurrency N over tokens/s of the single request \
-             (concurrency 1, one baseline for every mode: with one request in flight there is \
+            "\n*Scaling* is tokens/s at concurrency N over tokens/s of the single request of the \
+             same dtype (concurrency 1, one baseline for every mode: with one request in flight there is \
              nothing to batch). \
              *Efficiency* = throughput(N) / (N · throughput(1)): 100% means N concurrent requests \
              each run as fast as one alone, 1/N means no gain over running them one after another. \
              *Latency penalty* is the p50 end-to-end latency at N over that at 1. \
-             *vs threads* is a mode's tokens/s over threads mode's at the same concurrency. \
+             *vs threads* is a mode's tokens/s over threads mode's at the same concurrency and dtype; \
+             *vs f32* a dtype's tokens/s over f32's at the same mode and concurrency. \
              The reference column is a PyTorch GPT-2 124M study on a different CPU: compare the \
              shape of the curves, not the absolute numbers.\n\n",
         );
         out.push_str(&tradeoff_sentences(&levels));
     }
+    out
+}
+
+/// `## Dtype comparison`: per dtype its headline rates and memory, against
+/// f32's.
+fn md_dtypes(report: &Report) -> String {
+    let mut out = String::from("\n## Dtype comparison\n\n");
+    if report.metadata.dtypes.is_empty() {
+        out.push_str("No dtypes listed.\n");
+        return out;
+    }
+    out.push_str(&dtype_table(report).markdown());
+    let (_, at) = dtype_rows(report);
+    let conc = at.map_or_else(String::new, |(m, c)| {
+        format!(
+            " The concurrent column is {} mode at concurrency {c} (8 where measured, else the \
+             highest level).",
+            md_text(&m)
+        )
+    });
+    let _ = writeln!(
+        out,
+        "\nTokens/s are means over repetitions; *vs f32* is a dtype's figure over f32's, where f32 \
+         ran.{conc}\n"
+    );
+    out.push_str(&dtype_memory_note(report));
     out
 }
 
@@ -269,30 +323,32 @@ fn md_recommended(report: &Report) -> String {
     let mut out = String::new();
     out.push_str("\n## Recommended concurrency\n\n");
     out.push_str(
-        "Rule: per mode, the lowest concurrency whose tokens/s reaches 90% of that mode's best \
-         tokens/s. Beyond it, more concurrency mostly adds latency.\n\n",
+        "Rule: per dtype and mode, the lowest concurrency whose tokens/s reaches 90% of that mode's \
+         best tokens/s. Beyond it, more concurrency mostly adds latency.\n\n",
     );
     if a.recommended_concurrency.is_empty() {
         out.push_str("No recommendation (no levels).\n");
     } else {
         let mut t = Table::new(&[
             "mode",
+            "dtype",
             "recommended concurrency",
             "tok/s there",
             "p50 latency ms there",
             "best tok/s",
             "best at concurrency",
         ]);
-        t.left(0);
-        for (mode, conc) in &a.recommended_concurrency {
-            let at = level_at(&levels, mode, *conc);
+        t.left(0).left(1);
+        for r in &a.recommended_concurrency {
+            let at = level_at(&levels, &r.dtype, &r.mode, r.concurrency);
             let best = levels
                 .iter()
-                .filter(|l| &l.mode == mode || l.concurrency == 1)
+                .filter(|l| l.dtype == r.dtype && (l.mode == r.mode || l.concurrency == 1))
                 .max_by(|x, y| finite(x.tokens_per_s).total_cmp(&finite(y.tokens_per_s)));
             t.row(vec![
-                md_text(mode),
-                conc.to_string(),
+                md_text(&r.mode),
+                md_text(&r.dtype),
+                r.concurrency.to_string(),
                 at.map_or_else(|| "—".to_string(), |l| f2(l.tokens_per_s)),
                 at.map_or_else(|| "—".to_string(), |l| f1(l.latency_p50_ms)),
                 best.map_or_else(|| "—".to_string(), |l| f2(l.tokens_per_s)),
@@ -312,11 +368,12 @@ fn md_targets(report: &Report) -> String {
     if a.targets.is_empty() {
         out.push_str("No targets were set.\n");
     } else {
-        let mut t = Table::new(&["target", "condition", "measured", "result"]);
-        t.left(0).left(1).left(3);
+        let mut t = Table::new(&["target", "dtype", "condition", "measured", "result"]);
+        t.left(0).left(1).left(2).left(4);
         for tg in &a.targets {
             t.row(vec![
                 format!("`{}`", md_code(&tg.name)),
+                md_text(&tg.dtype),
                 format!(
                     "{} {}",
                     tg.op.replace('<', "&lt;").replace('|', "\\|"),
@@ -345,9 +402,9 @@ fn md_spread(report: &Report) -> String {
     if !a.spread.is_empty() {
         out.push_str("\n## Spread over repetitions\n\n");
         let mut t = Table::new(&[
-            "test", "mode", "metric", "mean", "stddev", "cv", "min", "max", "n",
+            "test", "mode", "dtype", "metric", "mean", "stddev", "cv", "min", "max", "n",
         ]);
-        t.left(0).left(1).left(2);
+        t.left(0).left(1).left(2).left(3);
         for s in &a.spread {
             // Milliseconds with 1 decimal, rates with 2.
             let v = |x: f64| if s.metric.ends_with("_ms") { f1(x) } else { f2(x) };
@@ -363,6 +420,7 @@ fn md_spread(report: &Report) -> String {
                 } else {
                     md_text(&s.mode)
                 },
+                md_text(&s.dtype),
                 format!("`{}`", md_code(&s.metric)),
                 v(s.mean),
                 v(s.stddev),
@@ -388,7 +446,8 @@ fn md_plot(svg_file_name: &str) -> String {
         md_link_target(svg_file_name)
     );
     out.push_str(
-        "Left: tokens/s per mode against concurrency, with the reference study dashed. \
+        "Left: tokens/s per mode and dtype against concurrency (f32 solid, bf16 dashed, int8 \
+         dotted), with the reference study grey and dashed. \
          Right: p50 end-to-end latency. Where tokens/s flattens while latency keeps rising, \
          the machine is saturated.\n",
     );
@@ -430,6 +489,17 @@ fn md_method(report: &Report) -> String {
         md.cores,
         md.max_busy_threads
     );
+    let _ = writeln!(
+        out,
+        "- Dtypes: {}. Each loads the checkpoint afresh, its linear layers' weights converted as \
+         they are packed (activations, biases, norms, attention and the KV cache stay f32), after \
+         the previous dtype's model is dropped; each runs the warmup and every test.",
+        md.dtypes
+            .iter()
+            .map(|d| md_text(&d.dtype))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     out.push_str("- Every request's raw timings are in the JSON report (`raw` of each test).\n");
     out
 }
@@ -447,12 +517,21 @@ fn failures_section(report: &Report) -> String {
     }
     let mut out = String::from("\n### Failed requests\n\n");
     const SHOWN: usize = 20;
-    let mut t = Table::new(&["test", "mode", "repetition", "request", "tokens", "error"]);
-    t.left(0).left(1).left(5);
+    let mut t = Table::new(&[
+        "test",
+        "mode",
+        "dtype",
+        "repetition",
+        "request",
+        "tokens",
+        "error",
+    ]);
+    t.left(0).left(1).left(2).left(6);
     for (test, r) in failed.iter().take(SHOWN) {
         t.row(vec![
             md_text(&test.name),
             md_text(&test.mode),
+            md_text(&test.dtype),
             test.repetition.to_string(),
             r.index.to_string(),
             r.generated_tokens.to_string(),
@@ -473,66 +552,67 @@ fn failures_section(report: &Report) -> String {
     out
 }
 
-/// One sentence per mode at its highest concurrency, then a mode comparison
-/// at the highest level every mode measured.
+/// Per dtype: one sentence per mode at its highest concurrency, then a mode
+/// comparison at the highest level every mode measured.
 fn tradeoff_sentences(levels: &[&LevelAnalysis]) -> String {
     let mut out = String::new();
     let modes = modes_in_order(levels);
-    for mode in &modes {
-        let top = levels
-            .iter()
-            .filter(|l| &l.mode == mode && l.concurrency > 1)
-            .max_by_key(|l| l.concurrency);
-        match top {
-            Some(l) => {
-                let _ = writeln!(
-                    out,
-                    "At concurrency {}, {} mode gives {} the throughput of a single request for {} \
-                     the p50 latency ({} efficiency).",
-                    l.concurrency,
-                    md_text(mode),
-                    times(l.scaling),
-                    times(l.latency_penalty),
-                    percent(l.efficiency)
-                );
-            }
-            None => {
-                let _ = writeln!(
-                    out,
-                    "{} mode was only measured at concurrency 1: no trade-off to show.",
-                    md_text(mode)
-                );
+    for dtype in dtypes_in_order(levels) {
+        let levels: Vec<&LevelAnalysis> = levels.iter().copied().filter(|l| l.dtype == dtype).collect();
+        let dtype = md_text(&dtype);
+        for mode in &modes {
+            let top = levels
+                .iter()
+                .filter(|l| &l.mode == mode && l.concurrency > 1)
+                .max_by_key(|l| l.concurrency);
+            match top {
+                Some(l) => {
+                    let _ = writeln!(
+                        out,
+                        "At concurrency {}, {} mode ({dtype}) gives {} the throughput of a single request \
+                         for {} the p50 latency ({} efficiency).",
+                        l.concurrency,
+                        md_text(mode),
+                        times(l.scaling),
+                        times(l.latency_penalty),
+                        percent(l.efficiency)
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "{} mode ({dtype}) was only measured at concurrency 1: no trade-off to show.",
+                        md_text(mode)
+                    );
+                }
             }
         }
-    }
-    if modes.len() >= 2 {
-        // The highest concurrency that every mode measured.
-        let common = levels
-            .iter()
-            .map(|l| l.concurrency)
-            .filter(|&c| {
-                modes
-                    .iter()
-                    .all(|m| levels.iter().any(|l| &l.mode == m && l.concurrency == c))
-            })
-            .max();
-        if let Some(c) = common {
-            let at: Vec<_> = modes
+        if modes.len() >= 2 {
+            // The highest concurrency that every mode measured.
+            let common = levels
                 .iter()
-                .filter_map(|m| levels.iter().find(|l| &l.mode == m && l.concurrency == c))
-                .collect();
-            let parts: Vec<String> = at
-                .iter()
-                .map(|l| {
-                    format!(
-                        "{} {} tok/s at {} ms p50",
-                        md_text(&l.mode),
-                        f2(l.tokens_per_s),
-                        f1(l.latency_p50_ms)
-                    )
+                .map(|l| l.concurrency)
+                .filter(|&c| {
+                    modes
+                        .iter()
+                        .all(|m| levels.iter().any(|l| &l.mode == m && l.concurrency == c))
                 })
-                .collect();
-            let _ = writeln!(out, "\nAt concurrency {c}: {}.", parts.join(", "));
+                .max();
+            if let Some(c) = common {
+                let parts: Vec<String> = modes
+                    .iter()
+                    .filter_map(|m| levels.iter().find(|l| &l.mode == m && l.concurrency == c))
+                    .map(|l| {
+                        format!(
+                            "{} {} tok/s at {} ms p50",
+                            md_text(&l.mode),
+                            f2(l.tokens_per_s),
+                            f1(l.latency_p50_ms)
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(out, "\nAt concurrency {c} ({dtype}): {}.\n", parts.join(", "));
+            }
         }
     }
     out

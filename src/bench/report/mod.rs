@@ -5,6 +5,10 @@
 //!
 //! Numbers: rates with 2 decimals, milliseconds with 1, non-finite values as
 //! "n/a" in tables and as 0 in the plot.
+//!
+//! Several dtypes: every row names its dtype, and the rows of one mode and
+//! level sit together, one per dtype in the order they ran, so that they
+//! read side by side.
 
 mod markdown;
 mod roofline;
@@ -29,10 +33,10 @@ const REFERENCE_LABEL: &str = "reference (other machine)";
 /// One line: all targets pass, or which fail.
 fn targets_verdict(report: &Report) -> String {
     let targets = &report.analysis.targets;
-    let failed: Vec<&str> = targets
+    let failed: Vec<String> = targets
         .iter()
         .filter(|t| !t.pass)
-        .map(|t| t.name.as_str())
+        .map(|t| report.target_label(t))
         .collect();
     if failed.is_empty() {
         format!("All {} target{} PASS.", targets.len(), plural(targets.len()))
@@ -47,7 +51,7 @@ fn targets_verdict(report: &Report) -> String {
     }
 }
 
-/// Tests with the same (mode, concurrency), in first-seen order.
+/// Tests with the same (dtype, mode, concurrency).
 struct Group<'a> {
     tests: Vec<&'a TestResult>,
 }
@@ -58,57 +62,213 @@ impl Group<'_> {
     }
 }
 
+/// The groups by (mode, concurrency) in first-seen order, and within one
+/// the dtypes in first-seen order.
 fn group_tests(tests: &[TestResult]) -> Vec<Group<'_>> {
     let mut groups: Vec<Group> = Vec::new();
     for t in tests {
-        match groups
-            .iter_mut()
-            .find(|g| g.tests[0].mode == t.mode && g.tests[0].concurrency == t.concurrency)
-        {
+        match groups.iter_mut().find(|g| {
+            let g = g.tests[0];
+            g.dtype == t.dtype && g.mode == t.mode && g.concurrency == t.concurrency
+        }) {
             Some(g) => g.tests.push(t),
             None => groups.push(Group { tests: vec![t] }),
         }
     }
+    let levels = first_seen(tests.iter().map(|t| (t.mode.as_str(), t.concurrency)));
+    let dtypes = first_seen(tests.iter().map(|t| t.dtype.as_str()));
+    groups.sort_by_key(|g| {
+        let t = g.tests[0];
+        let level = levels.iter().position(|&l| l == (t.mode.as_str(), t.concurrency));
+        (level, dtypes.iter().position(|&d| d == t.dtype))
+    });
     groups
 }
 
-/// The tokens/s spread of a (mode, concurrency) group: the entry of that
-/// mode and one of the group's test names (the modes share test names).
-fn spread_for<'a>(spread: &'a [Spread], mode: &str, names: &[&str]) -> Option<&'a Spread> {
-    spread.iter().find(|s| {
-        let m = s.metric.to_ascii_lowercase();
-        let tokens = m.contains("tok") && (m.ends_with("per_s") || m.ends_with("/s"));
-        tokens && s.mode == mode && names.contains(&s.test.as_str())
-    })
-}
-
-/// Levels grouped by mode (first-seen order), each mode by concurrency.
-fn sorted_levels(levels: &[LevelAnalysis]) -> Vec<&LevelAnalysis> {
-    let mut out: Vec<&LevelAnalysis> = levels.iter().collect();
-    let modes = modes_in_order(&out);
-    out.sort_by_key(|l| (modes.iter().position(|m| m == &l.mode), l.concurrency));
+/// The distinct items, in first-seen order.
+fn first_seen<T: PartialEq>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
     out
 }
 
-/// A mode's level at `concurrency`; at 1 the single request is shared by all
-/// modes, so any mode's level 1 stands in for a mode without its own.
-fn level_at<'a>(levels: &[&'a LevelAnalysis], mode: &str, concurrency: usize) -> Option<&'a LevelAnalysis> {
-    let own = levels
-        .iter()
-        .find(|l| l.mode == mode && l.concurrency == concurrency);
-    own.or_else(|| levels.iter().find(|l| concurrency == 1 && l.concurrency == 1))
+/// The tokens/s spread of a (dtype, mode, concurrency) group: the entry of
+/// that dtype and mode and one of the group's test names (the modes share
+/// test names).
+fn spread_for<'a>(spread: &'a [Spread], dtype: &str, mode: &str, names: &[&str]) -> Option<&'a Spread> {
+    spread.iter().find(|s| {
+        let m = s.metric.to_ascii_lowercase();
+        let tokens = m.contains("tok") && (m.ends_with("per_s") || m.ends_with("/s"));
+        tokens && s.dtype == dtype && s.mode == mode && names.contains(&s.test.as_str())
+    })
+}
+
+/// Levels grouped by mode (first-seen order), each mode by concurrency,
+/// each concurrency by dtype (first-seen order).
+fn sorted_levels(levels: &[LevelAnalysis]) -> Vec<&LevelAnalysis> {
+    let mut out: Vec<&LevelAnalysis> = levels.iter().collect();
+    let modes = modes_in_order(&out);
+    let dtypes = dtypes_in_order(&out);
+    out.sort_by_key(|l| {
+        (
+            modes.iter().position(|m| m == &l.mode),
+            l.concurrency,
+            dtypes.iter().position(|d| d == &l.dtype),
+        )
+    });
+    out
+}
+
+/// A (dtype, mode)'s level at `concurrency`; at 1 the single request is
+/// shared by all modes, so the dtype's level 1 of any mode stands in for a
+/// mode without its own.
+fn level_at<'a>(
+    levels: &[&'a LevelAnalysis],
+    dtype: &str,
+    mode: &str,
+    concurrency: usize,
+) -> Option<&'a LevelAnalysis> {
+    let mine = || levels.iter().filter(|l| l.dtype == dtype);
+    let own = mine().find(|l| l.mode == mode && l.concurrency == concurrency);
+    own.or_else(|| mine().find(|l| concurrency == 1 && l.concurrency == 1))
         .copied()
 }
 
 /// Modes in first-seen order.
 fn modes_in_order(levels: &[&LevelAnalysis]) -> Vec<String> {
-    let mut modes: Vec<String> = Vec::new();
-    for l in levels {
-        if !modes.contains(&l.mode) {
-            modes.push(l.mode.clone());
-        }
+    first_seen(levels.iter().map(|l| l.mode.clone()))
+}
+
+/// Dtypes in first-seen order.
+fn dtypes_in_order(levels: &[&LevelAnalysis]) -> Vec<String> {
+    first_seen(levels.iter().map(|l| l.dtype.clone()))
+}
+
+/// The row of `dtype` in the dtype comparison: what it ran, where the
+/// comparison reads its throughput.
+struct DtypeRow<'a> {
+    run: &'a super::DtypeRun,
+    /// The single request's level.
+    single: Option<&'a LevelAnalysis>,
+    /// The compared concurrent level: batched mode's if measured (else the
+    /// last mode's), at 8 if measured, else at the highest concurrency.
+    concurrent: Option<&'a LevelAnalysis>,
+}
+
+/// One [`DtypeRow`] per dtype of the report, in the order they ran, and the
+/// (mode, concurrency) of the compared concurrent level.
+fn dtype_rows(report: &Report) -> (Vec<DtypeRow<'_>>, Option<(String, usize)>) {
+    let levels = sorted_levels(&report.analysis.levels);
+    let modes = modes_in_order(&levels);
+    let mode = modes
+        .iter()
+        .find(|m| m.as_str() == "batched")
+        .or(modes.last())
+        .cloned();
+    let at = mode.and_then(|m| {
+        let cs: Vec<usize> = levels
+            .iter()
+            .filter(|l| l.mode == m && l.concurrency > 1)
+            .map(|l| l.concurrency)
+            .collect();
+        let c = if cs.contains(&8) {
+            Some(8)
+        } else {
+            cs.into_iter().max()
+        };
+        c.map(|c| (m, c))
+    });
+    let rows = report
+        .metadata
+        .dtypes
+        .iter()
+        .map(|run| DtypeRow {
+            run,
+            single: levels
+                .iter()
+                .copied()
+                .find(|l| l.dtype == run.dtype && l.concurrency == 1),
+            concurrent: at
+                .as_ref()
+                .and_then(|(m, c)| level_at(&levels, &run.dtype, m, *c)),
+        })
+        .collect();
+    (rows, at)
+}
+
+/// The dtype comparison's columns and rows: per dtype its single-request
+/// and concurrent tokens/s, its packed weights and its memory, and each
+/// tokens/s and the packed bytes against f32's where f32 ran.
+fn dtype_table(report: &Report) -> Table {
+    let (rows, at) = dtype_rows(report);
+    let conc = at.map_or_else(
+        || "concurrent tok/s".to_string(),
+        |(m, c)| format!("{m} c{c} tok/s"),
+    );
+    let mut t = Table::new(&[
+        "dtype",
+        "single tok/s",
+        "vs f32",
+        &conc,
+        "vs f32",
+        "packed MiB",
+        "vs f32",
+        "load RSS",
+        "peak RSS",
+    ]);
+    t.left(0);
+    let f32 = rows.iter().find(|r| r.run.dtype == "f32");
+    let tok = |l: Option<&LevelAnalysis>| l.map_or(f64::NAN, |l| l.tokens_per_s);
+    let mib = |b: Option<u64>| b.map_or(f64::NAN, |b| b as f64 / (1u64 << 20) as f64);
+    let vs = |x: f64, f: Option<f64>| match f {
+        Some(f) if f > 0.0 && x.is_finite() => times(x / f),
+        _ => "—".to_string(),
+    };
+    for r in &rows {
+        let peak = mib(r.run.peak_rss_bytes);
+        t.row(vec![
+            r.run.dtype.clone(),
+            f2(tok(r.single)),
+            vs(tok(r.single), f32.map(|f| tok(f.single))),
+            f2(tok(r.concurrent)),
+            vs(tok(r.concurrent), f32.map(|f| tok(f.concurrent))),
+            f1(mib(r.run.packed_weight_bytes)),
+            vs(
+                mib(r.run.packed_weight_bytes),
+                f32.map(|f| mib(f.run.packed_weight_bytes)),
+            ),
+            f1(mib(r.run.rss_after_load_bytes)),
+            if r.run.peak_rss_own || !peak.is_finite() {
+                f1(peak)
+            } else {
+                format!("{} cumulative", f1(peak))
+            },
+        ]);
     }
-    modes
+    t
+}
+
+/// What the dtype comparison's memory columns are, and what a cumulative
+/// peak is: lines that fit 100 columns, one paragraph in Markdown.
+fn dtype_memory_note(report: &Report) -> String {
+    let mut out = String::from(
+        "Memory in MiB (2^20 bytes). packed: the packed matrices (blocks' linear layers, LM head)\n\
+         as the loader reports them.\n\
+         load RSS: resident memory right after loading that dtype, the previous dtype's model dropped\n\
+         first (it includes what the process already held: tokenizer, threads, kept allocations).\n\
+         peak RSS: the resident high-water mark over that dtype's load and tests, reset before its load.\n",
+    );
+    if report.metadata.dtypes.iter().any(|d| !d.peak_rss_own) {
+        out.push_str(
+            "cumulative: the high-water mark could not be reset here, so that peak is the process's\n\
+             peak so far, over that dtype and every one above it.\n",
+        );
+    }
+    out
 }
 
 /// Minimal text table: right-aligned unless marked left, 2-space gutters.
@@ -407,12 +567,16 @@ fn md_link_target(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Analysis, Metadata, ModelInfo, RequestRecord, Summary, Target, REFERENCE_STUDY};
+    use super::super::{
+        Analysis, DtypeRun, Metadata, ModelInfo, Recommendation, RequestRecord, Summary, Target,
+        REFERENCE_STUDY,
+    };
     use super::*;
 
     fn level(mode: &str, c: usize, tok: f64, lat: f64, tok1: f64, lat1: f64) -> LevelAnalysis {
         let reference = REFERENCE_STUDY.iter().find(|r| r.0 == c).map(|r| (r.1, r.2));
         LevelAnalysis {
+            dtype: "f32".to_string(),
             mode: mode.to_string(),
             concurrency: c,
             requests_per_s: tok / 50.0,
@@ -423,6 +587,7 @@ mod tests {
             latency_penalty: lat / lat1,
             reference,
             vs_threads: None,
+            vs_f32: None,
         }
     }
 
@@ -440,6 +605,7 @@ mod tests {
                 format!("concurrent-{c}")
             },
             mode: mode.to_string(),
+            dtype: "f32".to_string(),
             concurrency: c,
             repetition: rep,
             requests: 4 * c,
@@ -492,6 +658,7 @@ mod tests {
                     for (metric, mean) in [("tokens_per_s", m), ("latency_p50_ms", lat(c))] {
                         spread.push(Spread {
                             test: name.clone(),
+                            dtype: "f32".to_string(),
                             mode: mode.to_string(),
                             metric: metric.to_string(),
                             mean,
@@ -506,7 +673,11 @@ mod tests {
         }
         let recommended = modes
             .iter()
-            .map(|m| (m.to_string(), *levels.last().unwrap()))
+            .map(|m| Recommendation {
+                dtype: "f32".to_string(),
+                mode: m.to_string(),
+                concurrency: *levels.last().unwrap(),
+            })
             .collect();
         Report {
             schema_version: 1,
@@ -535,8 +706,14 @@ mod tests {
                     n_positions: 1024,
                     vocab_size: 50257,
                     n_params: 124_439_808,
-                    dtype: "f32".to_string(),
                 },
+                dtypes: vec![DtypeRun {
+                    dtype: "f32".to_string(),
+                    packed_weight_bytes: Some(497_000_000),
+                    rss_after_load_bytes: Some(520_000_000),
+                    peak_rss_bytes: Some(600_000_000),
+                    peak_rss_own: true,
+                }],
                 max_new_tokens: 50,
                 warmup_requests: 2,
                 repetitions: reps,
@@ -549,6 +726,7 @@ mod tests {
                 targets: vec![
                     Target {
                         name: "single_tokens_per_s".to_string(),
+                        dtype: "f32".to_string(),
                         op: ">".to_string(),
                         threshold: 25.24,
                         measured: 30.0,
@@ -556,6 +734,7 @@ mod tests {
                     },
                     Target {
                         name: "failed".to_string(),
+                        dtype: "f32".to_string(),
                         op: "<=".to_string(),
                         threshold: 0.0,
                         measured: 1.0,
@@ -594,7 +773,7 @@ mod tests {
             md.contains("Hello \\| world"),
             "a prompt's pipe must not split a table cell"
         );
-        assert!(md.contains("At concurrency 4, threads mode gives 2.00× the throughput"));
+        assert!(md.contains("At concurrency 4, threads mode (f32) gives 2.00× the throughput"));
         assert!(md.contains("| PASS ") && md.contains("**FAIL**"));
         // The reference figures at concurrency 4 appear in the scaling table.
         assert!(md.contains("41.46"));
@@ -678,6 +857,97 @@ mod tests {
                 assert!(rows.iter().all(|l| l.contains(sd)), "{mode} rows lack {sd}:\n{t}");
             }
         }
+    }
+
+    /// `r` with a bf16 copy of everything it measured at twice the tokens/s,
+    /// its packed weights half the size, its peak cumulative unless `own`.
+    fn with_bf16(mut r: Report, own: bool) -> Report {
+        let bf16 = |d: &mut String| *d = "bf16".to_string();
+        let mut tests = r.tests.clone();
+        for t in &mut tests {
+            bf16(&mut t.dtype);
+            t.tokens_per_s *= 2.0;
+        }
+        r.tests.extend(tests);
+        let mut levels = r.analysis.levels.clone();
+        for l in &mut levels {
+            bf16(&mut l.dtype);
+            l.tokens_per_s *= 2.0;
+            l.vs_f32 = Some(2.0);
+        }
+        r.analysis.levels.extend(levels);
+        let mut targets = r.analysis.targets.clone();
+        targets.iter_mut().for_each(|t| bf16(&mut t.dtype));
+        r.analysis.targets.extend(targets);
+        let mut spread = r.analysis.spread.clone();
+        spread.iter_mut().for_each(|s| bf16(&mut s.dtype));
+        r.analysis.spread.extend(spread);
+        let mut rec = r.analysis.recommended_concurrency.clone();
+        rec.iter_mut().for_each(|x| bf16(&mut x.dtype));
+        r.analysis.recommended_concurrency.extend(rec);
+        let f32 = r.metadata.dtypes[0].clone();
+        r.metadata.dtypes.push(DtypeRun {
+            dtype: "bf16".to_string(),
+            packed_weight_bytes: f32.packed_weight_bytes.map(|b| b / 2),
+            peak_rss_own: own,
+            ..f32
+        });
+        r
+    }
+
+    #[test]
+    fn several_dtypes_read_side_by_side() {
+        let r = with_bf16(report(&["threads", "batched"], &[1, 2, 4, 8], 2), true);
+        let t = stdout_table(&r);
+        for line in t.lines() {
+            assert!(line.chars().count() <= 100, "wider than 100 columns: {line:?}");
+        }
+        // A level's rows sit together, f32 first.
+        let rows: Vec<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("concurrent-4") && l.contains("batched"))
+            .collect();
+        assert_eq!(rows.len(), 2, "{t}");
+        assert!(rows[0].contains(" f32 ") && rows[1].contains(" bf16 "), "{t}");
+        assert!(t.contains("dtypes: f32, bf16"));
+        // The comparison: batched at 8, bf16 at twice the rates and half the bytes.
+        let cmp = t.lines().skip_while(|l| !l.starts_with("Dtype comparison"));
+        let cmp: Vec<&str> = cmp.take(5).collect();
+        assert!(cmp[1].contains("batched c8 tok/s"), "{cmp:?}");
+        let bf16 = cmp.iter().find(|l| l.starts_with("bf16")).unwrap();
+        assert_eq!(bf16.matches("2.00×").count(), 2, "{bf16}");
+        assert!(bf16.contains("0.50×") && !bf16.contains("cumulative"), "{bf16}");
+        // Every target twice, and the verdict names the dtype.
+        assert!(t.contains("failed (f32), failed (bf16)"), "{t}");
+
+        let md = markdown(&r, "x.svg");
+        assert!(md.lines().any(|l| l == "## Dtype comparison"));
+        assert!(md.contains("At concurrency 8, batched mode (bf16) gives"));
+        assert!(md.contains("| bf16 "));
+        let vs_f32 = md
+            .lines()
+            .find(|l| l.starts_with("| batched") && l.contains("| bf16 ") && l.contains("|           8 |"))
+            .unwrap_or_else(|| panic!("no bf16 scaling row at 8:\n{md}"));
+        assert!(vs_f32.trim_end().ends_with("2.00× |"), "{vs_f32}");
+
+        let s = svg(&r);
+        // 2 modes × 2 dtypes × 2 panels + the reference.
+        assert_eq!(s.matches("<polyline").count(), 9);
+        assert!(s.contains("threads bf16") && s.contains("batched f32"));
+        assert!(s.contains("f32, bf16 weights"), "the subtitle names the dtypes");
+        assert!(s.contains(r#"stroke-dasharray="8 3""#));
+        assert_balanced_tags(&s);
+    }
+
+    #[test]
+    fn a_peak_that_could_not_be_reset_is_marked_cumulative() {
+        let r = with_bf16(report(&["threads"], &[1, 2], 1), false);
+        let t = stdout_table(&r);
+        let bf16 = t.lines().find(|l| l.starts_with("bf16 ")).unwrap();
+        assert!(bf16.ends_with("572.2 cumulative"), "{bf16}");
+        assert!(t.contains("cumulative: the high-water mark could not be reset"));
+        let md = markdown(&r, "x.svg");
+        assert!(md.contains("cumulative: the high-water mark could not be reset"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::*;
-use crate::bench::{Roofline, StepRoofline};
+use crate::bench::{DtypeRoofline, Roofline, RooflineLimits, StepRoofline};
 use crate::probe::Limits;
 use gpt2_kernels::probe::FMA_ROWS;
 
@@ -15,12 +15,23 @@ pub(super) fn optional_sections(report: &Report) -> String {
     let mut out = String::new();
     if let Some(r) = &report.roofline {
         out.push_str(&achieved_over_limit(r));
-        out.push_str(&batch8_against_fma8(r));
-        out.push_str(&batch8_in_parts(r));
+        for d in &r.dtypes {
+            let label = if r.dtypes.len() > 1 {
+                format!("{}: ", d.dtype)
+            } else {
+                String::new()
+            };
+            out.push_str(&batch8_against_fma8(&label, &r.limits, d));
+            out.push_str(&batch8_in_parts(&label, &r.limits, d));
+        }
     }
-    if let Some(rows) = &report.profile {
-        out.push_str("\n## Per-op profile of the single-request test\n");
-        out.push_str(&crate::profile::rows_table(rows));
+    for p in report.profile.iter().flatten() {
+        let _ = writeln!(
+            out,
+            "\n## Per-op profile of the single-request test ({})",
+            p.dtype
+        );
+        out.push_str(&crate::profile::rows_table(&p.rows));
     }
     out
 }
@@ -30,52 +41,61 @@ fn pct0(fraction: f64) -> String {
     format!("{:.0}%", 100.0 * fraction)
 }
 
-/// `## Achieved / limit`: one row per workload, then the read bandwidth of
-/// one thread and what bounds decode and prefill.
+/// `## Achieved / limit`: per dtype one row per workload, then our SGEMM,
+/// the read bandwidth of one thread and what bounds decode and prefill.
 fn achieved_over_limit(r: &Roofline) -> String {
-    let (l, d, p) = (&r.limits, &r.decode, &r.prefill);
-    let mut t = Table::new(&["", "achieved", "limit", "achieved / limit"]);
-    t.left(0);
-    t.row(vec![
-        format!(
-            "decode, batch 1 ({:.0} MB read per token)",
-            d.bytes_per_token / 1e6
-        ),
-        format!("{:.1} GB/s ({:.1} tok/s)", d.achieved_gbs, d.tokens_per_s),
-        format!(
-            "{:.1} GB/s read bandwidth ({:.1} tok/s)",
-            l.read_gbs_all, d.ceiling_tokens_per_s
-        ),
-        pct0(d.fraction_of_bandwidth),
-    ]);
-    if let Some(s) = &r.long_decode {
-        t.row(step_row(
-            &format!("decode, batch 1 at position {} (weights and KV cache", s.position),
-            s,
-            1,
-            format!("{:.1} GB/s read bandwidth", l.read_gbs_all),
-        ));
-    }
-    if let Some(b) = &r.batch8 {
-        t.row(step_row(
-            &format!("decode, 8 rows (8 sequences at position {}", b.step.position),
-            &b.step,
-            8,
+    let l = &r.limits;
+    let mut t = Table::new(&["", "dtype", "achieved", "limit", "achieved / limit"]);
+    t.left(0).left(1);
+    for dr in &r.dtypes {
+        let (d, p) = (&dr.decode, &dr.prefill);
+        let dtype = dr.dtype.clone();
+        t.row(vec![
+            format!(
+                "decode, batch 1 ({:.0} MB read per token)",
+                d.bytes_per_token / 1e6
+            ),
+            dtype.clone(),
+            format!("{:.1} GB/s ({:.1} tok/s)", d.achieved_gbs, d.tokens_per_s),
             format!(
                 "{:.1} GB/s read bandwidth ({:.1} tok/s)",
-                l.read_gbs_all,
-                8.0 * d.ceiling_tokens_per_s
+                l.read_gbs_all, d.ceiling_tokens_per_s
             ),
-        ));
+            pct0(d.fraction_of_bandwidth),
+        ]);
+        if let Some(s) = &dr.long_decode {
+            t.row(step_row(
+                &format!("decode, batch 1 at position {} (weights and KV cache", s.position),
+                &dtype,
+                s,
+                1,
+                format!("{:.1} GB/s read bandwidth", l.read_gbs_all),
+            ));
+        }
+        if let Some(b) = &dr.batch8 {
+            t.row(step_row(
+                &format!("decode, 8 rows (8 sequences at position {}", b.step.position),
+                &dtype,
+                &b.step,
+                8,
+                format!(
+                    "{:.1} GB/s read bandwidth ({:.1} tok/s)",
+                    l.read_gbs_all,
+                    8.0 * d.ceiling_tokens_per_s
+                ),
+            ));
+        }
+        t.row(vec![
+            format!("prefill, {} tokens in {:.0} ms", p.tokens, p.ms),
+            dtype,
+            format!("{:.1} GFLOP/s", p.gflops),
+            format!("{:.1} GFLOP/s FMA peak", l.fma_gflops_all),
+            pct0(p.fraction_of_fma_peak),
+        ]);
     }
     t.row(vec![
-        format!("prefill, {} tokens in {:.0} ms", p.tokens, p.ms),
-        format!("{:.1} GFLOP/s", p.gflops),
-        format!("{:.1} GFLOP/s FMA peak", l.fma_gflops_all),
-        pct0(p.fraction_of_fma_peak),
-    ]);
-    t.row(vec![
         "(our SGEMM at M = 128, best GPT-2 shape)".to_string(),
+        "f32".to_string(),
         format!("{:.1} GFLOP/s", l.linear_packed_gflops),
         format!("{:.1} GFLOP/s", l.fma_gflops_all),
         pct0(l.linear_packed_gflops / l.fma_gflops_all),
@@ -84,7 +104,8 @@ fn achieved_over_limit(r: &Roofline) -> String {
     out.push_str(&t.compact_markdown());
     let _ = writeln!(
         out,
-        "\nRead bandwidth on one thread: {:.1} GB/s. Decode moves every f32 weight once per token, so \
+        "\nRead bandwidth on one thread: {:.1} GB/s. Decode moves every weight once per token (the \
+         linear layers' matrices in the dtype, int8 with its per-column scales, the rest in f32), so \
          its ceiling is bandwidth / bytes per token; prefill is bound by FMA throughput.",
         l.read_gbs_1t
     );
@@ -93,9 +114,10 @@ fn achieved_over_limit(r: &Roofline) -> String {
 
 /// The row of one timed decode step of `rows` rows: `what` is the
 /// workload, which the step's time completes in its parentheses.
-fn step_row(what: &str, s: &StepRoofline, rows: usize, limit: String) -> Vec<String> {
+fn step_row(what: &str, dtype: &str, s: &StepRoofline, rows: usize, limit: String) -> Vec<String> {
     vec![
         format!("{what}, one step in {:.1} ms)", s.step_ms),
+        dtype.to_string(),
         format!(
             "{:.1} GB/s ({:.1} tok/s)",
             s.achieved_gbs,
@@ -106,31 +128,33 @@ fn step_row(what: &str, s: &StepRoofline, rows: usize, limit: String) -> Vec<Str
     ]
 }
 
-/// The 8-row step against the read with its FMAs, where both were measured.
-fn batch8_against_fma8(r: &Roofline) -> String {
-    let (Some(b), Some(fma8)) = (&r.batch8, r.limits.read_fma8_gbs_all) else {
+/// The 8-row step of one dtype against the read with its FMAs, where both
+/// were measured; `label` starts the paragraph (the dtype, with several).
+fn batch8_against_fma8(label: &str, limits: &RooflineLimits, d: &DtypeRoofline) -> String {
+    let (Some(b), Some(fma8)) = (&d.batch8, limits.read_fma8_gbs_all) else {
         return String::new();
     };
     format!(
-        "\nA decode step of 8 rows streams the weights once for 8 tokens; its bandwidth-bound \
+        "\n{label}A decode step of 8 rows streams the weights once for 8 tokens; its bandwidth-bound \
          rate is 8 tokens per pass at the read bandwidth. Reading with 8 FMAs per loaded vector \
          (that step's arithmetic and nothing else) runs at {:.1} GB/s here, {:.0}% of the plain \
          read: what the hardware allows when reads and FMAs overlap as well as they can. The step \
          reaches {:.0}% of that.\n",
         fma8,
-        100.0 * fma8 / r.limits.read_gbs_all,
+        100.0 * fma8 / limits.read_gbs_all,
         100.0 * b.step.achieved_gbs / fma8,
     )
 }
 
-/// The 8-row step set against its stream and its arithmetic apart.
-fn batch8_in_parts(r: &Roofline) -> String {
-    let Some(p) = r.batch8_parts() else {
+/// One dtype's 8-row step set against its stream and its arithmetic apart;
+/// `label` starts the paragraph.
+fn batch8_in_parts(label: &str, limits: &RooflineLimits, d: &DtypeRoofline) -> String {
+    let Some(p) = d.batch8_parts(limits) else {
         return String::new();
     };
     format!(
-        "\nThe same step in two parts: streaming the weights once at the read bandwidth takes \
-         {:.1} ms; its linear layers' arithmetic, at the rate the same kernel reaches on each of the \
+        "\n{label}The same step in two parts: streaming the weights once at the read bandwidth takes \
+         {:.1} ms; its linear layers' arithmetic, at the rate the f32 kernel reaches on each of the \
          step's threads with a weight in L2, {:.1} ms. Were the two fully overlapped the step would take {:.1} ms, \
          run one after the other {:.1} ms; it takes {:.1} ms, hiding {:.0}% of the smaller part \
          (attention and the small ops are in neither part).\n",

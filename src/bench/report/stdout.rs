@@ -5,14 +5,16 @@ use std::fmt::Write as _;
 use super::*;
 
 /// The human summary printed on stdout: header, per-test rows (means over
-/// repetitions), scaling, recommended concurrency and targets, then the
-/// optional sections ([`super::optional_sections`]). Plain text, aligned
-/// columns; the main tables fit a 100-column terminal for the usual test names.
+/// repetitions), scaling, the dtype comparison, recommended concurrency and
+/// targets, then the optional sections (achieved / limit, per-op profile).
+/// Plain text, aligned columns; the main tables fit a 100-column terminal
+/// for the usual test names.
 pub fn stdout_table(report: &Report) -> String {
     let sections = [
         stdout_header(report),
         stdout_tests(report),
         stdout_scaling(report),
+        stdout_dtypes(report),
         stdout_recommended(report),
         stdout_targets(report),
         optional_sections(report),
@@ -35,6 +37,16 @@ fn stdout_header(report: &Report) -> String {
         let bar = "!".repeat(SYNTHETIC_BANNER.len() + 8);
         let _ = writeln!(out, "{bar}\n!!! {SYNTHETIC_BANNER} !!!\n{bar}");
     }
+    let dtypes: Vec<&str> = md.dtypes.iter().map(|d| d.dtype.as_str()).collect();
+    if report.several_dtypes() {
+        let _ = writeln!(
+            out,
+            "dtypes: {} (linear layers' weights; one after the other, each loaded afresh)",
+            dtypes.join(", ")
+        );
+    } else {
+        let _ = writeln!(out, "dtype: {} (linear layers' weights)", dtypes.join(", "));
+    }
     let _ = writeln!(
         out,
         "threads: {} pool, {} threads per request, {} cores, at most {} busy threads",
@@ -52,7 +64,7 @@ fn stdout_header(report: &Report) -> String {
     out
 }
 
-/// Per-test rows, one per (mode, concurrency), means over repetitions.
+/// Per-test rows, one per (mode, concurrency, dtype), means over repetitions.
 fn stdout_tests(report: &Report) -> String {
     let mut out = String::new();
     let groups = group_tests(&report.tests);
@@ -66,16 +78,22 @@ fn stdout_tests(report: &Report) -> String {
     } else {
         out.push_str("Tests\n");
     }
+    // No concurrency column: the test's name carries it (`concurrent-N`).
     let mut table = Table::new(&[
-        "test", "mode", "conc", "reqs", "fail", "req/s", "tok/s", "p50 ms", "p95", "p99", "TTFT", "TPOT",
+        "test", "mode", "dtype", "reqs", "fail", "req/s", "tok/s", "p50 ms", "p95", "p99", "TTFT", "TPOT",
     ]);
-    table.left(0).left(1);
+    table.left(0).left(1).left(2);
     for g in &groups {
         let first = g.tests[0];
         let mean = |f: fn(&TestResult) -> f64| mean_of(g.tests.iter().map(|t| f(t)));
         let mean_tok = mean(|t| t.tokens_per_s);
         let mut tok = f2(mean_tok);
-        if let Some(s) = spread_for(&report.analysis.spread, &first.mode, &g.test_names()) {
+        if let Some(s) = spread_for(
+            &report.analysis.spread,
+            &first.dtype,
+            &first.mode,
+            &g.test_names(),
+        ) {
             if s.n > 1 {
                 let _ = write!(tok, " ±{}", f2(s.stddev));
             }
@@ -83,7 +101,7 @@ fn stdout_tests(report: &Report) -> String {
         table.row(vec![
             first.name.clone(),
             first.mode.clone(),
-            first.concurrency.to_string(),
+            first.dtype.clone(),
             g.tests.iter().map(|t| t.requests).sum::<usize>().to_string(),
             g.tests.iter().map(|t| t.failed).sum::<usize>().to_string(),
             f2(mean(|t| t.requests_per_s)),
@@ -109,22 +127,29 @@ fn stdout_scaling(report: &Report) -> String {
     let mut out = String::new();
     let levels = sorted_levels(&report.analysis.levels);
     if !levels.is_empty() {
-        out.push_str("\nScaling vs concurrency 1 (efficiency = tok/s(N) / (N * tok/s(1)))\n(ref: the reference study, on another machine)\n");
+        out.push_str(
+            "\nScaling vs concurrency 1 of the same dtype (efficiency = tok/s(N) / (N * tok/s(1)),\n\
+             lat pen = p50 latency(N) / p50 latency(1); vs f32: tok/s over f32's at the same mode and\n\
+             level; ref: the reference study, on another machine)\n",
+        );
         let mut t = Table::new(&[
             "mode",
+            "dtype",
             "conc",
             "tok/s",
             "scaling",
             "efficiency",
-            "p50 lat ms",
-            "lat penalty",
+            "p50 ms",
+            "lat pen",
             "vs threads",
+            "vs f32",
             "ref tok/s",
         ]);
-        t.left(0);
+        t.left(0).left(1);
         for l in &levels {
             t.row(vec![
                 l.mode.clone(),
+                l.dtype.clone(),
                 l.concurrency.to_string(),
                 f2(l.tokens_per_s),
                 times(l.scaling),
@@ -132,6 +157,7 @@ fn stdout_scaling(report: &Report) -> String {
                 f1(l.latency_p50_ms),
                 times(l.latency_penalty),
                 l.vs_threads.map_or_else(|| "-".to_string(), times),
+                l.vs_f32.map_or_else(|| "-".to_string(), times),
                 l.reference.map_or_else(|| "-".to_string(), |(_, tok)| f2(tok)),
             ]);
         }
@@ -140,25 +166,37 @@ fn stdout_scaling(report: &Report) -> String {
     out
 }
 
-/// The recommended concurrency of each mode.
+/// Per dtype: single-request and concurrent tokens/s and memory, against f32.
+fn stdout_dtypes(report: &Report) -> String {
+    if report.metadata.dtypes.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\nDtype comparison\n");
+    out.push_str(&dtype_table(report).text());
+    out.push_str(&dtype_memory_note(report));
+    out
+}
+
+/// The recommended concurrency of each dtype and mode.
 fn stdout_recommended(report: &Report) -> String {
     let levels = sorted_levels(&report.analysis.levels);
     let mut out = String::new();
     if !report.analysis.recommended_concurrency.is_empty() {
         out.push_str("\nRecommended concurrency (lowest level reaching 90% of the mode's best tok/s)\n");
-        for (mode, conc) in &report.analysis.recommended_concurrency {
-            let at = level_at(&levels, mode, *conc);
+        for r in &report.analysis.recommended_concurrency {
+            let (dtype, mode, conc) = (&r.dtype, &r.mode, r.concurrency);
+            let at = level_at(&levels, dtype, mode, conc);
             match at {
                 Some(l) => {
                     let _ = writeln!(
                         out,
-                        "{mode}: {conc}  ({} tok/s, p50 latency {} ms)",
+                        "{mode} {dtype}: {conc}  ({} tok/s, p50 latency {} ms)",
                         f2(l.tokens_per_s),
                         f1(l.latency_p50_ms)
                     );
                 }
                 None => {
-                    let _ = writeln!(out, "{mode}: {conc}");
+                    let _ = writeln!(out, "{mode} {dtype}: {conc}");
                 }
             }
         }
@@ -172,11 +210,12 @@ fn stdout_targets(report: &Report) -> String {
     let targets = &report.analysis.targets;
     if !targets.is_empty() {
         out.push_str("\nTargets\n");
-        let mut t = Table::new(&["target", "condition", "measured", "result"]);
-        t.left(0).left(1).left(3);
+        let mut t = Table::new(&["target", "dtype", "condition", "measured", "result"]);
+        t.left(0).left(1).left(2).left(4);
         for tg in targets {
             t.row(vec![
                 tg.name.clone(),
+                tg.dtype.clone(),
                 format!("{} {}", tg.op, target_value(tg.threshold, tg)),
                 target_value(tg.measured, tg),
                 pass_fail(tg.pass).to_string(),

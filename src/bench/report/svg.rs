@@ -13,10 +13,12 @@ const PLOT_BOTTOM: f64 = 330.0;
 /// (left, right) of the two panels' plot areas.
 const PANELS: [(f64, f64); 2] = [(72.0, 372.0), (472.0, 772.0)];
 const REFERENCE_COLOR: &str = "#8c8c8c";
+const REFERENCE_DASH: &str = "6 4";
 
 /// A self-contained SVG of the saturation curve: tokens/s (left panel, with
 /// the reference study dashed) and p50 latency (right panel) against
-/// concurrency, one line per mode. NaN and infinities are drawn as 0.
+/// concurrency, one line per (mode, dtype): the mode's colour, the dtype's
+/// dash. NaN and infinities are drawn as 0.
 pub fn svg(report: &Report) -> String {
     let plot = Plot::new(report);
     let mut s = svg_header(&report.metadata);
@@ -30,7 +32,8 @@ pub fn svg(report: &Report) -> String {
 /// What the two panels show, and where a value lands.
 struct Plot<'a> {
     levels: Vec<&'a LevelAnalysis>,
-    modes: Vec<String>,
+    /// One line each, in the legend's order: by mode, then dtype.
+    lines: Vec<(String, String)>,
     /// The measured concurrency levels, ascending: the x ticks.
     xs: Vec<usize>,
     /// log2 of the lowest and highest level.
@@ -49,7 +52,12 @@ fn lg(c: usize) -> f64 {
 impl<'a> Plot<'a> {
     fn new(report: &'a Report) -> Self {
         let levels = sorted_levels(&report.analysis.levels);
-        let modes = modes_in_order(&levels);
+        let dtypes = dtypes_in_order(&levels);
+        let lines = modes_in_order(&levels)
+            .into_iter()
+            .flat_map(|m| dtypes.iter().map(move |d| (m.clone(), d.clone())))
+            .filter(|(m, d)| levels.iter().any(|l| &l.mode == m && &l.dtype == d))
+            .collect();
         // X: the measured concurrency levels, log2-spaced.
         let xs: Vec<usize> = levels
             .iter()
@@ -83,7 +91,7 @@ impl<'a> Plot<'a> {
         let axes = [nice_axis(tok_max * 1.05), nice_axis(lat_max * 1.05)];
         Plot {
             levels,
-            modes,
+            lines,
             xs,
             lo,
             hi,
@@ -181,23 +189,31 @@ impl<'a> Plot<'a> {
         s
     }
 
-    /// One polyline per (mode, panel), plus the reference on panel 0.
+    /// One polyline per (mode, dtype, panel), plus the reference on panel 0.
     fn series(&self) -> String {
-        let (levels, modes, reference) = (&self.levels, &self.modes, &self.reference);
+        let (levels, reference) = (&self.levels, &self.reference);
         let mut s = String::new();
         if !reference.is_empty() {
             let pts: Vec<(f64, f64)> = reference
                 .iter()
                 .map(|&(c, t)| (self.x_at(0, c), self.y_at(0, t)))
                 .collect();
-            series(&mut s, &pts, REFERENCE_COLOR, true, REFERENCE_LABEL);
+            series(
+                &mut s,
+                &pts,
+                REFERENCE_COLOR,
+                Some(REFERENCE_DASH),
+                REFERENCE_LABEL,
+            );
         }
-        for mode in modes {
-            let color = mode_color(mode);
-            // A mode without its own concurrency-1 level starts from the shared single request.
-            let mut ls: Vec<&LevelAnalysis> = levels.iter().copied().filter(|l| &l.mode == mode).collect();
+        for (mode, dtype) in &self.lines {
+            let (color, dash) = (mode_color(mode), dtype_dash(dtype));
+            let mine = || levels.iter().copied().filter(|l| &l.dtype == dtype);
+            // A mode without its own concurrency-1 level starts from the
+            // dtype's shared single request.
+            let mut ls: Vec<&LevelAnalysis> = mine().filter(|l| &l.mode == mode).collect();
             if !ls.iter().any(|l| l.concurrency == 1) {
-                if let Some(single) = levels.iter().find(|l| l.concurrency == 1) {
+                if let Some(single) = mine().find(|l| l.concurrency == 1) {
                     ls.insert(0, single);
                 }
             }
@@ -209,51 +225,84 @@ impl<'a> Plot<'a> {
                 .iter()
                 .map(|l| (self.x_at(1, l.concurrency), self.y_at(1, l.latency_p50_ms)))
                 .collect();
-            series(&mut s, &tok, color, false, &format!("{mode} tokens/s"));
-            series(&mut s, &lat, color, false, &format!("{mode} p50 latency"));
+            series(&mut s, &tok, color, dash, &format!("{mode} {dtype} tokens/s"));
+            series(&mut s, &lat, color, dash, &format!("{mode} {dtype} p50 latency"));
         }
 
         s
     }
 
-    /// The legend, centred along the bottom.
+    /// The legend along the bottom, rows centred, as many rows as it needs
+    /// (one line per mode and dtype: a dtype alone needs no name).
     fn legend(&self) -> String {
-        let (modes, reference) = (&self.modes, &self.reference);
-        let mut s = String::new();
-        let mut entries: Vec<(String, &str, bool)> =
-            modes.iter().map(|m| (m.clone(), mode_color(m), false)).collect();
-        if !reference.is_empty() {
-            entries.push((format!("{REFERENCE_LABEL}, tokens/s"), REFERENCE_COLOR, true));
-        }
-        let widths: Vec<f64> = entries
+        let several = dtypes_in_order(&self.levels).len() > 1;
+        let mut entries: Vec<(String, &str, Option<&str>)> = self
+            .lines
             .iter()
-            .map(|(name, _, _)| 40.0 + 7.0 * name.chars().count() as f64)
+            .map(|(m, d)| {
+                let name = if several { format!("{m} {d}") } else { m.clone() };
+                (name, mode_color(m), dtype_dash(d))
+            })
             .collect();
-        let mut x = (SVG_W - widths.iter().sum::<f64>()).max(0.0) / 2.0;
-        let y = SVG_H - 24.0;
-        for ((name, color, dashed), w) in entries.iter().zip(&widths) {
-            let dash = if *dashed { r#" stroke-dasharray="6 4""# } else { "" };
-            let _ = writeln!(
-                s,
-                r#"<line x1="{x:.1}" y1="{y}" x2="{:.1}" y2="{y}" stroke="{color}" stroke-width="2"{dash}/>"#,
-                x + 24.0
-            );
-            let _ = writeln!(
-                s,
-                r#"<circle cx="{:.1}" cy="{y}" r="3.5" fill="{color}"/>"#,
-                x + 12.0
-            );
-            let _ = writeln!(
-                s,
-                r#"<text x="{:.1}" y="{}">{}</text>"#,
-                x + 30.0,
-                y + 4.0,
-                xml(name)
-            );
-            x += w;
+        if !self.reference.is_empty() {
+            entries.push((
+                format!("{REFERENCE_LABEL}, tokens/s"),
+                REFERENCE_COLOR,
+                Some(REFERENCE_DASH),
+            ));
+        }
+        let width = |name: &str| 40.0 + 7.0 * name.chars().count() as f64;
+        // Rows of entries, each within the picture's width.
+        let mut rows: Vec<Vec<usize>> = vec![Vec::new()];
+        let mut used = 0.0;
+        for (i, (name, _, _)) in entries.iter().enumerate() {
+            let w = width(name);
+            if used + w > SVG_W - 20.0 && !rows[rows.len() - 1].is_empty() {
+                rows.push(Vec::new());
+                used = 0.0;
+            }
+            used += w;
+            let last = rows.len() - 1;
+            rows[last].push(i);
+        }
+        let mut s = String::new();
+        for (r, row) in rows.iter().enumerate() {
+            let total: f64 = row.iter().map(|&i| width(&entries[i].0)).sum();
+            let mut x = (SVG_W - total).max(0.0) / 2.0;
+            let y = SVG_H - 30.0 + LEGEND_ROW * r as f64;
+            for &i in row {
+                let (name, color, dash) = &entries[i];
+                legend_entry(&mut s, x, y, name, color, *dash);
+                x += width(name);
+            }
         }
         s
     }
+}
+
+/// The height of a legend row.
+const LEGEND_ROW: f64 = 16.0;
+
+/// One legend entry at (`x`, `y`): a line with a marker, and its name.
+fn legend_entry(s: &mut String, x: f64, y: f64, name: &str, color: &str, dash: Option<&str>) {
+    let dash = dash.map_or_else(String::new, |d| format!(r#" stroke-dasharray="{d}""#));
+    let _ = writeln!(
+        s,
+        r#"<line x1="{x:.1}" y1="{y}" x2="{:.1}" y2="{y}" stroke="{color}" stroke-width="2"{dash}/>"#,
+        x + 24.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<circle cx="{:.1}" cy="{y}" r="3.5" fill="{color}"/>"#,
+        x + 12.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{}">{}</text>"#,
+        x + 30.0,
+        y + 4.0,
+        xml(name)
+    );
 }
 
 /// The opening tag, the title (red for synthetic weights) and the subtitle.
@@ -280,8 +329,9 @@ fn svg_header(md: &Metadata) -> String {
         SVG_W / 2.0,
         xml(&title)
     );
+    let dtypes: Vec<&str> = md.dtypes.iter().map(|d| d.dtype.as_str()).collect();
     let subtitle = format!(
-        "{}{} | {} cores, {} pool, {} threads/request | {} tokens/request | {}",
+        "{}{} | {} cores, {} pool, {} threads/request | {} weights | {} tokens/request | {}",
         if md.synthetic_weights {
             "speed is real, text is noise | "
         } else {
@@ -291,6 +341,7 @@ fn svg_header(md: &Metadata) -> String {
         md.cores,
         md.pool_layout,
         md.threads_per_request,
+        dtypes.join(", "),
         md.max_new_tokens,
         md.timestamp_utc
     );
@@ -304,10 +355,11 @@ fn svg_header(md: &Metadata) -> String {
     s
 }
 
-/// One polyline with a marker per point.
-fn series(s: &mut String, pts: &[(f64, f64)], color: &str, dashed: bool, label: &str) {
+/// One polyline with a marker per point, solid or with `dash` (an SVG
+/// `stroke-dasharray`).
+fn series(s: &mut String, pts: &[(f64, f64)], color: &str, dash: Option<&str>, label: &str) {
     let points: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
-    let dash = if dashed { r#" stroke-dasharray="6 4""# } else { "" };
+    let dash = dash.map_or_else(String::new, |d| format!(r#" stroke-dasharray="{d}""#));
     let _ = writeln!(
         s,
         r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}><title>{}</title></polyline>"#,
@@ -316,6 +368,16 @@ fn series(s: &mut String, pts: &[(f64, f64)], color: &str, dashed: bool, label: 
     );
     for (x, y) in pts {
         let _ = writeln!(s, r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{color}"/>"#);
+    }
+}
+
+/// The dash of a dtype's lines: f32 solid, bf16 dashed, int8 dotted.
+fn dtype_dash(dtype: &str) -> Option<&'static str> {
+    match dtype {
+        "f32" => None,
+        "bf16" => Some("8 3"),
+        "int8" => Some("2 3"),
+        _ => Some("8 3 2 3"),
     }
 }
 
