@@ -133,6 +133,14 @@ fn prefill(model: &Gpt2Model, t: usize) -> Duration {
     })
 }
 
+/// One decode step of `b` sequences at position 64, median of `reps`.
+fn decode(model: &Gpt2Model, b: usize, reps: usize) -> Duration {
+    let mut step = DecodeStep::new(model, b, 64).expect("decode step");
+    median(reps, || {
+        black_box(step.run(model).unwrap());
+    })
+}
+
 /// `cargo bench --bench e2e -- dtypes`: see the module docs.
 fn compare_dtypes(dir: &std::path::Path) {
     const ROUNDS: usize = 7;
@@ -144,15 +152,10 @@ fn compare_dtypes(dir: &std::path::Path) {
         "threads: {}; SYNTHETIC 124M weights; {ROUNDS} rounds, dtypes in rotating order",
         rayon::current_num_threads()
     );
-    let tests: [(&str, fn(&Gpt2Model) -> Duration); 3] = [
-        ("decode step B=1 (pos 64)", |m| {
-            let mut step = DecodeStep::new(m, 1, 64).expect("decode step");
-            median(9, || black_box(step.run(m).map(drop).unwrap()))
-        }),
-        ("decode step B=8 (pos 64)", |m| {
-            let mut step = DecodeStep::new(m, 8, 64).expect("decode step");
-            median(5, || black_box(step.run(m).map(drop).unwrap()))
-        }),
+    type Timed = fn(&Gpt2Model) -> Duration;
+    let tests: [(&str, Timed); 3] = [
+        ("decode step B=1 (pos 64)", |m| decode(m, 1, 9)),
+        ("decode step B=8 (pos 64)", |m| decode(m, 8, 5)),
         ("prefill T=128", |m| prefill(m, 128)),
     ];
     for (label, run) in tests {
