@@ -8,30 +8,41 @@ use std::ops::Range;
 use super::{Weight, LINE};
 use crate::matmul::PANEL;
 
-/// A weight format's 8 consecutive values loaded into one f32 vector.
+/// A weight format's columns `8v..8v+8` of one row, widened into an f32
+/// vector.
 pub(crate) trait Lanes: Weight {
     /// # Safety
-    /// `p` valid for 8 values.
-    unsafe fn load8(p: *const Self) -> __m256;
+    /// `row` valid for the whole group of [`Weight::GROUP`] columns that
+    /// holds columns `8v..8v+8`, and a group's start.
+    unsafe fn vector(row: *const Self, v: usize) -> __m256;
 }
 
 impl Lanes for f32 {
     #[inline(always)]
-    unsafe fn load8(p: *const Self) -> __m256 {
+    unsafe fn vector(row: *const Self, v: usize) -> __m256 {
         // SAFETY: the caller's contract.
-        unsafe { _mm256_loadu_ps(p) }
+        unsafe { _mm256_loadu_ps(row.add(8 * v)) }
     }
 }
 
 impl Lanes for half::bf16 {
-    /// 16 bytes zero-extended to 32-bit lanes and shifted into the top half.
+    /// The 32 bytes of the 16-column group, unpacked against zero (low
+    /// words for columns 0-7, high for 8-15, [`Weight::slot`]) into the top
+    /// halves of the lanes. Both vectors of a group load the same bytes,
+    /// which the compiler loads once.
     #[inline(always)]
-    unsafe fn load8(p: *const Self) -> __m256 {
-        // SAFETY: the caller's contract (8 values are 16 bytes).
+    unsafe fn vector(row: *const Self, v: usize) -> __m256 {
+        // SAFETY: the caller's contract (a group is 32 bytes).
         unsafe {
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
-                p.cast(),
-            ))))
+            let (group, zero) = (
+                _mm256_loadu_si256(row.add(16 * (v / 2)).cast()),
+                _mm256_setzero_si256(),
+            );
+            _mm256_castsi256_ps(if v % 2 == 0 {
+                _mm256_unpacklo_epi16(zero, group)
+            } else {
+                _mm256_unpackhi_epi16(zero, group)
+            })
         }
     }
 }
@@ -39,9 +50,9 @@ impl Lanes for half::bf16 {
 impl Lanes for i8 {
     /// 8 bytes sign-extended to 32-bit lanes and converted (exactly) to f32.
     #[inline(always)]
-    unsafe fn load8(p: *const Self) -> __m256 {
+    unsafe fn vector(row: *const Self, v: usize) -> __m256 {
         // SAFETY: the caller's contract (8 values are 8 bytes).
-        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(row.add(8 * v).cast()))) }
     }
 }
 
@@ -94,7 +105,7 @@ pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool, E: Lane
                 // spills sums to the stack. The same sums in the same order.
                 let xs: [__m256; R] = std::array::from_fn(|r| _mm256_broadcast_ss(&*xrow(r).add(kk)));
                 for v in 0..W / 8 {
-                    let wv = E::load8(wrow.add(8 * v));
+                    let wv = E::vector(wrow, v);
                     for (a, xv) in acc.iter_mut().zip(&xs) {
                         a[v] = _mm256_fmadd_ps(*xv, wv, a[v]);
                     }
@@ -104,7 +115,7 @@ pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool, E: Lane
             for (r, a) in acc.iter_mut().enumerate() {
                 let xv = _mm256_broadcast_ss(&*xrow(r).add(kk));
                 for (v, reg) in a.iter_mut().enumerate().take(W / 8) {
-                    *reg = _mm256_fmadd_ps(xv, E::load8(wrow.add(8 * v)), *reg);
+                    *reg = _mm256_fmadd_ps(xv, E::vector(wrow, v), *reg);
                 }
             }
         }
@@ -146,10 +157,10 @@ pub unsafe fn tile_pair<E: Lanes>(
             let xv = _mm256_broadcast_ss(&*x.add(kk));
             let (ra, rb) = (wa.add(PANEL * kk), wb.add(PANEL * kk));
             for (v, s) in a.iter_mut().enumerate() {
-                *s = _mm256_fmadd_ps(xv, E::load8(ra.add(8 * v)), *s);
+                *s = _mm256_fmadd_ps(xv, E::vector(ra, v), *s);
             }
             for (v, s) in b.iter_mut().enumerate() {
-                *s = _mm256_fmadd_ps(xv, E::load8(rb.add(8 * v)), *s);
+                *s = _mm256_fmadd_ps(xv, E::vector(rb, v), *s);
             }
         }
         for v in 0..6 {

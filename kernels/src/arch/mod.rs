@@ -54,6 +54,18 @@ pub(crate) const LINE: usize = 64;
 /// every int8 is an f32). The tiles multiply by the widened value, so a
 /// format changes what is loaded, never the order of the sums.
 pub(crate) trait Weight: Copy + Send + Sync + 'static {
+    /// Columns in a group whose order in memory is permuted so that one
+    /// load widens in lanes order ([`Weight::slot`]): 8 (no permutation), or
+    /// 16 for bf16. Tiles start at a group's first column.
+    const GROUP: usize = 8;
+
+    /// Where column `c` of a row is stored, from the start of its group of
+    /// [`Weight::GROUP`] columns.
+    #[inline(always)]
+    fn slot(c: usize) -> usize {
+        c
+    }
+
     fn to_f32(self) -> f32;
 }
 
@@ -65,6 +77,24 @@ impl Weight for f32 {
 }
 
 impl Weight for half::bf16 {
+    const GROUP: usize = 16;
+
+    /// Columns 4-7 and 8-11 of each 16 swap places, so that one 32-byte
+    /// load unpacked against zero word by word (within each 128-bit half:
+    /// words 0-3 and 8-11, then 4-7 and 12-15) gives columns 0-7 and 8-15,
+    /// each value already in the top half of its lane: two in-lane shuffles
+    /// for 16 values, where zero-extending and shifting costs four.
+    #[inline(always)]
+    fn slot(c: usize) -> usize {
+        let i = c % 16;
+        c - i
+            + match i / 4 {
+                1 => i + 4,
+                2 => i - 4,
+                _ => i,
+            }
+    }
+
     /// The top half of an f32's bits: widening is a shift.
     #[inline(always)]
     fn to_f32(self) -> f32 {

@@ -45,8 +45,8 @@ pub unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool, E: Lane
             let wrow = std::slice::from_raw_parts(w.add(kk * stride), W);
             for (r, a) in acc.iter_mut().enumerate() {
                 let xv = *x.add((r0 + r) * k + kk);
-                for (s, &wv) in a.iter_mut().zip(wrow) {
-                    *s = fmadd(xv, wv.to_f32(), *s);
+                for (c, s) in a.iter_mut().enumerate() {
+                    *s = fmadd(xv, wrow[E::slot(c)].to_f32(), *s);
                 }
             }
         }

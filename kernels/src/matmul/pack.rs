@@ -7,6 +7,7 @@ use std::ops::Range;
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::arch::Weight;
 use crate::Dtype;
 
 /// Width of the column panels of [`pack_panels`]: a multiple of every tile
@@ -209,9 +210,9 @@ impl<'a> PanelsMut<'a> {
     }
 }
 
-fn unpack_with<T: Copy>(dst: &mut [f32], panels: &[T], k: usize, j: usize, f: impl Fn(T) -> f32) {
+fn unpack_with<T: Weight>(dst: &mut [f32], panels: &[T], k: usize, j: usize, f: impl Fn(T) -> f32) {
     assert_eq!(dst.len(), k, "unpack_column: dst is not [K={k}]");
-    let base = j / PANEL * k * PANEL + j % PANEL;
+    let base = j / PANEL * k * PANEL + T::slot(j % PANEL);
     assert!(
         k == 0 || base + (k - 1) * PANEL < panels.len(),
         "unpack_column: column {j} is past the panels"
@@ -321,8 +322,9 @@ pub fn pack_t(dst: PanelsMut, wt: &[f32], k: usize, n: usize, cols: Range<usize>
     }
 }
 
-/// [`pack_panels`] into any format: `conv(w[k, j], j)`, zero past column N.
-fn pack_with<T: Copy + Default + Send>(
+/// [`pack_panels`] into any format: `conv(w[k, j], j)` in its column's
+/// slot ([`Weight::slot`]), zero past column N.
+fn pack_with<T: Weight + Default>(
     dst: &mut [T],
     w: &[f32],
     k: usize,
@@ -341,8 +343,8 @@ fn pack_with<T: Copy + Default + Send>(
     dst.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
         let (j0, j1) = (p * PANEL, ((p + 1) * PANEL).min(n));
         for (kk, row) in panel.chunks_exact_mut(PANEL).enumerate() {
-            for (c, d) in row.iter_mut().enumerate() {
-                *d = if j0 + c < j1 {
+            for c in 0..PANEL {
+                row[T::slot(c)] = if j0 + c < j1 {
                     conv(w[kk * n + j0 + c], j0 + c)
                 } else {
                     T::default()
@@ -352,8 +354,9 @@ fn pack_with<T: Copy + Default + Send>(
     });
 }
 
-/// [`pack_panels_t`] into any format: `conv(wt[j, k], j)`, zero past row N.
-fn pack_with_t<T: Copy + Default + Send>(
+/// [`pack_panels_t`] into any format: `conv(wt[j, k], j)` in its column's
+/// slot, zero past row N.
+fn pack_with_t<T: Weight + Default>(
     dst: &mut [T],
     wt: &[f32],
     k: usize,
@@ -374,7 +377,7 @@ fn pack_with_t<T: Copy + Default + Send>(
         for c in 0..PANEL.min(n - p * PANEL) {
             let j = p * PANEL + c;
             for (kk, &v) in wt[j * k..][..k].iter().enumerate() {
-                panel[kk * PANEL + c] = conv(v, j);
+                panel[kk * PANEL + T::slot(c)] = conv(v, j);
             }
         }
     });

@@ -71,7 +71,8 @@ pub(super) unsafe fn linear_block<E: Lanes>(op: &Operands<E>, cols: Range<usize>
         match op.m {
             1 => sweep::<48, 1, E>(op, cols),
             2 => sweep::<48, 2, E>(op, cols),
-            3 | 4 | 7 | 8 => sweep::<24, 4, E>(op, cols),
+            // A 24-wide tile would start in the middle of a permuted group.
+            3 | 4 | 7 | 8 if E::GROUP == 8 => sweep::<24, 4, E>(op, cols),
             _ => sweep::<16, 6, E>(op, cols),
         }
     }
@@ -392,7 +393,7 @@ unsafe fn edge<E: Lanes>(op: &Operands<E>, cols: Range<usize>, ks: Range<usize>)
             for kk in ks.clone() {
                 *dst = fmadd(
                     x[r * k + kk],
-                    w[off + kk * stride + (j - cols.start)].to_f32(),
+                    w[off + kk * stride + E::slot(j - cols.start)].to_f32(),
                     *dst,
                 );
             }
