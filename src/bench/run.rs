@@ -1,7 +1,8 @@
-//! One `throughput` run: the options, their validated plan, per weight
-//! format (dtype) the tests in order (warmup, then per repetition the single
-//! request and every mode's levels), the optional probe, and the report
-//! written to disk.
+//! One `throughput` run: the options, their validated plan, per repetition
+//! and weight format (dtype) the tests in order (warmup, the single request
+//! and every mode's levels; the dtypes in turn, their order rotating from
+//! one repetition to the next), the optional probe, and the report written
+//! to disk.
 //!
 //! Default protocol (the reference study's): greedy, exactly 30 new tokens
 //! per request (EOS ignored), 2 warmup requests, 5 sequential single
@@ -53,9 +54,10 @@ pub enum ModeChoice {
 pub struct Options {
     #[command(flatten)]
     pub weights: WeightsArgs,
-    /// Weight formats to measure, comma-separated, run in this order: f32,
-    /// bf16, int8. Each loads the model afresh (the previous one dropped
-    /// first) and runs every test.
+    /// Weight formats to measure, comma-separated: f32, bf16, int8. Each
+    /// repetition runs them in turn, each loading the model afresh (the
+    /// previous one dropped first), the order rotating from one repetition to
+    /// the next: use --repetitions 3 or more to compare them.
     #[arg(
         long = "dtype",
         value_name = "DTYPE",
@@ -315,21 +317,21 @@ impl RunPlan {
         self.requests_per_level.max(level)
     }
 
-    /// Every request of the run, warmup included, over every dtype: the
+    /// Every request of the run, warmup included (once per dtype and
+    /// repetition: each loads its model afresh), over every dtype: the
     /// progress bar's length.
     pub fn total_requests(&self, warmup: usize, single_requests: usize) -> usize {
         let levels: usize = self.levels.iter().map(|&l| self.requests_at(l)).sum();
-        let per_dtype =
-            warmup * self.modes.len() + self.repetitions * (single_requests + self.modes.len() * levels);
-        self.dtypes.len() * per_dtype
+        let per_load = warmup * self.modes.len() + single_requests + self.modes.len() * levels;
+        self.dtypes.len() * self.repetitions * per_load
     }
 }
 
 /// Runs the benchmark `opts` asks for and writes its report (JSON, Markdown,
 /// SVG) under `opts.out_dir`; the summary (or the JSON) goes to stdout,
-/// progress to stderr. The dtypes run one after the other, each with its
-/// own model (`run_dtype`); with `--probe` the machine's limits are
-/// measured once, after the last.
+/// progress to stderr. Each repetition runs the dtypes one after the other,
+/// each with its own model (`run_dtype`), in an order that rotates; with
+/// `--probe` the machine's limits are measured once, after the last.
 pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let plan = RunPlan::new(opts, cores)?;
@@ -410,13 +412,40 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
     };
     let mut tests: Vec<TestResult> = Vec::new();
     let (mut dtypes, mut profiles, mut engines) = (Vec::new(), Vec::new(), Vec::new());
-    for &dtype in &plan.dtypes {
-        let measured = run_dtype(&bench, dtype)?;
-        tests.extend(measured.tests);
-        dtypes.push(measured.run);
-        profiles.extend(measured.profile);
-        engines.extend(measured.engine);
+    // Repetitions outer, dtypes inner, their order rotating: with several
+    // repetitions the dtypes alternate, so their ratios are not one
+    // dtype's quiet minute against another's busy one.
+    let n = plan.dtypes.len();
+    for rep in 0..plan.repetitions {
+        for i in 0..n {
+            let dtype = plan.dtypes[(rep + i) % n];
+            let measured = run_dtype(&bench, dtype, rep)?;
+            tests.extend(measured.tests);
+            profiles.extend(measured.profile);
+            engines.extend(measured.engine);
+            // Memory: the largest over this dtype's loads.
+            match dtypes
+                .iter_mut()
+                .find(|d: &&mut DtypeRun| d.dtype == measured.run.dtype)
+            {
+                Some(d) => {
+                    let m = measured.run;
+                    d.rss_after_load_bytes = d.rss_after_load_bytes.max(m.rss_after_load_bytes);
+                    d.peak_rss_bytes = d.peak_rss_bytes.max(m.peak_rss_bytes);
+                    d.peak_rss_own &= m.peak_rss_own;
+                }
+                None => dtypes.push(measured.run),
+            }
+        }
     }
+    // In the order asked for.
+    dtypes.sort_by_key(|d| plan.dtypes.iter().position(|p| p.as_str() == d.dtype));
+    tests.sort_by_key(|t| {
+        (
+            plan.dtypes.iter().position(|p| p.as_str() == t.dtype),
+            t.repetition,
+        )
+    });
     let roofline = opts.probe.then(|| {
         let limits = roofline::measure_limits(&progress);
         roofline::roofline(&cfg, &limits, &tests, &engines)
@@ -512,12 +541,13 @@ fn rss_bytes() -> Option<u64> {
     profile::proc_status("VmRSS:").map(|kib| kib * 1024)
 }
 
-/// One dtype's part of the run: its model loaded (the caller's previous one
-/// is gone by then, and the resident high-water mark is reset first, so
-/// this dtype's peak is its own), the warmup and every repetition's tests,
-/// the memory it took, and with `--probe` its workloads timed alone. The
-/// model, its scheduler and its sessions are dropped on return.
-fn run_dtype(b: &Bench, dtype: Dtype) -> Result<DtypeMeasured, Box<dyn Error>> {
+/// One dtype's part of repetition `rep`: its model loaded (the caller's
+/// previous one is gone by then, and the resident high-water mark is reset
+/// first, so this dtype's peak is its own), the warmup and the repetition's
+/// tests, the memory it took, and in the first repetition its profile and,
+/// with `--probe`, its workloads timed alone. The model, its scheduler and
+/// its sessions are dropped on return.
+fn run_dtype(b: &Bench, dtype: Dtype, rep: usize) -> Result<DtypeMeasured, Box<dyn Error>> {
     let (opts, plan, progress) = (b.opts, b.plan, b.progress);
     let peak_rss_own = meta::reset_peak_rss();
     let model = Arc::new(Gpt2Model::load_with(b.dir, dtype)?);
@@ -584,7 +614,7 @@ fn run_dtype(b: &Bench, dtype: Dtype) -> Result<DtypeMeasured, Box<dyn Error>> {
     let mut tests: Vec<TestResult> = Vec::new();
     let single_profile = Mutex::new(Profile::default());
     let d = dtype.as_str();
-    for rep in 0..plan.repetitions {
+    {
         // The single request: one baseline for every mode (with one request
         // in flight there is nothing to batch), run in threads mode.
         let single = InProcess {
@@ -611,7 +641,7 @@ fn run_dtype(b: &Bench, dtype: Dtype) -> Result<DtypeMeasured, Box<dyn Error>> {
     drop(scheduler);
     // Before the probe, whose decode steps hold 8 KV caches of their own.
     let peak_rss_bytes = profile::peak_rss_bytes();
-    let profile = opts.profile.then(|| {
+    let profile = (opts.profile && rep == 0).then(|| {
         let p = single_profile.into_inner().unwrap_or_else(|e| e.into_inner());
         progress.println(&format!(
             "per-op profile of the single-request test ({dtype}):\n{}",
@@ -622,7 +652,7 @@ fn run_dtype(b: &Bench, dtype: Dtype) -> Result<DtypeMeasured, Box<dyn Error>> {
             rows: p.rows(),
         }
     });
-    let engine = if opts.probe {
+    let engine = if opts.probe && rep == 0 {
         progress.println(&format!(
             "probe ({dtype}): timing a prefill and two decode steps alone ..."
         ));

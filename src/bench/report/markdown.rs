@@ -51,7 +51,7 @@ fn md_intro(report: &Report) -> String {
             .join(", "),
         dtypes.join(", "),
         if dtypes.len() > 1 {
-            " (one dtype after the other, each loaded afresh, every test run for each)"
+            " (each repetition runs every dtype in turn, each loaded afresh, the order rotating)"
         } else {
             ""
         }
