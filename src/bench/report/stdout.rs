@@ -41,7 +41,7 @@ fn stdout_header(report: &Report) -> String {
     if report.several_dtypes() {
         let _ = writeln!(
             out,
-            "dtypes: {} (linear layers' weights; in turn each repetition, each loaded afresh, order rotating)",
+            "dtypes: {} (linear layers' weights; each repetition runs each, order rotating)",
             dtypes.join(", ")
         );
     } else {
