@@ -33,22 +33,7 @@ pub fn packed_len(k: usize, n: usize) -> usize {
 /// [`linear`]: super::linear
 pub fn pack_panels(dst: &mut [f32], w: &[f32], k: usize, n: usize) {
     assert_eq!(w.len(), k * n, "pack_panels: w is not [K={k}, N={n}]");
-    assert_eq!(
-        dst.len(),
-        packed_len(k, n),
-        "pack_panels: dst is not {} floats",
-        packed_len(k, n)
-    );
-    if n == 0 || k == 0 {
-        return;
-    }
-    dst.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
-        let (j0, j1) = (p * PANEL, ((p + 1) * PANEL).min(n));
-        for (kk, row) in panel.chunks_exact_mut(PANEL).enumerate() {
-            row[..j1 - j0].copy_from_slice(&w[kk * n + j0..kk * n + j1]);
-            row[j1 - j0..].fill(0.0);
-        }
-    });
+    pack_with(dst, w, k, n, |v, _| v);
 }
 
 /// [`pack_panels`] from the transpose: `wt` is `w` stored `[N, K]` (the
@@ -56,39 +41,14 @@ pub fn pack_panels(dst: &mut [f32], w: &[f32], k: usize, n: usize) {
 /// receives the panels of `w[K, N]`. Each panel gathers 48 rows of `wt`.
 pub fn pack_panels_t(dst: &mut [f32], wt: &[f32], k: usize, n: usize) {
     assert_eq!(wt.len(), n * k, "pack_panels_t: wt is not [N={n}, K={k}]");
-    assert_eq!(
-        dst.len(),
-        packed_len(k, n),
-        "pack_panels_t: dst is not {} floats",
-        packed_len(k, n)
-    );
-    if n == 0 || k == 0 {
-        return;
-    }
-    dst.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
-        panel.fill(0.0);
-        for c in 0..PANEL.min(n - p * PANEL) {
-            let src = &wt[(p * PANEL + c) * k..][..k];
-            for (kk, &v) in src.iter().enumerate() {
-                panel[kk * PANEL + c] = v;
-            }
-        }
-    });
+    pack_with_t(dst, wt, k, n, |v, _| v);
 }
 
 /// Column `j` of a `[K, N]` weight packed by [`pack_panels`] (row `j` of the
 /// `[N, K]` matrix packed by [`pack_panels_t`]) into `dst[K]`: exact copies.
 /// GPT-2 reads its token embeddings this way from the packed LM head.
 pub fn unpack_column(dst: &mut [f32], panels: &[f32], k: usize, j: usize) {
-    assert_eq!(dst.len(), k, "unpack_column: dst is not [K={k}]");
-    let base = j / PANEL * k * PANEL + j % PANEL;
-    assert!(
-        k == 0 || base + (k - 1) * PANEL < panels.len(),
-        "unpack_column: column {j} is past the panels"
-    );
-    for (kk, d) in dst.iter_mut().enumerate() {
-        *d = panels[base + kk * PANEL];
-    }
+    unpack_with(dst, panels, k, j, |v| v)
 }
 
 /// A packed weight in one of the [`Dtype`]s, as the kernels read it: the
@@ -267,7 +227,7 @@ fn absmax(acc: f32, v: f32) -> f32 {
 pub fn pack(dst: PanelsMut, w: &[f32], k: usize, n: usize) {
     assert_eq!(w.len(), k * n, "pack: w is not [K={k}, N={n}]");
     match dst {
-        PanelsMut::F32(p) => pack_panels(p, w, k, n),
+        PanelsMut::F32(p) => pack_with(p, w, k, n, |v, _| v),
         PanelsMut::Bf16(p) => pack_with(p, w, k, n, |v, _| to_bf16(v)),
         PanelsMut::Int8 { q, scales } => {
             scales.fill(0.0);
@@ -306,7 +266,7 @@ pub fn pack_t(dst: PanelsMut, wt: &[f32], k: usize, n: usize, cols: Range<usize>
     let slab = cols.start / PANEL * k * PANEL..cols.end.div_ceil(PANEL) * k * PANEL;
     let w = cols.len();
     match dst {
-        PanelsMut::F32(p) => pack_panels_t(&mut p[slab], wt, k, w),
+        PanelsMut::F32(p) => pack_with_t(&mut p[slab], wt, k, w, |v, _| v),
         PanelsMut::Bf16(p) => pack_with_t(&mut p[slab], wt, k, w, |v, _| to_bf16(v)),
         PanelsMut::Int8 { q, scales } => {
             let s = &mut scales[cols.start..cols.start + w.div_ceil(PANEL) * PANEL];
@@ -322,6 +282,18 @@ pub fn pack_t(dst: PanelsMut, wt: &[f32], k: usize, n: usize, cols: Range<usize>
     }
 }
 
+/// Whether panels of `len` values, checked to be those of a `[K, N]` weight,
+/// have anything to fill.
+fn panels_to_fill(len: usize, k: usize, n: usize) -> bool {
+    assert_eq!(
+        len,
+        packed_len(k, n),
+        "pack: dst is not {} values",
+        packed_len(k, n)
+    );
+    n > 0 && k > 0
+}
+
 /// [`pack_panels`] into any format: `conv(w[k, j], j)` in its column's
 /// slot ([`Weight::slot`]), zero past column N.
 fn pack_with<T: Weight + Default>(
@@ -331,24 +303,17 @@ fn pack_with<T: Weight + Default>(
     n: usize,
     conv: impl Fn(f32, usize) -> T + Sync,
 ) {
-    assert_eq!(
-        dst.len(),
-        packed_len(k, n),
-        "pack: dst is not {} values",
-        packed_len(k, n)
-    );
-    if n == 0 || k == 0 {
+    if !panels_to_fill(dst.len(), k, n) {
         return;
     }
     dst.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
         let (j0, j1) = (p * PANEL, ((p + 1) * PANEL).min(n));
+        if j1 - j0 < PANEL {
+            panel.fill(T::default());
+        }
         for (kk, row) in panel.chunks_exact_mut(PANEL).enumerate() {
-            for c in 0..PANEL {
-                row[T::slot(c)] = if j0 + c < j1 {
-                    conv(w[kk * n + j0 + c], j0 + c)
-                } else {
-                    T::default()
-                };
+            for (c, &v) in w[kk * n + j0..kk * n + j1].iter().enumerate() {
+                row[T::slot(c)] = conv(v, j0 + c);
             }
         }
     });
@@ -363,13 +328,7 @@ fn pack_with_t<T: Weight + Default>(
     n: usize,
     conv: impl Fn(f32, usize) -> T + Sync,
 ) {
-    assert_eq!(
-        dst.len(),
-        packed_len(k, n),
-        "pack_t: dst is not {} values",
-        packed_len(k, n)
-    );
-    if n == 0 || k == 0 {
+    if !panels_to_fill(dst.len(), k, n) {
         return;
     }
     dst.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
