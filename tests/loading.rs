@@ -305,20 +305,23 @@ fn rounded_checkpoints(dtype: safetensors::Dtype) -> (std::path::PathBuf, std::p
 }
 
 /// BF16 and F16 checkpoints are read natively (converted exactly to f32 as
-/// they are packed): the same logits, bit for bit, as an f32 file holding
-/// the same values.
+/// they are packed, then to the run's dtype): the same logits, bit for bit,
+/// as an f32 file holding the same values, at every `--dtype`.
 #[test]
 fn bf16_and_f16_checkpoints_load_as_their_exact_f32_values() {
     for dtype in [safetensors::Dtype::BF16, safetensors::Dtype::F16] {
         let (half_dir, f32_dir) = rounded_checkpoints(dtype);
-        let half = Gpt2Model::load(&half_dir).unwrap();
-        let full = Gpt2Model::load(&f32_dir).unwrap();
         let tokens = [15496, 11, 703, 389, 50256];
-        assert_eq!(
-            half.logits_all(&tokens, 8).unwrap(),
-            full.logits_all(&tokens, 8).unwrap(),
-            "{dtype:?}"
-        );
+        for run in gpt2::Dtype::ALL {
+            let half = Gpt2Model::load_with(&half_dir, run).unwrap();
+            let full = Gpt2Model::load_with(&f32_dir, run).unwrap();
+            assert_eq!(
+                half.logits_all(&tokens, 8).unwrap(),
+                full.logits_all(&tokens, 8).unwrap(),
+                "{dtype:?} file, {run} weights"
+            );
+        }
+        let half = Gpt2Model::load(&half_dir).unwrap();
         assert!(
             !half.weights.embed.wpe.is_mapped(),
             "{dtype:?}: still reads the file"
