@@ -81,6 +81,17 @@ fn in_place(label: &str, n: usize, fast: impl Fn(&mut [f32]), naive: impl Fn(&mu
     );
 }
 
+/// Relative L2 distance of `got` from `want`.
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let e: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| ((a - b) as f64).powi(2))
+        .sum();
+    let r: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+    (e / r).sqrt()
+}
+
 /// One result line: the median time, and the rate as GB/s of `bytes` (the
 /// weights streamed) and GFLOP/s of `flops`.
 fn report(label: &str, t: Duration, bytes: usize, flops: usize) {
@@ -153,6 +164,19 @@ fn main() {
                 (d, buf)
             })
             .collect();
+        // And int8 for integer dot products (activations quantised per row
+        // too): each column's K values contiguous, the option the engine did
+        // not take; timed at one row, where it could matter.
+        let dots: Vec<(Vec<i8>, Vec<f32>)> = if filter.contains("M=1 ") {
+            ws.iter()
+                .map(|w| {
+                    let (q, s) = k::reference::quantize_int8(w, kk, n);
+                    ((0..n * kk).map(|i| q[(i % kk) * n + i / kk]).collect(), s)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         for m in [1, 2, 4, 8, 16, 32, 128] {
             let label = format!("linear {name} M={m} K={kk} N={n}");
             if !label.contains(&filter) {
@@ -190,6 +214,36 @@ fn main() {
                     t,
                     d.weight_bytes(kk, n),
                     2 * m * kk * n,
+                );
+            }
+            if m == 1 && !dots.is_empty() {
+                let mut xq = vec![0i8; m * kk];
+                let t = median(|| {
+                    i = (i + 1) % copies;
+                    let (wq, s) = &dots[i];
+                    k::linear_int8_dot(black_box(&mut out), &x, wq, s, &mut xq, m, kk, n)
+                });
+                let bytes = k::Dtype::Int8.weight_bytes(kk, n);
+                report(
+                    &format!("  int8 dot (int8 x too) M={m}"),
+                    t,
+                    bytes,
+                    2 * m * kk * n,
+                );
+                // How far each int8 form is from f32 on this layer (no bias).
+                let mut exact = vec![0.0; m * n];
+                k::linear(&mut exact, &x, ws[0], &vec![0.0; n], m, kk, n);
+                let (wq, s) = &dots[0];
+                k::linear_int8_dot(&mut out, &x, wq, s, &mut xq, m, kk, n);
+                let dot_err = rel_l2(&out, &exact);
+                let (_, buf) = &reduced[1];
+                let packed = &bytemuck::cast_slice::<u32, u8>(buf)[..k::packed_bytes(k::Dtype::Int8, kk, n)];
+                let p = k::Panels::from_bytes(k::Dtype::Int8, packed, kk, n);
+                k::linear_panels(&mut out, &x, p, None, m, kk, n);
+                println!(
+                    "  int8 error vs f32: f32 activations {:.3}%, int8 activations {:.3}%",
+                    rel_l2(&out, &exact) * 100.0,
+                    dot_err * 100.0
                 );
             }
             if m >= 16 {

@@ -28,6 +28,6 @@ pub use attention::{attention_head, softmax_inplace};
 pub use dtype::{Dtype, UnknownDtype};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};
 pub use matmul::{
-    dot, linear, linear_packed, linear_panels, linear_sgemm, matmul_bt, pack, pack_panels, pack_panels_t,
-    pack_t, packed_bytes, packed_len, unpack_column, Panels, PanelsMut, PANEL,
+    dot, linear, linear_int8_dot, linear_packed, linear_panels, linear_sgemm, matmul_bt, pack, pack_panels,
+    pack_panels_t, pack_t, packed_bytes, packed_len, unpack_column, Panels, PanelsMut, PANEL,
 };

@@ -82,6 +82,30 @@ pub fn linear_int8(
     }
 }
 
+/// `out[M,N] = x[M,K] · (q[K,N] · scales[N])` with x rounded to int8 too:
+/// each row's scale `max |x| / 127`, `xq = round(x / scale)` (ties to even);
+/// the integer sum, then `· sx · scale[j]`.
+pub fn linear_int8_dot(out: &mut [f32], x: &[f32], q: &[i8], scales: &[f32], m: usize, k: usize, n: usize) {
+    for r in 0..m {
+        let xr = &x[r * k..(r + 1) * k];
+        let sx = xr.iter().map(|v| v.abs()).fold(0.0, f32::max) / 127.0;
+        let xq: Vec<i64> = xr
+            .iter()
+            .map(|&v| {
+                if sx > 0.0 {
+                    (v / sx).round_ties_even() as i64
+                } else {
+                    0
+                }
+            })
+            .collect();
+        for j in 0..n {
+            let s: i64 = (0..k).map(|kk| xq[kk] * q[kk * n + j] as i64).sum();
+            out[r * n + j] = s as i32 as f32 * sx * scales[j];
+        }
+    }
+}
+
 /// `out[M,N] = x[M,K] · w[N,K]ᵀ`.
 pub fn matmul_bt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
     for r in 0..m {
@@ -568,6 +592,23 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The integer-dot-product baseline (int8 activations too) equals its
+    /// twin bit for bit: its sums are exact.
+    #[test]
+    fn linear_int8_dot_matches_its_naive_twin() {
+        for m in [1, 2, 3] {
+            for &(k, n) in &[(1, 1), (31, 5), (32, 7), (65, 33), (301, 129), (768, 70)] {
+                let (x, w) = (values(m * k, 50), values(k * n, 51));
+                let (q, scales) = quantize_int8(&w, k, n);
+                let wq: Vec<i8> = (0..n * k).map(|i| q[(i % k) * n + i / k]).collect(); // [N, K]
+                let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
+                crate::linear_int8_dot(&mut got, &x, &wq, &scales, &mut vec![0; m * k], m, k, n);
+                linear_int8_dot(&mut want, &x, &q, &scales, m, k, n);
+                assert_eq!(got, want, "m={m} k={k} n={n}");
             }
         }
     }

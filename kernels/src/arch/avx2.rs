@@ -238,3 +238,33 @@ pub unsafe fn dot_lanes<const J: usize>(q: *const f32, ks: [*const f32; J], h8: 
         })
     }
 }
+
+/// `x · w_j` over `0..k32` for `J` int8 columns, each an exact i32: per 32
+/// values, `|x|` times `w` with x's sign (`vpsignb`), adjacent products
+/// added to i16 (`vpmaddubsw`: at most 2 · 127 · 127, no saturation from
+/// values within ±127), then to i32 (`vpmaddwd` by ones).
+///
+/// # Safety
+/// `x` and every column valid for `k32` values, `k32` a multiple of 32.
+#[inline(always)]
+pub unsafe fn dot_i8<const J: usize>(x: *const i8, ws: [*const i8; J], k32: usize) -> [i32; J] {
+    // SAFETY (whole body): every offset is below k32 (the contract above).
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_si256(); J];
+        for i in (0..k32).step_by(32) {
+            let xv = _mm256_loadu_si256(x.add(i).cast());
+            let ax = _mm256_sign_epi8(xv, xv);
+            for (a, w) in acc.iter_mut().zip(&ws) {
+                let wv = _mm256_loadu_si256(w.add(i).cast());
+                let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv));
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        acc.map(|a| {
+            let mut lanes = [0i32; 8];
+            _mm256_storeu_si256(lanes.as_mut_ptr().cast(), a);
+            lanes.iter().sum()
+        })
+    }
+}

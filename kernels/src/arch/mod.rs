@@ -1,5 +1,5 @@
 //! The instruction-set seam: the innermost loops of the kernels, one module
-//! per instruction set. Every module provides the same four functions, with
+//! per instruction set. Every module provides the same five functions, with
 //! the same contracts and the same roundings:
 //!
 //! | function | computes | called from |
@@ -8,6 +8,7 @@
 //! | [`tile_pair`] | the same for one row over two 48-wide panels read side by side | `matmul::tiles` |
 //! | [`bt_lanes`] | `R x C` dot products, each in 8 lanes | `matmul::baselines` (`matmul_bt`) |
 //! | [`dot_lanes`] | `J` dot products in 8 lanes, each reduced to one sum | `attention` |
+//! | [`dot_i8`] | `J` int8 dot products, exact in i32 | `matmul::baselines` (`linear_int8_dot`) |
 //!
 //! - `avx2.rs`: x86-64 with AVX2 and FMA (sixteen 256-bit registers).
 //! - `portable.rs`: plain Rust with [`fmadd`], the same sums in the same order;
@@ -40,12 +41,12 @@
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod avx2;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-pub(crate) use avx2::{bt_lanes, dot_lanes, tile, tile_pair, Lanes};
+pub(crate) use avx2::{bt_lanes, dot_i8, dot_lanes, tile, tile_pair, Lanes};
 
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
 mod portable;
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
-pub(crate) use portable::{bt_lanes, dot_lanes, tile, tile_pair, Lanes};
+pub(crate) use portable::{bt_lanes, dot_i8, dot_lanes, tile, tile_pair, Lanes};
 
 /// Bytes in a cache line: the unit of [`tile`]'s prefetch.
 pub(crate) const LINE: usize = 64;

@@ -142,3 +142,18 @@ pub unsafe fn dot_lanes<const J: usize>(q: *const f32, ks: [*const f32; J], h8: 
         (p[0] + p[2]) + (p[1] + p[3])
     })
 }
+
+/// `x · w_j` over `0..k32` for `J` int8 columns, each an exact i32.
+///
+/// # Safety
+/// As `avx2::dot_i8`: `x` and every column valid for `k32` values.
+#[inline(always)]
+pub unsafe fn dot_i8<const J: usize>(x: *const i8, ws: [*const i8; J], k32: usize) -> [i32; J] {
+    // SAFETY: in bounds by the contract above.
+    let x = unsafe { std::slice::from_raw_parts(x, k32) };
+    ws.map(|w| {
+        // SAFETY: as above.
+        let w = unsafe { std::slice::from_raw_parts(w, k32) };
+        x.iter().zip(w).map(|(&a, &b)| a as i32 * b as i32).sum()
+    })
+}

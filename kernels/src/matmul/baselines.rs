@@ -189,3 +189,68 @@ pub fn linear_sgemm(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usiz
         }
     });
 }
+
+/// The largest magnitude of `x`, over 127: the scale that maps `x` to int8
+/// (0 for all zeros).
+pub fn int8_row_scale(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0
+}
+
+/// `out[M,N] = x[M,K] · w[K,N]` with int8 weights *and* int8 activations:
+/// each row of x quantised with one scale ([`int8_row_scale`]) into `xq`
+/// (`[M, K]`, scratch), then integer dot products against `wq` (`[N, K]`:
+/// each column's K values contiguous) exact in i32, scaled by the row's and
+/// the column's scale: `out = (xq · wq) · sx · sw[j]`.
+///
+/// Not used by the engine: the option it measured and did not take
+/// (`docs/hot-path.md`, "Reduced precision"): it rounds the activations too,
+/// and needs its own layout. The benches time it against
+/// [`linear_panels`](super::linear_panels) in int8.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_int8_dot(
+    out: &mut [f32],
+    x: &[f32],
+    wq: &[i8],
+    scales: &[f32],
+    xq: &mut [i8],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert_eq!(out.len(), m * n, "linear_int8_dot: out is not [M={m}, N={n}]");
+    assert_eq!(x.len(), m * k, "linear_int8_dot: x is not [M={m}, K={k}]");
+    assert_eq!(xq.len(), m * k, "linear_int8_dot: xq is not [M={m}, K={k}]");
+    assert_eq!(wq.len(), n * k, "linear_int8_dot: wq is not [N={n}, K={k}]");
+    assert_eq!(scales.len(), n, "linear_int8_dot: scales are not [N={n}]");
+    let k32 = k / 32 * 32;
+    for ((o, xr), q) in out
+        .chunks_exact_mut(n.max(1))
+        .zip(x.chunks_exact(k.max(1)))
+        .zip(xq.chunks_exact_mut(k.max(1)))
+    {
+        let sx = int8_row_scale(xr);
+        for (d, &v) in q.iter_mut().zip(xr) {
+            *d = super::to_int8(v, sx);
+        }
+        let q = &*q;
+        let dots = |j: usize| -> [i32; 4] {
+            let cols: [usize; 4] = std::array::from_fn(|c| (j + c).min(n - 1));
+            // SAFETY: q and every column hold K >= k32 values.
+            let mut acc = unsafe { arch::dot_i8::<4>(q.as_ptr(), cols.map(|c| wq[c * k..].as_ptr()), k32) };
+            for (a, &c) in acc.iter_mut().zip(&cols) {
+                for kk in k32..k {
+                    *a += q[kk] as i32 * wq[c * k + kk] as i32;
+                }
+            }
+            acc
+        };
+        o.par_chunks_mut(64).enumerate().for_each(|(t, chunk)| {
+            for (c4, dst) in chunk.chunks_mut(4).enumerate() {
+                let j = t * 64 + c4 * 4;
+                for (d, (i, acc)) in dst.iter_mut().zip(dots(j).into_iter().enumerate()) {
+                    *d = acc as f32 * sx * scales[j + i];
+                }
+            }
+        });
+    }
+}

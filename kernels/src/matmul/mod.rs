@@ -41,7 +41,7 @@ mod baselines;
 mod pack;
 mod tiles;
 
-pub use baselines::{dot, linear, linear_sgemm, matmul_bt};
+pub use baselines::{dot, int8_row_scale, linear, linear_int8_dot, linear_sgemm, matmul_bt};
 pub use pack::{
     int8_scale, pack, pack_panels, pack_panels_t, pack_t, packed_bytes, packed_len, to_bf16, to_int8,
     unpack_column, Panels, PanelsMut, PANEL,
