@@ -13,6 +13,7 @@
 use std::time::Instant;
 
 use gpt2_kernels::probe::{fma_peak, read_bandwidth, read_fma_bandwidth, FMA_ROWS};
+use gpt2_kernels::Dtype;
 use serde::{Deserialize, Serialize};
 
 /// What this machine can do, measured by [`measure`].
@@ -44,6 +45,18 @@ pub struct Limits {
     /// 0 in reports written before it was measured.
     #[serde(default)]
     pub rows8_in_l2_gflops_1t: f64,
+    /// The same in every weight dtype (the f32 entry is
+    /// `rows8_in_l2_gflops_1t`): bf16 and int8 widen each weight as it is
+    /// loaded, which costs arithmetic. Empty in reports written before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rows8_in_l2_by_dtype: Vec<DtypeRate>,
+}
+
+/// A kernel rate in one weight dtype.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DtypeRate {
+    pub dtype: String,
+    pub gflops: f64,
 }
 
 /// One timed shape of `out[M,N] = x[M,K] · w[K,N] + bias[N]`.
@@ -180,11 +193,27 @@ fn measure_with(settings: &ProbeSettings) -> Limits {
 
     // One thread: a one-panel weight is one task, so there is no fork-join
     // in the call, and the cores compute independently of each other.
-    let rows8_in_l2_gflops_1t = rayon::ThreadPoolBuilder::new()
+    let one = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
-        .unwrap_or_else(|e| panic!("probe: cannot start a pool of 1 thread: {e}"))
-        .install(|| time_linear_in_cache(FMA_ROWS, 768, 48, settings.read_reps, 10 * settings.gemm_reps));
+        .unwrap_or_else(|e| panic!("probe: cannot start a pool of 1 thread: {e}"));
+    let rows8_in_l2_by_dtype: Vec<DtypeRate> = Dtype::ALL
+        .into_iter()
+        .map(|dtype| DtypeRate {
+            dtype: dtype.as_str().into(),
+            gflops: one.install(|| {
+                time_linear_in_cache(
+                    FMA_ROWS,
+                    768,
+                    48,
+                    dtype,
+                    settings.read_reps,
+                    10 * settings.gemm_reps,
+                )
+            }),
+        })
+        .collect();
+    let rows8_in_l2_gflops_1t = rows8_in_l2_by_dtype[0].gflops;
 
     Limits {
         read_gbs_1t,
@@ -196,6 +225,7 @@ fn measure_with(settings: &ProbeSettings) -> Limits {
         fma_gflops_all,
         linear_packed,
         rows8_in_l2_gflops_1t,
+        rows8_in_l2_by_dtype,
     }
 }
 
@@ -204,19 +234,22 @@ struct Case {
     m: usize,
     k: usize,
     n: usize,
-    ws: Vec<Vec<f32>>,
+    dtype: Dtype,
+    /// Each copy's packed bytes (in u32, for alignment).
+    ws: Vec<Vec<u32>>,
     x: Vec<f32>,
     bias: Vec<f32>,
     out: Vec<f32>,
 }
 
 impl Case {
-    fn new(m: usize, k: usize, n: usize, copies: usize) -> Case {
-        use gpt2_kernels::{pack_panels, packed_len};
+    fn new(m: usize, k: usize, n: usize, dtype: Dtype, copies: usize) -> Case {
+        use gpt2_kernels::{pack, packed_bytes, PanelsMut};
         let ws = (0..copies)
             .map(|c| {
-                let mut p = vec![0.0; packed_len(k, n)];
-                pack_panels(&mut p, &filled(k * n, c), k, n); // [K, N] in panels
+                let mut p = vec![0u32; packed_bytes(dtype, k, n) / 4];
+                let dst = PanelsMut::from_bytes(dtype, bytemuck::cast_slice_mut(&mut p), k, n);
+                pack(dst, &filled(k * n, c), k, n); // [K, N] in panels
                 p
             })
             .collect();
@@ -224,6 +257,7 @@ impl Case {
             m,
             k,
             n,
+            dtype,
             ws,
             x: filled(m * k, copies),    // [M, K]
             bias: filled(n, copies + 1), // [N]
@@ -233,11 +267,13 @@ impl Case {
 
     /// Seconds of one call on weight copy `c`.
     fn call(&mut self, c: usize) -> f64 {
+        let w =
+            gpt2_kernels::Panels::from_bytes(self.dtype, bytemuck::cast_slice(&self.ws[c]), self.k, self.n);
         let t0 = Instant::now();
-        gpt2_kernels::linear_packed(
+        gpt2_kernels::linear_panels(
             &mut self.out,
             &self.x,
-            &self.ws[c],
+            w,
             Some(&self.bias),
             self.m,
             self.k,
@@ -266,7 +302,7 @@ impl Case {
 fn time_linear(m: usize, k: usize, n: usize, reps: usize, cold_bytes: usize) -> (f64, f64) {
     // Copy 0 stays in cache; copies 1.. take `cold_bytes` between them.
     let cold_copies = cold_bytes.div_ceil(k * n * std::mem::size_of::<f32>()).max(1);
-    let mut case = Case::new(m, k, n, 1 + cold_copies);
+    let mut case = Case::new(m, k, n, Dtype::F32, 1 + cold_copies);
     case.call(1);
     let (mut cold, mut hot) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     for r in 0..reps {
@@ -281,8 +317,8 @@ fn time_linear(m: usize, k: usize, n: usize, reps: usize, cold_bytes: usize) -> 
 /// when it fits), after one warm-up call: `rounds` rounds of `calls` calls,
 /// the best round's median. Best of several, like the read bandwidth: a
 /// limit of the machine, which a neighbour's burst should not lower.
-fn time_linear_in_cache(m: usize, k: usize, n: usize, rounds: usize, calls: usize) -> f64 {
-    let mut case = Case::new(m, k, n, 1);
+fn time_linear_in_cache(m: usize, k: usize, n: usize, dtype: Dtype, rounds: usize, calls: usize) -> f64 {
+    let mut case = Case::new(m, k, n, dtype, 1);
     case.call(0);
     (0..rounds)
         .map(|_| {
@@ -300,6 +336,15 @@ fn filled(len: usize, seed: usize) -> Vec<f32> {
 }
 
 impl Limits {
+    /// [`Limits::rows8_in_l2_gflops_1t`] in `dtype`; f32's where it was not
+    /// measured in that dtype (reports written before).
+    pub fn rows8_in_l2_gflops(&self, dtype: Dtype) -> f64 {
+        self.rows8_in_l2_by_dtype
+            .iter()
+            .find(|r| r.dtype == dtype.as_str())
+            .map_or(self.rows8_in_l2_gflops_1t, |r| r.gflops)
+    }
+
     /// The best `linear_packed` rate at `min_rows` rows or more, GFLOP/s (0
     /// without such a shape): the report's figure for prefill-sized calls.
     pub fn best_linear_packed_gflops(&self, min_rows: usize) -> f64 {

@@ -154,7 +154,7 @@ fn batch8_in_parts(label: &str, limits: &RooflineLimits, d: &DtypeRoofline) -> S
     };
     format!(
         "\n{label}The same step in two parts: streaming the weights once at the read bandwidth takes \
-         {:.1} ms; its linear layers' arithmetic, at the rate the f32 kernel reaches on each of the \
+         {:.1} ms; its linear layers' arithmetic, at the rate its dtype's kernel reaches on each of the \
          step's threads with a weight in L2, {:.1} ms. Were the two fully overlapped the step would take {:.1} ms, \
          run one after the other {:.1} ms; it takes {:.1} ms, hiding {:.0}% of the smaller part \
          (attention and the small ops are in neither part).\n",
@@ -194,6 +194,13 @@ pub fn limits_table(l: &Limits) -> String {
         format!("{:.1}", l.rows8_in_l2_gflops_1t),
         String::new(),
     ]);
+    for r in l.rows8_in_l2_by_dtype.iter().filter(|r| r.dtype != "f32") {
+        machine.row(vec![
+            format!("the same, {} weights (GFLOP/s)", r.dtype),
+            format!("{:.1}", r.gflops),
+            String::new(),
+        ]);
+    }
     let title = format!("SGEMM `linear_packed`, {}", threads);
     let mut shapes = Table::new(&[&title, "M", "K", "N", "GFLOP/s", "weights in cache"]);
     shapes.left(0);
