@@ -55,14 +55,7 @@ fn main() {
     for t in [16, 128, 512] {
         let mut cache = model.new_cache().expect("cache");
         let mut scratch = model.new_scratch(t).expect("scratch");
-        let rows: Vec<Row> = (0..t)
-            .map(|p| Row {
-                seq: 0,
-                token: (p * 101 % cfg.vocab_size) as u32,
-                pos: p,
-                logits: p + 1 == t,
-            })
-            .collect();
+        let rows = prompt_rows(t, cfg.vocab_size);
         let d = median(5, || {
             cache.clear();
             black_box(model.forward(&rows, &mut [&mut cache], &mut scratch).unwrap());
@@ -114,19 +107,23 @@ fn main() {
     }
 }
 
+/// A prompt of `t` tokens of one sequence, logits for the last.
+fn prompt_rows(t: usize, vocab: usize) -> Vec<Row> {
+    (0..t)
+        .map(|p| Row {
+            seq: 0,
+            token: (p * 101 % vocab) as u32,
+            pos: p,
+            logits: p + 1 == t,
+        })
+        .collect()
+}
+
 /// One prefill of `t` tokens (logits for the last), from an empty cache.
 fn prefill(model: &Gpt2Model, t: usize) -> Duration {
     let mut cache = model.new_cache().expect("cache");
     let mut scratch = model.new_scratch(t).expect("scratch");
-    let v = model.config.vocab_size;
-    let rows: Vec<Row> = (0..t)
-        .map(|p| Row {
-            seq: 0,
-            token: (p * 101 % v) as u32,
-            pos: p,
-            logits: p + 1 == t,
-        })
-        .collect();
+    let rows = prompt_rows(t, model.config.vocab_size);
     median(3, || {
         cache.clear();
         black_box(model.forward(&rows, &mut [&mut cache], &mut scratch).unwrap());

@@ -21,8 +21,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use gpt2_kernels::Dtype;
-use gpt2_kernels::{pack, pack_t, packed_bytes, Panels, PanelsMut, PANEL};
+use gpt2_kernels::{pack, pack_t, packed_bytes, Dtype, Panels, PanelsMut, PANEL};
 use memmap2::{Mmap, MmapMut};
 use safetensors::{Dtype as FileDtype, SafeTensors};
 
@@ -258,12 +257,8 @@ impl Param {
     /// Whether any value is NaN or infinite: a branch-free scan (exponent
     /// bits all ones), in parallel; the element is located only after.
     fn any_non_finite(&self) -> bool {
-        use rayon::prelude::*;
         match self {
-            Param::Tensor(t) => t.data().par_chunks(1 << 16).any(|c| {
-                c.iter()
-                    .fold(false, |acc, v| acc | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000))
-            }),
+            Param::Tensor(t) => Panels::F32(t.data()).any_non_finite(),
             Param::Panels { panels, .. } => panels.panels().any_non_finite(),
         }
     }

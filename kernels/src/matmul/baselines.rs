@@ -190,10 +190,10 @@ pub fn linear_sgemm(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usiz
     });
 }
 
-/// The largest magnitude of `x`, over 127: the scale that maps `x` to int8
-/// (0 for all zeros).
-pub fn int8_row_scale(x: &[f32]) -> f32 {
-    x.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0
+/// The scale that maps the row `x` to int8 ([`int8_scale`](super::int8_scale)
+/// of its largest magnitude).
+fn int8_row_scale(x: &[f32]) -> f32 {
+    super::int8_scale(x.iter().fold(0f32, |m, v| m.max(v.abs())))
 }
 
 /// `out[M,N] = x[M,K] · w[K,N]` with int8 weights *and* int8 activations:

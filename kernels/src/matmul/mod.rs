@@ -41,7 +41,7 @@ mod baselines;
 mod pack;
 mod tiles;
 
-pub use baselines::{dot, int8_row_scale, linear, linear_int8_dot, linear_sgemm, matmul_bt};
+pub use baselines::{dot, linear, linear_int8_dot, linear_sgemm, matmul_bt};
 pub use pack::{
     int8_scale, pack, pack_panels, pack_panels_t, pack_t, packed_bytes, packed_len, to_bf16, to_int8,
     unpack_column, Panels, PanelsMut, PANEL,
@@ -99,22 +99,23 @@ pub fn linear_panels(
     k: usize,
     n: usize,
 ) {
-    let (len, dtype) = match w {
-        Panels::F32(p) => (p.len(), "f32"),
-        Panels::Bf16(p) => (p.len(), "bf16"),
+    let len = match w {
+        Panels::F32(p) => p.len(),
+        Panels::Bf16(p) => p.len(),
         Panels::Int8 { q, scales } => {
             assert_eq!(
                 scales.len(),
                 n.div_ceil(PANEL) * PANEL,
                 "linear: int8 scales are not [N={n}] in panels"
             );
-            (q.len(), "int8")
+            q.len()
         }
     };
     assert_eq!(
         len,
         packed_len(k, n),
-        "linear: {dtype} w is not [K={k}, N={n}] packed in panels"
+        "linear: {} w is not [K={k}, N={n}] packed in panels",
+        w.dtype()
     );
     match w {
         Panels::F32(p) => linear_impl(out, x, p, Layout::Panels, bias, None, m, k, n),

@@ -230,15 +230,15 @@ pub fn pack(dst: PanelsMut, w: &[f32], k: usize, n: usize) {
         PanelsMut::F32(p) => pack_with(p, w, k, n, |v, _| v),
         PanelsMut::Bf16(p) => pack_with(p, w, k, n, |v, _| to_bf16(v)),
         PanelsMut::Int8 { q, scales } => {
+            // Each column's largest magnitude, then its scale; zero past N.
             scales.fill(0.0);
-            let mut max = vec![0f32; n];
             for row in w.chunks_exact(n.max(1)) {
-                for (m, &v) in max.iter_mut().zip(row) {
+                for (m, &v) in scales.iter_mut().zip(row) {
                     *m = absmax(*m, v);
                 }
             }
-            for (s, m) in scales.iter_mut().zip(max) {
-                *s = int8_scale(m);
+            for s in scales.iter_mut() {
+                *s = int8_scale(*s);
             }
             let scales = &*scales;
             pack_with(q, w, k, n, |v, j| to_int8(v, scales[j]));
