@@ -617,3 +617,50 @@ fn health_is_503_until_the_weights_are_loaded() {
         200
     );
 }
+
+#[test]
+fn requests_past_the_grace_period_are_cancelled() {
+    let config = ServeConfig {
+        grace: Duration::from_millis(200),
+        ..small_config(4, 4)
+    };
+    let mut server = start(config, true, None, || {});
+    server::wait_healthy(&server.base);
+    let mut conn = raw_request(&server.base, &greedy(json!(PROMPT), 100, true));
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        assert!(conn.read_line(&mut line).unwrap() > 0, "the stream ended early");
+    }
+    // Shut down while the engine is held: the request cannot finish in time.
+    server.stop.take().expect("running").send(()).unwrap();
+    let mut rest = String::new();
+    while matches!(conn.read_line(&mut rest), Ok(n) if n > 0) {}
+    assert!(!rest.contains("[DONE]"), "{rest}");
+    let serve = server.thread.take().expect("running").join();
+    assert!(serve.is_ok(), "serve failed");
+}
+
+#[test]
+fn bad_flags_are_refused_by_name() {
+    let dir = tiny_dir();
+    for (flag, value) in [
+        ("--max-batch", "0"),
+        ("--threads", "0"),
+        ("--grace-seconds", "-1"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpt2"))
+            .args([
+                "serve",
+                "--port",
+                "0",
+                "--weights",
+                &dir,
+                &format!("{flag}={value}"),
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(flag), "{flag}: {stderr}");
+    }
+}
