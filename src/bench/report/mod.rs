@@ -10,11 +10,13 @@
 //! level sit together, one per dtype in the order they ran, so that they
 //! read side by side.
 
+mod compare;
 mod markdown;
 mod roofline;
 mod stdout;
 mod svg;
 
+pub use compare::{compare_markdown, compare_svg};
 pub use markdown::markdown;
 pub use roofline::limits_table;
 use roofline::optional_sections;
@@ -618,6 +620,7 @@ mod tests {
             latency_ms: s(lat),
             ttft_ms: s(lat / 20.0),
             tpot_ms: s(lat / 50.0),
+            itl_ms: Some(s(lat / 50.0)),
             raw: vec![RequestRecord {
                 index: 0,
                 client: 0,
@@ -627,6 +630,7 @@ mod tests {
                 ttft_ms: Some(lat / 20.0),
                 latency_ms: lat,
                 tpot_ms: Some(lat / 50.0),
+                token_ms: Vec::new(),
                 error: None,
             }],
         }
@@ -699,14 +703,14 @@ mod tests {
                 weights_source: "SYNTHETIC 124m checkpoint, seed 0 (R&D)".to_string(),
                 weights_sha256: "0123456789abcdef0123456789abcdef".to_string(),
                 synthetic_weights: true,
-                model: ModelInfo {
+                model: Some(ModelInfo {
                     n_layer: 12,
                     n_head: 12,
                     n_embd: 768,
                     n_positions: 1024,
                     vocab_size: 50257,
                     n_params: 124_439_808,
-                },
+                }),
                 dtypes: vec![DtypeRun {
                     dtype: "f32".to_string(),
                     packed_weight_bytes: Some(497_000_000),
@@ -718,6 +722,7 @@ mod tests {
                 warmup_requests: 2,
                 repetitions: reps,
                 prompts: vec!["Hello | world".to_string(), "The *quick* fox".to_string()],
+                server: None,
             },
             tests,
             analysis: Analysis {
