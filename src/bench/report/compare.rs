@@ -137,7 +137,7 @@ pub fn compare_markdown(reports: &[(String, Report)], svg_file_name: &str) -> St
         "arrival",
         "schema",
     ]);
-    for c in 1..=9 {
+    for c in [1, 2, 3, 5, 6, 7, 9] {
         t.left(c);
     }
     for (i, (name, r)) in reports.iter().enumerate() {
