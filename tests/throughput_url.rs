@@ -352,7 +352,7 @@ fn a_good_server_gives_a_complete_report() {
     );
     let md_text = std::fs::read_to_string(&md_file[0]).unwrap();
     assert!(
-        md_text.contains(&format!("| server ")) && md_text.contains("mock-gpt2"),
+        md_text.contains("| server ") && md_text.contains("mock-gpt2"),
         "{md_text}"
     );
     assert!(
@@ -487,6 +487,27 @@ fn a_server_that_is_not_listening_is_a_named_error() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A server that takes the connection and never answers: the timeout
+/// turns the wait into a named error.
+#[test]
+fn a_silent_server_times_out_by_name() {
+    // Connections complete in the kernel's backlog; nothing ever reads them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let out_dir = scratch_dir("url-silent");
+    let mut args = quick(&url, out_dir.to_str().unwrap());
+    let at = args.iter().position(|a| *a == "--http-timeout").unwrap();
+    args[at + 1] = "1";
+    let out = throughput_within(&args, 60);
+    let stderr = text(&out).1;
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot reach the server at {url}")) && stderr.contains("timeout"),
+        "{stderr}"
+    );
+    drop(silent);
 }
 
 #[test]

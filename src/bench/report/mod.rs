@@ -985,6 +985,57 @@ mod tests {
         assert!(stdout_table(&empty).contains("(no tests)"));
     }
 
+    /// Two reports, one a server's: every (report, mode, dtype) a curve,
+    /// numbered, labelled by engine; a well-formed SVG with one line each.
+    #[test]
+    fn compare_sets_reports_side_by_side() {
+        let local = report(&["threads", "batched"], &[1, 2, 4], 1);
+        let mut server = report(&["http"], &[1, 2, 8], 1);
+        server.metadata.synthetic_weights = false;
+        server.metadata.server = Some(crate::bench::ServerInfo {
+            url: "http://10.0.0.1:8000".to_string(),
+            model: "gpt2 & <co>".to_string(),
+            owned_by: Some("vllm".to_string()),
+            models: serde_json::json!({"data": []}),
+        });
+        let reports = [("a.json".to_string(), local), ("b.json".to_string(), server)];
+        let md = compare_markdown(&reports, "cmp.svg");
+        assert!(md.contains("(cmp.svg)") && md.contains(SYNTHETIC_BANNER));
+        let rows: Vec<&str> = md
+            .lines()
+            .skip_while(|l| *l != "## Tokens/s by concurrency")
+            .skip(4)
+            .take_while(|l| l.starts_with("| "))
+            .collect();
+        assert_eq!(rows.len(), 3, "{md}");
+        assert!(
+            rows[2].contains("vllm gpt2 &amp; &lt;co&gt;") && rows[2].contains("client "),
+            "{md}"
+        );
+        // Levels 1, 2, 4, 8 as columns; report 1 has no 8, report 2 no 4.
+        let head = md
+            .lines()
+            .skip_while(|l| *l != "## Tokens/s by concurrency")
+            .nth(2)
+            .unwrap();
+        let cols: Vec<&str> = head
+            .split('|')
+            .map(str::trim)
+            .filter(|c| c.starts_with('c'))
+            .collect();
+        assert_eq!(cols, ["c1", "c2", "c4", "c8"], "{head}");
+        assert!(rows[0].trim_end().ends_with("— |"), "{}", rows[0]);
+        let s = compare_svg(&reports);
+        assert_eq!(s.matches("<polyline").count(), 3);
+        assert!(s.contains("[2] vllm gpt2 &amp; &lt;co&gt; http f32"));
+        assert_no_raw_ampersand(&s);
+        assert_balanced_tags(&s);
+        assert!(!s.contains("NaN") && !s.contains("inf"));
+        let empty = compare_svg(&[]);
+        assert_balanced_tags(&empty);
+        assert!(empty.contains("no data"));
+    }
+
     fn assert_no_raw_ampersand(s: &str) {
         for (i, _) in s.match_indices('&') {
             let rest = &s[i..];
