@@ -25,6 +25,7 @@ pub mod progress;
 pub mod rng;
 pub mod sampling;
 pub mod scheduler;
+pub mod serve;
 pub mod synth;
 pub mod tokenizer;
 pub mod weights;

@@ -22,12 +22,13 @@
 //! sequences are re-run one by one so that only the culprit fails.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::generate::{check_request, GenerateOptions, Generation, StopReason, Timings};
@@ -48,6 +49,47 @@ pub struct SchedulerConfig {
     /// the engine had a bug, to exercise failure isolation.
     #[doc(hidden)]
     pub fault_token: Option<u32>,
+    /// Told about every step, on the engine thread (e.g. a server's metrics).
+    pub observer: Option<Arc<dyn StepObserver>>,
+}
+
+/// Sees each engine step as it ends. Runs on the engine thread between
+/// steps, so it must be quick: everyone's next token waits for it.
+pub trait StepObserver: Send + Sync + fmt::Debug {
+    fn on_step(&self, step: &StepStats);
+}
+
+/// One engine step, as an observer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepStats {
+    /// Rows in the forward pass: `decode_rows` plus prompt rows.
+    pub rows: usize,
+    /// One per sequence past its prompt.
+    pub decode_rows: usize,
+    /// Forward pass and sampling.
+    pub elapsed: Duration,
+}
+
+/// A snapshot of the engine's load (see [`Scheduler::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SchedulerStats {
+    /// Requests submitted and not yet admitted to the batch.
+    pub queued: usize,
+    /// Sequences in the batch (prefilling or decoding).
+    pub active: usize,
+    /// Forward steps run so far.
+    pub steps: u64,
+}
+
+/// Written by the engine thread, read by anyone.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Submitted but not yet taken off the channel by the engine.
+    submitted: AtomicUsize,
+    /// The engine's own queue and batch sizes.
+    queued: AtomicUsize,
+    active: AtomicUsize,
+    steps: AtomicU64,
 }
 
 impl Default for SchedulerConfig {
@@ -57,6 +99,7 @@ impl Default for SchedulerConfig {
             max_prompt_rows: 128,
             pool: None,
             fault_token: None,
+            observer: None,
         }
     }
 }
@@ -123,6 +166,7 @@ pub struct Scheduler {
     submit: Option<Sender<Request>>,
     engine: Option<JoinHandle<()>>,
     model: Arc<Gpt2Model>,
+    counters: Arc<Counters>,
 }
 
 impl Scheduler {
@@ -136,15 +180,35 @@ impl Scheduler {
         let scratch = model.new_scratch(config.max_batch + config.max_prompt_rows)?;
         let (tx, rx) = mpsc::channel();
         let engine_model = Arc::clone(&model);
+        let counters = Arc::new(Counters::default());
+        let engine_counters = Arc::clone(&counters);
         let engine = std::thread::Builder::new()
             .name("gpt2-engine".into())
-            .spawn(move || Engine::new(engine_model, config, scratch).run(rx))
+            .spawn(move || Engine::new(engine_model, config, scratch, engine_counters).run(rx))
             .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
         Ok(Scheduler {
             submit: Some(tx),
             engine: Some(engine),
             model,
+            counters,
         })
+    }
+
+    /// The model every request runs on.
+    pub fn model(&self) -> &Arc<Gpt2Model> {
+        &self.model
+    }
+
+    /// How loaded the engine is now. `active` and `queued` are updated
+    /// between steps, so a request counts as queued from its submission
+    /// until it is admitted, and as active until it is retired.
+    pub fn stats(&self) -> SchedulerStats {
+        let c = &self.counters;
+        SchedulerStats {
+            queued: c.submitted.load(Ordering::Relaxed) + c.queued.load(Ordering::Relaxed),
+            active: c.active.load(Ordering::Relaxed),
+            steps: c.steps.load(Ordering::Relaxed),
+        }
     }
 
     /// Queues a request. A request that can never run (empty prompt, prompt
@@ -182,10 +246,13 @@ impl Scheduler {
             stream,
             cancelled: Arc::clone(&cancelled),
         };
-        self.submit
-            .as_ref()
-            .and_then(|tx| tx.send(request).ok())
-            .ok_or_else(|| Error::Engine("the engine thread has stopped".into()))?;
+        // Counted before the send, so the engine never takes it off first.
+        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        let sent = self.submit.as_ref().and_then(|tx| tx.send(request).ok());
+        if sent.is_none() {
+            self.counters.submitted.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::Engine("the engine thread has stopped".into()));
+        }
         Ok(RequestHandle {
             events: rx,
             cancelled,
@@ -235,10 +302,16 @@ struct Engine {
     active: Vec<Sequence>,
     pool: Vec<KvCache>,
     rows: Vec<Row>,
+    counters: Arc<Counters>,
 }
 
 impl Engine {
-    fn new(model: Arc<Gpt2Model>, config: SchedulerConfig, scratch: Scratch) -> Self {
+    fn new(
+        model: Arc<Gpt2Model>,
+        config: SchedulerConfig,
+        scratch: Scratch,
+        counters: Arc<Counters>,
+    ) -> Self {
         Engine {
             model,
             scratch,
@@ -247,7 +320,20 @@ impl Engine {
             pool: Vec::new(),
             rows: Vec::new(),
             config,
+            counters,
         }
+    }
+
+    /// A request taken off the submission channel into the queue.
+    fn enqueue(&mut self, r: Request) {
+        self.counters.submitted.fetch_sub(1, Ordering::Relaxed);
+        self.queue.push_back(r);
+    }
+
+    /// Makes the queue and batch sizes visible to [`Scheduler::stats`].
+    fn publish(&self) {
+        self.counters.queued.store(self.queue.len(), Ordering::Relaxed);
+        self.counters.active.store(self.active.len(), Ordering::Relaxed);
     }
 
     fn run(mut self, mut rx: Receiver<Request>) {
@@ -261,7 +347,7 @@ impl Engine {
                     return;
                 }
                 match rx.recv() {
-                    Ok(r) => self.queue.push_back(r),
+                    Ok(r) => self.enqueue(r),
                     Err(_) => return,
                 }
             }
@@ -282,13 +368,14 @@ impl Engine {
         loop {
             while open {
                 match rx.try_recv() {
-                    Ok(r) => self.queue.push_back(r),
+                    Ok(r) => self.enqueue(r),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => open = false,
                 }
             }
             self.retire_cancelled();
             self.admit();
+            self.publish();
             // Admission fills the batch from the queue, so no active
             // sequence means an empty queue.
             if self.active.is_empty() {
@@ -388,13 +475,27 @@ impl Engine {
             return;
         }
         let rows = std::mem::take(&mut self.rows);
+        let start = Instant::now();
         match self.forward(&rows) {
             // The pool spins meanwhile, ready for the next step.
             Ok(()) => keep_pool_awake(|| self.sample(&rows)),
             Err(_) => self.isolate(&rows),
         }
+        let stats = StepStats {
+            rows: rows.len(),
+            decode_rows: rows
+                .iter()
+                .filter(|r| r.pos >= self.active[r.seq].req.prompt.len())
+                .count(),
+            elapsed: start.elapsed(),
+        };
         self.rows = rows;
         self.retire_finished();
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        self.publish();
+        if let Some(observer) = &self.config.observer {
+            observer.on_step(&stats);
+        }
     }
 
     /// Runs `rows` through the model, a panic caught as an error. On an error
@@ -509,6 +610,8 @@ impl Engine {
                     // `remove`, not `swap_remove`: admission order is the
                     // prompt-row priority order.
                     let mut seq = self.active.remove(i);
+                    // Before the result goes out, so whoever has it sees the slot free.
+                    self.counters.active.store(self.active.len(), Ordering::Relaxed);
                     if let Some(stop) = reason {
                         let prompt_tokens = seq.req.prompt.len();
                         let generation = Generation {

@@ -80,6 +80,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Serve completions over HTTP (OpenAI-compatible: /v1/completions,
+    /// /v1/models, /health, /metrics); every request shares one batching engine.
+    Serve(Box<gpt2::serve::ServeArgs>),
     /// Print the logits of every position of a token sequence as JSON.
     Logits {
         /// Checkpoint directory holding config.json and model.safetensors.
@@ -196,6 +199,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
         }
+        Command::Serve(args) => gpt2::serve::run(*args).map_err(|e| -> Box<dyn std::error::Error> { e })?,
         Command::Tokenize {
             text,
             tokenizer: path,

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use gpt2::synth::{self, Preset};
 
 pub mod fixture;
+pub mod server;
 
 /// A synthetic checkpoint of `preset` and `seed`, written once into Cargo's
 /// per-target temporary directory and reused by later tests and runs.

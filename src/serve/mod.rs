@@ -1,0 +1,358 @@
+//! `gpt2 serve`: an OpenAI-compatible HTTP server over the continuous-batching
+//! [`Scheduler`], so concurrent clients share each forward step.
+//!
+//! [`serve`] binds nothing itself: it takes a listener (so tests can use
+//! port 0 and run it in-process), starts loading the weights in the
+//! background (`/health` is 503 until they are ready) and serves until the
+//! shutdown future resolves; then it stops accepting, lets in-flight
+//! requests finish within the grace period and cancels the rest. [`run`] is
+//! the binary's side: flags, the listening socket, SIGINT/SIGTERM.
+//!
+//! The modules: `routes` (the handlers, the log and API-key layers, the
+//! shared state), `request` (parsing and validating a completion request),
+//! `stream` (token ids to text pieces, stop strings, cancellation),
+//! `metrics` (Prometheus), `error` (OpenAI-style error bodies).
+
+mod error;
+mod metrics;
+mod request;
+mod routes;
+mod stream;
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+pub use error::ApiError;
+pub use metrics::{Metrics, StepTimes};
+pub use request::{CompletionRequest, Prompt};
+pub use stream::StopFilter;
+
+use crate::hub::{self, DtypeArgs, WeightsArgs, WeightsSource};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::tokenizer::Gpt2Tokenizer;
+use crate::{Dtype, Gpt2Model};
+
+/// Errors of starting or running the server.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How the server runs (everything but where the weights come from).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Most sequences decoded together.
+    pub max_batch: usize,
+    /// Requests that may wait for a batch slot; past `max_batch +
+    /// max_queue` in flight, requests get 429.
+    pub max_queue: usize,
+    /// Most prompt rows per engine step.
+    pub max_prompt_rows: usize,
+    /// The engine's rayon pool; `None` uses the global one.
+    pub pool: Option<Arc<rayon::ThreadPool>>,
+    /// When set, every route but `/health` needs `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
+    /// After the shutdown signal, how long in-flight requests may run on.
+    pub grace: Duration,
+    /// Largest request body accepted (413 past it).
+    pub body_limit: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            max_batch: 32,
+            max_queue: 256,
+            max_prompt_rows: 128,
+            pool: None,
+            api_key: None,
+            grace: Duration::from_secs(10),
+            body_limit: 1 << 20,
+        }
+    }
+}
+
+/// The loaded model behind the server.
+pub struct Engine {
+    pub scheduler: Scheduler,
+    pub tokenizer: Gpt2Tokenizer,
+    /// The id `/v1/models` lists and responses echo by default.
+    pub model_id: String,
+    /// Where the weights came from, in words.
+    pub weights: String,
+    pub synthetic: bool,
+}
+
+/// Serves on `listener` until `shutdown` resolves (then as described in the
+/// module doc). `load` runs on a blocking thread with the scheduler
+/// configuration to use (limits, pool, the metrics' step observer); its
+/// error stops the server and is returned.
+pub async fn serve<L, F>(
+    listener: tokio::net::TcpListener,
+    config: ServeConfig,
+    load: L,
+    shutdown: F,
+) -> Result<(), BoxError>
+where
+    L: FnOnce(SchedulerConfig) -> crate::Result<Engine> + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let grace = config.grace;
+    let app = Arc::new(routes::App::new(config));
+    let scheduler_config = SchedulerConfig {
+        max_batch: app.config.max_batch,
+        max_prompt_rows: app.config.max_prompt_rows,
+        pool: app.config.pool.clone(),
+        observer: Some(Arc::new(StepTimes(app.metrics.step.clone()))),
+        ..SchedulerConfig::default()
+    };
+    // `true` once the server should stop: the signal, or a failed load.
+    let stop = Arc::new(watch::Sender::new(false));
+    let load_error = Arc::new(std::sync::Mutex::new(None));
+    {
+        let (app, stop, load_error) = (Arc::clone(&app), Arc::clone(&stop), Arc::clone(&load_error));
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let result = tokio::task::spawn_blocking(move || load(scheduler_config)).await;
+            match result {
+                Ok(Ok(engine)) => {
+                    eprintln!(
+                        "gpt2 serve: ready in {:.2} s: model `{}`, dtype {}, {} positions",
+                        t.elapsed().as_secs_f64(),
+                        engine.model_id,
+                        engine.scheduler.model().dtype(),
+                        engine.scheduler.model().config.n_positions
+                    );
+                    let _ = app.engine.set(Arc::new(engine));
+                }
+                Ok(Err(e)) => {
+                    *load_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(BoxError::from(e));
+                    stop.send_replace(true);
+                }
+                Err(e) => {
+                    let e = format!("loading the model failed: {e}");
+                    *load_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(BoxError::from(e));
+                    stop.send_replace(true);
+                }
+            }
+        });
+    }
+    {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.send_replace(true);
+        });
+    }
+    let graceful = {
+        let (app, signalled) = (Arc::clone(&app), stop.subscribe());
+        async move {
+            stopped(signalled).await;
+            eprintln!(
+                "gpt2 serve: shutting down: no new connections; {} requests in flight get {} s to finish",
+                app.in_flight(),
+                grace.as_secs_f64()
+            );
+        }
+    };
+    let server = axum::serve(listener, routes::router(Arc::clone(&app))).with_graceful_shutdown(graceful);
+    let expired = {
+        let signalled = stop.subscribe();
+        async move {
+            stopped(signalled).await;
+            tokio::time::sleep(grace).await;
+        }
+    };
+    tokio::select! {
+        served = server.into_future() => served?,
+        () = expired => {
+            app.abort.store(true, std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "gpt2 serve: grace period over; cancelling {} requests still in flight",
+                app.in_flight()
+            );
+        }
+    }
+    if let Some(e) = load_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(e);
+    }
+    eprintln!("gpt2 serve: stopped");
+    Ok(())
+}
+
+/// Resolves once `rx` holds `true` (or its sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The `gpt2 serve` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on. Default 127.0.0.1 (loopback only).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one (printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    #[command(flatten)]
+    pub weights: WeightsArgs,
+    #[command(flatten)]
+    pub dtype: DtypeArgs,
+    /// Most sequences decoded together in one forward step.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Requests that may wait for a batch slot; more in flight than
+    /// max-batch + max-queue get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Most prompt rows prefilled per step, beside the decode rows.
+    #[arg(long, default_value_t = 128)]
+    pub max_prompt_rows: usize,
+    /// Threads of the engine's pool (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Require `Authorization: Bearer KEY` on every route but /health
+    /// (default: the GPT2_API_KEY environment variable, if set).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// On SIGINT/SIGTERM, how long in-flight requests may run before they are cancelled.
+    #[arg(long, default_value_t = 10.0)]
+    pub grace_seconds: f64,
+    /// Largest request body accepted, in bytes (413 past it).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+}
+
+/// `gpt2 serve`: binds, prints `gpt2 serve: listening on http://ADDR`, loads
+/// the weights in the background and serves until SIGINT or SIGTERM.
+pub fn run(args: ServeArgs) -> Result<(), BoxError> {
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("GPT2_API_KEY").ok().filter(|k| !k.is_empty()));
+    if api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err("--api-key must not be empty".into());
+    }
+    if args.max_batch == 0 || args.max_prompt_rows == 0 {
+        return Err(format!(
+            "--max-batch ({}) and --max-prompt-rows ({}) must be at least 1",
+            args.max_batch, args.max_prompt_rows
+        )
+        .into());
+    }
+    if !(args.grace_seconds.is_finite() && args.grace_seconds >= 0.0) {
+        return Err(format!("--grace-seconds must be >= 0, got {}", args.grace_seconds).into());
+    }
+    let pool = match args.threads {
+        Some(0) => return Err("--threads must be at least 1".into()),
+        Some(n) => Some(Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .thread_name(|i| format!("gpt2-pool-{i}"))
+                .build()
+                .map_err(|e| format!("cannot start {n} engine threads: {e}"))?,
+        )),
+        None => None,
+    };
+    let config = ServeConfig {
+        max_batch: args.max_batch,
+        max_queue: args.max_queue,
+        max_prompt_rows: args.max_prompt_rows,
+        pool,
+        api_key,
+        grace: Duration::from_secs_f64(args.grace_seconds),
+        body_limit: args.max_body_bytes,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gpt2-http")
+        .build()
+        .map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
+    let result = runtime.block_on(async move {
+        let host = args.host.clone().unwrap_or_else(|| "127.0.0.1".into());
+        let listener = tokio::net::TcpListener::bind((host.as_str(), args.port))
+            .await
+            .map_err(|e| format!("cannot listen on {host}:{}: {e}", args.port))?;
+        let addr = listener.local_addr()?;
+        eprintln!("gpt2 serve: listening on http://{addr}");
+        if config.api_key.is_none() && !addr.ip().is_loopback() {
+            eprintln!(
+                "gpt2 serve: warning: listening on {addr} without an API key: anyone who can reach it \
+                 can use it (set --api-key or GPT2_API_KEY)"
+            );
+        }
+        let (weights, dtype) = (args.weights.clone(), args.dtype.dtype);
+        serve(
+            listener,
+            config,
+            move |sc| load_engine(&weights, dtype, sc),
+            shutdown_signal(),
+        )
+        .await
+    });
+    // Bridges of cancelled requests end at their next token; do not wait on them.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+/// Resolves and loads the weights (announcing where they came from, SYNTHETIC
+/// ones included) and starts the scheduler over them.
+pub fn load_engine(weights: &WeightsArgs, dtype: Dtype, config: SchedulerConfig) -> crate::Result<Engine> {
+    eprintln!("gpt2 serve: loading the weights ({dtype}) ...");
+    let resolved = hub::resolve(weights)?;
+    let tokenizer = resolved.load_tokenizer()?;
+    let model = Arc::new(Gpt2Model::load_with(&resolved.dir, dtype)?);
+    let mut weights_text = resolved.source.to_string();
+    // A synthetic checkpoint passed as a local directory still says so.
+    if let (Some(info), WeightsSource::Local { .. }) = (&model.config.synthetic, &resolved.source) {
+        weights_text.push_str(&format!(
+            " (SYNTHETIC {} checkpoint, seed {}: random weights, the text is noise)",
+            info.preset, info.seed
+        ));
+    }
+    eprintln!("gpt2 serve: weights: {weights_text}");
+    let synthetic =
+        model.config.synthetic.is_some() || matches!(resolved.source, WeightsSource::Synthetic { .. });
+    let model_id = match &resolved.source {
+        WeightsSource::Hub { model_id, .. } => model_id.clone(),
+        WeightsSource::Local { dir } => dir
+            .file_name()
+            .map_or_else(|| "gpt2".into(), |n| n.to_string_lossy().into_owned()),
+        WeightsSource::Synthetic { preset, .. } => format!("gpt2-synthetic-{preset}"),
+    };
+    Ok(Engine {
+        scheduler: Scheduler::new(model, config)?,
+        tokenizer,
+        model_id,
+        weights: weights_text,
+        synthetic,
+    })
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,386 @@
+//! `POST /v1/completions` bodies: parsed field by field from JSON, so every
+//! refusal names its parameter.
+//!
+//! Fields OpenAI clients send by default are accepted when their value is
+//! the no-op one (`n: 1`, `echo: false`, `logprobs: null`, ...); any other
+//! value, and any field we do not know, is a 400 naming it.
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::sampling::SamplingParams;
+
+/// OpenAI's limit on stop sequences.
+pub const MAX_STOPS: usize = 4;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// A validated completion request (lengths are checked against the model
+/// later, once its tokenizer and context window are known).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRequest {
+    pub prompt: Prompt,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// `None`: a fresh seed per request, as OpenAI does without one.
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    /// vLLM's name: generate exactly `max_tokens`, past `<|endoftext|>`.
+    pub ignore_eos: bool,
+    /// Echoed back as given.
+    pub model: Option<String>,
+}
+
+/// The default of `max_tokens`, as in OpenAI's API.
+pub const DEFAULT_MAX_TOKENS: usize = 16;
+
+impl CompletionRequest {
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
+        let Value::Object(fields) = value else {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                "the body must be a JSON object of request fields",
+            ));
+        };
+        Self::from_fields(&fields)
+    }
+
+    fn from_fields(fields: &Map<String, Value>) -> Result<Self, ApiError> {
+        let mut req = CompletionRequest {
+            prompt: Prompt::Text(String::new()),
+            max_tokens: DEFAULT_MAX_TOKENS,
+            // OpenAI's defaults: temperature 1, no top-k, top_p 1.
+            sampling: SamplingParams {
+                temperature: 1.0,
+                ..SamplingParams::greedy()
+            },
+            seed: None,
+            stop: Vec::new(),
+            stream: false,
+            ignore_eos: false,
+            model: None,
+        };
+        let mut has_prompt = false;
+        for (name, v) in fields {
+            let name = name.as_str();
+            match name {
+                "prompt" => {
+                    req.prompt = prompt(v)?;
+                    has_prompt = true;
+                }
+                "max_tokens" => {
+                    if !v.is_null() {
+                        req.max_tokens = positive(name, v)?;
+                    }
+                }
+                "temperature" => {
+                    if let Some(t) = number(name, v)? {
+                        if !(t.is_finite() && t >= 0.0) {
+                            return Err(ApiError::param(
+                                name,
+                                format!("`temperature` must be >= 0, got {t}"),
+                            ));
+                        }
+                        req.sampling.temperature = t as f32;
+                    }
+                }
+                "top_p" => {
+                    if let Some(p) = number(name, v)? {
+                        if !(p > 0.0 && p <= 1.0) {
+                            return Err(ApiError::param(
+                                name,
+                                format!("`top_p` must be in (0, 1], got {p}"),
+                            ));
+                        }
+                        req.sampling.top_p = (p < 1.0).then_some(p as f32);
+                    }
+                }
+                "top_k" => {
+                    req.sampling.top_k = match integer(name, v)? {
+                        None | Some(-1) => None,
+                        Some(k) if k >= 1 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
+                        Some(k) => {
+                            return Err(ApiError::param(
+                                name,
+                                format!("`top_k` must be at least 1, or -1 for no limit; got {k}"),
+                            ))
+                        }
+                    };
+                }
+                "repetition_penalty" => {
+                    if let Some(r) = number(name, v)? {
+                        if !(r.is_finite() && r > 0.0) {
+                            return Err(ApiError::param(
+                                name,
+                                format!("`repetition_penalty` must be > 0, got {r}"),
+                            ));
+                        }
+                        req.sampling.repetition_penalty = (r != 1.0).then_some(r as f32);
+                    }
+                }
+                "seed" => {
+                    req.seed = match integer(name, v)? {
+                        None => None,
+                        Some(s) => Some(u64::try_from(s).map_err(|_| {
+                            ApiError::param(name, format!("`seed` must be a non-negative integer, got {s}"))
+                        })?),
+                    };
+                }
+                "stop" => req.stop = stops(v)?,
+                "stream" => req.stream = boolean(name, v)?.unwrap_or(false),
+                "ignore_eos" => req.ignore_eos = boolean(name, v)?.unwrap_or(false),
+                "model" => {
+                    req.model = match v {
+                        Value::Null => None,
+                        Value::String(s) => Some(s.clone()),
+                        _ => return Err(ApiError::param(name, "`model` must be a string")),
+                    }
+                }
+                "user" => {
+                    if !(v.is_null() || v.is_string()) {
+                        return Err(ApiError::param(name, "`user` must be a string"));
+                    }
+                }
+                "stream_options" => stream_options(v)?,
+                // Accepted only at the value that changes nothing.
+                "n" | "best_of" => no_op(name, v, &[Value::Null, Value::from(1)], "1")?,
+                "echo" => no_op(name, v, &[Value::Null, Value::Bool(false)], "false")?,
+                "logprobs" | "suffix" => no_op(name, v, &[Value::Null], "null")?,
+                "presence_penalty" | "frequency_penalty" => {
+                    if number(name, v)?.is_some_and(|x| x != 0.0) {
+                        return Err(unsupported(name, "0"));
+                    }
+                }
+                "logit_bias" => {
+                    let empty = match v {
+                        Value::Null => true,
+                        Value::Object(m) => m.is_empty(),
+                        _ => false,
+                    };
+                    if !empty {
+                        return Err(unsupported(name, "null or {}"));
+                    }
+                }
+                _ => {
+                    return Err(ApiError::param(
+                        name,
+                        format!("unknown parameter `{name}`: this server does not support it"),
+                    ))
+                }
+            }
+        }
+        if !has_prompt {
+            return Err(ApiError::param("prompt", "missing required parameter `prompt`"));
+        }
+        Ok(req)
+    }
+}
+
+fn prompt(v: &Value) -> Result<Prompt, ApiError> {
+    const WHAT: &str = "`prompt` must be a string or an array of token ids";
+    match v {
+        Value::String(s) => Ok(Prompt::Text(s.clone())),
+        Value::Array(items) => match items.first() {
+            None => Err(ApiError::param(
+                "prompt",
+                "`prompt` is an empty array: at least one token id is needed",
+            )),
+            Some(Value::String(_)) if items.len() == 1 => prompt(&items[0]),
+            Some(Value::String(_)) | Some(Value::Array(_)) => Err(ApiError::param(
+                "prompt",
+                "batched prompts (an array of prompts) are not supported: send one prompt per request",
+            )),
+            Some(_) => items
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    t.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
+                        ApiError::param(
+                            "prompt",
+                            format!("`prompt[{i}]` is {t}, not a token id (a non-negative integer)"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<u32>, _>>()
+                .map(Prompt::Ids),
+        },
+        _ => Err(ApiError::param("prompt", WHAT)),
+    }
+}
+
+fn stops(v: &Value) -> Result<Vec<String>, ApiError> {
+    let list = match v {
+        Value::Null => Vec::new(),
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => items
+            .iter()
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| ApiError::param("stop", "`stop` must be a string or an array of strings"))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(ApiError::param(
+                "stop",
+                "`stop` must be a string or an array of strings",
+            ))
+        }
+    };
+    if list.len() > MAX_STOPS {
+        return Err(ApiError::param(
+            "stop",
+            format!(
+                "`stop` has {} sequences; at most {MAX_STOPS} are allowed",
+                list.len()
+            ),
+        ));
+    }
+    if list.iter().any(String::is_empty) {
+        return Err(ApiError::param("stop", "`stop` sequences must not be empty"));
+    }
+    Ok(list)
+}
+
+fn stream_options(v: &Value) -> Result<(), ApiError> {
+    let Value::Object(m) = v else {
+        return if v.is_null() {
+            Ok(())
+        } else {
+            Err(ApiError::param(
+                "stream_options",
+                "`stream_options` must be an object",
+            ))
+        };
+    };
+    for (k, x) in m {
+        // Usage always comes with the last chunk, so either value is honoured.
+        if k != "include_usage" || !(x.is_boolean() || x.is_null()) {
+            return Err(ApiError::param(
+                "stream_options",
+                format!("unsupported `stream_options.{k}`: only `include_usage` (a boolean) is accepted"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn unsupported(name: &str, accepted: &str) -> ApiError {
+    ApiError::param(
+        name,
+        format!("`{name}` is not supported by this server: only {accepted} (the default) is accepted"),
+    )
+}
+
+fn no_op(name: &str, v: &Value, accepted: &[Value], shown: &str) -> Result<(), ApiError> {
+    if accepted.contains(v) {
+        Ok(())
+    } else {
+        Err(unsupported(name, shown))
+    }
+}
+
+fn number(name: &str, v: &Value) -> Result<Option<f64>, ApiError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => Ok(n.as_f64()),
+        _ => Err(ApiError::param(
+            name,
+            format!("`{name}` must be a number, got {v}"),
+        )),
+    }
+}
+
+fn integer(name: &str, v: &Value) -> Result<Option<i128>, ApiError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => n
+            .as_i64()
+            .map(i128::from)
+            .or_else(|| n.as_u64().map(i128::from))
+            .map(Some)
+            .ok_or_else(|| ApiError::param(name, format!("`{name}` must be an integer, got {v}"))),
+        _ => Err(ApiError::param(
+            name,
+            format!("`{name}` must be an integer, got {v}"),
+        )),
+    }
+}
+
+fn positive(name: &str, v: &Value) -> Result<usize, ApiError> {
+    match integer(name, v)? {
+        Some(n) if n >= 1 => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        _ => Err(ApiError::param(
+            name,
+            format!("`{name}` must be at least 1, got {v}"),
+        )),
+    }
+}
+
+fn boolean(name: &str, v: &Value) -> Result<Option<bool>, ApiError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        _ => Err(ApiError::param(
+            name,
+            format!("`{name}` must be true or false, got {v}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<CompletionRequest, ApiError> {
+        CompletionRequest::parse(body.as_bytes())
+    }
+
+    #[test]
+    fn defaults_and_fields() {
+        let r = parse(r#"{"prompt": "hi"}"#).unwrap();
+        assert_eq!(r.max_tokens, DEFAULT_MAX_TOKENS);
+        assert_eq!(r.sampling.temperature, 1.0);
+        let r = parse(
+            r#"{"prompt": [1, 2], "max_tokens": 3, "temperature": 0, "top_k": -1, "top_p": 1,
+                "stop": "x", "stream": true, "n": 1, "echo": false, "logprobs": null,
+                "stream_options": {"include_usage": true}, "user": "u", "seed": 7}"#,
+        )
+        .unwrap();
+        assert_eq!(r.prompt, Prompt::Ids(vec![1, 2]));
+        assert_eq!((r.max_tokens, r.seed, r.stream), (3, Some(7), true));
+        assert_eq!(r.stop, vec!["x".to_string()]);
+        assert_eq!(r.sampling, SamplingParams::greedy());
+    }
+
+    #[test]
+    fn refusals_name_the_parameter() {
+        for (body, param) in [
+            (r#"{"prompt": "a", "max_tokens": 0}"#, "max_tokens"),
+            (r#"{"prompt": "a", "max_tokens": 1.5}"#, "max_tokens"),
+            (r#"{"prompt": "a", "temperature": -1}"#, "temperature"),
+            (r#"{"prompt": "a", "top_p": 0}"#, "top_p"),
+            (r#"{"prompt": "a", "top_k": 0}"#, "top_k"),
+            (r#"{"prompt": "a", "n": 2}"#, "n"),
+            (r#"{"prompt": "a", "echo": true}"#, "echo"),
+            (r#"{"prompt": "a", "stop": ["", "b"]}"#, "stop"),
+            (r#"{"prompt": "a", "frobnicate": 1}"#, "frobnicate"),
+            (r#"{"prompt": [1, -2]}"#, "prompt"),
+            (r#"{"prompt": ["a", "b"]}"#, "prompt"),
+            (r#"{"max_tokens": 2}"#, "prompt"),
+        ] {
+            let e = parse(body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {e:?}");
+            assert!(e.message.contains(param), "{body}: {}", e.message);
+        }
+        assert_eq!(parse("{not json").unwrap_err().code, "invalid_json");
+        assert_eq!(parse("[1]").unwrap_err().code, "invalid_json");
+    }
+}
