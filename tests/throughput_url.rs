@@ -298,6 +298,10 @@ fn a_good_server_gives_a_complete_report() {
         "the whole model list is kept"
     );
     assert_eq!(md.engine(), "mock mock-gpt2");
+    assert!(
+        !md.synthetic_weights,
+        "the mock says nothing of synthetic weights"
+    );
     let tests: Vec<(&str, &str, usize, usize)> = report
         .tests
         .iter()
@@ -644,4 +648,108 @@ fn compare_renders_every_report() {
     assert_eq!(files_in(&out_dir, "md").len(), 2);
     let out = throughput_within(&["compare"], 30);
     assert_eq!(out.status.code(), Some(2), "no reports is a usage error");
+}
+
+/// The real `gpt2 serve` on the tiny synthetic model, killed on drop.
+struct Serve {
+    child: std::process::Child,
+    url: String,
+    /// Everything it printed on stderr so far (drained on a thread, so
+    /// that its request log never fills the pipe).
+    log: Arc<Mutex<String>>,
+}
+
+impl Serve {
+    fn start(weights: &Path) -> Serve {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
+            .args(["serve", "--port", "0", "--threads", "1", "--weights"])
+            .arg(weights)
+            .env_remove("GPT2_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("gpt2 serve: listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+                sink.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        let mut serve = Serve {
+            child,
+            url: String::new(),
+            log,
+        };
+        serve.url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no listening line: {}", serve.log.lock().unwrap()));
+        serve
+    }
+
+    /// Waits (up to 2 minutes) until the weights are loaded: /v1/models answers 200.
+    fn wait_ready(&self) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        for _ in 0..240 {
+            if let Ok(r) = agent.get(format!("{}/v1/models", self.url)).call() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("gpt2 serve never became ready: {}", self.log.lock().unwrap());
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `throughput --url` against the real server: every request exactly the
+/// tokens asked, the server named with its dtype and synthetic weights.
+#[test]
+fn the_real_server_is_benchmarked() {
+    let weights = common::synth_dir(gpt2::synth::Preset::Tiny, 0);
+    let serve = Serve::start(&weights);
+    serve.wait_ready();
+    let out_dir = scratch_dir("url-real-serve");
+    let mut args = quick(&serve.url, out_dir.to_str().unwrap());
+    args.extend(EASY_TARGETS);
+    args.extend(["--weights", weights.to_str().unwrap(), "--json"]);
+    let out = throughput_within(&args, 240);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stderr}\nserver:\n{}",
+        serve.log.lock().unwrap()
+    );
+    let report: gpt2::bench::Report = serde_json::from_str(&stdout).unwrap();
+    let md = &report.metadata;
+    let server = md.server.as_ref().unwrap();
+    assert_eq!(server.owned_by.as_deref(), Some("gpt2-rs"));
+    assert!(
+        md.synthetic_weights,
+        "gpt2 serve says its tiny weights are synthetic"
+    );
+    assert_eq!(md.dtypes[0].dtype, "f32");
+    for t in &report.tests {
+        assert_eq!((t.mode.as_str(), t.failed), ("http", 0), "{}", t.name);
+        assert_eq!(t.total_tokens, t.requests * 4, "{}", t.name);
+        assert!(t.raw.iter().all(|r| r.token_ms.len() == 4), "{}", t.name);
+    }
 }

@@ -618,14 +618,20 @@ pub fn run_http(opts: &Options, url: &str) -> Result<RunOutcome, Box<dyn Error>>
         max_tokens: opts.max_new_tokens,
         timeout: std::time::Duration::from_secs_f64(opts.http_timeout),
     })?;
-    let dtype = server_dtype(&server);
+    let dtype = server_field(&server, "dtype")
+        .and_then(serde_json::Value::as_str)
+        .map_or_else(|| "unknown".to_string(), String::from);
     // A server's weights are its own: synthetic ones are known as such only
-    // if the server says so in its model list.
-    let synthetic = server
-        .models
-        .to_string()
-        .to_ascii_lowercase()
-        .contains("synthetic");
+    // if the server says so: its model's `synthetic` flag (`gpt2 serve`),
+    // else the word anywhere in its model list.
+    let synthetic = match server_field(&server, "synthetic").and_then(serde_json::Value::as_bool) {
+        Some(flag) => flag,
+        None => server
+            .models
+            .to_string()
+            .to_ascii_lowercase()
+            .contains("synthetic"),
+    };
     let per_rep = opts.single_requests + plan.levels.iter().map(|&l| plan.requests_at(l)).sum::<usize>();
     let progress = Progress::new((opts.warmup + plan.repetitions * per_rep) as u64, "requests");
     progress.println(&format!(
@@ -735,21 +741,16 @@ pub fn run_http(opts: &Options, url: &str) -> Result<RunOutcome, Box<dyn Error>>
 /// The mode of every test of a `--url` run.
 pub const HTTP_MODE: &str = "http";
 
-/// The weights' format a server names for its model in `/v1/models` (a
-/// `dtype` field of the model's entry, as `gpt2 serve` may give), else
-/// `unknown`.
-fn server_dtype(server: &ServerInfo) -> String {
+/// A field of the chosen model's entry in the server's `/v1/models`
+/// (`gpt2 serve` gives `dtype` and `synthetic`).
+fn server_field<'a>(server: &'a ServerInfo, field: &str) -> Option<&'a serde_json::Value> {
     server
         .models
-        .get("data")
-        .and_then(serde_json::Value::as_array)
-        .and_then(|d| {
-            d.iter()
-                .find(|m| m.get("id").and_then(serde_json::Value::as_str) == Some(server.model.as_str()))
-        })
-        .and_then(|m| m.get("dtype"))
-        .and_then(serde_json::Value::as_str)
-        .map_or_else(|| "unknown".into(), |d| d.to_string())
+        .get("data")?
+        .as_array()?
+        .iter()
+        .find(|m| m.get("id").and_then(serde_json::Value::as_str) == Some(server.model.as_str()))?
+        .get(field)
 }
 
 /// What every dtype of a run shares: the flags, the plan, the checkpoint,
