@@ -64,6 +64,13 @@ fn both_modes_write_a_complete_report() {
         assert_eq!(t.failed, 0, "{}", t.name);
         assert_eq!(t.total_tokens, t.requests * 5, "{} {}", t.mode, t.name);
         assert!(t.tokens_per_s > 0.0 && t.raw.iter().all(|r| r.ttft_ms.is_some()));
+        // Inter-token latency in process too: every token's arrival, in order.
+        assert!(t.itl_ms.is_some_and(|s| s.p50 > 0.0), "{} {}", t.mode, t.name);
+        for r in &t.raw {
+            assert_eq!(r.token_ms.len(), 5, "{r:?}");
+            assert_eq!(r.token_ms.first().copied(), r.ttft_ms, "{r:?}");
+            assert!(r.token_ms.windows(2).all(|w| w[0] <= w[1]), "{r:?}");
+        }
     }
     let batched = report
         .analysis
@@ -187,7 +194,7 @@ fn several_dtypes_run_every_test_each() {
     // The default targets are a real machine's: a tiny model may miss none or some.
     assert!(matches!(out.status.code(), Some(0 | 3)), "{stderr}");
     let report: gpt2::bench::Report = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(report.schema_version, 3);
+    assert_eq!(report.schema_version, 4);
     let dtypes: Vec<&str> = report.metadata.dtypes.iter().map(|d| d.dtype.as_str()).collect();
     assert_eq!(dtypes, ["f32", "bf16"]);
     for d in &report.metadata.dtypes {

@@ -130,6 +130,7 @@ impl Backend for InProcess<'_> {
                 tokens: g.tokens.len(),
                 ttft: g.timings.ttft,
                 total: g.timings.total,
+                token_times: g.timings.token_times,
                 stop: format!("{:?}", g.stop),
             }),
             Ok(Err(e)) => Err(e.to_string()),

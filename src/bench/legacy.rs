@@ -8,6 +8,8 @@
 //! groups per dtype ([`Roofline`]). Schemas 1 and 2 measured f32 weights
 //! only: what they lack (a test's dtype, the metadata's list of dtypes) is
 //! read as f32, their per-mode recommendations and their one profile as f32's.
+//! Schema 3 needs nothing here: what schema 4 added (`metadata.server`,
+//! `tests[].itl_ms`, `raw[].token_ms`) is optional and reads as absent.
 
 use serde::{Deserialize, Deserializer};
 
@@ -379,6 +381,28 @@ mod tests {
         let p = report.profile.expect("a profile");
         assert_eq!((p.len(), p[0].dtype.as_str(), p[0].rows.len()), (1, "f32", 1));
         assert_eq!(p[0].rows[0].op, "qkv");
+    }
+
+    /// A schema-3 report (today's layout without the server and the token
+    /// times) reads with no ITL and no server, its model shape kept.
+    #[test]
+    fn a_schema3_report_loads_without_itl() {
+        let report: Report = serde_json::from_str(SCHEMA2).unwrap();
+        let mut v = serde_json::to_value(&report).unwrap();
+        v["schema_version"] = 3.into();
+        for t in v["tests"].as_array_mut().unwrap() {
+            t.as_object_mut().unwrap().remove("itl_ms");
+        }
+        let json = v.to_string();
+        assert!(!json.contains("itl_ms") && !json.contains("token_ms") && !json.contains("\"server\""));
+        let old: Report = serde_json::from_str(&json).unwrap();
+        assert!(old
+            .tests
+            .iter()
+            .all(|t| t.itl_ms.is_none() && t.raw.iter().all(|r| r.token_ms.is_empty())));
+        assert_eq!(old.metadata.server, None);
+        assert_eq!(old.metadata.model, report.metadata.model);
+        assert!(old.metadata.model.is_some());
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! The JSON written by `throughput` is [`Report`] serialised; its schema is
 //! documented in `docs/results-schema.md` and versioned by [`SCHEMA_VERSION`].
 
+pub mod compare;
+pub mod http;
 pub mod in_process;
 pub mod legacy;
 pub mod meta;
@@ -26,7 +28,13 @@ use serde::{Deserialize, Serialize};
 /// their memory (2 had `metadata.model.dtype`, always f32); the roofline has
 /// the machine's limits once and the engine's figures per dtype; the
 /// recommended concurrencies are objects. [`legacy`] reads 1 and 2 (as f32).
-pub const SCHEMA_VERSION: u32 = 3;
+///
+/// 4: a run may measure an OpenAI-compatible server (`throughput --url`):
+/// its tests' mode is `http`, `metadata.server` names the server, and
+/// `metadata.model` is `null` (the server's model is not known here); every
+/// test has `itl_ms` (inter-token latency) and every request its
+/// `token_ms`. Reports of schema 3 read as they are (no server, no ITL).
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// The reference study that our default protocol reproduces: PyTorch GPT-2
 /// 124M on some other CPU. `(concurrency, requests/s, tokens/s)`.
@@ -58,6 +66,10 @@ pub struct RequestRecord {
     pub latency_ms: f64,
     /// Per output token after the first: `(latency - ttft) / (n - 1)`.
     pub tpot_ms: Option<f64>,
+    /// When each generated token arrived, from the request's start (so the
+    /// first is `ttft_ms`); empty if it failed, and in reports before schema 4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_ms: Vec<f64>,
     /// Why it failed (an error, a panic, or fewer tokens than asked); `None` if it succeeded.
     pub error: Option<String>,
 }
@@ -89,6 +101,10 @@ pub struct TestResult {
     pub latency_ms: Summary,
     pub ttft_ms: Summary,
     pub tpot_ms: Summary,
+    /// Inter-token latency: the gaps between consecutive tokens of the
+    /// successful requests, all of them pooled (`None` before schema 4).
+    #[serde(default)]
+    pub itl_ms: Option<Summary>,
     /// Every request's raw timings.
     pub raw: Vec<RequestRecord>,
 }
@@ -124,7 +140,9 @@ pub struct Metadata {
     pub weights_source: String,
     pub weights_sha256: String,
     pub synthetic_weights: bool,
-    pub model: ModelInfo,
+    /// The checkpoint's shape; `None` for a server (`--url`), whose model
+    /// is not known here (schema 4; always present before).
+    pub model: Option<ModelInfo>,
     /// The weight formats measured, in the order they ran (schema 2 and
     /// older: f32 alone, its memory unknown).
     #[serde(default = "legacy::f32_runs")]
@@ -133,6 +151,38 @@ pub struct Metadata {
     pub warmup_requests: usize,
     pub repetitions: usize,
     pub prompts: Vec<String>,
+    /// The server measured (`throughput --url`); `None` for the in-process engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerInfo>,
+}
+
+/// An OpenAI-compatible server a run measured (`throughput --url`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// The base URL given, e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    /// The `model` sent with every request: `--server-model`, else the
+    /// first id `/v1/models` listed.
+    pub model: String,
+    /// That model's `owned_by` in `/v1/models`, if it names one (e.g.
+    /// `gpt2-rs`, `vllm`, `llamacpp`).
+    pub owned_by: Option<String>,
+    /// The whole `/v1/models` answer, as the server sent it.
+    pub models: serde_json::Value,
+}
+
+impl Metadata {
+    /// What served the requests, for labels that must tell runs apart:
+    /// `gpt2-rs` in process, or the server's owner and model id.
+    pub fn engine(&self) -> String {
+        match &self.server {
+            None => "gpt2-rs".into(),
+            Some(s) => match &s.owned_by {
+                Some(owner) => format!("{owner} {}", s.model),
+                None => format!("server {}", s.model),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

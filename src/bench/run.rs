@@ -2,7 +2,8 @@
 //! and weight format (dtype) the tests in order (warmup, the single request
 //! and every mode's levels; the dtypes in turn, their order rotating from
 //! one repetition to the next), the optional probe, and the report written
-//! to disk.
+//! to disk. With `--url` the same protocol is sent to an OpenAI-compatible
+//! server instead ([`run_http`], mode `http`).
 //!
 //! Default protocol (the reference study's): greedy, exactly 30 new tokens
 //! per request (EOS ignored), 2 warmup requests, 5 sequential single
@@ -18,12 +19,14 @@ use std::time::SystemTime;
 
 use clap::ValueEnum;
 
+use super::http::{Http, HttpOptions};
 use super::in_process::{InProcess, Mode, PoolLayout};
 use super::roofline::EngineTimes;
 use super::runner::{poisson_arrivals, run_test, Load, MAX_CLIENTS};
 use super::stats::{self, Thresholds};
 use super::{
-    meta, report, roofline, DtypeProfile, DtypeRun, Metadata, ModelInfo, Report, TestResult, SCHEMA_VERSION,
+    meta, report, roofline, DtypeProfile, DtypeRun, Metadata, ModelInfo, Report, ServerInfo, TestResult,
+    SCHEMA_VERSION,
 };
 use crate::hub::{self, WeightsArgs};
 use crate::profile::{self, Profile};
@@ -62,7 +65,8 @@ pub struct Options {
         long = "dtype",
         value_name = "DTYPE",
         value_delimiter = ',',
-        default_value = "f32"
+        default_value = "f32",
+        conflicts_with = "url"
     )]
     pub dtypes: Vec<Dtype>,
     /// Exact number of tokens every request generates (EOS is ignored).
@@ -79,13 +83,13 @@ pub struct Options {
     #[arg(long, value_delimiter = ',')]
     pub levels: Option<Vec<usize>>,
     /// Which execution modes to measure.
-    #[arg(long, value_enum, default_value = "both")]
+    #[arg(long, value_enum, default_value = "both", conflicts_with = "url")]
     pub mode: ModeChoice,
     /// Batched mode: most sequences decoded together.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, conflicts_with = "url")]
     pub max_batch: usize,
     /// Batched mode: most prompt rows prefilled per step.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, conflicts_with = "url")]
     pub max_prompt_rows: usize,
     /// Open loop: requests arrive as a seeded Poisson process at this many per
     /// second (each level still caps in-flight requests at its concurrency);
@@ -97,11 +101,11 @@ pub struct Options {
     #[arg(long, default_value_t = 0)]
     pub arrival_seed: u64,
     /// Break the single-request test's time down by op (prefill and decode apart).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "url")]
     pub profile: bool,
     /// Measure this machine's limits (read bandwidth, FMA peak, SGEMM) and
     /// report achieved / limit for decode and prefill.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "url")]
     pub probe: bool,
     /// Requests per concurrency level, and at least the level itself, so
     /// that every client runs one [default: 6, or 20 with --full].
@@ -120,13 +124,13 @@ pub struct Options {
     #[arg(long = "concurrent-prompt", value_name = "TEXT")]
     pub concurrent_prompts: Vec<String>,
     /// How compute threads are organised.
-    #[arg(long, value_enum, default_value = "shared")]
+    #[arg(long, value_enum, default_value = "shared", conflicts_with = "url")]
     pub pool: PoolLayout,
     /// Threads of the shared pool, or of each request's pool (see --pool).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "url")]
     pub threads_per_request: Option<usize>,
     /// Allow more busy compute threads than cores (per-request pools only).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "url")]
     pub oversubscribe: bool,
     /// Print only the JSON report on stdout.
     #[arg(long)]
@@ -137,6 +141,35 @@ pub struct Options {
     /// Override a pass/fail target, e.g. `--target single_tokens_per_s=50` (repeatable).
     #[arg(long = "target", value_name = "NAME=VALUE")]
     pub targets: Vec<String>,
+    /// Benchmark an OpenAI-compatible server (`gpt2 serve`, vLLM, llama.cpp's
+    /// llama-server) at http://HOST:PORT instead of the in-process engine:
+    /// the same tests (mode `http`), each prompt sent as token ids to
+    /// /v1/completions, streamed, greedy, exactly --max-new-tokens tokens
+    /// (`ignore_eos`). The prompts are tokenized here (--tokenizer, else
+    /// --weights DIR's tokenizer.json, else the built-in GPT-2 one); no model
+    /// is loaded. Refused with it: --dtype, --mode, --max-batch,
+    /// --max-prompt-rows, --pool, --threads-per-request, --oversubscribe,
+    /// --profile, --probe (the server's own settings; no roofline), and
+    /// --model, --synthetic, --revision (the hub's; see --server-model).
+    #[arg(
+        long,
+        value_name = "URL",
+        conflicts_with_all = ["model", "synthetic", "revision"]
+    )]
+    pub url: Option<String>,
+    /// With --url: the bearer token sent (`Authorization: Bearer KEY`);
+    /// default: the OPENAI_API_KEY environment variable, if set.
+    #[arg(long, value_name = "KEY", requires = "url")]
+    pub api_key: Option<String>,
+    /// With --url: the `model` sent with every request [default: the first
+    /// id the server's /v1/models lists].
+    #[arg(long, value_name = "NAME", requires = "url")]
+    pub server_model: Option<String>,
+    /// With --url: the longest the server may stay silent (for the answer to
+    /// begin, or between two reads of a stream) before the request fails,
+    /// seconds; connecting may take at most 5 s.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, requires = "url")]
+    pub http_timeout: f64,
 }
 
 /// The longest open-loop schedule a test may have (`--request-rate`).
@@ -333,6 +366,9 @@ impl RunPlan {
 /// each with its own model (`run_dtype`), in an order that rotates; with
 /// `--probe` the machine's limits are measured once, after the last.
 pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
+    if let Some(url) = &opts.url {
+        return run_http(opts, url);
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let plan = RunPlan::new(opts, cores)?;
     // Before any work: a run whose results cannot be written is not started.
@@ -474,14 +510,14 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
         weights_source: resolved.source.to_string(),
         weights_sha256: meta::sha256_file(&model_path)?,
         synthetic_weights: matches!(resolved.source, hub::WeightsSource::Synthetic { .. }),
-        model: ModelInfo {
+        model: Some(ModelInfo {
             n_layer: cfg.n_layer,
             n_head: cfg.n_head,
             n_embd: cfg.n_embd,
             n_positions: cfg.n_positions,
             vocab_size: cfg.vocab_size,
             n_params: cfg.n_params(),
-        },
+        }),
         dtypes,
         max_new_tokens: opts.max_new_tokens,
         warmup_requests: opts.warmup,
@@ -489,6 +525,7 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
         prompts: std::iter::once(opts.prompt.clone())
             .chain(concurrent_texts)
             .collect(),
+        server: None,
     };
     let report = Report {
         schema_version: SCHEMA_VERSION,
@@ -499,17 +536,221 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
         roofline,
     };
     write_outputs(&report, &opts.out_dir, opts.json)?;
-    Ok(RunOutcome {
-        failed_requests: report.tests.iter().map(|t| t.failed).sum(),
-        requests: report.tests.iter().map(|t| t.requests).sum(),
-        missed_targets: report
-            .analysis
-            .targets
-            .iter()
-            .filter(|t| !t.pass)
-            .map(|t| report.target_label(t))
-            .collect(),
-    })
+    Ok(RunOutcome::of(&report))
+}
+
+impl RunOutcome {
+    /// The outcome a written report tells.
+    fn of(report: &Report) -> RunOutcome {
+        RunOutcome {
+            failed_requests: report.tests.iter().map(|t| t.failed).sum(),
+            requests: report.tests.iter().map(|t| t.requests).sum(),
+            missed_targets: report
+                .analysis
+                .targets
+                .iter()
+                .filter(|t| !t.pass)
+                .map(|t| report.target_label(t))
+                .collect(),
+        }
+    }
+}
+
+/// The prompts of a run: the single test's, then the concurrent tests'.
+fn prompt_texts(opts: &Options) -> (String, Vec<String>) {
+    let concurrent = if opts.concurrent_prompts.is_empty() {
+        DEFAULT_CONCURRENT_PROMPTS.iter().map(|s| s.to_string()).collect()
+    } else {
+        opts.concurrent_prompts.clone()
+    };
+    (opts.prompt.clone(), concurrent)
+}
+
+/// `throughput --url`: the run's protocol sent to an OpenAI-compatible
+/// server. The plan is checked as for the in-process run (levels, rates,
+/// targets; the thread flags are refused by clap), the output directory
+/// and the server (`/v1/models`) before any request, and the report is the
+/// in-process one's with mode `http`, the server in `metadata.server`, no
+/// model shape, memory, profile or roofline.
+pub fn run_http(opts: &Options, url: &str) -> Result<RunOutcome, Box<dyn Error>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let plan = RunPlan::new(opts, cores)?;
+    if !(opts.http_timeout.is_finite() && opts.http_timeout > 0.0 && opts.http_timeout <= 86_400.0) {
+        return Err(format!(
+            "--http-timeout must be a number of seconds above 0 and at most 86400, not {}",
+            opts.http_timeout
+        )
+        .into());
+    }
+    crate::files::check_writable_dir(&opts.out_dir)?;
+    let (tok, tokenizer_source) = match (&opts.weights.tokenizer, &opts.weights.weights) {
+        (Some(t), _) => (crate::Gpt2Tokenizer::from_file(t)?, t.display().to_string()),
+        (None, Some(dir)) if dir.join("tokenizer.json").is_file() => {
+            let t = dir.join("tokenizer.json");
+            (crate::Gpt2Tokenizer::from_file(&t)?, t.display().to_string())
+        }
+        _ => (
+            crate::Gpt2Tokenizer::builtin(),
+            "the built-in GPT-2 tokenizer".to_string(),
+        ),
+    };
+    let (single_text, concurrent_texts) = prompt_texts(opts);
+    let encode = |text: &str| -> Result<Vec<u32>, Box<dyn Error>> {
+        let ids = tok.encode(text)?;
+        if ids.is_empty() {
+            return Err(format!("prompt {text:?} is no tokens at all; a request needs at least one").into());
+        }
+        Ok(ids)
+    };
+    let single_prompt = vec![encode(&single_text)?];
+    let concurrent_prompts = concurrent_texts
+        .iter()
+        .map(|t| encode(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let api_key = opts
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()));
+    let (http, server) = Http::connect(&HttpOptions {
+        url: url.to_string(),
+        api_key,
+        model: opts.server_model.clone(),
+        max_tokens: opts.max_new_tokens,
+        timeout: std::time::Duration::from_secs_f64(opts.http_timeout),
+    })?;
+    let dtype = server_field(&server, "dtype")
+        .and_then(serde_json::Value::as_str)
+        .map_or_else(|| "unknown".to_string(), String::from);
+    // A server's weights are its own: synthetic ones are known as such only
+    // if the server says so: its model's `synthetic` flag (`gpt2 serve`),
+    // else the word anywhere in its model list.
+    let synthetic = match server_field(&server, "synthetic").and_then(serde_json::Value::as_bool) {
+        Some(flag) => flag,
+        None => server
+            .models
+            .to_string()
+            .to_ascii_lowercase()
+            .contains("synthetic"),
+    };
+    let per_rep = opts.single_requests + plan.levels.iter().map(|&l| plan.requests_at(l)).sum::<usize>();
+    let progress = Progress::new((opts.warmup + plan.repetitions * per_rep) as u64, "requests");
+    progress.println(&format!(
+        "server: {} model `{}`{}; prompts tokenized with {tokenizer_source}",
+        server.url,
+        server.model,
+        server
+            .owned_by
+            .as_deref()
+            .map(|o| format!(" (owned by {o})"))
+            .unwrap_or_default()
+    ));
+    if synthetic {
+        progress
+            .println("the server's model list says its weights are SYNTHETIC (random): the text is noise");
+    }
+    let run_one = |name: &str, concurrency: usize, requests: usize, prompts: &[Vec<u32>]| {
+        let arrivals = opts
+            .request_rate
+            .map(|r| poisson_arrivals(requests, r, opts.arrival_seed));
+        let load = Load {
+            name,
+            mode: HTTP_MODE,
+            dtype: &dtype,
+            concurrency,
+            requests,
+            prompts,
+            max_new_tokens: opts.max_new_tokens,
+            arrivals: arrivals.as_deref(),
+        };
+        run_test(&http, &load, &progress)
+    };
+    if opts.warmup > 0 {
+        progress.println(&format!("warmup: {} request(s), not counted", opts.warmup));
+        run_one("warmup", 1, opts.warmup, &single_prompt)?;
+    }
+    let mut tests = Vec::new();
+    for rep in 0..plan.repetitions {
+        let (secs, raw) = run_one("single", 1, opts.single_requests, &single_prompt)?;
+        tests.push(stats::test_result("single", HTTP_MODE, &dtype, 1, rep, secs, raw));
+        for &level in &plan.levels {
+            let name = format!("concurrent-{level}");
+            let (secs, raw) = run_one(&name, level, plan.requests_at(level), &concurrent_prompts)?;
+            tests.push(stats::test_result(
+                &name, HTTP_MODE, &dtype, level, rep, secs, raw,
+            ));
+        }
+    }
+    progress.finish();
+    let analysis = stats::analyze(&tests, &plan.thresholds);
+    let metadata = Metadata {
+        timestamp_utc: meta::utc_timestamp(SystemTime::now(), true),
+        git_commit: meta::git_commit(),
+        rustc: env!("GPT2_RUSTC_VERSION").into(),
+        cpu_model: meta::cpu_model(),
+        cores: plan.cores,
+        pool_layout: "n/a (server)".into(),
+        threads_per_request: 0,
+        max_busy_threads: 0,
+        concurrency_levels: std::iter::once(1).chain(plan.levels.iter().copied()).collect(),
+        run_mode: if opts.full { "full" } else { "quick" }.into(),
+        modes: vec![HTTP_MODE.into()],
+        arrival: match opts.request_rate {
+            Some(r) => format!("poisson {r} req/s, seed {}", opts.arrival_seed),
+            None => "closed loop".into(),
+        },
+        max_batch: 0,
+        max_prompt_rows: 0,
+        weights_source: format!(
+            "the server's: model `{}` at {}{}",
+            server.model,
+            server.url,
+            if synthetic {
+                " (SYNTHETIC, as its model list says)"
+            } else {
+                ""
+            }
+        ),
+        weights_sha256: String::new(),
+        synthetic_weights: synthetic,
+        model: None,
+        dtypes: vec![DtypeRun {
+            dtype: dtype.clone(),
+            packed_weight_bytes: None,
+            rss_after_load_bytes: None,
+            peak_rss_bytes: None,
+            peak_rss_own: false,
+        }],
+        max_new_tokens: opts.max_new_tokens,
+        warmup_requests: opts.warmup,
+        repetitions: plan.repetitions,
+        prompts: std::iter::once(single_text).chain(concurrent_texts).collect(),
+        server: Some(server),
+    };
+    let report = Report {
+        schema_version: SCHEMA_VERSION,
+        metadata,
+        tests,
+        analysis,
+        profile: None,
+        roofline: None,
+    };
+    write_outputs(&report, &opts.out_dir, opts.json)?;
+    Ok(RunOutcome::of(&report))
+}
+
+/// The mode of every test of a `--url` run.
+pub const HTTP_MODE: &str = "http";
+
+/// A field of the chosen model's entry in the server's `/v1/models`
+/// (`gpt2 serve` gives `dtype` and `synthetic`).
+fn server_field<'a>(server: &'a ServerInfo, field: &str) -> Option<&'a serde_json::Value> {
+    server
+        .models
+        .get("data")?
+        .as_array()?
+        .iter()
+        .find(|m| m.get("id").and_then(serde_json::Value::as_str) == Some(server.model.as_str()))?
+        .get(field)
 }
 
 /// What every dtype of a run shares: the flags, the plan, the checkpoint,
@@ -684,46 +925,57 @@ const MIB: f64 = (1u64 << 20) as f64;
 /// names first and only then given their names, so an interrupted run leaves
 /// none of them.
 pub fn write_outputs(report: &Report, dir: &Path, json: bool) -> Result<(), Box<dyn std::error::Error>> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let base = format!(
         "throughput_gpt2_{}",
         meta::utc_timestamp(SystemTime::now(), false)
     );
     let text = serde_json::to_string_pretty(report)?;
     let svg = report::svg(report);
-    let mut n = 1;
-    let paths = loop {
-        let stem = if n == 1 {
-            base.clone()
-        } else {
-            format!("{base}_{n}")
-        };
-        let path = |ext: &str| dir.join(format!("{stem}.{ext}"));
-        let (json_path, md_path, svg_path) = (path("json"), path("md"), path("svg"));
+    let paths = write_set(dir, &base, |stem| {
         let md = report::markdown(report, &format!("{stem}.svg"));
-        let files = [
-            (json_path.as_path(), text.as_bytes()),
-            (md_path.as_path(), md.as_bytes()),
-            (svg_path.as_path(), svg.as_bytes()),
-        ];
-        match crate::files::write_new_set(&files) {
-            Ok(()) => break (json_path, md_path, svg_path),
-            Err(crate::Error::Exists { .. }) if n < 1000 => n += 1,
-            Err(e) => return Err(e.into()),
-        }
-    };
-    let (json_path, md_path, svg_path) = paths;
+        vec![
+            ("json", text.clone().into_bytes()),
+            ("md", md.into_bytes()),
+            ("svg", svg.clone().into_bytes()),
+        ]
+    })?;
     let mut out = std::io::stdout().lock();
     if json {
         writeln!(out, "{text}")?;
     } else {
         writeln!(out, "{}", report::stdout_table(report))?;
     }
-    eprintln!(
-        "wrote {}, {} and {}",
-        json_path.display(),
-        md_path.display(),
-        svg_path.display()
-    );
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    eprintln!("wrote {}", names.join(", "));
     Ok(())
+}
+
+/// Writes the files `make(stem)` gives (extension, bytes) as a new set
+/// named `<base>[_N].<ext>` in `dir` (created if missing): the first `_N`
+/// whose names are all free, so nothing is ever replaced; all or none of
+/// them. Returns their paths.
+pub fn write_set(
+    dir: &Path,
+    base: &str,
+    make: impl Fn(&str) -> Vec<(&'static str, Vec<u8>)>,
+) -> Result<Vec<PathBuf>, Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut n = 1;
+    loop {
+        let stem = if n == 1 {
+            base.to_string()
+        } else {
+            format!("{base}_{n}")
+        };
+        let made: Vec<(PathBuf, Vec<u8>)> = make(&stem)
+            .into_iter()
+            .map(|(ext, bytes)| (dir.join(format!("{stem}.{ext}")), bytes))
+            .collect();
+        let files: Vec<(&Path, &[u8])> = made.iter().map(|(p, b)| (p.as_path(), b.as_slice())).collect();
+        match crate::files::write_new_set(&files) {
+            Ok(()) => return Ok(made.into_iter().map(|(p, _)| p).collect()),
+            Err(crate::Error::Exists { .. }) if n < 1000 => n += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }

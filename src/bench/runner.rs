@@ -1,7 +1,7 @@
 //! Issuing a test's requests and recording each one: the client side of the
 //! benchmark, apart from what serves the requests. A [`Backend`] runs one
-//! request (in this process: [`super::in_process::InProcess`]; an HTTP
-//! client would be another); [`run_test`] drives it from client threads,
+//! request (in this process: [`super::in_process::InProcess`]; over HTTP:
+//! [`super::http::Http`]); [`run_test`] drives it from client threads,
 //! closed loop or on a Poisson schedule, and turns what it returns into
 //! [`RequestRecord`]s.
 
@@ -21,6 +21,9 @@ pub struct Reply {
     pub ttft: Duration,
     /// From the submission to the last token.
     pub total: Duration,
+    /// From the submission to each token, in order (the first is `ttft`, the
+    /// last `total`); what the inter-token latencies are computed from.
+    pub token_times: Vec<Duration>,
     /// Why generation stopped, for the error of a short request.
     pub stop: String,
 }
@@ -257,6 +260,7 @@ fn record(
         ttft_ms: None,
         latency_ms,
         tpot_ms: None,
+        token_ms: Vec::new(),
         error: None,
     };
     match reply {
@@ -269,9 +273,19 @@ fn record(
             rec.generated_tokens = k;
             rec.ttft_ms = Some(ttft_ms);
             rec.tpot_ms = (k > 1).then(|| (latency_ms - ttft_ms) / (k - 1) as f64);
-            if k != max_new_tokens {
+            rec.token_ms = r
+                .token_times
+                .iter()
+                .map(|t| queued_ms.max(0.0) + t.as_secs_f64() * 1e3)
+                .collect();
+            if k < max_new_tokens {
                 rec.error = Some(format!(
                     "short: {k} of {max_new_tokens} tokens (stop: {})",
+                    r.stop
+                ));
+            } else if k > max_new_tokens {
+                rec.error = Some(format!(
+                    "long: {k} tokens where {max_new_tokens} were asked (stop: {})",
                     r.stop
                 ));
             }
@@ -322,6 +336,7 @@ mod tests {
                 tokens: self.tokens,
                 ttft: Duration::from_millis(self.ms / 2),
                 total: Duration::from_millis(self.ms),
+                token_times: vec![Duration::from_millis(self.ms / 2), Duration::from_millis(self.ms)],
                 stop: "Length".into(),
             })
         }
@@ -392,6 +407,7 @@ mod tests {
                 tokens,
                 ttft: Duration::from_millis(10),
                 total: Duration::from_millis(total_ms),
+                token_times: vec![Duration::from_millis(10), Duration::from_millis(total_ms)],
                 stop: "Eos".into(),
             })
         };
@@ -399,6 +415,16 @@ mod tests {
         assert_eq!(r.error.as_deref(), Some("short: 2 of 3 tokens (stop: Eos)"));
         // 40 ms between the arrival and the submission, then 10 to the first token.
         assert!((r.ttft_ms.unwrap() - 50.0).abs() < 1e-9, "{r:?}");
+        assert_eq!(
+            r.token_ms,
+            [50.0, 100.0],
+            "token times count from the arrival too"
+        );
+        let long = record(0, 0, 4, 0.0, 100.0, ok(2, 60), 1);
+        assert_eq!(
+            long.error.as_deref(),
+            Some("long: 2 tokens where 1 were asked (stop: Eos)")
+        );
         assert!((r.tpot_ms.unwrap() - 50.0).abs() < 1e-9, "{r:?}");
         let one = record(0, 0, 4, 0.0, 100.0, ok(1, 100), 1);
         assert_eq!((one.error, one.tpot_ms), (None, None));

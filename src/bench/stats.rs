@@ -83,8 +83,19 @@ pub fn test_result(
         latency_ms: summarize(&ok.iter().map(|r| r.latency_ms).collect::<Vec<_>>()),
         ttft_ms: summarize(&ok.iter().filter_map(|r| r.ttft_ms).collect::<Vec<_>>()),
         tpot_ms: summarize(&ok.iter().filter_map(|r| r.tpot_ms).collect::<Vec<_>>()),
+        itl_ms: Some(summarize(&inter_token_ms(&ok))),
         raw,
     }
+}
+
+/// The gaps between consecutive tokens of `requests`, all pooled (as vLLM's
+/// `bench serve` reports ITL): what a reader of a stream waits per token,
+/// stalls included, which TPOT's mean per request smooths away.
+pub fn inter_token_ms(requests: &[&RequestRecord]) -> Vec<f64> {
+    requests
+        .iter()
+        .flat_map(|r| r.token_ms.windows(2).map(|w| w[1] - w[0]))
+        .collect()
 }
 
 /// Overridable pass/fail thresholds (the reference study's targets by default).
@@ -451,6 +462,7 @@ mod tests {
             ttft_ms: Some(latency / 10.0),
             latency_ms: latency,
             tpot_ms: Some(latency * 0.9 / (tokens.max(2) - 1) as f64),
+            token_ms: Vec::new(),
             error: error.map(String::from),
         }
     }
@@ -484,6 +496,22 @@ mod tests {
         );
         assert_eq!((t.requests_per_s, t.tokens_per_s), (0.5, 15.0));
         assert_eq!(t.latency_ms.p50, 100.0);
+    }
+
+    /// ITL pools every gap of the successful requests; a failed one's are left out.
+    #[test]
+    fn inter_token_latency_pools_the_gaps() {
+        let mut a = rec(100.0, 3, None);
+        a.token_ms = vec![10.0, 20.0, 60.0];
+        let mut b = rec(100.0, 2, None);
+        b.token_ms = vec![5.0, 7.0];
+        let mut failed = rec(100.0, 2, Some("short"));
+        failed.token_ms = vec![0.0, 1000.0];
+        let t = test_result("x", "http", "f32", 2, 0, 1.0, vec![a, b, failed]);
+        let itl = t.itl_ms.unwrap();
+        // Gaps 10, 40 and 2.
+        assert!((itl.mean - 52.0 / 3.0).abs() < 1e-9, "{itl:?}");
+        assert_eq!(itl.p50, 10.0);
     }
 
     #[test]

@@ -11,11 +11,17 @@
 //! `batched` (requests are submitted to the continuous-batching scheduler,
 //! which decodes all of them in one forward step).
 //!
-//! This file parses the flags; the run is `gpt2::bench::run`.
+//! `--url http://HOST:PORT` sends the same tests to an OpenAI-compatible
+//! server instead (mode `http`); `throughput compare A.json B.json ...`
+//! renders reports together.
+//!
+//! This file parses the flags; the run is `gpt2::bench::run`, the
+//! comparison `gpt2::bench::compare`.
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use gpt2::bench::compare::{self, CompareOptions};
 use gpt2::bench::run::{self, Options};
 
 #[derive(Parser, Debug)]
@@ -26,15 +32,37 @@ use gpt2::bench::run::{self, Options};
              CPU saturation curve. Writes JSON, Markdown and SVG under --out-dir.",
     after_help = "Exit status: 0 every request succeeded and every target passed; 1 the run could not finish \
                   (an error, named on stderr); 2 a bad flag; 3 the report was written but targets were missed; 4 \
-                  the report was written but requests failed."
+                  the report was written but requests failed. `throughput compare`: 0 written, 1 an input \
+                  unreadable or not a report, 2 a bad flag.",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     options: Options,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Render several JSON reports (any schema version, in-process or --url
+    /// runs, any machine) into one Markdown table and one SVG with every
+    /// curve (tokens/s against concurrency), under --out-dir.
+    Compare(CompareOptions),
+}
+
 fn main() -> ExitCode {
-    match run::run(&Args::parse().options) {
+    let args = Args::parse();
+    if let Some(Command::Compare(c)) = &args.command {
+        return match compare::compare(c) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run::run(&args.options) {
         Ok(outcome) => {
             if let Some(line) = outcome.summary() {
                 eprintln!("{line}");

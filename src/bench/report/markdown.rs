@@ -34,11 +34,23 @@ fn md_intro(report: &Report) -> String {
         .iter()
         .map(|d| format!("`{}`", md_code(&d.dtype)))
         .collect();
+    let engine = match &md.server {
+        None => "gpt2-rs".to_string(),
+        Some(srv) => format!(
+            "the server at {} (`{}`)",
+            md_text(&srv.url),
+            md_code(&md.engine())
+        ),
+    };
+    let weights = match &md.server {
+        None => format!("with the linear layers' weights in {}", dtypes.join(", ")),
+        Some(_) => format!("weights in {} (as the server names them)", dtypes.join(", ")),
+    };
     let _ = writeln!(
         out,
-        "Concurrent text generation with gpt2-rs: each request generates exactly {} tokens \
-         from one of {} prompt{}, at concurrency levels {} in mode{} {}, with the linear layers' \
-         weights in {}{}. Throughput counts generated tokens only; latencies are per request.\n",
+        "Concurrent text generation with {engine}: each request generates exactly {} tokens \
+         from one of {} prompt{}, at concurrency levels {} in mode{} {}, {weights}{}. Throughput \
+         counts generated tokens only; latencies are per request.\n",
         md.max_new_tokens,
         md.prompts.len(),
         plural(md.prompts.len()),
@@ -49,7 +61,6 @@ fn md_intro(report: &Report) -> String {
             .map(|m| format!("`{}`", md_code(m)))
             .collect::<Vec<_>>()
             .join(", "),
-        dtypes.join(", "),
         if dtypes.len() > 1 {
             " (each repetition runs every dtype in turn, each loaded afresh, the order rotating)"
         } else {
@@ -73,15 +84,30 @@ fn md_setup(report: &Report) -> String {
     out.push_str("## Setup\n\n");
     let mut t = Table::new(&["setting", "value"]);
     t.left(0).left(1);
-    let m = &md.model;
-    let setup: Vec<(&str, String)> = vec![
+    let mut setup: Vec<(&str, String)> = vec![
         ("timestamp (UTC)", md_text(&md.timestamp_utc)),
         ("git commit", format!("`{}`", md_code(&md.git_commit))),
-        ("CPU", md_text(&md.cpu_model)),
-        ("cores", md.cores.to_string()),
-        ("pool layout", md_text(&md.pool_layout)),
-        ("threads per request", md.threads_per_request.to_string()),
-        ("max busy threads", md.max_busy_threads.to_string()),
+    ];
+    match &md.server {
+        Some(srv) => setup.extend([
+            ("server", md_text(&srv.url)),
+            ("server model", format!("`{}`", md_code(&srv.model))),
+            (
+                "server owned_by",
+                srv.owned_by.as_deref().map_or_else(|| "—".to_string(), md_text),
+            ),
+            ("client CPU", md_text(&md.cpu_model)),
+            ("client cores", md.cores.to_string()),
+        ]),
+        None => setup.extend([
+            ("CPU", md_text(&md.cpu_model)),
+            ("cores", md.cores.to_string()),
+            ("pool layout", md_text(&md.pool_layout)),
+            ("threads per request", md.threads_per_request.to_string()),
+            ("max busy threads", md.max_busy_threads.to_string()),
+        ]),
+    }
+    setup.extend([
         ("rustc", md_text(&md.rustc)),
         ("weights source", md_text(&md.weights_source)),
         (
@@ -92,21 +118,30 @@ fn md_setup(report: &Report) -> String {
             "synthetic weights",
             if md.synthetic_weights {
                 format!("**yes: {SYNTHETIC_BANNER}**")
+            } else if md.server.is_some() {
+                "not that the server says".to_string()
             } else {
                 "no".to_string()
             },
         ),
-        (
-            "model",
-            format!(
-                "{} layers, {} heads, {} embd, {} positions, vocab {}",
-                m.n_layer, m.n_head, m.n_embd, m.n_positions, m.vocab_size
+    ]);
+    match &md.model {
+        Some(m) => setup.extend([
+            (
+                "model",
+                format!(
+                    "{} layers, {} heads, {} embd, {} positions, vocab {}",
+                    m.n_layer, m.n_head, m.n_embd, m.n_positions, m.vocab_size
+                ),
             ),
-        ),
-        (
-            "parameters",
-            format!("{:.1} M ({})", m.n_params as f64 / 1e6, thousands(m.n_params)),
-        ),
+            (
+                "parameters",
+                format!("{:.1} M ({})", m.n_params as f64 / 1e6, thousands(m.n_params)),
+            ),
+        ]),
+        None => setup.push(("model", "the server's (its shape is not known here)".to_string())),
+    }
+    setup.extend([
         (
             "dtypes",
             md.dtypes
@@ -124,9 +159,10 @@ fn md_setup(report: &Report) -> String {
             md.modes.iter().map(|s| md_text(s)).collect::<Vec<_>>().join(", "),
         ),
         ("concurrency levels", join_usize(&md.concurrency_levels)),
+        ("arrival", md_text(&md.arrival)),
         ("prompts", format!("{} (listed below)", md.prompts.len())),
         ("schema version", report.schema_version.to_string()),
-    ];
+    ]);
     for (k, v) in setup {
         t.row(vec![k.to_string(), v]);
     }
@@ -198,6 +234,9 @@ fn md_results(report: &Report) -> String {
             "TPOT mean",
             "p50",
             "p99",
+            "ITL mean",
+            "p50",
+            "p99",
         ]);
         t.left(0).left(1).left(2);
         for r in &report.tests {
@@ -217,6 +256,9 @@ fn md_results(report: &Report) -> String {
                 f1(r.tpot_ms.mean),
                 f1(r.tpot_ms.p50),
                 f1(r.tpot_ms.p99),
+                f1(r.itl_ms.map_or(f64::NAN, |s| s.mean)),
+                f1(r.itl_ms.map_or(f64::NAN, |s| s.p50)),
+                f1(r.itl_ms.map_or(f64::NAN, |s| s.p99)),
             ]);
         }
         out.push_str(&t.markdown());
@@ -293,6 +335,10 @@ fn md_scaling(report: &Report) -> String {
 /// `## Dtype comparison`: per dtype its headline rates and memory, against
 /// f32's.
 fn md_dtypes(report: &Report) -> String {
+    // A server's memory is its own: nothing to compare.
+    if report.metadata.server.is_some() {
+        return String::new();
+    }
     let mut out = String::from("\n## Dtype comparison\n\n");
     if report.metadata.dtypes.is_empty() {
         out.push_str("No dtypes listed.\n");
@@ -472,7 +518,9 @@ fn md_method(report: &Report) -> String {
          - TTFT (time to first token) runs from the request's start to its first generated token, \
          so it includes the prompt's prefill.\n\
          - TPOT (time per output token) = (end-to-end latency − TTFT) / (generated tokens − 1): \
-         the decode speed one request sees.\n",
+         the decode speed one request sees.\n\
+         - ITL (inter-token latency): the gaps between consecutive tokens of the successful \
+         requests, all pooled: stalls show in its p99 where TPOT's per-request mean hides them.\n",
     );
     let _ = writeln!(
         out,
@@ -480,26 +528,44 @@ fn md_method(report: &Report) -> String {
         md.warmup_requests,
         plural(md.warmup_requests)
     );
-    let _ = writeln!(
-        out,
-        "- Threads: {} pool, {} threads per request, {} cores, at most {} compute threads busy at \
-         the highest concurrency.",
-        md_text(&md.pool_layout),
-        md.threads_per_request,
-        md.cores,
-        md.max_busy_threads
-    );
-    let _ = writeln!(
-        out,
-        "- Dtypes: {}. Each loads the checkpoint afresh, its linear layers' weights converted as \
-         they are packed (activations, biases, norms, attention and the KV cache stay f32), after \
-         the previous dtype's model is dropped; each runs the warmup and every test.",
-        md.dtypes
-            .iter()
-            .map(|d| md_text(&d.dtype))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    match &md.server {
+        Some(srv) => {
+            let _ = writeln!(
+                out,
+                "- Server: every request is a `POST {}/v1/completions` of the prompt as token ids, \
+                 model `{}`, `stream: true`, `temperature: 0`, `ignore_eos: true`, \
+                 `max_tokens: {}`; TTFT is the first streamed token chunk's arrival, the end is \
+                 `data: [DONE]`. Token counts are the server's `usage`; a request whose `usage` and \
+                 number of streamed chunks disagree, or that answers an HTTP error, fails. The \
+                 client machine's CPU and cores are listed, not the server's.",
+                md_text(&srv.url),
+                md_code(&srv.model),
+                md.max_new_tokens
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "- Threads: {} pool, {} threads per request, {} cores, at most {} compute threads busy at \
+             the highest concurrency.",
+                md_text(&md.pool_layout),
+                md.threads_per_request,
+                md.cores,
+                md.max_busy_threads
+            );
+            let _ = writeln!(
+                out,
+                "- Dtypes: {}. Each loads the checkpoint afresh, its linear layers' weights converted as \
+             they are packed (activations, biases, norms, attention and the KV cache stay f32), after \
+             the previous dtype's model is dropped; each runs the warmup and every test.",
+                md.dtypes
+                    .iter()
+                    .map(|d| md_text(&d.dtype))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
     out.push_str("- Every request's raw timings are in the JSON report (`raw` of each test).\n");
     out
 }
@@ -539,6 +605,25 @@ fn failures_section(report: &Report) -> String {
         ]);
     }
     let _ = writeln!(out, "{total_failed} request{} failed.\n", plural(total_failed));
+    // By cause: the same error text (an HTTP status and its message, a
+    // short count) from any test counts together.
+    let mut causes: Vec<(&str, usize)> = Vec::new();
+    for (_, r) in &failed {
+        let e = r.error.as_deref().unwrap_or("");
+        match causes.iter_mut().find(|(c, _)| *c == e) {
+            Some((_, n)) => *n += 1,
+            None => causes.push((e, 1)),
+        }
+    }
+    if !causes.is_empty() {
+        let mut c = Table::new(&["requests", "error"]);
+        c.left(1);
+        for (e, n) in &causes {
+            c.row(vec![n.to_string(), md_text(e)]);
+        }
+        out.push_str(&c.markdown());
+        out.push('\n');
+    }
     if !failed.is_empty() {
         out.push_str(&t.markdown());
         if failed.len() > SHOWN {

@@ -10,11 +10,13 @@
 //! level sit together, one per dtype in the order they ran, so that they
 //! read side by side.
 
+mod compare;
 mod markdown;
 mod roofline;
 mod stdout;
 mod svg;
 
+pub use compare::{compare_markdown, compare_svg};
 pub use markdown::markdown;
 pub use roofline::limits_table;
 use roofline::optional_sections;
@@ -618,6 +620,7 @@ mod tests {
             latency_ms: s(lat),
             ttft_ms: s(lat / 20.0),
             tpot_ms: s(lat / 50.0),
+            itl_ms: Some(s(lat / 50.0)),
             raw: vec![RequestRecord {
                 index: 0,
                 client: 0,
@@ -627,6 +630,7 @@ mod tests {
                 ttft_ms: Some(lat / 20.0),
                 latency_ms: lat,
                 tpot_ms: Some(lat / 50.0),
+                token_ms: Vec::new(),
                 error: None,
             }],
         }
@@ -699,14 +703,14 @@ mod tests {
                 weights_source: "SYNTHETIC 124m checkpoint, seed 0 (R&D)".to_string(),
                 weights_sha256: "0123456789abcdef0123456789abcdef".to_string(),
                 synthetic_weights: true,
-                model: ModelInfo {
+                model: Some(ModelInfo {
                     n_layer: 12,
                     n_head: 12,
                     n_embd: 768,
                     n_positions: 1024,
                     vocab_size: 50257,
                     n_params: 124_439_808,
-                },
+                }),
                 dtypes: vec![DtypeRun {
                     dtype: "f32".to_string(),
                     packed_weight_bytes: Some(497_000_000),
@@ -718,6 +722,7 @@ mod tests {
                 warmup_requests: 2,
                 repetitions: reps,
                 prompts: vec!["Hello | world".to_string(), "The *quick* fox".to_string()],
+                server: None,
             },
             tests,
             analysis: Analysis {
@@ -978,6 +983,57 @@ mod tests {
         assert_balanced_tags(&s);
         assert!(markdown(&empty, "x.svg").contains("## Targets"));
         assert!(stdout_table(&empty).contains("(no tests)"));
+    }
+
+    /// Two reports, one a server's: every (report, mode, dtype) a curve,
+    /// numbered, labelled by engine; a well-formed SVG with one line each.
+    #[test]
+    fn compare_sets_reports_side_by_side() {
+        let local = report(&["threads", "batched"], &[1, 2, 4], 1);
+        let mut server = report(&["http"], &[1, 2, 8], 1);
+        server.metadata.synthetic_weights = false;
+        server.metadata.server = Some(crate::bench::ServerInfo {
+            url: "http://10.0.0.1:8000".to_string(),
+            model: "gpt2 & <co>".to_string(),
+            owned_by: Some("vllm".to_string()),
+            models: serde_json::json!({"data": []}),
+        });
+        let reports = [("a.json".to_string(), local), ("b.json".to_string(), server)];
+        let md = compare_markdown(&reports, "cmp.svg");
+        assert!(md.contains("(cmp.svg)") && md.contains(SYNTHETIC_BANNER));
+        let rows: Vec<&str> = md
+            .lines()
+            .skip_while(|l| *l != "## Tokens/s by concurrency")
+            .skip(4)
+            .take_while(|l| l.starts_with("| "))
+            .collect();
+        assert_eq!(rows.len(), 3, "{md}");
+        assert!(
+            rows[2].contains("vllm gpt2 &amp; &lt;co&gt;") && rows[2].contains("client "),
+            "{md}"
+        );
+        // Levels 1, 2, 4, 8 as columns; report 1 has no 8, report 2 no 4.
+        let head = md
+            .lines()
+            .skip_while(|l| *l != "## Tokens/s by concurrency")
+            .nth(2)
+            .unwrap();
+        let cols: Vec<&str> = head
+            .split('|')
+            .map(str::trim)
+            .filter(|c| c.starts_with('c'))
+            .collect();
+        assert_eq!(cols, ["c1", "c2", "c4", "c8"], "{head}");
+        assert!(rows[0].trim_end().ends_with("— |"), "{}", rows[0]);
+        let s = compare_svg(&reports);
+        assert_eq!(s.matches("<polyline").count(), 3);
+        assert!(s.contains("[2] vllm gpt2 &amp; &lt;co&gt; http f32"));
+        assert_no_raw_ampersand(&s);
+        assert_balanced_tags(&s);
+        assert!(!s.contains("NaN") && !s.contains("inf"));
+        let empty = compare_svg(&[]);
+        assert_balanced_tags(&empty);
+        assert!(empty.contains("no data"));
     }
 
     fn assert_no_raw_ampersand(s: &str) {

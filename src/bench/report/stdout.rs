@@ -38,23 +38,38 @@ fn stdout_header(report: &Report) -> String {
         let _ = writeln!(out, "{bar}\n!!! {SYNTHETIC_BANNER} !!!\n{bar}");
     }
     let dtypes: Vec<&str> = md.dtypes.iter().map(|d| d.dtype.as_str()).collect();
-    if report.several_dtypes() {
+    if let Some(srv) = &md.server {
         let _ = writeln!(
             out,
-            "dtypes: {} (linear layers' weights; each repetition runs each, order rotating)",
+            "server: {} model {}{}, dtype {} (as it says); mode http",
+            one_line(&srv.url),
+            one_line(&srv.model),
+            srv.owned_by
+                .as_deref()
+                .map(|o| format!(" (owned by {})", one_line(o)))
+                .unwrap_or_default(),
             dtypes.join(", ")
         );
     } else {
-        let _ = writeln!(out, "dtype: {} (linear layers' weights)", dtypes.join(", "));
+        if report.several_dtypes() {
+            let _ = writeln!(
+                out,
+                "dtypes: {} (linear layers' weights; each repetition runs each, order rotating)",
+                dtypes.join(", ")
+            );
+        } else {
+            let _ = writeln!(out, "dtype: {} (linear layers' weights)", dtypes.join(", "));
+        }
+        let _ = writeln!(
+            out,
+            "threads: {} pool, {} threads per request, {} cores, at most {} busy threads",
+            md.pool_layout, md.threads_per_request, md.cores, md.max_busy_threads
+        );
     }
     let _ = writeln!(
         out,
-        "threads: {} pool, {} threads per request, {} cores, at most {} busy threads",
-        md.pool_layout, md.threads_per_request, md.cores, md.max_busy_threads
-    );
-    let _ = writeln!(
-        out,
-        "cpu: {} | {} new tokens per request (EOS ignored), {} warmup, {} repetition{}",
+        "{}cpu: {} | {} new tokens per request (EOS ignored), {} warmup, {} repetition{}",
+        if md.server.is_some() { "client " } else { "" },
         one_line(&md.cpu_model),
         md.max_new_tokens,
         md.warmup_requests,
@@ -168,7 +183,7 @@ fn stdout_scaling(report: &Report) -> String {
 
 /// Per dtype: single-request and concurrent tokens/s and memory, against f32.
 fn stdout_dtypes(report: &Report) -> String {
-    if report.metadata.dtypes.is_empty() {
+    if report.metadata.dtypes.is_empty() || report.metadata.server.is_some() {
         return String::new();
     }
     let mut out = String::from("\nDtype comparison\n");

@@ -45,7 +45,7 @@ struct Plot<'a> {
     axes: [Axis; 2],
 }
 
-fn lg(c: usize) -> f64 {
+pub(super) fn lg(c: usize) -> f64 {
     (c.max(1) as f64).log2()
 }
 
@@ -284,7 +284,7 @@ impl<'a> Plot<'a> {
 const LEGEND_ROW: f64 = 16.0;
 
 /// One legend entry at (`x`, `y`): a line with a marker, and its name.
-fn legend_entry(s: &mut String, x: f64, y: f64, name: &str, color: &str, dash: Option<&str>) {
+pub(super) fn legend_entry(s: &mut String, x: f64, y: f64, name: &str, color: &str, dash: Option<&str>) {
     let dash = dash.map_or_else(String::new, |d| format!(r#" stroke-dasharray="{d}""#));
     let _ = writeln!(
         s,
@@ -330,21 +330,32 @@ fn svg_header(md: &Metadata) -> String {
         xml(&title)
     );
     let dtypes: Vec<&str> = md.dtypes.iter().map(|d| d.dtype.as_str()).collect();
-    let subtitle = format!(
-        "{}{} | {} cores, {} pool, {} threads/request | {} weights | {} tokens/request | {}",
-        if md.synthetic_weights {
-            "speed is real, text is noise | "
-        } else {
-            ""
-        },
-        md.cpu_model,
-        md.cores,
-        md.pool_layout,
-        md.threads_per_request,
-        dtypes.join(", "),
-        md.max_new_tokens,
-        md.timestamp_utc
-    );
+    let noise = if md.synthetic_weights {
+        "speed is real, text is noise | "
+    } else {
+        ""
+    };
+    let subtitle = match &md.server {
+        Some(srv) => format!(
+            "{noise}{} at {} | client {} | {} weights | {} tokens/request | {}",
+            md.engine(),
+            srv.url,
+            md.cpu_model,
+            dtypes.join(", "),
+            md.max_new_tokens,
+            md.timestamp_utc
+        ),
+        None => format!(
+            "{noise}{} | {} cores, {} pool, {} threads/request | {} weights | {} tokens/request | {}",
+            md.cpu_model,
+            md.cores,
+            md.pool_layout,
+            md.threads_per_request,
+            dtypes.join(", "),
+            md.max_new_tokens,
+            md.timestamp_utc
+        ),
+    };
     let _ = writeln!(
         s,
         r##"<text x="{}" y="42" text-anchor="middle" font-size="11" fill="#555555">{}</text>"##,
@@ -357,7 +368,7 @@ fn svg_header(md: &Metadata) -> String {
 
 /// One polyline with a marker per point, solid or with `dash` (an SVG
 /// `stroke-dasharray`).
-fn series(s: &mut String, pts: &[(f64, f64)], color: &str, dash: Option<&str>, label: &str) {
+pub(super) fn series(s: &mut String, pts: &[(f64, f64)], color: &str, dash: Option<&str>, label: &str) {
     let points: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
     let dash = dash.map_or_else(String::new, |d| format!(r#" stroke-dasharray="{d}""#));
     let _ = writeln!(
@@ -372,7 +383,7 @@ fn series(s: &mut String, pts: &[(f64, f64)], color: &str, dash: Option<&str>, l
 }
 
 /// The dash of a dtype's lines: f32 solid, bf16 dashed, int8 dotted.
-fn dtype_dash(dtype: &str) -> Option<&'static str> {
+pub(super) fn dtype_dash(dtype: &str) -> Option<&'static str> {
     match dtype {
         "f32" => None,
         "bf16" => Some("8 3"),
@@ -385,18 +396,19 @@ fn mode_color(mode: &str) -> &'static str {
     match mode {
         "threads" => "#d62728",
         "batched" => "#1f77b4",
+        "http" => "#2ca02c",
         _ => "#7f7f7f",
     }
 }
 
 /// A y axis from 0 to `top` in `steps` round steps (1, 2, 2.5 or 5 × 10^k).
-struct Axis {
-    top: f64,
-    step: f64,
-    steps: usize,
+pub(super) struct Axis {
+    pub(super) top: f64,
+    pub(super) step: f64,
+    pub(super) steps: usize,
 }
 
-fn nice_axis(max: f64) -> Axis {
+pub(super) fn nice_axis(max: f64) -> Axis {
     let max = if max.is_finite() && max > 0.0 { max } else { 1.0 };
     let raw = max / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
@@ -414,7 +426,7 @@ fn nice_axis(max: f64) -> Axis {
     }
 }
 
-fn tick_label(v: f64, step: f64) -> String {
+pub(super) fn tick_label(v: f64, step: f64) -> String {
     // As many decimals as the step needs (2.5 -> 1, 0.25 -> 2), at most 6.
     let decimals = (0..6)
         .find(|&d| {
