@@ -19,6 +19,7 @@ mod request;
 mod routes;
 mod stream;
 
+use axum::serve::ListenerExt;
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -155,6 +156,13 @@ where
             );
         }
     };
+    // Each SSE chunk is a small write: without TCP_NODELAY, Nagle holds it back until the
+    // previous one is acknowledged, which the client may delay by tens of milliseconds.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            eprintln!("gpt2 serve: cannot set TCP_NODELAY on a connection: {e}");
+        }
+    });
     let server = axum::serve(listener, routes::router(Arc::clone(&app))).with_graceful_shutdown(graceful);
     let expired = {
         let signalled = stop.subscribe();
