@@ -191,7 +191,15 @@ impl Kernel for Head<'_> {
 
     #[inline(always)]
     unsafe fn run<I: Isa>(self) {
-        let Head { out, q, k, v, stride, scores, scale } = self;
+        let Head {
+            out,
+            q,
+            k,
+            v,
+            stride,
+            scores,
+            scale,
+        } = self;
         let (hd, t) = (q.len(), scores.len());
         let key = |i: usize| &k[i * stride..i * stride + hd];
         // Eight keys at a time: eight independent chains hide the FMA latency.
@@ -199,7 +207,16 @@ impl Kernel for Head<'_> {
         while i + 8 <= t {
             let s = dots::<I, 8>(
                 q,
-                [key(i), key(i + 1), key(i + 2), key(i + 3), key(i + 4), key(i + 5), key(i + 6), key(i + 7)],
+                [
+                    key(i),
+                    key(i + 1),
+                    key(i + 2),
+                    key(i + 3),
+                    key(i + 4),
+                    key(i + 5),
+                    key(i + 6),
+                    key(i + 7),
+                ],
             );
             for (dst, s) in scores[i..i + 8].iter_mut().zip(s) {
                 *dst = s * scale;

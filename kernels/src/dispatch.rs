@@ -60,7 +60,11 @@ impl KernelSet {
     /// The features of [`KernelSet::features`] this CPU lacks (all of them
     /// off x86-64, where only the portable set is built).
     pub fn missing_features(self) -> Vec<&'static str> {
-        self.features().iter().copied().filter(|f| !has_feature(f)).collect()
+        self.features()
+            .iter()
+            .copied()
+            .filter(|f| !has_feature(f))
+            .collect()
     }
 
     /// Whether this CPU runs the set.
@@ -114,7 +118,11 @@ pub struct UnknownKernelSet(pub String);
 
 impl fmt::Display for UnknownKernelSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "unknown kernel set `{}`: expected avx512, avx2 or portable", self.0)
+        write!(
+            f,
+            "unknown kernel set `{}`: expected avx512, avx2 or portable",
+            self.0
+        )
     }
 }
 
@@ -247,9 +255,9 @@ pub fn from_env() -> Result<Option<KernelSet>, KernelsError> {
     match std::env::var_os(ENV) {
         None => Ok(None),
         Some(v) => {
-            let s = v.to_str().ok_or_else(|| {
-                KernelsError::Env(UnknownKernelSet(v.to_string_lossy().into_owned()))
-            })?;
+            let s = v
+                .to_str()
+                .ok_or_else(|| KernelsError::Env(UnknownKernelSet(v.to_string_lossy().into_owned())))?;
             s.parse().map(Some).map_err(KernelsError::Env)
         }
     }
@@ -352,16 +360,25 @@ impl CpuInfo {
                 let brand: Vec<u8> = (0x8000_0002u32..=0x8000_0004)
                     .flat_map(|leaf| {
                         let r = __cpuid(leaf);
-                        [r.eax, r.ebx, r.ecx, r.edx].into_iter().flat_map(|v| v.to_le_bytes())
+                        [r.eax, r.ebx, r.ecx, r.edx]
+                            .into_iter()
+                            .flat_map(|v| v.to_le_bytes())
                     })
                     .collect();
-                String::from_utf8_lossy(&brand).trim_matches(char::from(0)).trim().to_owned()
+                String::from_utf8_lossy(&brand)
+                    .trim_matches(char::from(0))
+                    .trim()
+                    .to_owned()
             } else {
                 String::new()
             };
             CpuInfo {
                 vendor: String::from_utf8_lossy(&vendor).into_owned(),
-                model_name: if model_name.is_empty() { "unknown".into() } else { model_name },
+                model_name: if model_name.is_empty() {
+                    "unknown".into()
+                } else {
+                    model_name
+                },
                 family,
                 model,
                 stepping,
@@ -412,7 +429,10 @@ mod tests {
         }
         assert_eq!("AVX2".parse::<KernelSet>(), Ok(KernelSet::Avx2));
         let err = "sse9".parse::<KernelSet>().unwrap_err().to_string();
-        assert!(err.contains("`sse9`") && err.contains("avx512, avx2 or portable"), "{err}");
+        assert!(
+            err.contains("`sse9`") && err.contains("avx512, avx2 or portable"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -439,7 +459,10 @@ mod tests {
         let KernelsError::Unsupported { missing, .. } = err else {
             panic!("{msg}")
         };
-        assert!(!missing.is_empty() && missing.iter().all(|f| msg.contains(f)), "{msg}");
+        assert!(
+            !missing.is_empty() && missing.iter().all(|f| msg.contains(f)),
+            "{msg}"
+        );
     }
 
     #[test]

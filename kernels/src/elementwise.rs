@@ -42,13 +42,31 @@ impl Kernels {
         assert_eq!(out.len(), x.len(), "layernorm: out and x differ in length");
         assert_eq!(x.len() % c, 0, "layernorm: x is not [M, C={c}]");
         // SAFETY (both): LayerNorm reads and writes only through its slices.
-        let row = |(out, x): (&mut [f32], &[f32])| unsafe { self.run(LayerNorm { out, x, gamma, beta, eps }) };
+        let row = |(out, x): (&mut [f32], &[f32])| unsafe {
+            self.run(LayerNorm {
+                out,
+                x,
+                gamma,
+                beta,
+                eps,
+            })
+        };
         // A prompt's rows are independent: split them over the pool when there
         // are enough (one decode row stays on this thread).
         if x.len() <= PAR_CHUNK {
-            unsafe { self.run(LayerNorm { out, x, gamma, beta, eps }) };
+            unsafe {
+                self.run(LayerNorm {
+                    out,
+                    x,
+                    gamma,
+                    beta,
+                    eps,
+                })
+            };
         } else {
-            out.par_chunks_exact_mut(c).zip(x.par_chunks_exact(c)).for_each(row);
+            out.par_chunks_exact_mut(c)
+                .zip(x.par_chunks_exact(c))
+                .for_each(row);
         }
     }
 
@@ -58,7 +76,8 @@ impl Kernels {
         if x.len() <= PAR_CHUNK {
             unsafe { self.run(Gelu(x)) };
         } else {
-            x.par_chunks_mut(PAR_CHUNK).for_each(|c| unsafe { self.run(Gelu(c)) });
+            x.par_chunks_mut(PAR_CHUNK)
+                .for_each(|c| unsafe { self.run(Gelu(c)) });
         }
     }
 
@@ -84,7 +103,13 @@ impl Kernel for LayerNorm<'_> {
 
     #[inline(always)]
     unsafe fn run<I: Isa>(self) {
-        let LayerNorm { out, x, gamma, beta, eps } = self;
+        let LayerNorm {
+            out,
+            x,
+            gamma,
+            beta,
+            eps,
+        } = self;
         let c = gamma.len();
         for (o, xr) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
             let mean = lane_sum(xr, |v| v) / c as f32;

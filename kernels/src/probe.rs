@@ -493,7 +493,10 @@ mod tests {
             _ => CHAINS * 8,
         } as f32;
         let got = unit.chains(2000, 0.9, 0.1);
-        assert!((got - chains).abs() <= 1e-3 * chains, "{unit:?}: {got} vs {chains}");
+        assert!(
+            (got - chains).abs() <= 1e-3 * chains,
+            "{unit:?}: {got} vs {chains}"
+        );
         if unit != FmaUnit::Avx512 {
             eprintln!("NOTICE: no AVX-512 on this CPU: its FMA loop was not run");
         }
@@ -544,7 +547,11 @@ mod tests {
                 "{threads} threads: {p:?}"
             );
             assert!(p.checksum.is_finite(), "{threads} threads: {p:?}");
-            assert_eq!(p.vector_bits, FmaUnit::widest().bits(), "{threads} threads: {p:?}");
+            assert_eq!(
+                p.vector_bits,
+                FmaUnit::widest().bits(),
+                "{threads} threads: {p:?}"
+            );
         }
     }
 }

@@ -214,7 +214,9 @@ mod tests {
         }
         if let Ok(required) = std::env::var("GPT2_REQUIRE_KERNELS") {
             for name in required.split(',').filter(|s| !s.trim().is_empty()) {
-                let set: crate::KernelSet = name.parse().unwrap_or_else(|e| panic!("GPT2_REQUIRE_KERNELS: {e}"));
+                let set: crate::KernelSet = name
+                    .parse()
+                    .unwrap_or_else(|e| panic!("GPT2_REQUIRE_KERNELS: {e}"));
                 assert!(
                     supported.contains(&set),
                     "GPT2_REQUIRE_KERNELS names {set}, which this CPU cannot run: {}",
@@ -242,7 +244,13 @@ mod tests {
                     let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
                     ks.linear(&mut got, &x, &w, &b, m, k, n);
                     linear(&mut want, &x, &w, &b, m, k, n);
-                    assert_close(&format!("{ks}: linear m={m} k={k} n={n}"), &got, &want, 1e-5, 1e-5);
+                    assert_close(
+                        &format!("{ks}: linear m={m} k={k} n={n}"),
+                        &got,
+                        &want,
+                        1e-5,
+                        1e-5,
+                    );
                 }
             }
         }
@@ -331,7 +339,13 @@ mod tests {
                     let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
                     ks.matmul_bt(&mut got, &x, &w, m, k, n);
                     matmul_bt(&mut want, &x, &w, m, k, n);
-                    assert_close(&format!("{ks}: matmul_bt m={m} k={k} n={n}"), &got, &want, 1e-5, 1e-5);
+                    assert_close(
+                        &format!("{ks}: matmul_bt m={m} k={k} n={n}"),
+                        &got,
+                        &want,
+                        1e-5,
+                        1e-5,
+                    );
                 }
             }
         }
@@ -384,7 +398,13 @@ mod tests {
             let (mut got, mut want) = (vec![0.0; m * n], vec![0.0; m * n]);
             pool.install(|| ks.linear(&mut got, &x, &w, &b, m, k, n));
             linear(&mut want, &x, &w, &b, m, k, n);
-            assert_close(&format!("{ks}: linear in a 1-thread pool"), &got, &want, 1e-5, 1e-5);
+            assert_close(
+                &format!("{ks}: linear in a 1-thread pool"),
+                &got,
+                &want,
+                1e-5,
+                1e-5,
+            );
         }
     }
 

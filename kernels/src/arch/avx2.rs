@@ -112,7 +112,7 @@ impl Isa for Avx2 {
                 Dtype::Bf16 => {
                     let group = _mm256_loadu_si256(row.cast::<u16>().add(16 * (v / 2)).cast());
                     let zero = _mm256_setzero_si256();
-                    _mm256_castsi256_ps(if v % 2 == 0 {
+                    _mm256_castsi256_ps(if v.is_multiple_of(2) {
                         _mm256_unpacklo_epi16(zero, group)
                     } else {
                         _mm256_unpackhi_epi16(zero, group)

@@ -167,7 +167,11 @@ mod tests {
     #[test]
     fn bf16_widen_reads_the_slots_of_the_packed_layout() {
         for c in 0..16 {
-            assert_eq!(BF16_WIDEN[2 * c + 1] as usize, <half::bf16 as Weight>::slot(c), "column {c}");
+            assert_eq!(
+                BF16_WIDEN[2 * c + 1] as usize,
+                <half::bf16 as Weight>::slot(c),
+                "column {c}"
+            );
         }
     }
 }

@@ -41,7 +41,7 @@ pub(crate) unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usiz
 ) {
     let l = I::V::LANES;
     let nv = W / l;
-    debug_assert!(W % l == 0 && nv <= MAX_VECTORS);
+    debug_assert!(W.is_multiple_of(l) && nv <= MAX_VECTORS);
     // SAFETY (whole body): every offset is inside the buffers by the contract above.
     unsafe {
         let mut acc = [[I::V::zero(); MAX_VECTORS]; R];

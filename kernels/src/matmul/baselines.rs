@@ -100,7 +100,17 @@ impl Kernels {
             let cols = c * width..((c + 1) * width).min(n);
             // SAFETY: the chunk's columns are within 0..N and no other task
             // writes them.
-            unsafe { self.run(BtChunk { out, x, w, cols, m, k, n }) };
+            unsafe {
+                self.run(BtChunk {
+                    out,
+                    x,
+                    w,
+                    cols,
+                    m,
+                    k,
+                    n,
+                })
+            };
         });
     }
 }
@@ -122,7 +132,15 @@ impl Kernel for BtChunk<'_> {
 
     #[inline(always)]
     unsafe fn run<I: Isa>(self) {
-        let BtChunk { out, x, w, cols, m, k, n } = self;
+        let BtChunk {
+            out,
+            x,
+            w,
+            cols,
+            m,
+            k,
+            n,
+        } = self;
         let mut j = cols.start;
         while j < cols.end {
             let c = (cols.end - j).min(4);
@@ -311,9 +329,19 @@ impl Kernels {
             let q = &*q;
             o.par_chunks_mut(64).enumerate().for_each(|(t, chunk)| {
                 let j0 = t * 64;
-                // Only slices are read and written: no contract beyond them.
-                // SAFETY: as said.
-                unsafe { self.run(Int8Dots { out: chunk, j0, q, wq, scales, sx, k, n }) };
+                // SAFETY: Int8Dots reads and writes only through its slices.
+                unsafe {
+                    self.run(Int8Dots {
+                        out: chunk,
+                        j0,
+                        q,
+                        wq,
+                        scales,
+                        sx,
+                        k,
+                        n,
+                    })
+                };
             });
         }
     }
@@ -337,7 +365,16 @@ impl Kernel for Int8Dots<'_> {
 
     #[inline(always)]
     unsafe fn run<I: Isa>(self) {
-        let Int8Dots { out, j0, q, wq, scales, sx, k, n } = self;
+        let Int8Dots {
+            out,
+            j0,
+            q,
+            wq,
+            scales,
+            sx,
+            k,
+            n,
+        } = self;
         let k32 = k / 32 * 32;
         for (c4, dst) in out.chunks_mut(4).enumerate() {
             let j = j0 + c4 * 4;

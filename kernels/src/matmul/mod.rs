@@ -282,7 +282,12 @@ impl<E: Weight> Kernel for LinearTask<'_, '_, E> {
 
     #[inline(always)]
     unsafe fn run<I: Isa>(self) {
-        let LinearTask { op, cols, bias, scales } = self;
+        let LinearTask {
+            op,
+            cols,
+            bias,
+            scales,
+        } = self;
         // SAFETY: the task's contract, and the CPU has I (`run`'s own).
         unsafe { tiles::linear_block::<I, E>(op, cols.clone()) };
         if let Some(scales) = scales {

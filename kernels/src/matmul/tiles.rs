@@ -196,13 +196,18 @@ unsafe fn panel_tiles<I: Isa, const W: usize, const ROWS: usize, E: Weight>(
     let wide = I::V::LANES == 16;
     let calls = op.m.div_ceil(ROWS) * ((full - cols.start) / W);
     let per_k = match ahead {
-        Some(a) if wide => (a.bytes.div_ceil(LINE)).div_ceil((calls * ks.len()).max(1)).clamp(1, 3),
+        Some(a) if wide => (a.bytes.div_ceil(LINE))
+            .div_ceil((calls * ks.len()).max(1))
+            .clamp(1, 3),
         _ => 1,
     };
     let mut call = 0;
     for (r, rows) in row_groups(op.m, ROWS) {
         for j in (cols.start..full).step_by(W) {
-            let (from, to) = (call * ks.len() * per_k * LINE, (call + 1) * ks.len() * per_k * LINE);
+            let (from, to) = (
+                call * ks.len() * per_k * LINE,
+                (call + 1) * ks.len() * per_k * LINE,
+            );
             let pf = match ahead {
                 Some(a) if (wide && from < a.bytes) || to <= a.bytes => a.first.wrapping_add(from),
                 _ => std::ptr::null(),
