@@ -227,7 +227,8 @@ impl Kernels {
     #[inline]
     pub(crate) unsafe fn run<K: Kernel>(self, k: K) -> K::Out {
         match self.0 {
-            KernelSet::Portable => arch::portable::entry(k),
+            // SAFETY: the caller's contract; the portable set needs no feature.
+            KernelSet::Portable => unsafe { arch::portable::entry(k) },
             // SAFETY: a `Kernels` holds a set only once `new` found every one
             // of its features on this CPU; the kernel's contract is the caller's.
             #[cfg(target_arch = "x86_64")]

@@ -16,10 +16,12 @@ pub(crate) struct P8([f32; 8]);
 
 /// The portable instantiation of a kernel: no features to enable, but out of
 /// line like the others, so that one copy serves every call site.
+///
+/// # Safety
+/// The kernel's own contract holds (the portable set needs no CPU feature).
 #[inline(never)]
-pub(crate) fn entry<K: Kernel>(k: K) -> K::Out {
-    // SAFETY: the portable set needs no CPU feature; the kernel's own
-    // contract is the caller's.
+pub(crate) unsafe fn entry<K: Kernel>(k: K) -> K::Out {
+    // SAFETY: the caller's contract.
     unsafe { k.run::<Portable>() }
 }
 
