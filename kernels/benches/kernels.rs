@@ -1,7 +1,8 @@
 //! Every kernel at GPT-2 124M shapes, printing achieved GB/s (weight-streaming
 //! kernels) or GFLOP/s (SGEMM): the linear layers at 1-128 rows, the LM head,
 //! then layer norm, GELU, the residual add, softmax and one head's attention
-//! (in cache, each next to its naive twin). `cargo bench -p gpt2-kernels [-- FILTER]`.
+//! (in cache, each next to its naive twin). `cargo bench -p gpt2-kernels [-- FILTER]`;
+//! `GPT2_KERNELS=avx512|avx2|portable` picks the kernel set (default: the best).
 //! Medians over repetitions; the machine is shared, so compare ratios.
 
 use std::hint::black_box;
@@ -110,7 +111,17 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .unwrap_or_default();
     let threads = rayon::current_num_threads();
-    println!("threads: {threads}");
+    let kernels = match k::init(None) {
+        Ok(set) => set,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    println!(
+        "threads: {threads}, kernels: {kernels}, cpu: {}",
+        k::CpuInfo::detect()
+    );
     let (c, v) = (768, 50257);
     {
         // The yardstick: a plain streaming read (dot products) of 256 MiB.

@@ -13,9 +13,15 @@
 //!
 //! Parallel kernels use rayon's *current* pool, so a caller that wants a fixed
 //! number of threads runs them inside `pool.install(..)`.
+//!
+//! Every kernel runs on the instruction set chosen at run time
+//! ([`dispatch`]): the free functions on the process's [`active`] set, the
+//! methods of [`Kernels`] of the same names on a given one (the tests run
+//! each on every set this CPU supports).
 
 mod arch;
 pub mod attention;
+pub mod dispatch;
 pub mod dtype;
 pub mod elementwise;
 pub mod matmul;
@@ -25,6 +31,7 @@ pub mod reference;
 mod test_data;
 
 pub use attention::{attention_head, softmax_inplace};
+pub use dispatch::{active, init, CpuInfo, KernelSet, Kernels, KernelsError, UnknownKernelSet};
 pub use dtype::{Dtype, UnknownDtype};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};
 pub use matmul::{

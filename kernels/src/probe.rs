@@ -36,6 +36,10 @@ pub struct FmaPeak {
     pub sustained_gflops: f64,
     /// Sum of the final accumulators of every thread.
     pub checksum: f64,
+    /// Width of the FMA instructions measured: 512 (AVX-512), 256 (AVX2 +
+    /// FMA), or 128 for the portable loop (separate multiplies and adds in
+    /// SSE registers, not the core's FMA peak).
+    pub vector_bits: u32,
 }
 
 /// The length of the windows that [`fma_peak`] keeps the best of. Short
@@ -118,11 +122,14 @@ fn timed_reads(buf: &[f32], threads: usize, reps: usize, read: fn(&[f32]) -> f32
 
 /// Runs independent FMA chains held in registers on each of `threads` threads
 /// for about `seconds`, and returns the total rate. With enough independent
-/// chains to cover the FMA latency this is the core's peak: FMA units × 8 f32
-/// lanes × 2 FLOP × clock, per core.
+/// chains to cover the FMA latency this is the core's peak: FMA units × f32
+/// lanes × 2 FLOP × clock, per core, with the widest FMA the CPU has
+/// (AVX-512's 16 lanes where present, else AVX2's 8; [`FmaPeak::vector_bits`]
+/// says which).
 pub fn fma_peak(threads: usize, seconds: f64) -> FmaPeak {
     assert!(threads >= 1, "fma_peak: threads must be at least 1");
     assert!(seconds > 0.0, "fma_peak: seconds must be positive");
+    let unit = FmaUnit::widest();
     let budget = Duration::from_secs_f64(seconds);
     let barrier = Barrier::new(threads);
     let runs: Vec<FmaRun> = std::thread::scope(|s| {
@@ -145,8 +152,8 @@ pub fn fma_peak(threads: usize, seconds: f64) -> FmaPeak {
                         let w0 = Instant::now();
                         let mut flops = 0u64;
                         while w0.elapsed() < FMA_WINDOW {
-                            run.check += fma_chains(FMA_ITERS, a, b);
-                            flops += FMA_ITERS * FLOPS_PER_ITER;
+                            run.check += unit.chains(FMA_ITERS, a, b);
+                            flops += FMA_ITERS * unit.flops_per_iter();
                         }
                         run.best = run.best.max(flops as f64 / w0.elapsed().as_secs_f64());
                         run.flops += flops;
@@ -167,6 +174,63 @@ pub fn fma_peak(threads: usize, seconds: f64) -> FmaPeak {
         gflops: runs.iter().map(|r| r.best).sum::<f64>() / 1e9,
         sustained_gflops: flops as f64 / slowest.as_secs_f64().max(1e-9) / 1e9,
         checksum: black_box(runs.iter().map(|r| f64::from(r.check)).sum()),
+        vector_bits: unit.bits(),
+    }
+}
+
+/// Which FMA loop [`fma_peak`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FmaUnit {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl FmaUnit {
+    /// The widest this CPU has.
+    fn widest() -> FmaUnit {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return FmaUnit::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return FmaUnit::Avx2;
+            }
+        }
+        FmaUnit::Portable
+    }
+
+    fn bits(self) -> u32 {
+        match self {
+            FmaUnit::Portable => 128,
+            FmaUnit::Avx2 => 256,
+            FmaUnit::Avx512 => 512,
+        }
+    }
+
+    /// FLOP per iteration of [`FmaUnit::chains`]: one FMA (2 FLOP) per lane
+    /// of every chain.
+    fn flops_per_iter(self) -> u64 {
+        match self {
+            FmaUnit::Portable | FmaUnit::Avx2 => FLOPS_PER_ITER,
+            FmaUnit::Avx512 => (CHAINS_512 * 16 * 2) as u64,
+        }
+    }
+
+    /// `iters` rounds of `acc ← acc·a + b` over the unit's chains.
+    fn chains(self, iters: u64, a: f32, b: f32) -> f32 {
+        match self {
+            FmaUnit::Portable => fma_chains_portable(iters, a, b),
+            // SAFETY: `widest` chose this unit only on a CPU with AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            FmaUnit::Avx2 => unsafe { fma_chains_avx2(iters, a, b) },
+            // SAFETY: `widest` chose this unit only on a CPU with AVX-512 F.
+            #[cfg(target_arch = "x86_64")]
+            FmaUnit::Avx512 => unsafe { fma_chains_avx512(iters, a, b) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("only the portable unit off x86-64"),
+        }
     }
 }
 
@@ -188,10 +252,16 @@ const BLOCK: usize = 64;
 /// registers.
 const CHAINS: usize = 12;
 
+/// Independent chains of the AVX-512 loop: two 512-bit FMA units with a
+/// latency of 4 cycles need 8 in flight; 24 of the 32 registers keep the
+/// loop far from that bound without spilling.
+const CHAINS_512: usize = 24;
+
 /// Iterations between two looks at the clock (~25k cycles at peak).
 const FMA_ITERS: u64 = 4096;
 
-/// FLOP per iteration of [`fma_chains`]: `CHAINS` FMAs of 8 lanes, 2 FLOP each.
+/// FLOP per iteration of the AVX2 and portable loops: `CHAINS` FMAs of 8
+/// lanes, 2 FLOP each.
 const FLOPS_PER_ITER: u64 = (CHAINS * 8 * 2) as u64;
 
 /// Sum of `x` with 8 independent 8-lane accumulators, so that the add latency
@@ -326,17 +396,8 @@ unsafe fn lanes_total(acc: &[std::arch::x86_64::__m256]) -> f32 {
 }
 
 /// `iters` rounds of `acc ← acc·a + b` over [`CHAINS`] independent 8-lane
-/// accumulators; returns the sum of the accumulators.
-fn fma_chains(iters: u64, a: f32, b: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        return unsafe { fma_chains_avx2(iters, a, b) };
-    }
-    fma_chains_portable(iters, a, b)
-}
-
-/// The fallback of [`fma_chains`]: a separate multiply and add per element
+/// accumulators; returns the sum of the accumulators. The portable
+/// [`FmaUnit`]: a separate multiply and add per element
 /// (still 2 FLOP), since a software `fma` call would measure libm.
 fn fma_chains_portable(iters: u64, a: f32, b: f32) -> f32 {
     let mut acc = [[0.0f32; 8]; CHAINS];
@@ -376,6 +437,31 @@ unsafe fn fma_chains_avx2(iters: u64, a: f32, b: f32) -> f32 {
     unsafe { lanes_total(&acc) }
 }
 
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_avx512(iters: u64, a: f32, b: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let va = _mm512_set1_ps(a);
+    let vb = _mm512_set1_ps(b);
+    // Distinct starting values, as in `fma_chains_avx2`.
+    let mut acc = [_mm512_setzero_ps(); CHAINS_512];
+    for (i, x) in acc.iter_mut().enumerate() {
+        *x = _mm512_set1_ps(i as f32 * 0.01);
+    }
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm512_fmadd_ps(*x, va, vb);
+        }
+    }
+    let mut total = 0.0;
+    for x in acc {
+        total += _mm512_reduce_add_ps(x);
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,12 +477,29 @@ mod tests {
 
     #[test]
     fn fma_chains_agree_with_the_portable_loop() {
-        let got = fma_chains(100, 0.9, 0.1);
         let want = fma_chains_portable(100, 0.9, 0.1);
+        if FmaUnit::widest() == FmaUnit::Avx2 {
+            let got = FmaUnit::Avx2.chains(100, 0.9, 0.1);
+            assert!(
+                (got - want).abs() <= 1e-3 * want.abs(),
+                "fma: {got} vs portable {want}"
+            );
+        }
+        // Each chain converges to b / (1 - a) = 1 whatever its start, so the
+        // widest unit's sum is its chain count.
+        let unit = FmaUnit::widest();
+        let chains = match unit {
+            FmaUnit::Avx512 => CHAINS_512 * 16,
+            _ => CHAINS * 8,
+        } as f32;
+        let got = unit.chains(2000, 0.9, 0.1);
         assert!(
-            (got - want).abs() <= 1e-3 * want.abs(),
-            "fma: {got} vs portable {want}"
+            (got - chains).abs() <= 1e-3 * chains,
+            "{unit:?}: {got} vs {chains}"
         );
+        if unit != FmaUnit::Avx512 {
+            eprintln!("NOTICE: no AVX-512 on this CPU: its FMA loop was not run");
+        }
     }
 
     #[test]
@@ -444,6 +547,11 @@ mod tests {
                 "{threads} threads: {p:?}"
             );
             assert!(p.checksum.is_finite(), "{threads} threads: {p:?}");
+            assert_eq!(
+                p.vector_bits,
+                FmaUnit::widest().bits(),
+                "{threads} threads: {p:?}"
+            );
         }
     }
 }

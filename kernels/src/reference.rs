@@ -195,24 +195,63 @@ mod tests {
 
     const ROWS: [usize; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33];
 
+    /// The tests here run on every kernel set this CPU supports; this one
+    /// says which were left out, and fails if `GPT2_REQUIRE_KERNELS` (a
+    /// comma-separated list, as `kernels/run_avx512_check.sh` sets it) names
+    /// one that this CPU cannot run, so a check meant for AVX-512 cannot pass
+    /// without running it.
+    #[test]
+    fn every_kernel_set_is_tested_or_named_as_not() {
+        let supported = crate::KernelSet::supported();
+        assert!(supported.contains(&crate::KernelSet::Portable));
+        for set in crate::KernelSet::ALL {
+            if !supported.contains(&set) {
+                eprintln!(
+                    "NOTICE: kernel set {set} NOT TESTED: this CPU lacks {}",
+                    set.missing_features().join(", ")
+                );
+            }
+        }
+        if let Ok(required) = std::env::var("GPT2_REQUIRE_KERNELS") {
+            for name in required.split(',').filter(|s| !s.trim().is_empty()) {
+                let set: crate::KernelSet = name
+                    .parse()
+                    .unwrap_or_else(|e| panic!("GPT2_REQUIRE_KERNELS: {e}"));
+                assert!(
+                    supported.contains(&set),
+                    "GPT2_REQUIRE_KERNELS names {set}, which this CPU cannot run: {}",
+                    crate::Kernels::new(set).unwrap_err()
+                );
+            }
+        }
+    }
+
     #[test]
     fn linear_matches_naive_on_odd_shapes() {
-        for &m in &ROWS {
-            for &(k, n) in &[
-                (1, 1),
-                (7, 3),
-                (64, 32),
-                (65, 33),
-                (33, 100),
-                (96, 257),
-                (200, 70),
-                (301, 129),
-            ] {
-                let (x, w, b) = (values(m * k, 1), values(k * n, 2), values(n, 3));
-                let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
-                crate::linear(&mut got, &x, &w, &b, m, k, n);
-                linear(&mut want, &x, &w, &b, m, k, n);
-                assert_close(&format!("linear m={m} k={k} n={n}"), &got, &want, 1e-5, 1e-5);
+        for ks in crate::Kernels::supported() {
+            for &m in &ROWS {
+                for &(k, n) in &[
+                    (1, 1),
+                    (7, 3),
+                    (64, 32),
+                    (65, 33),
+                    (33, 100),
+                    (96, 257),
+                    (200, 70),
+                    (301, 129),
+                ] {
+                    let (x, w, b) = (values(m * k, 1), values(k * n, 2), values(n, 3));
+                    let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
+                    ks.linear(&mut got, &x, &w, &b, m, k, n);
+                    linear(&mut want, &x, &w, &b, m, k, n);
+                    assert_close(
+                        &format!("{ks}: linear m={m} k={k} n={n}"),
+                        &got,
+                        &want,
+                        1e-5,
+                        1e-5,
+                    );
+                }
             }
         }
     }
@@ -222,33 +261,35 @@ mod tests {
     /// (so also the naive twin's, within the tolerance above).
     #[test]
     fn linear_packed_equals_linear_exactly() {
-        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        for &m in &ROWS {
-            for &(k, n) in &[
-                (1, 1),
-                (7, 3),
-                (65, 33),
-                (33, 100),
-                (200, 70),
-                (301, 129),
-                (768, 96),
-                // Several whole panels per task, odd and even counts, and a
-                // partial one: one row reads two panels at a time.
-                (24, 336),
-                (40, 500),
-            ] {
-                let (x, w, b) = (values(m * k, 13), values(k * n, 14), values(n, 15));
-                let mut packed = vec![f32::NAN; crate::packed_len(k, n)];
-                crate::pack_panels(&mut packed, &w, k, n);
-                let (mut got, mut want) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
-                crate::linear(&mut want, &x, &w, &b, m, k, n);
-                crate::linear_packed(&mut got, &x, &packed, Some(&b), m, k, n);
-                assert_eq!(got, want, "linear_packed m={m} k={k} n={n}");
-                three.install(|| crate::linear_packed(&mut got, &x, &packed, Some(&b), m, k, n));
-                assert_eq!(got, want, "linear_packed m={m} k={k} n={n} on 3 threads");
-                one.install(|| crate::linear_packed(&mut got, &x, &packed, Some(&b), m, k, n));
-                assert_eq!(got, want, "linear_packed m={m} k={k} n={n} on 1 thread");
+        for ks in crate::Kernels::supported() {
+            let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            for &m in &ROWS {
+                for &(k, n) in &[
+                    (1, 1),
+                    (7, 3),
+                    (65, 33),
+                    (33, 100),
+                    (200, 70),
+                    (301, 129),
+                    (768, 96),
+                    // Several whole panels per task, odd and even counts, and a
+                    // partial one: one row reads two panels at a time.
+                    (24, 336),
+                    (40, 500),
+                ] {
+                    let (x, w, b) = (values(m * k, 13), values(k * n, 14), values(n, 15));
+                    let mut packed = vec![f32::NAN; crate::packed_len(k, n)];
+                    crate::pack_panels(&mut packed, &w, k, n);
+                    let (mut got, mut want) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                    ks.linear(&mut want, &x, &w, &b, m, k, n);
+                    ks.linear_packed(&mut got, &x, &packed, Some(&b), m, k, n);
+                    assert_eq!(got, want, "{ks}: linear_packed m={m} k={k} n={n}");
+                    three.install(|| ks.linear_packed(&mut got, &x, &packed, Some(&b), m, k, n));
+                    assert_eq!(got, want, "{ks}: linear_packed m={m} k={k} n={n} on 3 threads");
+                    one.install(|| ks.linear_packed(&mut got, &x, &packed, Some(&b), m, k, n));
+                    assert_eq!(got, want, "{ks}: linear_packed m={m} k={k} n={n} on 1 thread");
+                }
             }
         }
     }
@@ -291,13 +332,21 @@ mod tests {
 
     #[test]
     fn matmul_bt_matches_naive_on_odd_shapes() {
-        for &m in &ROWS {
-            for &(k, n) in &[(1, 1), (7, 3), (64, 32), (65, 33), (33, 100), (96, 257)] {
-                let (x, w) = (values(m * k, 4), values(n * k, 5));
-                let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
-                crate::matmul_bt(&mut got, &x, &w, m, k, n);
-                matmul_bt(&mut want, &x, &w, m, k, n);
-                assert_close(&format!("matmul_bt m={m} k={k} n={n}"), &got, &want, 1e-5, 1e-5);
+        for ks in crate::Kernels::supported() {
+            for &m in &ROWS {
+                for &(k, n) in &[(1, 1), (7, 3), (64, 32), (65, 33), (33, 100), (96, 257)] {
+                    let (x, w) = (values(m * k, 4), values(n * k, 5));
+                    let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
+                    ks.matmul_bt(&mut got, &x, &w, m, k, n);
+                    matmul_bt(&mut want, &x, &w, m, k, n);
+                    assert_close(
+                        &format!("{ks}: matmul_bt m={m} k={k} n={n}"),
+                        &got,
+                        &want,
+                        1e-5,
+                        1e-5,
+                    );
+                }
             }
         }
     }
@@ -307,32 +356,34 @@ mod tests {
     /// reproduce single-request generation exactly.
     #[test]
     fn results_do_not_depend_on_batch_or_threads() {
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        for &(k, n) in &[(65, 33), (301, 129), (768, 200)] {
-            let m = 40;
-            let (x, w, b) = (values(m * k, 9), values(k * n, 10), values(n, 11));
-            let mut all = vec![0.0; m * n];
-            crate::linear(&mut all, &x, &w, &b, m, k, n);
-            let mut all_bt = vec![0.0; m * n];
-            let wt = values(n * k, 12);
-            crate::matmul_bt(&mut all_bt, &x, &wt, m, k, n);
-            for (rows, pool) in [(1, &one), (2, &three), (7, &one), (17, &three)] {
-                for r0 in (0..m - rows).step_by(11) {
-                    let xs = &x[r0 * k..(r0 + rows) * k];
-                    let mut got = vec![0.0; rows * n];
-                    pool.install(|| crate::linear(&mut got, xs, &w, &b, rows, k, n));
-                    assert_eq!(
-                        got,
-                        all[r0 * n..(r0 + rows) * n],
-                        "linear k={k} n={n} rows {r0}+{rows}"
-                    );
-                    pool.install(|| crate::matmul_bt(&mut got, xs, &wt, rows, k, n));
-                    assert_eq!(
-                        got,
-                        all_bt[r0 * n..(r0 + rows) * n],
-                        "matmul_bt k={k} n={n} rows {r0}+{rows}"
-                    );
+        for ks in crate::Kernels::supported() {
+            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+            for &(k, n) in &[(65, 33), (301, 129), (768, 200)] {
+                let m = 40;
+                let (x, w, b) = (values(m * k, 9), values(k * n, 10), values(n, 11));
+                let mut all = vec![0.0; m * n];
+                ks.linear(&mut all, &x, &w, &b, m, k, n);
+                let mut all_bt = vec![0.0; m * n];
+                let wt = values(n * k, 12);
+                ks.matmul_bt(&mut all_bt, &x, &wt, m, k, n);
+                for (rows, pool) in [(1, &one), (2, &three), (7, &one), (17, &three)] {
+                    for r0 in (0..m - rows).step_by(11) {
+                        let xs = &x[r0 * k..(r0 + rows) * k];
+                        let mut got = vec![0.0; rows * n];
+                        pool.install(|| ks.linear(&mut got, xs, &w, &b, rows, k, n));
+                        assert_eq!(
+                            got,
+                            all[r0 * n..(r0 + rows) * n],
+                            "{ks}: linear k={k} n={n} rows {r0}+{rows}"
+                        );
+                        pool.install(|| ks.matmul_bt(&mut got, xs, &wt, rows, k, n));
+                        assert_eq!(
+                            got,
+                            all_bt[r0 * n..(r0 + rows) * n],
+                            "{ks}: matmul_bt k={k} n={n} rows {r0}+{rows}"
+                        );
+                    }
                 }
             }
         }
@@ -340,71 +391,89 @@ mod tests {
 
     #[test]
     fn linear_runs_inside_a_one_thread_pool() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let (m, k, n) = (20, 65, 70);
-        let (x, w, b) = (values(m * k, 6), values(k * n, 7), values(n, 8));
-        let (mut got, mut want) = (vec![0.0; m * n], vec![0.0; m * n]);
-        pool.install(|| crate::linear(&mut got, &x, &w, &b, m, k, n));
-        linear(&mut want, &x, &w, &b, m, k, n);
-        assert_close("linear in a 1-thread pool", &got, &want, 1e-5, 1e-5);
+        for ks in crate::Kernels::supported() {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let (m, k, n) = (20, 65, 70);
+            let (x, w, b) = (values(m * k, 6), values(k * n, 7), values(n, 8));
+            let (mut got, mut want) = (vec![0.0; m * n], vec![0.0; m * n]);
+            pool.install(|| ks.linear(&mut got, &x, &w, &b, m, k, n));
+            linear(&mut want, &x, &w, &b, m, k, n);
+            assert_close(
+                &format!("{ks}: linear in a 1-thread pool"),
+                &got,
+                &want,
+                1e-5,
+                1e-5,
+            );
+        }
     }
 
     #[test]
     fn layernorm_matches_naive() {
-        // Up to the lane width and past it, with a tail; 40 x 768 runs the rows in parallel.
-        for &(m, c) in &[(1, 1), (3, 7), (5, 64), (2, 769), (1, 16), (4, 33), (40, 768)] {
-            let x: Vec<f32> = values(m * c, 9).iter().map(|v| v * 3.0 + 0.5).collect();
-            let (g, b) = (values(c, 10), values(c, 11));
-            let (mut got, mut want) = (vec![0.0; m * c], vec![0.0; m * c]);
-            crate::layernorm(&mut got, &x, &g, &b, 1e-5);
-            layernorm(&mut want, &x, &g, &b, 1e-5);
-            assert_close(&format!("layernorm m={m} c={c}"), &got, &want, 1e-5, 1e-5);
+        for ks in crate::Kernels::supported() {
+            // Up to the lane width and past it, with a tail; 40 x 768 runs the rows in parallel.
+            for &(m, c) in &[(1, 1), (3, 7), (5, 64), (2, 769), (1, 16), (4, 33), (40, 768)] {
+                let x: Vec<f32> = values(m * c, 9).iter().map(|v| v * 3.0 + 0.5).collect();
+                let (g, b) = (values(c, 10), values(c, 11));
+                let (mut got, mut want) = (vec![0.0; m * c], vec![0.0; m * c]);
+                ks.layernorm(&mut got, &x, &g, &b, 1e-5);
+                layernorm(&mut want, &x, &g, &b, 1e-5);
+                assert_close(&format!("{ks}: layernorm m={m} c={c}"), &got, &want, 1e-5, 1e-5);
+            }
         }
     }
 
     #[test]
     fn gelu_matches_naive_small_and_parallel() {
-        for n in [1, 31, 100_003] {
-            // Beyond +-10 too, where tanh saturates.
-            let x: Vec<f32> = values(n, 12).iter().map(|v| v * 24.0).collect();
-            let (mut got, mut want) = (x.clone(), x);
-            crate::gelu_inplace(&mut got);
-            gelu(&mut want);
-            assert_close(&format!("gelu n={n}"), &got, &want, 1e-6, 1e-5);
+        for ks in crate::Kernels::supported() {
+            for n in [1, 31, 100_003] {
+                // Beyond +-10 too, where tanh saturates.
+                let x: Vec<f32> = values(n, 12).iter().map(|v| v * 24.0).collect();
+                let (mut got, mut want) = (x.clone(), x);
+                ks.gelu_inplace(&mut got);
+                gelu(&mut want);
+                assert_close(&format!("{ks}: gelu n={n}"), &got, &want, 1e-6, 1e-5);
+            }
         }
     }
 
     #[test]
     fn softmax_matches_naive_and_survives_large_inputs() {
-        for n in [1, 5, 1000] {
-            let x: Vec<f32> = values(n, 13).iter().map(|v| v * 80.0).collect();
-            let (mut got, mut want) = (x.clone(), x);
-            crate::softmax_inplace(&mut got);
-            softmax(&mut want);
-            assert_close(&format!("softmax n={n}"), &got, &want, 1e-6, 1e-5);
-            assert!((got.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        for ks in crate::Kernels::supported() {
+            for n in [1, 5, 1000] {
+                let x: Vec<f32> = values(n, 13).iter().map(|v| v * 80.0).collect();
+                let (mut got, mut want) = (x.clone(), x);
+                ks.softmax_inplace(&mut got);
+                softmax(&mut want);
+                assert_close(&format!("{ks}: softmax n={n}"), &got, &want, 1e-6, 1e-5);
+                assert!((got.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            }
         }
     }
 
     #[test]
     fn attention_head_matches_naive() {
-        for &(t, hd, stride) in &[(1, 1, 1), (3, 8, 24), (17, 64, 768), (100, 12, 36)] {
-            let q = values(hd, 14);
-            let (k, v) = (values(t * stride, 15), values(t * stride, 16));
-            let (mut got, mut want) = (vec![0.0; hd], vec![0.0; hd]);
-            let mut scores = vec![0.0; t + 3];
-            let scale = 1.0 / (hd as f32).sqrt();
-            crate::attention_head(&mut got, &q, &k, &v, t, stride, &mut scores, scale);
-            attention_head(&mut want, &q, &k, &v, t, stride, scale);
-            assert_close(&format!("attention t={t} hd={hd}"), &got, &want, 1e-6, 1e-5);
+        for ks in crate::Kernels::supported() {
+            for &(t, hd, stride) in &[(1, 1, 1), (3, 8, 24), (17, 64, 768), (100, 12, 36)] {
+                let q = values(hd, 14);
+                let (k, v) = (values(t * stride, 15), values(t * stride, 16));
+                let (mut got, mut want) = (vec![0.0; hd], vec![0.0; hd]);
+                let mut scores = vec![0.0; t + 3];
+                let scale = 1.0 / (hd as f32).sqrt();
+                ks.attention_head(&mut got, &q, &k, &v, t, stride, &mut scores, scale);
+                attention_head(&mut want, &q, &k, &v, t, stride, scale);
+                assert_close(&format!("{ks}: attention t={t} hd={hd}"), &got, &want, 1e-6, 1e-5);
+            }
         }
     }
 
     #[test]
     fn add_assign_adds() {
-        let mut a = vec![1.0, 2.0, 3.0];
-        crate::add_assign(&mut a, &[0.5, -2.0, 1.0]);
-        assert_eq!(a, vec![1.5, 0.0, 4.0]);
+        for ks in crate::Kernels::supported() {
+            let mut a = vec![1.0, 2.0, 3.0];
+            ks.add_assign(&mut a, &[0.5, -2.0, 1.0]);
+            assert_eq!(a, vec![1.5, 0.0, 4.0], "{ks}");
+        }
     }
 
     /// `w[K, N]` packed in `dtype`, in a buffer of u32 (4-byte aligned).
@@ -524,44 +593,46 @@ mod tests {
 
     #[test]
     fn linear_panels_match_their_naive_twins_on_odd_shapes() {
-        for &m in &ROWS {
-            for &(k, n) in &[
-                (1, 1),
-                (7, 3),
-                (65, 33),
-                (33, 100),
-                (96, 257),
-                (301, 129),
-                (24, 336),
-            ] {
-                let (x, w, b) = (values(m * k, 43), values(k * n, 44), values(n, 45));
-                let mut want = vec![0.0; m * n];
-                let mut got = vec![f32::NAN; m * n];
-                let what = |d: &str| format!("{d} m={m} k={k} n={n}");
+        for ks in crate::Kernels::supported() {
+            for &m in &ROWS {
+                for &(k, n) in &[
+                    (1, 1),
+                    (7, 3),
+                    (65, 33),
+                    (33, 100),
+                    (96, 257),
+                    (301, 129),
+                    (24, 336),
+                ] {
+                    let (x, w, b) = (values(m * k, 43), values(k * n, 44), values(n, 45));
+                    let mut want = vec![0.0; m * n];
+                    let mut got = vec![f32::NAN; m * n];
+                    let what = |d: &str| format!("{ks}: {d} m={m} k={k} n={n}");
 
-                let buf = packed(crate::Dtype::Bf16, &w, k, n);
-                let bits: Vec<u16> = w.iter().map(|&v| crate::matmul::to_bf16(v).to_bits()).collect();
-                linear_bf16(&mut want, &x, &bits, &b, m, k, n);
-                crate::linear_panels(
-                    &mut got,
-                    &x,
-                    panels(crate::Dtype::Bf16, &buf, k, n),
-                    Some(&b),
-                    m,
-                    k,
-                    n,
-                );
-                assert_close(&what("bf16"), &got, &want, 1e-5, 1e-5);
+                    let buf = packed(crate::Dtype::Bf16, &w, k, n);
+                    let bits: Vec<u16> = w.iter().map(|&v| crate::matmul::to_bf16(v).to_bits()).collect();
+                    linear_bf16(&mut want, &x, &bits, &b, m, k, n);
+                    ks.linear_panels(
+                        &mut got,
+                        &x,
+                        panels(crate::Dtype::Bf16, &buf, k, n),
+                        Some(&b),
+                        m,
+                        k,
+                        n,
+                    );
+                    assert_close(&what("bf16"), &got, &want, 1e-5, 1e-5);
 
-                let buf = packed(crate::Dtype::Int8, &w, k, n);
-                let p = panels(crate::Dtype::Int8, &buf, k, n);
-                let (q, scales) = unpack_int8(p, k, n);
-                linear_int8(&mut want, &x, &q, &scales, &b, m, k, n);
-                crate::linear_panels(&mut got, &x, p, Some(&b), m, k, n);
-                assert_close(&what("int8"), &got, &want, 1e-5, 1e-5);
-                crate::linear_panels(&mut got, &x, p, None, m, k, n);
-                linear_int8(&mut want, &x, &q, &scales, &vec![0.0; n], m, k, n);
-                assert_close(&what("int8 without bias"), &got, &want, 1e-5, 1e-5);
+                    let buf = packed(crate::Dtype::Int8, &w, k, n);
+                    let p = panels(crate::Dtype::Int8, &buf, k, n);
+                    let (q, scales) = unpack_int8(p, k, n);
+                    linear_int8(&mut want, &x, &q, &scales, &b, m, k, n);
+                    ks.linear_panels(&mut got, &x, p, Some(&b), m, k, n);
+                    assert_close(&what("int8"), &got, &want, 1e-5, 1e-5);
+                    ks.linear_panels(&mut got, &x, p, None, m, k, n);
+                    linear_int8(&mut want, &x, &q, &scales, &vec![0.0; n], m, k, n);
+                    assert_close(&what("int8 without bias"), &got, &want, 1e-5, 1e-5);
+                }
             }
         }
     }
@@ -570,26 +641,28 @@ mod tests {
     /// the same bits whatever else is in the batch and whatever the pool.
     #[test]
     fn every_dtype_s_results_do_not_depend_on_batch_or_threads() {
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        for dtype in crate::Dtype::ALL {
-            for &(k, n) in &[(65, 33), (301, 129), (768, 200)] {
-                let m = 40;
-                let (x, w, b) = (values(m * k, 46), values(k * n, 47), values(n, 48));
-                let buf = packed(dtype, &w, k, n);
-                let p = panels(dtype, &buf, k, n);
-                let mut all = vec![0.0; m * n];
-                crate::linear_panels(&mut all, &x, p, Some(&b), m, k, n);
-                for rows in [1, 2, 3, 4, 5, 7, 8, 9, 17, 33] {
-                    for (r0, pool) in [(0, &one), (m - rows, &three), ((m - rows) / 2, &one)] {
-                        let mut got = vec![0.0; rows * n];
-                        let xs = &x[r0 * k..(r0 + rows) * k];
-                        pool.install(|| crate::linear_panels(&mut got, xs, p, Some(&b), rows, k, n));
-                        assert_eq!(
-                            got,
-                            all[r0 * n..(r0 + rows) * n],
-                            "{dtype} k={k} n={n} rows {r0}+{rows}"
-                        );
+        for ks in crate::Kernels::supported() {
+            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+            for dtype in crate::Dtype::ALL {
+                for &(k, n) in &[(65, 33), (301, 129), (768, 200)] {
+                    let m = 40;
+                    let (x, w, b) = (values(m * k, 46), values(k * n, 47), values(n, 48));
+                    let buf = packed(dtype, &w, k, n);
+                    let p = panels(dtype, &buf, k, n);
+                    let mut all = vec![0.0; m * n];
+                    ks.linear_panels(&mut all, &x, p, Some(&b), m, k, n);
+                    for rows in [1, 2, 3, 4, 5, 7, 8, 9, 17, 33] {
+                        for (r0, pool) in [(0, &one), (m - rows, &three), ((m - rows) / 2, &one)] {
+                            let mut got = vec![0.0; rows * n];
+                            let xs = &x[r0 * k..(r0 + rows) * k];
+                            pool.install(|| ks.linear_panels(&mut got, xs, p, Some(&b), rows, k, n));
+                            assert_eq!(
+                                got,
+                                all[r0 * n..(r0 + rows) * n],
+                                "{ks}: {dtype} k={k} n={n} rows {r0}+{rows}"
+                            );
+                        }
                     }
                 }
             }
@@ -600,15 +673,17 @@ mod tests {
     /// twin bit for bit: its sums are exact.
     #[test]
     fn linear_int8_dot_matches_its_naive_twin() {
-        for m in [1, 2, 3] {
-            for &(k, n) in &[(1, 1), (31, 5), (32, 7), (65, 33), (301, 129), (768, 70)] {
-                let (x, w) = (values(m * k, 50), values(k * n, 51));
-                let (q, scales) = quantize_int8(&w, k, n);
-                let wq: Vec<i8> = (0..n * k).map(|i| q[(i % k) * n + i / k]).collect(); // [N, K]
-                let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
-                crate::linear_int8_dot(&mut got, &x, &wq, &scales, &mut vec![0; m * k], m, k, n);
-                linear_int8_dot(&mut want, &x, &q, &scales, m, k, n);
-                assert_eq!(got, want, "m={m} k={k} n={n}");
+        for ks in crate::Kernels::supported() {
+            for m in [1, 2, 3] {
+                for &(k, n) in &[(1, 1), (31, 5), (32, 7), (65, 33), (301, 129), (768, 70)] {
+                    let (x, w) = (values(m * k, 50), values(k * n, 51));
+                    let (q, scales) = quantize_int8(&w, k, n);
+                    let wq: Vec<i8> = (0..n * k).map(|i| q[(i % k) * n + i / k]).collect(); // [N, K]
+                    let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
+                    ks.linear_int8_dot(&mut got, &x, &wq, &scales, &mut vec![0; m * k], m, k, n);
+                    linear_int8_dot(&mut want, &x, &q, &scales, m, k, n);
+                    assert_eq!(got, want, "{ks}: m={m} k={k} n={n}");
+                }
             }
         }
     }

@@ -5,7 +5,8 @@
 use rayon::prelude::*;
 
 use super::{column_chunks, linear_impl, Layout, OutPtr};
-use crate::arch::{self, fmadd};
+use crate::arch::{Isa, Kernel};
+use crate::{active, Kernels};
 
 /// Accumulator width of [`dot`]: 16 f32 is two AVX2 or one AVX-512
 /// register. LLVM keeps `[f32; LANES]` arithmetic in vector registers.
@@ -13,23 +14,36 @@ const LANES: usize = 16;
 
 /// Dot product of two equal-length slices, with `LANES` independent partial sums
 /// so that the loop vectorises (a single running sum cannot be reordered).
+/// On the [`active`](crate::active) kernel set.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for ((s, &xi), &yi) in acc.iter_mut().zip(x).zip(y) {
-            *s = fmadd(xi, yi, *s);
+    active().dot(a, b)
+}
+
+/// [`dot`]'s body.
+struct Dot<'a>(&'a [f32], &'a [f32]);
+
+impl Kernel for Dot<'_> {
+    type Out = f32;
+
+    #[inline(always)]
+    unsafe fn run<I: Isa>(self) -> f32 {
+        let Dot(a, b) = self;
+        let mut acc = [0f32; LANES];
+        let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+        let tail: f32 = ca
+            .remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (x, y) in ca.zip(cb) {
+            for ((s, &xi), &yi) in acc.iter_mut().zip(x).zip(y) {
+                *s = I::fmadd(xi, yi, *s);
+            }
         }
+        acc.iter().sum::<f32>() + tail
     }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `out[M,N] = x[M,K] · w[K,N] + bias[N]`: a linear layer with the weight in
@@ -39,9 +53,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// so the same results bit for bit; tasks own column chunks. Over the stored
 /// layout a task reads a slice of every weight row: many short runs, slower
 /// from memory.
+/// On the [`active`](crate::active) kernel set.
 pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
-    assert_eq!(w.len(), k * n, "linear: w is not [K={k}, N={n}]");
-    linear_impl(out, x, w, Layout::Rows, Some(bias), None, m, k, n);
+    active().linear(out, x, w, bias, m, k, n)
 }
 
 /// `out[M,N] = x[M,K] · w[N,K]ᵀ`: the LM head over the token embedding
@@ -51,32 +65,96 @@ pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: 
 /// Each output is a dot product of an x row with a contiguous row of `w`.
 /// Tasks own chunks of `w`'s rows (vocabulary entries) and stream them in
 /// order; tiles of 3 x rows by 4 w rows keep 12 vector accumulators busy.
+/// On the [`active`](crate::active) kernel set.
 pub fn matmul_bt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
-    assert_eq!(out.len(), m * n, "matmul_bt: out is not [M={m}, N={n}]");
-    assert_eq!(x.len(), m * k, "matmul_bt: x is not [M={m}, K={k}]");
-    assert_eq!(w.len(), n * k, "matmul_bt: w is not [N={n}, K={k}]");
-    if m == 0 || n == 0 {
-        return;
+    active().matmul_bt(out, x, w, m, k, n)
+}
+
+impl Kernels {
+    /// [`dot`](crate::dot) on this kernel set.
+    pub fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot: lengths differ");
+        // SAFETY: Dot reads only through its slices.
+        unsafe { self.run(Dot(a, b)) }
     }
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    // Several chunks per thread: rayon balances them if a core is busy.
-    let (count, width) = column_chunks(n, 4, rayon::current_num_threads() * 4);
-    (0..count).into_par_iter().for_each(|c| {
-        let (j0, j1) = (c * width, ((c + 1) * width).min(n));
-        let mut j = j0;
-        while j < j1 {
-            let cols = (j1 - j).min(4);
+
+    /// [`linear`](crate::linear) on this kernel set.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(self, out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
+        assert_eq!(w.len(), k * n, "linear: w is not [K={k}, N={n}]");
+        linear_impl(self, out, x, w, Layout::Rows, Some(bias), None, m, k, n);
+    }
+
+    /// [`matmul_bt`](crate::matmul_bt) on this kernel set.
+    pub fn matmul_bt(self, out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+        assert_eq!(out.len(), m * n, "matmul_bt: out is not [M={m}, N={n}]");
+        assert_eq!(x.len(), m * k, "matmul_bt: x is not [M={m}, K={k}]");
+        assert_eq!(w.len(), n * k, "matmul_bt: w is not [N={n}, K={k}]");
+        if m == 0 || n == 0 {
+            return;
+        }
+        let out = OutPtr(out.as_mut_ptr());
+        // Several chunks per thread: rayon balances them if a core is busy.
+        let (count, width) = column_chunks(n, 4, rayon::current_num_threads() * 4);
+        (0..count).into_par_iter().for_each(|c| {
+            let cols = c * width..((c + 1) * width).min(n);
+            // SAFETY: the chunk's columns are within 0..N and no other task
+            // writes them.
+            unsafe {
+                self.run(BtChunk {
+                    out,
+                    x,
+                    w,
+                    cols,
+                    m,
+                    k,
+                    n,
+                })
+            };
+        });
+    }
+}
+
+/// One task of `matmul_bt`: columns `cols` of every row, in tiles of 3 x
+/// rows by 4 w rows. Contract: `cols` within `0..N`, written by no other task.
+struct BtChunk<'a> {
+    out: OutPtr,
+    x: &'a [f32],
+    w: &'a [f32],
+    cols: std::ops::Range<usize>,
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+impl Kernel for BtChunk<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    unsafe fn run<I: Isa>(self) {
+        let BtChunk {
+            out,
+            x,
+            w,
+            cols,
+            m,
+            k,
+            n,
+        } = self;
+        let mut j = cols.start;
+        while j < cols.end {
+            let c = (cols.end - j).min(4);
             let mut r = 0;
             while r < m {
                 let rows = (m - r).min(3);
-                // SAFETY: rows r..r+rows < M and columns j..j+cols within
-                // this task's chunk, which no other task writes.
-                unsafe { bt_tile_any(rows, cols, out_ptr, x, w, r, j, k, n) };
+                // SAFETY: rows r..r+rows < M and columns j..j+c within
+                // this task's chunk, which no other task writes; the CPU has I.
+                unsafe { bt_tile_any::<I>(rows, c, out, x, w, r, j, k, n) };
                 r += rows;
             }
-            j += cols;
+            j += c;
         }
-    });
+    }
 }
 
 /// [`bt_tile`] for `rows` in 1..=3 and `cols` in 1..=4, as constants.
@@ -85,7 +163,7 @@ pub fn matmul_bt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: u
 /// As [`bt_tile`].
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn bt_tile_any(
+unsafe fn bt_tile_any<I: Isa>(
     rows: usize,
     cols: usize,
     out: OutPtr,
@@ -99,18 +177,18 @@ unsafe fn bt_tile_any(
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match (rows, cols) {
-            (1, 1) => bt_tile::<1, 1>(out, x, w, r0, j0, k, n),
-            (1, 2) => bt_tile::<1, 2>(out, x, w, r0, j0, k, n),
-            (1, 3) => bt_tile::<1, 3>(out, x, w, r0, j0, k, n),
-            (1, 4) => bt_tile::<1, 4>(out, x, w, r0, j0, k, n),
-            (2, 1) => bt_tile::<2, 1>(out, x, w, r0, j0, k, n),
-            (2, 2) => bt_tile::<2, 2>(out, x, w, r0, j0, k, n),
-            (2, 3) => bt_tile::<2, 3>(out, x, w, r0, j0, k, n),
-            (2, 4) => bt_tile::<2, 4>(out, x, w, r0, j0, k, n),
-            (3, 1) => bt_tile::<3, 1>(out, x, w, r0, j0, k, n),
-            (3, 2) => bt_tile::<3, 2>(out, x, w, r0, j0, k, n),
-            (3, 3) => bt_tile::<3, 3>(out, x, w, r0, j0, k, n),
-            (3, 4) => bt_tile::<3, 4>(out, x, w, r0, j0, k, n),
+            (1, 1) => bt_tile::<I, 1, 1>(out, x, w, r0, j0, k, n),
+            (1, 2) => bt_tile::<I, 1, 2>(out, x, w, r0, j0, k, n),
+            (1, 3) => bt_tile::<I, 1, 3>(out, x, w, r0, j0, k, n),
+            (1, 4) => bt_tile::<I, 1, 4>(out, x, w, r0, j0, k, n),
+            (2, 1) => bt_tile::<I, 2, 1>(out, x, w, r0, j0, k, n),
+            (2, 2) => bt_tile::<I, 2, 2>(out, x, w, r0, j0, k, n),
+            (2, 3) => bt_tile::<I, 2, 3>(out, x, w, r0, j0, k, n),
+            (2, 4) => bt_tile::<I, 2, 4>(out, x, w, r0, j0, k, n),
+            (3, 1) => bt_tile::<I, 3, 1>(out, x, w, r0, j0, k, n),
+            (3, 2) => bt_tile::<I, 3, 2>(out, x, w, r0, j0, k, n),
+            (3, 3) => bt_tile::<I, 3, 3>(out, x, w, r0, j0, k, n),
+            (3, 4) => bt_tile::<I, 3, 4>(out, x, w, r0, j0, k, n),
             _ => unreachable!("a matmul_bt tile of {rows} x {cols}"),
         }
     }
@@ -124,7 +202,7 @@ unsafe fn bt_tile_any(
 /// # Safety
 /// `r0 + R <= M`, `j0 + C <= N`, and no other thread writes those outputs.
 #[inline(always)]
-unsafe fn bt_tile<const R: usize, const C: usize>(
+unsafe fn bt_tile<I: Isa, const R: usize, const C: usize>(
     out: OutPtr,
     x: &[f32],
     w: &[f32],
@@ -136,14 +214,14 @@ unsafe fn bt_tile<const R: usize, const C: usize>(
     debug_assert!((r0 + R) * k <= x.len() && j0 + C <= n && w.len() == k * n);
     let k8 = k / 8 * 8;
     // SAFETY: the bounds above keep every load inside x and w.
-    let acc = unsafe { arch::bt_lanes::<R, C>(x.as_ptr(), w.as_ptr(), r0, j0, k8, k) };
+    let acc = unsafe { I::bt_lanes::<R, C>(x.as_ptr(), w.as_ptr(), r0, j0, k8, k) };
     for (r, ar) in acc.iter().enumerate() {
         for (c, a) in ar.iter().enumerate() {
             let pairs = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
             let mut s = (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]);
             let (xr, wr) = (&x[(r0 + r) * k..][..k], &w[(j0 + c) * k..][..k]);
             for kk in k8..k {
-                s = fmadd(xr[kk], wr[kk], s);
+                s = I::fmadd(xr[kk], wr[kk], s);
             }
             // SAFETY: in bounds and owned by this task (the caller's contract).
             unsafe { *out.get().add((r0 + r) * n + j0 + c) = s };
@@ -217,40 +295,105 @@ pub fn linear_int8_dot(
     k: usize,
     n: usize,
 ) {
-    assert_eq!(out.len(), m * n, "linear_int8_dot: out is not [M={m}, N={n}]");
-    assert_eq!(x.len(), m * k, "linear_int8_dot: x is not [M={m}, K={k}]");
-    assert_eq!(xq.len(), m * k, "linear_int8_dot: xq is not [M={m}, K={k}]");
-    assert_eq!(wq.len(), n * k, "linear_int8_dot: wq is not [N={n}, K={k}]");
-    assert_eq!(scales.len(), n, "linear_int8_dot: scales are not [N={n}]");
-    let k32 = k / 32 * 32;
-    for ((o, xr), q) in out
-        .chunks_exact_mut(n.max(1))
-        .zip(x.chunks_exact(k.max(1)))
-        .zip(xq.chunks_exact_mut(k.max(1)))
-    {
-        let sx = int8_row_scale(xr);
-        for (d, &v) in q.iter_mut().zip(xr) {
-            *d = super::to_int8(v, sx);
+    active().linear_int8_dot(out, x, wq, scales, xq, m, k, n)
+}
+
+impl Kernels {
+    /// [`linear_int8_dot`](crate::linear_int8_dot) on this kernel set.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_int8_dot(
+        self,
+        out: &mut [f32],
+        x: &[f32],
+        wq: &[i8],
+        scales: &[f32],
+        xq: &mut [i8],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        assert_eq!(out.len(), m * n, "linear_int8_dot: out is not [M={m}, N={n}]");
+        assert_eq!(x.len(), m * k, "linear_int8_dot: x is not [M={m}, K={k}]");
+        assert_eq!(xq.len(), m * k, "linear_int8_dot: xq is not [M={m}, K={k}]");
+        assert_eq!(wq.len(), n * k, "linear_int8_dot: wq is not [N={n}, K={k}]");
+        assert_eq!(scales.len(), n, "linear_int8_dot: scales are not [N={n}]");
+        for ((o, xr), q) in out
+            .chunks_exact_mut(n.max(1))
+            .zip(x.chunks_exact(k.max(1)))
+            .zip(xq.chunks_exact_mut(k.max(1)))
+        {
+            let sx = int8_row_scale(xr);
+            for (d, &v) in q.iter_mut().zip(xr) {
+                *d = super::to_int8(v, sx);
+            }
+            let q = &*q;
+            o.par_chunks_mut(64).enumerate().for_each(|(t, chunk)| {
+                let j0 = t * 64;
+                // SAFETY: Int8Dots reads and writes only through its slices.
+                unsafe {
+                    self.run(Int8Dots {
+                        out: chunk,
+                        j0,
+                        q,
+                        wq,
+                        scales,
+                        sx,
+                        k,
+                        n,
+                    })
+                };
+            });
         }
-        let q = &*q;
-        let dots = |j: usize| -> [i32; 4] {
-            let cols: [usize; 4] = std::array::from_fn(|c| (j + c).min(n - 1));
-            // SAFETY: q and every column hold K >= k32 values.
-            let mut acc = unsafe { arch::dot_i8::<4>(q.as_ptr(), cols.map(|c| wq[c * k..].as_ptr()), k32) };
+    }
+}
+
+/// One task of `linear_int8_dot`: `out[j0..j0 + out.len()]` of one row,
+/// four columns at a time.
+struct Int8Dots<'a> {
+    out: &'a mut [f32],
+    j0: usize,
+    q: &'a [i8],
+    wq: &'a [i8],
+    scales: &'a [f32],
+    sx: f32,
+    k: usize,
+    n: usize,
+}
+
+impl Kernel for Int8Dots<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    unsafe fn run<I: Isa>(self) {
+        let Int8Dots {
+            out,
+            j0,
+            q,
+            wq,
+            scales,
+            sx,
+            k,
+            n,
+        } = self;
+        let k32 = k / 32 * 32;
+        for (c4, dst) in out.chunks_mut(4).enumerate() {
+            let j = j0 + c4 * 4;
+            let mut cols = [0usize; 4];
+            let mut ptrs = [wq.as_ptr(); 4];
+            for (c, (col, p)) in cols.iter_mut().zip(&mut ptrs).enumerate() {
+                *col = (j + c).min(n - 1);
+                *p = wq[*col * k..].as_ptr();
+            }
+            // SAFETY: q and every column hold K >= k32 values; the CPU has I.
+            let mut acc = unsafe { I::dot_i8::<4>(q.as_ptr(), ptrs, k32) };
             for (a, &c) in acc.iter_mut().zip(&cols) {
                 for kk in k32..k {
                     *a += q[kk] as i32 * wq[c * k + kk] as i32;
                 }
             }
-            acc
-        };
-        o.par_chunks_mut(64).enumerate().for_each(|(t, chunk)| {
-            for (c4, dst) in chunk.chunks_mut(4).enumerate() {
-                let j = t * 64 + c4 * 4;
-                for (d, (i, acc)) in dst.iter_mut().zip(dots(j).into_iter().enumerate()) {
-                    *d = acc as f32 * sx * scales[j + i];
-                }
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = acc[i] as f32 * sx * scales[j + i];
             }
-        });
+        }
     }
 }

@@ -49,24 +49,29 @@ pub use pack::{
 
 use rayon::prelude::*;
 
-use crate::arch::{fmadd, Lanes};
+use crate::arch::{Isa, Kernel, Weight};
+use crate::{active, Kernels};
 
 /// `out[M,N] = x[M,K] · w[K,N] + bias[N]`, with `w` packed in panels by
-/// [`pack_panels`] (or [`pack_panels_t`]). Overwrites `out`.
+/// [`pack_panels`] (or [`pack_panels_t`]). Overwrites `out`. On the
+/// [`active`](crate::active) kernel set; [`Kernels::linear_packed`] on a
+/// given one.
 ///
 /// Most of the running time of a forward pass is spent here: every linear
 /// layer of every block, and the LM head. Shapes: `x` is `[M, K]`, `panels`
 /// is `packed_len(K, N)` floats, `bias` is `[N]`, or `None` for zeros (the
 /// LM head has none), `out` is `[M, N]`. The result equals
 /// [`reference::linear`](crate::reference::linear) (within f32 rounding) and
-/// [`linear`] over the stored layout bit for bit: each output is the bias
-/// plus its K products added in order of k, one fused multiply-add at a time.
+/// [`linear`] over the stored layout bit for bit, on the same kernel set:
+/// each output is the bias plus its K products added in order of k, one
+/// multiply-add at a time (fused, but for the portable set).
 ///
 /// Why tiled: each thread takes a run of whole panels, one stretch of memory
 /// read front to back, and computes it in register tiles of up to 6 rows x
-/// 16-48 columns, so that each weight loaded serves every row of its tile
-/// (decode streams at memory bandwidth) and each row's broadcast serves the
-/// tile's columns (prefill runs near FMA peak); see `tiles.rs`.
+/// 16-48 columns (8 x 48 with AVX-512), so that each weight loaded serves
+/// every row of its tile (decode streams at memory bandwidth) and each row's
+/// broadcast serves the tile's columns (prefill runs near FMA peak); see
+/// `tiles.rs`.
 pub fn linear_packed(
     out: &mut [f32],
     x: &[f32],
@@ -76,12 +81,7 @@ pub fn linear_packed(
     k: usize,
     n: usize,
 ) {
-    assert_eq!(
-        panels.len(),
-        packed_len(k, n),
-        "linear_packed: w is not [K={k}, N={n}] packed in panels"
-    );
-    linear_panels(out, x, Panels::F32(panels), bias, m, k, n);
+    active().linear_packed(out, x, panels, bias, m, k, n)
 }
 
 /// [`linear_packed`] over panels in any [`Dtype`](crate::Dtype): each weight
@@ -89,7 +89,9 @@ pub fn linear_packed(
 /// the products are added exactly as in f32, so the contract is the same in
 /// every format: a row's result does not depend on the other rows or the
 /// pool size. Int8 adds `x · q` per column and then applies the column's
-/// scale and the bias with one fused multiply-add: `out = s·(x · q) + b`.
+/// scale and the bias with one multiply-add: `out = s·(x · q) + b`. On the
+/// [`active`](crate::active) kernel set; [`Kernels::linear_panels`] on a
+/// given one.
 pub fn linear_panels(
     out: &mut [f32],
     x: &[f32],
@@ -99,28 +101,67 @@ pub fn linear_panels(
     k: usize,
     n: usize,
 ) {
-    let len = match w {
-        Panels::F32(p) => p.len(),
-        Panels::Bf16(p) => p.len(),
-        Panels::Int8 { q, scales } => {
-            assert_eq!(
-                scales.len(),
-                n.div_ceil(PANEL) * PANEL,
-                "linear: int8 scales are not [N={n}] in panels"
-            );
-            q.len()
+    active().linear_panels(out, x, w, bias, m, k, n)
+}
+
+impl Kernels {
+    /// [`linear_packed`](crate::linear_packed) on this kernel set.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_packed(
+        self,
+        out: &mut [f32],
+        x: &[f32],
+        panels: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        assert_eq!(
+            panels.len(),
+            packed_len(k, n),
+            "linear_packed: w is not [K={k}, N={n}] packed in panels"
+        );
+        self.linear_panels(out, x, Panels::F32(panels), bias, m, k, n);
+    }
+
+    /// [`linear_panels`](crate::linear_panels) on this kernel set.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_panels(
+        self,
+        out: &mut [f32],
+        x: &[f32],
+        w: Panels,
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let len = match w {
+            Panels::F32(p) => p.len(),
+            Panels::Bf16(p) => p.len(),
+            Panels::Int8 { q, scales } => {
+                assert_eq!(
+                    scales.len(),
+                    n.div_ceil(PANEL) * PANEL,
+                    "linear: int8 scales are not [N={n}] in panels"
+                );
+                q.len()
+            }
+        };
+        assert_eq!(
+            len,
+            packed_len(k, n),
+            "linear: {} w is not [K={k}, N={n}] packed in panels",
+            w.dtype()
+        );
+        match w {
+            Panels::F32(p) => linear_impl(self, out, x, p, Layout::Panels, bias, None, m, k, n),
+            Panels::Bf16(p) => linear_impl(self, out, x, p, Layout::Panels, bias, None, m, k, n),
+            Panels::Int8 { q, scales } => {
+                linear_impl(self, out, x, q, Layout::Panels, bias, Some(scales), m, k, n)
+            }
         }
-    };
-    assert_eq!(
-        len,
-        packed_len(k, n),
-        "linear: {} w is not [K={k}, N={n}] packed in panels",
-        w.dtype()
-    );
-    match w {
-        Panels::F32(p) => linear_impl(out, x, p, Layout::Panels, bias, None, m, k, n),
-        Panels::Bf16(p) => linear_impl(out, x, p, Layout::Panels, bias, None, m, k, n),
-        Panels::Int8 { q, scales } => linear_impl(out, x, q, Layout::Panels, bias, Some(scales), m, k, n),
     }
 }
 
@@ -167,11 +208,13 @@ fn column_chunks(n: usize, align: usize, parts: usize) -> (usize, usize) {
     (n.div_ceil(width), width)
 }
 
-/// [`linear_panels`] and [`linear`]: `out = bias`, then one task per thread
-/// adds `x · w` into its columns. With `scales` (int8), `out = 0`, and each
-/// task finishes its columns with `out = scale · out + bias`.
+/// [`linear_panels`] and [`linear`] on `kernels`: `out = bias`, then one
+/// task per thread adds `x · w` into its columns. With `scales` (int8),
+/// `out = 0`, and each task finishes its columns with
+/// `out = scale · out + bias`.
 #[allow(clippy::too_many_arguments)]
-fn linear_impl<E: Lanes>(
+fn linear_impl<E: Weight>(
+    kernels: Kernels,
     out: &mut [f32],
     x: &[f32],
     w: &[E],
@@ -210,18 +253,51 @@ fn linear_impl<E: Lanes>(
     let (count, width) = column_chunks(n, PANEL, rayon::current_num_threads());
     (0..count).into_par_iter().for_each(|t| {
         let j0 = t * width;
-        let cols = j0..(j0 + width).min(n);
-        // SAFETY: tasks own disjoint column ranges of `out`, which starts
-        // each whole panel.
-        unsafe { tiles::linear_block(&op, cols.clone()) };
+        let task = LinearTask {
+            op: &op,
+            cols: j0..(j0 + width).min(n),
+            bias,
+            scales,
+        };
+        // SAFETY: tasks own disjoint column ranges of `out`, each starting
+        // a whole panel (the task's contract).
+        unsafe { kernels.run(task) };
+    });
+}
+
+/// One task of [`linear_impl`]: its columns' products, then (int8) their
+/// scales and bias.
+///
+/// Contract: no other task touches columns `cols` of `op.out`, which lie
+/// within `0..N` and start a panel; `scales` and `bias` hold N values.
+struct LinearTask<'a, 'b, E> {
+    op: &'a tiles::Operands<'b, E>,
+    cols: std::ops::Range<usize>,
+    bias: Option<&'a [f32]>,
+    scales: Option<&'a [f32]>,
+}
+
+impl<E: Weight> Kernel for LinearTask<'_, '_, E> {
+    type Out = ();
+
+    #[inline(always)]
+    unsafe fn run<I: Isa>(self) {
+        let LinearTask {
+            op,
+            cols,
+            bias,
+            scales,
+        } = self;
+        // SAFETY: the task's contract, and the CPU has I (`run`'s own).
+        unsafe { tiles::linear_block::<I, E>(op, cols.clone()) };
         if let Some(scales) = scales {
-            for r in 0..m {
+            for r in 0..op.m {
                 for j in cols.clone() {
                     // SAFETY: row r < M, column j in this task's columns.
-                    let o = unsafe { &mut *op.out.get().add(r * n + j) };
-                    *o = fmadd(*o, scales[j], bias.map_or(0.0, |b| b[j]));
+                    let o = unsafe { &mut *op.out.get().add(r * op.n + j) };
+                    *o = I::fmadd(*o, scales[j], bias.map_or(0.0, |b| b[j]));
                 }
             }
         }
-    });
+    }
 }

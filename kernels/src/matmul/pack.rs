@@ -254,7 +254,7 @@ pub fn pack(dst: PanelsMut, w: &[f32], k: usize, n: usize) {
 /// [`pack_panels_t`] for any [`Dtype`], a slab at a time.
 pub fn pack_t(dst: PanelsMut, wt: &[f32], k: usize, n: usize, cols: Range<usize>) {
     assert!(
-        cols.start % PANEL == 0 && cols.start <= cols.end && cols.end <= n,
+        cols.start.is_multiple_of(PANEL) && cols.start <= cols.end && cols.end <= n,
         "pack_t: columns {cols:?} of {n} do not start a panel"
     );
     assert_eq!(

@@ -1,19 +1,22 @@
 //! What one task of a linear call does: `out[.., cols] += x · w[.., cols]`
 //! for all M rows, in register tiles, reading its weights in memory order.
+//! Written once over the instruction set `I` (`crate::arch`); every function
+//! is `#[inline(always)]`, so a task compiles into its set's entry point.
 //!
 //! | rows M | over panels ([`linear_packed`]) | over the stored layout ([`linear`]) |
 //! |---|---|---|
-//! | 1-3 | [`rows_two_streams`]: 1 x 48 tiles on two panels at once | 1 x 48, 2 x 48, 4 x 24 tiles |
-//! | 4, 7, 8 | 4 x 24 tiles, software prefetch | 4 x 24 tiles |
-//! | other | 6 x 16 tiles, software prefetch | 6 x 16 tiles |
+//! | 1-3 | [`rows_two_streams`]: 1 x 48 tiles on two panels at once | 8 lanes: 1 x 48, 2 x 48, 4 x 24 tiles; 16 lanes: 1 x 48, 2 x 48, 8 x 48 |
+//! | 4-8 | 8 lanes: 4 x 24 (f32, int8) or 6 x 16 (bf16); 16 lanes: 8 x 48; software prefetch | as at 1-3 rows |
+//! | more | 8 lanes: 6 x 16; 16 lanes: 8 x 48; software prefetch | 8 lanes: 6 x 16 |
 //!
-//! Tile shapes keep 6 to 12 accumulators busy with at most 12 registers (of
-//! AVX2's 16), and every width divides 48, the panel width. The weight rows
-//! go in blocks of [`block_rows`]; within a block every tile adds its
-//! products in order of k, and blocks go in order of k, so each output is
-//! the same sum in the same order whatever the shape. The tile bodies are
-//! `crate::arch::tile` and `tile_pair`; a partial tile at the right edge is
-//! scalar ([`edge`]).
+//! With AVX2's 16 registers, tile shapes keep 6 to 12 accumulators busy with
+//! at most 12 registers; with AVX-512's 32, 8 x 48 holds 24 (3 per row), so
+//! each weight vector loaded serves 8 rows and each broadcast 3 vectors.
+//! Every width divides 48, the panel width. The weight rows go in blocks of
+//! [`block_rows`]; within a block every tile adds its products in order of
+//! k, and blocks go in order of k, so each output is the same sum in the
+//! same order whatever the shape. The tile bodies are `arch::bodies::tile`
+//! and `tile_pair`; a partial tile at the right edge is scalar ([`edge`]).
 //!
 //! [`linear_packed`]: super::linear_packed
 //! [`linear`]: super::linear
@@ -21,11 +24,11 @@
 use std::ops::Range;
 
 use super::{Layout, OutPtr, PANEL};
-use crate::arch::{self, fmadd, Lanes, LINE};
+use crate::arch::{bodies, Isa, Vector, Weight, LINE};
 
 /// One call's operands, as every tile of its tasks sees them. `E` is the
 /// weights' format (f32, bf16 or int8), widened to f32 as it is loaded.
-pub(super) struct Operands<'a, E> {
+pub(crate) struct Operands<'a, E> {
     /// `out[M, N]`, shared by the tasks; each writes only its own columns.
     pub out: OutPtr,
     /// `x[M, K]`.
@@ -59,21 +62,31 @@ const PREFETCH_BLOCKS: usize = 2;
 /// `out[.., cols] += x · w[.., cols]` for all M rows: the work of one task.
 ///
 /// # Safety
-/// No other thread touches columns `cols` of `out`; `cols` within `0..N`,
-/// `cols.start` a multiple of [`PANEL`].
-pub(super) unsafe fn linear_block<E: Lanes>(op: &Operands<E>, cols: Range<usize>) {
-    // SAFETY (both calls): the caller's contract, passed on.
+/// The CPU has `I`; no other thread touches columns `cols` of `out`; `cols`
+/// within `0..N`, `cols.start` a multiple of [`PANEL`].
+#[inline(always)]
+pub(super) unsafe fn linear_block<I: Isa, E: Weight>(op: &Operands<E>, cols: Range<usize>) {
+    // SAFETY (every call): the caller's contract, passed on.
     if op.m <= ROWS_TWO_STREAMS && op.layout == Layout::Panels {
-        unsafe { rows_two_streams(op, cols) };
+        unsafe { rows_two_streams::<I, E>(op, cols) };
         return;
     }
     unsafe {
+        if I::V::LANES == 16 {
+            // 32 registers: up to 8 rows x 3 vectors of sums.
+            match op.m {
+                1 => sweep::<I, 48, 1, E>(op, cols),
+                2 => sweep::<I, 48, 2, E>(op, cols),
+                _ => sweep::<I, 48, 8, E>(op, cols),
+            }
+            return;
+        }
         match op.m {
-            1 => sweep::<48, 1, E>(op, cols),
-            2 => sweep::<48, 2, E>(op, cols),
+            1 => sweep::<I, 48, 1, E>(op, cols),
+            2 => sweep::<I, 48, 2, E>(op, cols),
             // A 24-wide tile would start in the middle of a permuted group.
-            3 | 4 | 7 | 8 if E::GROUP == 8 => sweep::<24, 4, E>(op, cols),
-            _ => sweep::<16, 6, E>(op, cols),
+            3 | 4 | 7 | 8 if E::GROUP == 8 => sweep::<I, 24, 4, E>(op, cols),
+            _ => sweep::<I, 16, 6, E>(op, cols),
         }
     }
 }
@@ -104,13 +117,14 @@ fn block_rows(layout: Layout, m: usize) -> usize {
 ///
 /// # Safety
 /// As [`linear_block`].
-unsafe fn sweep<const W: usize, const ROWS: usize, E: Lanes>(op: &Operands<E>, cols: Range<usize>) {
+#[inline(always)]
+unsafe fn sweep<I: Isa, const W: usize, const ROWS: usize, E: Weight>(op: &Operands<E>, cols: Range<usize>) {
     let kb = block_rows(op.layout, op.m);
     match op.layout {
         Layout::Rows => {
             for ks in blocks(op.k, kb) {
                 // SAFETY: the caller's contract, passed on.
-                unsafe { row_tiles::<W, ROWS, E>(op, cols.clone(), ks) };
+                unsafe { row_tiles::<I, W, ROWS, E>(op, cols.clone(), ks) };
             }
         }
         Layout::Panels => {
@@ -128,7 +142,7 @@ unsafe fn sweep<const W: usize, const ROWS: usize, E: Lanes>(op: &Operands<E>, c
                     }
                 });
                 // SAFETY: the caller's contract; one panel of `cols`.
-                unsafe { panel_tiles::<W, ROWS, E>(op, p0..(p0 + PANEL).min(cols.end), ks, pf) };
+                unsafe { panel_tiles::<I, W, ROWS, E>(op, p0..(p0 + PANEL).min(cols.end), ks, pf) };
             }
         }
     }
@@ -142,18 +156,21 @@ struct Prefetch {
 }
 
 /// The blocks of weight rows `0..K`, `kb` at a time (the last may be shorter).
+#[inline(always)]
 fn blocks(k: usize, kb: usize) -> impl Iterator<Item = Range<usize>> {
     (0..k).step_by(kb).map(move |k0| k0..(k0 + kb).min(k))
 }
 
 /// The (panel's first column, block) pairs of `cols`, in the order a task
 /// reads them: every block of a panel, then the next panel.
+#[inline(always)]
 fn panel_blocks(cols: Range<usize>, k: usize, kb: usize) -> impl Iterator<Item = (usize, Range<usize>)> {
     cols.step_by(PANEL)
         .flat_map(move |p0| blocks(k, kb).map(move |ks| (p0, ks)))
 }
 
 /// The row groups `(first row, rows)` of M rows, `rows` at most `max`.
+#[inline(always)]
 fn row_groups(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..m).step_by(max).map(move |r| (r, (m - r).min(max)))
 }
@@ -161,36 +178,49 @@ fn row_groups(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
 /// Weight rows `ks` of one panel's columns `cols`, for every row group.
 /// Row groups outer: a group's x block (R x KB) stays in L1 across the
 /// panel's tiles, and the panel block (KB x 48) across the groups. Tile call
-/// t prefetches lines `t·KB .. (t+1)·KB` of `ahead`, one line a weight row,
-/// until the block is covered (fewer calls for the narrower formats).
+/// t prefetches `per_k` lines a weight row from line `t·KB·per_k` of
+/// `ahead`: with 8 lanes one line (`per_k` 1), for the calls that lie
+/// wholly inside the block; with 16 lanes (fewer, wider calls) enough lines
+/// that the calls cover the block, the last one maybe past it.
 ///
 /// # Safety
 /// As [`linear_block`], with `cols` within one panel.
-unsafe fn panel_tiles<const W: usize, const ROWS: usize, E: Lanes>(
+#[inline(always)]
+unsafe fn panel_tiles<I: Isa, const W: usize, const ROWS: usize, E: Weight>(
     op: &Operands<E>,
     cols: Range<usize>,
     ks: Range<usize>,
     ahead: Option<Prefetch>,
 ) {
     let full = cols.start + (cols.end - cols.start) / W * W;
+    let wide = I::V::LANES == 16;
+    let calls = op.m.div_ceil(ROWS) * ((full - cols.start) / W);
+    let per_k = match ahead {
+        Some(a) if wide => (a.bytes.div_ceil(LINE))
+            .div_ceil((calls * ks.len()).max(1))
+            .clamp(1, 3),
+        _ => 1,
+    };
     let mut call = 0;
     for (r, rows) in row_groups(op.m, ROWS) {
         for j in (cols.start..full).step_by(W) {
+            let (from, to) = (
+                call * ks.len() * per_k * LINE,
+                (call + 1) * ks.len() * per_k * LINE,
+            );
             let pf = match ahead {
-                Some(a) if (call + 1) * ks.len() * LINE <= a.bytes => {
-                    a.first.wrapping_add(call * ks.len() * LINE)
-                }
+                Some(a) if (wide && from < a.bytes) || to <= a.bytes => a.first.wrapping_add(from),
                 _ => std::ptr::null(),
             };
             call += 1;
             // SAFETY: rows r..r+rows < M, columns j..j+W within `cols`,
             // which this task owns, and within one panel (W divides PANEL).
             // Prefetching is a hint: it never faults, whatever the address.
-            unsafe { tile_group::<W, ROWS, E>(op, r, rows, j, ks.clone(), pf) };
+            unsafe { tile_group::<I, W, ROWS, E>(op, r, rows, j, ks.clone(), pf, per_k) };
         }
     }
     // SAFETY: the rest of `cols`, owned by this task.
-    unsafe { edge(op, full..cols.end, ks) };
+    unsafe { edge::<I, E>(op, full..cols.end, ks) };
 }
 
 /// Weight rows `ks` of columns `cols` in the stored layout, for every row
@@ -199,7 +229,8 @@ unsafe fn panel_tiles<const W: usize, const ROWS: usize, E: Lanes>(
 ///
 /// # Safety
 /// As [`linear_block`].
-unsafe fn row_tiles<const W: usize, const ROWS: usize, E: Lanes>(
+#[inline(always)]
+unsafe fn row_tiles<I: Isa, const W: usize, const ROWS: usize, E: Weight>(
     op: &Operands<E>,
     cols: Range<usize>,
     ks: Range<usize>,
@@ -209,33 +240,36 @@ unsafe fn row_tiles<const W: usize, const ROWS: usize, E: Lanes>(
         for (r, rows) in row_groups(op.m, ROWS) {
             // SAFETY: rows r..r+rows < M, columns j..j+W within `cols`,
             // which this task owns.
-            unsafe { tile_group::<W, ROWS, E>(op, r, rows, j, ks.clone(), std::ptr::null()) };
+            unsafe { tile_group::<I, W, ROWS, E>(op, r, rows, j, ks.clone(), std::ptr::null(), 0) };
         }
     }
     // SAFETY: the rest of `cols`, owned by this task.
-    unsafe { edge(op, full..cols.end, ks) };
+    unsafe { edge::<I, E>(op, full..cols.end, ks) };
 }
 
-/// [`tile`] for a row group of `rows` (at most `ROWS`), prefetching from
-/// `ahead` unless it is null.
+/// [`tile`] for a row group of `rows` (at most `ROWS`), prefetching `per_k`
+/// lines (1 to 3) a weight row from `ahead` unless it is null.
 ///
 /// # Safety
 /// As [`tile`].
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn tile_group<const W: usize, const ROWS: usize, E: Lanes>(
+unsafe fn tile_group<I: Isa, const W: usize, const ROWS: usize, E: Weight>(
     op: &Operands<E>,
     r0: usize,
     rows: usize,
     j0: usize,
     ks: Range<usize>,
     ahead: *const u8,
+    per_k: usize,
 ) {
     // SAFETY: the caller's contract, passed on.
     unsafe {
-        if ahead.is_null() {
-            tile_rows::<W, ROWS, false, E>(op, r0, rows, j0, ks, ahead)
-        } else {
-            tile_rows::<W, ROWS, true, E>(op, r0, rows, j0, ks, ahead)
+        match (ahead.is_null(), per_k) {
+            (true, _) => tile_rows::<I, W, ROWS, 0, E>(op, r0, rows, j0, ks, ahead),
+            (false, 1) => tile_rows::<I, W, ROWS, 1, E>(op, r0, rows, j0, ks, ahead),
+            (false, 2) => tile_rows::<I, W, ROWS, 2, E>(op, r0, rows, j0, ks, ahead),
+            (false, _) => tile_rows::<I, W, ROWS, 3, E>(op, r0, rows, j0, ks, ahead),
         }
     }
 }
@@ -246,7 +280,7 @@ unsafe fn tile_group<const W: usize, const ROWS: usize, E: Lanes>(
 /// # Safety
 /// As [`tile`].
 #[inline(always)]
-unsafe fn tile_rows<const W: usize, const ROWS: usize, const PREFETCH: bool, E: Lanes>(
+unsafe fn tile_rows<I: Isa, const W: usize, const ROWS: usize, const PF: usize, E: Weight>(
     op: &Operands<E>,
     r0: usize,
     rows: usize,
@@ -257,12 +291,14 @@ unsafe fn tile_rows<const W: usize, const ROWS: usize, const PREFETCH: bool, E: 
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match rows {
-            1 => tile::<1, W, PREFETCH, E>(op, r0, j0, ks, ahead),
-            2 if ROWS >= 2 => tile::<2, W, PREFETCH, E>(op, r0, j0, ks, ahead),
-            3 if ROWS >= 3 => tile::<3, W, PREFETCH, E>(op, r0, j0, ks, ahead),
-            4 if ROWS >= 4 => tile::<4, W, PREFETCH, E>(op, r0, j0, ks, ahead),
-            5 if ROWS >= 5 => tile::<5, W, PREFETCH, E>(op, r0, j0, ks, ahead),
-            6 if ROWS >= 6 => tile::<6, W, PREFETCH, E>(op, r0, j0, ks, ahead),
+            1 => tile::<I, 1, W, PF, E>(op, r0, j0, ks, ahead),
+            2 if ROWS >= 2 => tile::<I, 2, W, PF, E>(op, r0, j0, ks, ahead),
+            3 if ROWS >= 3 => tile::<I, 3, W, PF, E>(op, r0, j0, ks, ahead),
+            4 if ROWS >= 4 => tile::<I, 4, W, PF, E>(op, r0, j0, ks, ahead),
+            5 if ROWS >= 5 => tile::<I, 5, W, PF, E>(op, r0, j0, ks, ahead),
+            6 if ROWS >= 6 => tile::<I, 6, W, PF, E>(op, r0, j0, ks, ahead),
+            7 if ROWS >= 7 => tile::<I, 7, W, PF, E>(op, r0, j0, ks, ahead),
+            8 if ROWS >= 8 => tile::<I, 8, W, PF, E>(op, r0, j0, ks, ahead),
             _ => unreachable!("a row group of {rows}, at most {ROWS}"),
         }
     }
@@ -270,14 +306,14 @@ unsafe fn tile_rows<const W: usize, const ROWS: usize, const PREFETCH: bool, E: 
 
 /// `out[r0..r0+R, j0..j0+W] += x[r0..r0+R, ks] · w[ks, j0..j0+W]`: for each
 /// k in `ks`, broadcast `x[r, k]` and multiply-add it with the `W`
-/// contiguous weights of row k. With `PREFETCH`, iteration i also prefetches
-/// the cache line at `ahead + i·16`.
+/// contiguous weights of row k. Iteration i also prefetches `PF` cache
+/// lines from `ahead + i·PF·64`.
 ///
 /// # Safety
-/// `r0 + R <= M`, `j0 + W <= N` within one panel (over panels), `ks` within
-/// `0..K`, and no other thread writes those outputs.
+/// The CPU has `I`; `r0 + R <= M`, `j0 + W <= N` within one panel (over
+/// panels), `ks` within `0..K`, and no other thread writes those outputs.
 #[inline(always)]
-unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool, E: Lanes>(
+unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Weight>(
     op: &Operands<E>,
     r0: usize,
     j0: usize,
@@ -290,7 +326,7 @@ unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool, E: Lanes>(
     // SAFETY: the bounds above (the caller's contract) keep every load and
     // store inside x, w and out.
     unsafe {
-        arch::tile::<R, W, PREFETCH, E>(
+        bodies::tile::<I, R, W, PF, E>(
             op.out.get(),
             op.x.as_ptr(),
             op.w.as_ptr().add(off),
@@ -312,12 +348,13 @@ unsafe fn tile<const R: usize, const W: usize, const PREFETCH: bool, E: Lanes>(
 /// [`TWO_STREAM_BLOCK`] weight rows, row after row, the first reading the
 /// pair's block from memory and the others from L1. The two streams must be
 /// read in the same loop (interleaving the panels block by block does not
-/// help); their sums fill 12 registers. Each output is the same sum in the
-/// same order as through [`tile`].
+/// help); their sums fill 12 AVX2 registers (6 AVX-512 ones). Each output
+/// is the same sum in the same order as through [`tile`].
 ///
 /// # Safety
 /// As [`linear_block`], with `M <= ROWS_TWO_STREAMS` and `w` in panels.
-unsafe fn rows_two_streams<E: Lanes>(op: &Operands<E>, cols: Range<usize>) {
+#[inline(always)]
+unsafe fn rows_two_streams<I: Isa, E: Weight>(op: &Operands<E>, cols: Range<usize>) {
     debug_assert!((1..=ROWS_TWO_STREAMS).contains(&op.m) && op.layout == Layout::Panels);
     let panels = (cols.end - cols.start) / PANEL;
     let full = cols.start + panels * PANEL;
@@ -331,7 +368,7 @@ unsafe fn rows_two_streams<E: Lanes>(op: &Operands<E>, cols: Range<usize>) {
             for r in 0..op.m {
                 // SAFETY: both panels are whole, within `cols` (owned by
                 // this task); row r < M; ks within 0..K.
-                unsafe { tile_pair(op, r, ja, jb, ks.clone()) };
+                unsafe { tile_pair::<I, E>(op, r, ja, jb, ks.clone()) };
             }
         }
     }
@@ -340,28 +377,29 @@ unsafe fn rows_two_streams<E: Lanes>(op: &Operands<E>, cols: Range<usize>) {
         for ks in blocks(op.k, kb) {
             for r in 0..op.m {
                 // SAFETY: as above.
-                unsafe { tile::<1, PANEL, false, E>(op, r, j, ks.clone(), std::ptr::null()) };
+                unsafe { tile::<I, 1, PANEL, 0, E>(op, r, j, ks.clone(), std::ptr::null()) };
             }
         }
     }
     // SAFETY: the partial panel at the right edge, within `cols`.
-    unsafe { edge(op, full..cols.end, 0..op.k) };
+    unsafe { edge::<I, E>(op, full..cols.end, 0..op.k) };
 }
 
 /// `out[r, ja..ja+48] += x[r, ks] · w[ks, ja..ja+48]` and the same for
 /// `jb`: two 1 x 48 tiles of row r, their panels read side by side.
 ///
 /// # Safety
-/// Both panels whole, `r < M`, `ks` within `0..K`, `out` row r's columns
-/// `ja..ja+48` and `jb..jb+48` owned by this task; `w` in panels.
+/// The CPU has `I`; both panels whole, `r < M`, `ks` within `0..K`, `out`
+/// row r's columns `ja..ja+48` and `jb..jb+48` owned by this task; `w` in
+/// panels.
 #[inline(always)]
-unsafe fn tile_pair<E: Lanes>(op: &Operands<E>, r: usize, ja: usize, jb: usize, ks: Range<usize>) {
+unsafe fn tile_pair<I: Isa, E: Weight>(op: &Operands<E>, r: usize, ja: usize, jb: usize, ks: Range<usize>) {
     let (wa, wb) = (op.layout.col(ja, op.k, op.n).0, op.layout.col(jb, op.k, op.n).0);
     debug_assert!(wa.max(wb) + op.k * PANEL <= op.w.len() && ja.max(jb) + PANEL <= op.n);
     debug_assert!(r < op.m && ks.end <= op.k);
     // SAFETY: the bounds above (the caller's contract).
     unsafe {
-        arch::tile_pair(
+        bodies::tile_pair::<I, E>(
             op.out.get().add(r * op.n),
             op.x.as_ptr().add(r * op.k),
             op.w.as_ptr().add(wa),
@@ -374,13 +412,14 @@ unsafe fn tile_pair<E: Lanes>(op: &Operands<E>, r: usize, ja: usize, jb: usize, 
 }
 
 /// A partial tile at the right edge, narrower than the tiles: `out += x · w`
-/// over columns `cols` and weight rows `ks`, every row, one scalar fused
-/// multiply-add at a time in order of k.
+/// over columns `cols` and weight rows `ks`, every row, one scalar
+/// multiply-add at a time in order of k, rounded as the set's vectors round.
 ///
 /// # Safety
 /// `cols` within `0..N` (and within one panel, over panels), `ks` within
 /// `0..K`, and no other thread writes those outputs.
-unsafe fn edge<E: Lanes>(op: &Operands<E>, cols: Range<usize>, ks: Range<usize>) {
+#[inline(always)]
+unsafe fn edge<I: Isa, E: Weight>(op: &Operands<E>, cols: Range<usize>, ks: Range<usize>) {
     if cols.is_empty() {
         return;
     }
@@ -391,7 +430,7 @@ unsafe fn edge<E: Lanes>(op: &Operands<E>, cols: Range<usize>, ks: Range<usize>)
             // SAFETY: in bounds and owned by this task (the caller's contract).
             let dst = unsafe { &mut *op.out.get().add(r * n + j) };
             for kk in ks.clone() {
-                *dst = fmadd(
+                *dst = I::fmadd(
                     x[r * k + kk],
                     w[off + kk * stride + E::slot(j - cols.start)].to_f32(),
                     *dst,

@@ -1,0 +1,177 @@
+//! The AVX-512 set: sixteen f32 lanes per register, thirty-two registers,
+//! so wider tiles (`matmul/tiles.rs`: 8 rows x 48 columns, 24 sums). The
+//! baselines that promise 8 lanes (`matmul_bt`, the int8 dot products) run
+//! AVX2's bodies here.
+
+use std::arch::x86_64::*;
+
+use super::{avx2, Isa, Kernel, Vector, Weight};
+use crate::Dtype;
+
+/// The AVX-512 [`Isa`].
+#[derive(Clone, Copy)]
+pub(crate) struct Avx512;
+
+/// The features [`entry`] is compiled with, as `is_x86_feature_detected!`
+/// names them: what the CPU must have for this set (every AVX-512 CPU since
+/// Skylake-SP, and AMD's since Zen 4, has all of them).
+pub(crate) const FEATURES: &[&str] = &["avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"];
+
+/// A kernel compiled for AVX-512: its `#[inline(always)]` body inlines
+/// here.
+///
+/// # Safety
+/// The CPU has every one of [`FEATURES`], and the kernel's own contract holds.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
+pub(crate) unsafe fn entry<K: Kernel>(k: K) -> K::Out {
+    // SAFETY: the caller's contract.
+    unsafe { k.run::<Avx512>() }
+}
+
+impl Vector for __m512 {
+    const LANES: usize = 16;
+
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: the trait's contract (the CPU has this set, pointers
+        // valid for 16 floats), as in every method below.
+        unsafe { _mm512_setzero_ps() }
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_storeu_ps(p, self) }
+    }
+
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> Self {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_set1_ps(*p) }
+    }
+
+    #[inline(always)]
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+
+    /// Lanes 8-15 onto 0-7, then AVX2's halving sum.
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        // SAFETY: the trait's contract.
+        unsafe {
+            let half = _mm256_add_ps(_mm512_castps512_ps256(self), _mm512_extractf32x8_ps::<1>(self));
+            avx2::sum8(half)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        // SAFETY: the trait's contract.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+    }
+}
+
+/// The word permutation that widens one bf16 group of 16 (in the packed
+/// layout AVX2 reads, `Weight::slot`) to 16 f32 lanes: word `2c + 1` of the
+/// result (the top half of lane c) takes the word where column c is stored;
+/// even words are zeroed by the mask [`BF16_HIGH_WORDS`].
+const BF16_WIDEN: [u16; 32] = {
+    let mut idx = [0u16; 32];
+    let mut c = 0;
+    while c < 16 {
+        // `<half::bf16 as Weight>::slot(c)`, spelled out for a const.
+        let slot = match c / 4 {
+            1 => c + 4,
+            2 => c - 4,
+            _ => c,
+        };
+        idx[2 * c + 1] = slot as u16;
+        c += 1;
+    }
+    idx
+};
+
+/// The odd words of a 512-bit register: the top halves of its 16 lanes.
+const BF16_HIGH_WORDS: __mmask32 = 0xAAAA_AAAA;
+
+impl Isa for Avx512 {
+    type V = __m512;
+
+    /// Fused: inside [`entry`] this is one `vfmadd`.
+    #[inline(always)]
+    fn fmadd(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+
+    /// f32: one load. bf16: the group's 32 bytes permuted word by word into
+    /// the top halves of the lanes, zeros below (one `vpermw` with a zeroing
+    /// mask), which also undoes AVX2's column swap: the packed layout is the
+    /// same for every set. int8: 16 bytes sign-extended and converted.
+    #[inline(always)]
+    unsafe fn widen<E: Weight>(row: *const E, v: usize) -> __m512 {
+        // SAFETY: the caller's contract (group v of bf16 is 32 bytes, 16
+        // int8 values are 16 bytes); E::DTYPE says what `row` points to.
+        unsafe {
+            match E::DTYPE {
+                Dtype::F32 => _mm512_loadu_ps(row.cast::<f32>().add(16 * v)),
+                Dtype::Bf16 => {
+                    let group = _mm256_loadu_si256(row.cast::<u16>().add(16 * v).cast());
+                    let idx = _mm512_loadu_si512(BF16_WIDEN.as_ptr().cast());
+                    _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(
+                        BF16_HIGH_WORDS,
+                        idx,
+                        _mm512_zextsi256_si512(group),
+                    ))
+                }
+                Dtype::Int8 => _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    row.cast::<i8>().add(16 * v).cast(),
+                ))),
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn bt_lanes<const R: usize, const C: usize>(
+        x: *const f32,
+        w: *const f32,
+        r0: usize,
+        j0: usize,
+        k8: usize,
+        k: usize,
+    ) -> [[[f32; 8]; C]; R] {
+        // SAFETY: the caller's contract; this set includes AVX2 and FMA.
+        unsafe { avx2::bt_lanes(x, w, r0, j0, k8, k) }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_i8<const J: usize>(x: *const i8, ws: [*const i8; J], k32: usize) -> [i32; J] {
+        // SAFETY: the caller's contract; this set includes AVX2.
+        unsafe { avx2::dot_i8(x, ws, k32) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The permutation is the packed layout's, read back: column c of a
+    /// group is where `Weight::slot` put it.
+    #[test]
+    fn bf16_widen_reads_the_slots_of_the_packed_layout() {
+        for c in 0..16 {
+            assert_eq!(
+                BF16_WIDEN[2 * c + 1] as usize,
+                <half::bf16 as Weight>::slot(c),
+                "column {c}"
+            );
+        }
+    }
+}

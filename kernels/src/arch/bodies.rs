@@ -1,0 +1,165 @@
+//! The innermost loops, written once over any [`Isa`]: the register tiles of
+//! the linear layers and the dot products of attention. What changes with the
+//! set is the vector (8 or 16 lanes) and how a weight widens; the order of
+//! the sums does not.
+
+use std::ops::Range;
+
+use super::{Isa, Vector, Weight, LINE};
+use crate::matmul::PANEL;
+
+/// Most vectors a tile row holds: 64 columns of 8 lanes.
+const MAX_VECTORS: usize = 8;
+
+/// `out[r0..r0+R, j0..j0+W] += x[r0..r0+R, ks] · w[ks, 0..W]`: for each k in
+/// `ks`, broadcast `x[r, k]` and multiply-add it with the `W` weights at
+/// `w + k·stride` (widened as loaded); `R x W/L` accumulator registers,
+/// loaded from `out` first and stored back at the end (exactly: a store and
+/// reload does not round).
+///
+/// Iteration i also asks for the `PF` cache lines from
+/// `ahead + i·PF·64` bytes (into L2); a hint, which never faults.
+///
+/// # Safety
+/// The CPU has `I`; pointers valid for `x[M, K]`, `out[M, N]`, and `W`
+/// weights at `w + k·stride` for every k in `ks`, with `r0 + R <= M` and
+/// `j0 + W <= N`; `W` a multiple of the lanes, at most 64, `w` at the start
+/// of a weight group.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Weight>(
+    out: *mut f32,
+    x: *const f32,
+    w: *const E,
+    stride: usize,
+    r0: usize,
+    j0: usize,
+    ks: Range<usize>,
+    k: usize,
+    n: usize,
+    ahead: *const u8,
+) {
+    let l = I::V::LANES;
+    let nv = W / l;
+    debug_assert!(W.is_multiple_of(l) && nv <= MAX_VECTORS);
+    // SAFETY (whole body): every offset is inside the buffers by the contract above.
+    unsafe {
+        let mut acc = [[I::V::zero(); MAX_VECTORS]; R];
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (v, reg) in a.iter_mut().enumerate().take(nv) {
+                *reg = I::V::load(out.add((r0 + r) * n + j0 + l * v));
+            }
+        }
+        let k0 = ks.start;
+        for kk in ks {
+            for p in 0..PF {
+                I::V::prefetch(ahead.wrapping_add(((kk - k0) * PF + p) * LINE));
+            }
+            let wrow = w.add(kk * stride);
+            if R == 2 && W == 48 {
+                // Both broadcasts first, then each weight vector widened once
+                // for both rows: 12 sums + 2 + 1 of AVX2's 16 registers. In
+                // the row-by-row order below LLVM keeps all six weight
+                // vectors live and spills sums. The same sums in the same order.
+                let mut xs = [I::V::zero(); R];
+                for (r, xv) in xs.iter_mut().enumerate() {
+                    *xv = I::V::splat(x.add((r0 + r) * k + kk));
+                }
+                for v in 0..nv {
+                    let wv = I::widen(wrow, v);
+                    for (a, xv) in acc.iter_mut().zip(&xs) {
+                        a[v] = I::V::mul_add(*xv, wv, a[v]);
+                    }
+                }
+                continue;
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = I::V::splat(x.add((r0 + r) * k + kk));
+                for (v, reg) in a.iter_mut().enumerate().take(nv) {
+                    *reg = I::V::mul_add(xv, I::widen(wrow, v), *reg);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (v, reg) in a.iter().enumerate().take(nv) {
+                reg.store(out.add((r0 + r) * n + j0 + l * v));
+            }
+        }
+    }
+}
+
+/// `out[ja..ja+48] += x[ks] · wa[ks, 0..48]` and the same for `jb`, `wb`:
+/// two 1 x 48 tiles of one row, their weights (two panels, rows 48 values
+/// apart) read side by side. `out` and `x` point at the row's start.
+///
+/// # Safety
+/// The CPU has `I`; `x` valid for `ks.end` floats, `wa` and `wb` for
+/// `ks.end` rows of 48, `out` for columns `ja..ja+48` and `jb..jb+48`.
+#[inline(always)]
+pub(crate) unsafe fn tile_pair<I: Isa, E: Weight>(
+    out: *mut f32,
+    x: *const f32,
+    wa: *const E,
+    wb: *const E,
+    ja: usize,
+    jb: usize,
+    ks: Range<usize>,
+) {
+    let l = I::V::LANES;
+    let nv = PANEL / l;
+    // SAFETY (whole body): every offset is inside the buffers by the contract above.
+    unsafe {
+        let mut a = [I::V::zero(); 6];
+        let mut b = [I::V::zero(); 6];
+        for v in 0..nv {
+            a[v] = I::V::load(out.add(ja + l * v));
+            b[v] = I::V::load(out.add(jb + l * v));
+        }
+        for kk in ks {
+            let xv = I::V::splat(x.add(kk));
+            let (ra, rb) = (wa.add(PANEL * kk), wb.add(PANEL * kk));
+            for (v, s) in a.iter_mut().enumerate().take(nv) {
+                *s = I::V::mul_add(xv, I::widen(ra, v), *s);
+            }
+            for (v, s) in b.iter_mut().enumerate().take(nv) {
+                *s = I::V::mul_add(xv, I::widen(rb, v), *s);
+            }
+        }
+        for v in 0..nv {
+            a[v].store(out.add(ja + l * v));
+            b[v].store(out.add(jb + l * v));
+        }
+    }
+}
+
+/// `q · k_j` over `0..hl` for `J` keys (`hl` a multiple of the lanes L):
+/// per key, L lanes accumulated over d in steps of L, then summed by halves
+/// ([`Vector::sum`]).
+///
+/// # Safety
+/// The CPU has `I`; `q` and every key valid for `hl` floats.
+#[inline(always)]
+pub(crate) unsafe fn dot_lanes<I: Isa, const J: usize>(
+    q: *const f32,
+    ks: [*const f32; J],
+    hl: usize,
+) -> [f32; J] {
+    let l = I::V::LANES;
+    // SAFETY (whole body): every offset is below hl (the contract above).
+    unsafe {
+        let mut acc = [I::V::zero(); J];
+        let mut d = 0;
+        while d < hl {
+            let qd = I::V::load(q.add(d));
+            for (a, k) in acc.iter_mut().zip(&ks) {
+                *a = I::V::mul_add(qd, I::V::load(k.add(d)), *a);
+            }
+            d += l;
+        }
+        let mut out = [0f32; J];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = a.sum();
+        }
+        out
+    }
+}
