@@ -62,6 +62,23 @@ pub struct DtypeArgs {
     pub dtype: crate::Dtype,
 }
 
+/// `--kernels`: which instruction set's kernels run (chosen once, before any kernel).
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct KernelArgs {
+    /// Kernel instruction set: avx512, avx2 or portable (default: $GPT2_KERNELS, else the best
+    /// this CPU runs). A set the CPU lacks is an error, never a silent fallback.
+    #[arg(long, value_name = "SET", global = true)]
+    pub kernels: Option<gpt2_kernels::KernelSet>,
+}
+
+impl KernelArgs {
+    /// Chooses the process's kernel set: the flag, else `GPT2_KERNELS`, else the best.
+    /// Call it first in `main`, before any model is loaded.
+    pub fn init(&self) -> std::result::Result<gpt2_kernels::Kernels, gpt2_kernels::KernelsError> {
+        gpt2_kernels::init(self.kernels)
+    }
+}
+
 /// Where the weights in use came from; printed with every output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WeightsSource {

@@ -225,3 +225,85 @@ fn logits_out_never_replaces_a_file() {
     );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "earlier results");
 }
+
+/// Every kernel set this CPU runs gives the same logits to rounding (sets may
+/// round differently: portable does not fuse multiply-adds), and a set that is
+/// unknown or that the CPU lacks is refused by name before anything loads.
+#[test]
+fn kernels_flag_picks_a_set_and_refuses_what_cannot_run() {
+    let dir = synth_dir(Preset::Tiny, 0);
+    let logits = |set: &str| -> Vec<f64> {
+        let out = gpt2(&[
+            "logits",
+            "--kernels",
+            set,
+            "--weights",
+            dir.to_str().unwrap(),
+            "--tokens",
+            "15496,11",
+        ]);
+        assert!(out.status.success(), "--kernels {set}: {}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().clone())
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let sets: Vec<&str> = gpt2_kernels::KernelSet::supported()
+        .into_iter()
+        .map(|s| s.as_str())
+        .collect();
+    assert!(sets.contains(&"portable"), "{sets:?}");
+    let base = logits(sets[0]);
+    for set in &sets[1..] {
+        let other = logits(set);
+        let worst = base
+            .iter()
+            .zip(&other)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst <= 1e-3, "{set} against {}: worst |diff| {worst}", sets[0]);
+    }
+    let out = gpt2(&[
+        "--kernels",
+        "avx9",
+        "logits",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("avx512, avx2"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_gpt2"))
+        .args(["logits", "--weights", dir.to_str().unwrap(), "--tokens", "1"])
+        .env("GPT2_KERNELS", "avx9")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("GPT2_KERNELS"),
+        "{}",
+        text(&out.stderr)
+    );
+    if let Some(missing) = gpt2_kernels::KernelSet::ALL.iter().find(|s| !s.is_supported()) {
+        let out = gpt2(&[
+            "logits",
+            "--kernels",
+            missing.as_str(),
+            "--weights",
+            dir.to_str().unwrap(),
+            "--tokens",
+            "1",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("lacks"), "{}", text(&out.stderr));
+    }
+}

@@ -45,17 +45,10 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// The CPU's model name from `/proc/cpuinfo`, or the architecture elsewhere.
+/// The CPU: model name, family, model and stepping, and the vector features the
+/// kernels care about (e.g. `AMD EPYC (family 25, model 1, stepping 1; avx2 fma)`).
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+    gpt2_kernels::CpuInfo::detect().to_string()
 }
 
 /// `2026-11-28T04:35:12Z` (`pretty`) or `20261128T043512Z` (for file names).

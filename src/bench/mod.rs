@@ -116,6 +116,10 @@ pub struct Metadata {
     pub git_commit: String,
     pub rustc: String,
     pub cpu_model: String,
+    /// The kernel instruction set the engine ran (`avx512`, `avx2`, `portable`; empty before schema 4's
+    /// run-time dispatch, `n/a (server)` for `--url` runs).
+    #[serde(default)]
+    pub kernels: String,
     /// Logical cores available to this process.
     pub cores: usize,
     /// "shared": one rayon pool for all requests; "per-request": a pool each.

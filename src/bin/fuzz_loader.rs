@@ -50,6 +50,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // `GPT2_KERNELS` is checked here, by name, not at the first kernel call.
+    if let Err(e) = gpt2_kernels::init(None) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let dir = std::env::temp_dir().join(format!("gpt2-fuzz-loader-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create the fuzz directory");
     let base = base();

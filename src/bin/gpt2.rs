@@ -15,6 +15,8 @@ use gpt2::{GenerateOptions, Gpt2Model, SamplingParams, Session};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    kernels: gpt2::hub::KernelArgs,
 }
 
 #[derive(Subcommand)]
@@ -100,7 +102,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(e) = cli.kernels.init() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

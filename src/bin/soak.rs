@@ -43,6 +43,8 @@ struct Args {
     #[command(flatten)]
     weights: WeightsArgs,
     #[command(flatten)]
+    kernels: gpt2::hub::KernelArgs,
+    #[command(flatten)]
     dtype: DtypeArgs,
     /// Requests per mode.
     #[arg(long, default_value_t = 500)]
@@ -111,6 +113,10 @@ struct ModeSummary {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = args.kernels.init() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

@@ -41,6 +41,8 @@ struct Args {
     command: Option<Command>,
     #[command(flatten)]
     options: Options,
+    #[command(flatten)]
+    kernels: gpt2::hub::KernelArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -53,6 +55,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = args.kernels.init() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     if let Some(Command::Compare(c)) = &args.command {
         return match compare::compare(c) {
             Ok(_) => ExitCode::SUCCESS,

@@ -101,6 +101,14 @@ fn md_setup(report: &Report) -> String {
         ]),
         None => setup.extend([
             ("CPU", md_text(&md.cpu_model)),
+            (
+                "kernels",
+                if md.kernels.is_empty() {
+                    "—".to_string()
+                } else {
+                    md_text(&md.kernels)
+                },
+            ),
             ("cores", md.cores.to_string()),
             ("pool layout", md_text(&md.pool_layout)),
             ("threads per request", md.threads_per_request.to_string()),

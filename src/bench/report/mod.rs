@@ -690,6 +690,7 @@ mod tests {
                 git_commit: "abc1234".to_string(),
                 rustc: "rustc 1.80.0".to_string(),
                 cpu_model: "Fast & <Cheap> CPU \"x\"".to_string(),
+                kernels: "avx2".to_string(),
                 cores: 8,
                 pool_layout: "shared".to_string(),
                 threads_per_request: 8,
