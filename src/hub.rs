@@ -87,6 +87,26 @@ pub enum WeightsSource {
     Synthetic { preset: String, seed: u64 },
 }
 
+impl WeightsSource {
+    /// This source in words for every output: a synthetic checkpoint passed as a local
+    /// directory (`marked`: the `gpt2_rs_synthetic` entry our generator writes into
+    /// `config.json`) says that it is synthetic, as the generated fallback does.
+    pub fn describe(&self, marked: Option<&crate::config::SyntheticInfo>) -> String {
+        match (self, marked) {
+            (WeightsSource::Local { .. }, Some(info)) => format!(
+                "{self} (SYNTHETIC {} checkpoint, seed {}: random weights, the text is noise)",
+                info.preset, info.seed
+            ),
+            _ => self.to_string(),
+        }
+    }
+
+    /// Whether the weights are random: generated here, or marked so by our generator.
+    pub fn is_synthetic(&self, marked: Option<&crate::config::SyntheticInfo>) -> bool {
+        marked.is_some() || matches!(self, WeightsSource::Synthetic { .. })
+    }
+}
+
 impl fmt::Display for WeightsSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

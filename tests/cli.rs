@@ -307,3 +307,25 @@ fn kernels_flag_picks_a_set_and_refuses_what_cannot_run() {
         assert!(text(&out.stderr).contains("lacks"), "{}", text(&out.stderr));
     }
 }
+
+/// A synthetic checkpoint passed as a directory is still named synthetic: our
+/// generator marks its `config.json`, and every output reads the mark.
+#[test]
+fn a_synthetic_checkpoint_given_as_a_directory_says_so() {
+    let dir = synth_dir(Preset::Tiny, 0);
+    let out = gpt2(&[
+        "generate",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("SYNTHETIC tiny checkpoint, seed 0"),
+        "{}",
+        text(&out.stderr)
+    );
+}

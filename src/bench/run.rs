@@ -383,7 +383,10 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
         plan.total_requests(opts.warmup, opts.single_requests) as u64,
         "requests",
     );
-    progress.println(&format!("weights: {}", resolved.source));
+    progress.println(&format!(
+        "weights: {}",
+        resolved.source.describe(cfg.synthetic.as_ref())
+    ));
 
     // Tokenize and check every prompt before any work.
     let concurrent_texts: Vec<String> = if opts.concurrent_prompts.is_empty() {
@@ -508,9 +511,9 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
         },
         max_batch: opts.max_batch,
         max_prompt_rows: opts.max_prompt_rows,
-        weights_source: resolved.source.to_string(),
+        weights_source: resolved.source.describe(cfg.synthetic.as_ref()),
         weights_sha256: meta::sha256_file(&model_path)?,
-        synthetic_weights: matches!(resolved.source, hub::WeightsSource::Synthetic { .. }),
+        synthetic_weights: resolved.source.is_synthetic(cfg.synthetic.as_ref()),
         model: Some(ModelInfo {
             n_layer: cfg.n_layer,
             n_head: cfg.n_head,

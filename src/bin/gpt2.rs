@@ -156,7 +156,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let load = t.elapsed();
             // Check the request before printing anything, so a bad one fails cleanly.
             gpt2::generate::check_request(&ids, &opts, model.config.n_positions)?;
-            eprintln!("weights: {}", resolved.source);
+            eprintln!(
+                "weights: {}",
+                resolved.source.describe(model.config.synthetic.as_ref())
+            );
             eprintln!(
                 "loaded in {:.0} ms ({:.0} MB packed into {} kernel panels); prompt is {} tokens",
                 load.as_secs_f64() * 1e3,

@@ -133,9 +133,12 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     }
     let resolved = hub::resolve(&args.weights)?;
     let dtype = args.dtype.dtype;
-    eprintln!("weights: {}", resolved.source);
     eprintln!("dtype: {dtype} (linear layers' weights)");
     let model = Arc::new(Gpt2Model::load_with(&resolved.dir, dtype)?);
+    eprintln!(
+        "weights: {}",
+        resolved.source.describe(model.config.synthetic.as_ref())
+    );
     let jobs = mix(args, &model);
     let modes: &[&'static str] = match args.mode {
         ModeArg::Threads => &["threads"],
@@ -148,7 +151,7 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     }
     let ok = summaries.iter().all(|s| s.checks_passed);
     let json = serde_json::json!({
-        "weights_source": resolved.source.to_string(),
+        "weights_source": resolved.source.describe(model.config.synthetic.as_ref()),
         "dtype": model.dtype().as_str(),
         "requests_per_mode": args.requests,
         "concurrency": args.concurrency,

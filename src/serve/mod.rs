@@ -314,17 +314,9 @@ pub fn load_engine(weights: &WeightsArgs, dtype: Dtype, config: SchedulerConfig)
     let resolved = hub::resolve(weights)?;
     let tokenizer = resolved.load_tokenizer()?;
     let model = Arc::new(Gpt2Model::load_with(&resolved.dir, dtype)?);
-    let mut weights_text = resolved.source.to_string();
-    // A synthetic checkpoint passed as a local directory still says so.
-    if let (Some(info), WeightsSource::Local { .. }) = (&model.config.synthetic, &resolved.source) {
-        weights_text.push_str(&format!(
-            " (SYNTHETIC {} checkpoint, seed {}: random weights, the text is noise)",
-            info.preset, info.seed
-        ));
-    }
+    let weights_text = resolved.source.describe(model.config.synthetic.as_ref());
     eprintln!("gpt2 serve: weights: {weights_text}");
-    let synthetic =
-        model.config.synthetic.is_some() || matches!(resolved.source, WeightsSource::Synthetic { .. });
+    let synthetic = resolved.source.is_synthetic(model.config.synthetic.as_ref());
     let model_id = match &resolved.source {
         WeightsSource::Hub { model_id, .. } => model_id.clone(),
         WeightsSource::Local { dir } => dir
