@@ -68,11 +68,11 @@ fn stdout_header(report: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "{}cpu: {}{} | {} new tokens per request (EOS ignored), {} warmup, {} repetition{}",
+        "{}cpu: {}\n{}{} new tokens per request (EOS ignored), {} warmup, {} repetition{}",
         if md.server.is_some() { "client " } else { "" },
         one_line(&md.cpu_model),
         if md.server.is_none() && !md.kernels.is_empty() {
-            format!(" | kernels: {}", one_line(&md.kernels))
+            format!("kernels: {} | ", one_line(&md.kernels))
         } else {
             String::new()
         },
