@@ -8,9 +8,14 @@ use common::synth_dir;
 use gpt2::synth::Preset;
 
 fn gpt2(args: &[&str]) -> Output {
+    gpt2_with_env(args, &[])
+}
+
+fn gpt2_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_gpt2"))
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -53,6 +58,9 @@ fn generate_streams_text_and_reports_timings() {
         "{stdout}"
     );
     assert!(stderr.contains("weights: local checkpoint"), "{stderr}");
+    // Our generator marks its config.json, so a synthetic checkpoint given as a
+    // directory is still named synthetic.
+    assert!(stderr.contains("SYNTHETIC tiny checkpoint, seed 0"), "{stderr}");
     assert!(
         stderr.contains("generated 12 tokens (MaxNewTokens)") && stderr.contains("time to first token"),
         "{stderr}"
@@ -282,11 +290,10 @@ fn kernels_flag_picks_a_set_and_refuses_what_cannot_run() {
         "{}",
         text(&out.stderr)
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-        .args(["logits", "--weights", dir.to_str().unwrap(), "--tokens", "1"])
-        .env("GPT2_KERNELS", "avx9")
-        .output()
-        .unwrap();
+    let out = gpt2_with_env(
+        &["logits", "--weights", dir.to_str().unwrap(), "--tokens", "1"],
+        &[("GPT2_KERNELS", "avx9")],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("GPT2_KERNELS"),
@@ -306,26 +313,4 @@ fn kernels_flag_picks_a_set_and_refuses_what_cannot_run() {
         assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
         assert!(text(&out.stderr).contains("lacks"), "{}", text(&out.stderr));
     }
-}
-
-/// A synthetic checkpoint passed as a directory is still named synthetic: our
-/// generator marks its `config.json`, and every output reads the mark.
-#[test]
-fn a_synthetic_checkpoint_given_as_a_directory_says_so() {
-    let dir = synth_dir(Preset::Tiny, 0);
-    let out = gpt2(&[
-        "generate",
-        "--weights",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "Hi",
-        "--max-new-tokens",
-        "2",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("SYNTHETIC tiny checkpoint, seed 0"),
-        "{}",
-        text(&out.stderr)
-    );
 }
