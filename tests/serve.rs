@@ -642,12 +642,59 @@ fn requests_past_the_grace_period_are_cancelled() {
 }
 
 #[test]
+fn after_the_signal_health_is_503_while_requests_are_still_served_for_the_drain() {
+    let config = ServeConfig {
+        drain: Duration::from_secs(3),
+        grace: Duration::from_secs(30),
+        ..small_config(4, 4)
+    };
+    let mut server = start(config, true, None, || {});
+    server::wait_healthy(&server.base);
+    // A request in flight when the signal comes, held after its first token.
+    let mut conn = raw_request(&server.base, &greedy(json!(PROMPT), 50, true));
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        assert!(conn.read_line(&mut line).unwrap() > 0, "the stream ended early");
+    }
+    server.stop.take().expect("running").send(()).unwrap();
+    let start = Instant::now();
+    let health = loop {
+        let h = server::get(&server.url("/health"), None);
+        if h.status != 200 || start.elapsed() > PATIENCE {
+            break h;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_error(&health, 503, &["shutting down", "finishing: 1"]);
+    assert_eq!(server::metric(&server.metrics(), "gpt2_draining"), Some(1.0));
+    // During the drain a new request is still taken and served whole.
+    server.gate.open();
+    let late = post_json(&server.url("/v1/completions"), &greedy(json!("a"), 5, false));
+    assert_eq!(late.status, 200, "{}", late.text);
+    assert_eq!(late.json["usage"]["completion_tokens"], 5);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "the drain was over before the check"
+    );
+    // And the one in flight finishes.
+    let mut rest = String::new();
+    while matches!(conn.read_line(&mut rest), Ok(n) if n > 0) {}
+    assert!(rest.contains("data: [DONE]"), "{rest}");
+    let serve = server.thread.take().expect("running").join();
+    assert!(serve.is_ok(), "serve failed");
+    // Stopped listening after the drain.
+    assert!(TcpStream::connect(server.base.trim_start_matches("http://")).is_err());
+}
+
+#[test]
 fn bad_flags_are_refused_by_name() {
     let dir = tiny_dir();
     for (flag, value) in [
         ("--max-batch", "0"),
         ("--threads", "0"),
         ("--grace-seconds", "-1"),
+        ("--drain-seconds", "nan"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpt2"))
             .args([

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub active_sequences: IntGauge,
     pub in_flight: IntGauge,
+    pub draining: IntGauge,
     /// Request arrival to its first token, server side.
     pub ttft: Histogram,
     /// Between two successive tokens of one request.
@@ -65,6 +66,11 @@ impl Metrics {
             "Completion requests admitted and not yet over",
         )
         .expect("valid gauge");
+        let draining = IntGauge::new(
+            "gpt2_draining",
+            "1 once the server is shutting down (/health answers 503), else 0",
+        )
+        .expect("valid gauge");
         let ttft = histogram(
             "gpt2_time_to_first_token_seconds",
             "Request arrival to its first generated token",
@@ -91,6 +97,7 @@ impl Metrics {
             Box::new(queue_depth.clone()),
             Box::new(active_sequences.clone()),
             Box::new(in_flight.clone()),
+            Box::new(draining.clone()),
             Box::new(ttft.clone()),
             Box::new(inter_token.clone()),
             Box::new(step.clone()),
@@ -105,6 +112,7 @@ impl Metrics {
             queue_depth,
             active_sequences,
             in_flight,
+            draining,
             ttft,
             inter_token,
             step,

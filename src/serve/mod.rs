@@ -4,7 +4,9 @@
 //! [`serve`] binds nothing itself: it takes a listener (so tests can use
 //! port 0 and run it in-process), starts loading the weights in the
 //! background (`/health` is 503 until they are ready) and serves until the
-//! shutdown future resolves; then it stops accepting, lets in-flight
+//! shutdown future resolves. Then it drains: `/health` answers 503 at once
+//! (a load balancer's check takes the replica out) while requests are still
+//! served for the drain period; then it stops accepting, lets in-flight
 //! requests finish within the grace period and cancels the rest. [`run`] is
 //! the binary's side: flags, the listening socket, SIGINT/SIGTERM.
 //!
@@ -53,7 +55,10 @@ pub struct ServeConfig {
     pub pool: Option<Arc<rayon::ThreadPool>>,
     /// When set, every route but `/health` needs `Authorization: Bearer KEY`.
     pub api_key: Option<String>,
-    /// After the shutdown signal, how long in-flight requests may run on.
+    /// After the shutdown signal, how long `/health` says 503 while new
+    /// requests are still taken (so a load balancer stops sending them).
+    pub drain: Duration,
+    /// After the drain, how long in-flight requests may run on.
     pub grace: Duration,
     /// Largest request body accepted (413 past it).
     pub body_limit: usize,
@@ -67,6 +72,7 @@ impl Default for ServeConfig {
             max_prompt_rows: 128,
             pool: None,
             api_key: None,
+            drain: Duration::ZERO,
             grace: Duration::from_secs(10),
             body_limit: 1 << 20,
         }
@@ -98,7 +104,7 @@ where
     L: FnOnce(SchedulerConfig) -> crate::Result<Engine> + Send + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    let grace = config.grace;
+    let (drain, grace) = (config.drain, config.grace);
     let app = Arc::new(routes::App::new(config));
     let scheduler_config = SchedulerConfig {
         max_batch: app.config.max_batch,
@@ -139,9 +145,17 @@ where
         });
     }
     {
-        let stop = Arc::clone(&stop);
+        let (app, stop) = (Arc::clone(&app), Arc::clone(&stop));
         tokio::spawn(async move {
             shutdown.await;
+            app.start_draining();
+            if !drain.is_zero() {
+                eprintln!(
+                    "gpt2 serve: draining: /health answers 503; requests are still served for {} s",
+                    drain.as_secs_f64()
+                );
+                tokio::time::sleep(drain).await;
+            }
             stop.send_replace(true);
         });
     }
@@ -227,7 +241,13 @@ pub struct ServeArgs {
     /// (default: the GPT2_API_KEY environment variable, if set).
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
-    /// On SIGINT/SIGTERM, how long in-flight requests may run before they are cancelled.
+    /// On SIGINT/SIGTERM, how long /health answers 503 while requests are
+    /// still taken, before the server stops listening: at least a load
+    /// balancer's health-check interval times its fall count, so that it
+    /// stops routing here first.
+    #[arg(long, default_value_t = 0.0)]
+    pub drain_seconds: f64,
+    /// After the drain, how long in-flight requests may run before they are cancelled.
     #[arg(long, default_value_t = 10.0)]
     pub grace_seconds: f64,
     /// Largest request body accepted, in bytes (413 past it).
@@ -252,8 +272,13 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
         )
         .into());
     }
-    if !(args.grace_seconds.is_finite() && args.grace_seconds >= 0.0) {
-        return Err(format!("--grace-seconds must be >= 0, got {}", args.grace_seconds).into());
+    for (flag, secs) in [
+        ("--drain-seconds", args.drain_seconds),
+        ("--grace-seconds", args.grace_seconds),
+    ] {
+        if !(secs.is_finite() && (0.0..=86_400.0).contains(&secs)) {
+            return Err(format!("{flag} must be between 0 and 86400 seconds, got {secs}").into());
+        }
     }
     let pool = match args.threads {
         Some(0) => return Err("--threads must be at least 1".into()),
@@ -272,6 +297,7 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
         max_prompt_rows: args.max_prompt_rows,
         pool,
         api_key,
+        drain: Duration::from_secs_f64(args.drain_seconds),
         grace: Duration::from_secs_f64(args.grace_seconds),
         body_limit: args.max_body_bytes,
     };

@@ -39,6 +39,8 @@ pub struct App {
     /// Set when the shutdown grace period is over: bridges cancel their
     /// sequences at the next token.
     pub abort: AtomicBool,
+    /// Set on the shutdown signal: `/health` answers 503 from then on.
+    draining: AtomicBool,
     in_flight: AtomicUsize,
     next_id: AtomicU64,
     /// SHA-256 of the API key: comparing digests keeps the comparison
@@ -64,6 +66,7 @@ impl App {
             metrics: Metrics::new(),
             engine: OnceLock::new(),
             abort: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             key_digest,
@@ -73,6 +76,12 @@ impl App {
 
     fn engine(&self) -> Result<Arc<Engine>, ApiError> {
         self.engine.get().cloned().ok_or_else(ApiError::not_ready)
+    }
+
+    /// From now on `/health` answers 503 (requests are still served).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.metrics.draining.set(1);
     }
 
     pub fn in_flight(&self) -> usize {
@@ -236,6 +245,17 @@ async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
+    if app.draining.load(Ordering::Relaxed) {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            format!(
+                "the server is shutting down (requests in flight, finishing: {}); send new ones elsewhere",
+                app.in_flight()
+            ),
+        )
+        .into_response();
+    }
     match app.engine() {
         Ok(_) => Json(json!({"status": "ok"})).into_response(),
         Err(e) => e.into_response(),
