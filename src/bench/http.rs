@@ -11,7 +11,7 @@
 //! then checks they equal `max_tokens`); anything else is a failure whose
 //! text names what was wrong, so that failures group by cause in the report.
 //! No wait is unbounded: connecting, the answer's head and every read have
-//! a timeout.
+//! a timeout, and a request may have a deadline as a whole.
 
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
@@ -45,6 +45,8 @@ pub struct HttpOptions {
     /// Longest silence of the server: waiting for an answer's head, or for
     /// the next bytes of a stream.
     pub timeout: Duration,
+    /// The longest one request may take, connecting to `[DONE]`.
+    pub deadline: Option<Duration>,
 }
 
 /// A server, its model chosen, ready to take requests from many client
@@ -70,6 +72,7 @@ impl Http {
             .timeout_recv_response(Some(opts.timeout))
             .timeout_per_read(Some(opts.timeout))
             .timeout_per_write(Some(opts.timeout))
+            .timeout_global(opts.deadline)
             // Every client thread keeps its connection between requests.
             .max_idle_connections(MAX_CLIENTS)
             .max_idle_connections_per_host(MAX_CLIENTS)

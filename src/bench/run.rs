@@ -170,6 +170,11 @@ pub struct Options {
     /// seconds; connecting may take at most 5 s.
     #[arg(long, value_name = "SECS", default_value_t = 60.0, requires = "url")]
     pub http_timeout: f64,
+    /// With --url: the longest one request may take as a whole, connecting to
+    /// its last token, seconds; past it the request fails [default: none,
+    /// only --http-timeout bounds each wait].
+    #[arg(long, value_name = "SECS", requires = "url")]
+    pub request_deadline: Option<f64>,
 }
 
 /// The longest open-loop schedule a test may have (`--request-rate`).
@@ -586,6 +591,14 @@ pub fn run_http(opts: &Options, url: &str) -> Result<RunOutcome, Box<dyn Error>>
         )
         .into());
     }
+    if let Some(d) = opts.request_deadline {
+        if !(d.is_finite() && d > 0.0 && d <= 86_400.0) {
+            return Err(format!(
+                "--request-deadline must be a number of seconds above 0 and at most 86400, not {d}"
+            )
+            .into());
+        }
+    }
     crate::files::check_writable_dir(&opts.out_dir)?;
     let (tok, tokenizer_source) = match (&opts.weights.tokenizer, &opts.weights.weights) {
         (Some(t), _) => (crate::Gpt2Tokenizer::from_file(t)?, t.display().to_string()),
@@ -621,6 +634,7 @@ pub fn run_http(opts: &Options, url: &str) -> Result<RunOutcome, Box<dyn Error>>
         model: opts.server_model.clone(),
         max_tokens: opts.max_new_tokens,
         timeout: std::time::Duration::from_secs_f64(opts.http_timeout),
+        deadline: opts.request_deadline.map(std::time::Duration::from_secs_f64),
     })?;
     let dtype = server_field(&server, "dtype")
         .and_then(serde_json::Value::as_str)

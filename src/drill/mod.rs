@@ -1,0 +1,1039 @@
+//! Fault drills and the scale-out sweep (the `drill` binary): each starts a
+//! local cluster (`deploy/local-cluster.sh`: replicas of `gpt2 serve`
+//! pinned to their own cores, HAProxy in front), drives `throughput --url`
+//! through HAProxy at a fixed concurrency with streaming requests, does
+//! something to a replica mid-run, and checks what the clients saw:
+//!
+//! - `rolling`: SIGTERM one replica, wait until it is back (restarted by
+//!   the script, loaded, UP in HAProxy), then the other. Nothing may fail.
+//! - `crash`: SIGKILL one replica. Only requests it held may fail; HAProxy
+//!   must take it out within its check interval and route to it again once
+//!   it is back (its new process's `/metrics` counts requests).
+//! - `overload`: arrivals at 4x what the cluster serves, the concurrency 4x
+//!   the replicas' queues. The excess gets the replicas' 429 through
+//!   HAProxy, and sent = succeeded + failed by status.
+//! - `scale`: tok/s and p50 latency with 1 and 2 one-core replicas and one
+//!   two-core replica, at each concurrency.
+//!
+//! Each drill's table (requests sent, succeeded, failed by cause, p50/p99
+//! latency, wrong token counts, and its checks) goes to stdout and to
+//! `--out-dir` as Markdown and JSON; a drill whose checks fail exits 3.
+
+pub mod cluster;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::ValueEnum;
+use serde::Serialize;
+
+use crate::bench::{meta, Report};
+use cluster::{metric_sum, Cluster, ClusterSpec, Programs};
+
+/// Which drill (`drill <DRILL>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrillKind {
+    /// SIGTERM one replica mid-run, wait until it is back, then the next.
+    Rolling,
+    /// SIGKILL one replica mid-run.
+    Crash,
+    /// Arrivals at 4x the cluster's rate, concurrency 4x the replicas' queues: 429s.
+    Overload,
+    /// Throughput and latency with 1 and 2 one-core replicas and one two-core replica.
+    Scale,
+    /// rolling, crash and overload, one after the other.
+    All,
+}
+
+/// The `drill` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrillArgs {
+    #[arg(value_enum)]
+    pub drill: DrillKind,
+    /// Checkpoint directory every replica serves (default: the synthetic
+    /// 124M checkpoint, `gpt2 serve --synthetic`).
+    #[arg(long, value_name = "DIR")]
+    pub weights: Option<PathBuf>,
+    /// Replicas, one core each (rolling, crash, overload).
+    #[arg(long, default_value_t = 2)]
+    pub replicas: usize,
+    /// Client concurrency (rolling, crash, overload).
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Tokens every request generates, exactly.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// How long the measured run of a fault drill should last, seconds: its
+    /// request count is sized from a short calibration run.
+    #[arg(long, default_value_t = 30.0)]
+    pub duration: f64,
+    /// The longest one request may take (throughput --request-deadline), seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub request_deadline: f64,
+    /// Concurrency levels of the scale sweep (1 is its single-request test).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    pub scale_levels: Vec<usize>,
+    /// Requests per level of the scale sweep (at least the level).
+    #[arg(long, default_value_t = 32)]
+    pub scale_requests: usize,
+    /// Repetitions of the scale sweep, the order of the three layouts
+    /// rotating; the table gives the median of each cell.
+    #[arg(long, default_value_t = 1)]
+    pub scale_repetitions: usize,
+    /// Where the drill reports go (JSON and Markdown; never overwritten).
+    #[arg(long, default_value = "data/drills")]
+    pub out_dir: PathBuf,
+}
+
+/// One check of a drill: what was required, whether it held, what was seen.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub what: String,
+    pub passed: bool,
+    pub seen: String,
+}
+
+/// What the clients of one measured run saw.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Tally {
+    pub sent: usize,
+    pub succeeded: usize,
+    /// Failures grouped by cause, most frequent first.
+    pub failed_by_cause: Vec<(String, usize)>,
+    /// Latency of the successful requests, ms.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub tokens_per_s: f64,
+    /// Requests whose token count was not the one asked for.
+    pub wrong_token_counts: usize,
+}
+
+impl Tally {
+    pub fn failed(&self) -> usize {
+        self.failed_by_cause.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Every request of every test of `report` (the warmup is not in it).
+    pub fn of(report: &Report) -> Tally {
+        let mut t = Tally::default();
+        let mut latencies = Vec::new();
+        let (mut tokens, mut seconds) = (0usize, 0.0);
+        for test in &report.tests {
+            tokens += test.total_tokens;
+            seconds += test.duration_s;
+            for r in &test.raw {
+                t.sent += 1;
+                match &r.error {
+                    None if r.generated_tokens == report.metadata.max_new_tokens => {
+                        t.succeeded += 1;
+                        latencies.push(r.latency_ms);
+                    }
+                    None => {
+                        t.wrong_token_counts += 1;
+                        count(&mut t.failed_by_cause, "wrong token count");
+                    }
+                    Some(e) => {
+                        let c = cause(e);
+                        if c == "wrong token count" {
+                            t.wrong_token_counts += 1;
+                        }
+                        count(&mut t.failed_by_cause, &c);
+                    }
+                }
+            }
+        }
+        t.failed_by_cause
+            .sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        latencies.sort_by(f64::total_cmp);
+        t.p50_ms = nearest_rank(&latencies, 0.50);
+        t.p99_ms = nearest_rank(&latencies, 0.99);
+        t.tokens_per_s = if seconds > 0.0 {
+            tokens as f64 / seconds
+        } else {
+            0.0
+        };
+        t
+    }
+}
+
+fn count(causes: &mut Vec<(String, usize)>, c: &str) {
+    match causes.iter_mut().find(|(k, _)| k == c) {
+        Some((_, n)) => *n += 1,
+        None => causes.push((c.to_string(), 1)),
+    }
+}
+
+/// The `q` quantile of sorted `v` (nearest rank), 0 if empty.
+fn nearest_rank(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// A failure's text (from `throughput --url`'s client) as a cause to group
+/// by: the HTTP status with the server's words, a cut stream, a timeout, a
+/// connection that failed, or a wrong token count.
+pub fn cause(error: &str) -> String {
+    let e = error.to_ascii_lowercase();
+    if let Some(rest) = error.strip_prefix("HTTP ") {
+        let (status, message) = rest.split_once(": ").unwrap_or((rest, ""));
+        // The server's words, to the last whole word within 72 characters.
+        let mut message: String = message.chars().take(72).collect();
+        if message.len() < rest.len() - status.len() - 2 {
+            if let Some(cut) = message.rfind(' ') {
+                message.truncate(cut);
+                message.push_str(" ...");
+            }
+        }
+        return if message.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("HTTP {status} ({message})")
+        };
+    }
+    if e.starts_with("short:") || e.starts_with("long:") || e.contains("completion tokens but") {
+        "wrong token count".into()
+    } else if e.contains("timeout") || e.contains("timed out") {
+        "timeout (no answer in time)".into()
+    } else if e.contains("stream broke") || e.contains("without `data: [done]`") {
+        "stream cut mid-response".into()
+    } else if e.contains("refused")
+        || e.contains("reset")
+        || e.contains("connection")
+        || e.contains("disconnected")
+    {
+        "connection failed".into()
+    } else {
+        error.chars().take(80).collect()
+    }
+}
+
+/// One `throughput --url` run through the cluster's HAProxy.
+struct Load {
+    levels: Vec<usize>,
+    requests_per_level: usize,
+    single_requests: usize,
+    max_new_tokens: usize,
+    request_rate: Option<f64>,
+    deadline: f64,
+}
+
+fn spawn_load(
+    programs: &Programs,
+    cluster: &Cluster,
+    load: &Load,
+    weights: Option<&Path>,
+) -> Result<Child, String> {
+    let levels = load
+        .levels
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = Command::new(&programs.throughput);
+    cmd.args(["--url", &cluster.lb_url()])
+        .args(["--levels", &levels])
+        .args(["--requests-per-level", &load.requests_per_level.to_string()])
+        .args(["--single-requests", &load.single_requests.to_string()])
+        .args(["--warmup", "1"])
+        .args(["--max-new-tokens", &load.max_new_tokens.to_string()])
+        .args(["--request-deadline", &load.deadline.to_string()])
+        .args(["--http-timeout", &load.deadline.to_string()])
+        .arg("--out-dir")
+        .arg(cluster.state.join("reports"))
+        .arg("--json")
+        .stdin(Stdio::null())
+        // Files, not pipes: the report is large, and nobody reads a pipe
+        // until the run is over.
+        .stdout(create(&cluster.state.join("load.json"))?)
+        .stderr(create(&cluster.state.join("load.log"))?);
+    if let Some(r) = load.request_rate {
+        cmd.args(["--request-rate", &format!("{r:.3}")]);
+    }
+    if let Some(w) = weights.filter(|w| w.join("tokenizer.json").is_file()) {
+        cmd.arg("--tokenizer").arg(w.join("tokenizer.json"));
+    }
+    cmd.spawn()
+        .map_err(|e| format!("cannot run {}: {e}", programs.throughput.display()))
+}
+
+/// Waits for a load at most `limit` (then kills it: a client hung) and
+/// reads its report. Exit 0, 3 (targets) and 4 (failed requests) all wrote one.
+fn create(path: &Path) -> Result<std::fs::File, String> {
+    std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn finish_load(mut child: Child, limit: Duration, state: &Path) -> Result<Report, String> {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if start.elapsed() > limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "throughput --url did not finish within {} s: a client hung",
+                    limit.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(format!("waiting for throughput: {e}")),
+        }
+    }
+    let status = child.wait().map_err(|e| format!("waiting for throughput: {e}"))?;
+    if !matches!(status.code(), Some(0 | 3 | 4)) {
+        let log = std::fs::read_to_string(state.join("load.log")).unwrap_or_default();
+        return Err(format!(
+            "throughput --url failed ({status}):\n{}",
+            cluster::tail(&log, 15)
+        ));
+    }
+    let json =
+        std::fs::read(state.join("load.json")).map_err(|e| format!("reading throughput's report: {e}"))?;
+    serde_json::from_slice(&json).map_err(|e| format!("throughput's JSON report is unreadable: {e}"))
+}
+
+/// A drill's result: its setting, the tally, the events and the checks.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillReport {
+    pub drill: DrillKind,
+    pub timestamp_utc: String,
+    pub git_commit: String,
+    pub cpu_model: String,
+    pub weights: String,
+    pub setting: String,
+    pub tally: Tally,
+    /// What happened when, seconds from the start of the measured run.
+    pub events: Vec<(f64, String)>,
+    pub checks: Vec<Check>,
+}
+
+impl DrillReport {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+
+    pub fn markdown(&self) -> String {
+        let t = &self.tally;
+        let mut s = format!("## Drill `{:?}`\n\n", self.drill).to_lowercase();
+        s.push_str(&format!(
+            "{}\n\nCPU: {}; weights: {}; commit {}; {}\n\n",
+            self.setting, self.cpu_model, self.weights, self.git_commit, self.timestamp_utc
+        ));
+        s.push_str("| sent | succeeded | failed | p50 ms | p99 ms | tok/s | wrong token counts |\n");
+        s.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |\n\n",
+            t.sent,
+            t.succeeded,
+            t.failed(),
+            t.p50_ms,
+            t.p99_ms,
+            t.tokens_per_s,
+            t.wrong_token_counts
+        ));
+        if !t.failed_by_cause.is_empty() {
+            s.push_str("| failed by cause | requests |\n|---|---:|\n");
+            for (c, n) in &t.failed_by_cause {
+                s.push_str(&format!("| {} | {n} |\n", c.replace('|', "\\|")));
+            }
+            s.push('\n');
+        }
+        if !self.events.is_empty() {
+            s.push_str("Events (seconds from the start of the measured run):\n\n");
+            for (at, e) in &self.events {
+                s.push_str(&format!("- {at:.2} s: {e}\n"));
+            }
+            s.push('\n');
+        }
+        s.push_str("| check | result | seen |\n|---|---|---|\n");
+        for c in &self.checks {
+            s.push_str(&format!(
+                "| {} | {} | {} |\n",
+                c.what,
+                if c.passed { "PASS" } else { "FAIL" },
+                c.seen.replace('|', "\\|")
+            ));
+        }
+        s
+    }
+}
+
+/// Everything a drill needs.
+pub struct Drills {
+    pub args: DrillArgs,
+    pub programs: Programs,
+    /// A fresh directory for this invocation's clusters.
+    pub work: PathBuf,
+}
+
+/// The drills' engine settings: room for every client, so only the fault
+/// can fail a request.
+fn roomy_flags(concurrency: usize) -> Vec<String> {
+    vec![
+        "--max-batch".into(),
+        concurrency.to_string(),
+        "--max-queue".into(),
+        (4 * concurrency).to_string(),
+    ]
+}
+
+impl Drills {
+    fn spec(&self, replicas: usize, cores: usize, serve_flags: Vec<String>) -> ClusterSpec {
+        ClusterSpec {
+            replicas,
+            cores_per_replica: cores,
+            weights: self.args.weights.clone(),
+            drain_seconds: 2.0,
+            grace_seconds: 30.0,
+            serve_flags,
+        }
+    }
+
+    fn start(&self, name: &str, spec: &ClusterSpec) -> Result<Cluster, String> {
+        eprintln!(
+            "drill: starting {} replica(s) x {} core(s) behind HAProxy ({name})",
+            spec.replicas, spec.cores_per_replica
+        );
+        Cluster::start(spec, &self.programs, &self.work.join(name))
+    }
+
+    fn weights_text(&self) -> String {
+        match &self.args.weights {
+            Some(w) => {
+                let synthetic = std::fs::read_to_string(w.join("config.json"))
+                    .map(|c| c.contains("\"synthetic\""))
+                    .unwrap_or(false);
+                format!(
+                    "{}{}",
+                    w.display(),
+                    if synthetic {
+                        " (SYNTHETIC: random weights, real speed, noise text)"
+                    } else {
+                        ""
+                    }
+                )
+            }
+            None => "the SYNTHETIC 124M checkpoint (random weights, real speed, noise text)".into(),
+        }
+    }
+
+    /// Requests per second at the drill's concurrency, from a short run.
+    fn calibrate(&self, cluster: &Cluster, c: usize) -> Result<f64, String> {
+        let load = Load {
+            levels: vec![c],
+            requests_per_level: 2 * c,
+            single_requests: 1,
+            max_new_tokens: self.args.max_new_tokens,
+            request_rate: None,
+            deadline: self.args.request_deadline,
+        };
+        let child = spawn_load(&self.programs, cluster, &load, self.args.weights.as_deref())?;
+        let report = finish_load(
+            child,
+            Duration::from_secs_f64(self.args.request_deadline * 4.0 + 120.0),
+            &cluster.state,
+        )?;
+        let test = report
+            .tests
+            .iter()
+            .find(|t| t.concurrency == c)
+            .ok_or("the calibration run has no concurrent test")?;
+        if test.failed > 0 || test.requests_per_s <= 0.0 {
+            return Err(format!(
+                "the calibration run (no fault) had {} failed requests of {}: the cluster is not healthy",
+                test.failed, test.requests
+            ));
+        }
+        eprintln!(
+            "drill: calibration: {:.2} requests/s, {:.1} tok/s at concurrency {c}",
+            test.requests_per_s, test.tokens_per_s
+        );
+        Ok(test.requests_per_s)
+    }
+
+    fn measured_load(&self, rate: f64, request_rate: Option<f64>) -> Load {
+        let c = self.args.concurrency;
+        let wanted = (rate * self.args.duration).ceil() as usize;
+        Load {
+            levels: vec![c],
+            requests_per_level: wanted.max(2 * c),
+            single_requests: 1,
+            max_new_tokens: self.args.max_new_tokens,
+            request_rate,
+            deadline: self.args.request_deadline,
+        }
+    }
+
+    fn report(&self, drill: DrillKind, setting: String, run: Finished) -> DrillReport {
+        DrillReport {
+            drill,
+            timestamp_utc: meta::utc_timestamp(SystemTime::now(), true),
+            git_commit: meta::git_commit(),
+            cpu_model: meta::cpu_model(),
+            weights: self.weights_text(),
+            setting,
+            tally: run.tally,
+            events: run.events,
+            checks: run.checks,
+        }
+    }
+
+    fn setting(&self, what: &str, serve: &[String]) -> String {
+        format!(
+            "{what}: {} replicas x 1 core behind HAProxy (leastconn), `gpt2 serve {}`, `throughput --url` at \
+             concurrency {}, streaming, {} tokens per request, deadline {} s per request",
+            self.args.replicas,
+            serve.join(" "),
+            self.args.concurrency,
+            self.args.max_new_tokens,
+            self.args.request_deadline
+        )
+    }
+
+    /// SIGTERM each replica in turn, each time waiting until it is back.
+    pub fn rolling(&self) -> Result<DrillReport, String> {
+        let serve = roomy_flags(self.args.concurrency);
+        let cluster = self.start("rolling", &self.spec(self.args.replicas, 1, serve.clone()))?;
+        let rate = self.calibrate(&cluster, self.args.concurrency)?;
+        let load = self.measured_load(rate, None);
+        let run = self.measure(&cluster, &load, |cluster, ev, checks| {
+            std::thread::sleep(Duration::from_secs_f64(self.args.duration * 0.15));
+            let mut served_after = Vec::new();
+            for i in 0..cluster.spec.replicas {
+                let old = cluster.signal(i, "TERM")?;
+                ev.note(format!("SIGTERM to replica {i} (pid {old})"));
+                let new = cluster.wait_back(i, old, Duration::from_secs(120))?;
+                ev.note(format!("replica {i} back: pid {new}, healthy, UP in HAProxy"));
+                served_after.push((i, new));
+            }
+            // Let the restarted ones take traffic, then ask them.
+            std::thread::sleep(Duration::from_secs(2));
+            for (i, pid) in served_after {
+                let n = completions(cluster, i);
+                checks.push(Check {
+                    what: format!("replica {i} serves again after its restart"),
+                    passed: n > 0.0 && cluster.pid(i) == Ok(pid),
+                    seen: format!("its new process (pid {pid}) answered {n} completion requests"),
+                });
+            }
+            Ok(())
+        })?;
+        let mut run = run;
+        let t = &run.tally;
+        run.checks.insert(
+            0,
+            Check {
+                what: "no request failed".into(),
+                passed: t.failed() == 0 && t.sent > 0,
+                seen: format!("{} of {} failed", t.failed(), t.sent),
+            },
+        );
+        Ok(self.report(DrillKind::Rolling, self.setting("rolling restart", &serve), run))
+    }
+
+    /// SIGKILL one replica mid-run.
+    pub fn crash(&self) -> Result<DrillReport, String> {
+        let serve = roomy_flags(self.args.concurrency);
+        let capacity = 5 * self.args.concurrency;
+        let cluster = self.start("crash", &self.spec(self.args.replicas, 1, serve.clone()))?;
+        let rate = self.calibrate(&cluster, self.args.concurrency)?;
+        let load = self.measured_load(rate, None);
+        let mut held = 0.0;
+        let run = self.measure(&cluster, &load, |cluster, ev, checks| {
+            std::thread::sleep(Duration::from_secs_f64(self.args.duration * 0.3));
+            let page = cluster
+                .get(&cluster.replica_url(0, "/metrics"))
+                .map(|g| g.body)
+                .unwrap_or_default();
+            held = metric_sum(&page, "gpt2_requests_in_flight");
+            let old = cluster.signal(0, "KILL")?;
+            let killed = Instant::now();
+            ev.note(format!(
+                "SIGKILL to replica 0 (pid {old}), holding {held} requests a moment before"
+            ));
+            let down = cluster.wait_for("HAProxy takes replica 0 out", Duration::from_secs(30), || {
+                cluster.lb_status(0).ok().filter(|s| s.starts_with("DOWN"))
+            })?;
+            let detect = killed.elapsed();
+            ev.note(format!("HAProxy: replica 0 {down}"));
+            checks.push(Check {
+                what: "HAProxy takes the dead replica out within its check interval (1 s)".into(),
+                passed: detect <= Duration::from_millis(1_250),
+                seen: format!("DOWN {:.0} ms after the kill", detect.as_secs_f64() * 1e3),
+            });
+            let new = cluster.wait_back(0, old, Duration::from_secs(120))?;
+            ev.note(format!("replica 0 back: pid {new}, healthy, UP in HAProxy"));
+            std::thread::sleep(Duration::from_secs(2));
+            let n = completions(cluster, 0);
+            checks.push(Check {
+                what: "HAProxy routes to it again after the restart".into(),
+                passed: n > 0.0,
+                seen: format!("its new process (pid {new}) answered {n} completion requests"),
+            });
+            Ok(())
+        })?;
+        let mut run = run;
+        let t = &run.tally;
+        let cut: usize = t
+            .failed_by_cause
+            .iter()
+            .filter(|(c, _)| c == "stream cut mid-response" || c == "connection failed")
+            .map(|(_, n)| n)
+            .sum();
+        run.checks.insert(
+            0,
+            Check {
+                what: format!(
+                    "only requests the killed replica held fail (cut streams or connections, at most its \
+                     capacity {capacity})"
+                ),
+                passed: cut == t.failed() && t.failed() <= capacity,
+                seen: format!(
+                    "{} failed ({cut} cut); it held {held} a moment before the kill",
+                    t.failed()
+                ),
+            },
+        );
+        run.checks.insert(
+            1,
+            Check {
+                what: "every other request succeeds".into(),
+                passed: t.succeeded + t.failed() == t.sent && t.succeeded > 0,
+                seen: format!("{} of {} succeeded", t.succeeded, t.sent),
+            },
+        );
+        Ok(self.report(DrillKind::Crash, self.setting("crash", &serve), run))
+    }
+
+    /// Arrivals at 4x the cluster's rate into small queues.
+    pub fn overload(&self) -> Result<DrillReport, String> {
+        let c = self.args.concurrency;
+        // Each replica holds max_batch + max_queue requests; concurrency is
+        // 4x the replicas' queues (and 2x what they hold in all).
+        let queue = (c / (4 * self.args.replicas)).max(1);
+        let serve = vec![
+            "--max-batch".to_string(),
+            queue.to_string(),
+            "--max-queue".to_string(),
+            queue.to_string(),
+        ];
+        let cluster = self.start("overload", &self.spec(self.args.replicas, 1, serve.clone()))?;
+        // The rate it serves when full (every slot busy, none refused).
+        let rate = self.calibrate(&cluster, 2 * queue * self.args.replicas)?;
+        let offered = 4.0 * rate;
+        let mut load = self.measured_load(offered, Some(offered));
+        load.requests_per_level = load.requests_per_level.max(4 * c);
+        let run = self.measure(&cluster, &load, |_, ev, _| {
+            ev.note(format!(
+                "arrivals at {offered:.2} requests/s (4x the {rate:.2}/s measured), concurrency {c} = 4 x \
+                 {} replicas x --max-queue {queue}",
+                self.args.replicas
+            ));
+            Ok(())
+        })?;
+        let mut run = run;
+        let t = &run.tally;
+        let by_429: usize = t
+            .failed_by_cause
+            .iter()
+            .filter(|(k, _)| k.starts_with("HTTP 429"))
+            .map(|(_, n)| n)
+            .sum();
+        run.checks.insert(
+            0,
+            Check {
+                what: "the excess gets the replicas' 429 through HAProxy".into(),
+                passed: by_429 > 0 && by_429 == t.failed(),
+                seen: format!("{by_429} got 429, of {} failed", t.failed()),
+            },
+        );
+        run.checks.insert(
+            1,
+            Check {
+                what: "nothing is lost: sent = succeeded + failed by status".into(),
+                passed: t.sent == t.succeeded + t.failed() && t.succeeded > 0,
+                seen: format!("{} = {} + {}", t.sent, t.succeeded, t.failed()),
+            },
+        );
+        Ok(self.report(DrillKind::Overload, self.setting("overload", &serve), run))
+    }
+
+    /// Runs `load` while `faults` acts on the cluster, then checks that
+    /// the faults fell inside the run and that no token count was wrong.
+    fn measure(
+        &self,
+        cluster: &Cluster,
+        load: &Load,
+        faults: impl FnOnce(&Cluster, &mut Events, &mut Vec<Check>) -> Result<(), String>,
+    ) -> Result<Finished, String> {
+        eprintln!(
+            "drill: measured run: {} requests at concurrency {}",
+            load.requests_per_level + load.single_requests,
+            load.levels[0]
+        );
+        let mut child = spawn_load(&self.programs, cluster, load, self.args.weights.as_deref())?;
+        let mut events = Events {
+            start: Instant::now(),
+            list: Vec::new(),
+        };
+        let mut checks = Vec::new();
+        let acted = faults(cluster, &mut events, &mut checks);
+        let still_running = matches!(child.try_wait(), Ok(None));
+        if let Err(e) = acted {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        events.note("the drill's actions are done".into());
+        let limit = Duration::from_secs_f64(self.args.duration * 6.0 + self.args.request_deadline + 120.0);
+        let report = finish_load(child, limit, &cluster.state)?;
+        events.note("the run ended".into());
+        let tally = Tally::of(&report);
+        checks.push(Check {
+            what: "the faults fell inside the measured run".into(),
+            passed: still_running,
+            seen: if still_running {
+                "the run was still going when they were done".into()
+            } else {
+                "the run had ended before the faults were done: raise --duration".into()
+            },
+        });
+        checks.push(Check {
+            what: "no token count is wrong".into(),
+            passed: tally.wrong_token_counts == 0,
+            seen: format!("{} wrong", tally.wrong_token_counts),
+        });
+        Ok(Finished {
+            tally,
+            events: events.list,
+            checks,
+        })
+    }
+}
+
+/// One layout of the scale sweep.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Layout {
+    pub replicas: usize,
+    pub cores_per_replica: usize,
+}
+
+impl Layout {
+    pub fn name(&self) -> String {
+        format!(
+            "{} x {} core{}",
+            self.replicas,
+            self.cores_per_replica,
+            if self.cores_per_replica == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// The scale sweep: per layout and concurrency, tok/s and p50 latency
+/// (medians over the repetitions).
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleReport {
+    pub timestamp_utc: String,
+    pub git_commit: String,
+    pub cpu_model: String,
+    pub weights: String,
+    pub setting: String,
+    pub layouts: Vec<Layout>,
+    pub levels: Vec<usize>,
+    /// `[layout][level]`: (tok/s, p50 latency ms), medians.
+    pub cells: Vec<Vec<(f64, f64)>>,
+    /// Every repetition's cells, in the order they ran.
+    pub runs: Vec<(usize, Vec<(f64, f64)>)>,
+    pub failed_requests: usize,
+}
+
+impl ScaleReport {
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "## Scale-out through HAProxy\n\n{}\n\nCPU: {}; weights: {}; commit {}; {}\n\n",
+            self.setting, self.cpu_model, self.weights, self.git_commit, self.timestamp_utc
+        );
+        s.push_str("| concurrency |");
+        for l in &self.layouts {
+            s.push_str(&format!(" {0} tok/s | {0} p50 ms |", l.name()));
+        }
+        s.push_str(" 2x1 / 1x1 tok/s | 2x1 / 1x2 tok/s |\n|---:|");
+        s.push_str(&"---:|---:|".repeat(self.layouts.len()));
+        s.push_str("---:|---:|\n");
+        for (j, level) in self.levels.iter().enumerate() {
+            s.push_str(&format!("| {level} |"));
+            for cells in &self.cells {
+                s.push_str(&format!(" {:.1} | {:.0} |", cells[j].0, cells[j].1));
+            }
+            let tok = |k: usize| self.cells[k][j].0;
+            let ratio = |a: f64, b: f64| {
+                if b > 0.0 {
+                    format!("{:.2}x", a / b)
+                } else {
+                    "-".into()
+                }
+            };
+            s.push_str(&format!(
+                " {} | {} |\n",
+                ratio(tok(1), tok(0)),
+                ratio(tok(1), tok(2))
+            ));
+        }
+        s.push_str(&format!(
+            "\n{} requests failed in all (any failure makes the sweep exit 3).\n",
+            self.failed_requests
+        ));
+        s
+    }
+}
+
+impl Drills {
+    /// 1 and 2 one-core replicas and one two-core replica, each at every level.
+    pub fn scale(&self) -> Result<ScaleReport, String> {
+        let layouts = [
+            Layout {
+                replicas: 1,
+                cores_per_replica: 1,
+            },
+            Layout {
+                replicas: 2,
+                cores_per_replica: 1,
+            },
+            Layout {
+                replicas: 1,
+                cores_per_replica: 2,
+            },
+        ];
+        let mut levels = self.args.scale_levels.clone();
+        levels.retain(|&l| l >= 1);
+        levels.push(1);
+        levels.sort_unstable();
+        levels.dedup();
+        let concurrent: Vec<usize> = levels.iter().copied().filter(|&l| l > 1).collect();
+        let top = levels.last().copied().unwrap_or(1);
+        let serve = roomy_flags(top);
+        let reps = self.args.scale_repetitions.max(1);
+        let mut runs = Vec::new();
+        let mut failed = 0;
+        for rep in 0..reps {
+            for k in 0..layouts.len() {
+                let which = (k + rep) % layouts.len();
+                let l = layouts[which];
+                let spec = self.spec(l.replicas, l.cores_per_replica, serve.clone());
+                let name = format!("scale-{}x{}-rep{rep}", l.replicas, l.cores_per_replica);
+                let cluster = self.start(&name, &spec)?;
+                let load = Load {
+                    levels: concurrent.clone(),
+                    requests_per_level: self.args.scale_requests,
+                    single_requests: 4,
+                    max_new_tokens: self.args.max_new_tokens,
+                    request_rate: None,
+                    deadline: self.args.request_deadline,
+                };
+                let child = spawn_load(&self.programs, &cluster, &load, self.args.weights.as_deref())?;
+                let report = finish_load(child, Duration::from_secs(3600), &cluster.state)?;
+                drop(cluster);
+                let cells: Vec<(f64, f64)> = levels
+                    .iter()
+                    .map(|&lv| {
+                        report
+                            .tests
+                            .iter()
+                            .find(|t| t.concurrency == lv)
+                            .map_or((0.0, 0.0), |t| (t.tokens_per_s, t.latency_ms.p50))
+                    })
+                    .collect();
+                failed += report.tests.iter().map(|t| t.failed).sum::<usize>();
+                eprintln!("drill: {}: {:?}", l.name(), cells);
+                runs.push((which, cells));
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let cells = (0..layouts.len())
+            .map(|k| {
+                (0..levels.len())
+                    .map(|j| {
+                        let of = |f: fn(&(f64, f64)) -> f64| {
+                            let mut v: Vec<f64> = runs
+                                .iter()
+                                .filter(|(w, _)| *w == k)
+                                .map(|(_, c)| f(&c[j]))
+                                .collect();
+                            median(&mut v)
+                        };
+                        (of(|c| c.0), of(|c| c.1))
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(ScaleReport {
+            timestamp_utc: meta::utc_timestamp(SystemTime::now(), true),
+            git_commit: meta::git_commit(),
+            cpu_model: meta::cpu_model(),
+            weights: self.weights_text(),
+            setting: format!(
+                "`gpt2 serve {}` replicas pinned to their cores behind HAProxy (leastconn); `throughput --url` \
+                 closed loop, streaming, {} tokens per request, {} requests per level (4 at concurrency 1); \
+                 medians of {reps} repetition(s), the layouts' order rotating",
+                serve.join(" "),
+                self.args.max_new_tokens,
+                self.args.scale_requests
+            ),
+            layouts: layouts.to_vec(),
+            levels,
+            cells,
+            runs,
+            failed_requests: failed,
+        })
+    }
+}
+
+/// Runs the drill `args` names; the reports go to stdout and `--out-dir`.
+/// Returns whether every check passed.
+pub fn run(args: DrillArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    if args.replicas == 0 || args.concurrency == 0 || args.max_new_tokens == 0 {
+        return Err("--replicas, --concurrency and --max-new-tokens must be at least 1".into());
+    }
+    for (flag, v) in [
+        ("--duration", args.duration),
+        ("--request-deadline", args.request_deadline),
+    ] {
+        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+            return Err(
+                format!("{flag} must be a number of seconds above 0 and at most 86400, not {v}").into(),
+            );
+        }
+    }
+    if let Some(w) = &args.weights {
+        if !w.join("config.json").is_file() {
+            return Err(format!("--weights {}: no config.json there", w.display()).into());
+        }
+    }
+    crate::files::check_writable_dir(&args.out_dir)?;
+    let programs = Programs::beside_current_exe()?;
+    let work = std::env::temp_dir().join(format!(
+        "gpt2-drill-{}-{}",
+        std::process::id(),
+        meta::utc_timestamp(SystemTime::now(), false)
+    ));
+    let drills = Drills { args, programs, work };
+    let stamp = meta::utc_timestamp(SystemTime::now(), false);
+    let write = |name: &str, md: String, json: String| -> Result<(), Box<dyn std::error::Error>> {
+        println!("{md}");
+        let paths =
+            crate::bench::run::write_set(&drills.args.out_dir, &format!("drill_{name}_{stamp}"), |_| {
+                vec![
+                    ("md", md.clone().into_bytes()),
+                    ("json", json.clone().into_bytes()),
+                ]
+            })?;
+        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        eprintln!("wrote {}", names.join(", "));
+        Ok(())
+    };
+    let kinds = match drills.args.drill {
+        DrillKind::All => vec![DrillKind::Rolling, DrillKind::Crash, DrillKind::Overload],
+        k => vec![k],
+    };
+    let mut passed = true;
+    for kind in kinds {
+        if kind == DrillKind::Scale {
+            let r = drills.scale()?;
+            passed &= r.failed_requests == 0;
+            write("scale", r.markdown(), serde_json::to_string_pretty(&r)?)?;
+            continue;
+        }
+        let r = match kind {
+            DrillKind::Rolling => drills.rolling(),
+            DrillKind::Crash => drills.crash(),
+            _ => drills.overload(),
+        }?;
+        passed &= r.passed();
+        let name = format!("{kind:?}").to_lowercase();
+        write(&name, r.markdown(), serde_json::to_string_pretty(&r)?)?;
+    }
+    eprintln!("drill: logs of the clusters in {}", drills.work.display());
+    Ok(passed)
+}
+
+/// The measured run's outcome, before the drill's own checks.
+struct Finished {
+    tally: Tally,
+    events: Vec<(f64, String)>,
+    checks: Vec<Check>,
+}
+
+/// Events stamped with their time since the measured run began.
+pub struct Events {
+    start: Instant,
+    list: Vec<(f64, String)>,
+}
+
+impl Events {
+    fn note(&mut self, what: String) {
+        let at = self.start.elapsed().as_secs_f64();
+        eprintln!("drill: {at:.2} s: {what}");
+        self.list.push((at, what));
+    }
+}
+
+/// Completion requests replica `i`'s current process has answered (any status).
+fn completions(cluster: &Cluster, i: usize) -> f64 {
+    let page = cluster
+        .get(&cluster.replica_url(i, "/metrics"))
+        .map(|g| g.body)
+        .unwrap_or_default();
+    page.lines()
+        .filter(|l| l.starts_with("gpt2_requests_total{") && l.contains("route=\"/v1/completions\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_group_by_cause() {
+        assert_eq!(
+            cause("HTTP 429: the server is full: 4 requests in flight"),
+            "HTTP 429 (the server is full: 4 requests in flight)"
+        );
+        assert_eq!(
+            cause(&format!("HTTP 429: {}", "word ".repeat(30))),
+            format!("HTTP 429 ({}...)", "word ".repeat(14))
+        );
+        assert_eq!(cause("HTTP 503"), "HTTP 503");
+        assert_eq!(cause("short: 3 of 16 tokens (stop: length)"), "wrong token count");
+        assert_eq!(
+            cause("`usage` counts 15 completion tokens but 16 token chunks were streamed"),
+            "wrong token count"
+        );
+        assert_eq!(
+            cause("the event stream broke after 5 events: connection reset"),
+            "stream cut mid-response"
+        );
+        assert_eq!(cause("timeout: global"), "timeout (no answer in time)");
+        assert_eq!(
+            cause("io: Connection refused (os error 111)"),
+            "connection failed"
+        );
+        assert_eq!(cause("io: Peer disconnected"), "connection failed");
+    }
+
+    #[test]
+    fn nearest_rank_quantiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(nearest_rank(&v, 0.5), 50.0);
+        assert_eq!(nearest_rank(&v, 0.99), 99.0);
+        assert_eq!(nearest_rank(&[], 0.5), 0.0);
+    }
+}
