@@ -181,6 +181,11 @@ pub fn cause(error: &str) -> String {
     let e = error.to_ascii_lowercase();
     if let Some(rest) = error.strip_prefix("HTTP ") {
         let (status, message) = rest.split_once(": ").unwrap_or((rest, ""));
+        if message.starts_with("`<html>") {
+            // Not the server's JSON error but a proxy's page (HAProxy's
+            // 502: the replica died before it answered).
+            return format!("HTTP {status} (the proxy's error page)");
+        }
         // The server's words, to the last whole word within 72 characters.
         let mut message: String = message.chars().take(72).collect();
         if message.len() < rest.len() - status.len() - 2 {
@@ -503,23 +508,12 @@ impl Drills {
         let load = self.measured_load(rate, None);
         let run = self.measure(&cluster, &load, |cluster, ev, checks| {
             std::thread::sleep(Duration::from_secs_f64(self.args.duration * 0.15));
-            let mut served_after = Vec::new();
             for i in 0..cluster.spec.replicas {
                 let old = cluster.signal(i, "TERM")?;
                 ev.note(format!("SIGTERM to replica {i} (pid {old})"));
                 let new = cluster.wait_back(i, old, Duration::from_secs(120))?;
                 ev.note(format!("replica {i} back: pid {new}, healthy, UP in HAProxy"));
-                served_after.push((i, new));
-            }
-            // Let the restarted ones take traffic, then ask them.
-            std::thread::sleep(Duration::from_secs(2));
-            for (i, pid) in served_after {
-                let n = completions(cluster, i);
-                checks.push(Check {
-                    what: format!("replica {i} serves again after its restart"),
-                    passed: n > 0.0 && cluster.pid(i) == Ok(pid),
-                    seen: format!("its new process (pid {pid}) answered {n} completion requests"),
-                });
+                checks.push(serves_again(cluster, i, new, ev));
             }
             Ok(())
         })?;
@@ -568,13 +562,7 @@ impl Drills {
             });
             let new = cluster.wait_back(0, old, Duration::from_secs(120))?;
             ev.note(format!("replica 0 back: pid {new}, healthy, UP in HAProxy"));
-            std::thread::sleep(Duration::from_secs(2));
-            let n = completions(cluster, 0);
-            checks.push(Check {
-                what: "HAProxy routes to it again after the restart".into(),
-                passed: n > 0.0,
-                seen: format!("its new process (pid {new}) answered {n} completion requests"),
-            });
+            checks.push(serves_again(cluster, 0, new, ev));
             Ok(())
         })?;
         let mut run = run;
@@ -582,15 +570,17 @@ impl Drills {
         let cut: usize = t
             .failed_by_cause
             .iter()
-            .filter(|(c, _)| c == "stream cut mid-response" || c == "connection failed")
+            .filter(|(c, _)| {
+                c == "stream cut mid-response" || c == "connection failed" || c.starts_with("HTTP 502")
+            })
             .map(|(_, n)| n)
             .sum();
         run.checks.insert(
             0,
             Check {
                 what: format!(
-                    "only requests the killed replica held fail (cut streams or connections, at most its \
-                     capacity {capacity})"
+                    "only requests the killed replica held fail (cut streams, broken connections, HAProxy's \
+                     502 for an answer that never came; at most its capacity {capacity})"
                 ),
                 passed: cut == t.failed() && t.failed() <= capacity,
                 seen: format!(
@@ -985,6 +975,26 @@ impl Events {
     }
 }
 
+/// Whether HAProxy routes to replica `i` again once it is back: its new
+/// process (`pid`) answers completion requests within 10 s.
+fn serves_again(cluster: &Cluster, i: usize, pid: u32, ev: &mut Events) -> Check {
+    let served = cluster.wait_for("", Duration::from_secs(10), || {
+        let n = completions(cluster, i);
+        (n > 0.0).then_some(n)
+    });
+    if served.is_ok() {
+        ev.note(format!("replica {i} (pid {pid}) answers requests again"));
+    }
+    Check {
+        what: format!("HAProxy routes to replica {i} again after its restart"),
+        passed: served.is_ok() && cluster.pid(i) == Ok(pid),
+        seen: match served {
+            Ok(n) => format!("its new process (pid {pid}) had answered {n} completion requests"),
+            Err(_) => format!("its new process (pid {pid}) answered none within 10 s"),
+        },
+    }
+}
+
 /// Completion requests replica `i`'s current process has answered (any status).
 fn completions(cluster: &Cluster, i: usize) -> f64 {
     let page = cluster
@@ -1012,6 +1022,10 @@ mod tests {
             format!("HTTP 429 ({}...)", "word ".repeat(14))
         );
         assert_eq!(cause("HTTP 503"), "HTTP 503");
+        assert_eq!(
+            cause("HTTP 502: `<html><body><h1>502 Bad Gateway</h1> The server returned an invalid`"),
+            "HTTP 502 (the proxy's error page)"
+        );
         assert_eq!(cause("short: 3 of 16 tokens (stop: length)"), "wrong token count");
         assert_eq!(
             cause("`usage` counts 15 completion tokens but 16 token chunks were streamed"),
