@@ -515,19 +515,26 @@ fn raw_request(base: &str, body: &Value) -> BufReader<TcpStream> {
     BufReader::new(s)
 }
 
+/// A streamed request for `tokens` tokens, read up to its first token
+/// (on a gated server, the engine is held after that step).
+fn held_stream(base: &str, tokens: usize) -> BufReader<TcpStream> {
+    let mut conn = raw_request(base, &greedy(json!(PROMPT), tokens, true));
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        assert!(conn.read_line(&mut line).unwrap() > 0, "the stream ended early");
+    }
+    conn
+}
+
 const CANCELLED: &str = r#"gpt2_requests_total{outcome="cancelled",route="/v1/completions",status="200"}"#;
 
 #[test]
 fn a_dropped_stream_frees_its_slot() {
     let server = start(small_config(4, 4), true, None, || {});
     server::wait_healthy(&server.base);
-    let mut conn = raw_request(&server.base, &greedy(json!(PROMPT), 100, true));
     // The first token arrives; the engine is held after that step.
-    let mut line = String::new();
-    while !line.starts_with("data: ") {
-        line.clear();
-        assert!(conn.read_line(&mut line).unwrap() > 0, "the stream ended early");
-    }
+    let conn = held_stream(&server.base, 100);
     assert_eq!(metric(&server.metrics(), "gpt2_active_sequences"), Some(1.0));
     drop(conn);
     server.step_until("cancelled", |m| {
@@ -626,12 +633,7 @@ fn requests_past_the_grace_period_are_cancelled() {
     };
     let mut server = start(config, true, None, || {});
     server::wait_healthy(&server.base);
-    let mut conn = raw_request(&server.base, &greedy(json!(PROMPT), 100, true));
-    let mut line = String::new();
-    while !line.starts_with("data: ") {
-        line.clear();
-        assert!(conn.read_line(&mut line).unwrap() > 0, "the stream ended early");
-    }
+    let mut conn = held_stream(&server.base, 100);
     // Shut down while the engine is held: the request cannot finish in time.
     server.stop.take().expect("running").send(()).unwrap();
     let mut rest = String::new();
@@ -651,12 +653,7 @@ fn after_the_signal_health_is_503_while_requests_are_still_served_for_the_drain(
     let mut server = start(config, true, None, || {});
     server::wait_healthy(&server.base);
     // A request in flight when the signal comes, held after its first token.
-    let mut conn = raw_request(&server.base, &greedy(json!(PROMPT), 50, true));
-    let mut line = String::new();
-    while !line.starts_with("data: ") {
-        line.clear();
-        assert!(conn.read_line(&mut line).unwrap() > 0, "the stream ended early");
-    }
+    let mut conn = held_stream(&server.base, 50);
     server.stop.take().expect("running").send(()).unwrap();
     let start = Instant::now();
     let health = loop {

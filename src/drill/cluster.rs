@@ -212,20 +212,27 @@ impl Cluster {
 
     /// HAProxy's status of replica `i` (server `r<i>` of backend `replicas`).
     pub fn lb_status(&self, i: usize) -> Result<LbStatus, String> {
+        Ok(self.lb_field(i, "status")?.unwrap_or_else(|| "absent".into()))
+    }
+
+    /// One column of HAProxy's stats CSV for replica `i` (`status`,
+    /// `wretr`: connection retries, `wredis`: redispatches to another
+    /// server, ...); `None` if HAProxy does not list it.
+    pub fn lb_field(&self, i: usize, column: &str) -> Result<Option<String>, String> {
         let got = self.get(&format!("http://127.0.0.1:{}/stats;csv", self.stats_port))?;
         let header = got.body.lines().next().unwrap_or("");
-        let column = header
+        let at = header
             .trim_start_matches("# ")
             .split(',')
-            .position(|c| c == "status")
-            .ok_or_else(|| format!("HAProxy's stats have no status column: {header}"))?;
+            .position(|c| c == column)
+            .ok_or_else(|| format!("HAProxy's stats have no {column} column: {header}"))?;
         let name = format!("r{i}");
         Ok(got
             .body
             .lines()
             .map(|l| l.split(',').collect::<Vec<_>>())
-            .find(|f| f.len() > column && f[0] == "replicas" && f[1] == name)
-            .map_or_else(|| "absent".into(), |f| f[column].to_string()))
+            .find(|f| f.len() > at && f[0] == "replicas" && f[1] == name)
+            .map(|f| f[at].to_string()))
     }
 
     /// Polls `probe` every 50 ms until it gives `Some`, for at most `limit`.

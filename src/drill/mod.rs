@@ -112,7 +112,16 @@ pub struct Tally {
 
 impl Tally {
     pub fn failed(&self) -> usize {
-        self.failed_by_cause.iter().map(|(_, n)| n).sum()
+        self.failed_where(|_| true)
+    }
+
+    /// Failures whose cause `of` accepts.
+    pub fn failed_where(&self, of: impl Fn(&str) -> bool) -> usize {
+        self.failed_by_cause
+            .iter()
+            .filter(|(c, _)| of(c))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Every request of every test of `report` (the warmup is not in it).
@@ -566,15 +575,27 @@ impl Drills {
             Ok(())
         })?;
         let mut run = run;
+        // What HAProxy did with the connections the dead replica refused.
+        let field = |name: &str| {
+            cluster
+                .lb_field(0, name)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| "?".into())
+        };
+        run.events.push((
+            run.events.last().map_or(0.0, |e| e.0),
+            format!(
+                "HAProxy's counters for replica 0: {} connection retries, {} requests redispatched to another \
+                 replica",
+                field("wretr"),
+                field("wredis")
+            ),
+        ));
         let t = &run.tally;
-        let cut: usize = t
-            .failed_by_cause
-            .iter()
-            .filter(|(c, _)| {
-                c == "stream cut mid-response" || c == "connection failed" || c.starts_with("HTTP 502")
-            })
-            .map(|(_, n)| n)
-            .sum();
+        let cut = t.failed_where(|c| {
+            c == "stream cut mid-response" || c == "connection failed" || c.starts_with("HTTP 502")
+        });
         run.checks.insert(
             0,
             Check {
@@ -628,12 +649,7 @@ impl Drills {
         })?;
         let mut run = run;
         let t = &run.tally;
-        let by_429: usize = t
-            .failed_by_cause
-            .iter()
-            .filter(|(k, _)| k.starts_with("HTTP 429"))
-            .map(|(_, n)| n)
-            .sum();
+        let by_429 = t.failed_where(|c| c.starts_with("HTTP 429"));
         run.checks.insert(
             0,
             Check {
