@@ -5,8 +5,13 @@
 //! These need `haproxy` (`.ci/run` installs it); without it they print a
 //! notice and return.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
+
+use common::{scratch_dir, synth_dir};
+use gpt2::synth::Preset;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -22,14 +27,6 @@ fn haproxy(test: &str) -> bool {
         eprintln!("NOTICE: {test} skipped: haproxy is not installed (apt-get install haproxy)");
     }
     found
-}
-
-/// A scratch directory of this test's own, removed first if left over.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gpt2-deploy-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 #[test]
@@ -99,18 +96,8 @@ fn the_fault_drills_pass_on_a_small_cluster() {
         );
         return;
     }
-    let dir = scratch("drills");
-    let weights = dir.join("tiny");
-    let synth = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-        .args(["synth", "--preset", "tiny", "--out"])
-        .arg(&weights)
-        .output()
-        .unwrap();
-    assert!(
-        synth.status.success(),
-        "{}",
-        String::from_utf8_lossy(&synth.stderr)
-    );
+    let dir = scratch_dir("deploy-drills");
+    let weights = synth_dir(Preset::Tiny, 0);
     let out = Command::new(env!("CARGO_BIN_EXE_drill"))
         .args(["all", "--weights"])
         .arg(&weights)

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{scratch_dir, synth_dir};
+use common::{scratch_dir, synth_dir, throughput_within};
 use gpt2::synth::Preset;
 
 fn throughput(args: &[&str]) -> std::process::Output {
@@ -126,33 +126,6 @@ fn bad_flags_are_named_errors() {
         assert!(!out.status.success(), "{all:?} should fail");
         assert!(stderr.contains(needle), "{all:?}: {stderr}");
     }
-}
-
-/// Runs `throughput` with `args`, killed after `secs`: a hang fails the test
-/// instead of stalling the suite.
-fn throughput_within(args: &[&str], secs: u64) -> std::process::Output {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_throughput"))
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let id = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        if rx.recv_timeout(std::time::Duration::from_secs(secs)).is_err() {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &id.to_string()])
-                .status();
-        }
-    });
-    let out = child.wait_with_output().unwrap();
-    let _ = tx.send(());
-    assert!(
-        out.status.code().is_some(),
-        "{args:?}: killed after {secs} s (a hang)"
-    );
-    out
 }
 
 fn quick<'a>(weights: &'a str, out_dir: &'a str) -> Vec<&'a str> {

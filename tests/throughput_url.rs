@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use common::scratch_dir;
+use common::{scratch_dir, throughput_within};
 use serde_json::{json, Value};
 
 /// What the mock does with completions (and its model list).
@@ -192,32 +192,6 @@ async fn completions(
                        "completion_tokens": counted, "total_tokens": prompt_tokens + counted}});
     sse.push_str(&format!("data: {usage}\n\ndata: [DONE]\n\n"));
     ([("content-type", "text/event-stream")], sse).into_response()
-}
-
-/// Runs `throughput` with `args` (OPENAI_API_KEY unset), killed after
-/// `secs`: a hang fails the test instead of stalling the suite.
-fn throughput_within(args: &[&str], secs: u64) -> Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_throughput"))
-        .args(args)
-        .env_remove("OPENAI_API_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let id = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        if rx.recv_timeout(Duration::from_secs(secs)).is_err() {
-            let _ = Command::new("kill").args(["-9", &id.to_string()]).status();
-        }
-    });
-    let out = child.wait_with_output().unwrap();
-    let _ = tx.send(());
-    assert!(
-        out.status.code().is_some(),
-        "{args:?}: killed after {secs} s (a hang)"
-    );
-    out
 }
 
 /// 1 warmup, 2 single requests, level 2 with 4 requests: 7 requests, 6 counted.

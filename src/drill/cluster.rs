@@ -327,16 +327,37 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// The value of one series in a Prometheus text page (the sum, if the
-/// name matches several label sets and `series` has no labels).
-pub fn metric_sum(page: &str, series: &str) -> f64 {
+/// The sum of the samples of metric `name` in a Prometheus text page whose
+/// labels contain every one of `labels` (e.g. `route="/v1/completions"`).
+pub fn metric_sum(page: &str, name: &str, labels: &[&str]) -> f64 {
     page.lines()
-        .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            let matches =
-                name == series || (!series.contains('{') && name.starts_with(&format!("{series}{{")));
-            matches.then(|| value.parse::<f64>().ok()).flatten()
+            let (series, value) = l.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let ours = (rest.is_empty() || rest.starts_with('{')) && labels.iter().all(|w| rest.contains(w));
+            ours.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sums_pick_the_name_and_labels() {
+        let page = "# HELP gpt2_requests_total x\n\
+                    gpt2_requests_total{outcome=\"ok\",route=\"/v1/completions\"} 3\n\
+                    gpt2_requests_total{outcome=\"ok\",route=\"/health\"} 40\n\
+                    gpt2_requests_total{outcome=\"queue_full\",route=\"/v1/completions\"} 2\n\
+                    gpt2_requests_in_flight 7\n\
+                    gpt2_requests_in_flight_extra 100\n";
+        assert_eq!(metric_sum(page, "gpt2_requests_in_flight", &[]), 7.0);
+        assert_eq!(
+            metric_sum(page, "gpt2_requests_total", &["route=\"/v1/completions\""]),
+            5.0
+        );
+        assert_eq!(metric_sum(page, "gpt2_requests_total", &[]), 45.0);
+        assert_eq!(metric_sum(page, "gpt2_nothing", &[]), 0.0);
+    }
 }

@@ -29,6 +29,7 @@ use clap::ValueEnum;
 use serde::Serialize;
 
 use crate::bench::{meta, Report};
+use crate::hub::WeightsSource;
 use cluster::{metric_sum, Cluster, ClusterSpec, Programs};
 
 /// Which drill (`drill <DRILL>`).
@@ -383,6 +384,8 @@ pub struct Drills {
     pub programs: Programs,
     /// A fresh directory for this invocation's clusters.
     pub work: PathBuf,
+    /// Where the replicas' weights come from, in words (SYNTHETIC ones named so).
+    pub weights: String,
 }
 
 /// The drills' engine settings: room for every client, so only the fault
@@ -414,26 +417,6 @@ impl Drills {
             spec.replicas, spec.cores_per_replica
         );
         Cluster::start(spec, &self.programs, &self.work.join(name))
-    }
-
-    fn weights_text(&self) -> String {
-        match &self.args.weights {
-            Some(w) => {
-                let synthetic = std::fs::read_to_string(w.join("config.json"))
-                    .map(|c| c.contains("\"synthetic\""))
-                    .unwrap_or(false);
-                format!(
-                    "{}{}",
-                    w.display(),
-                    if synthetic {
-                        " (SYNTHETIC: random weights, real speed, noise text)"
-                    } else {
-                        ""
-                    }
-                )
-            }
-            None => "the SYNTHETIC 124M checkpoint (random weights, real speed, noise text)".into(),
-        }
     }
 
     /// Requests per second at the drill's concurrency, from a short run.
@@ -489,7 +472,7 @@ impl Drills {
             timestamp_utc: meta::utc_timestamp(SystemTime::now(), true),
             git_commit: meta::git_commit(),
             cpu_model: meta::cpu_model(),
-            weights: self.weights_text(),
+            weights: self.weights.clone(),
             setting,
             tally: run.tally,
             events: run.events,
@@ -553,7 +536,7 @@ impl Drills {
                 .get(&cluster.replica_url(0, "/metrics"))
                 .map(|g| g.body)
                 .unwrap_or_default();
-            held = metric_sum(&page, "gpt2_requests_in_flight");
+            held = metric_sum(&page, "gpt2_requests_in_flight", &[]);
             let old = cluster.signal(0, "KILL")?;
             let killed = Instant::now();
             ev.note(format!(
@@ -884,7 +867,7 @@ impl Drills {
             timestamp_utc: meta::utc_timestamp(SystemTime::now(), true),
             git_commit: meta::git_commit(),
             cpu_model: meta::cpu_model(),
-            weights: self.weights_text(),
+            weights: self.weights.clone(),
             setting: format!(
                 "`gpt2 serve {}` replicas pinned to their cores behind HAProxy (leastconn); `throughput --url` \
                  closed loop, streaming, {} tokens per request, {} requests per level (4 at concurrency 1); \
@@ -918,11 +901,17 @@ pub fn run(args: DrillArgs) -> Result<bool, Box<dyn std::error::Error>> {
             );
         }
     }
-    if let Some(w) = &args.weights {
-        if !w.join("config.json").is_file() {
-            return Err(format!("--weights {}: no config.json there", w.display()).into());
+    let weights = match &args.weights {
+        Some(dir) => {
+            let config = crate::config::Gpt2Config::from_file(&dir.join("config.json"))?;
+            WeightsSource::Local { dir: dir.clone() }.describe(config.synthetic.as_ref())
         }
-    }
+        None => WeightsSource::Synthetic {
+            preset: "124m".into(),
+            seed: crate::hub::SYNTHETIC_SEED,
+        }
+        .to_string(),
+    };
     crate::files::check_writable_dir(&args.out_dir)?;
     let programs = Programs::beside_current_exe()?;
     let work = std::env::temp_dir().join(format!(
@@ -930,7 +919,12 @@ pub fn run(args: DrillArgs) -> Result<bool, Box<dyn std::error::Error>> {
         std::process::id(),
         meta::utc_timestamp(SystemTime::now(), false)
     ));
-    let drills = Drills { args, programs, work };
+    let drills = Drills {
+        args,
+        programs,
+        work,
+        weights,
+    };
     let stamp = meta::utc_timestamp(SystemTime::now(), false);
     let write = |name: &str, md: String, json: String| -> Result<(), Box<dyn std::error::Error>> {
         println!("{md}");
@@ -1017,10 +1011,7 @@ fn completions(cluster: &Cluster, i: usize) -> f64 {
         .get(&cluster.replica_url(i, "/metrics"))
         .map(|g| g.body)
         .unwrap_or_default();
-    page.lines()
-        .filter(|l| l.starts_with("gpt2_requests_total{") && l.contains("route=\"/v1/completions\""))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+    metric_sum(&page, "gpt2_requests_total", &["route=\"/v1/completions\""])
 }
 
 #[cfg(test)]

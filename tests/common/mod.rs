@@ -30,6 +30,33 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Runs `throughput` with `args` (OPENAI_API_KEY unset), killed after
+/// `secs`: a hang fails the test instead of stalling the suite.
+pub fn throughput_within(args: &[&str], secs: u64) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    let child = Command::new(env!("CARGO_BIN_EXE_throughput"))
+        .args(args)
+        .env_remove("OPENAI_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if rx.recv_timeout(std::time::Duration::from_secs(secs)).is_err() {
+            let _ = Command::new("kill").args(["-9", &id.to_string()]).status();
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = tx.send(());
+    assert!(
+        out.status.code().is_some(),
+        "{args:?}: killed after {secs} s (a hang)"
+    );
+    out
+}
+
 /// Index of the largest value (the first one on ties, like torch.argmax).
 pub fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
