@@ -65,10 +65,12 @@ pub struct DtypeArgs {
 /// `--kernels`: which instruction set's kernels run (chosen once, before any kernel).
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct KernelArgs {
-    /// Kernel instruction set: avx512, avx2 or portable (default: $GPT2_KERNELS, else the best
-    /// this CPU runs). A set the CPU lacks is an error, never a silent fallback.
+    /// Kernel instruction set: avx512, avx2 or portable, with the set's VNNI int8 products
+    /// where the CPU has them (`+novnni` leaves them out, `+vnni` requires them; the results
+    /// are the same bits). Default: $GPT2_KERNELS, else the best this CPU runs. A set the CPU
+    /// lacks is an error, never a silent fallback.
     #[arg(long, value_name = "SET", global = true)]
-    pub kernels: Option<gpt2_kernels::KernelSet>,
+    pub kernels: Option<gpt2_kernels::KernelSpec>,
 }
 
 impl KernelArgs {

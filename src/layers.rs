@@ -6,7 +6,7 @@
 //! width, V vocabulary, P positions; a linear layer maps K inputs to N
 //! outputs.
 
-use gpt2_kernels::{add_assign, gelu_inplace, layernorm, linear_panels};
+use gpt2_kernels::{add_assign, gelu_inplace, layernorm, linear_panels_with, QuantScratch};
 
 use crate::model::Row;
 use crate::profile::{Op, Timer};
@@ -60,12 +60,12 @@ impl PackedLinear {
     }
 
     /// `out (m, N) = x (m, K) W + b` on the current rayon pool, timed under
-    /// the layer's op.
+    /// the layer's op; int8 weights quantise x's rows into `xq` first.
     #[inline]
-    pub fn forward(&self, out: &mut [f32], x: &[f32], m: usize, t: &mut Timer<'_>) {
+    pub fn forward(&self, out: &mut [f32], x: &[f32], m: usize, xq: &mut QuantScratch, t: &mut Timer<'_>) {
         t.time(self.op, self.bytes(), self.flops(m), || {
             let bias = self.bias.as_ref().map(Tensor::data);
-            linear_panels(out, x, self.panels.panels(), bias, m, self.k, self.n)
+            linear_panels_with(out, x, self.panels.panels(), bias, xq, m, self.k, self.n)
         })
     }
 }

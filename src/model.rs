@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gpt2_kernels::{attention_head, Dtype};
+use gpt2_kernels::{attention_head, Dtype, QuantScratch};
 use rayon::prelude::*;
 
 use crate::config::Gpt2Config;
@@ -215,6 +215,7 @@ pub struct Scratch {
     fc: Vec<f32>,         // (M, F) MLP hidden layer
     scores: Vec<f32>,     // (M * H, P) attention scores of each (row, head)
     lm_in: Vec<f32>,      // (M, C) final-normed rows that want logits
+    quant: QuantScratch,  // (M, max(C, F)) a linear's input rows quantised, for int8 weights
     logits: Vec<f32>,     // (rows wanting logits, V), grown on demand
     next_pos: Vec<usize>, // per sequence: the position its next row must have
     /// Per-op timings, when profiling is on.
@@ -238,6 +239,11 @@ impl Scratch {
             fc: rows(f, "MLP")?,
             scores: rows(h.saturating_mul(p), "attention scores")?,
             lm_in: rows(c, "LM head input")?,
+            quant: QuantScratch::try_new(max_rows, c.max(f)).map_err(|e| {
+                Error::Engine(format!(
+                    "cannot allocate the int8 activations buffer of {max_rows} rows: {e}"
+                ))
+            })?,
             logits: Vec::new(),
             next_pos: Vec::new(),
             profile: None,
@@ -436,6 +442,7 @@ impl Gpt2Model {
         let proj = &mut s.proj[..m * c];
         let fc = &mut s.fc[..m * f];
         let scores = &mut s.scores[..m * nh * p];
+        let xq = &mut s.quant;
 
         let mut profile = s.profile.take();
         let mut t = Timer::new(profile.as_deref_mut());
@@ -444,14 +451,14 @@ impl Gpt2Model {
         w.embed.forward(x, rows, &mut t); // x = wte[token] + wpe[pos]
         for (l, b) in w.blocks.iter().enumerate() {
             b.ln_1.forward(h, x, &mut t); // h = ln_1(x)
-            b.attn_qkv.forward(qkv, h, m, &mut t); // qkv = h Wqkv + b
+            b.attn_qkv.forward(qkv, h, m, xq, &mut t); // qkv = h Wqkv + b
             attn.forward(att, scores, qkv, caches, l, &mut t); // append k, v; att = softmax(q kᵀ / √hd) v
-            b.attn_proj.forward(proj, att, m, &mut t); // proj = att Wo + b
+            b.attn_proj.forward(proj, att, m, xq, &mut t); // proj = att Wo + b
             residual(x, proj, &mut t); // x += proj
             b.ln_2.forward(h, x, &mut t); // h = ln_2(x)
-            b.mlp_fc.forward(fc, h, m, &mut t); // fc = h Wfc + b
+            b.mlp_fc.forward(fc, h, m, xq, &mut t); // fc = h Wfc + b
             gelu(fc, &mut t); // fc = gelu(fc)
-            b.mlp_proj.forward(proj, fc, m, &mut t); // proj = fc Wproj + b
+            b.mlp_proj.forward(proj, fc, m, xq, &mut t); // proj = fc Wproj + b
             residual(x, proj, &mut t); // x += proj
         }
 
@@ -469,7 +476,7 @@ impl Gpt2Model {
             .filter(|(_, r)| r.logits)
             .map(|(xr, _)| xr);
         w.ln_f.forward_rows(lm_in, wanted, &mut t); // lm_in = ln_f(x) of those rows
-        w.lm_head.forward(&mut s.logits[..n * v], lm_in, n, &mut t); // logits = lm_in wteᵀ
+        w.lm_head.forward(&mut s.logits[..n * v], lm_in, n, xq, &mut t); // logits = lm_in wteᵀ
         s.profile = profile;
         Ok(&s.logits[..n * v])
     }

@@ -157,10 +157,12 @@ fn the_logits_command_computes_in_the_asked_dtype() {
 
 // The stated tolerances (docs/hot-path.md, "Reduced precision"): relative L2
 // logit error against the f32 reference, 1.3 to 1.5 times what was measured
-// (tiny 0.21% and 0.79%, 124M 0.45% and 2.07%); a step twice too coarse, or
-// truncation, doubles the error and fails. The bounds are 1% (bf16)
-// and 5% (int8) on the 124M checkpoint.
+// (tiny 0.21% and 1.06%, 124M 0.45% and 3.06%; int8 quantises the
+// activations per row too, which took it from 0.79% and 2.07% with f32
+// activations); a step twice too coarse in the weights or in the
+// activations, or truncation, fails. The bounds are 1% (bf16) and
+// 5% (int8) on the 124M checkpoint.
 const TINY_BF16: f64 = 0.003;
-const TINY_INT8: f64 = 0.012;
+const TINY_INT8: f64 = 0.016;
 const BIG_BF16: f64 = 0.006;
-const BIG_INT8: f64 = 0.03;
+const BIG_INT8: f64 = 0.045;

@@ -123,6 +123,8 @@ fn main() {
         k::CpuInfo::detect()
     );
     let (c, v) = (768, 50257);
+    // The int8 activations' work space, allocated once as the engine does.
+    let mut quant = k::QuantScratch::new(128, 4 * c);
     {
         // The yardstick: a plain streaming read (dot products) of 256 MiB.
         use rayon::prelude::*;
@@ -175,19 +177,6 @@ fn main() {
                 (d, buf)
             })
             .collect();
-        // And int8 for integer dot products (activations quantised per row
-        // too): each column's K values contiguous, the option the engine did
-        // not take; timed at one row, where it could matter.
-        let dots: Vec<(Vec<i8>, Vec<f32>)> = if filter.contains("M=1 ") {
-            ws.iter()
-                .map(|w| {
-                    let (q, s) = k::reference::quantize_int8(w, kk, n);
-                    ((0..n * kk).map(|i| q[(i % kk) * n + i / kk]).collect(), s)
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
         for m in [1, 2, 4, 8, 16, 32, 128] {
             let label = format!("linear {name} M={m} K={kk} N={n}");
             if !label.contains(&filter) {
@@ -218,7 +207,7 @@ fn main() {
                     .collect();
                 let t = median(|| {
                     i = (i + 1) % copies;
-                    k::linear_panels(black_box(&mut out), &x, ps[i], Some(&b), m, kk, n)
+                    k::linear_panels_with(black_box(&mut out), &x, ps[i], Some(&b), &mut quant, m, kk, n)
                 });
                 report(
                     &format!("  {d} panels M={m}"),
@@ -227,35 +216,16 @@ fn main() {
                     2 * m * kk * n,
                 );
             }
-            if m == 1 && !dots.is_empty() {
-                let mut xq = vec![0i8; m * kk];
-                let t = median(|| {
-                    i = (i + 1) % copies;
-                    let (wq, s) = &dots[i];
-                    k::linear_int8_dot(black_box(&mut out), &x, wq, s, &mut xq, m, kk, n)
-                });
-                let bytes = k::Dtype::Int8.weight_bytes(kk, n);
-                report(
-                    &format!("  int8 dot (int8 x too) M={m}"),
-                    t,
-                    bytes,
-                    2 * m * kk * n,
-                );
-                // How far each int8 form is from f32 on this layer (no bias).
+            if m == 1 {
+                // How far int8 (activations quantised per row too) is from
+                // f32 on this layer (no bias).
                 let mut exact = vec![0.0; m * n];
                 k::linear(&mut exact, &x, ws[0], &vec![0.0; n], m, kk, n);
-                let (wq, s) = &dots[0];
-                k::linear_int8_dot(&mut out, &x, wq, s, &mut xq, m, kk, n);
-                let dot_err = rel_l2(&out, &exact);
                 let (_, buf) = &reduced[1];
                 let packed = &bytemuck::cast_slice::<u32, u8>(buf)[..k::packed_bytes(k::Dtype::Int8, kk, n)];
                 let p = k::Panels::from_bytes(k::Dtype::Int8, packed, kk, n);
                 k::linear_panels(&mut out, &x, p, None, m, kk, n);
-                println!(
-                    "  int8 error vs f32: f32 activations {:.3}%, int8 activations {:.3}%",
-                    rel_l2(&out, &exact) * 100.0,
-                    dot_err * 100.0
-                );
+                println!("  int8 error vs f32: {:.3}%", rel_l2(&out, &exact) * 100.0);
             }
             if m >= 16 {
                 // matrixmultiply's SGEMM on the same shape, for comparison.
@@ -298,7 +268,7 @@ fn main() {
         report(&label, t, c * v * 4, 2 * m * c * v);
         for (d, buf) in &heads {
             let p = k::Panels::from_bytes(*d, bytemuck::cast_slice(buf), c, v);
-            let t = median(|| k::linear_panels(black_box(&mut out), &x, p, None, m, c, v));
+            let t = median(|| k::linear_panels_with(black_box(&mut out), &x, p, None, &mut quant, m, c, v));
             report(
                 &format!("  {d} panels M={m}"),
                 t,

@@ -57,6 +57,22 @@ impl KernelSet {
         }
     }
 
+    /// The feature that gives the set integer dot products (`vpdpbusd`) for
+    /// the int8 products, if it has such an extension.
+    pub fn vnni_feature(self) -> Option<&'static str> {
+        match self {
+            KernelSet::Portable => None,
+            #[cfg(target_arch = "x86_64")]
+            KernelSet::Avx2 => Some(arch::avx2::VNNI),
+            #[cfg(target_arch = "x86_64")]
+            KernelSet::Avx512 => Some(arch::avx512::VNNI),
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelSet::Avx2 => Some("avxvnni"),
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelSet::Avx512 => Some("avx512vnni"),
+        }
+    }
+
     /// The features of [`KernelSet::features`] this CPU lacks (all of them
     /// off x86-64, where only the portable set is built).
     pub fn missing_features(self) -> Vec<&'static str> {
@@ -95,6 +111,7 @@ fn has_feature(name: &str) -> bool {
             "avx512dq" => is_x86_feature_detected!("avx512dq"),
             "avx512vl" => is_x86_feature_detected!("avx512vl"),
             "avx512vnni" => is_x86_feature_detected!("avx512vnni"),
+            "avxvnni" => is_x86_feature_detected!("avxvnni"),
             "avx512bf16" => is_x86_feature_detected!("avx512bf16"),
             _ => false,
         }
@@ -120,7 +137,8 @@ impl fmt::Display for UnknownKernelSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "unknown kernel set `{}`: expected avx512, avx2 or portable",
+            "unknown kernel set `{}`: expected avx512, avx2 or portable, \
+             optionally +vnni or +novnni",
             self.0
         )
     }
@@ -139,6 +157,53 @@ impl FromStr for KernelSet {
     }
 }
 
+/// A `--kernels` or `GPT2_KERNELS` value: a set, and whether its int8
+/// products use VNNI. `avx512` takes every extension this CPU has for the
+/// set; `avx512+vnni` requires VNNI; `avx512+novnni` leaves it out (to
+/// compare the two: both compute the same bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KernelSpec {
+    pub set: KernelSet,
+    /// `None`: VNNI where the CPU has it.
+    pub vnni: Option<bool>,
+}
+
+impl From<KernelSet> for KernelSpec {
+    fn from(set: KernelSet) -> Self {
+        KernelSpec { set, vnni: None }
+    }
+}
+
+impl FromStr for KernelSpec {
+    type Err = UnknownKernelSet;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || UnknownKernelSet(s.to_owned());
+        let mut parts = s.trim().split('+');
+        let set: KernelSet = parts.next().unwrap_or_default().parse().map_err(|_| bad())?;
+        let mut spec = KernelSpec::from(set);
+        for ext in parts {
+            spec.vnni = match ext.trim().to_ascii_lowercase().as_str() {
+                "vnni" if set != KernelSet::Portable => Some(true),
+                "novnni" => Some(false),
+                _ => return Err(bad()),
+            };
+        }
+        Ok(spec)
+    }
+}
+
+impl fmt::Display for KernelSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.set.as_str())?;
+        match self.vnni {
+            Some(true) => f.write_str("+vnni"),
+            Some(false) => f.write_str("+novnni"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Why a kernel set cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelsError {
@@ -151,7 +216,7 @@ pub enum KernelsError {
     },
     /// The process already runs another set ([`init`] after the first kernel
     /// call, or twice with different sets).
-    AlreadyChosen { active: KernelSet, requested: KernelSet },
+    AlreadyChosen { active: Kernels, requested: Kernels },
 }
 
 impl fmt::Display for KernelsError {
@@ -179,18 +244,35 @@ impl fmt::Display for KernelsError {
 
 impl std::error::Error for KernelsError {}
 
-/// A kernel set this CPU runs: only [`Kernels::new`] (which checks the CPU)
-/// makes one. Every kernel has a method here that runs it on this set; the
-/// free functions of the crate run the [`active`] one.
+/// A kernel set this CPU runs, and whether its int8 products use VNNI: only
+/// [`Kernels::new`] and [`Kernels::with_spec`] (which check the CPU) make
+/// one. Every kernel has a method here that runs it on this set; the free
+/// functions of the crate run the [`active`] one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Kernels(KernelSet);
+pub struct Kernels {
+    set: KernelSet,
+    vnni: bool,
+}
 
 impl Kernels {
-    /// `set`, if this CPU runs it.
+    /// `set`, if this CPU runs it, with VNNI where the CPU has it.
     pub fn new(set: KernelSet) -> Result<Kernels, KernelsError> {
-        let missing = set.missing_features();
+        Kernels::with_spec(set.into())
+    }
+
+    /// The set `spec` names, if this CPU runs it, with VNNI as it asks.
+    pub fn with_spec(spec: KernelSpec) -> Result<Kernels, KernelsError> {
+        let set = spec.set;
+        let mut missing = set.missing_features();
+        let has_vnni = set.vnni_feature().is_some_and(has_feature);
+        if spec.vnni == Some(true) && !has_vnni {
+            missing.push(set.vnni_feature().unwrap_or("vnni"));
+        }
         if missing.is_empty() {
-            Ok(Kernels(set))
+            Ok(Kernels {
+                set,
+                vnni: spec.vnni.unwrap_or(has_vnni),
+            })
         } else {
             Err(KernelsError::Unsupported { set, missing })
         }
@@ -198,22 +280,46 @@ impl Kernels {
 
     /// Every set this CPU runs, best first.
     pub fn supported() -> Vec<Kernels> {
-        KernelSet::supported().into_iter().map(Kernels).collect()
+        KernelSet::supported()
+            .into_iter()
+            .filter_map(|s| Kernels::new(s).ok())
+            .collect()
+    }
+
+    /// Every set this CPU runs, each with and (where it has VNNI) without
+    /// VNNI: what the tests run every kernel on.
+    pub fn variants() -> Vec<Kernels> {
+        Kernels::supported()
+            .into_iter()
+            .flat_map(|k| {
+                let without = Kernels { vnni: false, ..k };
+                if k.vnni {
+                    vec![k, without]
+                } else {
+                    vec![k]
+                }
+            })
+            .collect()
     }
 
     /// The best set this CPU runs.
     pub fn best() -> Kernels {
-        Kernels(KernelSet::best())
+        Kernels::new(KernelSet::best()).expect("the best set is supported")
     }
 
     pub fn set(self) -> KernelSet {
-        self.0
+        self.set
+    }
+
+    /// Whether the int8 products use VNNI's `vpdpbusd`.
+    pub fn vnni(self) -> bool {
+        self.vnni
     }
 
     /// f32 lanes per vector register of the set: the lanes attention's dot
     /// products sum in.
     pub fn lanes(self) -> usize {
-        match self.0 {
+        match self.set {
             KernelSet::Portable | KernelSet::Avx2 => 8,
             KernelSet::Avx512 => 16,
         }
@@ -226,7 +332,7 @@ impl Kernels {
     /// `Kernels` proves.
     #[inline]
     pub(crate) unsafe fn run<K: Kernel>(self, k: K) -> K::Out {
-        match self.0 {
+        match self.set {
             // SAFETY: the caller's contract; the portable set needs no feature.
             KernelSet::Portable => unsafe { arch::portable::entry(k) },
             // SAFETY: a `Kernels` holds a set only once `new` found every one
@@ -237,14 +343,39 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             KernelSet::Avx512 => unsafe { arch::avx512::entry(k) },
             #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("{} is never supported off x86-64", self.0),
+            _ => unreachable!("{} is never supported off x86-64", self.set),
+        }
+    }
+
+    /// [`Kernels::run`] for kernels that use the integer dot products: the
+    /// set's VNNI instantiation when this `Kernels` has VNNI.
+    ///
+    /// # Safety
+    /// As [`Kernels::run`].
+    #[inline]
+    pub(crate) unsafe fn run_int8<K: Kernel>(self, k: K) -> K::Out {
+        match (self.set, self.vnni) {
+            // SAFETY: `vnni` is set only where `with_spec` found the set's
+            // VNNI feature on this CPU; the kernel's contract is the caller's.
+            #[cfg(target_arch = "x86_64")]
+            (KernelSet::Avx2, true) => unsafe { arch::avx2::entry_vnni(k) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            (KernelSet::Avx512, true) => unsafe { arch::avx512::entry_vnni(k) },
+            // SAFETY: the caller's contract.
+            _ => unsafe { self.run(k) },
         }
     }
 }
 
 impl fmt::Display for Kernels {
+    /// The set, then `+vnni` when its int8 products use VNNI.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0.as_str())
+        f.write_str(self.set.as_str())?;
+        if self.vnni {
+            f.write_str("+vnni")?;
+        }
+        Ok(())
     }
 }
 
@@ -252,7 +383,7 @@ impl fmt::Display for Kernels {
 static ACTIVE: OnceLock<Kernels> = OnceLock::new();
 
 /// The set `GPT2_KERNELS` names, `None` when it is unset.
-pub fn from_env() -> Result<Option<KernelSet>, KernelsError> {
+pub fn from_env() -> Result<Option<KernelSpec>, KernelsError> {
     match std::env::var_os(ENV) {
         None => Ok(None),
         Some(v) => {
@@ -267,12 +398,12 @@ pub fn from_env() -> Result<Option<KernelSet>, KernelsError> {
 /// What the process would choose: `flag`, else `GPT2_KERNELS`, else the
 /// best set; an error if that set does not run here or the variable names
 /// no set (never a silent fallback to another set).
-fn choose(flag: Option<KernelSet>) -> Result<Kernels, KernelsError> {
-    let set = match flag {
+fn choose(flag: Option<KernelSpec>) -> Result<Kernels, KernelsError> {
+    let spec = match flag {
         Some(s) => s,
-        None => from_env()?.unwrap_or_else(KernelSet::best),
+        None => from_env()?.unwrap_or_else(|| KernelSet::best().into()),
     };
-    Kernels::new(set)
+    Kernels::with_spec(spec)
 }
 
 /// Chooses the process's kernel set: `flag` (a `--kernels` value) if given,
@@ -280,15 +411,15 @@ fn choose(flag: Option<KernelSet>) -> Result<Kernels, KernelsError> {
 /// any kernel; it returns the set now active. Errors name an unknown
 /// `GPT2_KERNELS`, a set this CPU lacks, or a set other than the one already
 /// chosen (by an earlier `init` or the first kernel call).
-pub fn init(flag: Option<KernelSet>) -> Result<Kernels, KernelsError> {
+pub fn init(flag: Option<KernelSpec>) -> Result<Kernels, KernelsError> {
     let want = choose(flag)?;
     let got = *ACTIVE.get_or_init(|| want);
     if got == want {
         Ok(got)
     } else {
         Err(KernelsError::AlreadyChosen {
-            active: got.set(),
-            requested: want.set(),
+            active: got,
+            requested: want,
         })
     }
 }
@@ -321,7 +452,7 @@ pub struct CpuInfo {
 }
 
 /// The features [`CpuInfo`] reports.
-const REPORTED: [&str; 8] = [
+const REPORTED: [&str; 9] = [
     "avx2",
     "fma",
     "avx512f",
@@ -330,6 +461,7 @@ const REPORTED: [&str; 8] = [
     "avx512vl",
     "avx512vnni",
     "avx512bf16",
+    "avxvnni",
 ];
 
 impl CpuInfo {
@@ -433,6 +565,68 @@ mod tests {
         assert!(
             err.contains("`sse9`") && err.contains("avx512, avx2 or portable"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_spec_names_a_set_and_its_vnni() {
+        let spec = |s: &str| s.parse::<KernelSpec>();
+        assert_eq!(spec("avx512"), Ok(KernelSet::Avx512.into()));
+        assert_eq!(
+            spec("AVX2+novnni"),
+            Ok(KernelSpec {
+                set: KernelSet::Avx2,
+                vnni: Some(false)
+            })
+        );
+        assert_eq!(spec("avx512+vnni").unwrap().vnni, Some(true));
+        for bad in ["portable+vnni", "avx2+fast", "avx2+", "+vnni"] {
+            let err = spec(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("`{bad}`")) && err.contains("+novnni"),
+                "{err}"
+            );
+        }
+        for s in ["avx512+vnni", "avx2+novnni", "portable"] {
+            assert_eq!(spec(s).unwrap().to_string(), s);
+        }
+    }
+
+    /// VNNI is used where the CPU has it, refused by name where it lacks
+    /// it, and left out on request; every variant is one the CPU runs.
+    #[test]
+    fn vnni_follows_the_cpu_and_the_spec() {
+        for set in KernelSet::supported() {
+            let has = set.vnni_feature().is_some_and(has_feature);
+            let k = Kernels::new(set).unwrap();
+            assert_eq!(k.vnni(), has, "{set}");
+            assert_eq!(k.to_string(), format!("{set}{}", if has { "+vnni" } else { "" }));
+            let off = Kernels::with_spec(KernelSpec {
+                set,
+                vnni: Some(false),
+            })
+            .unwrap();
+            assert!(!off.vnni() && off.to_string() == set.as_str(), "{off}");
+            let on = Kernels::with_spec(KernelSpec {
+                set,
+                vnni: Some(true),
+            });
+            match (has, on) {
+                (true, Ok(k)) => assert!(k.vnni()),
+                (false, Err(e)) => {
+                    let msg = e.to_string();
+                    assert!(set == KernelSet::Portable || msg.contains("vnni"), "{msg}");
+                }
+                (has, got) => panic!("{set}: has vnni {has}, got {got:?}"),
+            }
+        }
+        let variants = Kernels::variants();
+        assert!(variants
+            .iter()
+            .all(|k| Kernels::supported().iter().any(|s| s.set() == k.set())));
+        assert_eq!(
+            variants.iter().filter(|k| k.vnni()).count(),
+            Kernels::supported().iter().filter(|k| k.vnni()).count()
         );
     }
 

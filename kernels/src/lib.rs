@@ -31,10 +31,11 @@ pub mod reference;
 mod test_data;
 
 pub use attention::{attention_head, softmax_inplace};
-pub use dispatch::{active, init, CpuInfo, KernelSet, Kernels, KernelsError, UnknownKernelSet};
+pub use dispatch::{active, init, CpuInfo, KernelSet, KernelSpec, Kernels, KernelsError, UnknownKernelSet};
 pub use dtype::{Dtype, UnknownDtype};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};
 pub use matmul::{
-    dot, linear, linear_int8_dot, linear_packed, linear_panels, linear_sgemm, matmul_bt, pack, pack_panels,
-    pack_panels_t, pack_t, packed_bytes, packed_len, unpack_column, Panels, PanelsMut, PANEL,
+    dot, linear, linear_packed, linear_panels, linear_panels_with, linear_sgemm, matmul_bt, pack,
+    pack_panels, pack_panels_t, pack_t, packed_bytes, packed_len, quantize_rows, unpack_column, Panels,
+    PanelsMut, QuantScratch, PANEL,
 };

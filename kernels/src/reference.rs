@@ -58,8 +58,28 @@ pub fn linear_bf16(out: &mut [f32], x: &[f32], w_bits: &[u16], bias: &[f32], m: 
     linear(out, x, &w, bias, m, k, n)
 }
 
-/// `out[M,N] = x[M,K] · (q[K,N] · scales[N]) + bias[N]`: int8 weights with a
-/// scale per column.
+/// One row of activations quantised to int8: `scale = max|x| / 127`,
+/// `q = round(x · (127 / max|x|))` (ties to even, within ±127); zeros when
+/// the row is. `(q, scale)`.
+pub fn quantize_row_int8(x: &[f32]) -> (Vec<i8>, f32) {
+    let absmax = x.iter().map(|v| v.abs()).fold(0.0, f32::max);
+    let q = x
+        .iter()
+        .map(|&v| {
+            if absmax > 0.0 && absmax.is_finite() {
+                (v * (127.0 / absmax)).round_ties_even().clamp(-127.0, 127.0) as i8
+            } else {
+                0
+            }
+        })
+        .collect();
+    (q, absmax / 127.0)
+}
+
+/// `out[M,N] = (xq[M,K] · q[K,N]) · (sx[M] · scales[N]) + bias[N]`: int8
+/// weights with a scale per column, each row of x quantised to int8 with its
+/// own scale ([`quantize_row_int8`]), the products summed exactly, then
+/// scaled in f32 (a multiply, a multiply, an add, as the kernels do).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_int8(
     out: &mut [f32],
@@ -72,36 +92,10 @@ pub fn linear_int8(
     n: usize,
 ) {
     for r in 0..m {
+        let (xq, sx) = quantize_row_int8(&x[r * k..(r + 1) * k]);
         for j in 0..n {
-            let mut s = 0f64;
-            for kk in 0..k {
-                s += x[r * k + kk] as f64 * q[kk * n + j] as f64;
-            }
-            out[r * n + j] = (s * scales[j] as f64 + bias[j] as f64) as f32;
-        }
-    }
-}
-
-/// `out[M,N] = x[M,K] · (q[K,N] · scales[N])` with x rounded to int8 too:
-/// each row's scale `max |x| / 127`, `xq = round(x / scale)` (ties to even);
-/// the integer sum, then `· sx · scale[j]`.
-pub fn linear_int8_dot(out: &mut [f32], x: &[f32], q: &[i8], scales: &[f32], m: usize, k: usize, n: usize) {
-    for r in 0..m {
-        let xr = &x[r * k..(r + 1) * k];
-        let sx = xr.iter().map(|v| v.abs()).fold(0.0, f32::max) / 127.0;
-        let xq: Vec<i64> = xr
-            .iter()
-            .map(|&v| {
-                if sx > 0.0 {
-                    (v / sx).round_ties_even() as i64
-                } else {
-                    0
-                }
-            })
-            .collect();
-        for j in 0..n {
-            let s: i64 = (0..k).map(|kk| xq[kk] * q[kk * n + j] as i64).sum();
-            out[r * n + j] = s as i32 as f32 * sx * scales[j];
+            let s: i64 = (0..k).map(|kk| xq[kk] as i64 * q[kk * n + j] as i64).sum();
+            out[r * n + j] = s as i32 as f32 * (sx * scales[j]) + bias[j];
         }
     }
 }
@@ -494,9 +488,12 @@ mod tests {
             panic!("not int8")
         };
         let mut out = vec![0i8; k * n];
+        let k4 = k.next_multiple_of(4);
         for kk in 0..k {
             for j in 0..n {
-                out[kk * n + j] = q[(j / crate::PANEL * k + kk) * crate::PANEL + j % crate::PANEL];
+                // Four rows of a column side by side, 48 columns a group.
+                let (p, c) = (j / crate::PANEL, j % crate::PANEL);
+                out[kk * n + j] = q[p * k4 * crate::PANEL + (kk / 4 * crate::PANEL + c) * 4 + kk % 4];
             }
         }
         (out, scales[..n].to_vec())
@@ -593,7 +590,7 @@ mod tests {
 
     #[test]
     fn linear_panels_match_their_naive_twins_on_odd_shapes() {
-        for ks in crate::Kernels::supported() {
+        for ks in crate::Kernels::variants() {
             for &m in &ROWS {
                 for &(k, n) in &[
                     (1, 1),
@@ -623,15 +620,16 @@ mod tests {
                     );
                     assert_close(&what("bf16"), &got, &want, 1e-5, 1e-5);
 
+                    // Integer sums are exact: the same bits as the twin.
                     let buf = packed(crate::Dtype::Int8, &w, k, n);
                     let p = panels(crate::Dtype::Int8, &buf, k, n);
                     let (q, scales) = unpack_int8(p, k, n);
                     linear_int8(&mut want, &x, &q, &scales, &b, m, k, n);
                     ks.linear_panels(&mut got, &x, p, Some(&b), m, k, n);
-                    assert_close(&what("int8"), &got, &want, 1e-5, 1e-5);
+                    assert_eq!(got, want, "{}", what("int8"));
                     ks.linear_panels(&mut got, &x, p, None, m, k, n);
                     linear_int8(&mut want, &x, &q, &scales, &vec![0.0; n], m, k, n);
-                    assert_close(&what("int8 without bias"), &got, &want, 1e-5, 1e-5);
+                    assert_eq!(got, want, "{}", what("int8 without bias"));
                 }
             }
         }
@@ -641,7 +639,7 @@ mod tests {
     /// the same bits whatever else is in the batch and whatever the pool.
     #[test]
     fn every_dtype_s_results_do_not_depend_on_batch_or_threads() {
-        for ks in crate::Kernels::supported() {
+        for ks in crate::Kernels::variants() {
             let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
             let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
             for dtype in crate::Dtype::ALL {
@@ -669,20 +667,99 @@ mod tests {
         }
     }
 
-    /// The integer-dot-product baseline (int8 activations too) equals its
-    /// twin bit for bit: its sums are exact.
+    /// The int8 products are exact integer sums: every kernel set, with VNNI
+    /// and without, computes the same bits, at K that fill four-row groups
+    /// or not, with rows of zeros, one huge value, and x at ±127 steps that
+    /// would saturate a careless 16-bit sum.
     #[test]
-    fn linear_int8_dot_matches_its_naive_twin() {
-        for ks in crate::Kernels::supported() {
-            for m in [1, 2, 3] {
-                for &(k, n) in &[(1, 1), (31, 5), (32, 7), (65, 33), (301, 129), (768, 70)] {
-                    let (x, w) = (values(m * k, 50), values(k * n, 51));
-                    let (q, scales) = quantize_int8(&w, k, n);
-                    let wq: Vec<i8> = (0..n * k).map(|i| q[(i % k) * n + i / k]).collect(); // [N, K]
-                    let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0.0; m * n]);
-                    ks.linear_int8_dot(&mut got, &x, &wq, &scales, &mut vec![0; m * k], m, k, n);
-                    linear_int8_dot(&mut want, &x, &q, &scales, m, k, n);
-                    assert_eq!(got, want, "{ks}: m={m} k={k} n={n}");
+    fn int8_is_the_same_bits_on_every_kernel_set() {
+        let variants = crate::Kernels::variants();
+        eprintln!(
+            "int8 compared on {}",
+            variants
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 50),
+            (9, 31, 97),
+            (17, 768, 96),
+            (5, 3072, 48),
+            (33, 130, 145),
+        ] {
+            let mut x = values(m * k, 52);
+            x[..k].fill(0.0); // a row of zeros
+            if m > 1 {
+                x[k] = 1e6; // one value that dwarfs its row
+            }
+            if m > 2 {
+                for (i, v) in x[2 * k..3 * k].iter_mut().enumerate() {
+                    *v = if i % 2 == 0 { 1.0 } else { -1.0 }; // every q at ±127
+                }
+            }
+            let mut w = values(k * n, 53);
+            for v in w.iter_mut().step_by(3) {
+                *v = v.signum(); // weights at ±127 too
+            }
+            let buf = packed(crate::Dtype::Int8, &w, k, n);
+            let p = panels(crate::Dtype::Int8, &buf, k, n);
+            let (q, scales) = unpack_int8(p, k, n);
+            let b = values(n, 54);
+            let mut want = vec![0.0; m * n];
+            linear_int8(&mut want, &x, &q, &scales, &b, m, k, n);
+            for ks in &variants {
+                let mut got = vec![f32::NAN; m * n];
+                ks.linear_panels(&mut got, &x, p, Some(&b), m, k, n);
+                assert_eq!(got, want, "{ks}: m={m} k={k} n={n}");
+            }
+        }
+    }
+
+    /// A row's quantisation is the naive twin's, and a NaN or infinity in a
+    /// row makes that row's outputs NaN, never finite garbage; the other
+    /// rows are untouched.
+    #[test]
+    fn int8_activations_quantise_per_row_and_carry_non_finite_values() {
+        let (m, k) = (4, 67);
+        let mut x = values(m * k, 55);
+        x[k + 3] = f32::NAN;
+        x[2 * k + 9] = f32::INFINITY;
+        let mut q = vec![1; m * 68];
+        let (mut sx, mut sums) = (vec![0.0; m], vec![0; m]);
+        crate::quantize_rows(&mut q, &mut sx, &mut sums, &x, m, k);
+        for r in [0, 3] {
+            let (want_q, want_s) = quantize_row_int8(&x[r * k..(r + 1) * k]);
+            assert_eq!(&q[r * 68..r * 68 + k], &want_q[..], "row {r}");
+            assert_eq!(&q[r * 68 + k..(r + 1) * 68], &[0i8], "row {r}: the padding");
+            assert_eq!(sx[r], want_s, "row {r}");
+            assert_eq!(sums[r], want_q.iter().map(|&v| v as i32).sum::<i32>(), "row {r}");
+            assert!(
+                want_q.iter().any(|&v| v.unsigned_abs() == 127),
+                "row {r} uses the full range"
+            );
+        }
+        let (k, n) = (k, 50);
+        let w = values(k * n, 56);
+        let buf = packed(crate::Dtype::Int8, &w, k, n);
+        for ks in crate::Kernels::variants() {
+            let mut out = vec![0.0; m * n];
+            ks.linear_panels(
+                &mut out,
+                &x,
+                panels(crate::Dtype::Int8, &buf, k, n),
+                None,
+                m,
+                k,
+                n,
+            );
+            for r in 0..m {
+                let row = &out[r * n..(r + 1) * n];
+                match r {
+                    1 | 2 => assert!(row.iter().all(|v| v.is_nan()), "{ks}: row {r}"),
+                    _ => assert!(row.iter().all(|v| v.is_finite()), "{ks}: row {r}"),
                 }
             }
         }

@@ -502,7 +502,7 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
         git_commit: meta::git_commit(),
         rustc: env!("GPT2_RUSTC_VERSION").into(),
         cpu_model: meta::cpu_model(),
-        kernels: gpt2_kernels::active().set().as_str().into(),
+        kernels: gpt2_kernels::active().to_string(),
         cores: plan.cores,
         pool_layout: opts.pool.name().into(),
         threads_per_request: plan.threads,

@@ -1,17 +1,22 @@
-//! The AVX2 + FMA set: eight f32 lanes per register, sixteen registers.
+//! The AVX2 + FMA set: eight f32 lanes per register, sixteen registers;
+//! with AVX-VNNI (Alder Lake, Sapphire Rapids, Zen 5 on), the int8 products
+//! in one `vpdpbusd` per 32.
 
 use std::arch::x86_64::*;
 
-use super::{Isa, Kernel, Vector, Weight};
+use super::{Isa, Kernel, Vector, Widen};
 use crate::Dtype;
 
-/// The AVX2 + FMA [`Isa`].
+/// The AVX2 + FMA [`Isa`]; `VNNI`: with AVX-VNNI's integer dot products.
 #[derive(Clone, Copy)]
-pub(crate) struct Avx2;
+pub(crate) struct Avx2<const VNNI: bool>;
 
 /// The features [`entry`] is compiled with, as `is_x86_feature_detected!`
 /// names them: what the CPU must have for this set.
 pub(crate) const FEATURES: &[&str] = &["avx2", "fma"];
+
+/// What [`entry_vnni`] adds to [`FEATURES`].
+pub(crate) const VNNI: &str = "avxvnni";
 
 /// A kernel compiled for AVX2 + FMA: its `#[inline(always)]` body inlines
 /// here, so its intrinsics and its vectorised loops use them.
@@ -21,7 +26,17 @@ pub(crate) const FEATURES: &[&str] = &["avx2", "fma"];
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn entry<K: Kernel>(k: K) -> K::Out {
     // SAFETY: the caller's contract.
-    unsafe { k.run::<Avx2>() }
+    unsafe { k.run::<Avx2<false>>() }
+}
+
+/// [`entry`] with AVX-VNNI too (the int8 products).
+///
+/// # Safety
+/// As [`entry`], and the CPU has [`VNNI`].
+#[target_feature(enable = "avx2,fma,avxvnni")]
+pub(crate) unsafe fn entry_vnni<K: Kernel>(k: K) -> K::Out {
+    // SAFETY: the caller's contract.
+    unsafe { k.run::<Avx2<true>>() }
 }
 
 impl Vector for __m256 {
@@ -88,7 +103,7 @@ pub(crate) unsafe fn sum8(a: __m256) -> f32 {
     }
 }
 
-impl Isa for Avx2 {
+impl<const VNNI: bool> Isa for Avx2<VNNI> {
     type V = __m256;
 
     /// Fused: inside [`entry`] this is one `vfmadd`.
@@ -103,9 +118,9 @@ impl Isa for Avx2 {
     /// group load the same bytes, which the compiler loads once. int8: 8
     /// bytes sign-extended to 32-bit lanes and converted (exactly).
     #[inline(always)]
-    unsafe fn widen<E: Weight>(row: *const E, v: usize) -> __m256 {
-        // SAFETY: the caller's contract (a group is 32 bytes in bf16, and
-        // 8 values of int8 are 8 bytes); E::DTYPE says what `row` points to.
+    unsafe fn widen<E: Widen>(row: *const E, v: usize) -> __m256 {
+        // SAFETY: the caller's contract (a group is 32 bytes in bf16);
+        // E::DTYPE says what `row` points to.
         unsafe {
             match E::DTYPE {
                 Dtype::F32 => _mm256_loadu_ps(row.cast::<f32>().add(8 * v)),
@@ -118,9 +133,7 @@ impl Isa for Avx2 {
                         _mm256_unpackhi_epi16(zero, group)
                     })
                 }
-                Dtype::Int8 => _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                    row.cast::<i8>().add(8 * v).cast(),
-                ))),
+                Dtype::Int8 => unreachable!("int8 is multiplied as integers"),
             }
         }
     }
@@ -138,10 +151,65 @@ impl Isa for Avx2 {
         unsafe { bt_lanes(x, w, r0, j0, k8, k) }
     }
 
+    type Sums = __m256i;
+    type Quads = __m256i;
+    const OFFSET: i32 = if VNNI { 128 } else { 0 };
+
     #[inline(always)]
-    unsafe fn dot_i8<const J: usize>(x: *const i8, ws: [*const i8; J], k32: usize) -> [i32; J] {
-        // SAFETY: the caller's contract.
-        unsafe { dot_i8(x, ws, k32) }
+    unsafe fn sums_zero() -> __m256i {
+        // SAFETY: the trait's contract (the CPU has the set, pointers valid),
+        // as in every method below.
+        unsafe { _mm256_setzero_si256() }
+    }
+
+    #[inline(always)]
+    unsafe fn sums_load(p: *const i32) -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_loadu_si256(p.cast()) }
+    }
+
+    #[inline(always)]
+    unsafe fn sums_store(s: __m256i, p: *mut i32) {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_storeu_si256(p.cast(), s) }
+    }
+
+    /// With VNNI the sign bit flipped: `w + 128` as an unsigned byte.
+    #[inline(always)]
+    unsafe fn weights4(p: *const i8) -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe {
+            let w = _mm256_loadu_si256(p.cast());
+            if VNNI {
+                _mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN))
+            } else {
+                w
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn splat4(p: *const i8) -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_set1_epi32(p.cast::<i32>().read_unaligned()) }
+    }
+
+    /// VNNI: `vpdpbusd` (unsigned `w + 128` by signed x, four products per
+    /// lane added to it). Without: llama.cpp's sign trick, `|x|` (unsigned)
+    /// by `w` with x's sign (`vpsignb`), adjacent products added to i16
+    /// (`vpmaddubsw`: at most 2 · 127 · 127, so never saturating), then to
+    /// i32 (`vpmaddwd` by ones).
+    #[inline(always)]
+    unsafe fn dot4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: the trait's contract; VNNI is set only in `entry_vnni`.
+        unsafe {
+            if VNNI {
+                _mm256_dpbusd_avx_epi32(acc, w, x)
+            } else {
+                let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+                _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+            }
+        }
     }
 }
 
@@ -182,36 +250,4 @@ pub(crate) unsafe fn bt_lanes<const R: usize, const C: usize>(
         }
     }
     acc
-}
-
-/// [`Isa::dot_i8`] in `__m256` registers: per 32 values, `|x|` times `w`
-/// with x's sign (`vpsignb`), adjacent products added to i16
-/// (`vpmaddubsw`: at most 2 · 127 · 127, no saturation from values within
-/// ±127), then to i32 (`vpmaddwd` by ones).
-///
-/// # Safety
-/// As [`Isa::dot_i8`], the CPU with AVX2.
-#[inline(always)]
-pub(crate) unsafe fn dot_i8<const J: usize>(x: *const i8, ws: [*const i8; J], k32: usize) -> [i32; J] {
-    // SAFETY (whole body): every offset is below k32 (the contract).
-    unsafe {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_si256(); J];
-        for i in (0..k32).step_by(32) {
-            let xv = _mm256_loadu_si256(x.add(i).cast());
-            let ax = _mm256_sign_epi8(xv, xv);
-            for (a, w) in acc.iter_mut().zip(&ws) {
-                let wv = _mm256_loadu_si256(w.add(i).cast());
-                let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv));
-                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
-            }
-        }
-        let mut out = [0i32; J];
-        for (o, a) in out.iter_mut().zip(&acc) {
-            let mut lanes = [0i32; 8];
-            _mm256_storeu_si256(lanes.as_mut_ptr().cast(), *a);
-            *o = lanes.iter().sum();
-        }
-        out
-    }
 }

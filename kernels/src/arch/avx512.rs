@@ -1,16 +1,17 @@
 //! The AVX-512 set: sixteen f32 lanes per register, thirty-two registers,
-//! so wider tiles (`matmul/tiles.rs`: 8 rows x 48 columns, 24 sums). The
-//! baselines that promise 8 lanes (`matmul_bt`, the int8 dot products) run
-//! AVX2's bodies here.
+//! so wider tiles (`matmul/tiles.rs`: 8 rows x 48 columns, 24 sums); with
+//! AVX512-VNNI (Cascade Lake, Ice Lake, Zen 4 on), the int8 products in one
+//! `vpdpbusd` per 64. The baseline that promises 8 lanes (`matmul_bt`) runs
+//! AVX2's body here.
 
 use std::arch::x86_64::*;
 
-use super::{avx2, Isa, Kernel, Vector, Weight};
+use super::{avx2, Isa, Kernel, Vector, Widen};
 use crate::Dtype;
 
-/// The AVX-512 [`Isa`].
+/// The AVX-512 [`Isa`]; `VNNI`: with AVX512-VNNI's integer dot products.
 #[derive(Clone, Copy)]
-pub(crate) struct Avx512;
+pub(crate) struct Avx512<const VNNI: bool>;
 
 /// The features [`entry`] is compiled with, as `is_x86_feature_detected!`
 /// names them: what the CPU must have for this set (every AVX-512 CPU since
@@ -25,7 +26,20 @@ pub(crate) const FEATURES: &[&str] = &["avx2", "fma", "avx512f", "avx512bw", "av
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
 pub(crate) unsafe fn entry<K: Kernel>(k: K) -> K::Out {
     // SAFETY: the caller's contract.
-    unsafe { k.run::<Avx512>() }
+    unsafe { k.run::<Avx512<false>>() }
+}
+
+/// What [`entry_vnni`] adds to [`FEATURES`].
+pub(crate) const VNNI: &str = "avx512vnni";
+
+/// [`entry`] with AVX512-VNNI too (the int8 products).
+///
+/// # Safety
+/// As [`entry`], and the CPU has [`VNNI`].
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+pub(crate) unsafe fn entry_vnni<K: Kernel>(k: K) -> K::Out {
+    // SAFETY: the caller's contract.
+    unsafe { k.run::<Avx512<true>>() }
 }
 
 impl Vector for __m512 {
@@ -102,7 +116,7 @@ const BF16_WIDEN: [u16; 32] = {
 /// The odd words of a 512-bit register: the top halves of its 16 lanes.
 const BF16_HIGH_WORDS: __mmask32 = 0xAAAA_AAAA;
 
-impl Isa for Avx512 {
+impl<const VNNI: bool> Isa for Avx512<VNNI> {
     type V = __m512;
 
     /// Fused: inside [`entry`] this is one `vfmadd`.
@@ -114,11 +128,11 @@ impl Isa for Avx512 {
     /// f32: one load. bf16: the group's 32 bytes permuted word by word into
     /// the top halves of the lanes, zeros below (one `vpermw` with a zeroing
     /// mask), which also undoes AVX2's column swap: the packed layout is the
-    /// same for every set. int8: 16 bytes sign-extended and converted.
+    /// same for every set.
     #[inline(always)]
-    unsafe fn widen<E: Weight>(row: *const E, v: usize) -> __m512 {
-        // SAFETY: the caller's contract (group v of bf16 is 32 bytes, 16
-        // int8 values are 16 bytes); E::DTYPE says what `row` points to.
+    unsafe fn widen<E: Widen>(row: *const E, v: usize) -> __m512 {
+        // SAFETY: the caller's contract (group v of bf16 is 32 bytes);
+        // E::DTYPE says what `row` points to.
         unsafe {
             match E::DTYPE {
                 Dtype::F32 => _mm512_loadu_ps(row.cast::<f32>().add(16 * v)),
@@ -131,9 +145,7 @@ impl Isa for Avx512 {
                         _mm512_zextsi256_si512(group),
                     ))
                 }
-                Dtype::Int8 => _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    row.cast::<i8>().add(16 * v).cast(),
-                ))),
+                Dtype::Int8 => unreachable!("int8 is multiplied as integers"),
             }
         }
     }
@@ -151,16 +163,73 @@ impl Isa for Avx512 {
         unsafe { avx2::bt_lanes(x, w, r0, j0, k8, k) }
     }
 
+    type Sums = __m512i;
+    type Quads = __m512i;
+    const OFFSET: i32 = if VNNI { 128 } else { 0 };
+
     #[inline(always)]
-    unsafe fn dot_i8<const J: usize>(x: *const i8, ws: [*const i8; J], k32: usize) -> [i32; J] {
-        // SAFETY: the caller's contract; this set includes AVX2.
-        unsafe { avx2::dot_i8(x, ws, k32) }
+    unsafe fn sums_zero() -> __m512i {
+        // SAFETY: the trait's contract (the CPU has the set, pointers valid),
+        // as in every method below.
+        unsafe { _mm512_setzero_si512() }
+    }
+
+    #[inline(always)]
+    unsafe fn sums_load(p: *const i32) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_loadu_si512(p.cast()) }
+    }
+
+    #[inline(always)]
+    unsafe fn sums_store(s: __m512i, p: *mut i32) {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_storeu_si512(p.cast(), s) }
+    }
+
+    /// With VNNI the sign bit flipped: `w + 128` as an unsigned byte.
+    #[inline(always)]
+    unsafe fn weights4(p: *const i8) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe {
+            let w = _mm512_loadu_si512(p.cast());
+            if VNNI {
+                _mm512_xor_si512(w, _mm512_set1_epi8(i8::MIN))
+            } else {
+                w
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn splat4(p: *const i8) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_set1_epi32(p.cast::<i32>().read_unaligned()) }
+    }
+
+    /// VNNI: `vpdpbusd` (unsigned `w + 128` by signed x, four products per
+    /// lane added to it). Without: AVX2's sign trick, with `w` negated under
+    /// a mask of x's negative bytes (AVX-512 has no `vpsignb`; where x is 0
+    /// its absolute value zeroes the product).
+    #[inline(always)]
+    unsafe fn dot4(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
+        // SAFETY: the trait's contract; VNNI is set only in `entry_vnni`.
+        unsafe {
+            if VNNI {
+                _mm512_dpbusd_epi32(acc, w, x)
+            } else {
+                let neg = _mm512_movepi8_mask(x);
+                let sw = _mm512_mask_sub_epi8(w, neg, _mm512_setzero_si512(), w);
+                let pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(x), sw);
+                _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::Weight;
 
     /// The permutation is the packed layout's, read back: column c of a
     /// group is where `Weight::slot` put it.

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use super::{Isa, Vector, Weight, LINE};
+use super::{Isa, Vector, Widen, LINE};
 use crate::matmul::PANEL;
 
 /// Most vectors a tile row holds: 64 columns of 8 lanes.
@@ -27,7 +27,7 @@ const MAX_VECTORS: usize = 8;
 /// of a weight group.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Weight>(
+pub(crate) unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Widen>(
     out: *mut f32,
     x: *const f32,
     w: *const E,
@@ -96,7 +96,7 @@ pub(crate) unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usiz
 /// The CPU has `I`; `x` valid for `ks.end` floats, `wa` and `wb` for
 /// `ks.end` rows of 48, `out` for columns `ja..ja+48` and `jb..jb+48`.
 #[inline(always)]
-pub(crate) unsafe fn tile_pair<I: Isa, E: Weight>(
+pub(crate) unsafe fn tile_pair<I: Isa, E: Widen>(
     out: *mut f32,
     x: *const f32,
     wa: *const E,

@@ -90,7 +90,7 @@ pub(crate) trait Isa: Copy + 'static {
     /// # Safety
     /// The CPU has the set; `row` starts a group of [`Weight::GROUP`]
     /// columns and is valid for every group that holds those columns.
-    unsafe fn widen<E: Weight>(row: *const E, v: usize) -> Self::V;
+    unsafe fn widen<E: Widen>(row: *const E, v: usize) -> Self::V;
 
     /// The 8-lane sums of `x[r0 + r, 0..k8] · w[j0 + c, 0..k8]` for `R x C`
     /// pairs (lane l holds the products at `k ≡ l mod 8`, added in order of
@@ -108,17 +108,56 @@ pub(crate) trait Isa: Copy + 'static {
         k: usize,
     ) -> [[[f32; 8]; C]; R];
 
-    /// `x · w_j` over `0..k32` for `J` int8 columns, each an exact i32.
+    /// `LANES` i32 sums: the accumulators of the int8 products.
+    type Sums: Copy;
+
+    /// `4·LANES` int8 values: four consecutive k of each of `LANES` columns
+    /// (the int8 panel layout), or four activations repeated.
+    type Quads: Copy;
+
+    /// What [`Isa::dot4`] adds to each weight before multiplying: 0 where
+    /// the products are signed by signed, 128 where the instruction wants
+    /// one side unsigned (VNNI's `vpdpbusd`). A row's lanes then hold
+    /// `Σ (w + OFFSET)·x`, and the exact sum is that less
+    /// `OFFSET · Σ x` ([`crate::matmul`]'s int8 epilogue subtracts it).
+    const OFFSET: i32;
+
+    /// Zero in every lane.
     ///
     /// # Safety
-    /// The CPU has the set; `x` and every column valid for `k32` values,
-    /// `k32` a multiple of 32.
-    unsafe fn dot_i8<const J: usize>(x: *const i8, ws: [*const i8; J], k32: usize) -> [i32; J];
+    /// The CPU has the set.
+    unsafe fn sums_zero() -> Self::Sums;
+
+    /// # Safety
+    /// The CPU has the set; `p` valid for `LANES` i32.
+    unsafe fn sums_load(p: *const i32) -> Self::Sums;
+
+    /// # Safety
+    /// The CPU has the set; `p` valid for `LANES` i32.
+    unsafe fn sums_store(s: Self::Sums, p: *mut i32);
+
+    /// `4·LANES` weights from `p`, as [`Isa::dot4`] takes them (with
+    /// [`Isa::OFFSET`] added where the set needs it).
+    ///
+    /// # Safety
+    /// The CPU has the set; `p` valid for `4·LANES` bytes.
+    unsafe fn weights4(p: *const i8) -> Self::Quads;
+
+    /// The four activations at `p` in every lane.
+    ///
+    /// # Safety
+    /// The CPU has the set; `p` valid for 4 bytes.
+    unsafe fn splat4(p: *const i8) -> Self::Quads;
+
+    /// `acc + Σ_{i<4} w[4l+i] · x[i]` in each lane l, exact in i32 (`w` from
+    /// [`Isa::weights4`], so offset by [`Isa::OFFSET`]; every |x| ≤ 127).
+    ///
+    /// # Safety
+    /// The CPU has the set.
+    unsafe fn dot4(acc: Self::Sums, w: Self::Quads, x: Self::Quads) -> Self::Sums;
 }
 
-/// A value of a packed weight format, widened to f32 exactly (every bf16 and
-/// every int8 is an f32). The tiles multiply by the widened value, so a
-/// format changes what is loaded, never the order of the sums.
+/// A value of a packed weight format, and where the panels keep it.
 pub(crate) trait Weight: Copy + Send + Sync + 'static {
     /// Which format this is: each set's `widen` branches on it (a constant).
     const DTYPE: Dtype;
@@ -128,6 +167,12 @@ pub(crate) trait Weight: Copy + Send + Sync + 'static {
     /// 16 for bf16. Tiles start at a group's first column.
     const GROUP: usize = 8;
 
+    /// Weight rows stored together, column by column (int8 keeps four
+    /// consecutive k of a column in one 32-bit lane, the operand of an
+    /// integer dot product); a panel holds K rounded up to a multiple of
+    /// them, the extra rows zero.
+    const K_GROUP: usize = 1;
+
     /// Where column `c` of a row is stored, from the start of its group of
     /// [`Weight::GROUP`] columns.
     #[inline(always)]
@@ -135,8 +180,20 @@ pub(crate) trait Weight: Copy + Send + Sync + 'static {
         c
     }
 
+    /// Where `w[kk, c]` (row kk, column c of the panel) is stored, from the
+    /// panel's start.
+    #[inline(always)]
+    fn index(kk: usize, c: usize) -> usize {
+        let g = Self::K_GROUP;
+        (kk / g * crate::PANEL + Self::slot(c)) * g + kk % g
+    }
+
     fn to_f32(self) -> f32;
 }
+
+/// A format the float tiles widen to f32 as they load it (every bf16 is an
+/// f32), so it changes what is loaded, never the order of the sums.
+pub(crate) trait Widen: Weight {}
 
 impl Weight for f32 {
     const DTYPE: Dtype = Dtype::F32;
@@ -146,6 +203,8 @@ impl Weight for f32 {
         self
     }
 }
+
+impl Widen for f32 {}
 
 impl Weight for half::bf16 {
     const DTYPE: Dtype = Dtype::Bf16;
@@ -175,8 +234,11 @@ impl Weight for half::bf16 {
     }
 }
 
+impl Widen for half::bf16 {}
+
 impl Weight for i8 {
     const DTYPE: Dtype = Dtype::Int8;
+    const K_GROUP: usize = 4;
 
     /// The integer itself; the column's scale is applied after the sum.
     #[inline(always)]

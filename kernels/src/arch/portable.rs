@@ -4,7 +4,7 @@
 //! would be far slower than the rounding difference is worth). No prefetch
 //! hint.
 
-use super::{Isa, Kernel, Vector, Weight};
+use super::{Isa, Kernel, Vector, Widen};
 
 /// The portable [`Isa`].
 #[derive(Clone, Copy)]
@@ -81,7 +81,7 @@ impl Isa for Portable {
 
     /// One value at a time, from its slot.
     #[inline(always)]
-    unsafe fn widen<E: Weight>(row: *const E, v: usize) -> P8 {
+    unsafe fn widen<E: Widen>(row: *const E, v: usize) -> P8 {
         let mut o = [0f32; 8];
         for (c, o) in o.iter_mut().enumerate() {
             // SAFETY: the caller's contract: the group holding column 8v + c
@@ -117,16 +117,47 @@ impl Isa for Portable {
         acc
     }
 
+    type Sums = [i32; 8];
+    type Quads = [i8; 32];
+    const OFFSET: i32 = 0;
+
     #[inline(always)]
-    unsafe fn dot_i8<const J: usize>(x: *const i8, ws: [*const i8; J], k32: usize) -> [i32; J] {
-        // SAFETY: in bounds by the contract.
-        let x = unsafe { std::slice::from_raw_parts(x, k32) };
-        let mut out = [0i32; J];
-        for (o, &w) in out.iter_mut().zip(&ws) {
-            // SAFETY: as above.
-            let w = unsafe { std::slice::from_raw_parts(w, k32) };
-            *o = x.iter().zip(w).map(|(&a, &b)| a as i32 * b as i32).sum();
-        }
-        out
+    unsafe fn sums_zero() -> [i32; 8] {
+        [0; 8]
+    }
+
+    #[inline(always)]
+    unsafe fn sums_load(p: *const i32) -> [i32; 8] {
+        // SAFETY: the caller's contract (8 i32 at p).
+        unsafe { p.cast::<[i32; 8]>().read_unaligned() }
+    }
+
+    #[inline(always)]
+    unsafe fn sums_store(s: [i32; 8], p: *mut i32) {
+        // SAFETY: the caller's contract (8 i32 at p).
+        unsafe { p.cast::<[i32; 8]>().write_unaligned(s) }
+    }
+
+    #[inline(always)]
+    unsafe fn weights4(p: *const i8) -> [i8; 32] {
+        // SAFETY: the caller's contract (32 bytes at p).
+        unsafe { p.cast::<[i8; 32]>().read_unaligned() }
+    }
+
+    #[inline(always)]
+    unsafe fn splat4(p: *const i8) -> [i8; 32] {
+        // SAFETY: the caller's contract (4 bytes at p).
+        let x = unsafe { p.cast::<[i8; 4]>().read_unaligned() };
+        std::array::from_fn(|i| x[i % 4])
+    }
+
+    #[inline(always)]
+    unsafe fn dot4(acc: [i32; 8], w: [i8; 32], x: [i8; 32]) -> [i32; 8] {
+        std::array::from_fn(|l| {
+            acc[l]
+                + (0..4)
+                    .map(|i| w[4 * l + i] as i32 * x[4 * l + i] as i32)
+                    .sum::<i32>()
+        })
     }
 }

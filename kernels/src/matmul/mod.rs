@@ -38,10 +38,12 @@
 //! What each choice measured: `docs/hot-path.md`.
 
 mod baselines;
+mod int8;
 mod pack;
 mod tiles;
 
-pub use baselines::{dot, linear, linear_int8_dot, linear_sgemm, matmul_bt};
+pub use baselines::{dot, linear, linear_sgemm, matmul_bt};
+pub use int8::{quantize_rows, QuantScratch};
 pub use pack::{
     int8_scale, pack, pack_panels, pack_panels_t, pack_t, packed_bytes, packed_len, to_bf16, to_int8,
     unpack_column, Panels, PanelsMut, PANEL,
@@ -49,7 +51,7 @@ pub use pack::{
 
 use rayon::prelude::*;
 
-use crate::arch::{Isa, Kernel, Weight};
+use crate::arch::{Isa, Kernel, Widen};
 use crate::{active, Kernels};
 
 /// `out[M,N] = x[M,K] · w[K,N] + bias[N]`, with `w` packed in panels by
@@ -84,14 +86,17 @@ pub fn linear_packed(
     active().linear_packed(out, x, panels, bias, m, k, n)
 }
 
-/// [`linear_packed`] over panels in any [`Dtype`](crate::Dtype): each weight
-/// is widened to f32 as it is loaded (bf16 exactly; int8 as the integer) and
-/// the products are added exactly as in f32, so the contract is the same in
-/// every format: a row's result does not depend on the other rows or the
-/// pool size. Int8 adds `x · q` per column and then applies the column's
-/// scale and the bias with one multiply-add: `out = s·(x · q) + b`. On the
+/// [`linear_packed`] over panels in any [`Dtype`](crate::Dtype), and the
+/// contract is the same in every format: a row's result does not depend on
+/// the other rows or the pool size. bf16 weights are widened to f32 exactly
+/// as they are loaded and the products added as in f32. Int8 quantises each
+/// row of x to int8 ([`quantize_rows`]: one scale per row, from that row
+/// alone) and sums the products as integers, exactly, then `out = (Σ q·w) ·
+/// (sx · sw) + b` (`int8.rs`): the same bits on every kernel set, equal to
+/// [`reference::linear_int8`](crate::reference::linear_int8). On the
 /// [`active`](crate::active) kernel set; [`Kernels::linear_panels`] on a
-/// given one.
+/// given one. Int8 allocates its quantised rows per call here; the engine
+/// calls [`linear_panels_with`], which reuses them.
 pub fn linear_panels(
     out: &mut [f32],
     x: &[f32],
@@ -102,6 +107,23 @@ pub fn linear_panels(
     n: usize,
 ) {
     active().linear_panels(out, x, w, bias, m, k, n)
+}
+
+/// [`linear_panels`] with the int8 activations quantised into `quant`
+/// (which must hold M rows of K; unused by f32 and bf16), so that a call
+/// allocates nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_panels_with(
+    out: &mut [f32],
+    x: &[f32],
+    w: Panels,
+    bias: Option<&[f32]>,
+    quant: &mut QuantScratch,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    active().linear_panels_with(out, x, w, bias, quant, m, k, n)
 }
 
 impl Kernels {
@@ -137,6 +159,24 @@ impl Kernels {
         k: usize,
         n: usize,
     ) {
+        let rows = if w.dtype() == crate::Dtype::Int8 { m } else { 0 };
+        let mut quant = QuantScratch::new(rows, k);
+        self.linear_panels_with(out, x, w, bias, &mut quant, m, k, n)
+    }
+
+    /// [`linear_panels_with`](crate::linear_panels_with) on this kernel set.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_panels_with(
+        self,
+        out: &mut [f32],
+        x: &[f32],
+        w: Panels,
+        bias: Option<&[f32]>,
+        quant: &mut QuantScratch,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
         let len = match w {
             Panels::F32(p) => p.len(),
             Panels::Bf16(p) => p.len(),
@@ -151,16 +191,14 @@ impl Kernels {
         };
         assert_eq!(
             len,
-            packed_len(k, n),
+            pack::panel_values(w.dtype(), k, n),
             "linear: {} w is not [K={k}, N={n}] packed in panels",
             w.dtype()
         );
         match w {
-            Panels::F32(p) => linear_impl(self, out, x, p, Layout::Panels, bias, None, m, k, n),
-            Panels::Bf16(p) => linear_impl(self, out, x, p, Layout::Panels, bias, None, m, k, n),
-            Panels::Int8 { q, scales } => {
-                linear_impl(self, out, x, q, Layout::Panels, bias, Some(scales), m, k, n)
-            }
+            Panels::F32(p) => linear_impl(self, out, x, p, Layout::Panels, bias, m, k, n),
+            Panels::Bf16(p) => linear_impl(self, out, x, p, Layout::Panels, bias, m, k, n),
+            Panels::Int8 { q, scales } => linear_int8(self, out, x, q, scales, bias, quant, m, k, n),
         }
     }
 }
@@ -208,19 +246,16 @@ fn column_chunks(n: usize, align: usize, parts: usize) -> (usize, usize) {
     (n.div_ceil(width), width)
 }
 
-/// [`linear_panels`] and [`linear`] on `kernels`: `out = bias`, then one
-/// task per thread adds `x · w` into its columns. With `scales` (int8),
-/// `out = 0`, and each task finishes its columns with
-/// `out = scale · out + bias`.
+/// [`linear_panels`] (f32, bf16) and [`linear`] on `kernels`: `out = bias`,
+/// then one task per thread adds `x · w` into its columns.
 #[allow(clippy::too_many_arguments)]
-fn linear_impl<E: Weight>(
+fn linear_impl<E: Widen>(
     kernels: Kernels,
     out: &mut [f32],
     x: &[f32],
     w: &[E],
     layout: Layout,
     bias: Option<&[f32]>,
-    scales: Option<&[f32]>,
     m: usize,
     k: usize,
     n: usize,
@@ -235,8 +270,8 @@ fn linear_impl<E: Weight>(
     }
     for row in out.chunks_exact_mut(n) {
         match bias {
-            Some(bias) if scales.is_none() => row.copy_from_slice(bias),
-            _ => row.fill(0.0),
+            Some(bias) => row.copy_from_slice(bias),
+            None => row.fill(0.0),
         }
     }
     // One task per thread, each a run of whole panels: in the packed layout
@@ -256,8 +291,6 @@ fn linear_impl<E: Weight>(
         let task = LinearTask {
             op: &op,
             cols: j0..(j0 + width).min(n),
-            bias,
-            scales,
         };
         // SAFETY: tasks own disjoint column ranges of `out`, each starting
         // a whole panel (the task's contract).
@@ -265,39 +298,95 @@ fn linear_impl<E: Weight>(
     });
 }
 
-/// One task of [`linear_impl`]: its columns' products, then (int8) their
-/// scales and bias.
+/// One task of [`linear_impl`]: its columns' products.
 ///
 /// Contract: no other task touches columns `cols` of `op.out`, which lie
-/// within `0..N` and start a panel; `scales` and `bias` hold N values.
+/// within `0..N` and start a panel.
 struct LinearTask<'a, 'b, E> {
     op: &'a tiles::Operands<'b, E>,
     cols: std::ops::Range<usize>,
-    bias: Option<&'a [f32]>,
-    scales: Option<&'a [f32]>,
 }
 
-impl<E: Weight> Kernel for LinearTask<'_, '_, E> {
+impl<E: Widen> Kernel for LinearTask<'_, '_, E> {
     type Out = ();
 
     #[inline(always)]
     unsafe fn run<I: Isa>(self) {
-        let LinearTask {
-            op,
-            cols,
-            bias,
-            scales,
-        } = self;
         // SAFETY: the task's contract, and the CPU has I (`run`'s own).
-        unsafe { tiles::linear_block::<I, E>(op, cols.clone()) };
-        if let Some(scales) = scales {
-            for r in 0..op.m {
-                for j in cols.clone() {
-                    // SAFETY: row r < M, column j in this task's columns.
-                    let o = unsafe { &mut *op.out.get().add(r * op.n + j) };
-                    *o = I::fmadd(*o, scales[j], bias.map_or(0.0, |b| b[j]));
-                }
-            }
-        }
+        unsafe { tiles::linear_block::<I, E>(self.op, self.cols) };
+    }
+}
+
+/// [`linear_panels_with`] over int8 panels on `kernels`: each row of x
+/// quantised into `quant`, then one task per thread computes its columns'
+/// integer sums and finishes them (`int8.rs`).
+#[allow(clippy::too_many_arguments)]
+fn linear_int8(
+    kernels: Kernels,
+    out: &mut [f32],
+    x: &[f32],
+    w: &[i8],
+    sw: &[f32],
+    bias: Option<&[f32]>,
+    quant: &mut QuantScratch,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert_eq!(out.len(), m * n, "linear: out is not [M={m}, N={n}]");
+    assert_eq!(x.len(), m * k, "linear: x is not [M={m}, K={k}]");
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), n, "linear: bias is not [N={n}]");
+    }
+    assert!(
+        quant.fits(m, k),
+        "linear: the int8 scratch does not hold [M={m}, K={k}]"
+    );
+    // Σ (w + 128)·x, the VNNI form, stays within i32 up to this K.
+    assert!(k <= 1 << 16, "linear: int8 K={k} is past 65536");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (q, sx, sums) = quant.parts();
+    quantize_rows(q, sx, sums, x, m, k);
+    let op = int8::Operands {
+        out: OutPtr(out.as_mut_ptr()),
+        q,
+        sx,
+        sums,
+        w,
+        sw,
+        bias,
+        m,
+        k4: k.next_multiple_of(4),
+        n,
+    };
+    let (count, width) = column_chunks(n, PANEL, rayon::current_num_threads());
+    (0..count).into_par_iter().for_each(|t| {
+        let j0 = t * width;
+        let task = Int8Task {
+            op: &op,
+            cols: j0..(j0 + width).min(n),
+        };
+        // SAFETY: tasks own disjoint column ranges of `out`, each starting
+        // a whole panel (the task's contract).
+        unsafe { kernels.run_int8(task) };
+    });
+}
+
+/// One task of [`linear_int8`]. Contract: no other task touches columns
+/// `cols` of `op.out`, which lie within `0..N` and start a panel.
+struct Int8Task<'a, 'b> {
+    op: &'a int8::Operands<'b>,
+    cols: std::ops::Range<usize>,
+}
+
+impl Kernel for Int8Task<'_, '_> {
+    type Out = ();
+
+    #[inline(always)]
+    unsafe fn run<I: Isa>(self) {
+        // SAFETY: the task's contract, and the CPU has I (`run`'s own).
+        unsafe { int8::linear_block::<I>(self.op, self.cols) };
     }
 }

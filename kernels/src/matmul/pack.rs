@@ -1,6 +1,9 @@
 //! The packed weight layout: column panels of 48, built once at load, in
 //! any [`Dtype`]: f32 as stored, bf16 rounded to nearest even, or int8 with
-//! one scale per column.
+//! one scale per column. Within a panel, f32 and bf16 keep row after row of
+//! 48 values; int8 keeps groups of four rows, each column's four values
+//! side by side (the operand of an integer dot product), K rounded up to a
+//! multiple of 4 with zeros (`Weight::index`).
 
 use std::ops::Range;
 
@@ -17,6 +20,16 @@ pub const PANEL: usize = 48;
 /// Floats in the packed form of a `[K, N]` weight: N rounded up to whole panels.
 pub fn packed_len(k: usize, n: usize) -> usize {
     n.div_ceil(PANEL) * PANEL * k
+}
+
+/// Values in the panels of a `[K, N]` weight in `dtype`: N rounded up to
+/// whole panels, K (for int8) to groups of four.
+pub(crate) fn panel_values(dtype: Dtype, k: usize, n: usize) -> usize {
+    let rows = match dtype {
+        Dtype::Int8 => k.next_multiple_of(<i8 as Weight>::K_GROUP),
+        Dtype::F32 | Dtype::Bf16 => k,
+    };
+    packed_len(rows, n)
 }
 
 /// Packs `w[K, N]` into column panels for [`linear_packed`]: panel `p` holds
@@ -69,10 +82,11 @@ pub enum PanelsMut<'a> {
 }
 
 /// Bytes of a `[K, N]` weight packed in `dtype`: the panels (N rounded up to
-/// whole panels), and for int8 the scales after them. A multiple of 4, so
-/// that packed matrices laid end to end keep every part aligned.
+/// whole panels; int8 K to groups of four), and for int8 the scales after
+/// them. A multiple of 4, so that packed matrices laid end to end keep
+/// every part aligned.
 pub fn packed_bytes(dtype: Dtype, k: usize, n: usize) -> usize {
-    let values = packed_len(k, n) * dtype.bytes_per_value();
+    let values = panel_values(dtype, k, n) * dtype.bytes_per_value();
     let scales = if dtype == Dtype::Int8 {
         n.div_ceil(PANEL) * PANEL * 4
     } else {
@@ -97,7 +111,7 @@ fn split(dtype: Dtype, bytes: &[u8], k: usize, n: usize) -> (&[u8], &[u8]) {
         0,
         "{dtype} panels: not 4-byte aligned"
     );
-    bytes.split_at(packed_len(k, n) * dtype.bytes_per_value())
+    bytes.split_at(panel_values(dtype, k, n) * dtype.bytes_per_value())
 }
 
 impl<'a> Panels<'a> {
@@ -158,7 +172,7 @@ impl<'a> PanelsMut<'a> {
     /// [`Panels::from_bytes`], to be written.
     pub fn from_bytes(dtype: Dtype, bytes: &'a mut [u8], k: usize, n: usize) -> Self {
         split(dtype, bytes, k, n);
-        let (values, scales) = bytes.split_at_mut(packed_len(k, n) * dtype.bytes_per_value());
+        let (values, scales) = bytes.split_at_mut(panel_values(dtype, k, n) * dtype.bytes_per_value());
         match dtype {
             Dtype::F32 => PanelsMut::F32(bytemuck::cast_slice_mut(values)),
             Dtype::Bf16 => PanelsMut::Bf16(bytemuck::cast_slice_mut(values)),
@@ -172,14 +186,19 @@ impl<'a> PanelsMut<'a> {
 
 fn unpack_with<T: Weight>(dst: &mut [f32], panels: &[T], k: usize, j: usize, f: impl Fn(T) -> f32) {
     assert_eq!(dst.len(), k, "unpack_column: dst is not [K={k}]");
-    let base = j / PANEL * k * PANEL + T::slot(j % PANEL);
+    let panel = &panels[(j / PANEL * panel_rows::<T>(k) * PANEL).min(panels.len())..];
     assert!(
-        k == 0 || base + (k - 1) * PANEL < panels.len(),
+        k == 0 || T::index(k - 1, j % PANEL) < panel.len(),
         "unpack_column: column {j} is past the panels"
     );
     for (kk, d) in dst.iter_mut().enumerate() {
-        *d = f(panels[base + kk * PANEL]);
+        *d = f(panel[T::index(kk, j % PANEL)]);
     }
+}
+
+/// Weight rows a panel of `T` holds for K: K rounded up to `T`'s groups.
+fn panel_rows<T: Weight>(k: usize) -> usize {
+    k.next_multiple_of(T::K_GROUP)
 }
 
 /// `v` rounded to bf16: to nearest, ties to even; NaN stays NaN (quieted),
@@ -263,11 +282,11 @@ pub fn pack_t(dst: PanelsMut, wt: &[f32], k: usize, n: usize, cols: Range<usize>
         "pack_t: wt is not [{}, K={k}]",
         cols.len()
     );
-    let slab = cols.start / PANEL * k * PANEL..cols.end.div_ceil(PANEL) * k * PANEL;
+    let slab = |rows: usize| cols.start / PANEL * rows * PANEL..cols.end.div_ceil(PANEL) * rows * PANEL;
     let w = cols.len();
     match dst {
-        PanelsMut::F32(p) => pack_with_t(&mut p[slab], wt, k, w, |v, _| v),
-        PanelsMut::Bf16(p) => pack_with_t(&mut p[slab], wt, k, w, |v, _| to_bf16(v)),
+        PanelsMut::F32(p) => pack_with_t(&mut p[slab(k)], wt, k, w, |v, _| v),
+        PanelsMut::Bf16(p) => pack_with_t(&mut p[slab(k)], wt, k, w, |v, _| to_bf16(v)),
         PanelsMut::Int8 { q, scales } => {
             let s = &mut scales[cols.start..cols.start + w.div_ceil(PANEL) * PANEL];
             s.fill(0.0);
@@ -277,25 +296,23 @@ pub fn pack_t(dst: PanelsMut, wt: &[f32], k: usize, n: usize, cols: Range<usize>
                     *s = int8_scale(row.iter().fold(0.0, |m, &v| absmax(m, v)));
                 });
             let s = &*s;
-            pack_with_t(&mut q[slab], wt, k, w, |v, j| to_int8(v, s[j]));
+            pack_with_t(&mut q[slab(panel_rows::<i8>(k))], wt, k, w, |v, j| {
+                to_int8(v, s[j])
+            });
         }
     }
 }
 
-/// Whether panels of `len` values, checked to be those of a `[K, N]` weight,
-/// have anything to fill.
-fn panels_to_fill(len: usize, k: usize, n: usize) -> bool {
-    assert_eq!(
-        len,
-        packed_len(k, n),
-        "pack: dst is not {} values",
-        packed_len(k, n)
-    );
+/// Whether panels of `len` values of `T`, checked to be those of a `[K, N]`
+/// weight, have anything to fill.
+fn panels_to_fill<T: Weight>(len: usize, k: usize, n: usize) -> bool {
+    let want = packed_len(panel_rows::<T>(k), n);
+    assert_eq!(len, want, "pack: dst is not {want} values");
     n > 0 && k > 0
 }
 
-/// [`pack_panels`] into any format: `conv(w[k, j], j)` in its column's
-/// slot ([`Weight::slot`]), zero past column N.
+/// [`pack_panels`] into any format: `conv(w[k, j], j)` where the format
+/// keeps it ([`Weight::index`]), zero past column N and row K.
 fn pack_with<T: Weight + Default>(
     dst: &mut [T],
     w: &[f32],
@@ -303,24 +320,27 @@ fn pack_with<T: Weight + Default>(
     n: usize,
     conv: impl Fn(f32, usize) -> T + Sync,
 ) {
-    if !panels_to_fill(dst.len(), k, n) {
+    if !panels_to_fill::<T>(dst.len(), k, n) {
         return;
     }
-    dst.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
-        let (j0, j1) = (p * PANEL, ((p + 1) * PANEL).min(n));
-        if j1 - j0 < PANEL {
-            panel.fill(T::default());
-        }
-        for (kk, row) in panel.chunks_exact_mut(PANEL).enumerate() {
-            for (c, &v) in w[kk * n + j0..kk * n + j1].iter().enumerate() {
-                row[T::slot(c)] = conv(v, j0 + c);
+    let rows = panel_rows::<T>(k);
+    dst.par_chunks_mut(rows * PANEL)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            let (j0, j1) = (p * PANEL, ((p + 1) * PANEL).min(n));
+            if j1 - j0 < PANEL || rows > k {
+                panel.fill(T::default());
             }
-        }
-    });
+            for kk in 0..k {
+                for (c, &v) in w[kk * n + j0..kk * n + j1].iter().enumerate() {
+                    panel[T::index(kk, c)] = conv(v, j0 + c);
+                }
+            }
+        });
 }
 
-/// [`pack_panels_t`] into any format: `conv(wt[j, k], j)` in its column's
-/// slot, zero past row N.
+/// [`pack_panels_t`] into any format: `conv(wt[j, k], j)` where the format
+/// keeps it, zero past row N (and int8's rows past K).
 fn pack_with_t<T: Weight + Default>(
     dst: &mut [T],
     wt: &[f32],
@@ -328,16 +348,18 @@ fn pack_with_t<T: Weight + Default>(
     n: usize,
     conv: impl Fn(f32, usize) -> T + Sync,
 ) {
-    if !panels_to_fill(dst.len(), k, n) {
+    if !panels_to_fill::<T>(dst.len(), k, n) {
         return;
     }
-    dst.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
-        panel.fill(T::default());
-        for c in 0..PANEL.min(n - p * PANEL) {
-            let j = p * PANEL + c;
-            for (kk, &v) in wt[j * k..][..k].iter().enumerate() {
-                panel[kk * PANEL + T::slot(c)] = conv(v, j);
+    dst.par_chunks_mut(panel_rows::<T>(k) * PANEL)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            panel.fill(T::default());
+            for c in 0..PANEL.min(n - p * PANEL) {
+                let j = p * PANEL + c;
+                for (kk, &v) in wt[j * k..][..k].iter().enumerate() {
+                    panel[T::index(kk, c)] = conv(v, j);
+                }
             }
-        }
-    });
+        });
 }

@@ -24,7 +24,7 @@
 use std::ops::Range;
 
 use super::{Layout, OutPtr, PANEL};
-use crate::arch::{bodies, Isa, Vector, Weight, LINE};
+use crate::arch::{bodies, Isa, Vector, Widen, LINE};
 
 /// One call's operands, as every tile of its tasks sees them. `E` is the
 /// weights' format (f32, bf16 or int8), widened to f32 as it is loaded.
@@ -65,7 +65,7 @@ const PREFETCH_BLOCKS: usize = 2;
 /// The CPU has `I`; no other thread touches columns `cols` of `out`; `cols`
 /// within `0..N`, `cols.start` a multiple of [`PANEL`].
 #[inline(always)]
-pub(super) unsafe fn linear_block<I: Isa, E: Weight>(op: &Operands<E>, cols: Range<usize>) {
+pub(super) unsafe fn linear_block<I: Isa, E: Widen>(op: &Operands<E>, cols: Range<usize>) {
     // SAFETY (every call): the caller's contract, passed on.
     if op.m <= ROWS_TWO_STREAMS && op.layout == Layout::Panels {
         unsafe { rows_two_streams::<I, E>(op, cols) };
@@ -118,7 +118,7 @@ fn block_rows(layout: Layout, m: usize) -> usize {
 /// # Safety
 /// As [`linear_block`].
 #[inline(always)]
-unsafe fn sweep<I: Isa, const W: usize, const ROWS: usize, E: Weight>(op: &Operands<E>, cols: Range<usize>) {
+unsafe fn sweep<I: Isa, const W: usize, const ROWS: usize, E: Widen>(op: &Operands<E>, cols: Range<usize>) {
     let kb = block_rows(op.layout, op.m);
     match op.layout {
         Layout::Rows => {
@@ -186,7 +186,7 @@ fn row_groups(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
 /// # Safety
 /// As [`linear_block`], with `cols` within one panel.
 #[inline(always)]
-unsafe fn panel_tiles<I: Isa, const W: usize, const ROWS: usize, E: Weight>(
+unsafe fn panel_tiles<I: Isa, const W: usize, const ROWS: usize, E: Widen>(
     op: &Operands<E>,
     cols: Range<usize>,
     ks: Range<usize>,
@@ -230,7 +230,7 @@ unsafe fn panel_tiles<I: Isa, const W: usize, const ROWS: usize, E: Weight>(
 /// # Safety
 /// As [`linear_block`].
 #[inline(always)]
-unsafe fn row_tiles<I: Isa, const W: usize, const ROWS: usize, E: Weight>(
+unsafe fn row_tiles<I: Isa, const W: usize, const ROWS: usize, E: Widen>(
     op: &Operands<E>,
     cols: Range<usize>,
     ks: Range<usize>,
@@ -254,7 +254,7 @@ unsafe fn row_tiles<I: Isa, const W: usize, const ROWS: usize, E: Weight>(
 /// As [`tile`].
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn tile_group<I: Isa, const W: usize, const ROWS: usize, E: Weight>(
+unsafe fn tile_group<I: Isa, const W: usize, const ROWS: usize, E: Widen>(
     op: &Operands<E>,
     r0: usize,
     rows: usize,
@@ -280,7 +280,7 @@ unsafe fn tile_group<I: Isa, const W: usize, const ROWS: usize, E: Weight>(
 /// # Safety
 /// As [`tile`].
 #[inline(always)]
-unsafe fn tile_rows<I: Isa, const W: usize, const ROWS: usize, const PF: usize, E: Weight>(
+unsafe fn tile_rows<I: Isa, const W: usize, const ROWS: usize, const PF: usize, E: Widen>(
     op: &Operands<E>,
     r0: usize,
     rows: usize,
@@ -313,7 +313,7 @@ unsafe fn tile_rows<I: Isa, const W: usize, const ROWS: usize, const PF: usize, 
 /// The CPU has `I`; `r0 + R <= M`, `j0 + W <= N` within one panel (over
 /// panels), `ks` within `0..K`, and no other thread writes those outputs.
 #[inline(always)]
-unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Weight>(
+unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Widen>(
     op: &Operands<E>,
     r0: usize,
     j0: usize,
@@ -354,7 +354,7 @@ unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Weigh
 /// # Safety
 /// As [`linear_block`], with `M <= ROWS_TWO_STREAMS` and `w` in panels.
 #[inline(always)]
-unsafe fn rows_two_streams<I: Isa, E: Weight>(op: &Operands<E>, cols: Range<usize>) {
+unsafe fn rows_two_streams<I: Isa, E: Widen>(op: &Operands<E>, cols: Range<usize>) {
     debug_assert!((1..=ROWS_TWO_STREAMS).contains(&op.m) && op.layout == Layout::Panels);
     let panels = (cols.end - cols.start) / PANEL;
     let full = cols.start + panels * PANEL;
@@ -393,7 +393,7 @@ unsafe fn rows_two_streams<I: Isa, E: Weight>(op: &Operands<E>, cols: Range<usiz
 /// row r's columns `ja..ja+48` and `jb..jb+48` owned by this task; `w` in
 /// panels.
 #[inline(always)]
-unsafe fn tile_pair<I: Isa, E: Weight>(op: &Operands<E>, r: usize, ja: usize, jb: usize, ks: Range<usize>) {
+unsafe fn tile_pair<I: Isa, E: Widen>(op: &Operands<E>, r: usize, ja: usize, jb: usize, ks: Range<usize>) {
     let (wa, wb) = (op.layout.col(ja, op.k, op.n).0, op.layout.col(jb, op.k, op.n).0);
     debug_assert!(wa.max(wb) + op.k * PANEL <= op.w.len() && ja.max(jb) + PANEL <= op.n);
     debug_assert!(r < op.m && ks.end <= op.k);
@@ -419,7 +419,7 @@ unsafe fn tile_pair<I: Isa, E: Weight>(op: &Operands<E>, r: usize, ja: usize, jb
 /// `cols` within `0..N` (and within one panel, over panels), `ks` within
 /// `0..K`, and no other thread writes those outputs.
 #[inline(always)]
-unsafe fn edge<I: Isa, E: Weight>(op: &Operands<E>, cols: Range<usize>, ks: Range<usize>) {
+unsafe fn edge<I: Isa, E: Widen>(op: &Operands<E>, cols: Range<usize>, ks: Range<usize>) {
     if cols.is_empty() {
         return;
     }

@@ -1,0 +1,472 @@
+//! int8 weights times int8 activations, summed as integers.
+//!
+//! Each row of x is quantised on its own ([`quantize_rows`]): one scale per
+//! row, `sx = max|x| / 127`, `q = round(x · 127 / max|x|)` in ±127, so a
+//! row's values never depend on the other rows of its batch. The weights are
+//! int8 with one scale per column (`sw`), packed with four consecutive k of
+//! a column in each 32-bit lane (`Weight::index` for `i8`). Then
+//!
+//! `out[r, j] = (Σ_k q[r, k] · w[k, j]) as f32 · (sx[r] · sw[j]) + b[j]`
+//!
+//! The sum is exact in i32 (at most 127 · 127 · K), so every instruction set
+//! computes the same integer, whatever instructions it uses, tile it falls
+//! in, block order or batch: AVX512-VNNI and AVX-VNNI (`vpdpbusd`), AVX2
+//! and AVX-512 without VNNI (`vpmaddubsw` with the sign trick), and the
+//! portable set. The epilogue is the same three float operations in every
+//! set (no fused multiply-add), so the output is the same bits on every CPU
+//! and every kernel set, and equals [`crate::reference::linear_int8`] exactly.
+//!
+//! Tiles: R rows x 48 columns (AVX-512: three vectors of 16 i32 sums) or
+//! x 24 (eight lanes: three of 8), sums in registers over a block of k; one
+//! to four rows on AVX-512 read two panels side by side (two streams), as
+//! one to three f32 rows do (`tiles.rs`).
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::{OutPtr, PANEL};
+use crate::arch::{Isa, Vector, LINE};
+
+/// Bytes of one group of four weight rows in a panel: 48 columns x 4.
+const GROUP_BYTES: usize = 4 * PANEL;
+
+/// Groups of four k per block when several row groups share a panel: 12 KiB
+/// of it, which stays in L1 while every row group (and, with eight lanes,
+/// both halves of the panel) uses it.
+const BLOCK_GROUPS: usize = 64;
+
+/// How far ahead of the tile, in bytes of the task's stream, the tiles of
+/// three or more rows ask for weights (into L2): the arithmetic of a block
+/// then takes long enough that the hardware prefetcher stops running ahead.
+const PREFETCH_AHEAD: usize = 2 * BLOCK_GROUPS * GROUP_BYTES;
+
+/// From this many rows on, the tiles prefetch.
+const PREFETCH_FROM_ROWS: usize = 3;
+
+/// Activations quantised per row for [`linear_panels`](super::linear_panels)
+/// over int8 weights: `q` (M, K rounded up to 4, zeros after K), each row's
+/// `scale` (M) and `Σ q` (M). Allocated once for up to `rows` rows of up to
+/// `k` inputs and reused: a linear call never allocates it.
+pub struct QuantScratch {
+    q: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<i32>,
+    rows: usize,
+    k: usize,
+}
+
+impl QuantScratch {
+    /// Room for `rows` rows of `k` inputs; an error if it cannot be had.
+    pub fn try_new(rows: usize, k: usize) -> Result<QuantScratch, std::collections::TryReserveError> {
+        fn zeroed<T: Default + Clone>(n: usize) -> Result<Vec<T>, std::collections::TryReserveError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n)?;
+            v.resize(n, T::default());
+            Ok(v)
+        }
+        let k4 = k.next_multiple_of(4);
+        Ok(QuantScratch {
+            q: zeroed(rows.saturating_mul(k4))?,
+            scales: zeroed(rows)?,
+            sums: zeroed(rows)?,
+            rows,
+            k,
+        })
+    }
+
+    /// [`QuantScratch::try_new`], which panics if the memory cannot be had.
+    pub fn new(rows: usize, k: usize) -> QuantScratch {
+        QuantScratch::try_new(rows, k).expect("QuantScratch: out of memory")
+    }
+
+    /// Whether it holds `m` rows of `k` inputs.
+    pub fn fits(&self, m: usize, k: usize) -> bool {
+        m <= self.rows && m.saturating_mul(k.next_multiple_of(4)) <= self.q.len()
+    }
+
+    /// Rows and inputs it was made for.
+    pub fn capacity(&self) -> (usize, usize) {
+        (self.rows, self.k)
+    }
+
+    pub(super) fn parts(&mut self) -> (&mut [i8], &mut [f32], &mut [i32]) {
+        (&mut self.q, &mut self.scales, &mut self.sums)
+    }
+}
+
+/// Quantises each row of `x` (M, K) into `q` (M, K4: K rounded up to 4, the
+/// rest zero), `scales` (M) and `sums` (M): `scale = max|x| / 127`, `q =
+/// round(x · (127 / max|x|))` to nearest, ties to even, clamped to ±127, and
+/// `sum = Σ q`. A row of zeros has scale 0 and q 0; a row holding a NaN or an
+/// infinity has a NaN or infinite scale and q 0, so its outputs are NaN.
+///
+/// Plain Rust, the same on every kernel set (rounding by adding and
+/// subtracting 1.5 · 2²³, which rounds to nearest even at every |v| ≤ 2²²,
+/// so no rounding instruction or library call is needed), in parallel over
+/// rows for large batches; a row's result never depends on the others.
+pub fn quantize_rows(q: &mut [i8], scales: &mut [f32], sums: &mut [i32], x: &[f32], m: usize, k: usize) {
+    let k4 = k.next_multiple_of(4);
+    assert_eq!(x.len(), m * k, "quantize_rows: x is not [M={m}, K={k}]");
+    assert!(
+        q.len() >= m * k4 && scales.len() >= m && sums.len() >= m,
+        "quantize_rows: too little room for {m} rows"
+    );
+    let q = &mut q[..m * k4];
+    if k == 0 {
+        scales[..m].fill(0.0);
+        sums[..m].fill(0);
+    } else if m >= 16 && k >= 256 {
+        q.par_chunks_mut(k4)
+            .zip(scales[..m].par_iter_mut())
+            .zip(sums[..m].par_iter_mut().zip(x.par_chunks(k)))
+            .for_each(|((q, s), (sum, x))| (*s, *sum) = quantize_row(q, x));
+    } else {
+        q.chunks_mut(k4)
+            .zip(scales[..m].iter_mut())
+            .zip(sums[..m].iter_mut().zip(x.chunks(k)))
+            .for_each(|((q, s), (sum, x))| (*s, *sum) = quantize_row(q, x));
+    }
+}
+
+/// One row of [`quantize_rows`]: `(scale, Σ q)`.
+fn quantize_row(q: &mut [i8], x: &[f32]) -> (f32, i32) {
+    // The largest magnitude as bits: for non-negative floats the order of
+    // the bits is the order of the values, and NaN's bits are above
+    // infinity's, so a NaN is kept (where `f32::max` would drop it). In
+    // 16 lanes, so that it vectorises.
+    let mut lanes = [0u32; 16];
+    let chunks = x.chunks_exact(16);
+    for &v in chunks.remainder() {
+        lanes[0] = lanes[0].max(v.to_bits() & 0x7fff_ffff);
+    }
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = (*l).max(v.to_bits() & 0x7fff_ffff);
+        }
+    }
+    let absmax = f32::from_bits(lanes.into_iter().max().unwrap_or(0));
+    let scale = super::int8_scale(absmax);
+    q.fill(0);
+    if !(absmax > 0.0 && absmax.is_finite()) {
+        return (scale, 0);
+    }
+    let inv = 127.0 / absmax;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³
+    let mut sum = 0i32;
+    for (d, &v) in q.iter_mut().zip(x) {
+        let r = ((v * inv + ROUND) - ROUND).clamp(-127.0, 127.0) as i8;
+        sum += r as i32;
+        *d = r;
+    }
+    (scale, sum)
+}
+
+/// One int8 call's operands, as every tile of its tasks sees them.
+pub(super) struct Operands<'a> {
+    /// `out[M, N]`: each task writes the integer sums of its columns there
+    /// (as i32), then replaces them with the finished values.
+    pub out: OutPtr,
+    /// The quantised activations `q[M, K4]`, their scales and sums.
+    pub q: &'a [i8],
+    pub sx: &'a [f32],
+    pub sums: &'a [i32],
+    /// The weights in int8 panels, `K4` rows each, and their column scales.
+    pub w: &'a [i8],
+    pub sw: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub m: usize,
+    pub k4: usize,
+    pub n: usize,
+}
+
+/// How a row count is cut into tiles on set `I`.
+struct Shape {
+    /// Most rows per tile.
+    rows: usize,
+    /// Vectors of sums per row and panel: 3 (48 columns with 16 lanes, 24
+    /// with 8) or 6 (48 with 8 lanes, one row only).
+    vectors: usize,
+    /// Whether two panels are read side by side.
+    two_streams: bool,
+}
+
+fn shape<I: Isa>(m: usize) -> Shape {
+    let (wide, vnni) = (I::V::LANES == 16, I::OFFSET != 0);
+    match (wide, vnni, m) {
+        // 32 registers, VNNI: up to 4 rows x 2 panels x 3 vectors (24 sums,
+        // 6 weight vectors, the broadcast), or 8 rows x 3 vectors.
+        (true, true, 1..=4) => Shape {
+            rows: m,
+            vectors: 3,
+            two_streams: true,
+        },
+        (true, true, _) => Shape {
+            rows: 8,
+            vectors: 3,
+            two_streams: false,
+        },
+        // The sign trick's temporaries take 5 more: 2 rows x 2 panels, or 6
+        // rows x 3 vectors.
+        (true, false, 1..=2) => Shape {
+            rows: m,
+            vectors: 3,
+            two_streams: true,
+        },
+        (true, false, _) => Shape {
+            rows: 6,
+            vectors: 3,
+            two_streams: false,
+        },
+        // 16 registers: one row takes a whole panel (6 sums); more rows
+        // half a panel at a time, 3 rows with VNNI's one instruction per
+        // product (9 sums), 2 with the sign trick's temporaries (6 sums).
+        (false, _, 1) => Shape {
+            rows: 1,
+            vectors: 6,
+            two_streams: false,
+        },
+        (false, _, _) => Shape {
+            rows: if vnni { 3 } else { 2 },
+            vectors: 3,
+            two_streams: false,
+        },
+    }
+}
+
+/// `out[.., cols]` for all M rows: the integer sums of the task's columns,
+/// then the epilogue. The work of one task.
+///
+/// # Safety
+/// The CPU has `I`; no other thread touches columns `cols` of `out`; `cols`
+/// within `0..N`, `cols.start` a multiple of [`PANEL`]; the operands'
+/// lengths as [`Operands`] says.
+#[inline(always)]
+pub(super) unsafe fn linear_block<I: Isa>(op: &Operands, cols: Range<usize>) {
+    let s = shape::<I>(op.m);
+    let full = cols.start + (cols.end - cols.start) / PANEL * PANEL;
+    let panels = (full - cols.start) / PANEL;
+    let col = |i: usize| cols.start + i * PANEL;
+    // SAFETY (every call): whole panels within `cols`, owned by this task.
+    unsafe {
+        if s.two_streams {
+            // Panel i beside panel `second + i`; an odd one out alone.
+            let second = panels.div_ceil(2);
+            for i in 0..panels / 2 {
+                panel_rows::<I>(op, &s, &[col(i), col(second + i)]);
+            }
+            if panels % 2 == 1 {
+                panel_rows::<I>(op, &s, &[col(second - 1)]);
+            }
+        } else {
+            for i in 0..panels {
+                panel_rows::<I>(op, &s, &[col(i)]);
+            }
+        }
+        if full < cols.end {
+            edge_panel::<I>(op, &s, full, cols.end - full);
+        }
+    }
+    // The epilogue, the same scalar operations on every set.
+    let out = op.out.get();
+    for r in 0..op.m {
+        let (sx, off) = (op.sx[r], I::OFFSET * op.sums[r]);
+        for j in cols.clone() {
+            // SAFETY: row r < M, column j in this task's columns; the slot
+            // holds the i32 the tiles stored.
+            unsafe {
+                let o = out.add(r * op.n + j);
+                let sum = o.cast::<i32>().read() - off;
+                *o = sum as f32 * (sx * op.sw[j]) + op.bias.map_or(0.0, |b| b[j]);
+            }
+        }
+    }
+}
+
+/// The row groups `(first row, rows)` of M rows, at most `max` each, spread
+/// evenly (13 rows in groups of at most 8: 7 and 6).
+fn row_groups(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    let groups = m.div_ceil(max.max(1));
+    (0..groups).map(move |g| {
+        let (r0, r1) = (g * m / groups, (g + 1) * m / groups);
+        (r0, r1 - r0)
+    })
+}
+
+/// The integer sums of whole panels `js` (one, or two read side by side)
+/// for every row: row groups inside blocks of k when there are several
+/// groups (the block stays in L1 for all of them), else one pass over all
+/// of K.
+///
+/// # Safety
+/// As [`linear_block`], every panel in `js` whole and owned by this task.
+#[inline(always)]
+unsafe fn panel_rows<I: Isa>(op: &Operands, s: &Shape, js: &[usize]) {
+    let groups = op.k4 / 4;
+    let halves = PANEL / (s.vectors * I::V::LANES);
+    let several = op.m > s.rows || halves > 1;
+    let block = if several { BLOCK_GROUPS } else { groups.max(1) };
+    let prefetch = op.m >= PREFETCH_FROM_ROWS;
+    let out = op.out.get().cast::<i32>();
+    let (ja, jb) = (js[0], js[js.len() - 1]);
+    for g0 in (0..groups).step_by(block.max(1)) {
+        let gs = g0..(g0 + block).min(groups);
+        for (gi, (r0, rows)) in row_groups(op.m, s.rows).enumerate() {
+            for h in 0..halves {
+                let c0 = h * s.vectors * I::V::LANES;
+                let dst = |j: usize| out.wrapping_add(r0 * op.n + j + c0);
+                let w = |j: usize| op.w.as_ptr().wrapping_add(j / PANEL * op.k4 * PANEL + 4 * c0);
+                let tile = Tile {
+                    dst: [dst(ja), dst(jb)],
+                    ld: op.n,
+                    x: op.q[r0 * op.k4..].as_ptr(),
+                    k4: op.k4,
+                    w: [w(ja), w(jb)],
+                    gs: gs.clone(),
+                    first: g0 == 0,
+                    ahead: if prefetch && gi == 0 { PREFETCH_AHEAD } else { 0 },
+                };
+                // SAFETY: rows r0..r0+rows < M; the panels' columns
+                // c0..c0+vectors·L of every row, owned by this task; groups
+                // within the panels' K4 / 4.
+                unsafe { tile_any::<I>(&tile, rows, s.vectors, js.len()) };
+            }
+        }
+    }
+}
+
+/// The partial panel at the right edge (`width` < 48 columns from `j`):
+/// each row group's sums over all of K into a 48-column buffer (the packed
+/// panel is zero past N), then the valid columns copied out.
+///
+/// # Safety
+/// As [`linear_block`], the panel at `j` the task's last, partial one.
+#[inline(always)]
+unsafe fn edge_panel<I: Isa>(op: &Operands, s: &Shape, j: usize, width: usize) {
+    let groups = op.k4 / 4;
+    let halves = PANEL / (s.vectors * I::V::LANES);
+    let rows_max = s.rows;
+    let mut buf = [0i32; 8 * PANEL];
+    let out = op.out.get().cast::<i32>();
+    for (r0, rows) in row_groups(op.m, rows_max) {
+        for h in 0..halves {
+            let c0 = h * s.vectors * I::V::LANES;
+            let tile = Tile {
+                dst: [buf.as_mut_ptr().wrapping_add(c0); 2],
+                ld: PANEL,
+                x: op.q[r0 * op.k4..].as_ptr(),
+                k4: op.k4,
+                w: [op.w.as_ptr().wrapping_add(j / PANEL * op.k4 * PANEL + 4 * c0); 2],
+                gs: 0..groups,
+                first: true,
+                ahead: 0,
+            };
+            // SAFETY: `buf` holds 8 rows of 48; the panel is whole in memory
+            // (zero past N); rows r0..r0+rows < M.
+            unsafe { tile_any::<I>(&tile, rows, s.vectors, 1) };
+        }
+        for r in 0..rows {
+            for c in 0..width {
+                // SAFETY: row r0 + r < M, column j + c < N, owned by this task.
+                unsafe { out.add((r0 + r) * op.n + j + c).write(buf[r * PANEL + c]) };
+            }
+        }
+    }
+}
+
+/// One tile call: rows `x..` (row r at `x + r·k4`), panels `w` (one or two)
+/// starting at this tile's first column, their sums at `dst` (row r at
+/// `dst + r·ld`), over groups `gs` of four k.
+struct Tile {
+    dst: [*mut i32; 2],
+    ld: usize,
+    x: *const i8,
+    k4: usize,
+    w: [*const i8; 2],
+    gs: Range<usize>,
+    /// Whether the sums start from zero (else from `dst`).
+    first: bool,
+    /// Bytes ahead of the weights to prefetch (0: none).
+    ahead: usize,
+}
+
+/// [`tile`] with its shape as constants.
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+unsafe fn tile_any<I: Isa>(t: &Tile, rows: usize, vectors: usize, panels: usize) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        match (vectors, panels, rows) {
+            (6, _, _) => tile::<I, 1, 6, 1>(t),
+            (_, 2, 1) => tile::<I, 1, 3, 2>(t),
+            (_, 2, 2) => tile::<I, 2, 3, 2>(t),
+            (_, 2, 3) => tile::<I, 3, 3, 2>(t),
+            (_, 2, 4) => tile::<I, 4, 3, 2>(t),
+            (_, _, 1) => tile::<I, 1, 3, 1>(t),
+            (_, _, 2) => tile::<I, 2, 3, 1>(t),
+            (_, _, 3) => tile::<I, 3, 3, 1>(t),
+            (_, _, 4) => tile::<I, 4, 3, 1>(t),
+            (_, _, 5) => tile::<I, 5, 3, 1>(t),
+            (_, _, 6) => tile::<I, 6, 3, 1>(t),
+            (_, _, 7) => tile::<I, 7, 3, 1>(t),
+            _ => tile::<I, 8, 3, 1>(t),
+        }
+    }
+}
+
+/// `dst[r][p] (+)= Σ_{g in gs} Σ_i w_p[g][.., i] · x[r, 4g + i]` for R rows,
+/// P panels and NV vectors of lanes: R x P x NV registers of sums, each
+/// group's weight vectors loaded once for all R rows, each row's four
+/// activations broadcast once for all P x NV vectors.
+///
+/// # Safety
+/// The CPU has `I`; `x` valid for R rows of `k4` bytes, each `w[p]` for
+/// `gs.end` groups of [`GROUP_BYTES`] from this tile's first column, each
+/// `dst[p]` for R rows of `NV·L` i32 at stride `ld`, written by no other
+/// thread.
+#[inline(always)]
+unsafe fn tile<I: Isa, const R: usize, const NV: usize, const P: usize>(t: &Tile) {
+    let l = I::V::LANES;
+    // SAFETY (whole body): every offset is inside the buffers by the contract.
+    unsafe {
+        let mut acc = [[[I::sums_zero(); NV]; P]; R];
+        if !t.first {
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (p, ap) in a.iter_mut().enumerate() {
+                    for (v, s) in ap.iter_mut().enumerate() {
+                        *s = I::sums_load(t.dst[p].add(r * t.ld + v * l));
+                    }
+                }
+            }
+        }
+        let lines = (NV * 4 * l).div_ceil(LINE);
+        for g in t.gs.clone() {
+            let wv: [[I::Quads; NV]; P] = std::array::from_fn(|p| {
+                let wg = t.w[p].add(g * GROUP_BYTES);
+                if t.ahead != 0 {
+                    for i in 0..lines {
+                        I::V::prefetch(wg.wrapping_add(t.ahead + i * LINE).cast());
+                    }
+                }
+                std::array::from_fn(|v| I::weights4(wg.add(4 * l * v)))
+            });
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = I::splat4(t.x.add(r * t.k4 + 4 * g));
+                for (ap, wp) in a.iter_mut().zip(&wv) {
+                    for (s, w) in ap.iter_mut().zip(wp) {
+                        *s = I::dot4(*s, *w, xv);
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (p, ap) in a.iter().enumerate().take(P) {
+                for (v, s) in ap.iter().enumerate() {
+                    I::sums_store(*s, t.dst[p].add(r * t.ld + v * l));
+                }
+            }
+        }
+    }
+}
