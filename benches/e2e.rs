@@ -3,6 +3,9 @@
 //! streamed) and GFLOP/s. `cargo bench --bench e2e`. Medians over
 //! repetitions; the machine is shared, so compare ratios within one run.
 //!
+//! `E2E_DTYPE=bf16|int8` runs the model in that dtype (default f32; the
+//! GB/s column still counts f32 bytes).
+//!
 //! `cargo bench --bench e2e -- dtypes`: the weight dtypes against each other
 //! instead: f32, bf16 and int8 models loaded side by side, each round timing
 //! every dtype in turn (the order rotating), and the median over rounds of
@@ -42,13 +45,18 @@ fn main() {
         compare_dtypes(&dir);
         return;
     }
-    let model = Gpt2Model::load(&dir).expect("load");
+    let dtype: Dtype = match std::env::var("E2E_DTYPE") {
+        Ok(d) => d.parse().unwrap_or_else(|e| panic!("E2E_DTYPE: {e}")),
+        Err(_) => Dtype::F32,
+    };
+    let model = Gpt2Model::load_with(&dir, dtype).expect("load");
     let cfg = &model.config;
     let weight_bytes = (cfg.n_params() * 4) as f64;
     let flops_per_row = 2.0 * (cfg.n_params() - cfg.n_positions * cfg.n_embd) as f64;
     println!(
-        "threads: {}; SYNTHETIC 124M weights",
-        rayon::current_num_threads()
+        "threads: {}; SYNTHETIC 124M weights in {dtype}; kernels {}",
+        rayon::current_num_threads(),
+        gpt2_kernels::active()
     );
 
     // Prefill: one sequence, T rows, logits for the last one.

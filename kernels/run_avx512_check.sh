@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The AVX-512 check of issue 22, in one short call on a machine that has
 # AVX-512 (about 5 minutes on 16 cores; fails at once on a CPU without it):
-#   1. builds the workspace in release (for the host CPU: .cargo/config.toml);
+#   1. builds the workspace in release (for baseline x86-64, as always);
 #   2. runs the kernel tests, which run every kernel set the CPU supports, and
 #      requires avx512, avx2 and portable to be among them (a CPU without
 #      AVX-512 fails here instead of passing without running it);

@@ -12,7 +12,9 @@
 
 use std::time::Instant;
 
-use gpt2_kernels::probe::{fma_peak, read_bandwidth, read_fma_bandwidth, FMA_ROWS};
+use gpt2_kernels::probe::{
+    fma_peak, read_bandwidth, read_fma_bandwidth, read_patterns, ReadPattern, FMA_ROWS,
+};
 use gpt2_kernels::Dtype;
 use serde::{Deserialize, Serialize};
 
@@ -21,8 +23,22 @@ use serde::{Deserialize, Serialize};
 pub struct Limits {
     /// Sustained read bandwidth of one thread, GB/s.
     pub read_gbs_1t: f64,
-    /// Sustained read bandwidth of `threads` threads, GB/s.
+    /// Sustained read bandwidth of `threads` threads, GB/s: the best
+    /// repetition of the best of [`Limits::read_patterns`] (one stream per
+    /// thread in reports written before they were measured).
     pub read_gbs_all: f64,
+    /// The all-threads read of the bandwidth buffer in each access pattern
+    /// ([`ReadPattern`]), repetitions interleaved: its best, median and
+    /// worst. Empty in reports written before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_patterns: Vec<ReadRate>,
+    /// The all-threads read of a buffer the size of a batch-1 decode step's
+    /// weights in each dtype the run measured (the best pattern): the
+    /// ceiling of that decode, which a last-level cache as large as the
+    /// weights may partly hold, as it holds the model's. Empty in reports
+    /// written before, or without a model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decode_reads: Vec<DecodeRead>,
     /// The same read with 8 FMAs per loaded vector (an 8-row decode step's
     /// arithmetic, [`read_fma_bandwidth`]), one thread and `threads`, GB/s.
     /// 0 in reports written before it was measured.
@@ -50,6 +66,28 @@ pub struct Limits {
     /// loaded, which costs arithmetic. Empty in reports written before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rows8_in_l2_by_dtype: Vec<DtypeRate>,
+}
+
+/// One access pattern's read rate over a run, all threads, GB/s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadRate {
+    pub pattern: String,
+    pub best_gbs: f64,
+    pub median_gbs: f64,
+    pub worst_gbs: f64,
+}
+
+/// The read of a buffer of a decode step's size in one dtype, all threads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecodeRead {
+    pub dtype: String,
+    /// The buffer: the bytes a batch-1 decode step reads in that dtype.
+    pub bytes: f64,
+    /// The best pattern's best and median repetition, GB/s.
+    pub best_gbs: f64,
+    pub median_gbs: f64,
+    /// Which pattern that was.
+    pub pattern: String,
 }
 
 /// A kernel rate in one weight dtype.
@@ -132,34 +170,89 @@ impl ProbeSettings {
 /// # Panics
 /// If the buffer cannot be mapped or the thread pool cannot start.
 pub fn measure(quick: bool) -> Limits {
-    measure_with(&ProbeSettings::new(quick))
+    measure_for(quick, &[])
 }
 
-fn measure_with(settings: &ProbeSettings) -> Limits {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+/// [`measure`], and the read of a buffer of each of `decode` (a dtype and
+/// the bytes a batch-1 decode step reads in it): [`Limits::decode_reads`].
+pub fn measure_for(quick: bool, decode: &[(Dtype, f64)]) -> Limits {
+    measure_with(&ProbeSettings::new(quick), decode)
+}
 
-    let (read_gbs_1t, read_gbs_all, read_fma8_gbs_1t, read_fma8_gbs_all) = {
-        let mut map = memmap2::MmapMut::map_anon(settings.buf_bytes)
-            .unwrap_or_else(|e| panic!("probe: cannot map {} bytes: {e}", settings.buf_bytes));
-        // Huge pages spare the read loop a TLB miss every 4 KiB; without them
-        // the figure is a little lower, so say so rather than fail.
-        #[cfg(target_os = "linux")]
-        if let Err(e) = map.advise(memmap2::Advice::HugePage) {
-            eprintln!("probe: no transparent huge pages for the bandwidth buffer ({e})");
-        }
-        // Writing every float touches every page: no page fault, and no shared
-        // zero page, inside the timed reads.
-        let buf: &mut [f32] = bytemuck::cast_slice_mut(&mut map[..]);
-        buf.fill(1.0);
+/// The access patterns the probe reads the bandwidth buffer in.
+const READ_PATTERNS: [ReadPattern; 5] = [
+    ReadPattern::OneStream,
+    ReadPattern::Streams(2),
+    ReadPattern::Streams(4),
+    ReadPattern::Prefetched,
+    ReadPattern::Ops,
+];
+
+/// A decode step's matrices in the engine's order, floats (f32): GPT-2
+/// 124M's four per block, then the LM head.
+fn decode_matrices() -> Vec<usize> {
+    let (c, f) = (768, 3072);
+    let block = [c * 3 * c, c * c, c * f, f * c]; // QKV, projection, MLP up, MLP down
+    let mut ops: Vec<usize> = (0..12).flat_map(|_| block).collect();
+    ops.push(c * 50257); // the LM head
+    ops
+}
+
+/// An anonymous map of `bytes`, every page touched, in huge pages where the
+/// kernel gives them.
+fn touched_buffer(bytes: usize) -> memmap2::MmapMut {
+    let mut map =
+        memmap2::MmapMut::map_anon(bytes).unwrap_or_else(|e| panic!("probe: cannot map {bytes} bytes: {e}"));
+    // Huge pages spare the read loop a TLB miss every 4 KiB; without them
+    // the figure is a little lower, so say so rather than fail.
+    #[cfg(target_os = "linux")]
+    if let Err(e) = map.advise(memmap2::Advice::HugePage) {
+        eprintln!("probe: no transparent huge pages for the bandwidth buffer ({e})");
+    }
+    // Writing every float touches every page: no page fault, and no shared
+    // zero page, inside the timed reads.
+    bytemuck::cast_slice_mut::<u8, f32>(&mut map[..]).fill(1.0);
+    map
+}
+
+fn measure_with(settings: &ProbeSettings, decode: &[(Dtype, f64)]) -> Limits {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ops = decode_matrices();
+
+    let (read_gbs_1t, read_patterns, read_fma8_gbs_1t, read_fma8_gbs_all) = {
+        let map = touched_buffer(settings.buf_bytes);
+        let buf: &[f32] = bytemuck::cast_slice(&map[..]);
         let gbs = |t| read_bandwidth(buf, t, settings.read_reps).bytes_per_s / 1e9;
         let fma8 = |t| read_fma_bandwidth(buf, t, settings.read_reps).bytes_per_s / 1e9;
+        let patterns = read_rates(buf, threads, settings.read_reps, &ops);
         let (one, one8) = (gbs(1), fma8(1));
-        if threads == 1 {
-            (one, one, one8, one8)
-        } else {
-            (one, gbs(threads), one8, fma8(threads))
-        }
+        (
+            one,
+            patterns,
+            one8,
+            if threads == 1 { one8 } else { fma8(threads) },
+        )
     };
+    let read_gbs_all = read_patterns.iter().map(|r| r.best_gbs).fold(0.0, f64::max);
+    let decode_reads = decode
+        .iter()
+        .map(|&(dtype, bytes)| {
+            let map = touched_buffer((bytes as usize).next_multiple_of(4).max(4));
+            let buf: &[f32] = bytemuck::cast_slice(&map[..]);
+            // The same repetitions, however small the buffer: each is short.
+            let best = read_rates(buf, threads, settings.read_reps.max(10), &ops)
+                .into_iter()
+                .max_by(|a, b| a.best_gbs.total_cmp(&b.best_gbs))
+                .expect("at least one pattern");
+            DecodeRead {
+                dtype: dtype.as_str().into(),
+                bytes,
+                best_gbs: best.best_gbs,
+                median_gbs: best.median_gbs,
+                pattern: best.pattern,
+            }
+        })
+        .collect();
 
     let fma_gflops_1t = fma_peak(1, settings.fma_seconds).gflops;
     let fma_gflops_all = if threads == 1 {
@@ -218,6 +311,8 @@ fn measure_with(settings: &ProbeSettings) -> Limits {
     Limits {
         read_gbs_1t,
         read_gbs_all,
+        read_patterns,
+        decode_reads,
         read_fma8_gbs_1t,
         read_fma8_gbs_all,
         threads,
@@ -227,6 +322,19 @@ fn measure_with(settings: &ProbeSettings) -> Limits {
         rows8_in_l2_gflops_1t,
         rows8_in_l2_by_dtype,
     }
+}
+
+/// [`READ_PATTERNS`] over `buf` on `threads` threads, GB/s.
+fn read_rates(buf: &[f32], threads: usize, reps: usize, ops: &[usize]) -> Vec<ReadRate> {
+    read_patterns(buf, threads, reps, &READ_PATTERNS, ops)
+        .into_iter()
+        .map(|r| ReadRate {
+            pattern: r.pattern.name(),
+            best_gbs: r.best / 1e9,
+            median_gbs: r.median / 1e9,
+            worst_gbs: r.worst / 1e9,
+        })
+        .collect()
 }
 
 /// One shape of `linear_packed` with its inputs: `copies` packed weights.
@@ -365,6 +473,16 @@ impl Limits {
         );
         self.read_gbs_all * 1e9 / bytes_per_token
     }
+
+    /// The read rate a batch-1 decode in `dtype` is held to, GB/s: the read
+    /// of a buffer of its size ([`Limits::decode_reads`]) where measured,
+    /// else the bandwidth buffer's.
+    pub fn decode_read_gbs(&self, dtype: Dtype) -> f64 {
+        self.decode_reads
+            .iter()
+            .find(|r| r.dtype == dtype.as_str())
+            .map_or(self.read_gbs_all, |r| r.best_gbs)
+    }
 }
 
 #[cfg(test)]
@@ -385,7 +503,7 @@ mod tests {
 
     #[test]
     fn tiny_measurement_is_finite_and_positive() {
-        let l = measure_with(&tiny_settings());
+        let l = measure_with(&tiny_settings(), &[(Dtype::Int8, 3e6)]);
         let figures = [
             l.read_gbs_1t,
             l.read_gbs_all,
@@ -417,9 +535,39 @@ mod tests {
             l.read_gbs_all
         );
 
+        // Every pattern read, the best of them the limit; the decode-sized
+        // buffer read and used for its dtype, the big buffer for the others.
+        assert_eq!(l.read_patterns.len(), READ_PATTERNS.len());
+        let best = l.read_patterns.iter().map(|r| r.best_gbs).fold(0.0, f64::max);
+        assert_eq!(l.read_gbs_all, best);
+        assert!(
+            l.read_patterns
+                .iter()
+                .all(|r| r.best_gbs >= r.median_gbs && r.median_gbs >= r.worst_gbs && r.worst_gbs > 0.0),
+            "{:?}",
+            l.read_patterns
+        );
+        assert_eq!(l.decode_reads.len(), 1);
+        assert_eq!(l.decode_read_gbs(Dtype::Int8), l.decode_reads[0].best_gbs);
+        assert_eq!(l.decode_read_gbs(Dtype::F32), l.read_gbs_all);
+        assert!(
+            table.contains("2 streams per thread") && table.contains("int8"),
+            "{table}"
+        );
+
         let back: Limits = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
         assert_eq!(back.linear_packed[1].name, "many");
         assert_eq!(back.read_gbs_all, l.read_gbs_all);
+        assert_eq!(back.decode_reads, l.decode_reads);
+    }
+
+    /// The engine's order reads a decode step's matrices, 124M's 124.4M
+    /// weights less the biases, norms and position embeddings.
+    #[test]
+    fn the_engine_order_is_a_decode_step() {
+        let ops = decode_matrices();
+        assert_eq!(ops.len(), 12 * 4 + 1);
+        assert_eq!(ops.iter().sum::<usize>(), 124_439_808 - 907_776);
     }
 
     #[test]

@@ -6,25 +6,34 @@ use common::synth_dir;
 use gpt2::synth::Preset;
 
 /// `gpt2 generate` on the 124M checkpoint (475 MiB of f32) peaks at most at
-/// 1.15x the weights file (it was 2.07x: the file map's pages and the packed
+/// 1.25x the weights file (it was 2.07x: the file map's pages and the packed
 /// copy were resident together, the LM head's 154 MB above all). The binary
-/// reports its own peak (`VmHWM`), read just before it exits.
+/// reports its own peak (`VmHWM`), read just before it exits. The same
+/// binary measured 1.09x to 1.20x from one sitting to the next (how many of
+/// the file's pages are resident before they are handed back is the page
+/// cache's doing), so the bound sits above that and far below two copies.
 #[test]
 fn generate_peaks_near_one_copy_of_the_weights() {
-    check_peak("f32", 1.15);
+    check_peak("f32", 1.25);
 }
 
 /// In bf16 and int8 only the converted panels stay resident, and each f32
 /// matrix's file pages are handed back as it is converted: the peak follows
-/// the dtype (measured 0.60x and 0.35x the file, against 1.09x in f32; the
-/// rest is the runtime, the tokenizer and the work buffers).
+/// the dtype (measured 0.60-0.71x and 0.35-0.40x the file, against
+/// 1.09-1.20x in f32; the rest is the runtime, the tokenizer and the work
+/// buffers).
 #[test]
 fn reduced_dtypes_peak_near_their_share_of_the_weights() {
-    check_peak("bf16", 0.65);
-    check_peak("int8", 0.40);
+    check_peak("bf16", 0.75);
+    check_peak("int8", 0.45);
 }
 
+/// One load at a time: two loads at once on two cores change each other's
+/// timing, and so how many file pages are resident together.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn check_peak(dtype: &str, max_ratio: f64) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = synth_dir(Preset::Gpt2_124M, 0);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpt2"))
         .args(["generate", "--weights", dir.to_str().unwrap(), "--dtype", dtype])

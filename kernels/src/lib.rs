@@ -36,6 +36,6 @@ pub use dtype::{Dtype, UnknownDtype};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};
 pub use matmul::{
     dot, linear, linear_packed, linear_panels, linear_panels_with, linear_sgemm, matmul_bt, pack,
-    pack_panels, pack_panels_t, pack_t, packed_bytes, packed_len, quantize_rows, unpack_column, Panels,
-    PanelsMut, QuantScratch, PANEL,
+    pack_panels, pack_panels_t, pack_t, packed_bytes, packed_len, unpack_column, Panels, PanelsMut,
+    QuantScratch, PANEL,
 };

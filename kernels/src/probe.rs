@@ -75,6 +75,229 @@ pub fn read_fma_bandwidth(buf: &[f32], threads: usize, reps: usize) -> ReadBandw
     timed_reads(buf, threads, reps, sum_rows)
 }
 
+/// How [`read_patterns`] lays a read out over its threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPattern {
+    /// Each thread reads its contiguous share of the buffer front to back
+    /// (what [`read_bandwidth`] does).
+    OneStream,
+    /// Each thread reads its share as `n` equal parts side by side, a block
+    /// of each in turn: `n` streams in flight (the one-row kernel reads two
+    /// panels at once).
+    Streams(usize),
+    /// One stream per thread, with a software prefetch of the lines 4 KiB
+    /// ahead.
+    Prefetched,
+    /// The engine's order: the buffer cut into the given matrix sizes (a
+    /// decode step's, in bytes), each matrix split among the threads as a
+    /// linear layer splits its panels, with a fork-join (a barrier) after
+    /// each, as after every op of a forward pass.
+    Ops,
+}
+
+impl ReadPattern {
+    /// The pattern in words, as reports name it.
+    pub fn name(self) -> String {
+        match self {
+            ReadPattern::OneStream => "1 stream per thread".into(),
+            ReadPattern::Streams(n) => format!("{n} streams per thread"),
+            ReadPattern::Prefetched => "1 stream, prefetch 4 KiB ahead".into(),
+            ReadPattern::Ops => "the engine's order: per matrix, a fork-join".into(),
+        }
+    }
+}
+
+/// The rates of one [`ReadPattern`] over the repetitions of a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadSpread {
+    pub pattern: ReadPattern,
+    /// Bytes per second: the best, median and worst repetition.
+    pub best: f64,
+    pub median: f64,
+    pub worst: f64,
+    /// The buffer's sum from the last repetition, times the pattern's reads.
+    pub checksum: f64,
+}
+
+/// Reads `buf` with each of `patterns` in turn, `reps` times each, the
+/// patterns interleaved repetition by repetition (so that a busy moment of
+/// a shared machine does not fall on one pattern), on `threads` threads.
+/// `ops` are the matrix sizes of [`ReadPattern::Ops`] in floats (cycled
+/// until the buffer is covered). Each result is its pattern's best, median
+/// and worst repetition.
+pub fn read_patterns(
+    buf: &[f32],
+    threads: usize,
+    reps: usize,
+    patterns: &[ReadPattern],
+    ops: &[usize],
+) -> Vec<ReadSpread> {
+    assert!(
+        threads >= 1 && reps >= 1,
+        "read_patterns: threads and reps must be at least 1"
+    );
+    assert!(ops.iter().all(|&n| n > 0), "read_patterns: an empty matrix");
+    let mut times = vec![Vec::with_capacity(reps); patterns.len()];
+    let mut checksums = vec![0f64; patterns.len()];
+    for _ in 0..reps {
+        for (i, &p) in patterns.iter().enumerate() {
+            let (t, sum) = timed_pattern(buf, threads, p, ops);
+            times[i].push(t);
+            checksums[i] = sum;
+        }
+    }
+    let bytes = std::mem::size_of_val(buf) as f64;
+    patterns
+        .iter()
+        .zip(times)
+        .zip(checksums)
+        .map(|((&pattern, mut t), checksum)| {
+            t.sort();
+            let rate = |d: Duration| bytes / d.as_secs_f64().max(1e-9);
+            ReadSpread {
+                pattern,
+                best: rate(t[0]),
+                median: rate(t[t.len() / 2]),
+                worst: rate(t[t.len() - 1]),
+                checksum: black_box(checksum),
+            }
+        })
+        .collect()
+}
+
+/// One read of `buf` in `pattern` on `threads` threads, timed from the
+/// barrier that releases them to the one the last reaches: `(time, sum)`.
+fn timed_pattern(buf: &[f32], threads: usize, pattern: ReadPattern, ops: &[usize]) -> (Duration, f64) {
+    // The matrices of the engine's order, cycled over the buffer.
+    let mut matrices = Vec::new();
+    if pattern == ReadPattern::Ops {
+        let mut at = 0;
+        for &n in ops.iter().cycle() {
+            if at >= buf.len() {
+                break;
+            }
+            let end = (at + n).min(buf.len());
+            matrices.push(&buf[at..end]);
+            at = end;
+        }
+    }
+    let chunk = buf.len().div_ceil(threads).div_ceil(BLOCK) * BLOCK;
+    let barrier = Barrier::new(threads + 1);
+    let mut elapsed = Duration::ZERO;
+    let mut total = 0f64;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (barrier, matrices) = (&barrier, &matrices);
+                let part = &buf[(t * chunk).min(buf.len())..((t + 1) * chunk).min(buf.len())];
+                s.spawn(move || {
+                    barrier.wait();
+                    let sum = match pattern {
+                        ReadPattern::OneStream => sum(part),
+                        ReadPattern::Streams(n) => sum_streams(part, n),
+                        ReadPattern::Prefetched => sum_prefetched(part),
+                        ReadPattern::Ops => {
+                            let mut sum_all = 0.0;
+                            for m in matrices {
+                                // This thread's share, as a linear layer's
+                                // task takes a run of whole panels.
+                                let c = m.len().div_ceil(threads);
+                                let share = &m[(t * c).min(m.len())..((t + 1) * c).min(m.len())];
+                                sum_all += black_box(sum(share));
+                                barrier.wait();
+                            }
+                            sum_all
+                        }
+                    };
+                    barrier.wait();
+                    black_box(sum)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let t0 = Instant::now();
+        if pattern == ReadPattern::Ops {
+            for _ in &matrices {
+                barrier.wait();
+            }
+        }
+        barrier.wait();
+        elapsed = t0.elapsed();
+        for w in workers {
+            total += f64::from(w.join().expect("read_patterns: a worker panicked"));
+        }
+    });
+    (elapsed, total)
+}
+
+/// [`sum`] over `n` equal parts of `x` side by side: block i of every part,
+/// then block i + 1.
+fn sum_streams(x: &[f32], n: usize) -> f32 {
+    let part = x.len().div_ceil(n.max(1)).div_ceil(BLOCK).max(1) * BLOCK;
+    let parts: Vec<&[f32]> = x.chunks(part).collect();
+    sum_parts(&parts, false)
+}
+
+/// [`sum`] with a software prefetch of the lines 4 KiB ahead.
+fn sum_prefetched(x: &[f32]) -> f32 {
+    sum_parts(&[x], true)
+}
+
+/// The sum of every part, read block by block side by side (block i of
+/// each part, then block i + 1), optionally prefetching 4 KiB ahead in each.
+fn sum_parts(parts: &[&[f32]], prefetch: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { sum_parts_avx2(parts, prefetch) };
+    }
+    let _ = prefetch;
+    let mut total = 0.0;
+    let longest = parts.iter().map(|p| p.len()).max().unwrap_or(0);
+    for b in (0..longest).step_by(BLOCK) {
+        for p in parts {
+            if let Some(block) = p.get(b..(b + BLOCK).min(p.len())) {
+                total += sum_portable(block);
+            }
+        }
+    }
+    total
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_parts_avx2(parts: &[&[f32]], prefetch: bool) -> f32 {
+    use std::arch::x86_64::*;
+    /// Floats between a block and the lines its loop prefetches (4 KiB).
+    const AHEAD: usize = 1024;
+    let whole = parts.iter().map(|p| p.len() / BLOCK).min().unwrap_or(0);
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for b in 0..whole {
+        for p in parts {
+            let ptr = p.as_ptr().wrapping_add(b * BLOCK);
+            if prefetch {
+                for line in 0..BLOCK / 16 {
+                    // A hint: it never faults, wherever it points.
+                    _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(AHEAD + 16 * line).cast());
+                }
+            }
+            for (i, a) in acc.iter_mut().enumerate() {
+                // SAFETY: block b < whole is inside every part, so floats
+                // 8i..8i+8 (i < 8) of it are in bounds.
+                let v = unsafe { _mm256_loadu_ps(ptr.add(8 * i)) };
+                *a = _mm256_add_ps(*a, v);
+            }
+        }
+    }
+    // The rest of each part, past the blocks all parts have.
+    let tail: f32 = parts.iter().map(|p| p[whole * BLOCK..].iter().sum::<f32>()).sum();
+    // SAFETY: the CPU supports AVX2 (this function's own requirement).
+    let total = unsafe { lanes_total(&acc) };
+    total + tail
+}
+
 /// Times `read` over `buf` split into `threads` chunks, best of `reps`.
 fn timed_reads(buf: &[f32], threads: usize, reps: usize, read: fn(&[f32]) -> f32) -> ReadBandwidth {
     assert!(threads >= 1, "read_bandwidth: threads must be at least 1");
@@ -516,6 +739,35 @@ mod tests {
                 buf.len() as f64,
                 "{threads} threads: every float read once"
             );
+        }
+    }
+
+    /// Every pattern reads every float once, on any thread count, with
+    /// sizes that leave partial blocks, parts and matrices; best ≥ median ≥
+    /// worst.
+    #[test]
+    fn every_read_pattern_reads_every_float_once() {
+        let buf = vec![1.0f32; (1 << 18) + 37];
+        let patterns = [
+            ReadPattern::OneStream,
+            ReadPattern::Streams(2),
+            ReadPattern::Streams(3),
+            ReadPattern::Prefetched,
+            ReadPattern::Ops,
+        ];
+        for threads in [1, 2, 3] {
+            for r in read_patterns(&buf, threads, 3, &patterns, &[1000, 70_001, 333]) {
+                assert_eq!(
+                    r.checksum,
+                    buf.len() as f64,
+                    "{threads} threads, {}",
+                    r.pattern.name()
+                );
+                assert!(
+                    r.best >= r.median && r.median >= r.worst && r.worst > 0.0,
+                    "{threads} threads: {r:?}"
+                );
+            }
         }
     }
 

@@ -727,19 +727,26 @@ mod tests {
         let mut x = values(m * k, 55);
         x[k + 3] = f32::NAN;
         x[2 * k + 9] = f32::INFINITY;
-        let mut q = vec![1; m * 68];
-        let (mut sx, mut sums) = (vec![0.0; m], vec![0; m]);
-        crate::quantize_rows(&mut q, &mut sx, &mut sums, &x, m, k);
-        for r in [0, 3] {
-            let (want_q, want_s) = quantize_row_int8(&x[r * k..(r + 1) * k]);
-            assert_eq!(&q[r * 68..r * 68 + k], &want_q[..], "row {r}");
-            assert_eq!(&q[r * 68 + k..(r + 1) * 68], &[0i8], "row {r}: the padding");
-            assert_eq!(sx[r], want_s, "row {r}");
-            assert_eq!(sums[r], want_q.iter().map(|&v| v as i32).sum::<i32>(), "row {r}");
-            assert!(
-                want_q.iter().any(|&v| v.unsigned_abs() == 127),
-                "row {r} uses the full range"
-            );
+        for ks in crate::Kernels::variants() {
+            let mut q = vec![1; m * 68];
+            let (mut sx, mut sums) = (vec![0.0; m], vec![0; m]);
+            ks.quantize_rows(&mut q, &mut sx, &mut sums, &x, m, k);
+            for r in [0, 3] {
+                let (want_q, want_s) = quantize_row_int8(&x[r * k..(r + 1) * k]);
+                assert_eq!(&q[r * 68..r * 68 + k], &want_q[..], "{ks}: row {r}");
+                assert_eq!(&q[r * 68 + k..(r + 1) * 68], &[0i8], "{ks}: row {r}: the padding");
+                assert_eq!(sx[r], want_s, "{ks}: row {r}");
+                assert_eq!(
+                    sums[r],
+                    want_q.iter().map(|&v| v as i32).sum::<i32>(),
+                    "{ks}: row {r}"
+                );
+                assert!(
+                    want_q.iter().any(|&v| v.unsigned_abs() == 127),
+                    "row {r} uses the full range"
+                );
+            }
+            assert!(sx[1].is_nan() && sx[2].is_infinite(), "{ks}: {sx:?}");
         }
         let (k, n) = (k, 50);
         let w = values(k * n, 56);

@@ -164,6 +164,7 @@ impl From<FlatRoofline> for GroupedRoofline {
                 linear_packed_gflops: f.sgemm_gflops,
             },
             decode: DecodeRoofline {
+                read_gbs: None,
                 bytes_per_token: f.decode_bytes_per_token,
                 tokens_per_s: f.decode_tokens_per_s,
                 achieved_gbs: f.decode_achieved_gbs,
@@ -258,6 +259,7 @@ mod tests {
                 achieved_gbs: f("decode_achieved_gbs"),
                 fraction_of_bandwidth: f("decode_fraction_of_bandwidth"),
                 ceiling_tokens_per_s: f("decode_ceiling_tokens_per_s"),
+                read_gbs: None,
             }
         );
         assert_eq!(

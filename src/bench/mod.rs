@@ -360,10 +360,15 @@ pub struct DecodeRoofline {
     pub tokens_per_s: f64,
     /// bytes_per_token x tokens_per_s, GB/s.
     pub achieved_gbs: f64,
-    /// achieved_gbs / limits.read_gbs_all.
+    /// achieved_gbs / read_gbs.
     pub fraction_of_bandwidth: f64,
-    /// limits.read_gbs_all / bytes_per_token: the bandwidth-bound ceiling.
+    /// read_gbs / bytes_per_token: the bandwidth-bound ceiling.
     pub ceiling_tokens_per_s: f64,
+    /// The read rate it is held to, GB/s: that of a buffer of
+    /// bytes_per_token (`Limits::decode_reads`). `None` in reports written
+    /// before it was measured, where it was limits.read_gbs_all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_gbs: Option<f64>,
 }
 
 /// A prefill timed alone against the FMA peak.
@@ -532,6 +537,7 @@ mod tests {
                 achieved_gbs: 30.0,
                 fraction_of_bandwidth: 0.75,
                 ceiling_tokens_per_s: 80.0,
+                read_gbs: Some(40.0),
             },
             prefill: PrefillRoofline {
                 tokens: 128,

@@ -119,11 +119,13 @@ pub fn time_engine(model: &Gpt2Model, pool: &rayon::ThreadPool) -> Result<Engine
     })
 }
 
-/// Measures the machine's limits (a few seconds) and prints their table on
-/// `progress`.
-pub fn measure_limits(progress: &Progress) -> Limits {
+/// Measures the machine's limits (a few seconds), with the read of a buffer
+/// of a decode step's size in each of `dtypes` of `cfg`'s model, and prints
+/// their table on `progress`.
+pub fn measure_limits(progress: &Progress, cfg: &Gpt2Config, dtypes: &[Dtype]) -> Limits {
     progress.println("probe: measuring read bandwidth, FMA peak and SGEMM (takes a few seconds) ...");
-    let limits = crate::probe::measure(false);
+    let decode: Vec<(Dtype, f64)> = dtypes.iter().map(|&d| (d, decode_bytes(cfg, d))).collect();
+    let limits = crate::probe::measure_for(false, &decode);
     progress.println(&super::report::limits_table(&limits));
     limits
 }
@@ -162,14 +164,17 @@ fn dtype_roofline(cfg: &Gpt2Config, limits: &Limits, tpot_ms: f64, times: &Engin
     let batch8_gbs = bytes / batch8_step.as_secs_f64() / 1e9;
     let long_gbs = long_decode_bytes(cfg, dtype, long_position) / long_step.as_secs_f64() / 1e9;
     let read_all = limits.read_gbs_all;
+    // Decode at batch 1 against the read of a buffer of its own size.
+    let read_decode = limits.decode_read_gbs(dtype);
     DtypeRoofline {
         dtype: dtype.as_str().into(),
         decode: DecodeRoofline {
             bytes_per_token: bytes,
             tokens_per_s,
             achieved_gbs: bytes * tokens_per_s / 1e9,
-            fraction_of_bandwidth: bytes * tokens_per_s / 1e9 / read_all,
-            ceiling_tokens_per_s: limits.decode_ceiling_tok_s(bytes),
+            fraction_of_bandwidth: bytes * tokens_per_s / 1e9 / read_decode,
+            ceiling_tokens_per_s: read_decode * 1e9 / bytes,
+            read_gbs: Some(read_decode),
         },
         prefill: PrefillRoofline {
             tokens,
@@ -308,6 +313,16 @@ mod tests {
         let limits = Limits {
             read_gbs_1t: 10.0,
             read_gbs_all: 20.0,
+            read_patterns: Vec::new(),
+            // bf16's decode is held to a buffer of its size, f32's to the
+            // big buffer (not measured).
+            decode_reads: vec![crate::probe::DecodeRead {
+                dtype: "bf16".into(),
+                bytes: decode_bytes(&cfg, Dtype::Bf16),
+                best_gbs: 25.0,
+                median_gbs: 24.0,
+                pattern: "1 stream per thread".into(),
+            }],
             read_fma8_gbs_1t: 8.0,
             read_fma8_gbs_all: 16.0,
             threads: 2,
@@ -348,7 +363,10 @@ mod tests {
         for (d, dtype, tok_s) in [(f, Dtype::F32, 20.0), (b, Dtype::Bf16, 40.0)] {
             let gbs = decode_bytes(&cfg, dtype) * tok_s / 1e9;
             assert_eq!(d.decode.bytes_per_token, decode_bytes(&cfg, dtype));
-            assert!((d.decode.fraction_of_bandwidth - gbs / 20.0).abs() < 1e-12);
+            let read = if dtype == Dtype::Bf16 { 25.0 } else { 20.0 };
+            assert_eq!(d.decode.read_gbs, Some(read));
+            assert!((d.decode.fraction_of_bandwidth - gbs / read).abs() < 1e-12);
+            assert!((d.decode.ceiling_tokens_per_s - read * 1e9 / decode_bytes(&cfg, dtype)).abs() < 1e-9);
             assert!((d.prefill.gflops - prefill_flops(&cfg, 128) / 0.5 / 1e9).abs() < 1e-9);
             let s = d.batch8.as_ref().unwrap();
             assert_eq!((s.step.position, s.step.step_ms), (64, 100.0));

@@ -491,7 +491,7 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
         )
     });
     let roofline = opts.probe.then(|| {
-        let limits = roofline::measure_limits(&progress);
+        let limits = roofline::measure_limits(&progress, &cfg, &plan.dtypes);
         roofline::roofline(&cfg, &limits, &tests, &engines)
     });
     progress.finish();

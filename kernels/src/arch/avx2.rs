@@ -163,6 +163,12 @@ impl<const VNNI: bool> Isa for Avx2<VNNI> {
     }
 
     #[inline(always)]
+    unsafe fn quads_zero() -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_setzero_si256() }
+    }
+
+    #[inline(always)]
     unsafe fn sums_load(p: *const i32) -> __m256i {
         // SAFETY: the trait's contract.
         unsafe { _mm256_loadu_si256(p.cast()) }

@@ -175,6 +175,12 @@ impl<const VNNI: bool> Isa for Avx512<VNNI> {
     }
 
     #[inline(always)]
+    unsafe fn quads_zero() -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_setzero_si512() }
+    }
+
+    #[inline(always)]
     unsafe fn sums_load(p: *const i32) -> __m512i {
         // SAFETY: the trait's contract.
         unsafe { _mm512_loadu_si512(p.cast()) }

@@ -128,6 +128,12 @@ pub(crate) trait Isa: Copy + 'static {
     /// The CPU has the set.
     unsafe fn sums_zero() -> Self::Sums;
 
+    /// Zero in every byte.
+    ///
+    /// # Safety
+    /// The CPU has the set.
+    unsafe fn quads_zero() -> Self::Quads;
+
     /// # Safety
     /// The CPU has the set; `p` valid for `LANES` i32.
     unsafe fn sums_load(p: *const i32) -> Self::Sums;

@@ -127,6 +127,11 @@ impl Isa for Portable {
     }
 
     #[inline(always)]
+    unsafe fn quads_zero() -> [i8; 32] {
+        [0; 32]
+    }
+
+    #[inline(always)]
     unsafe fn sums_load(p: *const i32) -> [i32; 8] {
         // SAFETY: the caller's contract (8 i32 at p).
         unsafe { p.cast::<[i32; 8]>().read_unaligned() }

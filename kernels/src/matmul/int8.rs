@@ -101,65 +101,128 @@ impl QuantScratch {
 /// `sum = Σ q`. A row of zeros has scale 0 and q 0; a row holding a NaN or an
 /// infinity has a NaN or infinite scale and q 0, so its outputs are NaN.
 ///
-/// Plain Rust, the same on every kernel set (rounding by adding and
-/// subtracting 1.5 · 2²³, which rounds to nearest even at every |v| ≤ 2²²,
-/// so no rounding instruction or library call is needed), in parallel over
-/// rows for large batches; a row's result never depends on the others.
-pub fn quantize_rows(q: &mut [i8], scales: &mut [f32], sums: &mut [i32], x: &[f32], m: usize, k: usize) {
+/// The same IEEE operations on every kernel set (so the same bits), run on
+/// `kernels` so that they vectorise at its width, in parallel over rows for
+/// large batches; a row's result never depends on the others.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quantize_rows(
+    kernels: crate::Kernels,
+    q: &mut [i8],
+    scales: &mut [f32],
+    sums: &mut [i32],
+    x: &[f32],
+    m: usize,
+    k: usize,
+) {
     let k4 = k.next_multiple_of(4);
     assert_eq!(x.len(), m * k, "quantize_rows: x is not [M={m}, K={k}]");
     assert!(
         q.len() >= m * k4 && scales.len() >= m && sums.len() >= m,
         "quantize_rows: too little room for {m} rows"
     );
-    let q = &mut q[..m * k4];
     if k == 0 {
         scales[..m].fill(0.0);
         sums[..m].fill(0);
-    } else if m >= 16 && k >= 256 {
-        q.par_chunks_mut(k4)
-            .zip(scales[..m].par_iter_mut())
-            .zip(sums[..m].par_iter_mut().zip(x.par_chunks(k)))
-            .for_each(|((q, s), (sum, x))| (*s, *sum) = quantize_row(q, x));
-    } else {
-        q.chunks_mut(k4)
-            .zip(scales[..m].iter_mut())
-            .zip(sums[..m].iter_mut().zip(x.chunks(k)))
-            .for_each(|((q, s), (sum, x))| (*s, *sum) = quantize_row(q, x));
+        return;
+    }
+    let run = |q: &mut [i8], scales: &mut [f32], sums: &mut [i32], x: &[f32]| {
+        // SAFETY: quantising needs no CPU feature beyond the set's, which
+        // `kernels` proves, and touches only these slices.
+        unsafe {
+            kernels.run(QuantizeRows {
+                q,
+                scales,
+                sums,
+                x,
+                k,
+            })
+        }
+    };
+    if m * k < 1 << 16 {
+        // Under ~50 µs of work: a fork-join would cost more than it saves.
+        run(&mut q[..m * k4], &mut scales[..m], &mut sums[..m], x);
+        return;
+    }
+    const ROWS: usize = 8;
+    q[..m * k4]
+        .par_chunks_mut(ROWS * k4)
+        .zip(scales[..m].par_chunks_mut(ROWS))
+        .zip(sums[..m].par_chunks_mut(ROWS).zip(x.par_chunks(ROWS * k)))
+        .for_each(|((q, s), (sum, x))| run(q, s, sum, x));
+}
+
+/// Rows of [`quantize_rows`], compiled for a kernel set.
+struct QuantizeRows<'a> {
+    q: &'a mut [i8],
+    scales: &'a mut [f32],
+    sums: &'a mut [i32],
+    x: &'a [f32],
+    k: usize,
+}
+
+impl crate::arch::Kernel for QuantizeRows<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    unsafe fn run<I: Isa>(self) {
+        let k4 = self.q.len() / self.scales.len().max(1);
+        for (((q, s), sum), x) in self
+            .q
+            .chunks_exact_mut(k4)
+            .zip(self.scales.iter_mut())
+            .zip(self.sums.iter_mut())
+            .zip(self.x.chunks_exact(self.k))
+        {
+            (*s, *sum) = quantize_row(q, x);
+        }
     }
 }
 
-/// One row of [`quantize_rows`]: `(scale, Σ q)`.
+/// One row of [`quantize_rows`]: `(scale, Σ q)`. Loops of 16 lanes without
+/// a float-to-int conversion, so that they vectorise.
+#[inline(always)]
 fn quantize_row(q: &mut [i8], x: &[f32]) -> (f32, i32) {
     // The largest magnitude as bits: for non-negative floats the order of
     // the bits is the order of the values, and NaN's bits are above
-    // infinity's, so a NaN is kept (where `f32::max` would drop it). In
-    // 16 lanes, so that it vectorises.
-    let mut lanes = [0u32; 16];
+    // infinity's, so a NaN is kept (where `f32::max` would drop it).
+    let mut lanes = [0i32; 16];
     let chunks = x.chunks_exact(16);
     for &v in chunks.remainder() {
-        lanes[0] = lanes[0].max(v.to_bits() & 0x7fff_ffff);
+        lanes[0] = lanes[0].max((v.to_bits() & 0x7fff_ffff) as i32);
     }
     for c in chunks {
         for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = (*l).max(v.to_bits() & 0x7fff_ffff);
+            *l = (*l).max((v.to_bits() & 0x7fff_ffff) as i32);
         }
     }
-    let absmax = f32::from_bits(lanes.into_iter().max().unwrap_or(0));
+    let absmax = f32::from_bits(lanes.into_iter().max().unwrap_or(0) as u32);
     let scale = super::int8_scale(absmax);
     q.fill(0);
     if !(absmax > 0.0 && absmax.is_finite()) {
         return (scale, 0);
     }
     let inv = 127.0 / absmax;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³
-    let mut sum = 0i32;
-    for (d, &v) in q.iter_mut().zip(x) {
-        let r = ((v * inv + ROUND) - ROUND).clamp(-127.0, 127.0) as i8;
-        sum += r as i32;
-        *d = r;
+    // Adding 1.5 · 2²³ to a value within ±2²² rounds it to an integer, to
+    // nearest even, and leaves that integer in the low bits of the sum.
+    const ROUND: f32 = 12_582_912.0;
+    const ROUND_BITS: i32 = 0x4b40_0000;
+    let quant = |v: f32| ((v * inv).clamp(-127.0, 127.0) + ROUND).to_bits() as i32 - ROUND_BITS;
+    let mut sums = [0i32; 16];
+    let (qs, xs) = (q[..x.len()].chunks_exact_mut(16), x.chunks_exact(16));
+    let (q_tail, x_tail) = (x.len() / 16 * 16, xs.remainder());
+    for (qc, xc) in qs.zip(xs) {
+        for ((d, &v), s) in qc.iter_mut().zip(xc).zip(sums.iter_mut()) {
+            let r = quant(v);
+            *d = r as i8;
+            *s += r;
+        }
     }
-    (scale, sum)
+    for (d, &v) in q[q_tail..].iter_mut().zip(x_tail) {
+        let r = quant(v);
+        *d = r as i8;
+        sums[0] += r;
+    }
+    (scale, sums.iter().sum())
 }
 
 /// One int8 call's operands, as every tile of its tasks sees them.
@@ -390,7 +453,8 @@ struct Tile {
     ahead: usize,
 }
 
-/// [`tile`] with its shape as constants.
+/// [`tile`] with its shape as constants: only the shapes [`shape`] gives
+/// this set are instantiated.
 ///
 /// # Safety
 /// As [`tile`].
@@ -398,19 +462,26 @@ struct Tile {
 unsafe fn tile_any<I: Isa>(t: &Tile, rows: usize, vectors: usize, panels: usize) {
     // SAFETY: the caller's contract, passed on.
     unsafe {
-        match (vectors, panels, rows) {
-            (6, _, _) => tile::<I, 1, 6, 1>(t),
-            (_, 2, 1) => tile::<I, 1, 3, 2>(t),
-            (_, 2, 2) => tile::<I, 2, 3, 2>(t),
-            (_, 2, 3) => tile::<I, 3, 3, 2>(t),
-            (_, 2, 4) => tile::<I, 4, 3, 2>(t),
-            (_, _, 1) => tile::<I, 1, 3, 1>(t),
-            (_, _, 2) => tile::<I, 2, 3, 1>(t),
-            (_, _, 3) => tile::<I, 3, 3, 1>(t),
-            (_, _, 4) => tile::<I, 4, 3, 1>(t),
-            (_, _, 5) => tile::<I, 5, 3, 1>(t),
-            (_, _, 6) => tile::<I, 6, 3, 1>(t),
-            (_, _, 7) => tile::<I, 7, 3, 1>(t),
+        if I::V::LANES == 8 {
+            return match (vectors, rows) {
+                (6, _) => tile::<I, 1, 6, 1>(t),
+                (_, 1) => tile::<I, 1, 3, 1>(t),
+                (_, 2) => tile::<I, 2, 3, 1>(t),
+                _ => tile::<I, 3, 3, 1>(t),
+            };
+        }
+        match (panels, rows) {
+            (2, 1) => tile::<I, 1, 3, 2>(t),
+            (2, 2) => tile::<I, 2, 3, 2>(t),
+            (2, 3) => tile::<I, 3, 3, 2>(t),
+            (2, _) => tile::<I, 4, 3, 2>(t),
+            (_, 1) => tile::<I, 1, 3, 1>(t),
+            (_, 2) => tile::<I, 2, 3, 1>(t),
+            (_, 3) => tile::<I, 3, 3, 1>(t),
+            (_, 4) => tile::<I, 4, 3, 1>(t),
+            (_, 5) => tile::<I, 5, 3, 1>(t),
+            (_, 6) => tile::<I, 6, 3, 1>(t),
+            (_, 7) => tile::<I, 7, 3, 1>(t),
             _ => tile::<I, 8, 3, 1>(t),
         }
     }
@@ -441,30 +512,60 @@ unsafe fn tile<I: Isa, const R: usize, const NV: usize, const P: usize>(t: &Tile
                 }
             }
         }
-        let lines = (NV * 4 * l).div_ceil(LINE);
-        for g in t.gs.clone() {
-            let wv: [[I::Quads; NV]; P] = std::array::from_fn(|p| {
-                let wg = t.w[p].add(g * GROUP_BYTES);
-                if t.ahead != 0 {
-                    for i in 0..lines {
-                        I::V::prefetch(wg.wrapping_add(t.ahead + i * LINE).cast());
-                    }
-                }
-                std::array::from_fn(|v| I::weights4(wg.add(4 * l * v)))
-            });
-            for (r, a) in acc.iter_mut().enumerate() {
-                let xv = I::splat4(t.x.add(r * t.k4 + 4 * g));
-                for (ap, wp) in a.iter_mut().zip(&wv) {
-                    for (s, w) in ap.iter_mut().zip(wp) {
-                        *s = I::dot4(*s, *w, xv);
-                    }
-                }
-            }
+        // Two groups per iteration, unrolled by hand so that a build for
+        // baseline x86-64 loops as tightly as one tuned for the host CPU.
+        let mut g = t.gs.start;
+        while g + 2 <= t.gs.end {
+            group::<I, R, NV, P>(&mut acc, t, g);
+            group::<I, R, NV, P>(&mut acc, t, g + 1);
+            g += 2;
+        }
+        if g < t.gs.end {
+            group::<I, R, NV, P>(&mut acc, t, g);
         }
         for (r, a) in acc.iter().enumerate() {
             for (p, ap) in a.iter().enumerate().take(P) {
                 for (v, s) in ap.iter().enumerate() {
                     I::sums_store(*s, t.dst[p].add(r * t.ld + v * l));
+                }
+            }
+        }
+    }
+}
+
+/// One group of four k of [`tile`]: each weight vector loaded once for all
+/// R rows, each row's four activations broadcast once for its P x NV sums.
+///
+/// # Safety
+/// As [`tile`], `g` within its groups.
+#[inline(always)]
+unsafe fn group<I: Isa, const R: usize, const NV: usize, const P: usize>(
+    acc: &mut [[[I::Sums; NV]; P]; R],
+    t: &Tile,
+    g: usize,
+) {
+    let l = I::V::LANES;
+    // SAFETY (whole body): in bounds by the caller's contract.
+    unsafe {
+        // Plain loops, no closures: a closure is not compiled with the entry
+        // point's target features, so its intrinsics would become calls.
+        let mut wv = [[I::quads_zero(); NV]; P];
+        for (p, wp) in wv.iter_mut().enumerate() {
+            let wg = t.w[p].add(g * GROUP_BYTES);
+            if t.ahead != 0 {
+                for i in 0..(NV * 4 * l).div_ceil(LINE) {
+                    I::V::prefetch(wg.wrapping_add(t.ahead + i * LINE).cast());
+                }
+            }
+            for (v, reg) in wp.iter_mut().enumerate() {
+                *reg = I::weights4(wg.add(4 * l * v));
+            }
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xv = I::splat4(t.x.add(r * t.k4 + 4 * g));
+            for (ap, wp) in a.iter_mut().zip(&wv) {
+                for (s, w) in ap.iter_mut().zip(wp) {
+                    *s = I::dot4(*s, *w, xv);
                 }
             }
         }

@@ -43,7 +43,7 @@ mod pack;
 mod tiles;
 
 pub use baselines::{dot, linear, linear_sgemm, matmul_bt};
-pub use int8::{quantize_rows, QuantScratch};
+pub use int8::QuantScratch;
 pub use pack::{
     int8_scale, pack, pack_panels, pack_panels_t, pack_t, packed_bytes, packed_len, to_bf16, to_int8,
     unpack_column, Panels, PanelsMut, PANEL,
@@ -90,8 +90,8 @@ pub fn linear_packed(
 /// contract is the same in every format: a row's result does not depend on
 /// the other rows or the pool size. bf16 weights are widened to f32 exactly
 /// as they are loaded and the products added as in f32. Int8 quantises each
-/// row of x to int8 ([`quantize_rows`]: one scale per row, from that row
-/// alone) and sums the products as integers, exactly, then `out = (Σ q·w) ·
+/// row of x to int8 ([`Kernels::quantize_rows`]: one scale per row, from
+/// that row alone) and sums the products as integers, exactly, then `out = (Σ q·w) ·
 /// (sx · sw) + b` (`int8.rs`): the same bits on every kernel set, equal to
 /// [`reference::linear_int8`](crate::reference::linear_int8). On the
 /// [`active`](crate::active) kernel set; [`Kernels::linear_panels`] on a
@@ -127,6 +127,23 @@ pub fn linear_panels_with(
 }
 
 impl Kernels {
+    /// Quantises each row of `x[M, K]` to int8 as the int8 products do:
+    /// `q[M, K4]` (K rounded up to 4, zeros after K), each row's scale
+    /// `max|x| / 127` and `Σ q`; `q = round(x · 127 / max|x|)`, ties to even,
+    /// within ±127. The same bits on every kernel set.
+    #[allow(clippy::too_many_arguments)]
+    pub fn quantize_rows(
+        self,
+        q: &mut [i8],
+        scales: &mut [f32],
+        sums: &mut [i32],
+        x: &[f32],
+        m: usize,
+        k: usize,
+    ) {
+        int8::quantize_rows(self, q, scales, sums, x, m, k)
+    }
+
     /// [`linear_packed`](crate::linear_packed) on this kernel set.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_packed(
@@ -348,7 +365,7 @@ fn linear_int8(
         return;
     }
     let (q, sx, sums) = quant.parts();
-    quantize_rows(q, sx, sums, x, m, k);
+    int8::quantize_rows(kernels, q, sx, sums, x, m, k);
     let op = int8::Operands {
         out: OutPtr(out.as_mut_ptr()),
         q,

@@ -57,10 +57,16 @@ fn achieved_over_limit(r: &Roofline) -> String {
             ),
             dtype.clone(),
             format!("{:.1} GB/s ({:.1} tok/s)", d.achieved_gbs, d.tokens_per_s),
-            format!(
-                "{:.1} GB/s read bandwidth ({:.1} tok/s)",
-                l.read_gbs_all, d.ceiling_tokens_per_s
-            ),
+            match d.read_gbs {
+                Some(read) => format!(
+                    "{read:.1} GB/s read of a buffer that size ({:.1} tok/s)",
+                    d.ceiling_tokens_per_s
+                ),
+                None => format!(
+                    "{:.1} GB/s read bandwidth ({:.1} tok/s)",
+                    l.read_gbs_all, d.ceiling_tokens_per_s
+                ),
+            },
             pct0(d.fraction_of_bandwidth),
         ]);
         if let Some(s) = &dr.long_decode {
@@ -81,7 +87,7 @@ fn achieved_over_limit(r: &Roofline) -> String {
                 format!(
                     "{:.1} GB/s read bandwidth ({:.1} tok/s)",
                     l.read_gbs_all,
-                    8.0 * d.ceiling_tokens_per_s
+                    8.0 * l.read_gbs_all * 1e9 / d.bytes_per_token
                 ),
             ));
         }
@@ -201,6 +207,29 @@ pub fn limits_table(l: &Limits) -> String {
             String::new(),
         ]);
     }
+    let mut reads = Table::new(&[&format!("read, {threads}"), "best GB/s", "median", "worst"]);
+    reads.left(0);
+    for r in &l.read_patterns {
+        reads.row(vec![
+            r.pattern.clone(),
+            format!("{:.1}", r.best_gbs),
+            format!("{:.1}", r.median_gbs),
+            format!("{:.1}", r.worst_gbs),
+        ]);
+    }
+    for r in &l.decode_reads {
+        reads.row(vec![
+            format!(
+                "a buffer of a {} decode step ({:.0} MB; {})",
+                r.dtype,
+                r.bytes / 1e6,
+                r.pattern
+            ),
+            format!("{:.1}", r.best_gbs),
+            format!("{:.1}", r.median_gbs),
+            String::new(),
+        ]);
+    }
     let title = format!("SGEMM `linear_packed`, {}", threads);
     let mut shapes = Table::new(&[&title, "M", "K", "N", "GFLOP/s", "weights in cache"]);
     shapes.left(0);
@@ -214,5 +243,13 @@ pub fn limits_table(l: &Limits) -> String {
             format!("{:.1}", p.gflops_hot),
         ]);
     }
-    format!("{}\n{}", machine.compact_markdown(), shapes.compact_markdown())
+    if l.read_patterns.is_empty() && l.decode_reads.is_empty() {
+        return format!("{}\n{}", machine.compact_markdown(), shapes.compact_markdown());
+    }
+    format!(
+        "{}\n{}\n{}",
+        machine.compact_markdown(),
+        reads.compact_markdown(),
+        shapes.compact_markdown()
+    )
 }
