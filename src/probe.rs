@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use gpt2_kernels::probe::{
-    fma_peak, read_bandwidth, read_fma_bandwidth, read_patterns, ReadPattern, FMA_ROWS,
+    fma_peak, int8_dot_peak, read_bandwidth, read_fma_bandwidth, read_patterns, ReadPattern, FMA_ROWS,
 };
 use gpt2_kernels::Dtype;
 use serde::{Deserialize, Serialize};
@@ -52,6 +52,17 @@ pub struct Limits {
     pub fma_gflops_1t: f64,
     /// Peak FMA throughput of `threads` threads, GFLOP/s.
     pub fma_gflops_all: f64,
+    /// Peak int8 dot-product throughput of one thread and of `threads`,
+    /// 10⁹ operations per second (a multiply-add counting two, as an FMA
+    /// does), with the widest instruction the CPU has ([`Limits::int8_dot`]):
+    /// the ceiling of the int8 products. 0 in reports written before.
+    #[serde(default)]
+    pub int8_gops_1t: f64,
+    #[serde(default)]
+    pub int8_gops_all: f64,
+    /// The instruction of that peak (`vpdpbusd zmm`, ...); empty before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub int8_dot: String,
     /// Our `linear_packed` at GPT-2 shapes, on `threads` threads.
     #[serde(alias = "sgemm")]
     pub linear_packed: Vec<LinearPoint>,
@@ -260,6 +271,12 @@ fn measure_with(settings: &ProbeSettings, decode: &[(Dtype, f64)]) -> Limits {
     } else {
         fma_peak(threads, settings.fma_seconds).gflops
     };
+    let dot_1t = int8_dot_peak(1, settings.fma_seconds);
+    let int8_gops_all = if threads == 1 {
+        dot_1t.gops
+    } else {
+        int8_dot_peak(threads, settings.fma_seconds).gops
+    };
 
     // `linear_packed` runs on rayon's current pool: give it exactly `threads`.
     let pool = rayon::ThreadPoolBuilder::new()
@@ -318,6 +335,9 @@ fn measure_with(settings: &ProbeSettings, decode: &[(Dtype, f64)]) -> Limits {
         threads,
         fma_gflops_1t,
         fma_gflops_all,
+        int8_gops_1t: dot_1t.gops,
+        int8_gops_all,
+        int8_dot: dot_1t.instruction.into(),
         linear_packed,
         rows8_in_l2_gflops_1t,
         rows8_in_l2_by_dtype,
@@ -444,6 +464,20 @@ fn filled(len: usize, seed: usize) -> Vec<f32> {
 }
 
 impl Limits {
+    /// The arithmetic peak of `dtype`'s products on all threads, and its
+    /// name: the int8 dot-product peak for int8 where measured, else the FMA
+    /// peak (bf16 is widened to f32 and multiplied by FMAs).
+    pub fn compute_peak(&self, dtype: Dtype) -> (f64, String) {
+        if dtype == Dtype::Int8 && self.int8_gops_all > 0.0 {
+            (
+                self.int8_gops_all,
+                format!("int8 dot-product peak ({})", self.int8_dot),
+            )
+        } else {
+            (self.fma_gflops_all, "FMA peak".into())
+        }
+    }
+
     /// [`Limits::rows8_in_l2_gflops_1t`] in `dtype`; f32's where it was not
     /// measured in that dtype (reports written before).
     pub fn rows8_in_l2_gflops(&self, dtype: Dtype) -> f64 {
@@ -559,6 +593,21 @@ mod tests {
         assert_eq!(back.linear_packed[1].name, "many");
         assert_eq!(back.read_gbs_all, l.read_gbs_all);
         assert_eq!(back.decode_reads, l.decode_reads);
+    }
+
+    /// int8 is held to its dot products' peak where measured, everything
+    /// else (and int8 in reports from before) to the FMA peak.
+    #[test]
+    fn each_dtype_has_its_arithmetic_peak() {
+        let mut l = measure_with(&tiny_settings(), &[]);
+        assert!(l.int8_gops_all > 0.0 && !l.int8_dot.is_empty(), "{l:?}");
+        assert_eq!(l.compute_peak(Dtype::Int8).0, l.int8_gops_all);
+        assert!(l.compute_peak(Dtype::Int8).1.contains(&l.int8_dot));
+        for d in [Dtype::F32, Dtype::Bf16] {
+            assert_eq!(l.compute_peak(d), (l.fma_gflops_all, "FMA peak".to_string()));
+        }
+        l.int8_gops_all = 0.0;
+        assert_eq!(l.compute_peak(Dtype::Int8).0, l.fma_gflops_all);
     }
 
     /// The engine's order reads a decode step's matrices, 124M's 124.4M

@@ -51,8 +51,9 @@ pub const FMA_WINDOW: Duration = Duration::from_millis(1);
 /// one per thread, and returns the best of `reps` timings. Make `buf` far
 /// larger than the last-level cache (and touch it first) to measure DRAM.
 ///
-/// A repetition is timed from the barrier that releases all threads to the
-/// barrier that the last one reaches, so it is the slowest chunk that counts.
+/// A repetition is timed from the first thread's start, after the barrier
+/// that releases them all, to the last one's end, so it is the slowest chunk
+/// that counts.
 pub fn read_bandwidth(buf: &[f32], threads: usize, reps: usize) -> ReadBandwidth {
     timed_reads(buf, threads, reps, sum)
 }
@@ -165,8 +166,7 @@ pub fn read_patterns(
         .collect()
 }
 
-/// One read of `buf` in `pattern` on `threads` threads, timed from the
-/// barrier that releases them to the one the last reaches: `(time, sum)`.
+/// One read of `buf` in `pattern` on `threads` threads: `(time, sum)`.
 fn timed_pattern(buf: &[f32], threads: usize, pattern: ReadPattern, ops: &[usize]) -> (Duration, f64) {
     // The matrices of the engine's order, cycled over the buffer.
     let mut matrices = Vec::new();
@@ -181,53 +181,55 @@ fn timed_pattern(buf: &[f32], threads: usize, pattern: ReadPattern, ops: &[usize
             at = end;
         }
     }
+    let barrier = Barrier::new(threads);
+    timed_threads(buf, threads, |t, part| match pattern {
+        ReadPattern::OneStream => sum(part),
+        ReadPattern::Streams(n) => sum_streams(part, n),
+        ReadPattern::Prefetched => sum_prefetched(part),
+        ReadPattern::Ops => {
+            let mut sum_all = 0.0;
+            for m in &matrices {
+                // This thread's share, as a linear layer's task takes a run
+                // of whole panels, then the fork-join's barrier.
+                let c = m.len().div_ceil(threads);
+                sum_all += black_box(sum(&m[(t * c).min(m.len())..((t + 1) * c).min(m.len())]));
+                barrier.wait();
+            }
+            sum_all
+        }
+    })
+}
+
+/// Runs `work(t, part)` on `threads` new threads, thread t on its
+/// contiguous share of `buf` (whole blocks but for the last), released
+/// together: `(time, Σ results)`. The threads take the time themselves,
+/// from the first one's start to the last one's end (a clock held by the
+/// spawning thread, one more than the cores, would start late whenever it
+/// is not scheduled at once, and overstate the rate).
+fn timed_threads(buf: &[f32], threads: usize, work: impl Fn(usize, &[f32]) -> f32 + Sync) -> (Duration, f64) {
     let chunk = buf.len().div_ceil(threads).div_ceil(BLOCK) * BLOCK;
-    let barrier = Barrier::new(threads + 1);
-    let mut elapsed = Duration::ZERO;
-    let mut total = 0f64;
-    std::thread::scope(|s| {
+    let barrier = Barrier::new(threads);
+    let runs: Vec<(Instant, Instant, f32)> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
-                let (barrier, matrices) = (&barrier, &matrices);
+                let (barrier, work) = (&barrier, &work);
                 let part = &buf[(t * chunk).min(buf.len())..((t + 1) * chunk).min(buf.len())];
                 s.spawn(move || {
                     barrier.wait();
-                    let sum = match pattern {
-                        ReadPattern::OneStream => sum(part),
-                        ReadPattern::Streams(n) => sum_streams(part, n),
-                        ReadPattern::Prefetched => sum_prefetched(part),
-                        ReadPattern::Ops => {
-                            let mut sum_all = 0.0;
-                            for m in matrices {
-                                // This thread's share, as a linear layer's
-                                // task takes a run of whole panels.
-                                let c = m.len().div_ceil(threads);
-                                let share = &m[(t * c).min(m.len())..((t + 1) * c).min(m.len())];
-                                sum_all += black_box(sum(share));
-                                barrier.wait();
-                            }
-                            sum_all
-                        }
-                    };
-                    barrier.wait();
-                    black_box(sum)
+                    let start = Instant::now();
+                    let sum = black_box(work(t, black_box(part)));
+                    (start, Instant::now(), sum)
                 })
             })
             .collect();
-        barrier.wait();
-        let t0 = Instant::now();
-        if pattern == ReadPattern::Ops {
-            for _ in &matrices {
-                barrier.wait();
-            }
-        }
-        barrier.wait();
-        elapsed = t0.elapsed();
-        for w in workers {
-            total += f64::from(w.join().expect("read_patterns: a worker panicked"));
-        }
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("probe: a worker panicked"))
+            .collect()
     });
-    (elapsed, total)
+    let start = runs.iter().map(|r| r.0).min().expect("at least one thread");
+    let end = runs.iter().map(|r| r.1).max().expect("at least one thread");
+    (end - start, runs.iter().map(|r| f64::from(r.2)).sum())
 }
 
 /// [`sum`] over `n` equal parts of `x` side by side: block i of every part,
@@ -302,40 +304,13 @@ unsafe fn sum_parts_avx2(parts: &[&[f32]], prefetch: bool) -> f32 {
 fn timed_reads(buf: &[f32], threads: usize, reps: usize, read: fn(&[f32]) -> f32) -> ReadBandwidth {
     assert!(threads >= 1, "read_bandwidth: threads must be at least 1");
     assert!(reps >= 1, "read_bandwidth: reps must be at least 1");
-    // Chunks are whole multiples of the 64-float inner block, so only the last
-    // one has a scalar tail.
-    let chunk = buf.len().div_ceil(threads).div_ceil(BLOCK) * BLOCK;
-    let chunks: Vec<&[f32]> = buf.chunks(chunk.max(BLOCK)).collect();
-    // The main thread joins the barrier too, and holds the clock.
-    let barrier = Barrier::new(chunks.len() + 1);
     let mut best = Duration::MAX;
     let mut checksum = 0.0f64;
-    std::thread::scope(|s| {
-        let workers: Vec<_> = chunks
-            .iter()
-            .map(|&part| {
-                let barrier = &barrier;
-                s.spawn(move || {
-                    let mut last = 0.0f32;
-                    for _ in 0..reps {
-                        barrier.wait();
-                        last = black_box(read(black_box(part)));
-                        barrier.wait();
-                    }
-                    last
-                })
-            })
-            .collect();
-        for _ in 0..reps {
-            barrier.wait();
-            let t0 = Instant::now();
-            barrier.wait();
-            best = best.min(t0.elapsed());
-        }
-        for w in workers {
-            checksum += f64::from(w.join().expect("read_bandwidth: a worker panicked"));
-        }
-    });
+    for _ in 0..reps {
+        let (t, sum) = timed_threads(buf, threads, |_, part| read(part));
+        best = best.min(t);
+        checksum = sum;
+    }
     let bytes = std::mem::size_of_val(buf) as f64;
     ReadBandwidth {
         bytes_per_s: bytes / best.as_secs_f64().max(1e-9),
@@ -399,6 +374,178 @@ pub fn fma_peak(threads: usize, seconds: f64) -> FmaPeak {
         checksum: black_box(runs.iter().map(|r| f64::from(r.check)).sum()),
         vector_bits: unit.bits(),
     }
+}
+
+/// The int8 dot-product throughput of [`int8_dot_peak`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DotPeak {
+    /// Peak rate, 10⁹ integer operations per second (a multiply-add of two
+    /// int8 values counting as two, as an FMA does): the sum over the
+    /// threads of each one's best window of [`FMA_WINDOW`].
+    pub gops: f64,
+    /// Sum of the final accumulators of every thread.
+    pub checksum: i64,
+    /// What was measured: `vpdpbusd zmm` (AVX512-VNNI), `vpdpbusd ymm`
+    /// (AVX-VNNI), `vpmaddubsw ymm` (AVX2's three-instruction form) or
+    /// `portable`.
+    pub instruction: &'static str,
+}
+
+/// Runs independent int8 dot-product chains (four multiply-adds into each
+/// i32 lane per instruction, as the int8 tiles do) on each of `threads`
+/// threads for about `seconds`: the ceiling of the int8 products, as
+/// [`fma_peak`] is of the f32 ones. With the widest instruction the CPU
+/// has: AVX512-VNNI, AVX-VNNI, else AVX2's `vpmaddubsw` + `vpmaddwd` +
+/// `vpaddd`.
+pub fn int8_dot_peak(threads: usize, seconds: f64) -> DotPeak {
+    assert!(threads >= 1, "int8_dot_peak: threads must be at least 1");
+    assert!(seconds > 0.0, "int8_dot_peak: seconds must be positive");
+    let (chains, ops_per_iter, instruction): (fn(u64) -> i64, u64, &'static str) = dot_unit();
+    let budget = Duration::from_secs_f64(seconds);
+    let barrier = Barrier::new(threads);
+    let runs: Vec<(f64, i64)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    let (t0, mut best, mut check) = (Instant::now(), 0f64, 0i64);
+                    while t0.elapsed() < budget {
+                        let w0 = Instant::now();
+                        let mut ops = 0u64;
+                        while w0.elapsed() < FMA_WINDOW {
+                            check = check.wrapping_add(chains(black_box(FMA_ITERS)));
+                            ops += FMA_ITERS * ops_per_iter;
+                        }
+                        best = best.max(ops as f64 / w0.elapsed().as_secs_f64());
+                    }
+                    black_box((best, check))
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("int8_dot_peak: a worker panicked"))
+            .collect()
+    });
+    DotPeak {
+        gops: runs.iter().map(|r| r.0).sum::<f64>() / 1e9,
+        checksum: runs.iter().fold(0i64, |a, r| a.wrapping_add(r.1)),
+        instruction,
+    }
+}
+
+/// Independent chains of the int8 dot-product loops.
+const DOT_CHAINS: usize = 16;
+
+/// The widest int8 dot-product loop this CPU runs: the loop, its integer
+/// operations per iteration, and its name.
+fn dot_unit() -> (fn(u64) -> i64, u64, &'static str) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
+            // SAFETY (each arm's call): the features were detected just above.
+            return (
+                |n| unsafe { dot_chains_avx512vnni(n) },
+                (DOT_CHAINS * 64 * 2) as u64,
+                "vpdpbusd zmm",
+            );
+        }
+        if is_x86_feature_detected!("avxvnni") {
+            return (
+                |n| unsafe { dot_chains_avxvnni(n) },
+                (DOT_CHAINS * 32 * 2) as u64,
+                "vpdpbusd ymm",
+            );
+        }
+        if is_x86_feature_detected!("avx2") {
+            return (
+                |n| unsafe { dot_chains_avx2(n) },
+                (DOT_CHAINS * 32 * 2) as u64,
+                "vpmaddubsw ymm",
+            );
+        }
+    }
+    (dot_chains_portable, (DOT_CHAINS * 4 * 2) as u64, "portable")
+}
+
+/// `iters` rounds of a four-way int8 dot product into each of [`DOT_CHAINS`]
+/// 32-bit lanes, in plain Rust.
+fn dot_chains_portable(iters: u64) -> i64 {
+    let (a, b) = (black_box([3i8, -2, 5, 7]), black_box([1i8, 4, -6, 2]));
+    let mut acc = [0i32; DOT_CHAINS];
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            let d: i32 = a
+                .iter()
+                .zip(&b)
+                .map(|(&p, &q)| (p ^ *x as i8) as i32 * q as i32)
+                .sum();
+            *x = x.wrapping_add(d);
+        }
+    }
+    acc.iter().map(|&x| x as i64).sum()
+}
+
+/// The lanes of `acc`'s registers summed into an i64.
+#[cfg(target_arch = "x86_64")]
+fn lanes_i64<T: Copy>(acc: &[T]) -> i64 {
+    let n = std::mem::size_of_val(acc) / 4;
+    // SAFETY: the registers are plain bytes, read as their i32 lanes.
+    let lanes = unsafe { std::slice::from_raw_parts(acc.as_ptr().cast::<i32>(), n) };
+    lanes.iter().map(|&x| x as i64).sum()
+}
+
+/// # Safety
+/// The CPU must support AVX512-VNNI and AVX512-BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot_chains_avx512vnni(iters: u64) -> i64 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm512_set1_epi8(black_box(3)), _mm512_set1_epi8(black_box(-2)));
+    let mut acc = [_mm512_setzero_si512(); DOT_CHAINS];
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm512_dpbusd_epi32(*x, a, b);
+        }
+    }
+    lanes_i64(&acc)
+}
+
+/// # Safety
+/// The CPU must support AVX-VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn dot_chains_avxvnni(iters: u64) -> i64 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm256_set1_epi8(black_box(3)), _mm256_set1_epi8(black_box(-2)));
+    let mut acc = [_mm256_setzero_si256(); DOT_CHAINS];
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm256_dpbusd_avx_epi32(*x, a, b);
+        }
+    }
+    lanes_i64(&acc)
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_chains_avx2(iters: u64) -> i64 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm256_set1_epi8(black_box(3)), _mm256_set1_epi8(black_box(-2)));
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_si256(); DOT_CHAINS];
+    let _ = a;
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            // The chain's own bytes as the unsigned operand, so that the
+            // products are not loop-invariant (and hoisted).
+            *x = _mm256_add_epi32(*x, _mm256_madd_epi16(_mm256_maddubs_epi16(*x, b), ones));
+        }
+    }
+    lanes_i64(&acc)
 }
 
 /// Which FMA loop [`fma_peak`] runs.
@@ -476,9 +623,10 @@ const BLOCK: usize = 64;
 const CHAINS: usize = 12;
 
 /// Independent chains of the AVX-512 loop: two 512-bit FMA units with a
-/// latency of 4 cycles need 8 in flight; 24 of the 32 registers keep the
-/// loop far from that bound without spilling.
-const CHAINS_512: usize = 24;
+/// latency of 4 cycles need 8 in flight; 16 keep the loop far from that
+/// bound. (24 spilled in a build for baseline x86-64: LLVM rotated the
+/// accumulators through the stack, and the probe read half the peak.)
+const CHAINS_512: usize = 16;
 
 /// Iterations between two looks at the clock (~25k cycles at peak).
 const FMA_ITERS: u64 = 4096;
@@ -663,7 +811,7 @@ unsafe fn fma_chains_avx2(iters: u64, a: f32, b: f32) -> f32 {
 /// # Safety
 /// The CPU must support AVX-512 F.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 unsafe fn fma_chains_avx512(iters: u64, a: f32, b: f32) -> f32 {
     use std::arch::x86_64::*;
     let va = _mm512_set1_ps(a);

@@ -176,6 +176,7 @@ impl From<FlatRoofline> for GroupedRoofline {
                 ms: f.prefill_ms,
                 gflops: f.prefill_gflops,
                 fraction_of_fma_peak: f.prefill_fraction_of_fma_peak,
+                peak: None,
             },
             long_decode: measured(f.long_decode_step_ms).map(|step_ms| StepRoofline {
                 position: f.long_decode_position,
@@ -269,6 +270,7 @@ mod tests {
                 ms: f("prefill_ms"),
                 gflops: f("prefill_gflops"),
                 fraction_of_fma_peak: f("prefill_fraction_of_fma_peak"),
+                peak: None,
             }
         );
         assert_eq!(

@@ -378,8 +378,22 @@ pub struct PrefillRoofline {
     pub tokens: usize,
     pub ms: f64,
     pub gflops: f64,
-    /// gflops / limits.fma_gflops_all.
+    /// gflops / the dtype's arithmetic peak: limits.fma_gflops_all, or
+    /// `peak` where that is given.
     pub fraction_of_fma_peak: f64,
+    /// The peak held to when it is not the FMA peak (int8: its integer dot
+    /// products'). `None` for the FMA peak, and in reports written before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak: Option<ComputePeak>,
+}
+
+/// An arithmetic peak other than the FMAs', measured by the probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComputePeak {
+    /// What it is: "int8 dot-product peak (vpdpbusd zmm)".
+    pub name: String,
+    /// 10⁹ operations per second (a multiply-add counting two).
+    pub gflops: f64,
 }
 
 /// One decode step, timed alone (median of 9), against the read bandwidth.
@@ -544,6 +558,7 @@ mod tests {
                 ms: 180.0,
                 gflops: 120.0,
                 fraction_of_fma_peak: 0.6,
+                peak: None,
             },
             long_decode: Some(StepRoofline {
                 position: 200,

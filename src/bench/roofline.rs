@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::step::DecodeStep;
 use super::{
-    Batch8Roofline, DecodeRoofline, DtypeRoofline, PrefillRoofline, Roofline, RooflineLimits, StepRoofline,
-    TestResult,
+    Batch8Roofline, ComputePeak, DecodeRoofline, DtypeRoofline, PrefillRoofline, Roofline, RooflineLimits,
+    StepRoofline, TestResult,
 };
 use crate::config::Gpt2Config;
 use crate::error::Result;
@@ -176,11 +176,18 @@ fn dtype_roofline(cfg: &Gpt2Config, limits: &Limits, tpot_ms: f64, times: &Engin
             ceiling_tokens_per_s: read_decode * 1e9 / bytes,
             read_gbs: Some(read_decode),
         },
-        prefill: PrefillRoofline {
-            tokens,
-            ms: prefill.as_secs_f64() * 1e3,
-            gflops: prefill_gflops,
-            fraction_of_fma_peak: prefill_gflops / limits.fma_gflops_all,
+        prefill: {
+            // int8 against its integer dot products' peak, the rest the FMAs'.
+            let (peak, name) = limits.compute_peak(dtype);
+            PrefillRoofline {
+                tokens,
+                ms: prefill.as_secs_f64() * 1e3,
+                gflops: prefill_gflops,
+                fraction_of_fma_peak: prefill_gflops / peak,
+                peak: (dtype == Dtype::Int8)
+                    .then_some((peak, name))
+                    .map(|(gflops, name)| ComputePeak { name, gflops }),
+            }
         },
         long_decode: Some(StepRoofline {
             position: long_position,
@@ -328,6 +335,9 @@ mod tests {
             threads: 2,
             fma_gflops_1t: 50.0,
             fma_gflops_all: 100.0,
+            int8_gops_1t: 0.0,
+            int8_gops_all: 0.0,
+            int8_dot: String::new(),
             linear_packed: vec![point(128, 60.0), point(8, 90.0)],
             rows8_in_l2_gflops_1t: 40.0,
             // bf16's own rate; int8 not measured: f32's is used.

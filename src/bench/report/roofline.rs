@@ -95,7 +95,10 @@ fn achieved_over_limit(r: &Roofline) -> String {
             format!("prefill, {} tokens in {:.0} ms", p.tokens, p.ms),
             dtype,
             format!("{:.1} GFLOP/s", p.gflops),
-            format!("{:.1} GFLOP/s FMA peak", l.fma_gflops_all),
+            match &p.peak {
+                Some(peak) => format!("{:.1} GOP/s {}", peak.gflops, peak.name),
+                None => format!("{:.1} GFLOP/s FMA peak", l.fma_gflops_all),
+            },
             pct0(p.fraction_of_fma_peak),
         ]);
     }
@@ -195,6 +198,13 @@ pub fn limits_table(l: &Limits) -> String {
         l.fma_gflops_1t,
         l.fma_gflops_all,
     ));
+    if l.int8_gops_all > 0.0 {
+        machine.row(both(
+            format!("int8 dot-product peak, {} (GOP/s)", l.int8_dot),
+            l.int8_gops_1t,
+            l.int8_gops_all,
+        ));
+    }
     machine.row(vec![
         format!("`linear_packed`, {FMA_ROWS} rows, weight in L2 (GFLOP/s)"),
         format!("{:.1}", l.rows8_in_l2_gflops_1t),
