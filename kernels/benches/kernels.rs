@@ -126,9 +126,9 @@ fn main() {
     // The int8 activations' work space, allocated once as the engine does.
     let mut quant = k::QuantScratch::new(128, 4 * c);
     {
-        // The yardstick: a plain streaming read (dot products) of 256 MiB.
+        // The yardstick: a plain streaming read (dot products) of 1 GiB.
         use rayon::prelude::*;
-        let buf = Weights::new(64 << 20);
+        let buf = Weights::new(256 << 20);
         let buf = buf.get();
         let ones = vec![1.0f32; 1 << 16];
         let t = median(|| {
@@ -140,7 +140,7 @@ fn main() {
         });
         println!(
             "{:42} {:9.1} us {:7.1} GB/s",
-            "stream read 256 MiB (all threads)",
+            "stream read 1 GiB (all threads)",
             t.as_secs_f64() * 1e6,
             (buf.len() * 4) as f64 / t.as_secs_f64() / 1e9
         );
@@ -151,9 +151,10 @@ fn main() {
         ("mlp_up", c, 4 * c),
         ("mlp_down", 4 * c, c),
     ] {
-        // Enough copies of the matrix to overflow the last-level cache, used
-        // in turn, so the weights stream from memory as in a real forward pass.
-        let copies = (256 << 20) / (kk * n * 4) + 1;
+        // Enough copies of the matrix (1 GiB) to overflow the last-level
+        // cache (480 MB on some Xeons), used in turn, so the weights stream
+        // from memory as in a real forward pass.
+        let copies = (1 << 30) / (kk * n * 4) + 1;
         let (ws, b) = (Weights::new(copies * kk * n), values(n));
         let ws: Vec<&[f32]> = ws.get().chunks_exact(kk * n).collect();
         // The same matrices packed in panels, as the engine holds them.
@@ -162,19 +163,23 @@ fn main() {
             k::pack_panels(dst, w, kk, n);
         }
         let ps: Vec<&[f32]> = packed.get().chunks_exact(k::packed_len(kk, n)).collect();
-        // And in the reduced formats: `copies` of each, converted from the f32 ones.
-        let reduced: Vec<(k::Dtype, Vec<u32>)> = [k::Dtype::Bf16, k::Dtype::Int8]
+        // And in the reduced formats, converted from the f32 ones: as many
+        // copies as fill the same bytes (so that they too come from memory,
+        // past a last-level cache that may hold hundreds of MB), in huge
+        // pages like the engine's.
+        let reduced: Vec<(k::Dtype, usize, Weights)> = [k::Dtype::Bf16, k::Dtype::Int8]
             .into_iter()
             .map(|d| {
                 let bytes = k::packed_bytes(d, kk, n);
-                let mut buf = vec![0u32; copies * bytes / 4];
-                for (dst, w) in bytemuck::cast_slice_mut::<u32, u8>(&mut buf)
+                let count = (copies * kk * n * 4).div_ceil(bytes);
+                let mut buf = Weights::new(count * bytes / 4);
+                for (i, dst) in bytemuck::cast_slice_mut::<f32, u8>(buf.get_mut())
                     .chunks_exact_mut(bytes)
-                    .zip(&ws)
+                    .enumerate()
                 {
-                    k::pack(k::PanelsMut::from_bytes(d, dst, kk, n), w, kk, n);
+                    k::pack(k::PanelsMut::from_bytes(d, dst, kk, n), ws[i % copies], kk, n);
                 }
-                (d, buf)
+                (d, count, buf)
             })
             .collect();
         for m in [1, 2, 4, 8, 16, 32, 128] {
@@ -199,14 +204,14 @@ fn main() {
                 kk * n * 4,
                 2 * m * kk * n,
             );
-            for (d, buf) in &reduced {
+            for (d, count, buf) in &reduced {
                 let bytes = k::packed_bytes(*d, kk, n);
-                let ps: Vec<k::Panels> = bytemuck::cast_slice::<u32, u8>(buf)
+                let ps: Vec<k::Panels> = bytemuck::cast_slice::<f32, u8>(buf.get())
                     .chunks_exact(bytes)
                     .map(|b| k::Panels::from_bytes(*d, b, kk, n))
                     .collect();
                 let t = median(|| {
-                    i = (i + 1) % copies;
+                    i = (i + 1) % count;
                     k::linear_panels_with(black_box(&mut out), &x, ps[i], Some(&b), &mut quant, m, kk, n)
                 });
                 report(
@@ -221,8 +226,9 @@ fn main() {
                 // f32 on this layer (no bias).
                 let mut exact = vec![0.0; m * n];
                 k::linear(&mut exact, &x, ws[0], &vec![0.0; n], m, kk, n);
-                let (_, buf) = &reduced[1];
-                let packed = &bytemuck::cast_slice::<u32, u8>(buf)[..k::packed_bytes(k::Dtype::Int8, kk, n)];
+                let (_, _, buf) = &reduced[1];
+                let packed =
+                    &bytemuck::cast_slice::<f32, u8>(buf.get())[..k::packed_bytes(k::Dtype::Int8, kk, n)];
                 let p = k::Panels::from_bytes(k::Dtype::Int8, packed, kk, n);
                 k::linear_panels(&mut out, &x, p, None, m, kk, n);
                 println!("  int8 error vs f32: {:.3}%", rel_l2(&out, &exact) * 100.0);
@@ -249,11 +255,11 @@ fn main() {
     let w = w.get();
     let mut packed = Weights::new(k::packed_len(c, v));
     k::pack_panels_t(packed.get_mut(), w, c, v);
-    let heads: Vec<(k::Dtype, Vec<u32>)> = [k::Dtype::Bf16, k::Dtype::Int8]
+    let heads: Vec<(k::Dtype, Weights)> = [k::Dtype::Bf16, k::Dtype::Int8]
         .into_iter()
         .map(|d| {
-            let mut buf = vec![0u32; k::packed_bytes(d, c, v) / 4];
-            let dst = k::PanelsMut::from_bytes(d, bytemuck::cast_slice_mut(&mut buf), c, v);
+            let mut buf = Weights::new(k::packed_bytes(d, c, v) / 4);
+            let dst = k::PanelsMut::from_bytes(d, bytemuck::cast_slice_mut(buf.get_mut()), c, v);
             k::pack_t(dst, w, c, v, 0..v);
             (d, buf)
         })
@@ -267,7 +273,7 @@ fn main() {
         let t = median(|| k::linear_packed(black_box(&mut out), &x, packed.get(), None, m, c, v));
         report(&label, t, c * v * 4, 2 * m * c * v);
         for (d, buf) in &heads {
-            let p = k::Panels::from_bytes(*d, bytemuck::cast_slice(buf), c, v);
+            let p = k::Panels::from_bytes(*d, bytemuck::cast_slice(buf.get()), c, v);
             let t = median(|| k::linear_panels_with(black_box(&mut out), &x, p, None, &mut quant, m, c, v));
             report(
                 &format!("  {d} panels M={m}"),

@@ -689,6 +689,11 @@ mod tests {
             (17, 768, 96),
             (5, 3072, 48),
             (33, 130, 145),
+            // Quantised in parallel.
+            (24, 3072, 50),
+            // Whole panels in four and two streams, and some left over.
+            (1, 64, 980),
+            (2, 64, 980),
         ] {
             let mut x = values(m * k, 52);
             x[..k].fill(0.0); // a row of zeros

@@ -127,75 +127,72 @@ unsafe fn tile_row<I: Isa, const R: usize, const W: usize, const PF: usize, E: W
     }
 }
 
-/// `out[ja..ja+48] += x[ks] · wa[ks, 0..48]` and the same for `jb`, `wb`:
-/// two 1 x 48 tiles of one row, their weights (two panels, rows 48 values
-/// apart) read side by side. `out` and `x` point at the row's start.
+/// `out[j[s]..j[s]+48] += x[ks] · w[s][ks, 0..48]` for each of `S` panels:
+/// S 1 x 48 tiles of one row, their weights (S panels, rows 48 values
+/// apart) read side by side, S streams at once. `out` and `x` point at the
+/// row's start.
 ///
 /// # Safety
-/// The CPU has `I`; `x` valid for `ks.end` floats, `wa` and `wb` for
-/// `ks.end` rows of 48, `out` for columns `ja..ja+48` and `jb..jb+48`.
+/// The CPU has `I`; `x` valid for `ks.end` floats, each `w[s]` for `ks.end`
+/// rows of 48, `out` for columns `j[s]..j[s]+48`.
 #[inline(always)]
-pub(crate) unsafe fn tile_pair<I: Isa, E: Widen>(
+pub(crate) unsafe fn tile_streams<I: Isa, E: Widen, const S: usize>(
     out: *mut f32,
     x: *const f32,
-    wa: *const E,
-    wb: *const E,
-    ja: usize,
-    jb: usize,
+    w: [*const E; S],
+    j: [usize; S],
     ks: Range<usize>,
 ) {
     let l = I::V::LANES;
     let nv = PANEL / l;
     // SAFETY (whole body): every offset is inside the buffers by the contract above.
     unsafe {
-        let mut a = [I::V::zero(); 6];
-        let mut b = [I::V::zero(); 6];
-        for v in 0..nv {
-            a[v] = I::V::load(out.add(ja + l * v));
-            b[v] = I::V::load(out.add(jb + l * v));
+        let mut acc = [[I::V::zero(); 6]; S];
+        for (a, &js) in acc.iter_mut().zip(&j) {
+            for (v, reg) in a.iter_mut().enumerate().take(nv) {
+                *reg = I::V::load(out.add(js + l * v));
+            }
         }
         // Two weight rows per iteration, unrolled by hand (as in `tile`).
         let mut kk = ks.start;
         while kk + 2 <= ks.end {
-            pair_row::<I, E>(&mut a, &mut b, x, wa, wb, kk);
-            pair_row::<I, E>(&mut a, &mut b, x, wa, wb, kk + 1);
+            streams_row::<I, E, S>(&mut acc, x, &w, kk);
+            streams_row::<I, E, S>(&mut acc, x, &w, kk + 1);
             kk += 2;
         }
         if kk < ks.end {
-            pair_row::<I, E>(&mut a, &mut b, x, wa, wb, kk);
+            streams_row::<I, E, S>(&mut acc, x, &w, kk);
         }
-        for v in 0..nv {
-            a[v].store(out.add(ja + l * v));
-            b[v].store(out.add(jb + l * v));
+        for (a, &js) in acc.iter().zip(&j) {
+            for (v, reg) in a.iter().enumerate().take(nv) {
+                reg.store(out.add(js + l * v));
+            }
         }
     }
 }
 
-/// Weight row `kk` of [`tile_pair`]: `x[kk]` times both panels' rows into
-/// `a` and `b`. A function, not a closure: a closure is not compiled with
-/// the entry point's target features, so its intrinsics would be calls.
+/// Weight row `kk` of [`tile_streams`]: `x[kk]` times every panel's row.
+/// A function, not a closure: a closure is not compiled with the entry
+/// point's target features, so its intrinsics would be calls.
 ///
 /// # Safety
-/// As [`tile_pair`], with `kk` in its `ks`.
+/// As [`tile_streams`], with `kk` in its `ks`.
 #[inline(always)]
-unsafe fn pair_row<I: Isa, E: Widen>(
-    a: &mut [I::V; 6],
-    b: &mut [I::V; 6],
+unsafe fn streams_row<I: Isa, E: Widen, const S: usize>(
+    acc: &mut [[I::V; 6]; S],
     x: *const f32,
-    wa: *const E,
-    wb: *const E,
+    w: &[*const E; S],
     kk: usize,
 ) {
     let nv = PANEL / I::V::LANES;
     // SAFETY (whole body): in bounds by the caller's contract.
     unsafe {
         let xv = I::V::splat(x.add(kk));
-        let (ra, rb) = (wa.add(PANEL * kk), wb.add(PANEL * kk));
-        for (v, s) in a.iter_mut().enumerate().take(nv) {
-            *s = I::V::mul_add(xv, I::widen(ra, v), *s);
-        }
-        for (v, s) in b.iter_mut().enumerate().take(nv) {
-            *s = I::V::mul_add(xv, I::widen(rb, v), *s);
+        for (a, &ws) in acc.iter_mut().zip(w) {
+            let row = ws.add(PANEL * kk);
+            for (v, reg) in a.iter_mut().enumerate().take(nv) {
+                *reg = I::V::mul_add(xv, I::widen(row, v), *reg);
+            }
         }
     }
 }

@@ -17,9 +17,9 @@
 //! and every kernel set, and equals [`crate::reference::linear_int8`] exactly.
 //!
 //! Tiles: R rows x 48 columns (AVX-512: three vectors of 16 i32 sums) or
-//! x 24 (eight lanes: three of 8), sums in registers over a block of k; one
-//! to four rows on AVX-512 read two panels side by side (two streams), as
-//! one to three f32 rows do (`tiles.rs`).
+//! x 24 (eight lanes: three of 8), sums in registers over a block of k; on
+//! AVX-512 one row reads four panels side by side (four streams) and two to
+//! four rows two, as one to three f32 rows do (`tiles.rs`).
 
 use std::ops::Range;
 
@@ -250,50 +250,33 @@ struct Shape {
     /// Vectors of sums per row and panel: 3 (48 columns with 16 lanes, 24
     /// with 8) or 6 (48 with 8 lanes, one row only).
     vectors: usize,
-    /// Whether two panels are read side by side.
-    two_streams: bool,
+    /// Panels read side by side: 1, 2 or 4 streams.
+    streams: usize,
 }
 
 fn shape<I: Isa>(m: usize) -> Shape {
     let (wide, vnni) = (I::V::LANES == 16, I::OFFSET != 0);
+    let shape = |rows, vectors, streams| Shape {
+        rows,
+        vectors,
+        streams,
+    };
     match (wide, vnni, m) {
-        // 32 registers, VNNI: up to 4 rows x 2 panels x 3 vectors (24 sums,
-        // 6 weight vectors, the broadcast), or 8 rows x 3 vectors.
-        (true, true, 1..=4) => Shape {
-            rows: m,
-            vectors: 3,
-            two_streams: true,
-        },
-        (true, true, _) => Shape {
-            rows: 8,
-            vectors: 3,
-            two_streams: false,
-        },
+        // 32 registers, VNNI: one row reads 4 panels at once (12 sums, 12
+        // weight vectors), up to 4 rows 2 panels (24 sums, 6 weight
+        // vectors), more rows 8 x 3 vectors.
+        (true, true, 1) => shape(1, 3, 4),
+        (true, true, 2..=4) => shape(m, 3, 2),
+        (true, true, _) => shape(8, 3, 1),
         // The sign trick's temporaries take 5 more: 2 rows x 2 panels, or 6
         // rows x 3 vectors.
-        (true, false, 1..=2) => Shape {
-            rows: m,
-            vectors: 3,
-            two_streams: true,
-        },
-        (true, false, _) => Shape {
-            rows: 6,
-            vectors: 3,
-            two_streams: false,
-        },
+        (true, false, 1..=2) => shape(m, 3, 2),
+        (true, false, _) => shape(6, 3, 1),
         // 16 registers: one row takes a whole panel (6 sums); more rows
         // half a panel at a time, 3 rows with VNNI's one instruction per
         // product (9 sums), 2 with the sign trick's temporaries (6 sums).
-        (false, _, 1) => Shape {
-            rows: 1,
-            vectors: 6,
-            two_streams: false,
-        },
-        (false, _, _) => Shape {
-            rows: if vnni { 3 } else { 2 },
-            vectors: 3,
-            two_streams: false,
-        },
+        (false, _, 1) => shape(1, 6, 1),
+        (false, _, _) => shape(if vnni { 3 } else { 2 }, 3, 1),
     }
 }
 
@@ -312,35 +295,42 @@ pub(super) unsafe fn linear_block<I: Isa>(op: &Operands, cols: Range<usize>) {
     let col = |i: usize| cols.start + i * PANEL;
     // SAFETY (every call): whole panels within `cols`, owned by this task.
     unsafe {
-        if s.two_streams {
-            // Panel i beside panel `second + i`; an odd one out alone.
-            let second = panels.div_ceil(2);
-            for i in 0..panels / 2 {
-                panel_rows::<I>(op, &s, &[col(i), col(second + i)]);
+        // Run t of the streams is panels t·q .. (t+1)·q, read side by side;
+        // the panels past S·q one at a time.
+        let q = panels / s.streams;
+        for i in 0..q {
+            let mut js = [col(i); 4];
+            for (t, j) in js.iter_mut().enumerate().take(s.streams) {
+                *j = col(t * q + i);
             }
-            if panels % 2 == 1 {
-                panel_rows::<I>(op, &s, &[col(second - 1)]);
-            }
-        } else {
-            for i in 0..panels {
-                panel_rows::<I>(op, &s, &[col(i)]);
-            }
+            panel_rows::<I>(op, &s, &js[..s.streams]);
+        }
+        for i in s.streams * q..panels {
+            panel_rows::<I>(op, &s, &[col(i)]);
         }
         if full < cols.end {
             edge_panel::<I>(op, &s, full, cols.end - full);
         }
     }
-    // The epilogue, the same scalar operations on every set.
-    let out = op.out.get();
+    // The epilogue, the same operations on every set: `out = (Σ - OFFSET ·
+    // Σ q) · (sx · sw) + b` (no fused multiply-add, so the same bits).
+    let cols_n = cols.len();
     for r in 0..op.m {
         let (sx, off) = (op.sx[r], I::OFFSET * op.sums[r]);
-        for j in cols.clone() {
-            // SAFETY: row r < M, column j in this task's columns; the slot
-            // holds the i32 the tiles stored.
-            unsafe {
-                let o = out.add(r * op.n + j);
-                let sum = o.cast::<i32>().read() - off;
-                *o = sum as f32 * (sx * op.sw[j]) + op.bias.map_or(0.0, |b| b[j]);
+        // SAFETY: row r < M, columns `cols` are this task's; each slot holds
+        // the i32 the tiles stored, read back as its bits.
+        let row = unsafe { std::slice::from_raw_parts_mut(op.out.get().add(r * op.n + cols.start), cols_n) };
+        let sw = &op.sw[cols.clone()];
+        match op.bias {
+            Some(b) => {
+                for ((o, &w), &b) in row.iter_mut().zip(sw).zip(&b[cols.clone()]) {
+                    *o = (o.to_bits() as i32 - off) as f32 * (sx * w) + b;
+                }
+            }
+            None => {
+                for (o, &w) in row.iter_mut().zip(sw) {
+                    *o = (o.to_bits() as i32 - off) as f32 * (sx * w) + 0.0;
+                }
             }
         }
     }
@@ -356,7 +346,7 @@ fn row_groups(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
     })
 }
 
-/// The integer sums of whole panels `js` (one, or two read side by side)
+/// The integer sums of whole panels `js` (one, or 2 or 4 read side by side)
 /// for every row: row groups inside blocks of k when there are several
 /// groups (the block stays in L1 for all of them), else one pass over all
 /// of K.
@@ -371,20 +361,22 @@ unsafe fn panel_rows<I: Isa>(op: &Operands, s: &Shape, js: &[usize]) {
     let block = if several { BLOCK_GROUPS } else { groups.max(1) };
     let prefetch = op.m >= PREFETCH_FROM_ROWS;
     let out = op.out.get().cast::<i32>();
-    let (ja, jb) = (js[0], js[js.len() - 1]);
     for g0 in (0..groups).step_by(block.max(1)) {
         let gs = g0..(g0 + block).min(groups);
         for (gi, (r0, rows)) in row_groups(op.m, s.rows).enumerate() {
             for h in 0..halves {
                 let c0 = h * s.vectors * I::V::LANES;
-                let dst = |j: usize| out.wrapping_add(r0 * op.n + j + c0);
-                let w = |j: usize| op.w.as_ptr().wrapping_add(j / PANEL * op.k4 * PANEL + 4 * c0);
+                let (mut dst, mut w) = ([out; 4], [op.w.as_ptr(); 4]);
+                for (t, &j) in js.iter().enumerate() {
+                    dst[t] = out.wrapping_add(r0 * op.n + j + c0);
+                    w[t] = op.w.as_ptr().wrapping_add(j / PANEL * op.k4 * PANEL + 4 * c0);
+                }
                 let tile = Tile {
-                    dst: [dst(ja), dst(jb)],
+                    dst,
                     ld: op.n,
                     x: op.q[r0 * op.k4..].as_ptr(),
                     k4: op.k4,
-                    w: [w(ja), w(jb)],
+                    w,
                     gs: gs.clone(),
                     first: g0 == 0,
                     ahead: if prefetch && gi == 0 { PREFETCH_AHEAD } else { 0 },
@@ -415,11 +407,11 @@ unsafe fn edge_panel<I: Isa>(op: &Operands, s: &Shape, j: usize, width: usize) {
         for h in 0..halves {
             let c0 = h * s.vectors * I::V::LANES;
             let tile = Tile {
-                dst: [buf.as_mut_ptr().wrapping_add(c0); 2],
+                dst: [buf.as_mut_ptr().wrapping_add(c0); 4],
                 ld: PANEL,
                 x: op.q[r0 * op.k4..].as_ptr(),
                 k4: op.k4,
-                w: [op.w.as_ptr().wrapping_add(j / PANEL * op.k4 * PANEL + 4 * c0); 2],
+                w: [op.w.as_ptr().wrapping_add(j / PANEL * op.k4 * PANEL + 4 * c0); 4],
                 gs: 0..groups,
                 first: true,
                 ahead: 0,
@@ -441,11 +433,11 @@ unsafe fn edge_panel<I: Isa>(op: &Operands, s: &Shape, j: usize, width: usize) {
 /// starting at this tile's first column, their sums at `dst` (row r at
 /// `dst + r·ld`), over groups `gs` of four k.
 struct Tile {
-    dst: [*mut i32; 2],
+    dst: [*mut i32; 4],
     ld: usize,
     x: *const i8,
     k4: usize,
-    w: [*const i8; 2],
+    w: [*const i8; 4],
     gs: Range<usize>,
     /// Whether the sums start from zero (else from `dst`).
     first: bool,
@@ -471,6 +463,7 @@ unsafe fn tile_any<I: Isa>(t: &Tile, rows: usize, vectors: usize, panels: usize)
             };
         }
         match (panels, rows) {
+            (4, _) => tile::<I, 1, 3, 4>(t),
             (2, 1) => tile::<I, 1, 3, 2>(t),
             (2, 2) => tile::<I, 2, 3, 2>(t),
             (2, 3) => tile::<I, 3, 3, 2>(t),

@@ -5,7 +5,7 @@
 //!
 //! | rows M | over panels ([`linear_packed`]) | over the stored layout ([`linear`]) |
 //! |---|---|---|
-//! | 1-3 | [`rows_two_streams`]: 1 x 48 tiles on two panels at once | 8 lanes: 1 x 48, 2 x 48, 4 x 24 tiles; 16 lanes: 1 x 48, 2 x 48, 8 x 48 |
+//! | 1-3 | [`rows_two_streams`]: 1 x 48 tiles on two panels at once (four with 16 lanes) | 8 lanes: 1 x 48, 2 x 48, 4 x 24 tiles; 16 lanes: 1 x 48, 2 x 48, 8 x 48 |
 //! | 4-8 | 8 lanes: 4 x 24 (f32, int8) or 6 x 16 (bf16); 16 lanes: 8 x 48; software prefetch | as at 1-3 rows |
 //! | more | 8 lanes: 6 x 16; 16 lanes: 8 x 48; software prefetch | 8 lanes: 6 x 16 |
 //!
@@ -342,42 +342,59 @@ unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Widen
 }
 
 /// [`linear_block`] for one to three rows over panels: the task's whole
-/// panels read as two streams at once (panel i of the first half beside
-/// panel i of the second), then any partial panel. One row takes all K rows
-/// of a pair in one pass; two or three rows take blocks of
-/// [`TWO_STREAM_BLOCK`] weight rows, row after row, the first reading the
-/// pair's block from memory and the others from L1. The two streams must be
-/// read in the same loop (interleaving the panels block by block does not
-/// help); their sums fill 12 AVX2 registers (6 AVX-512 ones). Each output
-/// is the same sum in the same order as through [`tile`].
+/// panels read as several streams at once (`STREAMS`: 4 with AVX-512's 32
+/// registers, 2 with 16; the task's panels cut into that many runs, panel i
+/// of every run side by side), then any panels left over one at a time,
+/// then any partial panel. One row takes all K rows of its panels in one
+/// pass; two or three rows take blocks of [`TWO_STREAM_BLOCK`] weight rows,
+/// row after row, the first reading the block from memory and the others
+/// from L1. The streams must be read in the same loop (interleaving the
+/// panels block by block does not help); their sums fill 12 registers
+/// (AVX2: 2 x 6; AVX-512: 4 x 3). Each output is the same sum in the same
+/// order as through [`tile`].
 ///
 /// # Safety
 /// As [`linear_block`], with `M <= ROWS_TWO_STREAMS` and `w` in panels.
 #[inline(always)]
 unsafe fn rows_two_streams<I: Isa, E: Widen>(op: &Operands<E>, cols: Range<usize>) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        if I::V::LANES == 16 {
+            rows_in_streams::<I, E, 4>(op, cols)
+        } else {
+            rows_in_streams::<I, E, 2>(op, cols)
+        }
+    }
+}
+
+/// [`rows_two_streams`] with `S` streams.
+///
+/// # Safety
+/// As [`rows_two_streams`].
+#[inline(always)]
+unsafe fn rows_in_streams<I: Isa, E: Widen, const S: usize>(op: &Operands<E>, cols: Range<usize>) {
     debug_assert!((1..=ROWS_TWO_STREAMS).contains(&op.m) && op.layout == Layout::Panels);
     let panels = (cols.end - cols.start) / PANEL;
     let full = cols.start + panels * PANEL;
-    // Panel i pairs with panel `second + i`; an odd one out runs alone.
-    let second = panels.div_ceil(2);
+    // Run s is panels s·q .. (s+1)·q; the S·q-th panel on run alone.
+    let q = panels / S;
     let col = |i: usize| cols.start + i * PANEL;
     let kb = if op.m == 1 { op.k.max(1) } else { TWO_STREAM_BLOCK };
-    for i in 0..panels / 2 {
-        let (ja, jb) = (col(i), col(second + i));
+    for i in 0..q {
+        let js: [usize; S] = std::array::from_fn(|s| col(s * q + i));
         for ks in blocks(op.k, kb) {
             for r in 0..op.m {
-                // SAFETY: both panels are whole, within `cols` (owned by
+                // SAFETY: every panel is whole, within `cols` (owned by
                 // this task); row r < M; ks within 0..K.
-                unsafe { tile_pair::<I, E>(op, r, ja, jb, ks.clone()) };
+                unsafe { tile_streams::<I, E, S>(op, r, js, ks.clone()) };
             }
         }
     }
-    if panels % 2 == 1 {
-        let j = col(second - 1);
+    for i in S * q..panels {
         for ks in blocks(op.k, kb) {
             for r in 0..op.m {
                 // SAFETY: as above.
-                unsafe { tile::<I, 1, PANEL, 0, E>(op, r, j, ks.clone(), std::ptr::null()) };
+                unsafe { tile::<I, 1, PANEL, 0, E>(op, r, col(i), ks.clone(), std::ptr::null()) };
             }
         }
     }
@@ -385,29 +402,29 @@ unsafe fn rows_two_streams<I: Isa, E: Widen>(op: &Operands<E>, cols: Range<usize
     unsafe { edge::<I, E>(op, full..cols.end, 0..op.k) };
 }
 
-/// `out[r, ja..ja+48] += x[r, ks] · w[ks, ja..ja+48]` and the same for
-/// `jb`: two 1 x 48 tiles of row r, their panels read side by side.
+/// `out[r, j[s]..j[s]+48] += x[r, ks] · w[ks, j[s]..j[s]+48]` for each of
+/// S panels: S 1 x 48 tiles of row r, their panels read side by side.
 ///
 /// # Safety
-/// The CPU has `I`; both panels whole, `r < M`, `ks` within `0..K`, `out`
-/// row r's columns `ja..ja+48` and `jb..jb+48` owned by this task; `w` in
-/// panels.
+/// The CPU has `I`; every panel whole, `r < M`, `ks` within `0..K`, `out`
+/// row r's columns of those panels owned by this task; `w` in panels.
 #[inline(always)]
-unsafe fn tile_pair<I: Isa, E: Widen>(op: &Operands<E>, r: usize, ja: usize, jb: usize, ks: Range<usize>) {
-    let (wa, wb) = (op.layout.col(ja, op.k, op.n).0, op.layout.col(jb, op.k, op.n).0);
-    debug_assert!(wa.max(wb) + op.k * PANEL <= op.w.len() && ja.max(jb) + PANEL <= op.n);
+unsafe fn tile_streams<I: Isa, E: Widen, const S: usize>(
+    op: &Operands<E>,
+    r: usize,
+    j: [usize; S],
+    ks: Range<usize>,
+) {
     debug_assert!(r < op.m && ks.end <= op.k);
+    let mut w = [op.w.as_ptr(); S];
+    for (w, &js) in w.iter_mut().zip(&j) {
+        let at = op.layout.col(js, op.k, op.n).0;
+        debug_assert!(at + op.k * PANEL <= op.w.len() && js + PANEL <= op.n);
+        *w = w.wrapping_add(at);
+    }
     // SAFETY: the bounds above (the caller's contract).
     unsafe {
-        bodies::tile_pair::<I, E>(
-            op.out.get().add(r * op.n),
-            op.x.as_ptr().add(r * op.k),
-            op.w.as_ptr().add(wa),
-            op.w.as_ptr().add(wb),
-            ja,
-            jb,
-            ks,
-        )
+        bodies::tile_streams::<I, E, S>(op.out.get().add(r * op.n), op.x.as_ptr().add(r * op.k), w, j, ks)
     };
 }
 
