@@ -316,6 +316,20 @@ impl Kernels {
         self.vnni
     }
 
+    /// This CPU's kernels on `set`, a narrower set than this one's (every
+    /// x86 set's features include the narrower ones'), for the kernels that
+    /// run faster there; VNNI where the CPU has it for that set.
+    ///
+    /// # Panics
+    /// If `set` is wider than this one's.
+    pub(crate) fn with_set(self, set: KernelSet) -> Kernels {
+        assert!(set <= self.set, "kernels: {set} is wider than {}", self.set);
+        Kernels {
+            set,
+            vnni: self.vnni && set.vnni_feature().is_some_and(has_feature),
+        }
+    }
+
     /// f32 lanes per vector register of the set: the lanes attention's dot
     /// products sum in.
     pub fn lanes(self) -> usize {

@@ -1,13 +1,14 @@
 //! The instruction-set seam: one module per instruction set, each an [`Isa`]
 //! (its f32 [`Vector`], how each weight format widens into one, its scalar
-//! fused multiply-add), and the loop bodies written once over any of them
-//! (`bodies.rs`).
+//! fused multiply-add, its four-way int8 dot product), and the loop bodies
+//! written once over any of them (`bodies.rs`; the int8 tiles in
+//! `matmul/int8.rs`).
 //!
-//! | set | module | vector | registers |
-//! |---|---|---|---|
-//! | portable | `portable.rs` | `[f32; 8]`, plain Rust (LLVM vectorises) | what the target has |
-//! | avx2 | `avx2.rs` | `__m256`, AVX2 + FMA | 16 |
-//! | avx512 | `avx512.rs` | `__m512`, AVX-512 F/BW/DQ/VL | 32 |
+//! | set | module | vector | registers | int8 dot product |
+//! |---|---|---|---|---|
+//! | portable | `portable.rs` | `[f32; 8]`, plain Rust (LLVM vectorises) | what the target has | one product at a time |
+//! | avx2 | `avx2.rs` | `__m256`, AVX2 + FMA | 16 | `vpmaddubsw` sign trick; AVX-VNNI `vpdpbusd` in `entry_vnni` |
+//! | avx512 | `avx512.rs` | `__m512`, AVX-512 F/BW/DQ/VL | 32 | masked sign trick; AVX512-VNNI `vpdpbusd` in `entry_vnni` |
 //!
 //! The choice is made at run time, once ([`crate::dispatch`]): every kernel
 //! is a [`Kernel`] whose body is generic over the set and `#[inline(always)]`

@@ -302,6 +302,17 @@ fn linear_impl<E: Widen>(
         k,
         n,
     };
+    // One to three rows stream their weights (`tiles::rows_streams`), and
+    // there the AVX2 instantiation reads faster than AVX-512's on the
+    // AVX-512 CPUs measured (docs/hot-path.md): every output is the same
+    // sum of the same fused products in either, so the choice changes no
+    // bit.
+    let kernels = match kernels.set() {
+        crate::KernelSet::Avx512 if layout == Layout::Panels && m <= tiles::ROWS_TWO_STREAMS => {
+            kernels.with_set(crate::KernelSet::Avx2)
+        }
+        _ => kernels,
+    };
     let (count, width) = column_chunks(n, PANEL, rayon::current_num_threads());
     (0..count).into_par_iter().for_each(|t| {
         let j0 = t * width;

@@ -5,7 +5,7 @@
 //!
 //! | rows M | over panels ([`linear_packed`]) | over the stored layout ([`linear`]) |
 //! |---|---|---|
-//! | 1-3 | [`rows_two_streams`]: 1 x 48 tiles on two panels at once (four with 16 lanes) | 8 lanes: 1 x 48, 2 x 48, 4 x 24 tiles; 16 lanes: 1 x 48, 2 x 48, 8 x 48 |
+//! | 1-3 | [`rows_streams`]: 1 x 48 tiles on two panels at once (AVX-512 CPUs run them on AVX2) | 8 lanes: 1 x 48, 2 x 48, 4 x 24 tiles; 16 lanes: 1 x 48, 2 x 48, 8 x 48 |
 //! | 4-8 | 8 lanes: 4 x 24 (f32, int8) or 6 x 16 (bf16); 16 lanes: 8 x 48; software prefetch | as at 1-3 rows |
 //! | more | 8 lanes: 6 x 16; 16 lanes: 8 x 48; software prefetch | 8 lanes: 6 x 16 |
 //!
@@ -16,7 +16,7 @@
 //! [`block_rows`]; within a block every tile adds its products in order of
 //! k, and blocks go in order of k, so each output is the same sum in the
 //! same order whatever the shape. The tile bodies are `arch::bodies::tile`
-//! and `tile_pair`; a partial tile at the right edge is scalar ([`edge`]).
+//! and `tile_streams`; a partial tile at the right edge is scalar ([`edge`]).
 //!
 //! [`linear_packed`]: super::linear_packed
 //! [`linear`]: super::linear
@@ -41,13 +41,13 @@ pub(crate) struct Operands<'a, E> {
     pub n: usize,
 }
 
-/// Most rows that [`rows_two_streams`] takes: one stream at a time keeps
+/// Most rows that [`rows_streams`] takes: one stream at a time keeps
 /// too few lines in flight for them; from four rows the tiles gain nothing
 /// from a second stream.
-const ROWS_TWO_STREAMS: usize = 3;
+pub(super) const ROWS_TWO_STREAMS: usize = 3;
 
 /// Weight rows per block when two or three rows take turns in
-/// [`rows_two_streams`]: two panels' blocks (24 KiB) stay in L1 for the
+/// [`rows_streams`]: two panels' blocks (24 KiB) stay in L1 for the
 /// second and third rows.
 const TWO_STREAM_BLOCK: usize = 64;
 
@@ -68,7 +68,7 @@ const PREFETCH_BLOCKS: usize = 2;
 pub(super) unsafe fn linear_block<I: Isa, E: Widen>(op: &Operands<E>, cols: Range<usize>) {
     // SAFETY (every call): the caller's contract, passed on.
     if op.m <= ROWS_TWO_STREAMS && op.layout == Layout::Panels {
-        unsafe { rows_two_streams::<I, E>(op, cols) };
+        unsafe { rows_streams::<I, E>(op, cols) };
         return;
     }
     unsafe {
@@ -342,35 +342,28 @@ unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Widen
 }
 
 /// [`linear_block`] for one to three rows over panels: the task's whole
-/// panels read as several streams at once (`STREAMS`: 4 with AVX-512's 32
-/// registers, 2 with 16; the task's panels cut into that many runs, panel i
-/// of every run side by side), then any panels left over one at a time,
-/// then any partial panel. One row takes all K rows of its panels in one
-/// pass; two or three rows take blocks of [`TWO_STREAM_BLOCK`] weight rows,
-/// row after row, the first reading the block from memory and the others
-/// from L1. The streams must be read in the same loop (interleaving the
-/// panels block by block does not help); their sums fill 12 registers
-/// (AVX2: 2 x 6; AVX-512: 4 x 3). Each output is the same sum in the same
-/// order as through [`tile`].
+/// panels read as two streams at once (the task's panels cut into two runs,
+/// panel i of each side by side), then any panel left over, then any
+/// partial panel. One row takes all K rows of its panels in one pass; two
+/// or three rows take blocks of [`TWO_STREAM_BLOCK`] weight rows, row after
+/// row, the first reading the block from memory and the others from L1. The
+/// streams must be read in the same loop (interleaving the panels block by
+/// block does not help); their sums fill 12 AVX2 registers. AVX-512 CPUs
+/// run these rows on the AVX2 instantiation (`linear_impl`). Each output is
+/// the same sum in the same order as through [`tile`].
 ///
 /// # Safety
 /// As [`linear_block`], with `M <= ROWS_TWO_STREAMS` and `w` in panels.
 #[inline(always)]
-unsafe fn rows_two_streams<I: Isa, E: Widen>(op: &Operands<E>, cols: Range<usize>) {
+unsafe fn rows_streams<I: Isa, E: Widen>(op: &Operands<E>, cols: Range<usize>) {
     // SAFETY: the caller's contract, passed on.
-    unsafe {
-        if I::V::LANES == 16 {
-            rows_in_streams::<I, E, 4>(op, cols)
-        } else {
-            rows_in_streams::<I, E, 2>(op, cols)
-        }
-    }
+    unsafe { rows_in_streams::<I, E, 2>(op, cols) }
 }
 
-/// [`rows_two_streams`] with `S` streams.
+/// [`rows_streams`] with `S` streams.
 ///
 /// # Safety
-/// As [`rows_two_streams`].
+/// As [`rows_streams`].
 #[inline(always)]
 unsafe fn rows_in_streams<I: Isa, E: Widen, const S: usize>(op: &Operands<E>, cols: Range<usize>) {
     debug_assert!((1..=ROWS_TWO_STREAMS).contains(&op.m) && op.layout == Layout::Panels);
