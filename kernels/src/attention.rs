@@ -4,7 +4,7 @@ use crate::arch::{bodies, Isa, Kernel, Vector};
 use crate::{active, Kernels};
 
 /// Numerically stable softmax over `x`, in place. On the
-/// [`active`](crate::active) kernel set.
+/// [`active`] kernel set.
 pub fn softmax_inplace(x: &mut [f32]) {
     active().softmax_inplace(x)
 }
@@ -115,7 +115,7 @@ fn dots<I: Isa, const J: usize>(q: &[f32], ks: [&[f32]; J]) -> [f32; J] {
 /// keeps each head's positions contiguous; `C` for heads side by side). The
 /// causal mask is implicit: the caller passes `t = pos + 1`, so no later
 /// position is read. `scores` is scratch of at least `t` floats. Overwrites
-/// `out`. On the [`active`](crate::active) kernel set.
+/// `out`. On the [`active`] kernel set.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_head(
     out: &mut [f32],
@@ -131,13 +131,13 @@ pub fn attention_head(
 }
 
 impl Kernels {
-    /// [`softmax_inplace`](crate::softmax_inplace) on this kernel set.
+    /// [`softmax_inplace`] on this kernel set.
     pub fn softmax_inplace(self, x: &mut [f32]) {
         // SAFETY: Softmax touches only its slice.
         unsafe { self.run(Softmax(x)) }
     }
 
-    /// [`attention_head`](crate::attention_head) on this kernel set.
+    /// [`attention_head`] on this kernel set.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_head(
         self,

@@ -15,7 +15,7 @@ const PAR_CHUNK: usize = 16 * 1024;
 /// `out[M,C] = (x - mean) / sqrt(var + eps) * gamma + beta`, for each row of
 /// `x[M,C]`, with `C = gamma.len()`. Mean and (biased) variance are computed
 /// in two passes, as PyTorch does. Overwrites `out`. On the
-/// [`active`](crate::active) kernel set.
+/// [`active`] kernel set.
 pub fn layernorm(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
     active().layernorm(out, x, gamma, beta, eps)
 }
@@ -23,19 +23,19 @@ pub fn layernorm(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f
 /// GPT-2's tanh approximation of GELU ("gelu_new"), in place:
 /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
 /// Not the erf form: the two differ by up to ~1e-3, which the reference tests see.
-/// On the [`active`](crate::active) kernel set.
+/// On the [`active`] kernel set.
 pub fn gelu_inplace(x: &mut [f32]) {
     active().gelu_inplace(x)
 }
 
 /// `acc += x`, element-wise (the residual connections). On the
-/// [`active`](crate::active) kernel set.
+/// [`active`] kernel set.
 pub fn add_assign(acc: &mut [f32], x: &[f32]) {
     active().add_assign(acc, x)
 }
 
 impl Kernels {
-    /// [`layernorm`](crate::layernorm) on this kernel set.
+    /// [`layernorm`] on this kernel set.
     pub fn layernorm(self, out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
         let c = gamma.len();
         assert_eq!(beta.len(), c, "layernorm: beta is not [C={c}]");
@@ -70,7 +70,7 @@ impl Kernels {
         }
     }
 
-    /// [`gelu_inplace`](crate::gelu_inplace) on this kernel set.
+    /// [`gelu_inplace`] on this kernel set.
     pub fn gelu_inplace(self, x: &mut [f32]) {
         // SAFETY (both): Gelu touches only its slice.
         if x.len() <= PAR_CHUNK {
@@ -81,7 +81,7 @@ impl Kernels {
         }
     }
 
-    /// [`add_assign`](crate::add_assign) on this kernel set.
+    /// [`add_assign`] on this kernel set.
     pub fn add_assign(self, acc: &mut [f32], x: &[f32]) {
         assert_eq!(acc.len(), x.len(), "add_assign: lengths differ");
         // SAFETY: AddAssign touches only its slices.

@@ -8,7 +8,7 @@
 //! Conventions, after llm.c: the output comes first, then the inputs, then the
 //! dimensions; no kernel allocates; lengths are checked on entry. A name says
 //! whether a kernel overwrites its output (`linear`, `matmul_bt`) or adds into
-//! it (`add_assign`). Every fast kernel has a naive twin in [`reference`] that
+//! it (`add_assign`). Every fast kernel has a naive twin in [`reference`](mod@reference) that
 //! the tests compare it against.
 //!
 //! Parallel kernels use rayon's *current* pool, so a caller that wants a fixed

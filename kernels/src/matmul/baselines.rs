@@ -71,21 +71,21 @@ pub fn matmul_bt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: u
 }
 
 impl Kernels {
-    /// [`dot`](crate::dot) on this kernel set.
+    /// [`dot`] on this kernel set.
     pub fn dot(self, a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len(), "dot: lengths differ");
         // SAFETY: Dot reads only through its slices.
         unsafe { self.run(Dot(a, b)) }
     }
 
-    /// [`linear`](crate::linear) on this kernel set.
+    /// [`linear`] on this kernel set.
     #[allow(clippy::too_many_arguments)]
     pub fn linear(self, out: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) {
         assert_eq!(w.len(), k * n, "linear: w is not [K={k}, N={n}]");
         linear_impl(self, out, x, w, Layout::Rows, Some(bias), m, k, n);
     }
 
-    /// [`matmul_bt`](crate::matmul_bt) on this kernel set.
+    /// [`matmul_bt`] on this kernel set.
     pub fn matmul_bt(self, out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
         assert_eq!(out.len(), m * n, "matmul_bt: out is not [M={m}, N={n}]");
         assert_eq!(x.len(), m * k, "matmul_bt: x is not [M={m}, K={k}]");

@@ -1,8 +1,9 @@
 //! int8 weights times int8 activations, summed as integers.
 //!
-//! Each row of x is quantised on its own ([`quantize_rows`]): one scale per
-//! row, `sx = max|x| / 127`, `q = round(x · 127 / max|x|)` in ±127, so a
-//! row's values never depend on the other rows of its batch. The weights are
+//! Each row of x is quantised on its own
+//! ([`Kernels::quantize_rows`](crate::Kernels::quantize_rows)): one scale
+//! per row, `sx = max|x| / 127`, `q = round(x · 127 / max|x|)` in ±127, so
+//! a row's values never depend on the other rows of its batch. The weights are
 //! int8 with one scale per column (`sw`), packed with four consecutive k of
 //! a column in each 32-bit lane (`Weight::index` for `i8`). Then
 //!
@@ -95,63 +96,68 @@ impl QuantScratch {
     }
 }
 
-/// Quantises each row of `x` (M, K) into `q` (M, K4: K rounded up to 4, the
-/// rest zero), `scales` (M) and `sums` (M): `scale = max|x| / 127`, `q =
-/// round(x · (127 / max|x|))` to nearest, ties to even, clamped to ±127, and
-/// `sum = Σ q`. A row of zeros has scale 0 and q 0; a row holding a NaN or an
-/// infinity has a NaN or infinite scale and q 0, so its outputs are NaN.
-///
-/// The same IEEE operations on every kernel set (so the same bits), run on
-/// `kernels` so that they vectorise at its width, in parallel over rows for
-/// large batches; a row's result never depends on the others.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn quantize_rows(
-    kernels: crate::Kernels,
-    q: &mut [i8],
-    scales: &mut [f32],
-    sums: &mut [i32],
-    x: &[f32],
-    m: usize,
-    k: usize,
-) {
-    let k4 = k.next_multiple_of(4);
-    assert_eq!(x.len(), m * k, "quantize_rows: x is not [M={m}, K={k}]");
-    assert!(
-        q.len() >= m * k4 && scales.len() >= m && sums.len() >= m,
-        "quantize_rows: too little room for {m} rows"
-    );
-    if k == 0 {
-        scales[..m].fill(0.0);
-        sums[..m].fill(0);
-        return;
-    }
-    let run = |q: &mut [i8], scales: &mut [f32], sums: &mut [i32], x: &[f32]| {
-        // SAFETY: quantising needs no CPU feature beyond the set's, which
-        // `kernels` proves, and touches only these slices.
-        unsafe {
-            kernels.run(QuantizeRows {
-                q,
-                scales,
-                sums,
-                x,
-                k,
-            })
+impl crate::Kernels {
+    /// Quantises each row of `x` (M, K) as the int8 products do, into `q`
+    /// (M, K4: K rounded up to 4, the rest zero), `scales` (M) and `sums`
+    /// (M): `scale = max|x| / 127`, `q = round(x · (127 / max|x|))` to
+    /// nearest, ties to even, clamped to ±127, and `sum = Σ q`. A row of
+    /// zeros has scale 0 and q 0; a row holding a NaN or an infinity has a
+    /// NaN or infinite scale and q 0, so its outputs are NaN.
+    ///
+    /// The same IEEE operations on every kernel set (so the same bits), run
+    /// on this one so that they vectorise at its width, in parallel over rows
+    /// for large batches; a row's result never depends on the others.
+    #[allow(clippy::too_many_arguments)]
+    pub fn quantize_rows(
+        self,
+        q: &mut [i8],
+        scales: &mut [f32],
+        sums: &mut [i32],
+        x: &[f32],
+        m: usize,
+        k: usize,
+    ) {
+        let kernels = self;
+        let k4 = k.next_multiple_of(4);
+        assert_eq!(x.len(), m * k, "quantize_rows: x is not [M={m}, K={k}]");
+        assert!(
+            q.len() >= m * k4 && scales.len() >= m && sums.len() >= m,
+            "quantize_rows: too little room for {m} rows"
+        );
+        if k == 0 {
+            scales[..m].fill(0.0);
+            sums[..m].fill(0);
+            return;
         }
-    };
-    if m * k < 1 << 16 {
-        // Under ~50 µs of work: a fork-join would cost more than it saves.
-        run(&mut q[..m * k4], &mut scales[..m], &mut sums[..m], x);
-        return;
+        let run = |q: &mut [i8], scales: &mut [f32], sums: &mut [i32], x: &[f32]| {
+            // SAFETY: quantising needs no CPU feature beyond the set's, which
+            // `kernels` proves, and touches only these slices.
+            unsafe {
+                kernels.run(QuantizeRows {
+                    q,
+                    scales,
+                    sums,
+                    x,
+                    k,
+                })
+            }
+        };
+        if m * k < 1 << 16 {
+            // Under ~50 µs of work: a fork-join would cost more than it saves.
+            run(&mut q[..m * k4], &mut scales[..m], &mut sums[..m], x);
+            return;
+        }
+        const ROWS: usize = 8;
+        q[..m * k4]
+            .par_chunks_mut(ROWS * k4)
+            .zip(scales[..m].par_chunks_mut(ROWS))
+            .zip(sums[..m].par_chunks_mut(ROWS).zip(x.par_chunks(ROWS * k)))
+            .for_each(|((q, s), (sum, x))| run(q, s, sum, x));
     }
-    const ROWS: usize = 8;
-    q[..m * k4]
-        .par_chunks_mut(ROWS * k4)
-        .zip(scales[..m].par_chunks_mut(ROWS))
-        .zip(sums[..m].par_chunks_mut(ROWS).zip(x.par_chunks(ROWS * k)))
-        .for_each(|((q, s), (sum, x))| run(q, s, sum, x));
 }
 
-/// Rows of [`quantize_rows`], compiled for a kernel set.
+/// Rows of [`Kernels::quantize_rows`](crate::Kernels::quantize_rows),
+/// compiled for a kernel set.
 struct QuantizeRows<'a> {
     q: &'a mut [i8],
     scales: &'a mut [f32],
@@ -178,8 +184,9 @@ impl crate::arch::Kernel for QuantizeRows<'_> {
     }
 }
 
-/// One row of [`quantize_rows`]: `(scale, Σ q)`. Loops of 16 lanes without
-/// a float-to-int conversion, so that they vectorise.
+/// One row of [`Kernels::quantize_rows`](crate::Kernels::quantize_rows):
+/// `(scale, Σ q)`. Loops of 16 lanes without a float-to-int conversion, so
+/// that they vectorise.
 #[inline(always)]
 fn quantize_row(q: &mut [i8], x: &[f32]) -> (f32, i32) {
     // The largest magnitude as bits: for non-negative floats the order of

@@ -56,7 +56,7 @@ use crate::{active, Kernels};
 
 /// `out[M,N] = x[M,K] · w[K,N] + bias[N]`, with `w` packed in panels by
 /// [`pack_panels`] (or [`pack_panels_t`]). Overwrites `out`. On the
-/// [`active`](crate::active) kernel set; [`Kernels::linear_packed`] on a
+/// [`active`] kernel set; [`Kernels::linear_packed`] on a
 /// given one.
 ///
 /// Most of the running time of a forward pass is spent here: every linear
@@ -94,7 +94,7 @@ pub fn linear_packed(
 /// that row alone) and sums the products as integers, exactly, then `out = (Σ q·w) ·
 /// (sx · sw) + b` (`int8.rs`): the same bits on every kernel set, equal to
 /// [`reference::linear_int8`](crate::reference::linear_int8). On the
-/// [`active`](crate::active) kernel set; [`Kernels::linear_panels`] on a
+/// [`active`] kernel set; [`Kernels::linear_panels`] on a
 /// given one. Int8 allocates its quantised rows per call here; the engine
 /// calls [`linear_panels_with`], which reuses them.
 pub fn linear_panels(
@@ -127,24 +127,7 @@ pub fn linear_panels_with(
 }
 
 impl Kernels {
-    /// Quantises each row of `x[M, K]` to int8 as the int8 products do:
-    /// `q[M, K4]` (K rounded up to 4, zeros after K), each row's scale
-    /// `max|x| / 127` and `Σ q`; `q = round(x · 127 / max|x|)`, ties to even,
-    /// within ±127. The same bits on every kernel set.
-    #[allow(clippy::too_many_arguments)]
-    pub fn quantize_rows(
-        self,
-        q: &mut [i8],
-        scales: &mut [f32],
-        sums: &mut [i32],
-        x: &[f32],
-        m: usize,
-        k: usize,
-    ) {
-        int8::quantize_rows(self, q, scales, sums, x, m, k)
-    }
-
-    /// [`linear_packed`](crate::linear_packed) on this kernel set.
+    /// [`linear_packed`] on this kernel set.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_packed(
         self,
@@ -164,7 +147,7 @@ impl Kernels {
         self.linear_panels(out, x, Panels::F32(panels), bias, m, k, n);
     }
 
-    /// [`linear_panels`](crate::linear_panels) on this kernel set.
+    /// [`linear_panels`] on this kernel set.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_panels(
         self,
@@ -181,7 +164,7 @@ impl Kernels {
         self.linear_panels_with(out, x, w, bias, &mut quant, m, k, n)
     }
 
-    /// [`linear_panels_with`](crate::linear_panels_with) on this kernel set.
+    /// [`linear_panels_with`] on this kernel set.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_panels_with(
         self,
@@ -313,16 +296,21 @@ fn linear_impl<E: Widen>(
         }
         _ => kernels,
     };
+    for_each_task(n, |cols| {
+        // SAFETY: tasks own disjoint column ranges of `out`, each starting
+        // a whole panel (the task's contract).
+        unsafe { kernels.run(LinearTask { op: &op, cols }) };
+    });
+}
+
+/// Runs `task(cols)` in parallel for runs of whole panels of `0..n`, one
+/// run per thread of the current pool: in the packed layout each is one
+/// contiguous stretch of memory, read front to back.
+fn for_each_task(n: usize, task: impl Fn(std::ops::Range<usize>) + Sync) {
     let (count, width) = column_chunks(n, PANEL, rayon::current_num_threads());
     (0..count).into_par_iter().for_each(|t| {
         let j0 = t * width;
-        let task = LinearTask {
-            op: &op,
-            cols: j0..(j0 + width).min(n),
-        };
-        // SAFETY: tasks own disjoint column ranges of `out`, each starting
-        // a whole panel (the task's contract).
-        unsafe { kernels.run(task) };
+        task(j0..(j0 + width).min(n));
     });
 }
 
@@ -376,7 +364,7 @@ fn linear_int8(
         return;
     }
     let (q, sx, sums) = quant.parts();
-    int8::quantize_rows(kernels, q, sx, sums, x, m, k);
+    kernels.quantize_rows(q, sx, sums, x, m, k);
     let op = int8::Operands {
         out: OutPtr(out.as_mut_ptr()),
         q,
@@ -389,16 +377,10 @@ fn linear_int8(
         k4: k.next_multiple_of(4),
         n,
     };
-    let (count, width) = column_chunks(n, PANEL, rayon::current_num_threads());
-    (0..count).into_par_iter().for_each(|t| {
-        let j0 = t * width;
-        let task = Int8Task {
-            op: &op,
-            cols: j0..(j0 + width).min(n),
-        };
+    for_each_task(n, |cols| {
         // SAFETY: tasks own disjoint column ranges of `out`, each starting
         // a whole panel (the task's contract).
-        unsafe { kernels.run_int8(task) };
+        unsafe { kernels.run_int8(Int8Task { op: &op, cols }) };
     });
 }
 
