@@ -877,6 +877,48 @@ pub fn checkpoint_files(dir: &Path) -> (PathBuf, PathBuf) {
 mod tests {
     use super::*;
 
+    /// A file cut short under the loader (after its header was checked
+    /// against its length) is a read error naming the file: it was a fault
+    /// (SIGBUS) while the file was mapped. Every stored format, and a read
+    /// spanning several pieces.
+    #[test]
+    fn a_file_shorter_than_its_tensors_is_a_named_read_error() {
+        let dir = std::env::temp_dir().join(format!("gpt2-weights-short-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        std::fs::write(&path, vec![0u8; 4 * READ_PIECE + 100]).unwrap();
+        let source = Arc::new(Source {
+            file: File::open(&path).unwrap(),
+            path: path.clone(),
+        });
+        for (stored, len) in [
+            (Stored::F32, 2 * READ_PIECE),
+            (Stored::Bf16, 3 * READ_PIECE),
+            (Stored::F16, 3 * READ_PIECE),
+        ] {
+            let tensor = Tensor {
+                storage: Storage::File {
+                    file: Arc::clone(&source),
+                    offset: 64,
+                    stored,
+                },
+                shape: vec![len],
+                name: "wte.weight".into(),
+            };
+            let mut buf = Vec::new();
+            // The first pieces are there; the last one runs past the end.
+            let ok = len - READ_PIECE;
+            assert!(tensor.read(0, ok, &mut buf).is_ok(), "{stored:?}");
+            let err = tensor.read(0, len, &mut buf).unwrap_err();
+            assert!(
+                matches!(&err, Error::Io { path: p, source } if *p == path
+                    && source.kind() == std::io::ErrorKind::UnexpectedEof),
+                "{stored:?}: {err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn only_canonical_layer_names_are_mask_buffers() {
         let config = Gpt2Config::from_json(
