@@ -41,6 +41,24 @@ pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Fills `buf` from `file` at byte `offset`, without moving a shared
+/// cursor (`pread` on Unix): a read of the caller's size, into the caller's
+/// buffer. A file shorter than `offset + buf.len()` is an
+/// [`UnexpectedEof`](std::io::ErrorKind::UnexpectedEof) error.
+pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut file = file;
+        file.seek(SeekFrom::Start(offset))?;
+        file.read_exact(buf)
+    }
+}
+
 /// The hex digest `D` of `prefix` followed by the bytes of `path`,
 /// streamed; errors name the file.
 pub fn hex_digest<D: sha2::Digest + Write>(path: &Path, prefix: &[u8]) -> Result<String> {

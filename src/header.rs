@@ -9,8 +9,10 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::fs::File;
 use std::path::Path;
 
+use safetensors::tensor::Metadata;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
@@ -19,20 +21,56 @@ use crate::error::{Error, Result};
 /// The largest header we read, as the `safetensors` crate (100 MB).
 const MAX_HEADER: u64 = 100_000_000;
 
-/// Checks the header of the safetensors file `bytes` (read from `path`).
-pub fn check(path: &Path, bytes: &[u8]) -> Result<()> {
+/// The header of the safetensors file `file` (opened from `path`, `file_len`
+/// bytes long), read with two bounded reads (its length, then at most
+/// [`MAX_HEADER`] bytes, never more than the file holds), checked entry by
+/// entry, then parsed by the `safetensors` crate. Returns where the data
+/// starts (`8 + n`) and the crate's metadata, whose offsets count from there.
+pub fn read(path: &Path, file: &File, file_len: u64) -> Result<(u64, Metadata)> {
     let bad = |msg: String| Error::Safetensors {
         path: path.to_owned(),
         msg,
     };
-    let Some(len) = bytes.get(..8) else {
+    if file_len < 8 {
         return Err(bad(format!(
-            "the file is {} bytes, shorter than the 8-byte header length",
-            bytes.len()
+            "the file is {file_len} bytes, shorter than the 8-byte header length"
         )));
+    }
+    let mut len = [0; 8];
+    crate::files::read_exact_at(file, &mut len, 0).map_err(|e| Error::io(path, e))?;
+    let n = header_len(path, len, file_len)?;
+    let mut header = vec![0; n as usize];
+    crate::files::read_exact_at(file, &mut header, 8).map_err(|e| Error::io(path, e))?;
+    check_entries(path, &header, file_len - 8 - n)?;
+    let metadata = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    Ok((8 + n, metadata))
+}
+
+/// Checks the header of the safetensors file `bytes` (read from `path`).
+#[cfg(test)]
+fn check(path: &Path, bytes: &[u8]) -> Result<()> {
+    let Some(len) = bytes.get(..8) else {
+        return Err(Error::Safetensors {
+            path: path.to_owned(),
+            msg: format!(
+                "the file is {} bytes, shorter than the 8-byte header length",
+                bytes.len()
+            ),
+        });
     };
-    let n = u64::from_le_bytes(len.try_into().expect("8 bytes"));
     let file_len = bytes.len() as u64;
+    let n = header_len(path, len.try_into().expect("8 bytes"), file_len)?;
+    check_entries(path, &bytes[8..8 + n as usize], file_len - 8 - n)
+}
+
+/// The header length `len` (the file's first 8 bytes) says, checked against
+/// the file's length and [`MAX_HEADER`].
+fn header_len(path: &Path, len: [u8; 8], file_len: u64) -> Result<u64> {
+    let bad = |msg: String| Error::Safetensors {
+        path: path.to_owned(),
+        msg,
+    };
+    let n = u64::from_le_bytes(len);
     if n > MAX_HEADER {
         return Err(bad(format!(
             "header too large: it claims {n} bytes, more than the {MAX_HEADER} we read"
@@ -44,8 +82,15 @@ pub fn check(path: &Path, bytes: &[u8]) -> Result<()> {
             file_len - 8
         )));
     }
-    let header = &bytes[8..8 + n as usize];
-    let data_len = file_len - 8 - n;
+    Ok(n)
+}
+
+/// Checks each entry of `header` against the `data_len` bytes of data after it.
+fn check_entries(path: &Path, header: &[u8], data_len: u64) -> Result<()> {
+    let bad = |msg: String| Error::Safetensors {
+        path: path.to_owned(),
+        msg,
+    };
     let entries = Entries::parse(header).map_err(|e| bad(format!("header: {e}")))?;
     let mut ranges: Vec<(u64, u64, &str)> = Vec::with_capacity(entries.0.len());
     for (name, value) in &entries.0 {

@@ -1,14 +1,16 @@
-//! Loading `model.safetensors`: memory-mapped, every tensor checked (name,
-//! dtype, shape) against the config, and borrowed as `&[f32]` straight from the
-//! map. A tensor is copied only when its bytes are not 4-byte aligned.
+//! Loading `model.safetensors`: the header read and checked (name, dtype,
+//! shape, byte range) against the config, then every tensor read with
+//! bounded reads (`pread`) into memory this process owns. The file is never
+//! memory-mapped, so how the kernel caches or maps its pages never shows in
+//! this process's resident memory, and once loaded nothing reads it again.
 //!
 //! The four `[K, N]` matrices of every block, and the LM head (`wte`
 //! transposed), are packed once, at load, in the column panels of
 //! [`gpt2_kernels::pack_panels`] (one anonymous map, huge pages where the OS
-//! grants them), which the kernels stream in order. The file map's pages of
-//! those matrices are then handed back to the OS, so the packed copy does not
-//! double the resident memory, and nothing keeps the stored matrices: each
-//! layer holds only its panels.
+//! grants them), which the kernels stream in order. Each is read through one
+//! reused staging buffer (a whole block matrix, or a slab of the LM head's
+//! rows), so the load holds the packed copy plus that one buffer; nothing
+//! keeps the stored matrices: each layer holds only its panels.
 //!
 //! Every tensor name is built in one place, by prefix, in `gpt2` and
 //! `block` (as candle's `VarBuilder::pp` does): the shape checks, the
@@ -23,18 +25,23 @@ use std::sync::Arc;
 
 use gpt2_kernels::{pack, pack_t, packed_bytes, Dtype, Panels, PanelsMut, PANEL};
 use memmap2::{Mmap, MmapMut};
-use safetensors::{Dtype as FileDtype, SafeTensors};
+use rayon::prelude::*;
+use safetensors::Dtype as FileDtype;
 
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
 use crate::layers::{Embeddings, LayerNorm, PackedLinear};
 use crate::profile::Op;
 
+/// The values one read fetches (1 MiB of f32): the pieces of a tensor are
+/// read in parallel, as many at once as the pool has threads.
+const READ_PIECE: usize = 1 << 18;
+
 #[cfg(target_endian = "big")]
 compile_error!("safetensors stores little-endian floats; big-endian hosts are not supported");
 
-/// One f32 tensor, either borrowed from a memory map or owned. Cloning
-/// shares the values.
+/// One f32 tensor: its values read into memory, or (while loading) where
+/// they lie in the file. Cloning shares the values.
 #[derive(Clone)]
 pub struct Tensor {
     storage: Storage,
@@ -45,69 +52,106 @@ pub struct Tensor {
 
 #[derive(Clone)]
 enum Storage {
-    /// `len` floats at byte offset `start` of the map (4-byte aligned).
-    Mapped {
-        map: Arc<Mmap>,
-        start: usize,
-        len: usize,
+    /// Not read yet: the values stored as `stored` from byte `offset` of
+    /// the file, read when packed ([`Tensor::read`], a bounded piece at a
+    /// time) or kept ([`Tensor::owned`]). Only a loading model has these.
+    File {
+        file: Arc<Source>,
+        offset: u64,
+        stored: Stored,
     },
-    /// `len` 16-bit values (BF16 or F16) at byte offset `start` of the file
-    /// map, converted to f32 when read ([`Tensor::values`]): a matrix only
-    /// to be packed, one at a time, or a kept tensor copied as f32 at load.
-    Half {
-        map: Arc<Mmap>,
-        start: usize,
-        len: usize,
-        dtype: Half,
-    },
-    /// A copy, made when the bytes in the file were misaligned.
+    /// The values, as f32.
     Owned(Arc<Vec<f32>>),
 }
 
-/// The 16-bit float formats a checkpoint may be stored in.
+/// The open checkpoint, shared by the tensors not read yet.
+struct Source {
+    file: File,
+    path: PathBuf,
+}
+
+/// The float formats a checkpoint may store a tensor in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Half {
+enum Stored {
+    F32,
     Bf16,
     F16,
 }
 
-impl Half {
-    /// `bytes` (little-endian 16-bit values) as f32, exactly: every BF16 and
-    /// F16 value is an f32 value, NaN and infinities included.
-    fn to_f32(self, bytes: &[u8], out: &mut Vec<f32>) {
+impl Stored {
+    fn bytes(self) -> usize {
+        match self {
+            Stored::F32 => 4,
+            Stored::Bf16 | Stored::F16 => 2,
+        }
+    }
+
+    /// `bytes` (little-endian 16-bit values) into `out` as f32, exactly:
+    /// every BF16 and F16 value is an f32 value, NaN and infinities included.
+    fn widen(self, bytes: &[u8], out: &mut [f32]) {
         let bits = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
         match self {
-            Half::Bf16 => out.extend(bits.map(|b| half::bf16::from_bits(b).to_f32())),
-            Half::F16 => out.extend(bits.map(|b| half::f16::from_bits(b).to_f32())),
+            Stored::Bf16 => out
+                .iter_mut()
+                .zip(bits)
+                .for_each(|(o, b)| *o = half::bf16::from_bits(b).to_f32()),
+            Stored::F16 => out
+                .iter_mut()
+                .zip(bits)
+                .for_each(|(o, b)| *o = half::f16::from_bits(b).to_f32()),
+            Stored::F32 => unreachable!("f32 is read as it is stored"),
         }
     }
 }
 
 impl Tensor {
-    /// The values, row-major. Only for f32 storage: a 16-bit tensor is read
-    /// through [`Tensor::values`] (the model keeps none; see [`load`]).
+    /// The values, row-major. Only for a tensor read into memory (every
+    /// tensor of a loaded model).
     pub fn data(&self) -> &[f32] {
         match &self.storage {
-            // Alignment was checked when the tensor was made, so this cannot fail.
-            Storage::Mapped { map, start, len } => bytemuck::cast_slice(&map[*start..*start + len * 4]),
             Storage::Owned(v) => v,
-            Storage::Half { .. } => unreachable!("a 16-bit tensor is read through values()"),
+            Storage::File { .. } => unreachable!("a tensor still in the file is read through read()"),
         }
     }
 
-    /// The values `from..to` (in elements) as f32: borrowed when stored as
-    /// f32, converted when stored as BF16 or F16.
-    fn values(&self, from: usize, to: usize) -> std::borrow::Cow<'_, [f32]> {
-        match &self.storage {
-            Storage::Half {
-                map, start, dtype, ..
-            } => {
-                let mut out = Vec::with_capacity(to - from);
-                dtype.to_f32(&map[start + 2 * from..start + 2 * to], &mut out);
-                std::borrow::Cow::Owned(out)
-            }
-            _ => std::borrow::Cow::Borrowed(&self.data()[from..to]),
+    /// The values `from..to` (in elements) as f32, read into the front of
+    /// `buf` (grown if shorter, never shrunk or cleared: every value is
+    /// overwritten): reads of exactly those bytes, a [`READ_PIECE`] at a
+    /// time on the caller's rayon pool, whatever the tensor's size.
+    fn read<'b>(&self, from: usize, to: usize, buf: &'b mut Vec<f32>) -> Result<&'b [f32]> {
+        if buf.len() < to - from {
+            buf.resize(to - from, 0.0);
         }
+        let out = &mut buf[..to - from];
+        let (file, offset, stored) = match &self.storage {
+            Storage::Owned(v) => {
+                out.copy_from_slice(&v[from..to]);
+                return Ok(out);
+            }
+            Storage::File {
+                file, offset, stored, ..
+            } => (file, *offset, *stored),
+        };
+        let size = stored.bytes();
+        out.par_chunks_mut(READ_PIECE)
+            .enumerate()
+            .try_for_each(|(i, piece)| {
+                let at = offset + ((from + i * READ_PIECE) * size) as u64;
+                let read = |bytes: &mut [u8]| {
+                    crate::files::read_exact_at(&file.file, bytes, at).map_err(|e| Error::io(&file.path, e))
+                };
+                match stored {
+                    // Little-endian f32 bytes are the values themselves.
+                    Stored::F32 => read(bytemuck::cast_slice_mut(piece)),
+                    _ => {
+                        let mut bytes = vec![0; piece.len() * size];
+                        read(&mut bytes)?;
+                        stored.widen(&bytes, piece);
+                        Ok(())
+                    }
+                }
+            })?;
+        Ok(out)
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -119,9 +163,10 @@ impl Tensor {
         &self.name
     }
 
-    /// Whether the values are read in place from the memory map.
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.storage, Storage::Mapped { .. } | Storage::Half { .. })
+    /// Whether the values are still in the file, not yet read (never, once
+    /// a model is loaded).
+    pub fn in_file(&self) -> bool {
+        matches!(self.storage, Storage::File { .. })
     }
 
     /// A tensor with no values, standing in while [`gpt2`] is only planned.
@@ -133,51 +178,20 @@ impl Tensor {
         }
     }
 
-    /// Asks the OS to drop this tensor's resident pages of the file map
-    /// (whole pages inside the tensor only). A no-op for copies.
-    fn release_pages(&self) {
-        self.release_range(0, self.len());
-    }
-
-    /// As [`Tensor::release_pages`], for the floats `from..to` only.
-    fn release_range(&self, from: usize, to: usize) {
-        const PAGE: usize = 4096;
-        let (map, start, len, size) = match &self.storage {
-            Storage::Mapped { map, start, len } => (map, start, len, 4),
-            Storage::Half { map, start, len, .. } => (map, start, len, 2),
-            Storage::Owned(_) => return,
-        };
-        {
-            let to = to.min(*len);
-            let base = map.as_ptr() as usize;
-            let (lo, hi) = (
-                (base + start + from * size).next_multiple_of(PAGE),
-                (base + start + to * size) / PAGE * PAGE,
-            );
-            if hi > lo {
-                // SAFETY: the map is private, read-only and never written, so
-                // MADV_DONTNEED only unmaps clean file pages: a later read
-                // faults the same bytes back from the file. No reference sees
-                // different contents. A failure (which only means the pages
-                // stay resident) is ignored.
-                let _ = unsafe {
-                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo - base, hi - lo)
-                };
-            }
+    /// The same tensor with its values read into memory (a tensor already
+    /// read is shared, not copied again).
+    fn owned(&self) -> Result<Tensor> {
+        if !self.in_file() {
+            return Ok(self.clone());
         }
-    }
-
-    /// The same tensor with its values copied out of the file map (a copy
-    /// already owned is shared, not copied again).
-    fn detached(&self) -> Tensor {
-        match &self.storage {
-            Storage::Mapped { .. } | Storage::Half { .. } => Tensor {
-                storage: Storage::Owned(Arc::new(self.values(0, self.len()).into_owned())),
-                shape: self.shape.clone(),
-                name: self.name.clone(),
-            },
-            Storage::Owned(_) => self.clone(),
-        }
+        let mut values = Vec::new();
+        self.read(0, self.len(), &mut values)?;
+        debug_assert_eq!(values.len(), self.len());
+        Ok(Tensor {
+            storage: Storage::Owned(Arc::new(values)),
+            shape: self.shape.clone(),
+            name: self.name.clone(),
+        })
     }
 
     /// Elements.
@@ -232,10 +246,6 @@ pub struct Weights {
     /// Every tensor by canonical name, in checkpoint order, as
     /// [`Weights::check_finite`] reads it.
     params: Vec<(String, Param)>,
-    /// Bytes read in place from the map, and bytes of f32 made by copying
-    /// (misaligned f32, or converted from BF16/F16).
-    pub mapped_bytes: usize,
-    pub copied_bytes: usize,
     /// Bytes of the packed copies (in anonymous memory).
     pub packed_bytes: usize,
     /// The format of the packed matrices.
@@ -332,11 +342,11 @@ fn gpt2(vb: &Vb, config: &Gpt2Config, n_layer: usize) -> Result<Weights> {
     let ln_f = vb.layer_norm("ln_f", c, config.layer_norm_epsilon)?;
     let (embed, lm_head) = match vb.optional("lm_head.weight", &[v, c]) {
         Some(head) => (
-            Embeddings::untied(vb.keep(wte), wpe),
-            vb.linear_t(head, Op::LmHead),
+            Embeddings::untied(vb.keep(wte)?, wpe),
+            vb.linear_t(head, Op::LmHead)?,
         ),
         None => {
-            let head = vb.linear_t(wte, Op::LmHead);
+            let head = vb.linear_t(wte, Op::LmHead)?;
             (Embeddings::tied(head.panels().clone(), wpe), head)
         }
     };
@@ -346,8 +356,6 @@ fn gpt2(vb: &Vb, config: &Gpt2Config, n_layer: usize) -> Result<Weights> {
         ln_f,
         lm_head,
         params: Vec::new(),
-        mapped_bytes: 0,
-        copied_bytes: 0,
         packed_bytes: 0,
         dtype: Dtype::F32,
     })
@@ -389,15 +397,18 @@ enum Store<'f> {
         specs: Vec<Spec>,
         packed: usize,
     },
-    /// Packs every matrix into `panels` (the anonymous map, not yet shared),
-    /// then hands its file pages back to the OS.
+    /// Reads every matrix into `staging` (a whole block matrix, or a slab
+    /// of the LM head) and packs it into `panels` (the anonymous map, not
+    /// yet shared).
     Pack {
         found: &'f Found,
         panels: &'f mut [u8],
         offset: usize,
+        staging: Vec<f32>,
     },
-    /// Takes the tensors out of the file's set; the matrices become views of
-    /// the packed map, in the order they were packed.
+    /// Takes the tensors out of the file's set (the kept ones were read
+    /// when the header was checked); the matrices become views of the
+    /// packed map, in the order they were packed.
     Take {
         found: Found,
         map: Arc<Mmap>,
@@ -415,7 +426,8 @@ struct Spec {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// Required, and kept as stored (copied out of the file map).
+    /// Required, and kept as stored (read into memory as the file's tensors
+    /// are listed).
     Required,
     /// Required, and read only to be packed (not kept as stored).
     Matrix,
@@ -477,7 +489,7 @@ impl<'s, 'f> Vb<'s, 'f> {
             .ok_or_else(|| self.missing(&name))
     }
 
-    /// A matrix read only to be packed: not copied out of the file map.
+    /// A matrix read only to be packed: never kept as stored.
     fn matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let name = self.name(name);
         self.get(&name, shape, Kind::Matrix)
@@ -485,17 +497,17 @@ impl<'s, 'f> Vb<'s, 'f> {
     }
 
     /// A matrix that was fetched to be packed but is kept as stored after
-    /// all (an untied `wte`): copied out of the file map when taken.
-    fn keep(&self, t: Tensor) -> Tensor {
+    /// all (an untied `wte`): read into memory when taken.
+    fn keep(&self, t: Tensor) -> Result<Tensor> {
         match &mut *self.store.borrow_mut() {
             Store::Take { params, .. } => {
-                let kept = t.detached();
+                let kept = t.owned()?;
                 if let Some(entry) = params.iter_mut().rev().find(|(name, _)| *name == kept.name) {
                     entry.1 = Param::Tensor(kept.clone());
                 }
-                kept
+                Ok(kept)
             }
-            _ => t,
+            _ => Ok(t),
         }
     }
 
@@ -533,12 +545,11 @@ impl<'s, 'f> Vb<'s, 'f> {
             }
             Store::Pack { found, .. } => shared(found),
             Store::Take { found, params, .. } => {
-                // What the model keeps is copied out of the file map, so that
-                // once loaded nothing reads the file: rewriting or truncating
-                // it under a running process cannot fault (SIGBUS). Matrices
-                // are not copied; `pack` replaces them by their panels.
+                // What the model keeps was read into memory (`load`), so
+                // once loaded nothing reads the file. Matrices are not kept;
+                // `pack` replaces them by their panels.
                 let (_, t) = found.tensors.remove(name)?;
-                let t = if kind == Kind::Required { t.detached() } else { t };
+                debug_assert!(kind != Kind::Required || !t.in_file(), "{name} was not read");
                 params.push((name.to_owned(), Param::Tensor(t.clone())));
                 Some(t)
             }
@@ -570,20 +581,20 @@ impl<'s, 'f> Vb<'s, 'f> {
     /// The linear layer `name.weight (k, n)`, `name.bias (n)`, packed.
     fn linear(&self, name: &str, k: usize, n: usize, op: Op) -> Result<PackedLinear> {
         let vb = self.pp(name);
-        let panels = self.pack(vb.matrix("weight", &[k, n])?, k, n, false);
+        let panels = self.pack(vb.matrix("weight", &[k, n])?, k, n, false)?;
         let bias = vb.tensor("bias", &[n])?;
         Ok(PackedLinear::new(panels, Some(bias), k, n, op))
     }
 
     /// A linear layer without bias over `weight` stored `(n, k)`: the LM head.
-    fn linear_t(&self, weight: Tensor, op: Op) -> PackedLinear {
+    fn linear_t(&self, weight: Tensor, op: Op) -> Result<PackedLinear> {
         let (n, k) = (weight.shape()[0], weight.shape()[1]);
-        PackedLinear::new(self.pack(weight, k, n, true), None, k, n, op)
+        Ok(PackedLinear::new(self.pack(weight, k, n, true)?, None, k, n, op))
     }
 
     /// `weight` as a `[k, n]` matrix (stored `[n, k]` if `transposed`) in
     /// the next panels of the packed map.
-    fn pack(&self, weight: Tensor, k: usize, n: usize, transposed: bool) -> Packed {
+    fn pack(&self, weight: Tensor, k: usize, n: usize, transposed: bool) -> Result<Packed> {
         let dtype = self.dtype;
         let bytes = packed_bytes(dtype, k, n);
         // Each matrix starts a cache line.
@@ -598,36 +609,33 @@ impl<'s, 'f> Vb<'s, 'f> {
         match &mut *self.store.borrow_mut() {
             Store::Plan { packed: total, .. } => {
                 *total += len;
-                packed
+                Ok(packed)
             }
-            Store::Pack { panels, offset, .. } => {
+            Store::Pack {
+                panels,
+                offset,
+                staging,
+                ..
+            } => {
                 let dst = &mut panels[*offset..*offset + bytes];
                 if transposed {
                     // The LM head (wte, 154 MB for GPT-2) a slab of panels at
-                    // a time, each slab's file pages released once packed:
-                    // resident memory never holds the whole stored matrix
+                    // a time: memory never holds the whole stored matrix
                     // beside its panels. Panel p gathers stored rows 48p..,
                     // so slabs of whole panels pack exactly as one call.
                     const SLAB: usize = 64 * PANEL;
                     for from in (0..n).step_by(SLAB) {
                         let to = (from + SLAB).min(n);
-                        let dst = PanelsMut::from_bytes(dtype, dst, k, n);
-                        pack_t(dst, &weight.values(from * k, to * k), k, n, from..to);
-                        weight.release_range(from * k, to * k);
+                        let wt = weight.read(from * k, to * k, staging)?;
+                        pack_t(PanelsMut::from_bytes(dtype, dst, k, n), wt, k, n, from..to);
                     }
                 } else {
-                    pack(
-                        PanelsMut::from_bytes(dtype, dst, k, n),
-                        &weight.values(0, k * n),
-                        k,
-                        n,
-                    );
+                    // Whole: int8 takes each column's scale from all its rows.
+                    let w = weight.read(0, k * n, staging)?;
+                    pack(PanelsMut::from_bytes(dtype, dst, k, n), w, k, n);
                 }
                 *offset += len;
-                // Nothing reads these pages again (tied, the token embeddings
-                // are read from the panels too).
-                weight.release_pages();
-                packed
+                Ok(packed)
             }
             Store::Take {
                 map, offset, params, ..
@@ -641,7 +649,7 @@ impl<'s, 'f> Vb<'s, 'f> {
                 if let Some(entry) = params.iter_mut().rev().find(|(name, _)| *name == weight.name) {
                     entry.1 = view;
                 }
-                packed
+                Ok(packed)
             }
         }
     }
@@ -721,49 +729,38 @@ fn layer_field(canonical: &str, n_layer: usize) -> Option<&str> {
     (i < n_layer && i.to_string() == index).then_some(field)
 }
 
-/// Memory-maps `path` and checks every tensor against `config`.
+/// Reads `path`'s header, checks every tensor against `config`, and reads
+/// the tensors: the kept ones whole, the matrices into their panels.
 pub fn load(path: &Path, config: &Gpt2Config, dtype: Dtype) -> Result<Weights> {
-    // A FIFO would block the open; a device has no length to map.
+    // A FIFO would block the open; a device has no length to read up to.
     crate::files::check_regular(path)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let bad = |msg: String| Error::Safetensors {
+    // Every fault of the header named by its tensor, and no key twice; then
+    // the `safetensors` crate's own parse of it.
+    let (data_start, metadata) = crate::header::read(path, &file, size)?;
+    let source = Arc::new(Source {
+        file,
         path: path.to_owned(),
-        msg,
-    };
-    if size < 8 {
-        return Err(bad(format!(
-            "the file is {size} bytes, shorter than the 8-byte header length"
-        )));
-    }
-    // SAFETY: the map is read-only and lives only while this function runs:
-    // every tensor the model keeps is copied out of it (or packed from it)
-    // before it is dropped, so a file rewritten in place after loading is
-    // never read. Rewritten *during* the load, a fault (SIGBUS) is possible;
-    // our own writers replace files by rename, never in place.
-    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
-    // Every fault of the header named by its tensor, and no key twice.
-    crate::header::check(path, &map)?;
-    let st = SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
+    });
     let schema = Schema::new(config);
 
     // In file order, so that of several faults the first one is reported,
     // the same one on every run (the header's map has no order).
-    let mut views: Vec<_> = st.iter().collect();
-    views.sort_by_key(|(name, view)| (view.data().as_ptr(), *name));
+    let mut infos: Vec<_> = metadata.tensors().into_iter().collect();
+    infos.sort_by(|(a, x), (b, y)| (x.data_offsets.0, a).cmp(&(y.data_offsets.0, b)));
     let mut found = Found {
         path: path.to_owned(),
         prefixed: false,
         tensors: HashMap::new(),
     };
-    let (mut mapped_bytes, mut copied_bytes) = (0, 0);
-    for (name, view) in views {
+    for (name, info) in infos {
         let canonical = match name.strip_prefix("transformer.") {
             Some(rest) => {
                 found.prefixed = true;
                 rest
             }
-            None => name,
+            None => &name,
         };
         if schema.is_skipped(canonical) {
             continue;
@@ -771,27 +768,27 @@ pub fn load(path: &Path, config: &Gpt2Config, dtype: Dtype) -> Result<Weights> {
         let Some(shape) = schema.expected_shape(canonical) else {
             return Err(Error::UnknownTensor {
                 path: path.to_owned(),
-                tensor: name.to_owned(),
+                tensor: name,
             });
         };
-        let half = match view.dtype() {
-            FileDtype::F32 => None,
-            FileDtype::BF16 => Some(Half::Bf16),
-            FileDtype::F16 => Some(Half::F16),
+        let stored = match info.dtype {
+            FileDtype::F32 => Stored::F32,
+            FileDtype::BF16 => Stored::Bf16,
+            FileDtype::F16 => Stored::F16,
             other => {
                 return Err(Error::Dtype {
                     path: path.to_owned(),
-                    tensor: name.to_owned(),
+                    tensor: name,
                     dtype: format!("{other:?}"),
                 })
             }
         };
-        if view.shape() != shape {
+        if info.shape != shape {
             return Err(Error::Shape {
                 path: path.to_owned(),
-                tensor: name.to_owned(),
+                tensor: name,
                 expected: shape.to_vec(),
-                got: view.shape().to_vec(),
+                got: info.shape.clone(),
             });
         }
         if let Some((first, _)) = found.tensors.get(canonical) {
@@ -799,43 +796,24 @@ pub fn load(path: &Path, config: &Gpt2Config, dtype: Dtype) -> Result<Weights> {
                 path: path.to_owned(),
                 tensor: canonical.to_owned(),
                 first: first.clone(),
-                second: name.to_owned(),
+                second: name,
             });
         }
-        let bytes = view.data();
-        let storage = if let Some(dtype) = half {
-            // Read as f32 when packed or kept (`Tensor::values`).
-            copied_bytes += bytes.len() * 2;
-            Storage::Half {
-                map: Arc::clone(&map),
-                start: bytes.as_ptr() as usize - map.as_ptr() as usize,
-                len: bytes.len() / 2,
-                dtype,
-            }
-        } else if bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok() {
-            mapped_bytes += bytes.len();
-            Storage::Mapped {
-                map: Arc::clone(&map),
-                start: bytes.as_ptr() as usize - map.as_ptr() as usize,
-                len: bytes.len() / 4,
-            }
-        } else {
-            copied_bytes += bytes.len();
-            Storage::Owned(Arc::new(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ))
-        };
         let tensor = Tensor {
-            storage,
+            storage: Storage::File {
+                file: Arc::clone(&source),
+                offset: data_start + info.data_offsets.0 as u64,
+                stored,
+            },
             shape: shape.to_vec(),
             name: canonical.to_owned(),
         };
-        found
-            .tensors
-            .insert(canonical.to_owned(), (name.to_owned(), tensor));
+        // What the model keeps as stored (biases, norms, `wpe`: small) is
+        // read now; the matrices when they are packed.
+        let kept = schema.get(canonical).is_some_and(|s| s.kind == Kind::Required);
+        let tensor = if kept { tensor.owned()? } else { tensor };
+        let canonical = canonical.to_owned();
+        found.tensors.insert(canonical, (name, tensor));
     }
 
     // Every tensor present (the first missing one, in checkpoint order, is
@@ -860,6 +838,7 @@ pub fn load(path: &Path, config: &Gpt2Config, dtype: Dtype) -> Result<Weights> {
         found: &found,
         panels: &mut anon[..],
         offset: 0,
+        staging: Vec::new(),
     });
     gpt2(&Vb::new(&pack, dtype), config, config.n_layer)?;
     drop(pack);
@@ -874,18 +853,15 @@ pub fn load(path: &Path, config: &Gpt2Config, dtype: Dtype) -> Result<Weights> {
     let Store::Take { params, .. } = take.into_inner() else {
         unreachable!("the store stays a take")
     };
-    drop(st);
-    // Nothing the model keeps points into the file any more.
+    // Nothing the model keeps reads the file any more: it is closed here.
     debug_assert_eq!(
-        Arc::strong_count(&map),
+        Arc::strong_count(&source),
         1,
-        "a tensor still borrows from the file map"
+        "a tensor still reads from the file"
     );
-    drop(map);
+    drop(source);
     Ok(Weights {
         params,
-        mapped_bytes,
-        copied_bytes,
         packed_bytes: total,
         dtype,
         ..weights
@@ -900,6 +876,48 @@ pub fn checkpoint_files(dir: &Path) -> (PathBuf, PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file cut short under the loader (after its header was checked
+    /// against its length) is a read error naming the file: it was a fault
+    /// (SIGBUS) while the file was mapped. Every stored format, and a read
+    /// spanning several pieces.
+    #[test]
+    fn a_file_shorter_than_its_tensors_is_a_named_read_error() {
+        let dir = std::env::temp_dir().join(format!("gpt2-weights-short-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        std::fs::write(&path, vec![0u8; 4 * READ_PIECE + 100]).unwrap();
+        let source = Arc::new(Source {
+            file: File::open(&path).unwrap(),
+            path: path.clone(),
+        });
+        for (stored, len) in [
+            (Stored::F32, 2 * READ_PIECE),
+            (Stored::Bf16, 3 * READ_PIECE),
+            (Stored::F16, 3 * READ_PIECE),
+        ] {
+            let tensor = Tensor {
+                storage: Storage::File {
+                    file: Arc::clone(&source),
+                    offset: 64,
+                    stored,
+                },
+                shape: vec![len],
+                name: "wte.weight".into(),
+            };
+            let mut buf = Vec::new();
+            // The first pieces are there; the last one runs past the end.
+            let ok = len - READ_PIECE;
+            assert!(tensor.read(0, ok, &mut buf).is_ok(), "{stored:?}");
+            let err = tensor.read(0, len, &mut buf).unwrap_err();
+            assert!(
+                matches!(&err, Error::Io { path: p, source } if *p == path
+                    && source.kind() == std::io::ErrorKind::UnexpectedEof),
+                "{stored:?}: {err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn only_canonical_layer_names_are_mask_buffers() {
