@@ -3,8 +3,9 @@
 //! The path of data: [`hub`] finds a checkpoint (local, Hugging Face cache or
 //! synthetic); [`config`] and [`weights`] read it (bounded reads, no file
 //! map: every tensor kept is copied or packed) into a [`model::Gpt2Model`],
-//! whose [`forward`](model::Gpt2Model::forward) turns a batch of rows (token, sequence, position) into logits using the
-//! kernels of the `gpt2-kernels` crate. [`tokenizer`] turns text into ids and
+//! whose [`forward`](model::Gpt2Model::forward) turns a batch of rows
+//! (token, sequence, position) into logits using the kernels of the
+//! `gpt2-kernels` crate. [`tokenizer`] turns text into ids and
 //! back, [`sampling`] picks tokens, and [`generate`] runs the decode loop.
 //! [`synth`] writes deterministic synthetic checkpoints for machines that
 //! cannot download the real one.
