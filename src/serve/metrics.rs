@@ -19,8 +19,14 @@ use crate::scheduler::{SchedulerStats, StepObserver, StepStats};
 pub struct Metrics {
     registry: Registry,
     /// By `route` (the matched pattern, never the raw path), `status` and
-    /// `outcome`: `ok`, `cancelled` (the client left first) or the error's code.
+    /// `outcome`: `ok`, `cancelled` (the client left first), `write_stalled`
+    /// (the client stopped reading its stream), `shutdown` (ended by the end
+    /// of the grace period) or the error's code.
     pub requests: IntCounterVec,
+    /// Connections open now.
+    pub open_connections: IntGauge,
+    /// Connections closed at once, past `--max-connections`.
+    pub connections_refused: IntCounter,
     pub prompt_tokens: IntCounter,
     pub generated_tokens: IntCounter,
     pub queue_depth: IntGauge,
@@ -89,6 +95,13 @@ impl Metrics {
             0.000_1,
             16,
         );
+        let open_connections =
+            IntGauge::new("gpt2_open_connections", "HTTP connections open now").expect("valid gauge");
+        let connections_refused = IntCounter::new(
+            "gpt2_connections_refused_total",
+            "Connections answered 503 and closed because --max-connections were open",
+        )
+        .expect("valid counter");
         let registry = Registry::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -98,6 +111,8 @@ impl Metrics {
             Box::new(active_sequences.clone()),
             Box::new(in_flight.clone()),
             Box::new(draining.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(connections_refused.clone()),
             Box::new(ttft.clone()),
             Box::new(inter_token.clone()),
             Box::new(step.clone()),
@@ -107,6 +122,8 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            open_connections,
+            connections_refused,
             prompt_tokens,
             generated_tokens,
             queue_depth,
