@@ -718,3 +718,42 @@ fn at_the_end_of_the_grace_period_requests_get_503_and_streams_an_error_then_don
     server.gate.set(false);
     server.thread.take().unwrap().join().unwrap();
 }
+
+// ---- item 7: half-closed requests ----
+
+/// Sends a small completion request, shuts the sending side down, and
+/// reads whatever comes back until the server closes.
+fn half_closed_request(base: &str) -> String {
+    let mut s = connect(base);
+    send_request(&mut s, &greedy(json!("Hi"), 3, false));
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    read_to_close(&mut s).0
+}
+
+#[test]
+fn a_half_closed_request_is_answered_with_half_close_and_counted_without() {
+    let server = tiny_server(&["--half-close"]);
+    let answer = half_closed_request(&server.base);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""completion_tokens":3"#), "{answer}");
+    let ok = r#"gpt2_requests_total{outcome="ok",route="/v1/completions",status="200"}"#;
+    let m = server::get(&server.url("/metrics"), None).text;
+    assert_eq!(metric(&m, ok), Some(1.0), "{m}");
+
+    // Without it, the end of input is the client leaving: dropped, but counted and logged.
+    let server = tiny_server(&[]);
+    let answer = half_closed_request(&server.base);
+    assert!(answer.is_empty(), "{answer}");
+    let start = Instant::now();
+    loop {
+        let m = server::get(&server.url("/metrics"), None).text;
+        if metric(&m, "gpt2_connections_closed_mid_request_total") == Some(1.0) {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "never counted:\n{m}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server
+        .stderr()
+        .contains("closed its side of a connection before its request was answered"));
+}

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     /// Connections closed at once, past `--max-connections`.
     pub connections_refused: IntCounter,
+    /// Connections whose client closed (or, without `--half-close`,
+    /// half-closed) its side before its request was answered.
+    pub closed_mid_request: IntCounter,
     pub prompt_tokens: IntCounter,
     pub generated_tokens: IntCounter,
     pub queue_depth: IntGauge,
@@ -102,6 +105,11 @@ impl Metrics {
             "Connections answered 503 and closed because --max-connections were open",
         )
         .expect("valid counter");
+        let closed_mid_request = IntCounter::new(
+            "gpt2_connections_closed_mid_request_total",
+            "Connections whose client closed its side before its request was answered",
+        )
+        .expect("valid counter");
         let registry = Registry::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -113,6 +121,7 @@ impl Metrics {
             Box::new(draining.clone()),
             Box::new(open_connections.clone()),
             Box::new(connections_refused.clone()),
+            Box::new(closed_mid_request.clone()),
             Box::new(ttft.clone()),
             Box::new(inter_token.clone()),
             Box::new(step.clone()),
@@ -124,6 +133,7 @@ impl Metrics {
             requests,
             open_connections,
             connections_refused,
+            closed_mid_request,
             prompt_tokens,
             generated_tokens,
             queue_depth,

@@ -78,6 +78,13 @@ pub struct ServeConfig {
     /// A stream whose client has taken nothing for this long is cancelled,
     /// its connection closed and its slot freed.
     pub write_stall: Duration,
+    /// Answer a request whose client shut its sending side down after it
+    /// (hyper's `half_close`). Off, such an end of input counts as the client
+    /// leaving (its request is cancelled, counted in
+    /// `gpt2_connections_closed_mid_request_total`), which is also how a
+    /// client that gave up on a non-streaming request is noticed before its
+    /// answer is written: TCP cannot tell the two apart.
+    pub half_close: bool,
 }
 
 impl Default for ServeConfig {
@@ -95,6 +102,7 @@ impl Default for ServeConfig {
             body_timeout: Duration::from_secs(30),
             max_connections: 1024,
             write_stall: Duration::from_secs(30),
+            half_close: false,
         }
     }
 }
@@ -244,6 +252,7 @@ async fn accept(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(app.config.header_timeout)
+        .half_close(app.config.half_close)
         .keep_alive(true);
     let slots = Arc::new(Semaphore::new(app.config.max_connections));
     let stopping = stopped(stop);
@@ -286,15 +295,24 @@ async fn accept(
             })
         };
         let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
-        let open = app.metrics.open_connections.clone();
-        open.inc();
+        let app = Arc::clone(app);
+        app.metrics.open_connections.inc();
         tokio::spawn(async move {
             tokio::select! {
-                // An error here is the client's (a reset, a timeout): nothing to do.
-                _ = conn => {}
+                ended = conn => {
+                    // The other errors are the client's (a reset, a timeout): nothing to do.
+                    if ended.is_err_and(|e| e.is_incomplete_message()) {
+                        app.metrics.closed_mid_request.inc();
+                        eprintln!(
+                            "gpt2 serve: a client closed its side of a connection before its request was \
+                             answered; the request was dropped (--half-close answers a client that only \
+                             shut down its sending side)"
+                        );
+                    }
+                }
                 () = connection.closed.notified() => {}
             }
-            open.dec();
+            app.metrics.open_connections.dec();
             drop(slot);
         });
     }
@@ -387,6 +405,15 @@ pub struct ServeArgs {
     /// and its connection closed (outcome `write_stalled`).
     #[arg(long, default_value_t = 30.0)]
     pub write_stall_seconds: f64,
+    /// Answer a request whose client shuts its sending side down after it
+    /// (`shutdown(SHUT_WR)`). Off (the default), the end of a client's input
+    /// means it left: its request is dropped and counted
+    /// (gpt2_connections_closed_mid_request_total), which is how a client
+    /// that gave up on a non-streaming request is noticed before its answer
+    /// is due; with it, such a client is noticed only when that answer is
+    /// written. TCP cannot tell the two apart.
+    #[arg(long)]
+    pub half_close: bool,
     /// Most connections open at once; more get a 503 and are closed.
     /// Default: the open-files limit less 64 for the rest of the process,
     /// at most 4096 (1024 when the limit is unknown).
@@ -468,6 +495,7 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
         body_timeout: Duration::from_secs_f64(args.body_timeout_seconds),
         max_connections,
         write_stall: Duration::from_secs_f64(args.write_stall_seconds),
+        half_close: args.half_close,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
