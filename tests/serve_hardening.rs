@@ -757,3 +757,77 @@ fn a_half_closed_request_is_answered_with_half_close_and_counted_without() {
         .stderr()
         .contains("closed its side of a connection before its request was answered"));
 }
+
+// ---- item 9: the KV cache budget ----
+
+#[test]
+fn the_kv_cache_budget_bounds_admission_and_idle_caches_are_released() {
+    // The 1024-position tiny model: 2 layers x 4 heads x 16 dims, so each of
+    // its 16 key/value regions fills a 4 KiB page per 64 positions: 64 KiB.
+    let server = start(
+        ServeConfig {
+            kv_cache_bytes: Some(512 << 10),
+            ..config(4, 4)
+        },
+        None,
+    );
+    server.gate.set(true);
+    let url = server.url("/v1/completions");
+    let in_flight = |n: f64| move |m: &str| metric(m, "gpt2_requests_in_flight") == Some(n);
+    // 1 + 400 positions: 7 pages of each region, 448 KiB.
+    let mut first = connect(&server.base);
+    send_request(&mut first, &greedy(json!("a"), 400, true));
+    server.wait_for("admitted", PATIENCE, in_flight(1.0));
+    let r = server::agent()
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .send(greedy(json!("a"), 400, false).to_string())
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let text = r.into_body().read_to_string().unwrap();
+    assert!(text.contains("kv_cache_full"), "{text}");
+    // 1 + 60 positions: one page each, 64 KiB: exactly the budget.
+    let mut second = connect(&server.base);
+    send_request(&mut second, &greedy(json!("a"), 60, true));
+    server.wait_for("admitted", PATIENCE, in_flight(2.0));
+    assert_eq!(
+        metric(&server.metrics(), "gpt2_kv_cache_reserved_bytes"),
+        Some((512 << 10) as f64)
+    );
+    // More than the whole budget can never run: a 400 naming max_tokens.
+    let r = post_json(&url, &greedy(json!("a"), 600, false));
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json["error"]["param"], "max_tokens", "{}", r.text);
+    assert_eq!(r.json["error"]["code"], "kv_cache_exceeded", "{}", r.text);
+    server.gate.set(false);
+    for conn in [&mut first, &mut second] {
+        let (text, _) = read_to_close_or_done(conn);
+        assert!(text.contains("data: [DONE]"), "{text}");
+    }
+    // Once idle, nothing is reserved and the engine keeps no cache.
+    server.wait_for("released", PATIENCE, |m| {
+        metric(m, "gpt2_requests_in_flight") == Some(0.0)
+            && metric(m, "gpt2_kv_cache_reserved_bytes") == Some(0.0)
+            && metric(m, "gpt2_kv_caches_pooled") == Some(0.0)
+    });
+    assert_eq!(post_json(&url, &greedy(json!("a"), 400, false)).status, 200);
+}
+
+/// Reads a streamed response until its `[DONE]` (the connection stays open).
+fn read_to_close_or_done(s: &mut TcpStream) -> (String, Duration) {
+    let start = Instant::now();
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    while !got.contains("data: [DONE]") {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) => panic!("{e}: {got}"),
+        }
+    }
+    (got, start.elapsed())
+}

@@ -25,6 +25,11 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Connections open now.
     pub open_connections: IntGauge,
+    /// KV cache bytes reserved by the requests in flight, and the budget.
+    pub kv_reserved: IntGauge,
+    pub kv_budget: IntGauge,
+    /// KV caches the engine keeps for reuse (read at scrape time).
+    pub kv_pooled: IntGauge,
     /// Connections closed at once, past `--max-connections`.
     pub connections_refused: IntCounter,
     /// Connections whose client closed (or, without `--half-close`,
@@ -110,6 +115,21 @@ impl Metrics {
             "Connections whose client closed its side before its request was answered",
         )
         .expect("valid counter");
+        let kv_reserved = IntGauge::new(
+            "gpt2_kv_cache_reserved_bytes",
+            "KV cache bytes reserved by the requests in flight (resident at most)",
+        )
+        .expect("valid gauge");
+        let kv_budget = IntGauge::new(
+            "gpt2_kv_cache_budget_bytes",
+            "KV cache bytes the requests in flight may reserve together (--kv-cache-mib)",
+        )
+        .expect("valid gauge");
+        let kv_pooled = IntGauge::new(
+            "gpt2_kv_caches_pooled",
+            "KV caches kept for reuse while the engine is busy (released when it goes idle)",
+        )
+        .expect("valid gauge");
         let registry = Registry::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -120,6 +140,9 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(draining.clone()),
             Box::new(open_connections.clone()),
+            Box::new(kv_reserved.clone()),
+            Box::new(kv_budget.clone()),
+            Box::new(kv_pooled.clone()),
             Box::new(connections_refused.clone()),
             Box::new(closed_mid_request.clone()),
             Box::new(ttft.clone()),
@@ -132,6 +155,9 @@ impl Metrics {
             registry,
             requests,
             open_connections,
+            kv_reserved,
+            kv_budget,
+            kv_pooled,
             connections_refused,
             closed_mid_request,
             prompt_tokens,
@@ -152,6 +178,7 @@ impl Metrics {
         let stats = engine.unwrap_or_default();
         self.queue_depth.set(stats.queued as i64);
         self.active_sequences.set(stats.active as i64);
+        self.kv_pooled.set(stats.pooled_caches as i64);
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# cannot encode the metrics: {e}\n"))

@@ -85,6 +85,10 @@ pub struct ServeConfig {
     /// client that gave up on a non-streaming request is noticed before its
     /// answer is written: TCP cannot tell the two apart.
     pub half_close: bool,
+    /// Bytes the KV caches of the requests in flight may reserve together
+    /// (429 `kv_cache_full` past it); `None`: half the memory available
+    /// (`MemAvailable`) once the weights are loaded.
+    pub kv_cache_bytes: Option<usize>,
 }
 
 impl Default for ServeConfig {
@@ -103,6 +107,7 @@ impl Default for ServeConfig {
             max_connections: 1024,
             write_stall: Duration::from_secs(30),
             half_close: false,
+            kv_cache_bytes: None,
         }
     }
 }
@@ -171,13 +176,25 @@ where
             .await;
             match result {
                 Ok(Ok((engine, cap))) => {
+                    let config = &engine.scheduler.model().config;
+                    let budget = app
+                        .config
+                        .kv_cache_bytes
+                        .unwrap_or_else(|| default_kv_budget(config));
                     eprintln!(
-                        "gpt2 serve: ready in {:.2} s: model `{}`, dtype {}, {} positions",
+                        "gpt2 serve: ready in {:.2} s: model `{}`, dtype {}, {} positions; KV cache budget {} MiB \
+                         ({} full-context sequences)",
                         t.elapsed().as_secs_f64(),
                         engine.model_id,
                         engine.scheduler.model().dtype(),
-                        engine.scheduler.model().config.n_positions
+                        config.n_positions,
+                        budget >> 20,
+                        budget / routes::kv_cache_bytes(config, config.n_positions).max(1)
                     );
+                    app.metrics
+                        .kv_budget
+                        .set(i64::try_from(budget).unwrap_or(i64::MAX));
+                    let _ = app.kv_budget.set(budget);
                     let _ = app.prompt_cap.set(cap);
                     let _ = app.engine.set(Arc::new(engine));
                 }
@@ -235,6 +252,18 @@ where
     }
     eprintln!("gpt2 serve: stopped");
     Ok(())
+}
+
+/// The KV cache budget by default: half of `MemAvailable` (read after the
+/// weights are loaded), but at least one full-context sequence; without
+/// `/proc/meminfo`, no budget beyond `--max-batch`.
+fn default_kv_budget(config: &crate::Gpt2Config) -> usize {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<usize>().ok()
+    });
+    let one = routes::kv_cache_bytes(config, config.n_positions);
+    available.map_or(usize::MAX, |kib| (kib.saturating_mul(1024) / 2).max(one))
 }
 
 /// After the grace period, how long the answers to the requests it ended may take to go out.
@@ -414,6 +443,12 @@ pub struct ServeArgs {
     /// written. TCP cannot tell the two apart.
     #[arg(long)]
     pub half_close: bool,
+    /// MiB the KV caches of the requests in flight may reserve together
+    /// (each request reserves what its prompt + max_tokens positions fill);
+    /// past it a request gets 429 kv_cache_full. Default: half the memory
+    /// available once the weights are loaded.
+    #[arg(long, value_name = "MIB")]
+    pub kv_cache_mib: Option<usize>,
     /// Most connections open at once; more get a 503 and are closed.
     /// Default: the open-files limit less 64 for the rest of the process,
     /// at most 4096 (1024 when the limit is unknown).
@@ -468,6 +503,14 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
         }
     }
     let max_connections = args.max_connections.unwrap_or_else(default_max_connections);
+    let kv_cache_bytes = match args.kv_cache_mib {
+        Some(0) => return Err("--kv-cache-mib must be at least 1".into()),
+        Some(mib) => Some(
+            mib.checked_mul(1 << 20)
+                .ok_or_else(|| format!("--kv-cache-mib {mib} is past the address space"))?,
+        ),
+        None => None,
+    };
     if max_connections == 0 {
         return Err("--max-connections must be at least 1".into());
     }
@@ -496,6 +539,7 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
         max_connections,
         write_stall: Duration::from_secs_f64(args.write_stall_seconds),
         half_close: args.half_close,
+        kv_cache_bytes,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -47,6 +47,10 @@ pub struct App {
     /// Longest text prompt in bytes that can fit the context window: set
     /// with the engine (see [`prompt_byte_cap`]).
     pub prompt_cap: OnceLock<usize>,
+    /// Bytes all in-flight requests' KV caches may reserve together, set
+    /// with the engine (`--kv-cache-mib`, or half the memory available then).
+    pub kv_budget: OnceLock<usize>,
+    kv_reserved: AtomicUsize,
     /// Set on the shutdown signal: `/health` answers 503 from then on.
     draining: AtomicBool,
     in_flight: AtomicUsize,
@@ -76,6 +80,8 @@ impl App {
             abort: AtomicBool::new(false),
             aborted: watch::Sender::new(false),
             prompt_cap: OnceLock::new(),
+            kv_budget: OnceLock::new(),
+            kv_reserved: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
@@ -104,8 +110,9 @@ impl App {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// A slot for one more request, unless `max_batch + max_queue` are in flight.
-    fn admit(self: &Arc<Self>) -> Result<InFlight, ApiError> {
+    /// A slot for one more request, unless `max_batch + max_queue` are in
+    /// flight, with `kv` bytes of the KV cache budget, unless they are taken.
+    fn admit(self: &Arc<Self>, kv: usize) -> Result<InFlight, ApiError> {
         let limit = self.config.max_batch + self.config.max_queue;
         self.in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
@@ -120,18 +127,63 @@ impl App {
                 )
             })?;
         self.metrics.in_flight.inc();
-        Ok(InFlight(Arc::clone(self)))
+        // Dropped on the way out if the reservation fails: the slot is freed again.
+        let slot = InFlight {
+            app: Arc::clone(self),
+            kv: 0,
+        };
+        let budget = self.kv_budget.get().copied().unwrap_or(usize::MAX);
+        let reserved = self
+            .kv_reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                r.checked_add(kv).filter(|&t| t <= budget)
+            })
+            .map_err(|r| {
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "kv_cache_full",
+                    format!(
+                        "the server's KV cache budget is taken: {} of {} MiB reserved by the requests in \
+                         flight, and this one needs {:.1} MiB more; retry later",
+                        r >> 20,
+                        budget >> 20,
+                        kv as f64 / (1 << 20) as f64
+                    ),
+                )
+            })?;
+        self.metrics.kv_reserved.set((reserved + kv) as i64);
+        let mut slot = slot;
+        slot.kv = kv;
+        Ok(slot)
     }
 }
 
-/// An admitted request; its slot is freed on drop.
-pub struct InFlight(Arc<App>);
+/// An admitted request; its slot and its KV cache reservation are freed on drop.
+pub struct InFlight {
+    app: Arc<App>,
+    /// Bytes of the KV cache budget reserved.
+    kv: usize,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.metrics.in_flight.dec();
+        let app = &self.app;
+        app.in_flight.fetch_sub(1, Ordering::AcqRel);
+        app.metrics.in_flight.dec();
+        if self.kv > 0 {
+            let left = app.kv_reserved.fetch_sub(self.kv, Ordering::AcqRel) - self.kv;
+            app.metrics.kv_reserved.set(left as i64);
+        }
     }
+}
+
+/// Resident bytes of a sequence's KV cache once `positions` are written:
+/// keys and values of every (layer, head) are `positions x head_dim` floats
+/// at the start of their own region, each rounded up to whole 4 KiB pages.
+pub fn kv_cache_bytes(config: &crate::Gpt2Config, positions: usize) -> usize {
+    let head_dim = config.n_embd / config.n_head.max(1);
+    let region = (positions * head_dim * std::mem::size_of::<f32>()).div_ceil(4096) * 4096;
+    2 * config.n_layer * config.n_head * region
 }
 
 /// One request's log line, written (and counted in `/metrics`) when the
@@ -571,7 +623,26 @@ fn start_completion(
             ..e
         });
     }
-    let in_flight = app.admit()?;
+    // Positions this request's cache may fill, in resident bytes.
+    let kv = kv_cache_bytes(&model.config, wanted.min(n_positions));
+    let budget = app.kv_budget.get().copied().unwrap_or(usize::MAX);
+    if kv > budget {
+        return Err(ApiError {
+            code: "kv_cache_exceeded",
+            ..ApiError::param(
+                "max_tokens",
+                format!(
+                    "{} prompt tokens + {} max_tokens need {:.1} MiB of KV cache, more than this server's \
+                     whole budget of {} MiB (--kv-cache-mib); lower max_tokens or shorten the prompt",
+                    prompt.len(),
+                    req.max_tokens,
+                    kv as f64 / (1 << 20) as f64,
+                    budget >> 20
+                ),
+            )
+        });
+    }
+    let in_flight = app.admit(kv)?;
     let id = app.next_id.fetch_add(1, Ordering::Relaxed);
     // Without a seed every request gets its own, as OpenAI samples afresh.
     let seed = req.seed.unwrap_or_else(|| {
