@@ -7,8 +7,12 @@
 //! shutdown future resolves. Then it drains: `/health` answers 503 at once
 //! (a load balancer's check takes the replica out) while requests are still
 //! served for the drain period; then it stops accepting, lets in-flight
-//! requests finish within the grace period and cancels the rest. [`run`] is
-//! the binary's side: flags, the listening socket, SIGINT/SIGTERM.
+//! requests finish within the grace period and ends the rest (a 503, or an
+//! error event and `[DONE]` in a stream). Connections are accepted by our
+//! own loop, at most `max_connections` at once, each served by hyper's
+//! HTTP/1 builder with its header-read timeout (which also closes idle
+//! keep-alive connections). [`run`] is the binary's side: flags, the
+//! listening socket, SIGINT/SIGTERM.
 //!
 //! The modules: `routes` (the handlers, the log and API-key layers, the
 //! shared state), `request` (parsing and validating a completion request),
