@@ -105,6 +105,10 @@ fn health_answers_at_once_while_megabyte_prompts_are_refused() {
         assert_eq!(r.json["error"]["param"], "prompt", "{}", r.text);
         assert_eq!(r.json["error"]["code"], "context_length_exceeded", "{}", r.text);
     }
+    eprintln!(
+        "slowest /health: {worst:?} among {} refused prompts",
+        refused.len()
+    );
     // The handler no longer does the work: /health waits for nothing but a
     // free runtime thread (milliseconds); 500 ms is a slow, shared machine's margin.
     assert!(

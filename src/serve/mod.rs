@@ -545,8 +545,12 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
         half_close: args.half_close,
         kv_cache_bytes,
     };
+    // Every admitted request holds a blocking thread (its bridge) until it
+    // ends, and parsing takes one more for a moment: room for all of them.
+    let blocking = config.max_batch + config.max_queue + 64;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(blocking.max(512))
         .thread_name("gpt2-http")
         .build()
         .map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
