@@ -5,7 +5,8 @@
 //! with the [`Generation`] (or the request's own error). Each engine step:
 //!
 //! 1. takes new requests (FIFO) while fewer than `max_batch` are active,
-//!    giving each a KV cache from a pool that is reused, not reallocated;
+//!    giving each a KV cache from a pool that is reused while the engine is
+//!    busy and released to the OS whenever it goes idle;
 //! 2. builds one batch: one decode row for every sequence that has
 //!    finished its prompt, then prompt rows of newly admitted sequences, at
 //!    most `max_prompt_rows` of them, so a long prompt is prefilled over
@@ -79,6 +80,8 @@ pub struct SchedulerStats {
     pub active: usize,
     /// Forward steps run so far.
     pub steps: u64,
+    /// KV caches kept for reuse (released whenever the engine goes idle).
+    pub pooled_caches: usize,
 }
 
 /// Written by the engine thread, read by anyone.
@@ -90,6 +93,7 @@ struct Counters {
     queued: AtomicUsize,
     active: AtomicUsize,
     steps: AtomicU64,
+    pooled: AtomicUsize,
 }
 
 impl Default for SchedulerConfig {
@@ -208,6 +212,7 @@ impl Scheduler {
             queued: c.submitted.load(Ordering::Relaxed) + c.queued.load(Ordering::Relaxed),
             active: c.active.load(Ordering::Relaxed),
             steps: c.steps.load(Ordering::Relaxed),
+            pooled_caches: c.pooled.load(Ordering::Relaxed),
         }
     }
 
@@ -334,6 +339,7 @@ impl Engine {
     fn publish(&self) {
         self.counters.queued.store(self.queue.len(), Ordering::Relaxed);
         self.counters.active.store(self.active.len(), Ordering::Relaxed);
+        self.counters.pooled.store(self.pool.len(), Ordering::Relaxed);
     }
 
     fn run(mut self, mut rx: Receiver<Request>) {
@@ -346,6 +352,11 @@ impl Engine {
                 if !open {
                     return;
                 }
+                // Idle: the pooled caches go back to the OS (their written
+                // pages are resident), so memory shrinks back after a burst;
+                // the next burst maps fresh ones.
+                self.pool.clear();
+                self.publish();
                 match rx.recv() {
                     Ok(r) => self.enqueue(r),
                     Err(_) => return,

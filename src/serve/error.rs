@@ -1,6 +1,6 @@
 //! Errors in the OpenAI shape: `{"error": {"message", "type", "param", "code"}}`.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -45,8 +45,27 @@ impl ApiError {
         )
     }
 
+    /// OpenAI's answer to a `model` it does not serve (the name is cut short
+    /// in the message, so a long one is not echoed back).
+    pub fn model_not_found(asked: &str, served: &str) -> Self {
+        let shown: String = asked.chars().take(64).collect();
+        let cut = if shown.len() < asked.len() { "..." } else { "" };
+        ApiError {
+            param: Some("model".into()),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!("The model `{shown}{cut}` does not exist: this server serves `{served}` only"),
+            )
+        }
+    }
+
     /// The OpenAI `type` of this status.
     fn kind(&self) -> &'static str {
+        if self.code == "model_not_found" {
+            // As OpenAI types it.
+            return "invalid_request_error";
+        }
         match self.status {
             StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::NOT_FOUND => "not_found_error",
@@ -68,9 +87,20 @@ impl ApiError {
     }
 }
 
+/// Seconds a client told to come back (429, 503) should wait first.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
         // The logging layer reads the outcome from here.
         response.extensions_mut().insert(Outcome(self.code));
         response

@@ -19,8 +19,22 @@ use crate::scheduler::{SchedulerStats, StepObserver, StepStats};
 pub struct Metrics {
     registry: Registry,
     /// By `route` (the matched pattern, never the raw path), `status` and
-    /// `outcome`: `ok`, `cancelled` (the client left first) or the error's code.
+    /// `outcome`: `ok`, `cancelled` (the client left first), `write_stalled`
+    /// (the client stopped reading its stream), `shutdown` (ended by the end
+    /// of the grace period) or the error's code.
     pub requests: IntCounterVec,
+    /// Connections open now.
+    pub open_connections: IntGauge,
+    /// KV cache bytes reserved by the requests in flight, and the budget.
+    pub kv_reserved: IntGauge,
+    pub kv_budget: IntGauge,
+    /// KV caches the engine keeps for reuse (read at scrape time).
+    pub kv_pooled: IntGauge,
+    /// Connections closed at once, past `--max-connections`.
+    pub connections_refused: IntCounter,
+    /// Connections whose client closed (or, without `--half-close`,
+    /// half-closed) its side before its request was answered.
+    pub closed_mid_request: IntCounter,
     pub prompt_tokens: IntCounter,
     pub generated_tokens: IntCounter,
     pub queue_depth: IntGauge,
@@ -89,6 +103,33 @@ impl Metrics {
             0.000_1,
             16,
         );
+        let open_connections =
+            IntGauge::new("gpt2_open_connections", "HTTP connections open now").expect("valid gauge");
+        let connections_refused = IntCounter::new(
+            "gpt2_connections_refused_total",
+            "Connections answered 503 and closed because --max-connections were open",
+        )
+        .expect("valid counter");
+        let closed_mid_request = IntCounter::new(
+            "gpt2_connections_closed_mid_request_total",
+            "Connections whose client closed its side before its request was answered",
+        )
+        .expect("valid counter");
+        let kv_reserved = IntGauge::new(
+            "gpt2_kv_cache_reserved_bytes",
+            "KV cache bytes reserved by the requests in flight (resident at most)",
+        )
+        .expect("valid gauge");
+        let kv_budget = IntGauge::new(
+            "gpt2_kv_cache_budget_bytes",
+            "KV cache bytes the requests in flight may reserve together (--kv-cache-mib)",
+        )
+        .expect("valid gauge");
+        let kv_pooled = IntGauge::new(
+            "gpt2_kv_caches_pooled",
+            "KV caches kept for reuse while the engine is busy (released when it goes idle)",
+        )
+        .expect("valid gauge");
         let registry = Registry::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -98,6 +139,12 @@ impl Metrics {
             Box::new(active_sequences.clone()),
             Box::new(in_flight.clone()),
             Box::new(draining.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(kv_reserved.clone()),
+            Box::new(kv_budget.clone()),
+            Box::new(kv_pooled.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(closed_mid_request.clone()),
             Box::new(ttft.clone()),
             Box::new(inter_token.clone()),
             Box::new(step.clone()),
@@ -107,6 +154,12 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            open_connections,
+            kv_reserved,
+            kv_budget,
+            kv_pooled,
+            connections_refused,
+            closed_mid_request,
             prompt_tokens,
             generated_tokens,
             queue_depth,
@@ -125,6 +178,7 @@ impl Metrics {
         let stats = engine.unwrap_or_default();
         self.queue_depth.set(stats.queued as i64);
         self.active_sequences.set(stats.active as i64);
+        self.kv_pooled.set(stats.pooled_caches as i64);
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# cannot encode the metrics: {e}\n"))

@@ -7,8 +7,12 @@
 //! shutdown future resolves. Then it drains: `/health` answers 503 at once
 //! (a load balancer's check takes the replica out) while requests are still
 //! served for the drain period; then it stops accepting, lets in-flight
-//! requests finish within the grace period and cancels the rest. [`run`] is
-//! the binary's side: flags, the listening socket, SIGINT/SIGTERM.
+//! requests finish within the grace period and ends the rest (a 503, or an
+//! error event and `[DONE]` in a stream). Connections are accepted by our
+//! own loop, at most `max_connections` at once, each served by hyper's
+//! HTTP/1 builder with its header-read timeout (which also closes idle
+//! keep-alive connections). [`run`] is the binary's side: flags, the
+//! listening socket, SIGINT/SIGTERM.
 //!
 //! The modules: `routes` (the handlers, the log and API-key layers, the
 //! shared state), `request` (parsing and validating a completion request),
@@ -21,12 +25,16 @@ mod request;
 mod routes;
 mod stream;
 
-use axum::serve::ListenerExt;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use hyper::service::Service as _;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{watch, Notify, Semaphore};
 
 pub use error::ApiError;
 pub use metrics::{Metrics, StepTimes};
@@ -62,6 +70,29 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// Largest request body accepted (413 past it).
     pub body_limit: usize,
+    /// A connection must deliver a request's whole head within this, from
+    /// its start or from the end of the previous response: a partial header
+    /// and an idle keep-alive connection are closed after it (hyper's
+    /// `header_read_timeout`).
+    pub header_timeout: Duration,
+    /// A request's whole body must arrive within this (408 past it).
+    pub body_timeout: Duration,
+    /// Most connections open at once; past it a new one gets a 503 and is closed.
+    pub max_connections: usize,
+    /// A stream whose client has taken nothing for this long is cancelled,
+    /// its connection closed and its slot freed.
+    pub write_stall: Duration,
+    /// Answer a request whose client shut its sending side down after it
+    /// (hyper's `half_close`). Off, such an end of input counts as the client
+    /// leaving (its request is cancelled, counted in
+    /// `gpt2_connections_closed_mid_request_total`), which is also how a
+    /// client that gave up on a non-streaming request is noticed before its
+    /// answer is written: TCP cannot tell the two apart.
+    pub half_close: bool,
+    /// Bytes the KV caches of the requests in flight may reserve together
+    /// (429 `kv_cache_full` past it); `None`: half the memory available
+    /// (`MemAvailable`) once the weights are loaded.
+    pub kv_cache_bytes: Option<usize>,
 }
 
 impl Default for ServeConfig {
@@ -75,7 +106,27 @@ impl Default for ServeConfig {
             drain: Duration::ZERO,
             grace: Duration::from_secs(10),
             body_limit: 1 << 20,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            write_stall: Duration::from_secs(30),
+            half_close: false,
+            kv_cache_bytes: None,
         }
+    }
+}
+
+/// One accepted connection, as its requests see it (a request extension).
+#[derive(Debug, Default)]
+pub struct Connection {
+    closed: Notify,
+}
+
+impl Connection {
+    /// Drops the connection now, whatever it is doing (a write the client
+    /// does not read included).
+    pub fn close(&self) {
+        self.closed.notify_one();
     }
 }
 
@@ -120,16 +171,35 @@ where
         let (app, stop, load_error) = (Arc::clone(&app), Arc::clone(&stop), Arc::clone(&load_error));
         tokio::spawn(async move {
             let t = Instant::now();
-            let result = tokio::task::spawn_blocking(move || load(scheduler_config)).await;
+            let result = tokio::task::spawn_blocking(move || {
+                load(scheduler_config).map(|engine| {
+                    let cap = routes::prompt_byte_cap(&engine);
+                    (engine, cap)
+                })
+            })
+            .await;
             match result {
-                Ok(Ok(engine)) => {
+                Ok(Ok((engine, cap))) => {
+                    let config = &engine.scheduler.model().config;
+                    let budget = app
+                        .config
+                        .kv_cache_bytes
+                        .unwrap_or_else(|| default_kv_budget(config));
                     eprintln!(
-                        "gpt2 serve: ready in {:.2} s: model `{}`, dtype {}, {} positions",
+                        "gpt2 serve: ready in {:.2} s: model `{}`, dtype {}, {} positions; KV cache budget {} MiB \
+                         ({} full-context sequences)",
                         t.elapsed().as_secs_f64(),
                         engine.model_id,
                         engine.scheduler.model().dtype(),
-                        engine.scheduler.model().config.n_positions
+                        config.n_positions,
+                        budget >> 20,
+                        budget / routes::kv_cache_bytes(config, config.n_positions).max(1)
                     );
+                    app.metrics
+                        .kv_budget
+                        .set(i64::try_from(budget).unwrap_or(i64::MAX));
+                    let _ = app.kv_budget.set(budget);
+                    let _ = app.prompt_cap.set(cap);
                     let _ = app.engine.set(Arc::new(engine));
                 }
                 Ok(Err(e)) => {
@@ -159,47 +229,149 @@ where
             stop.send_replace(true);
         });
     }
-    let graceful = {
-        let (app, signalled) = (Arc::clone(&app), stop.subscribe());
-        async move {
-            stopped(signalled).await;
-            eprintln!(
-                "gpt2 serve: shutting down: no new connections; {} requests in flight get {} s to finish",
-                app.in_flight(),
-                grace.as_secs_f64()
-            );
-        }
-    };
-    // Each SSE chunk is a small write: without TCP_NODELAY, Nagle holds it back until the
-    // previous one is acknowledged, which the client may delay by tens of milliseconds.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            eprintln!("gpt2 serve: cannot set TCP_NODELAY on a connection: {e}");
-        }
-    });
-    let server = axum::serve(listener, routes::router(Arc::clone(&app))).with_graceful_shutdown(graceful);
-    let expired = {
-        let signalled = stop.subscribe();
-        async move {
-            stopped(signalled).await;
-            tokio::time::sleep(grace).await;
-        }
-    };
-    tokio::select! {
-        served = server.into_future() => served?,
-        () = expired => {
-            app.abort.store(true, std::sync::atomic::Ordering::Relaxed);
-            eprintln!(
-                "gpt2 serve: grace period over; cancelling {} requests still in flight",
-                app.in_flight()
-            );
-        }
-    }
-    if let Some(e) = load_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    let graceful = GracefulShutdown::new();
+    accept(&listener, &app, &graceful, stop.subscribe()).await;
+    drop(listener);
+    let failed = load_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(e) = failed {
         return Err(e);
+    }
+    eprintln!(
+        "gpt2 serve: shutting down: no new connections; {} requests in flight get {} s to finish",
+        app.in_flight(),
+        grace.as_secs_f64()
+    );
+    // Keep-alive is turned off and idle connections close; those with a
+    // request in flight close once it is answered.
+    let all_closed = graceful.shutdown();
+    tokio::pin!(all_closed);
+    if tokio::time::timeout(grace, &mut all_closed).await.is_err() {
+        eprintln!(
+            "gpt2 serve: grace period over; ending {} requests still in flight (503, or an error event in a stream)",
+            app.in_flight()
+        );
+        app.abort_in_flight();
+        // Time to write those answers; a client that does not read them is not waited for.
+        let _ = tokio::time::timeout(ABORT_FLUSH, &mut all_closed).await;
     }
     eprintln!("gpt2 serve: stopped");
     Ok(())
+}
+
+/// The KV cache budget by default: half of `MemAvailable` (read after the
+/// weights are loaded), but at least one full-context sequence; without
+/// `/proc/meminfo`, no budget beyond `--max-batch`.
+fn default_kv_budget(config: &crate::Gpt2Config) -> usize {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<usize>().ok()
+    });
+    let one = routes::kv_cache_bytes(config, config.n_positions);
+    available.map_or(usize::MAX, |kib| (kib.saturating_mul(1024) / 2).max(one))
+}
+
+/// After the grace period, how long the answers to the requests it ended may take to go out.
+const ABORT_FLUSH: Duration = Duration::from_secs(2);
+
+/// Accepts connections until `stop` says so, each served on its own task by
+/// hyper with the configured timeouts, at most `max_connections` at once.
+async fn accept(
+    listener: &tokio::net::TcpListener,
+    app: &Arc<routes::App>,
+    graceful: &GracefulShutdown,
+    stop: watch::Receiver<bool>,
+) {
+    let router = routes::router(Arc::clone(app));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(app.config.header_timeout)
+        .half_close(app.config.half_close)
+        .keep_alive(true);
+    let slots = Arc::new(Semaphore::new(app.config.max_connections));
+    let stopping = stopped(stop);
+    tokio::pin!(stopping);
+    loop {
+        let (tcp, _peer) = tokio::select! {
+            () = &mut stopping => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before
+                    // it was taken: wait a little rather than spin.
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                    ) {
+                        eprintln!("gpt2 serve: cannot accept a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            app.metrics.connections_refused.inc();
+            tokio::spawn(refuse(tcp, app.config.max_connections));
+            continue;
+        };
+        // Each SSE chunk is a small write: without TCP_NODELAY, Nagle holds it back until the
+        // previous one is acknowledged, which the client may delay by tens of milliseconds.
+        if let Err(e) = tcp.set_nodelay(true) {
+            eprintln!("gpt2 serve: cannot set TCP_NODELAY on a connection: {e}");
+        }
+        let connection = Arc::new(Connection::default());
+        let service = {
+            let (router, connection) = (TowerToHyperService::new(router.clone()), Arc::clone(&connection));
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(Arc::clone(&connection));
+                router.call(req)
+            })
+        };
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+        let app = Arc::clone(app);
+        app.metrics.open_connections.inc();
+        tokio::spawn(async move {
+            tokio::select! {
+                ended = conn => {
+                    // The other errors are the client's (a reset, a timeout): nothing to do.
+                    if ended.is_err_and(|e| e.is_incomplete_message()) {
+                        app.metrics.closed_mid_request.inc();
+                        eprintln!(
+                            "gpt2 serve: a client closed its side of a connection before its request was \
+                             answered; the request was dropped (--half-close answers a client that only \
+                             shut down its sending side)"
+                        );
+                    }
+                }
+                () = connection.closed.notified() => {}
+            }
+            app.metrics.open_connections.dec();
+            drop(slot);
+        });
+    }
+}
+
+/// A connection past `--max-connections`: a 503 and closed, without
+/// reading its request.
+async fn refuse(mut tcp: tokio::net::TcpStream, max: usize) {
+    let body = ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_connections",
+        format!("the server has {max} connections open, its most; retry later"),
+    )
+    .body()
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {}\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        error::RETRY_AFTER_SECS,
+        body.len()
+    );
+    let write = async {
+        tcp.write_all(response.as_bytes()).await?;
+        tcp.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
 }
 
 /// Resolves once `rx` holds `true` (or its sender is gone).
@@ -250,9 +422,54 @@ pub struct ServeArgs {
     /// After the drain, how long in-flight requests may run before they are cancelled.
     #[arg(long, default_value_t = 10.0)]
     pub grace_seconds: f64,
-    /// Largest request body accepted, in bytes (413 past it).
+    /// Largest request body accepted, in bytes (413 past it, at once when
+    /// its Content-Length says so, `Expect: 100-continue` included).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// A connection is closed when a request's head has not arrived within
+    /// this: a partial header, and an idle keep-alive connection (counted
+    /// from the end of its last response).
+    #[arg(long, default_value_t = 30.0)]
+    pub header_timeout_seconds: f64,
+    /// A request whose body has not arrived whole within this gets 408.
+    #[arg(long, default_value_t = 30.0)]
+    pub body_timeout_seconds: f64,
+    /// A stream whose client has read nothing for this long is cancelled
+    /// and its connection closed (outcome `write_stalled`).
+    #[arg(long, default_value_t = 30.0)]
+    pub write_stall_seconds: f64,
+    /// Answer a request whose client shuts its sending side down after it
+    /// (`shutdown(SHUT_WR)`). Off (the default), the end of a client's input
+    /// means it left: its request is dropped and counted
+    /// (gpt2_connections_closed_mid_request_total), which is how a client
+    /// that gave up on a non-streaming request is noticed before its answer
+    /// is due; with it, such a client is noticed only when that answer is
+    /// written. TCP cannot tell the two apart.
+    #[arg(long)]
+    pub half_close: bool,
+    /// MiB the KV caches of the requests in flight may reserve together
+    /// (each request reserves what its prompt + max_tokens positions fill);
+    /// past it a request gets 429 kv_cache_full. Default: half the memory
+    /// available once the weights are loaded.
+    #[arg(long, value_name = "MIB")]
+    pub kv_cache_mib: Option<usize>,
+    /// Most connections open at once; more get a 503 and are closed.
+    /// Default: the open-files limit less 64 for the rest of the process,
+    /// at most 4096 (1024 when the limit is unknown).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+}
+
+/// `--max-connections`' default: the soft open-files limit
+/// (`/proc/self/limits`) less 64, between 16 and 4096; 1024 if unknown.
+fn default_max_connections() -> usize {
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        });
+    limit.map_or(1024, |n| n.saturating_sub(64).clamp(16, 4096))
 }
 
 /// `gpt2 serve`: binds, prints `gpt2 serve: listening on http://ADDR`, loads
@@ -280,6 +497,27 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
             return Err(format!("{flag} must be between 0 and 86400 seconds, got {secs}").into());
         }
     }
+    for (flag, secs) in [
+        ("--header-timeout-seconds", args.header_timeout_seconds),
+        ("--body-timeout-seconds", args.body_timeout_seconds),
+        ("--write-stall-seconds", args.write_stall_seconds),
+    ] {
+        if !(secs.is_finite() && (0.001..=86_400.0).contains(&secs)) {
+            return Err(format!("{flag} must be between 0.001 and 86400 seconds, got {secs}").into());
+        }
+    }
+    let max_connections = args.max_connections.unwrap_or_else(default_max_connections);
+    let kv_cache_bytes = match args.kv_cache_mib {
+        Some(0) => return Err("--kv-cache-mib must be at least 1".into()),
+        Some(mib) => Some(
+            mib.checked_mul(1 << 20)
+                .ok_or_else(|| format!("--kv-cache-mib {mib} is past the address space"))?,
+        ),
+        None => None,
+    };
+    if max_connections == 0 {
+        return Err("--max-connections must be at least 1".into());
+    }
     let pool = match args.threads {
         Some(0) => return Err("--threads must be at least 1".into()),
         Some(n) => Some(Arc::new(
@@ -300,9 +538,19 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
         drain: Duration::from_secs_f64(args.drain_seconds),
         grace: Duration::from_secs_f64(args.grace_seconds),
         body_limit: args.max_body_bytes,
+        header_timeout: Duration::from_secs_f64(args.header_timeout_seconds),
+        body_timeout: Duration::from_secs_f64(args.body_timeout_seconds),
+        max_connections,
+        write_stall: Duration::from_secs_f64(args.write_stall_seconds),
+        half_close: args.half_close,
+        kv_cache_bytes,
     };
+    // Every admitted request holds a blocking thread (its bridge) until it
+    // ends, and parsing takes one more for a moment: room for all of them.
+    let blocking = config.max_batch + config.max_queue + 64;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(blocking.max(512))
         .thread_name("gpt2-http")
         .build()
         .map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;

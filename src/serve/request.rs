@@ -32,8 +32,12 @@ pub struct CompletionRequest {
     pub stream: bool,
     /// vLLM's name: generate exactly `max_tokens`, past `<|endoftext|>`.
     pub ignore_eos: bool,
-    /// Echoed back as given.
+    /// The model asked for; the server refuses any but the one it serves
+    /// (and never echoes this string back).
     pub model: Option<String>,
+    /// `stream_options.include_usage`: a last chunk with empty `choices`
+    /// and the usage, before `[DONE]` (streams only, as OpenAI does).
+    pub include_usage: bool,
 }
 
 /// The default of `max_tokens`, as in OpenAI's API.
@@ -66,6 +70,7 @@ impl CompletionRequest {
             stream: false,
             ignore_eos: false,
             model: None,
+            include_usage: false,
         };
         let mut has_prompt = false;
         for (name, v) in fields {
@@ -88,7 +93,7 @@ impl CompletionRequest {
                                 format!("`temperature` must be >= 0, got {t}"),
                             ));
                         }
-                        req.sampling.temperature = t as f32;
+                        req.sampling.temperature = if t == 0.0 { 0.0 } else { as_f32(name, t)? };
                     }
                 }
                 "top_p" => {
@@ -99,7 +104,7 @@ impl CompletionRequest {
                                 format!("`top_p` must be in (0, 1], got {p}"),
                             ));
                         }
-                        req.sampling.top_p = (p < 1.0).then_some(p as f32);
+                        req.sampling.top_p = if p < 1.0 { Some(as_f32(name, p)?) } else { None };
                     }
                 }
                 "top_k" => {
@@ -122,7 +127,8 @@ impl CompletionRequest {
                                 format!("`repetition_penalty` must be > 0, got {r}"),
                             ));
                         }
-                        req.sampling.repetition_penalty = (r != 1.0).then_some(r as f32);
+                        req.sampling.repetition_penalty =
+                            if r != 1.0 { Some(as_f32(name, r)?) } else { None };
                     }
                 }
                 "seed" => {
@@ -148,7 +154,7 @@ impl CompletionRequest {
                         return Err(ApiError::param(name, "`user` must be a string"));
                     }
                 }
-                "stream_options" => stream_options(v)?,
+                "stream_options" => req.include_usage = stream_options(v)?,
                 // Accepted only at the value that changes nothing.
                 "n" | "best_of" => no_op(name, v, &[Value::Null, Value::from(1)], "1")?,
                 "echo" => no_op(name, v, &[Value::Null, Value::Bool(false)], "false")?,
@@ -249,10 +255,10 @@ fn stops(v: &Value) -> Result<Vec<String>, ApiError> {
     Ok(list)
 }
 
-fn stream_options(v: &Value) -> Result<(), ApiError> {
+fn stream_options(v: &Value) -> Result<bool, ApiError> {
     let Value::Object(m) = v else {
         return if v.is_null() {
-            Ok(())
+            Ok(false)
         } else {
             Err(ApiError::param(
                 "stream_options",
@@ -260,16 +266,41 @@ fn stream_options(v: &Value) -> Result<(), ApiError> {
             ))
         };
     };
+    let mut include_usage = false;
     for (k, x) in m {
-        // Usage always comes with the last chunk, so either value is honoured.
-        if k != "include_usage" || !(x.is_boolean() || x.is_null()) {
-            return Err(ApiError::param(
-                "stream_options",
-                format!("unsupported `stream_options.{k}`: only `include_usage` (a boolean) is accepted"),
-            ));
+        match (k.as_str(), x) {
+            ("include_usage", Value::Bool(b)) => include_usage = *b,
+            ("include_usage", Value::Null) => {}
+            _ => {
+                return Err(ApiError::param(
+                    "stream_options",
+                    format!("unsupported `stream_options.{k}`: only `include_usage` (a boolean) is accepted"),
+                ))
+            }
         }
     }
-    Ok(())
+    Ok(include_usage)
+}
+
+/// `x` (finite and > 0 in f64) as the 32-bit float sampling computes in:
+/// a value that overflows to infinity or rounds to zero (or to a subnormal,
+/// which a division by overflows) would not mean what was asked, so it is
+/// refused by name.
+fn as_f32(name: &str, x: f64) -> Result<f32, ApiError> {
+    let y = x as f32;
+    if y.is_normal() {
+        Ok(y)
+    } else {
+        Err(ApiError::param(
+            name,
+            format!(
+                "`{name}` is {x}, which 32-bit floats (what sampling computes in) cannot hold: \
+                 it must be between {:e} and {:e}",
+                f32::MIN_POSITIVE,
+                f32::MAX
+            ),
+        ))
+    }
 }
 
 fn unsupported(name: &str, accepted: &str) -> ApiError {
@@ -358,6 +389,15 @@ mod tests {
         assert_eq!((r.max_tokens, r.seed, r.stream), (3, Some(7), true));
         assert_eq!(r.stop, vec!["x".to_string()]);
         assert_eq!(r.sampling, SamplingParams::greedy());
+        assert!(r.include_usage);
+        assert!(
+            !parse(r#"{"prompt": "a", "stream_options": {"include_usage": false}}"#)
+                .unwrap()
+                .include_usage
+        );
+        // Small but normal 32-bit values are kept as given.
+        let r = parse(r#"{"prompt": "a", "temperature": 1e-30, "top_p": 1e-30}"#).unwrap();
+        assert_eq!((r.sampling.temperature, r.sampling.top_p), (1e-30, Some(1e-30)));
     }
 
     #[test]
@@ -375,6 +415,21 @@ mod tests {
             (r#"{"prompt": [1, -2]}"#, "prompt"),
             (r#"{"prompt": ["a", "b"]}"#, "prompt"),
             (r#"{"max_tokens": 2}"#, "prompt"),
+            (r#"{"prompt": "a", "temperature": 1e39}"#, "temperature"),
+            (r#"{"prompt": "a", "temperature": 1e-50}"#, "temperature"),
+            (r#"{"prompt": "a", "top_p": 1e-50}"#, "top_p"),
+            (
+                r#"{"prompt": "a", "repetition_penalty": 1e-300}"#,
+                "repetition_penalty",
+            ),
+            (
+                r#"{"prompt": "a", "repetition_penalty": 1e39}"#,
+                "repetition_penalty",
+            ),
+            (
+                r#"{"prompt": "a", "stream_options": {"include_usage": 1}}"#,
+                "stream_options",
+            ),
         ] {
             let e = parse(body).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {e:?}");

@@ -1,32 +1,34 @@
 //! The routes, the shared state, and the two layers every request passes:
 //! the log line (and its count in `/metrics`) and the API-key check.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
+use tokio::sync::{mpsc, watch};
 
 use super::error::{ApiError, Outcome};
 use super::metrics::Metrics;
 use super::request::{CompletionRequest, Prompt};
 use super::stream::{bridge, Finish, Job, Update};
-use super::{Engine, ServeConfig};
+use super::{Connection, Engine, ServeConfig};
 use crate::tokenizer::EOS_TOKEN;
 use crate::{Error, GenerateOptions};
 
@@ -39,6 +41,16 @@ pub struct App {
     /// Set when the shutdown grace period is over: bridges cancel their
     /// sequences at the next token.
     pub abort: AtomicBool,
+    /// `true` from the same moment: requests still waiting answer 503, and
+    /// streams end with an error event and `[DONE]`.
+    pub aborted: watch::Sender<bool>,
+    /// Longest text prompt in bytes that can fit the context window: set
+    /// with the engine (see [`prompt_byte_cap`]).
+    pub prompt_cap: OnceLock<usize>,
+    /// Bytes all in-flight requests' KV caches may reserve together, set
+    /// with the engine (`--kv-cache-mib`, or half the memory available then).
+    pub kv_budget: OnceLock<usize>,
+    kv_reserved: AtomicUsize,
     /// Set on the shutdown signal: `/health` answers 503 from then on.
     draining: AtomicBool,
     in_flight: AtomicUsize,
@@ -66,6 +78,10 @@ impl App {
             metrics: Metrics::new(),
             engine: OnceLock::new(),
             abort: AtomicBool::new(false),
+            aborted: watch::Sender::new(false),
+            prompt_cap: OnceLock::new(),
+            kv_budget: OnceLock::new(),
+            kv_reserved: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
@@ -84,12 +100,19 @@ impl App {
         self.metrics.draining.set(1);
     }
 
+    /// The grace period is over: what is still in flight is ended now.
+    pub fn abort_in_flight(&self) {
+        self.abort.store(true, Ordering::Relaxed);
+        self.aborted.send_replace(true);
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// A slot for one more request, unless `max_batch + max_queue` are in flight.
-    fn admit(self: &Arc<Self>) -> Result<InFlight, ApiError> {
+    /// A slot for one more request, unless `max_batch + max_queue` are in
+    /// flight, with `kv` bytes of the KV cache budget, unless they are taken.
+    fn admit(self: &Arc<Self>, kv: usize) -> Result<InFlight, ApiError> {
         let limit = self.config.max_batch + self.config.max_queue;
         self.in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
@@ -104,18 +127,63 @@ impl App {
                 )
             })?;
         self.metrics.in_flight.inc();
-        Ok(InFlight(Arc::clone(self)))
+        // Dropped on the way out if the reservation fails: the slot is freed again.
+        let slot = InFlight {
+            app: Arc::clone(self),
+            kv: 0,
+        };
+        let budget = self.kv_budget.get().copied().unwrap_or(usize::MAX);
+        let reserved = self
+            .kv_reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                r.checked_add(kv).filter(|&t| t <= budget)
+            })
+            .map_err(|r| {
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "kv_cache_full",
+                    format!(
+                        "the server's KV cache budget is taken: {} of {} MiB reserved by the requests in \
+                         flight, and this one needs {:.1} MiB more; retry later",
+                        r >> 20,
+                        budget >> 20,
+                        kv as f64 / (1 << 20) as f64
+                    ),
+                )
+            })?;
+        self.metrics.kv_reserved.set((reserved + kv) as i64);
+        let mut slot = slot;
+        slot.kv = kv;
+        Ok(slot)
     }
 }
 
-/// An admitted request; its slot is freed on drop.
-pub struct InFlight(Arc<App>);
+/// An admitted request; its slot and its KV cache reservation are freed on drop.
+pub struct InFlight {
+    app: Arc<App>,
+    /// Bytes of the KV cache budget reserved.
+    kv: usize,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.metrics.in_flight.dec();
+        let app = &self.app;
+        app.in_flight.fetch_sub(1, Ordering::AcqRel);
+        app.metrics.in_flight.dec();
+        if self.kv > 0 {
+            let left = app.kv_reserved.fetch_sub(self.kv, Ordering::AcqRel) - self.kv;
+            app.metrics.kv_reserved.set(left as i64);
+        }
     }
+}
+
+/// Resident bytes of a sequence's KV cache once `positions` are written:
+/// keys and values of every (layer, head) are `positions x head_dim` floats
+/// at the start of their own region, each rounded up to whole 4 KiB pages.
+pub fn kv_cache_bytes(config: &crate::Gpt2Config, positions: usize) -> usize {
+    let head_dim = config.n_embd / config.n_head.max(1);
+    let region = (positions * head_dim * std::mem::size_of::<f32>()).div_ceil(4096) * 4096;
+    2 * config.n_layer * config.n_head * region
 }
 
 /// One request's log line, written (and counted in `/metrics`) when the
@@ -180,6 +248,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
         .route("/v1/completions", post(completions))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -227,7 +296,7 @@ async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer_token);
     let ok = presented.is_some_and(|key| {
         let got: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
         bool::from(got.ct_eq(want))
@@ -242,6 +311,13 @@ async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
         };
         ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", message).into_response()
     }
+}
+
+/// The credentials of `Authorization: Bearer TOKEN`; the scheme is
+/// case-insensitive (RFC 7235 2.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
@@ -262,22 +338,35 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     }
 }
 
+fn model_card(app: &App, engine: &Engine) -> Value {
+    let model = engine.scheduler.model();
+    json!({
+        "id": engine.model_id,
+        "object": "model",
+        "created": app.started,
+        "owned_by": "gpt2-rs",
+        "max_model_len": model.config.n_positions,
+        "dtype": model.dtype().as_str(),
+        "weights": engine.weights,
+        "synthetic": engine.synthetic,
+    })
+}
+
 async fn models(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
     let engine = app.engine()?;
-    let model = engine.scheduler.model();
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{
-            "id": engine.model_id,
-            "object": "model",
-            "created": app.started,
-            "owned_by": "gpt2-rs",
-            "max_model_len": model.config.n_positions,
-            "dtype": model.dtype().as_str(),
-            "weights": engine.weights,
-            "synthetic": engine.synthetic,
-        }]
-    })))
+    Ok(Json(
+        json!({"object": "list", "data": [model_card(&app, &engine)]}),
+    ))
+}
+
+/// `GET /v1/models/{id}` (the OpenAI client's `models.retrieve`); ids may
+/// hold a `/` (`openai-community/gpt2`).
+async fn model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let engine = app.engine()?;
+    if id != engine.model_id {
+        return Err(ApiError::model_not_found(&id, &engine.model_id));
+    }
+    Ok(Json(model_card(&app, &engine)))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
@@ -305,18 +394,84 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
     )
 }
 
-async fn completions(
-    State(app): State<Arc<App>>,
-    Extension(log): Extension<Arc<RequestLog>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn completions(State(app): State<Arc<App>>, req: Request) -> Response {
     let arrived = Instant::now();
-    match start_completion(&app, &log, &headers, body, arrived) {
-        Ok((rx, reply)) if reply.stream => stream_response(rx, reply).into_response(),
-        Ok((rx, reply)) => whole_response(rx, reply).await,
+    let log = req.extensions().get::<Arc<RequestLog>>().cloned();
+    let connection = req.extensions().get::<Arc<Connection>>().cloned();
+    let Some(log) = log else {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "no request log",
+        )
+        .into_response();
+    };
+    let body = match read_body(&app, req).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    // Parsing, tokenizing and the checks are CPU work (a 1 MB body, a long
+    // prompt): on a blocking thread, so the runtime's threads keep serving
+    // everyone else (`/health` among them).
+    let started = {
+        let (app, log) = (Arc::clone(&app), Arc::clone(&log));
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || start_completion(&app, &log, &body, arrived, runtime, connection))
+            .await
+    };
+    let started = started.unwrap_or_else(|e| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            format!("the request's checks failed: {e}"),
+        ))
+    });
+    let aborted = app.aborted.subscribe();
+    match started {
+        Ok((rx, reply)) if reply.stream => stream_response(rx, reply, aborted, log).into_response(),
+        Ok((rx, reply)) => whole_response(rx, reply, aborted, log).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// The body, read whole within the body timeout, and the headers; a body
+/// declared larger than the limit is refused before any of it is read (so
+/// `Expect: 100-continue` gets 413, never `100 Continue`).
+async fn read_body(app: &App, req: Request) -> Result<Bytes, ApiError> {
+    let headers = req.headers();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > app.config.body_limit as u64) {
+        return Err(too_large(app));
+    }
+    // Checked before the body is read, too: no point in taking it.
+    if !is_json(headers) {
+        return Err(ApiError::bad_request(
+            "invalid_content_type",
+            "the body must be JSON, sent with `Content-Type: application/json`",
+        ));
+    }
+    let timeout = app.config.body_timeout;
+    match tokio::time::timeout(timeout, Bytes::from_request(req, &())).await {
+        Ok(body) => body.map_err(|e| body_error(app, e)),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the body did not arrive within {} s", timeout.as_secs_f64()),
+        )),
+    }
+}
+
+/// `Content-Type: application/json`, optionally with parameters
+/// (`; charset=utf-8`); the media type itself is case-insensitive.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// What each chunk or response repeats.
@@ -325,10 +480,13 @@ struct Reply {
     created: u64,
     model: String,
     stream: bool,
+    include_usage: bool,
 }
 
 impl Reply {
-    fn body(&self, text: &str, finish: Option<&Finish>) -> Value {
+    /// A whole response (`usage` given) or a stream's chunk (`usage` never:
+    /// it has a chunk of its own, see [`Reply::usage_chunk`]).
+    fn body(&self, text: &str, finish: Option<&Finish>, usage: Option<&Finish>) -> Value {
         let mut v = json!({
             "id": self.id,
             "object": "text_completion",
@@ -341,47 +499,97 @@ impl Reply {
                 "finish_reason": finish.map(|f| f.reason),
             }],
         });
-        if let Some(f) = finish {
-            v["usage"] = json!({
-                "prompt_tokens": f.prompt_tokens,
-                "completion_tokens": f.completion_tokens,
-                "total_tokens": f.prompt_tokens + f.completion_tokens,
-            });
+        if let Some(f) = usage {
+            v["usage"] = usage_json(f);
+        } else if self.include_usage {
+            // As OpenAI: with `include_usage`, every other chunk has `usage: null`.
+            v["usage"] = Value::Null;
         }
         v
     }
+
+    /// `stream_options.include_usage`: the last chunk, empty `choices`.
+    fn usage_chunk(&self, f: &Finish) -> Value {
+        json!({
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage_json(f),
+        })
+    }
 }
 
-/// Checks the request, submits it and starts its bridge.
+fn usage_json(f: &Finish) -> Value {
+    json!({
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+    })
+}
+
+/// The longest text, in bytes, that can tokenize into at most `n_positions`
+/// tokens: every token covers at most as many bytes as the longest token of
+/// the vocabulary decodes to (GPT-2's byte-level BPE splits the text's bytes
+/// among its tokens), so a longer prompt cannot fit and is refused before
+/// tokenizing it. For GPT-2 at 1024 positions this is 1024 x 128 bytes.
+pub fn prompt_byte_cap(engine: &Engine) -> usize {
+    let longest = (0..engine.tokenizer.vocab_size() as u32)
+        .filter_map(|id| engine.tokenizer.decode(&[id]).ok())
+        .map(|t| t.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    engine
+        .scheduler
+        .model()
+        .config
+        .n_positions
+        .saturating_mul(longest)
+}
+
+/// Checks the request, submits it and starts its bridge (on a blocking thread).
 fn start_completion(
     app: &Arc<App>,
     log: &Arc<RequestLog>,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: &[u8],
     arrived: Instant,
+    runtime: tokio::runtime::Handle,
+    connection: Option<Arc<Connection>>,
 ) -> Result<(mpsc::Receiver<Update>, Reply), ApiError> {
-    let body = body.map_err(|e| body_error(app, e))?;
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/json"));
-    if !json {
-        return Err(ApiError::bad_request(
-            "invalid_content_type",
-            "the body must be JSON, sent with `Content-Type: application/json`",
-        ));
-    }
-    let req = CompletionRequest::parse(&body)?;
+    let req = CompletionRequest::parse(body)?;
     let engine = app.engine()?;
+    if let Some(asked) = &req.model {
+        if *asked != engine.model_id {
+            return Err(ApiError::model_not_found(asked, &engine.model_id));
+        }
+    }
     let model = engine.scheduler.model();
     let (n_positions, vocab_size) = (model.config.n_positions, model.config.vocab_size);
     let prompt = match &req.prompt {
         // As OpenAI does: no prompt means the start of a new document.
         Prompt::Text(t) if t.is_empty() => vec![EOS_TOKEN],
-        Prompt::Text(t) => engine
-            .tokenizer
-            .encode(t)
-            .map_err(|e| ApiError::param("prompt", format!("cannot tokenize `prompt`: {e}")))?,
+        Prompt::Text(t) => {
+            let cap = app.prompt_cap.get().copied().unwrap_or(usize::MAX);
+            if t.len() > cap {
+                return Err(ApiError {
+                    code: "context_length_exceeded",
+                    ..ApiError::param(
+                        "prompt",
+                        format!(
+                            "`prompt` is {} bytes of text; the context window of {n_positions} tokens holds at most \
+                             {cap} bytes (at the longest token's length); shorten the prompt",
+                            t.len()
+                        ),
+                    )
+                });
+            }
+            engine
+                .tokenizer
+                .encode(t)
+                .map_err(|e| ApiError::param("prompt", format!("cannot tokenize `prompt`: {e}")))?
+        }
         Prompt::Ids(ids) => ids.clone(),
     };
     if let Some((i, id)) = prompt.iter().enumerate().find(|(_, &t)| t as usize >= vocab_size) {
@@ -390,8 +598,10 @@ fn start_completion(
             format!("`prompt[{i}]` is token id {id}, past the vocabulary of {vocab_size} tokens (0..{vocab_size})"),
         ));
     }
+    // The last token generated is never fed back, so it needs no position:
+    // a full-context prompt can still get its one next token.
     let wanted = prompt.len().saturating_add(req.max_tokens);
-    if wanted > n_positions {
+    if prompt.len() > n_positions || wanted - 1 > n_positions {
         let param = if prompt.len() >= n_positions {
             "prompt"
         } else {
@@ -401,9 +611,11 @@ fn start_completion(
             param,
             format!(
                 "the context window is {n_positions} positions, but the request needs {wanted}: \
-                 {} prompt tokens + {} max_tokens; shorten the prompt or lower max_tokens",
+                 {} prompt tokens + {} max_tokens (the last generated token needs none, so \
+                 prompt + max_tokens may be {}); shorten the prompt or lower max_tokens",
                 prompt.len(),
-                req.max_tokens
+                req.max_tokens,
+                n_positions + 1
             ),
         );
         return Err(ApiError {
@@ -411,7 +623,26 @@ fn start_completion(
             ..e
         });
     }
-    let in_flight = app.admit()?;
+    // Positions this request's cache may fill, in resident bytes.
+    let kv = kv_cache_bytes(&model.config, wanted.min(n_positions));
+    let budget = app.kv_budget.get().copied().unwrap_or(usize::MAX);
+    if kv > budget {
+        return Err(ApiError {
+            code: "kv_cache_exceeded",
+            ..ApiError::param(
+                "max_tokens",
+                format!(
+                    "{} prompt tokens + {} max_tokens need {:.1} MiB of KV cache, more than this server's \
+                     whole budget of {} MiB (--kv-cache-mib); lower max_tokens or shorten the prompt",
+                    prompt.len(),
+                    req.max_tokens,
+                    kv as f64 / (1 << 20) as f64,
+                    budget >> 20
+                ),
+            )
+        });
+    }
+    let in_flight = app.admit(kv)?;
     let id = app.next_id.fetch_add(1, Ordering::Relaxed);
     // Without a seed every request gets its own, as OpenAI samples afresh.
     let seed = req.seed.unwrap_or_else(|| {
@@ -434,8 +665,10 @@ fn start_completion(
     let reply = Reply {
         id: format!("cmpl-{:x}-{id}", app.started),
         created: unix_now(),
-        model: req.model.clone().unwrap_or_else(|| engine.model_id.clone()),
+        // Only the served model's name, whatever the request said.
+        model: engine.model_id.clone(),
         stream: req.stream,
+        include_usage: req.stream && req.include_usage,
     };
     let job = Job {
         app: Arc::clone(app),
@@ -447,6 +680,9 @@ fn start_completion(
         arrived,
         log: Arc::clone(log),
         in_flight,
+        runtime,
+        write_stall: app.config.write_stall,
+        connection,
     };
     // Room for a burst of tokens; the bridge waits if the client is slower.
     let (tx, rx) = mpsc::channel(64);
@@ -454,16 +690,20 @@ fn start_completion(
     Ok((rx, reply))
 }
 
+fn too_large(app: &App) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!(
+            "the body is larger than the {} bytes this server accepts",
+            app.config.body_limit
+        ),
+    )
+}
+
 fn body_error(app: &App, e: BytesRejection) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!(
-                "the body is larger than the {} bytes this server accepts",
-                app.config.body_limit
-            ),
-        )
+        too_large(app)
     } else {
         ApiError::bad_request("invalid_body", format!("cannot read the body: {e}"))
     }
@@ -481,17 +721,51 @@ fn submit_error(e: Error) -> ApiError {
     }
 }
 
+/// The answer to a request still running when the grace period ends.
+fn shutdown_error() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        SHUTDOWN,
+        "the server is shutting down and its grace period is over; retry elsewhere",
+    )
+}
+
+/// The outcome of a request ended by the end of the grace period.
+const SHUTDOWN: &str = "shutdown";
+
+/// Resolves once `rx` holds `true` (never if its sender is gone).
+async fn raised(mut rx: watch::Receiver<bool>) {
+    if rx.wait_for(|&a| a).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// `stream: false`: the pieces joined into one response.
-async fn whole_response(mut rx: mpsc::Receiver<Update>, reply: Reply) -> Response {
+async fn whole_response(
+    mut rx: mpsc::Receiver<Update>,
+    reply: Reply,
+    aborted: watch::Receiver<bool>,
+    log: Arc<RequestLog>,
+) -> Response {
     let mut text = String::new();
-    while let Some(update) = rx.recv().await {
-        match update {
-            Update::Token(piece) => text.push_str(&piece),
-            Update::End(Ok(finish)) => {
-                text.push_str(&finish.text);
-                return Json(reply.body(&text, Some(&finish))).into_response();
+    let aborted = raised(aborted);
+    tokio::pin!(aborted);
+    loop {
+        let update = tokio::select! {
+            u = rx.recv() => u,
+            () = &mut aborted => {
+                log.set_outcome(SHUTDOWN);
+                return shutdown_error().into_response();
             }
-            Update::End(Err(e)) => return e.into_response(),
+        };
+        match update {
+            Some(Update::Token(piece)) => text.push_str(&piece),
+            Some(Update::End(Ok(finish))) => {
+                text.push_str(&finish.text);
+                return Json(reply.body(&text, Some(&finish), Some(&finish))).into_response();
+            }
+            Some(Update::End(Err(e))) => return e.into_response(),
+            None => break,
         }
     }
     ApiError::new(
@@ -503,19 +777,78 @@ async fn whole_response(mut rx: mpsc::Receiver<Update>, reply: Reply) -> Respons
 }
 
 /// `stream: true`: one SSE chunk per token, the last with the finish
-/// reason and usage, then `[DONE]`.
+/// reason, then (with `stream_options.include_usage`) the usage, then
+/// `[DONE]`. At the end of the grace period: an error event, then `[DONE]`.
 fn stream_response(
     rx: mpsc::Receiver<Update>,
     reply: Reply,
-) -> Sse<impl tokio_stream::Stream<Item = Result<SseEvent, Infallible>>> {
-    let events = ReceiverStream::new(rx).map(move |update| {
-        let body = match update {
-            Update::Token(piece) => reply.body(&piece, None),
-            Update::End(Ok(finish)) => reply.body(&finish.text, Some(&finish)),
-            // The status is already sent: the error goes in the stream.
-            Update::End(Err(e)) => e.body(),
-        };
-        Ok(SseEvent::default().data(body.to_string()))
-    });
-    Sse::new(events.chain(tokio_stream::once(Ok(SseEvent::default().data("[DONE]")))))
+    aborted: watch::Receiver<bool>,
+    log: Arc<RequestLog>,
+) -> Sse<Events> {
+    Sse::new(Events {
+        rx,
+        reply,
+        aborted: Box::pin(raised(aborted)),
+        log,
+        queue: VecDeque::new(),
+        finished: false,
+    })
+}
+
+/// A stream's events. Polled only as fast as the client takes them, so a
+/// client that does not read leaves the bridge's channel full (see the
+/// write-stall timeout in `stream.rs`).
+pub struct Events {
+    rx: mpsc::Receiver<Update>,
+    reply: Reply,
+    aborted: Pin<Box<dyn Future<Output = ()> + Send>>,
+    log: Arc<RequestLog>,
+    /// Event data ready to go.
+    queue: VecDeque<String>,
+    /// Nothing more is taken from `rx`.
+    finished: bool,
+}
+
+impl tokio_stream::Stream for Events {
+    type Item = Result<SseEvent, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(data) = this.queue.pop_front() {
+                return Poll::Ready(Some(Ok(SseEvent::default().data(data))));
+            }
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            if this.aborted.as_mut().poll(cx).is_ready() {
+                this.log.set_outcome(SHUTDOWN);
+                this.queue.push_back(shutdown_error().body().to_string());
+                this.queue.push_back("[DONE]".into());
+                this.finished = true;
+                // The bridge sees the channel closed and cancels the sequence.
+                this.rx.close();
+                continue;
+            }
+            match std::task::ready!(this.rx.poll_recv(cx)) {
+                Some(Update::Token(piece)) => {
+                    this.queue
+                        .push_back(this.reply.body(&piece, None, None).to_string());
+                }
+                Some(Update::End(Ok(finish))) => {
+                    let last = this.reply.body(&finish.text, Some(&finish), None);
+                    this.queue.push_back(last.to_string());
+                    if this.reply.include_usage {
+                        this.queue.push_back(this.reply.usage_chunk(&finish).to_string());
+                    }
+                }
+                // The status is already sent: the error goes in the stream.
+                Some(Update::End(Err(e))) => this.queue.push_back(e.body().to_string()),
+                None => {
+                    this.queue.push_back("[DONE]".into());
+                    this.finished = true;
+                }
+            }
+        }
+    }
 }

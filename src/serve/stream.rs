@@ -1,18 +1,19 @@
 //! From the engine's tokens to the client's text: one blocking task per
 //! request forwards each token as a text piece (never half a UTF-8
 //! character, never the start of a stop string that may yet complete) and
-//! cancels the sequence when the client is gone.
+//! cancels the sequence when the client is gone, or has not taken a piece
+//! for the write-stall timeout (then its connection is closed too).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::error::ApiError;
 use super::routes::{App, InFlight, RequestLog};
-use super::Engine;
+use super::{Connection, Engine};
 use crate::scheduler::{Event, RequestHandle};
 use crate::tokenizer::TextStream;
 use crate::StopReason;
@@ -97,6 +98,42 @@ pub struct Job {
     pub arrived: Instant,
     pub log: Arc<RequestLog>,
     pub in_flight: InFlight,
+    /// The runtime the HTTP side runs on (the bounded wait for a slow reader).
+    pub runtime: tokio::runtime::Handle,
+    /// How long a piece may wait for the client to take the previous ones.
+    pub write_stall: Duration,
+    /// The request's connection, closed when its reader stalls.
+    pub connection: Option<Arc<Connection>>,
+}
+
+/// Why a piece could not be handed to the HTTP side.
+enum Unsent {
+    /// The receiver is gone: the client left, or the server answered already.
+    Gone,
+    /// The client took nothing for the write-stall timeout.
+    Stalled,
+}
+
+/// Hands `update` over, waiting at most `stall` while the channel is full
+/// (it fills only when the client does not read: the response is written
+/// no faster than the client takes it).
+fn send(
+    tx: &mpsc::Sender<Update>,
+    update: Update,
+    runtime: &tokio::runtime::Handle,
+    stall: Duration,
+) -> Result<(), Unsent> {
+    match tx.try_send(update) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Closed(_)) => Err(Unsent::Gone),
+        Err(TrySendError::Full(update)) => {
+            match runtime.block_on(tokio::time::timeout(stall, tx.send(update))) {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(Unsent::Gone),
+                Err(_) => Err(Unsent::Stalled),
+            }
+        }
+    }
 }
 
 /// Runs on a blocking thread until the request is over; `tx` closing (the
@@ -112,7 +149,11 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
         arrived,
         log,
         in_flight,
+        runtime,
+        write_stall,
+        connection,
     } = job;
+    let send = |u| send(&tx, u, &runtime, write_stall);
     let metrics = &app.metrics;
     let mut text = TextStream::new(&engine.tokenizer);
     let mut filter = StopFilter::new(stops);
@@ -148,15 +189,15 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
                 };
                 let piece = match piece {
                     Ok(p) => p.unwrap_or_default(),
-                    Err(e) => break Some(Err(engine_error(e))),
+                    Err(e) => break Some(Ok(Err(engine_error(e)))),
                 };
                 let (out, matched) = filter.push(&piece);
-                if tx.blocking_send(Update::Token(out)).is_err() {
-                    break None;
+                if let Err(unsent) = send(Update::Token(out)) {
+                    break Some(Err(unsent));
                 }
                 if matched {
                     handle.cancel();
-                    break Some(Ok(finish("stop", String::new(), generated)));
+                    break Some(Ok(Ok(finish("stop", String::new(), generated))));
                 }
             }
             Some(Event::Done(Ok(generation))) => {
@@ -167,7 +208,7 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
                 };
                 let rest = match rest {
                     Ok(r) => r.unwrap_or_default(),
-                    Err(e) => break Some(Err(engine_error(e))),
+                    Err(e) => break Some(Ok(Err(engine_error(e)))),
                 };
                 let (mut out, matched) = filter.push(&rest);
                 let reason = if matched {
@@ -179,27 +220,40 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
                         StopReason::MaxNewTokens | StopReason::ContextFull => "length",
                     }
                 };
-                break Some(Ok(finish(reason, out, generation.tokens.len())));
+                break Some(Ok(Ok(finish(reason, out, generation.tokens.len()))));
             }
-            Some(Event::Done(Err(e))) => break Some(Err(engine_error(e))),
+            Some(Event::Done(Err(e))) => break Some(Ok(Err(engine_error(e)))),
             None => {
-                break Some(Err(engine_error(crate::Error::Engine(
+                break Some(Ok(Err(engine_error(crate::Error::Engine(
                     "the engine stopped before the request finished".into(),
-                ))))
+                )))))
             }
         }
     };
-    match end {
-        None => {
-            handle.cancel();
-            log.set_outcome("cancelled");
-        }
-        Some(result) => {
+    let unsent = match end {
+        None => Some(Unsent::Gone),
+        Some(Err(unsent)) => Some(unsent),
+        Some(Ok(result)) => {
             if let Err(e) = &result {
                 log.set_outcome(e.code);
             }
-            // The client may have left just now; the result is lost either way.
-            let _ = tx.blocking_send(Update::End(result));
+            send(Update::End(result)).err()
+        }
+    };
+    match unsent {
+        None => {}
+        // The first outcome set wins: one set by the HTTP side (the end of
+        // the grace period) stays.
+        Some(Unsent::Gone) => {
+            handle.cancel();
+            log.set_outcome("cancelled");
+        }
+        Some(Unsent::Stalled) => {
+            handle.cancel();
+            log.set_outcome(WRITE_STALLED);
+            if let Some(c) = &connection {
+                c.close();
+            }
         }
     }
     // The slot is freed and the request counted before `tx` closes (which
@@ -208,6 +262,9 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
     drop(log);
     drop(tx);
 }
+
+/// The outcome of a stream whose client stopped reading.
+pub const WRITE_STALLED: &str = "write_stalled";
 
 fn engine_error(e: crate::Error) -> ApiError {
     ApiError::new(
