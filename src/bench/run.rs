@@ -179,8 +179,12 @@ pub struct Options {
     #[arg(long, value_name = "SECS", default_value_t = 60.0, requires = "url")]
     pub http_timeout: f64,
     /// With --url: the longest one request may take as a whole, connecting to
-    /// its last token, seconds; past it the request fails [default: none,
-    /// only --http-timeout bounds each wait].
+    /// its last token, seconds; past it the request fails [default: derived
+    /// from the request: --http-timeout + 1 s per token asked for + 10 ms per
+    /// prompt token, at most 86400]. Whatever the deadline, a request whose
+    /// stream carries more than it asked for (more than --max-new-tokens + 8
+    /// events, a line or event over 64 KiB, more than 16 KiB per token in
+    /// all) fails at once, by name.
     #[arg(long, value_name = "SECS", requires = "url")]
     pub request_deadline: Option<f64>,
 }
@@ -699,6 +703,24 @@ pub fn run_http(opts: &Options, url: &str) -> Result<RunOutcome, Box<dyn Error>>
         progress
             .println("the server's model list says its weights are SYNTHETIC (random): the text is noise");
     }
+    let longest = std::iter::once(&single_prompt[0])
+        .chain(&concurrent_prompts)
+        .map(Vec::len)
+        .max()
+        .unwrap_or(0);
+    let limits = http.limits();
+    progress.println(&format!(
+        "each request: deadline {:.0} s{}; its stream at most {} events, {} KiB, {} KiB a line",
+        http.deadline(longest).as_secs_f64(),
+        if opts.request_deadline.is_some() {
+            " (--request-deadline)"
+        } else {
+            " for the longest prompt (derived: --http-timeout + 1 s per token asked + 10 ms per prompt token)"
+        },
+        limits.events,
+        limits.bytes >> 10,
+        limits.line >> 10
+    ));
     let run_one = |name: &str, concurrency: usize, requests: usize, prompts: &[Vec<u32>]| {
         let arrivals = opts
             .request_rate

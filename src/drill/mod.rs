@@ -212,6 +212,22 @@ pub fn cause(error: &str) -> String {
     }
     if e.starts_with("short:") || e.starts_with("long:") || e.contains("completion tokens but") {
         "wrong token count".into()
+    } else if e.starts_with("request deadline passed") {
+        "timeout (request deadline passed)".into()
+    } else if [
+        "line too long:",
+        "event too long:",
+        "too many events:",
+        "stream too long:",
+    ]
+    .iter()
+    .any(|k| e.starts_with(k))
+    {
+        // The client's bounds on a stream (`throughput --url`): the kind.
+        format!(
+            "stream past its bounds ({})",
+            error.split(':').next().unwrap_or(error)
+        )
     } else if e.contains("timeout") || e.contains("timed out") {
         "timeout (no answer in time)".into()
     } else if e.contains("stream broke") || e.contains("without `data: [done]`") {
@@ -1048,6 +1064,14 @@ mod tests {
             "connection failed"
         );
         assert_eq!(cause("io: Peer disconnected"), "connection failed");
+        assert_eq!(
+            cause("too many events: the stream went past 12 events for 4 tokens asked"),
+            "stream past its bounds (too many events)"
+        );
+        assert_eq!(
+            cause("request deadline passed: 6.1 s (--request-deadline; ...)"),
+            "timeout (request deadline passed)"
+        );
     }
 
     #[test]
