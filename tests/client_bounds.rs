@@ -264,6 +264,11 @@ fn hostile_run(behaviour: Hostile, name: &str, want: &str) -> (f64, u64, u64) {
     let sent = server.shared.most_sent.load(Ordering::SeqCst);
     let completions = server.shared.completions.load(Ordering::SeqCst);
     drop(server);
+    eprintln!(
+        "{behaviour:?}: {secs:.1} s, peak RSS {} MiB, at most {} KiB sent on one stream",
+        peak >> 20,
+        sent >> 10
+    );
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("FAILED: 3 of 3 requests failed"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -272,11 +277,6 @@ fn hostile_run(behaviour: Hostile, name: &str, want: &str) -> (f64, u64, u64) {
     assert_eq!(errors.len(), 1, "one kind of failure: {errors:?}");
     assert!(errors[0].0.starts_with(want), "{errors:?}");
     assert_eq!(errors[0].1, 3, "{errors:?}");
-    eprintln!(
-        "{behaviour:?}: {secs:.1} s, peak RSS {} MiB, at most {} KiB sent on one stream",
-        peak >> 20,
-        sent >> 10
-    );
     (secs, peak, sent)
 }
 
