@@ -59,9 +59,8 @@ pub struct Seen {
     /// Slowloris connections the far end closed while held, of those opened.
     pub slowloris_closed: usize,
     pub slowloris_opened: usize,
-    /// Per non-reader: where it went, and whether the server ended it
-    /// (closed the connection) while it was held.
-    pub non_readers: Vec<(String, bool)>,
+    /// Per non-reader: where it went, and what became of its stream.
+    pub non_readers: Vec<(String, String)>,
 }
 
 fn count(list: &mut Vec<(String, usize)>, key: String) {
@@ -230,7 +229,7 @@ pub fn attack(
                     .to_string();
                 let head = format!(
                     "POST /v1/completions HTTP/1.1\r\nHost: drill\r\nContent-Type: application/json\r\n\
-                     Content-Length: {}\r\n\r\n",
+                     Content-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
                 );
                 let sent = small_window(target).and_then(|mut c| {
@@ -244,34 +243,48 @@ pub fn attack(
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            // Did the server end the stream while nobody read it? Drain what
-            // the buffers hold and see whether the end comes.
+            // What became of each stream while nobody read it: drain what
+            // the buffers hold (for at most 2 s) and see how it ends.
             let mut out = Vec::new();
             for (name, conn) in held {
-                let ended = match conn {
+                let state = match conn {
                     Ok(mut c) => {
                         let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
                         let mut buf = vec![0u8; 64 << 10];
+                        let mut tail: Vec<u8> = Vec::new();
                         let until = Instant::now() + Duration::from_secs(2);
-                        let mut ended = false;
+                        let mut closed = false;
                         while Instant::now() < until {
                             match c.read(&mut buf) {
                                 Ok(0) => {
-                                    ended = true;
+                                    closed = true;
                                     break;
                                 }
-                                Ok(_) => {}
-                                Err(_) => break,
+                                Ok(n) => {
+                                    tail.extend_from_slice(&buf[..n]);
+                                    let cut = tail.len().saturating_sub(4096);
+                                    tail.drain(..cut);
+                                }
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => {
+                                    closed = true;
+                                    break;
+                                }
                             }
                         }
-                        ended
+                        let done = String::from_utf8_lossy(&tail).contains("data: [DONE]");
+                        match (closed, done) {
+                            (_, true) => "completed (read to [DONE] once drained)",
+                            (true, false) => "ended by the server before [DONE]",
+                            (false, false) => "still streaming",
+                        }
+                        .to_string()
                     }
-                    Err(e) => {
-                        out.push((format!("{name}: not sent: {e}"), false));
-                        continue;
-                    }
+                    Err(e) => format!("not sent: {e}"),
                 };
-                out.push((name, ended));
+                out.push((name, state));
             }
             seen.lock().unwrap_or_else(|e| e.into_inner()).non_readers = out;
         });
@@ -354,7 +367,7 @@ pub fn attack(
         seen.slowloris_opened,
         seen.non_readers
             .iter()
-            .map(|(n, ended)| format!("{n} {}", if *ended { "ended by the server" } else { "still open" }))
+            .map(|(n, state)| format!("{n}: {state}"))
             .collect::<Vec<_>>()
             .join("; ")
     ));
