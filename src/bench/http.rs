@@ -11,9 +11,13 @@
 //! then checks they equal `max_tokens`); anything else is a failure whose
 //! text names what was wrong, so that failures group by cause in the report.
 //! No wait is unbounded: connecting, the answer's head and every read have
-//! a timeout, and a request may have a deadline as a whole.
+//! a timeout, and every request has a deadline as a whole (`--request-deadline`,
+//! else [`default_deadline`] of its size). Nothing a server sends is buffered
+//! without a bound: a line and an event at most [`StreamLimits::line`]
+//! bytes, a stream at most [`StreamLimits::bytes`] and
+//! [`StreamLimits::events`], all derived from the request ([`StreamLimits::for_request`]).
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -25,10 +29,80 @@ use super::ServerInfo;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest answer we read whole (the model list, an error body).
 const BODY_LIMIT: u64 = 1 << 20;
-/// The longest event stream we read (a few hundred bytes per token).
-const STREAM_LIMIT: u64 = 256 << 20;
 /// How much of a bad answer an error quotes.
 const QUOTE: usize = 120;
+
+/// The longest line, and the longest event (its `data:` lines joined), of
+/// an event stream, besides the model's name (which servers echo in every
+/// chunk): one token's chunk is a few hundred bytes.
+pub const LINE_LIMIT: usize = 64 << 10;
+/// Bytes a stream may carry per token asked for, besides the model's name:
+/// a generous bound on one chunk (id, object, created, model, one choice
+/// with its text, index, logprobs and finish reason) and its blank line.
+pub const BYTES_PER_TOKEN: u64 = 16 << 10;
+/// Events a stream may carry beyond one per token asked for: a closing
+/// chunk, the `usage` chunk, `[DONE]`, and a few a server may add.
+pub const EVENT_SLACK: usize = 8;
+/// Bytes a stream may carry beyond its tokens' (comments, keep-alives, the
+/// `usage` chunk, `[DONE]`).
+pub const STREAM_SLACK_BYTES: u64 = 256 << 10;
+/// The default deadline of a request ([`default_deadline`]): time per
+/// token asked for, and per prompt token, on top of `--http-timeout`.
+pub const DEADLINE_PER_TOKEN: Duration = Duration::from_secs(1);
+pub const DEADLINE_PER_PROMPT_TOKEN: Duration = Duration::from_millis(10);
+
+/// The longest a request of `prompt_tokens` asking for `max_tokens` may
+/// take when `--request-deadline` is not given: `timeout` (the silence the
+/// server may keep before its answer begins) + 1 s per token asked for +
+/// 10 ms per prompt token. Generous for any server that makes progress (a
+/// 124M model on two cores streams tens of tokens a second), and a bound on
+/// one that trickles bytes, each within `timeout`, forever.
+/// At most [`MAX_DEADLINE`], as `--request-deadline`.
+pub fn default_deadline(timeout: Duration, prompt_tokens: usize, max_tokens: usize) -> Duration {
+    let times = |d: Duration, n: usize| d.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
+    timeout
+        .saturating_add(times(DEADLINE_PER_TOKEN, max_tokens))
+        .saturating_add(times(DEADLINE_PER_PROMPT_TOKEN, prompt_tokens))
+        .min(MAX_DEADLINE)
+}
+
+/// The longest deadline a request may have (`--request-deadline` and the default alike).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(86_400);
+
+/// What one request's event stream may carry before it fails (each bound
+/// its own failure kind, named in the error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Tokens asked for (named in the errors).
+    pub max_tokens: usize,
+    /// Longest line, and longest event (its data lines joined), bytes.
+    pub line: usize,
+    /// Most events (`data:` blocks, `[DONE]` included).
+    pub events: usize,
+    /// Most bytes in all.
+    pub bytes: u64,
+}
+
+impl StreamLimits {
+    /// The bounds for a request asking for `max_tokens` of model `model`
+    /// (its name is echoed in every chunk): a line or event at most
+    /// [`LINE_LIMIT`] + the name; `max_tokens` + [`EVENT_SLACK`] events; and
+    /// (`max_tokens` + [`EVENT_SLACK`]) × ([`BYTES_PER_TOKEN`] + the name) +
+    /// [`STREAM_SLACK_BYTES`] bytes. A request buffers one line and one
+    /// event at a time, and a time per token chunk.
+    pub fn for_request(max_tokens: usize, model: &str) -> StreamLimits {
+        let name = model.len();
+        let events = max_tokens.saturating_add(EVENT_SLACK);
+        StreamLimits {
+            max_tokens,
+            line: LINE_LIMIT + name,
+            events,
+            bytes: (events as u64)
+                .saturating_mul(BYTES_PER_TOKEN + name as u64)
+                .saturating_add(STREAM_SLACK_BYTES),
+        }
+    }
+}
 
 /// How to reach the server (`throughput --url`, `--api-key`,
 /// `--server-model`, `--http-timeout`).
@@ -45,7 +119,8 @@ pub struct HttpOptions {
     /// Longest silence of the server: waiting for an answer's head, or for
     /// the next bytes of a stream.
     pub timeout: Duration,
-    /// The longest one request may take, connecting to `[DONE]`.
+    /// The longest one request may take, connecting to `[DONE]`; `None`:
+    /// [`default_deadline`] of each request's size.
     pub deadline: Option<Duration>,
 }
 
@@ -57,6 +132,11 @@ pub struct Http {
     auth: Option<String>,
     model: String,
     max_tokens: usize,
+    /// `--http-timeout`, for the default deadline.
+    timeout: Duration,
+    /// `--request-deadline`, if given.
+    deadline: Option<Duration>,
+    limits: StreamLimits,
 }
 
 impl Http {
@@ -72,7 +152,8 @@ impl Http {
             .timeout_recv_response(Some(opts.timeout))
             .timeout_per_read(Some(opts.timeout))
             .timeout_per_write(Some(opts.timeout))
-            .timeout_global(opts.deadline)
+            // `GET /v1/models`: the timeout's worth; each completion sets its own.
+            .timeout_global(Some(opts.deadline.unwrap_or(opts.timeout)))
             // Every client thread keeps its connection between requests.
             .max_idle_connections(MAX_CLIENTS)
             .max_idle_connections_per_host(MAX_CLIENTS)
@@ -134,10 +215,25 @@ impl Http {
             agent,
             completions: format!("{base}/v1/completions"),
             auth,
+            limits: StreamLimits::for_request(opts.max_tokens, &model),
             model,
             max_tokens: opts.max_tokens,
+            timeout: opts.timeout,
+            deadline: opts.deadline,
         };
         Ok((http, info))
+    }
+
+    /// The deadline of a request of `prompt_tokens`: `--request-deadline`,
+    /// else [`default_deadline`].
+    pub fn deadline(&self, prompt_tokens: usize) -> Duration {
+        self.deadline
+            .unwrap_or_else(|| default_deadline(self.timeout, prompt_tokens, self.max_tokens))
+    }
+
+    /// What each request's stream may carry.
+    pub fn limits(&self) -> StreamLimits {
+        self.limits
     }
 
     /// The body of one request for `prompt`.
@@ -161,23 +257,43 @@ impl Backend for Http {
 
     fn send(&self, _client: &mut (), prompt: &[u32]) -> Result<Reply, String> {
         let start = Instant::now();
+        let deadline = self.deadline(prompt.len());
         let mut req = self
             .agent
             .post(&self.completions)
+            .config()
+            .timeout_global(Some(deadline))
+            .build()
             .header("Accept", "text/event-stream");
         if let Some(a) = &self.auth {
             req = req.header("Authorization", a);
         }
+        // A deadline that passed is named as such, whichever read noticed it.
+        let late = |e: String| {
+            if start.elapsed() >= deadline {
+                format!(
+                    "request deadline passed: {:.1} s (--request-deadline; by default --http-timeout + {} s per token \
+                     asked + {} ms per prompt token)",
+                    deadline.as_secs_f64(),
+                    DEADLINE_PER_TOKEN.as_secs(),
+                    DEADLINE_PER_PROMPT_TOKEN.as_millis()
+                )
+            } else {
+                e
+            }
+        };
         let resp = req
             .send_json(self.request_body(prompt))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| late(e.to_string()))?;
         let status = resp.status().as_u16();
         let mut body = resp.into_body();
         if status != 200 {
             return Err(status_error(status, &mut body));
         }
-        let reader = BufReader::new(body.into_with_config().limit(STREAM_LIMIT).reader());
-        let stream = read_stream(reader, || start.elapsed())?;
+        // ureq's own cap lies past ours, so ours (which names the bound) trips first.
+        let cap = self.limits.bytes + self.limits.line as u64 + 2;
+        let reader = BufReader::new(body.into_with_config().limit(cap).reader());
+        let stream = read_stream(reader, &self.limits, || start.elapsed()).map_err(late)?;
         stream.reply(prompt.len())
     }
 }
@@ -270,29 +386,75 @@ pub struct Stream {
 /// blank line ends it, `:` comments and `event:`, `id:`, `retry:` are
 /// skipped. Errors: a line that is not SSE, an event that is not a JSON
 /// chunk, an error object sent mid-stream, a stream that ends (or breaks)
-/// before `[DONE]`.
-pub fn read_stream(reader: impl BufRead, mut now: impl FnMut() -> Duration) -> Result<Stream, String> {
+/// before `[DONE]`; and, each its own kind, a stream past `limits`: a line
+/// or event too long, too many events, too many bytes. It holds one line
+/// and one event at a time, never more than `limits.line` bytes each.
+pub fn read_stream(
+    mut reader: impl BufRead,
+    limits: &StreamLimits,
+    mut now: impl FnMut() -> Duration,
+) -> Result<Stream, String> {
     let mut stream = Stream::default();
     let mut data: Option<String> = None;
     let mut events = 0usize;
-    let mut lines = reader.lines();
+    let mut bytes = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        let line = match lines.next() {
-            Some(Ok(l)) => Some(l),
-            Some(Err(e)) => {
+        buf.clear();
+        let n = match (&mut reader)
+            .take(limits.line as u64 + 1)
+            .read_until(b'\n', &mut buf)
+        {
+            Ok(n) => n,
+            Err(e) => {
                 return Err(format!(
                     "the event stream broke after {events} events: {}",
                     one_line(&e.to_string())
                 ))
             }
-            None => None,
         };
-        let line = line.as_deref().map(|l| l.strip_suffix('\r').unwrap_or(l));
+        bytes += n as u64;
+        if bytes > limits.bytes {
+            return Err(format!(
+                "stream too long: past {} bytes for {} tokens asked",
+                limits.bytes, limits.max_tokens
+            ));
+        }
+        let line = if n == 0 {
+            None
+        } else {
+            if buf.last() == Some(&b'\n') {
+                buf.pop();
+            } else if buf.len() > limits.line {
+                return Err(format!(
+                    "line too long: a line of the event stream went past {} bytes",
+                    limits.line
+                ));
+            }
+            // (Otherwise the stream's last line, without its newline.)
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+            match std::str::from_utf8(&buf) {
+                Ok(l) => Some(l),
+                Err(_) => {
+                    return Err(format!(
+                        "the event stream broke after {events} events: a line is not UTF-8"
+                    ))
+                }
+            }
+        };
         match line {
             // A blank line, or the end, dispatches the event.
             Some("") | None => {
                 if let Some(d) = data.take() {
                     events += 1;
+                    if events > limits.events {
+                        return Err(format!(
+                            "too many events: the stream went past {} events for {} tokens asked",
+                            limits.events, limits.max_tokens
+                        ));
+                    }
                     if d.trim() == "[DONE]" {
                         stream.done_at = now();
                         return Ok(stream);
@@ -310,13 +472,22 @@ pub fn read_stream(reader: impl BufRead, mut now: impl FnMut() -> Duration) -> R
                 let (field, value) = l.split_once(':').unwrap_or((l, ""));
                 let value = value.strip_prefix(' ').unwrap_or(value);
                 match field {
-                    "data" => match &mut data {
-                        Some(d) => {
-                            d.push('\n');
-                            d.push_str(value);
+                    "data" => {
+                        let joined = data.as_ref().map_or(0, |d| d.len() + 1) + value.len();
+                        if joined > limits.line {
+                            return Err(format!(
+                                "event too long: an event of the stream went past {} bytes",
+                                limits.line
+                            ));
                         }
-                        None => data = Some(value.to_string()),
-                    },
+                        match &mut data {
+                            Some(d) => {
+                                d.push('\n');
+                                d.push_str(value);
+                            }
+                            None => data = Some(value.to_string()),
+                        }
+                    }
                     "event" | "id" | "retry" => {}
                     _ => return Err(format!("not a server-sent event stream: line {}", quote(l))),
                 }
@@ -412,8 +583,12 @@ mod tests {
 
     /// `text` read as a stream, the clock ticking 1 ms per event.
     fn stream_of(text: &str) -> Result<Stream, String> {
+        stream_within(text, &StreamLimits::for_request(16, "m"))
+    }
+
+    fn stream_within(text: &str, limits: &StreamLimits) -> Result<Stream, String> {
         let mut t = 0u64;
-        read_stream(text.as_bytes(), || {
+        read_stream(text.as_bytes(), limits, || {
             t += 1;
             Duration::from_millis(t)
         })
@@ -512,6 +687,66 @@ mod tests {
     }
 
     #[test]
+    fn the_limits_follow_the_request() {
+        let l = StreamLimits::for_request(30, "gpt2");
+        assert_eq!(l.line, LINE_LIMIT + 4);
+        assert_eq!(l.events, 38);
+        assert_eq!(l.bytes, 38 * (BYTES_PER_TOKEN + 4) + STREAM_SLACK_BYTES);
+        // 30 tokens of `gpt2 serve`'s chunks (about 200 bytes each) fit with room to spare.
+        let chunk = token(&"x".repeat(100), None);
+        let text = [chunk.repeat(30), usage(5, 30), "data: [DONE]\n\n".into()].concat();
+        assert!(stream_within(&text, &l).is_ok());
+        let t = Duration::from_secs(60);
+        assert_eq!(default_deadline(t, 200, 30), Duration::from_secs(92));
+        assert_eq!(default_deadline(t, 0, usize::MAX), MAX_DEADLINE);
+    }
+
+    /// Every bound is its own named failure, reached after reading at most
+    /// about the bound (never the whole of an endless stream).
+    #[test]
+    fn streams_past_their_limits_fail_by_kind() {
+        let l = StreamLimits::for_request(4, "m");
+        // No newline ever: the line is refused at the line limit.
+        let mut endless = std::io::repeat(b'x').take(1 << 30);
+        let e = read_stream(BufReader::new(&mut endless), &l, Duration::default).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "line too long: a line of the event stream went past {} bytes",
+                l.line
+            )
+        );
+        assert!(
+            endless.limit() > (1 << 30) - 2 * l.line as u64,
+            "read far past the line limit"
+        );
+        // Good events forever: refused past max_tokens + slack events.
+        let forever = token("a", None).repeat(1000);
+        let e = stream_within(&forever, &l).unwrap_err();
+        assert_eq!(
+            e,
+            "too many events: the stream went past 12 events for 4 tokens asked"
+        );
+        // Comments forever (no events at all): refused past the byte bound.
+        let comments = ": keep-alive\n".repeat((l.bytes as usize / 13) + 10);
+        let e = stream_within(&comments, &l).unwrap_err();
+        assert_eq!(
+            e,
+            format!("stream too long: past {} bytes for 4 tokens asked", l.bytes)
+        );
+        // One event of many short data lines: refused at the line limit.
+        let long_event = "data: xxxxxxxxxxxxxxxx\n".repeat(l.line / 16);
+        let e = stream_within(&long_event, &l).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "event too long: an event of the stream went past {} bytes",
+                l.line
+            )
+        );
+    }
+
+    #[test]
     fn data_lines_of_one_event_are_joined() {
         let text = "data: {\"choices\":\ndata: [{\"text\":\"x\"}]}\n\ndata: [DONE]\n\n";
         assert_eq!(stream_of(text).unwrap().token_times.len(), 1);
@@ -543,6 +778,9 @@ mod tests {
             auth: None,
             model: "m".into(),
             max_tokens: 7,
+            timeout: Duration::from_secs(60),
+            deadline: None,
+            limits: StreamLimits::for_request(7, "m"),
         };
         let b = http.request_body(&[1, 2]);
         assert_eq!(b["prompt"], json!([1, 2]));

@@ -273,6 +273,12 @@ pub struct Target {
     pub threshold: f64,
     pub measured: f64,
     pub pass: bool,
+    /// Whether a miss fails the run (exit status 3): the reference study's
+    /// targets always; the project's own (the batching ones) only with
+    /// `--strict` or when named by `--target`. Reports written before the
+    /// field existed held every target required.
+    #[serde(default = "legacy::required")]
+    pub required: bool,
 }
 
 /// mean / stddev / min / max of one headline figure over repetitions.

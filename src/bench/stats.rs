@@ -98,7 +98,26 @@ pub fn inter_token_ms(requests: &[&RequestRecord]) -> Vec<f64> {
         .collect()
 }
 
-/// Overridable pass/fail thresholds (the reference study's targets by default).
+/// The targets taken from the reference study (its machine's figures,
+/// rounded down): a miss fails the run (exit status 3) by default. Every
+/// other target (the continuous-batching ones, the project's own
+/// aspirations) is measured and reported, and fails the run only when
+/// required: with `--strict`, or when named by `--target`.
+pub const REFERENCE_TARGETS: [&str; 5] = [
+    "single_requests_per_s",
+    "single_tokens_per_s",
+    "concurrent_requests_per_s",
+    "concurrent_tokens_per_s",
+    "failed",
+];
+
+/// Every target's name, for the error naming an unknown one.
+const KNOWN_TARGETS: &str = "single_requests_per_s, single_tokens_per_s, concurrent_requests_per_s, \
+                             concurrent_tokens_per_s, failed, batched_scaling_at_8, batched_tpot_penalty_at_8, \
+                             batched_efficiency_at_4, batched_holds_past_8";
+
+/// Overridable pass/fail thresholds (the reference study's targets and the
+/// project's own by default), and which of them a miss fails the run for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Thresholds {
     pub single_requests_per_s: f64,
@@ -110,6 +129,10 @@ pub struct Thresholds {
     pub batched_tpot_penalty_at_8: f64,
     pub batched_efficiency_at_4: f64,
     pub batched_holds_past_8: f64,
+    /// `--strict`: every target is required.
+    pub strict: bool,
+    /// Targets named by `--target`: required whatever `strict` says.
+    pub named: Vec<String>,
 }
 
 impl Default for Thresholds {
@@ -126,39 +149,58 @@ impl Default for Thresholds {
             // "Keeps rising or holds": a dip of up to 10% is within this
             // machine's run-to-run noise.
             batched_holds_past_8: 0.9,
+            strict: false,
+            named: Vec::new(),
         }
     }
 }
 
 impl Thresholds {
-    /// Applies one `NAME=VALUE` override.
+    /// Applies one `NAME=VALUE` override; the target named becomes required.
+    /// The value must be a finite number (a NaN would pass or fail every
+    /// comparison alike, an infinity no run could meet or miss).
     pub fn set(&mut self, spec: &str) -> Result<(), String> {
         let (name, value) = spec
             .split_once('=')
-            .ok_or_else(|| format!("target `{spec}` is not NAME=VALUE"))?;
+            .ok_or_else(|| format!("--target `{spec}` is not NAME=VALUE"))?;
         let v: f64 = value
             .trim()
             .parse()
-            .map_err(|_| format!("target `{spec}`: `{value}` is not a number"))?;
-        match name.trim() {
+            .map_err(|_| format!("--target `{spec}`: `{value}` is not a number"))?;
+        if !v.is_finite() {
+            return Err(format!(
+                "--target `{spec}`: the value must be a finite number, not `{}`",
+                value.trim()
+            ));
+        }
+        let name = name.trim();
+        match name {
             "single_requests_per_s" => self.single_requests_per_s = v,
             "single_tokens_per_s" => self.single_tokens_per_s = v,
             "concurrent_requests_per_s" => self.concurrent_requests_per_s = v,
             "concurrent_tokens_per_s" => self.concurrent_tokens_per_s = v,
-            "failed" if v >= 0.0 && v.fract() == 0.0 => self.failed = v as usize,
+            "failed" if v >= 0.0 && v.fract() == 0.0 && v <= usize::MAX as f64 => self.failed = v as usize,
+            "failed" => {
+                return Err(format!(
+                    "--target `{spec}`: `failed` is a count of requests, a whole number >= 0"
+                ))
+            }
             "batched_scaling_at_8" => self.batched_scaling_at_8 = v,
             "batched_tpot_penalty_at_8" => self.batched_tpot_penalty_at_8 = v,
             "batched_efficiency_at_4" => self.batched_efficiency_at_4 = v,
             "batched_holds_past_8" => self.batched_holds_past_8 = v,
-            other => {
-                return Err(format!(
-                    "unknown target `{other}` (known: single_requests_per_s, single_tokens_per_s, \
-                     concurrent_requests_per_s, concurrent_tokens_per_s, failed, batched_scaling_at_8, \
-                     batched_tpot_penalty_at_8, batched_efficiency_at_4, batched_holds_past_8)"
-                ))
-            }
+            other => return Err(format!("unknown target `{other}` (known: {KNOWN_TARGETS})")),
+        }
+        if !self.named.iter().any(|n| n == name) {
+            self.named.push(name.to_string());
         }
         Ok(())
+    }
+
+    /// Whether missing target `name` fails the run: a reference-study
+    /// target, any target under `--strict`, or one named by `--target`.
+    pub fn required(&self, name: &str) -> bool {
+        self.strict || REFERENCE_TARGETS.contains(&name) || self.named.iter().any(|n| n == name)
     }
 }
 
@@ -314,6 +356,7 @@ fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) ->
         threshold,
         measured,
         pass: measured > threshold,
+        required: true,
     };
     let mut targets = vec![
         gt(
@@ -347,6 +390,7 @@ fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) ->
             threshold: thresholds.batched_scaling_at_8,
             measured: l.scaling,
             pass: l.scaling >= thresholds.batched_scaling_at_8,
+            required: true,
         });
         let tpot = |ts: &[&TestResult]| mean_of(ts, |t| t.tpot_ms.p50);
         let at8: Vec<&TestResult> = tests
@@ -362,6 +406,7 @@ fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) ->
             threshold: thresholds.batched_tpot_penalty_at_8,
             measured: penalty,
             pass: penalty > 0.0 && penalty <= thresholds.batched_tpot_penalty_at_8,
+            required: true,
         });
     }
     if let Some(l) = batched(4) {
@@ -372,6 +417,7 @@ fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) ->
             threshold: thresholds.batched_efficiency_at_4,
             measured: l.efficiency,
             pass: l.efficiency >= thresholds.batched_efficiency_at_4,
+            required: true,
         });
     }
     // Past 8, batched throughput keeps rising or holds: each level's tok/s
@@ -399,6 +445,7 @@ fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) ->
             threshold: thresholds.batched_holds_past_8,
             measured: worst,
             pass: worst >= thresholds.batched_holds_past_8,
+            required: true,
         });
     }
     targets.push(Target {
@@ -408,7 +455,12 @@ fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) ->
         threshold: thresholds.failed as f64,
         measured: failed as f64,
         pass: failed <= thresholds.failed,
+        required: true,
     });
+
+    for t in &mut targets {
+        t.required = thresholds.required(&t.name);
+    }
 
     let mut spread_rows = Vec::new();
     for (mode, c) in &keys {
@@ -639,5 +691,52 @@ mod tests {
         assert!(t.set("speed=1").unwrap_err().contains("unknown target"));
         assert!(t.set("failed").is_err());
         assert!(t.set("failed=x").is_err());
+        assert!(t.set("failed=1.5").is_err());
+        for bad in ["nan", "inf", "-inf", "infinity", "NaN"] {
+            let e = t.set(&format!("single_tokens_per_s={bad}")).unwrap_err();
+            assert!(e.contains("must be a finite number"), "{bad}: {e}");
+        }
+        assert_eq!(t.single_tokens_per_s, 55.0, "a refused value changes nothing");
+    }
+
+    /// The reference study's targets are required; the project's own only
+    /// with --strict or when named, and a miss of an unrequired one is
+    /// still reported as a miss.
+    #[test]
+    fn only_the_reference_targets_are_required_by_default() {
+        let mk = |mode: &str, c: usize, dur: f64| {
+            let raw = (0..c).map(|_| rec(1000.0, 30, None)).collect();
+            test_result(&format!("c{c}"), mode, "f32", c, 0, dur, raw)
+        };
+        // Batched at 4: scaling 1.0, efficiency 0.25 < 0.9.
+        let tests = vec![mk("threads", 1, 1.0), mk("batched", 4, 4.0)];
+        let required = |t: &Thresholds| -> Vec<(String, bool, bool)> {
+            analyze(&tests, t)
+                .targets
+                .into_iter()
+                .map(|t| (t.name, t.pass, t.required))
+                .collect()
+        };
+        let by_default = required(&Thresholds::default());
+        for (name, _, req) in &by_default {
+            assert_eq!(*req, REFERENCE_TARGETS.contains(&name.as_str()), "{name}");
+        }
+        let eff = by_default
+            .iter()
+            .find(|t| t.0 == "batched_efficiency_at_4")
+            .unwrap();
+        assert_eq!((eff.1, eff.2), (false, false), "missed, not required");
+        let strict = Thresholds {
+            strict: true,
+            ..Thresholds::default()
+        };
+        assert!(required(&strict).iter().all(|t| t.2));
+        let mut named = Thresholds::default();
+        named.set("batched_efficiency_at_4=0.5").unwrap();
+        let eff = required(&named)
+            .into_iter()
+            .find(|t| t.0 == "batched_efficiency_at_4")
+            .unwrap();
+        assert_eq!((eff.1, eff.2), (false, true));
     }
 }

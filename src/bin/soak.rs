@@ -11,9 +11,13 @@
 //!
 //! `cargo run --release --bin soak` runs the issue's size (500 requests at
 //! concurrency 16, prompts of 1 to 900 tokens); CI runs a small one on the
-//! tiny synthetic model. Exit status 1 if any check fails. On a terminal a
-//! progress bar counts each mode's requests; elsewhere a line goes to stderr
-//! every 50 requests.
+//! tiny synthetic model. Exit status 1 if any check fails, or a flag is out
+//! of range (named, before anything is loaded: at most 1024 clients, 100000
+//! requests, and a warm-up whose KV caches fit the memory available), or
+//! the `--json` file cannot be written (checked before the run: its
+//! directory must take a new file, and an existing file is never replaced).
+//! On a terminal a progress bar counts each mode's requests; elsewhere a line
+//! goes to stderr every 50 requests.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,9 +50,11 @@ struct Args {
     kernels: gpt2::hub::KernelArgs,
     #[command(flatten)]
     dtype: DtypeArgs,
-    /// Requests per mode.
+    /// Requests per mode (at most 100000).
     #[arg(long, default_value_t = 500)]
     requests: usize,
+    /// Client threads, each with a request in flight (at most 1024, and the
+    /// warm-up's KV caches must fit the memory available).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
     /// Prompt lengths are drawn from 1..=this (capped by the context window).
@@ -65,7 +71,8 @@ struct Args {
     /// Allowed RSS growth from the middle to the last sample under load, in MiB.
     #[arg(long, default_value_t = 64.0)]
     rss_slack_mib: f64,
-    /// Also write the summary as JSON to this file.
+    /// Also write the summary as JSON to this file: a new one (an existing
+    /// file is refused, before the run, and never replaced).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Testing only: leak this many KiB (written, so resident) per request,
@@ -127,9 +134,82 @@ fn main() -> ExitCode {
     }
 }
 
+/// Most client threads (`--concurrency`), as `throughput --levels`.
+const MAX_CONCURRENCY: usize = gpt2::bench::runner::MAX_CLIENTS;
+/// Most requests per mode (`--requests`): the mix is drawn up front, up to
+/// a context window of prompt tokens each.
+const MAX_REQUESTS: usize = 100_000;
+/// Most KiB `--leak-kib-per-request` may leak.
+const MAX_LEAK_KIB: usize = 64 << 10;
+
+/// Checks the flags a run needs before anything is loaded; errors name the flag.
+fn check_flags(args: &Args) -> Result<(), String> {
+    for (flag, v) in [
+        ("--requests", args.requests),
+        ("--concurrency", args.concurrency),
+        ("--max-prompt", args.max_prompt),
+        ("--max-new", args.max_new),
+    ] {
+        if v == 0 {
+            return Err(format!("{flag} must be at least 1, not 0"));
+        }
+    }
+    if args.concurrency > MAX_CONCURRENCY {
+        return Err(format!(
+            "--concurrency {}: that many client threads measure thread creation, not the engine; at most \
+             {MAX_CONCURRENCY}",
+            args.concurrency
+        ));
+    }
+    if args.requests > MAX_REQUESTS {
+        return Err(format!(
+            "--requests {}: at most {MAX_REQUESTS} per mode (the mix is drawn before the run)",
+            args.requests
+        ));
+    }
+    if !(args.rss_slack_mib.is_finite() && args.rss_slack_mib >= 0.0) {
+        return Err(format!(
+            "--rss-slack-mib must be a finite number of MiB >= 0, not {}",
+            args.rss_slack_mib
+        ));
+    }
+    if args.leak_kib_per_request > MAX_LEAK_KIB {
+        return Err(format!("--leak-kib-per-request: at most {MAX_LEAK_KIB}"));
+    }
+    Ok(())
+}
+
+/// Checks, before the run, that the summary can be written to `path`: a
+/// new file (none there yet) in a directory that takes one.
+fn check_json_path(path: &std::path::Path) -> Result<(), String> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(format!(
+            "--json {}: the file exists; soak writes a new file and never replaces one",
+            path.display()
+        ));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    gpt2::files::check_writable_dir(dir).map_err(|e| format!("--json {}: {e}", path.display()))
+}
+
+/// Bytes of memory the OS can still give (`MemAvailable`), where it tells (Linux).
+fn mem_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    line.split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
 fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
-    if args.requests == 0 || args.concurrency == 0 || args.max_prompt == 0 || args.max_new == 0 {
-        return Err("--requests, --concurrency, --max-prompt and --max-new must be at least 1".into());
+    check_flags(args)?;
+    if let Some(path) = &args.json {
+        check_json_path(path)?;
     }
     let resolved = hub::resolve(&args.weights)?;
     let dtype = args.dtype.dtype;
@@ -140,6 +220,27 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         resolved.source.describe(model.config.synthetic.as_ref())
     );
     let jobs = mix(args, &model);
+    // The warm-up makes every client's KV cache resident for the mix's
+    // longest request at once: refused, by name, where that cannot fit.
+    let warmup_positions = jobs
+        .iter()
+        .map(|j| j.prompt.len() + j.max_new - 1)
+        .max()
+        .unwrap_or(0);
+    let kv = kv_cache_bytes(args.concurrency, warmup_positions, &model.config);
+    if let Some(avail) = mem_available_bytes() {
+        if kv > avail {
+            return Err(format!(
+                "--concurrency {}: the warm-up holds {} KV caches of {warmup_positions} positions, {:.1} GiB, more \
+                 than the {:.1} GiB of memory available; lower --concurrency or --max-prompt",
+                args.concurrency,
+                args.concurrency,
+                kv as f64 / GIB,
+                avail as f64 / GIB
+            )
+            .into());
+        }
+    }
     let modes: &[&'static str] = match args.mode {
         ModeArg::Threads => &["threads"],
         ModeArg::Batched => &["batched"],
@@ -162,8 +263,8 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         "passed": ok,
     });
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&json)?)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        gpt2::files::write_new(path, serde_json::to_string_pretty(&json)?.as_bytes())
+            .map_err(|e| format!("--json {}: {e}", path.display()))?;
     }
     println!("{}", serde_json::to_string_pretty(&json)?);
     eprintln!("{}", if ok { "soak: PASS" } else { "soak: FAIL" });
@@ -217,8 +318,7 @@ fn soak(
         .max_by_key(|j| j.prompt.len() + j.max_new)
         .expect("at least one request");
     let warmup_positions = longest.prompt.len() + longest.max_new - 1;
-    let cfg = &model.config;
-    let kv_bytes = args.concurrency * warmup_positions * cfg.n_layer * 2 * cfg.n_embd * 4;
+    let kv_bytes = kv_cache_bytes(args.concurrency, warmup_positions, &model.config);
     let warmed = std::sync::Barrier::new(args.concurrency);
     let half = jobs.len() / 2;
     let late = jobs.len().saturating_sub(args.concurrency).max(half);
@@ -338,7 +438,7 @@ fn soak(
         generated_tokens: tokens.into_inner(),
         seconds,
         warmup_positions,
-        kv_caches_mib: kv_bytes as f64 / (1 << 20) as f64,
+        kv_caches_mib: kv_bytes as f64 / (1u64 << 20) as f64,
         start,
         middle,
         late,
@@ -368,6 +468,13 @@ fn soak(
     );
     Ok(summary)
 }
+
+/// Bytes of `caches` f32 KV caches of `positions` positions each.
+fn kv_cache_bytes(caches: usize, positions: usize, cfg: &gpt2::Gpt2Config) -> u64 {
+    (caches as u64) * (positions as u64) * (cfg.n_layer as u64) * 2 * (cfg.n_embd as u64) * 4
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// The key of the sample taken after warm-up (the others: a request index).
 const START: usize = usize::MAX;

@@ -30,10 +30,13 @@ use gpt2::bench::run::{self, Options};
     version,
     about = "Benchmark GPT-2 inference: single-request and concurrent throughput, latency percentiles and the \
              CPU saturation curve. Writes JSON, Markdown and SVG under --out-dir.",
-    after_help = "Exit status: 0 every request succeeded and every target passed; 1 the run could not finish \
-                  (an error, named on stderr); 2 a bad flag; 3 the report was written but targets were missed; 4 \
-                  the report was written but requests failed. `throughput compare`: 0 written, 1 an input \
-                  unreadable or not a report, 2 a bad flag.",
+    after_help = "Exit status: 0 every request succeeded and every required target passed; 1 the run could not \
+                  finish (an error, named on stderr); 2 a bad flag; 3 the report was written but required targets \
+                  were missed; 4 the report was written but requests failed. Required: the reference study's \
+                  targets (single_* and concurrent_* requests and tokens per second, failed), any target named by \
+                  --target, and with --strict every target; the project's own batching targets are otherwise \
+                  reported, and a miss noted on stderr, without failing the run. `throughput compare`: 0 \
+                  written, 1 an input unreadable or not a report, 2 a bad flag.",
     args_conflicts_with_subcommands = true
 )]
 struct Args {

@@ -14,11 +14,17 @@
 //!   HAProxy, and sent = succeeded + failed by status.
 //! - `scale`: tok/s and p50 latency with 1 and 2 one-core replicas and one
 //!   two-core replica, at each concurrency.
+//! - `abuse` ([`abuse`]): issue 31's hostile clients (1 MB-prompt
+//!   flooders through HAProxy, slowloris connections, streams never read)
+//!   while the ordinary load runs: no ordinary request may fail, HAProxy
+//!   may mark no replica DOWN, and `/health` must answer 200 with a p99
+//!   under 100 ms.
 //!
 //! Each drill's table (requests sent, succeeded, failed by cause, p50/p99
 //! latency, wrong token counts, and its checks) goes to stdout and to
 //! `--out-dir` as Markdown and JSON; a drill whose checks fail exits 3.
 
+pub mod abuse;
 pub mod cluster;
 
 use std::path::{Path, PathBuf};
@@ -44,6 +50,9 @@ pub enum DrillKind {
     Overload,
     /// Throughput and latency with 1 and 2 one-core replicas and one two-core replica.
     Scale,
+    /// Hostile clients (1 MB-prompt flooders, slowloris, non-reading
+    /// streams) while ordinary clients are served: none of them may fail.
+    Abuse,
     /// rolling, crash and overload, one after the other.
     All,
 }
@@ -83,6 +92,18 @@ pub struct DrillArgs {
     /// rotating; the table gives the median of each cell.
     #[arg(long, default_value_t = 1)]
     pub scale_repetitions: usize,
+    /// abuse: clients posting 1,000,000-digit prompts through HAProxy in a loop.
+    #[arg(long, default_value_t = 4)]
+    pub flood_clients: usize,
+    /// abuse: how long the attack (flooders, slowloris, non-readers) lasts, seconds.
+    #[arg(long, default_value_t = 15.0)]
+    pub flood_seconds: f64,
+    /// abuse: partial-header connections held open (spread over HAProxy and each replica).
+    #[arg(long, default_value_t = 200)]
+    pub slowloris: usize,
+    /// abuse: streaming completions sent to the replicas and never read.
+    #[arg(long, default_value_t = 2)]
+    pub non_readers: usize,
     /// Where the drill reports go (JSON and Markdown; never overwritten).
     #[arg(long, default_value = "data/drills")]
     pub out_dir: PathBuf,
@@ -212,6 +233,22 @@ pub fn cause(error: &str) -> String {
     }
     if e.starts_with("short:") || e.starts_with("long:") || e.contains("completion tokens but") {
         "wrong token count".into()
+    } else if e.starts_with("request deadline passed") {
+        "timeout (request deadline passed)".into()
+    } else if [
+        "line too long:",
+        "event too long:",
+        "too many events:",
+        "stream too long:",
+    ]
+    .iter()
+    .any(|k| e.starts_with(k))
+    {
+        // The client's bounds on a stream (`throughput --url`): the kind.
+        format!(
+            "stream past its bounds ({})",
+            error.split(':').next().unwrap_or(error)
+        )
     } else if e.contains("timeout") || e.contains("timed out") {
         "timeout (no answer in time)".into()
     } else if e.contains("stream broke") || e.contains("without `data: [done]`") {
@@ -652,6 +689,70 @@ impl Drills {
         Ok(self.report(DrillKind::Overload, self.setting("overload", &serve), run))
     }
 
+    /// Issue 31's hostile clients while the ordinary load runs ([`abuse`]).
+    pub fn abuse(&self) -> Result<DrillReport, String> {
+        let (c, r) = (self.args.concurrency, self.args.replicas);
+        // Each replica holds its share of the ordinary clients and of the
+        // non-readers, no more: a slot the attack keeps shows as a 429.
+        let share = c.div_ceil(r) + self.args.non_readers.div_ceil(r);
+        let serve = vec![
+            "--max-batch".to_string(),
+            share.to_string(),
+            "--max-queue".to_string(),
+            share.to_string(),
+        ];
+        let cluster = self.start("abuse", &self.spec(r, 1, serve.clone()))?;
+        let models = cluster.get(&format!("{}/v1/models", cluster.lb_url()))?;
+        let model = serde_json::from_str::<serde_json::Value>(&models.body)
+            .ok()
+            .and_then(|v| v["data"][0]["id"].as_str().map(String::from))
+            .ok_or_else(|| format!("/v1/models lists no model: {}", models.body))?;
+        let context = match &self.args.weights {
+            Some(dir) => {
+                crate::config::Gpt2Config::from_file(&dir.join("config.json"))
+                    .map_err(|e| e.to_string())?
+                    .n_positions
+            }
+            None => 1024,
+        };
+        let attack = abuse::Attack {
+            flood_clients: self.args.flood_clients,
+            flood_seconds: self.args.flood_seconds,
+            slowloris: self.args.slowloris,
+            non_readers: self.args.non_readers,
+            non_reader_tokens: context.saturating_sub(8).clamp(1, 1000),
+        };
+        let rate = self.calibrate(&cluster, c)?;
+        let load = self.measured_load(rate, None);
+        let run = self.measure(&cluster, &load, |cluster, ev, checks| {
+            std::thread::sleep(Duration::from_secs_f64(self.args.duration * 0.1));
+            let (_, found) = abuse::attack(cluster, &model, &attack, ev)?;
+            checks.extend(found);
+            Ok(())
+        })?;
+        let mut run = run;
+        let t = &run.tally;
+        run.checks.insert(
+            0,
+            Check {
+                what: "no ordinary request failed (no 429, no timeout, no error)".into(),
+                passed: t.failed() == 0 && t.sent > 0,
+                seen: format!("{} of {} failed", t.failed(), t.sent),
+            },
+        );
+        let what = format!(
+            "abuse ({} flooders of {}-digit prompts through HAProxy for {} s, {} slowloris connections over HAProxy \
+             and the replicas, {} non-reading streams of {} tokens to the replicas)",
+            attack.flood_clients,
+            abuse::FLOOD_PROMPT_CHARS,
+            attack.flood_seconds,
+            attack.slowloris,
+            attack.non_readers,
+            attack.non_reader_tokens
+        );
+        Ok(self.report(DrillKind::Abuse, self.setting(&what, &serve), run))
+    }
+
     /// Runs `load` while `faults` acts on the cluster, then checks that
     /// the faults fell inside the run and that no token count was wrong.
     fn measure(
@@ -891,9 +992,13 @@ pub fn run(args: DrillArgs) -> Result<bool, Box<dyn std::error::Error>> {
     if args.replicas == 0 || args.concurrency == 0 || args.max_new_tokens == 0 {
         return Err("--replicas, --concurrency and --max-new-tokens must be at least 1".into());
     }
+    if args.flood_clients > 64 || args.slowloris > 10_000 || args.non_readers > 64 {
+        return Err("--flood-clients and --non-readers: at most 64; --slowloris: at most 10000".into());
+    }
     for (flag, v) in [
         ("--duration", args.duration),
         ("--request-deadline", args.request_deadline),
+        ("--flood-seconds", args.flood_seconds),
     ] {
         if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
             return Err(
@@ -954,6 +1059,7 @@ pub fn run(args: DrillArgs) -> Result<bool, Box<dyn std::error::Error>> {
         let r = match kind {
             DrillKind::Rolling => drills.rolling(),
             DrillKind::Crash => drills.crash(),
+            DrillKind::Abuse => drills.abuse(),
             _ => drills.overload(),
         }?;
         passed &= r.passed();
@@ -1048,6 +1154,14 @@ mod tests {
             "connection failed"
         );
         assert_eq!(cause("io: Peer disconnected"), "connection failed");
+        assert_eq!(
+            cause("too many events: the stream went past 12 events for 4 tokens asked"),
+            "stream past its bounds (too many events)"
+        );
+        assert_eq!(
+            cause("request deadline passed: 6.1 s (--request-deadline; ...)"),
+            "timeout (request deadline passed)"
+        );
     }
 
     #[test]

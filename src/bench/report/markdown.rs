@@ -434,10 +434,9 @@ fn md_targets(report: &Report) -> String {
                     target_value(tg.threshold, tg)
                 ),
                 target_value(tg.measured, tg),
-                if tg.pass {
-                    "PASS".to_string()
-                } else {
-                    "**FAIL**".to_string()
+                match target_result(tg) {
+                    "FAIL" => "**FAIL**".to_string(),
+                    other => other.to_string(),
                 },
             ]);
         }

@@ -32,24 +32,47 @@ const REFERENCE_LABEL: &str = "reference (other machine)";
 // Shared helpers
 // ---------------------------------------------------------------------------
 
-/// One line: all targets pass, or which fail.
+/// One line: all targets pass, or which fail; then the opt-in targets
+/// missed (not required, so not a failed run), if any.
 fn targets_verdict(report: &Report) -> String {
     let targets = &report.analysis.targets;
-    let failed: Vec<String> = targets
-        .iter()
-        .filter(|t| !t.pass)
-        .map(|t| report.target_label(t))
-        .collect();
-    if failed.is_empty() {
+    let missed = |required: bool| -> Vec<String> {
+        targets
+            .iter()
+            .filter(|t| !t.pass && t.required == required)
+            .map(|t| report.target_label(t))
+            .collect()
+    };
+    let (failed, opt_in) = (missed(true), missed(false));
+    let required = targets.iter().filter(|t| t.required).count();
+    let mut line = if failed.is_empty() && opt_in.is_empty() {
         format!("All {} target{} PASS.", targets.len(), plural(targets.len()))
+    } else if failed.is_empty() {
+        format!("All {required} required target{} PASS.", plural(required))
     } else {
         format!(
-            "{} of {} target{} FAIL: {}.",
+            "{} of {required} required target{} FAIL: {}.",
             failed.len(),
-            targets.len(),
-            plural(targets.len()),
+            plural(required),
             failed.join(", ")
         )
+    };
+    if !opt_in.is_empty() {
+        line.push_str(&format!(
+            " Opt-in target{} missed (not required; `--strict` requires every target): {}.",
+            plural(opt_in.len()),
+            opt_in.join(", ")
+        ));
+    }
+    line
+}
+
+/// A target's result: PASS, FAIL (required), or `missed (opt-in)`.
+fn target_result(t: &super::Target) -> &'static str {
+    match (t.pass, t.required) {
+        (true, _) => "PASS",
+        (false, true) => "FAIL",
+        (false, false) => "missed (opt-in)",
     }
 }
 
@@ -458,14 +481,6 @@ fn target_value(x: f64, t: &super::Target) -> String {
     }
 }
 
-fn pass_fail(pass: bool) -> &'static str {
-    if pass {
-        "PASS"
-    } else {
-        "FAIL"
-    }
-}
-
 fn plural(n: usize) -> &'static str {
     if n == 1 {
         ""
@@ -737,6 +752,7 @@ mod tests {
                         threshold: 25.24,
                         measured: 30.0,
                         pass: true,
+                        required: true,
                     },
                     Target {
                         name: "failed".to_string(),
@@ -745,6 +761,7 @@ mod tests {
                         threshold: 0.0,
                         measured: 1.0,
                         pass: false,
+                        required: true,
                     },
                 ],
                 spread,

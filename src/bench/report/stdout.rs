@@ -238,7 +238,7 @@ fn stdout_targets(report: &Report) -> String {
                 tg.dtype.clone(),
                 format!("{} {}", tg.op, target_value(tg.threshold, tg)),
                 target_value(tg.measured, tg),
-                pass_fail(tg.pass).to_string(),
+                target_result(tg).to_string(),
             ]);
         }
         out.push_str(&t.text());
