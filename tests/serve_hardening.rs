@@ -741,8 +741,20 @@ fn a_half_closed_request_is_answered_with_half_close_and_counted_without() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains(r#""completion_tokens":3"#), "{answer}");
     let ok = r#"gpt2_requests_total{outcome="ok",route="/v1/completions",status="200"}"#;
-    let m = server::get(&server.url("/metrics"), None).text;
-    assert_eq!(metric(&m, ok), Some(1.0), "{m}");
+    // Counted when the request's handler ends, a moment after its last byte
+    // went out: wait for it.
+    let counted = |server: &ServerProcess, name: &str| {
+        let start = Instant::now();
+        loop {
+            let m = server::get(&server.url("/metrics"), None).text;
+            if metric(&m, name) == Some(1.0) {
+                break;
+            }
+            assert!(start.elapsed() < PATIENCE, "never counted as {name}:\n{m}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    counted(&server, ok);
 
     // Without it, the end of input is the client leaving: dropped, but
     // counted and logged. 120 tokens, so that the server reads the end of
@@ -754,19 +766,10 @@ fn a_half_closed_request_is_answered_with_half_close_and_counted_without() {
     if !answer.is_empty() {
         eprintln!("NOTICE: the 120-token answer was complete before the end of input was read");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        let m = server::get(&server.url("/metrics"), None).text;
-        assert_eq!(metric(&m, ok), Some(1.0), "{m}");
+        counted(&server, ok);
         return;
     }
-    let start = Instant::now();
-    loop {
-        let m = server::get(&server.url("/metrics"), None).text;
-        if metric(&m, "gpt2_connections_closed_mid_request_total") == Some(1.0) {
-            break;
-        }
-        assert!(start.elapsed() < PATIENCE, "never counted:\n{m}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    counted(&server, "gpt2_connections_closed_mid_request_total");
     assert!(server
         .stderr()
         .contains("closed its side of a connection before its request was answered"));
