@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{scratch_dir, synth_dir, throughput_within};
+use common::{scratch_dir, synth_dir, throughput_measured, throughput_within};
 use gpt2::synth::Preset;
 
 /// What the hostile server's completions send after a `200` head.
@@ -164,50 +164,6 @@ fn serve(mut conn: TcpStream, behaviour: Hostile, shared: &Shared) {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-/// Runs `throughput` with `args`, killed after `secs`, sampling its peak
-/// resident memory (`VmHWM`) while it runs: (output, peak bytes seen,
-/// seconds taken).
-fn throughput_measured(args: &[&str], secs: u64) -> (Output, u64, f64) {
-    let start = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_throughput"))
-        .args(args)
-        .env_remove("OPENAI_API_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let done = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(0));
-    let (d, p) = (Arc::clone(&done), Arc::clone(&peak));
-    let sampler = std::thread::spawn(move || {
-        while !d.load(Ordering::SeqCst) {
-            if start.elapsed() > Duration::from_secs(secs) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                return;
-            }
-            if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                let kib = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
-                if let Some(k) = kib {
-                    p.fetch_max(k * 1024, Ordering::SeqCst);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
-    let out = child.wait_with_output().unwrap();
-    done.store(true, Ordering::SeqCst);
-    sampler.join().unwrap();
-    assert!(
-        out.status.code().is_some(),
-        "{args:?}: killed after {secs} s (a hang)"
-    );
-    (out, peak.load(Ordering::SeqCst), start.elapsed().as_secs_f64())
 }
 
 /// 1 warmup, 1 single request, level 2 with 2 requests: 4 requests, 3 counted.

@@ -695,6 +695,10 @@ fn bad_flags_are_refused_by_name() {
         ("--threads", "0"),
         ("--grace-seconds", "-1"),
         ("--drain-seconds", "nan"),
+        ("--header-timeout-seconds", "0"),
+        ("--body-timeout-seconds", "nan"),
+        ("--write-stall-seconds", "-1"),
+        ("--max-connections", "0"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpt2"))
             .args([

@@ -552,15 +552,7 @@ impl Drills {
             Ok(())
         })?;
         let mut run = run;
-        let t = &run.tally;
-        run.checks.insert(
-            0,
-            Check {
-                what: "no request failed".into(),
-                passed: t.failed() == 0 && t.sent > 0,
-                seen: format!("{} of {} failed", t.failed(), t.sent),
-            },
-        );
+        run.checks.insert(0, none_failed(&run.tally, "no request failed"));
         Ok(self.report(DrillKind::Rolling, self.setting("rolling restart", &serve), run))
     }
 
@@ -741,14 +733,12 @@ impl Drills {
             Ok(())
         })?;
         let mut run = run;
-        let t = &run.tally;
         run.checks.insert(
             0,
-            Check {
-                what: "no ordinary request failed (no 429, no timeout, no error)".into(),
-                passed: t.failed() == 0 && t.sent > 0,
-                seen: format!("{} of {} failed", t.failed(), t.sent),
-            },
+            none_failed(
+                &run.tally,
+                "no ordinary request failed (no 429, no timeout, no error)",
+            ),
         );
         let what = format!(
             "abuse ({} flooders of {}-digit prompts through HAProxy for {} s, {} slowloris connections over HAProxy \
@@ -1098,6 +1088,15 @@ impl Events {
         let at = self.start.elapsed().as_secs_f64();
         eprintln!("drill: {at:.2} s: {what}");
         self.list.push((at, what));
+    }
+}
+
+/// The check that every request of a run was sent and none failed.
+fn none_failed(t: &Tally, what: &str) -> Check {
+    Check {
+        what: what.into(),
+        passed: t.failed() == 0 && t.sent > 0,
+        seen: format!("{} of {} failed", t.failed(), t.sent),
     }
 }
 
