@@ -135,6 +135,16 @@ impl KvCache {
         })
     }
 
+    /// Resident bytes of a cache for `config` once `positions` are written:
+    /// keys and values of every (layer, head) are `positions x head_dim`
+    /// floats at the start of their own region, each rounded up to whole
+    /// 4 KiB pages (the map's untouched pages are not resident).
+    pub fn resident_bytes(config: &Gpt2Config, positions: usize) -> usize {
+        let head_dim = config.n_embd / config.n_head.max(1);
+        let region = (positions * head_dim * std::mem::size_of::<f32>()).div_ceil(4096) * 4096;
+        2 * config.n_layer * config.n_head * region
+    }
+
     /// Positions stored so far; the next row of this sequence has `pos == len()`.
     pub fn len(&self) -> usize {
         self.len

@@ -228,6 +228,18 @@ pub fn proc_status(field: &str) -> Option<u64> {
     line.split_whitespace().next()?.parse().ok()
 }
 
+/// Bytes of memory the OS can still give (`MemAvailable` of
+/// `/proc/meminfo`), where it tells (Linux); `None` elsewhere.
+pub fn mem_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    line.split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
 /// This process's peak resident set size in bytes (`VmHWM`), where the OS
 /// tells it (Linux); `None` elsewhere.
 pub fn peak_rss_bytes() -> Option<u64> {

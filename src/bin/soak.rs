@@ -195,17 +195,6 @@ fn check_json_path(path: &std::path::Path) -> Result<(), String> {
     gpt2::files::check_writable_dir(dir).map_err(|e| format!("--json {}: {e}", path.display()))
 }
 
-/// Bytes of memory the OS can still give (`MemAvailable`), where it tells (Linux).
-fn mem_available_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
-    line.split_whitespace()
-        .next()?
-        .parse::<u64>()
-        .ok()
-        .map(|kib| kib * 1024)
-}
-
 fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     check_flags(args)?;
     if let Some(path) = &args.json {
@@ -228,7 +217,7 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         .max()
         .unwrap_or(0);
     let kv = kv_cache_bytes(args.concurrency, warmup_positions, &model.config);
-    if let Some(avail) = mem_available_bytes() {
+    if let Some(avail) = gpt2::profile::mem_available_bytes() {
         if kv > avail {
             return Err(format!(
                 "--concurrency {}: the warm-up holds {} KV caches of {warmup_positions} positions, {:.1} GiB, more \
@@ -469,9 +458,9 @@ fn soak(
     Ok(summary)
 }
 
-/// Bytes of `caches` f32 KV caches of `positions` positions each.
+/// Resident bytes of `caches` KV caches of `positions` positions each.
 fn kv_cache_bytes(caches: usize, positions: usize, cfg: &gpt2::Gpt2Config) -> u64 {
-    (caches as u64) * (positions as u64) * (cfg.n_layer as u64) * 2 * (cfg.n_embd as u64) * 4
+    (caches as u64) * gpt2::model::KvCache::resident_bytes(cfg, positions) as u64
 }
 
 const GIB: f64 = (1u64 << 30) as f64;

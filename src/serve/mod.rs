@@ -193,7 +193,7 @@ where
                         engine.scheduler.model().dtype(),
                         config.n_positions,
                         budget >> 20,
-                        budget / routes::kv_cache_bytes(config, config.n_positions).max(1)
+                        budget / crate::model::KvCache::resident_bytes(config, config.n_positions).max(1)
                     );
                     app.metrics
                         .kv_budget
@@ -262,12 +262,10 @@ where
 /// weights are loaded), but at least one full-context sequence; without
 /// `/proc/meminfo`, no budget beyond `--max-batch`.
 fn default_kv_budget(config: &crate::Gpt2Config) -> usize {
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
-        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        line.split_whitespace().nth(1)?.parse::<usize>().ok()
-    });
-    let one = routes::kv_cache_bytes(config, config.n_positions);
-    available.map_or(usize::MAX, |kib| (kib.saturating_mul(1024) / 2).max(one))
+    let one = crate::model::KvCache::resident_bytes(config, config.n_positions);
+    crate::profile::mem_available_bytes().map_or(usize::MAX, |bytes| {
+        (usize::try_from(bytes).unwrap_or(usize::MAX) / 2).max(one)
+    })
 }
 
 /// After the grace period, how long the answers to the requests it ended may take to go out.

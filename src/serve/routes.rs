@@ -29,6 +29,7 @@ use super::metrics::Metrics;
 use super::request::{CompletionRequest, Prompt};
 use super::stream::{bridge, Finish, Job, Update};
 use super::{Connection, Engine, ServeConfig};
+use crate::model::KvCache;
 use crate::tokenizer::EOS_TOKEN;
 use crate::{Error, GenerateOptions};
 
@@ -38,10 +39,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Set once the weights are loaded; `/health` is 503 until then.
     pub engine: OnceLock<Arc<Engine>>,
-    /// Set when the shutdown grace period is over: bridges cancel their
-    /// sequences at the next token.
-    pub abort: AtomicBool,
-    /// `true` from the same moment: requests still waiting answer 503, and
+    /// `true` once the shutdown grace period is over: bridges cancel their
+    /// sequences at the next token, requests still waiting answer 503, and
     /// streams end with an error event and `[DONE]`.
     pub aborted: watch::Sender<bool>,
     /// Longest text prompt in bytes that can fit the context window: set
@@ -77,7 +76,6 @@ impl App {
             config,
             metrics: Metrics::new(),
             engine: OnceLock::new(),
-            abort: AtomicBool::new(false),
             aborted: watch::Sender::new(false),
             prompt_cap: OnceLock::new(),
             kv_budget: OnceLock::new(),
@@ -102,7 +100,6 @@ impl App {
 
     /// The grace period is over: what is still in flight is ended now.
     pub fn abort_in_flight(&self) {
-        self.abort.store(true, Ordering::Relaxed);
         self.aborted.send_replace(true);
     }
 
@@ -175,15 +172,6 @@ impl Drop for InFlight {
             app.metrics.kv_reserved.set(left as i64);
         }
     }
-}
-
-/// Resident bytes of a sequence's KV cache once `positions` are written:
-/// keys and values of every (layer, head) are `positions x head_dim` floats
-/// at the start of their own region, each rounded up to whole 4 KiB pages.
-pub fn kv_cache_bytes(config: &crate::Gpt2Config, positions: usize) -> usize {
-    let head_dim = config.n_embd / config.n_head.max(1);
-    let region = (positions * head_dim * std::mem::size_of::<f32>()).div_ceil(4096) * 4096;
-    2 * config.n_layer * config.n_head * region
 }
 
 /// One request's log line, written (and counted in `/metrics`) when the
@@ -624,7 +612,7 @@ fn start_completion(
         });
     }
     // Positions this request's cache may fill, in resident bytes.
-    let kv = kv_cache_bytes(&model.config, wanted.min(n_positions));
+    let kv = KvCache::resident_bytes(&model.config, wanted.min(n_positions));
     let budget = app.kv_budget.get().copied().unwrap_or(usize::MAX);
     if kv > budget {
         return Err(ApiError {

@@ -166,8 +166,8 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
         completion_tokens: generated,
     };
     let end = loop {
-        if tx.is_closed() || app.abort.load(Ordering::Relaxed) {
-            break None;
+        if tx.is_closed() || *app.aborted.borrow() {
+            break Err(Unsent::Gone);
         }
         match handle.recv() {
             Some(Event::Token(t)) => {
@@ -189,15 +189,15 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
                 };
                 let piece = match piece {
                     Ok(p) => p.unwrap_or_default(),
-                    Err(e) => break Some(Ok(Err(engine_error(e)))),
+                    Err(e) => break Ok(Err(engine_error(e))),
                 };
                 let (out, matched) = filter.push(&piece);
                 if let Err(unsent) = send(Update::Token(out)) {
-                    break Some(Err(unsent));
+                    break Err(unsent);
                 }
                 if matched {
                     handle.cancel();
-                    break Some(Ok(Ok(finish("stop", String::new(), generated))));
+                    break Ok(Ok(finish("stop", String::new(), generated)));
                 }
             }
             Some(Event::Done(Ok(generation))) => {
@@ -208,7 +208,7 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
                 };
                 let rest = match rest {
                     Ok(r) => r.unwrap_or_default(),
-                    Err(e) => break Some(Ok(Err(engine_error(e)))),
+                    Err(e) => break Ok(Err(engine_error(e))),
                 };
                 let (mut out, matched) = filter.push(&rest);
                 let reason = if matched {
@@ -220,20 +220,19 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
                         StopReason::MaxNewTokens | StopReason::ContextFull => "length",
                     }
                 };
-                break Some(Ok(Ok(finish(reason, out, generation.tokens.len()))));
+                break Ok(Ok(finish(reason, out, generation.tokens.len())));
             }
-            Some(Event::Done(Err(e))) => break Some(Ok(Err(engine_error(e)))),
+            Some(Event::Done(Err(e))) => break Ok(Err(engine_error(e))),
             None => {
-                break Some(Ok(Err(engine_error(crate::Error::Engine(
+                break Ok(Err(engine_error(crate::Error::Engine(
                     "the engine stopped before the request finished".into(),
-                )))))
+                ))))
             }
         }
     };
     let unsent = match end {
-        None => Some(Unsent::Gone),
-        Some(Err(unsent)) => Some(unsent),
-        Some(Ok(result)) => {
+        Err(unsent) => Some(unsent),
+        Ok(result) => {
             if let Err(e) = &result {
                 log.set_outcome(e.code);
             }
