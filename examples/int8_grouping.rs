@@ -13,8 +13,8 @@
 
 use std::path::Path;
 
-use gpt2::synth::Preset;
-use gpt2::{hub, Dtype, Gpt2Model};
+use gpt2::synth::{self, Preset};
+use gpt2::{Dtype, Gpt2Model};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype as FileDtype, SafeTensors};
 
@@ -84,9 +84,7 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 }
 
 fn main() {
-    let src = hub::synthetic(Preset::Gpt2_124M, 0)
-        .expect("synthetic checkpoint")
-        .dir;
+    let src = synth::cached(Preset::Gpt2_124M, 0, |_| {}).expect("synthetic checkpoint");
     println!("SYNTHETIC 124M checkpoint (random weights): {}", src.display());
     let tokens: Vec<u32> = (0..64).map(|i| (i * 7919 % 50_000) as u32).collect();
     let reference = Gpt2Model::load(&src).unwrap().logits_all(&tokens, 64).unwrap();

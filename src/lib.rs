@@ -10,25 +10,19 @@
 //! [`synth`] writes deterministic synthetic checkpoints for machines that
 //! cannot download the real one.
 
-pub mod bench;
 pub mod config;
-pub mod drill;
 pub mod error;
 pub mod files;
-pub mod fuzz;
 pub mod generate;
 pub mod header;
-pub mod hub;
 pub mod layers;
 pub mod model;
-pub mod probe;
 pub mod profile;
-pub mod progress;
 pub mod rng;
 pub mod sampling;
 pub mod scheduler;
-pub mod serve;
 pub mod synth;
+pub mod timed;
 pub mod tokenizer;
 pub mod weights;
 

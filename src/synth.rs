@@ -8,7 +8,7 @@
 //! use `libm` (pure Rust, identical everywhere) rather than the platform's
 //! math library, so the file is byte-identical for a seed on every machine.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use safetensors::{tensor::TensorView, Dtype};
 
@@ -17,10 +17,11 @@ use crate::error::{Error, Result};
 use crate::weights::expected_shapes;
 
 /// Named shapes we can generate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Preset {
     /// GPT-2 small: 12 layers, 12 heads, 768 channels, 1024 positions, 124M parameters.
-    #[value(name = "124m")]
+    #[cfg_attr(feature = "clap", value(name = "124m"))]
     Gpt2_124M,
     /// 2 layers, 4 heads, 64 channels, 128 positions, the full GPT-2 vocabulary.
     Tiny,
@@ -123,6 +124,26 @@ fn init(name: &str, n_layer: usize) -> (f64, f64) {
     } else {
         (0.0, 0.02)
     }
+}
+
+/// Where generated synthetic checkpoints are kept: `GPT2_RS_SYNTHETIC_DIR`,
+/// else `weights/synthetic` in the source tree (git-ignored).
+pub fn cache_root() -> PathBuf {
+    std::env::var_os("GPT2_RS_SYNTHETIC_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/synthetic"))
+}
+
+/// The synthetic checkpoint of `preset` and `seed` under [`cache_root`],
+/// written on first use (`on_write` is told where, before). `config.json` is
+/// written last, so its presence means a complete checkpoint.
+pub fn cached(preset: Preset, seed: u64, on_write: impl FnOnce(&Path)) -> Result<PathBuf> {
+    let dir = cache_root().join(format!("{}-seed{seed}", preset.name()));
+    if !dir.join("config.json").is_file() {
+        on_write(&dir);
+        write_checkpoint(&dir, preset, seed)?;
+    }
+    Ok(dir)
 }
 
 /// Writes `config.json` and `model.safetensors` into `dir` (created if needed).

@@ -299,7 +299,7 @@ fn non_finite_logits_end_the_request_with_an_error() {
 #[test]
 fn a_decode_step_rewinds_so_every_run_decodes_the_same_position() {
     let model = tiny();
-    let mut step = gpt2::bench::step::DecodeStep::new(&model, 3, 10).unwrap();
+    let mut step = gpt2::timed::DecodeStep::new(&model, 3, 10).unwrap();
     assert_eq!(step.position(), 10);
     step.run(&model).unwrap();
     let first = step.scratch.logits().to_vec();
@@ -311,7 +311,7 @@ fn a_decode_step_rewinds_so_every_run_decodes_the_same_position() {
         "the second run saw the first one's keys"
     );
     // Past the context window the position is capped: the step still runs.
-    let mut long = gpt2::bench::step::DecodeStep::new(&model, 1, 10_000).unwrap();
+    let mut long = gpt2::timed::DecodeStep::new(&model, 1, 10_000).unwrap();
     assert_eq!(long.position(), model.config.n_positions - 1);
     long.run(&model).unwrap();
 }

@@ -3,7 +3,6 @@
 //! `weights/fixtures/make_reference.py`.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::OnceLock;
 
 use gpt2::synth::Preset;
@@ -41,7 +40,7 @@ pub struct Fixture {
 pub fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/fixtures");
+        let dir = super::repo_root().join("weights/fixtures");
         let manifest: Manifest =
             serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
         let bytes = std::fs::read(dir.join(&manifest.logits_file)).unwrap();

@@ -7,7 +7,6 @@ use std::sync::Mutex;
 use gpt2::synth::{self, Preset};
 
 pub mod fixture;
-pub mod server;
 
 /// A synthetic checkpoint of `preset` and `seed`, written once into Cargo's
 /// per-target temporary directory and reused by later tests and runs.
@@ -22,65 +21,21 @@ pub fn synth_dir(preset: Preset, seed: u64) -> PathBuf {
     dir
 }
 
+/// The repository root, from whichever crate's tests include this file
+/// (the engine's at the root, or a tool's under `tools/`).
+pub fn repo_root() -> &'static Path {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    dir.ancestors()
+        .find(|d| d.join("kernels").is_dir() && d.join("tools").is_dir())
+        .unwrap_or(dir)
+}
+
 /// A fresh, empty directory for one test.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Runs `throughput` with `args` (OPENAI_API_KEY unset), killed after
-/// `secs`: a hang fails the test instead of stalling the suite.
-pub fn throughput_within(args: &[&str], secs: u64) -> std::process::Output {
-    throughput_measured(args, secs).0
-}
-
-/// [`throughput_within`], sampling the process's peak resident memory
-/// (`VmHWM`) while it runs: (output, peak bytes seen, seconds taken).
-pub fn throughput_measured(args: &[&str], secs: u64) -> (std::process::Output, u64, f64) {
-    use std::process::{Command, Stdio};
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-    let start = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_throughput"))
-        .args(args)
-        .env_remove("OPENAI_API_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let done = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(0));
-    let (d, p) = (Arc::clone(&done), Arc::clone(&peak));
-    let sampler = std::thread::spawn(move || {
-        while !d.load(Ordering::SeqCst) {
-            if start.elapsed() > Duration::from_secs(secs) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                return;
-            }
-            if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                let kib = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
-                if let Some(k) = kib {
-                    p.fetch_max(k * 1024, Ordering::SeqCst);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
-    let out = child.wait_with_output().unwrap();
-    done.store(true, Ordering::SeqCst);
-    sampler.join().unwrap();
-    assert!(
-        out.status.code().is_some(),
-        "{args:?}: killed after {secs} s (a hang)"
-    );
-    (out, peak.load(Ordering::SeqCst), start.elapsed().as_secs_f64())
 }
 
 /// Index of the largest value (the first one on ties, like torch.argmax).

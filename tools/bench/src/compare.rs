@@ -27,7 +27,7 @@ pub struct CompareOptions {
 
 /// Reads one report; errors name the file and what is wrong with it.
 pub fn read_report(path: &Path) -> Result<Report, String> {
-    let text = crate::files::read_bounded_string(path, REPORT_LIMIT).map_err(|e| e.to_string())?;
+    let text = gpt2::files::read_bounded_string(path, REPORT_LIMIT).map_err(|e| e.to_string())?;
     let report: Report = serde_json::from_str(&text)
         .map_err(|e| format!("{}: not a throughput report: {e}", path.display()))?;
     if report.schema_version > SCHEMA_VERSION {
@@ -43,7 +43,7 @@ pub fn read_report(path: &Path) -> Result<Report, String> {
 /// Reads every report (all of them before writing anything), writes the
 /// comparison, prints the Markdown on stdout; returns the written paths.
 pub fn compare(opts: &CompareOptions) -> Result<Vec<PathBuf>, Box<dyn Error>> {
-    crate::files::check_writable_dir(&opts.out_dir)?;
+    gpt2::files::check_writable_dir(&opts.out_dir)?;
     let reports = opts
         .reports
         .iter()

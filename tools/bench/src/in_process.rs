@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use clap::ValueEnum;
 
 use super::runner::{Backend, Reply};
-use crate::profile::Profile;
-use crate::{GenerateOptions, Generation, Gpt2Model, Scheduler, Session};
+use gpt2::profile::Profile;
+use gpt2::{GenerateOptions, Generation, Gpt2Model, Scheduler, Session};
 
 /// How compute threads are organised (`throughput --pool`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -76,13 +76,13 @@ pub struct Client {
 }
 
 impl InProcess<'_> {
-    fn new_session(&self, max_rows: usize) -> crate::Result<Session> {
+    fn new_session(&self, max_rows: usize) -> gpt2::Result<Session> {
         let mut s = Session::new(self.model, max_rows)?;
         s.set_profiling(self.profile.is_some());
         Ok(s)
     }
 
-    fn generate(&self, client: &mut Client, prompt: &[u32]) -> crate::Result<Generation> {
+    fn generate(&self, client: &mut Client, prompt: &[u32]) -> gpt2::Result<Generation> {
         match self.mode {
             Mode::Threads => {
                 let s = match client.session {
@@ -94,7 +94,7 @@ impl InProcess<'_> {
             }
             Mode::Batched => match self.scheduler {
                 Some(sched) => sched.generate(prompt.to_vec(), self.opts.clone()),
-                None => Err(crate::Error::Engine("no scheduler".into())),
+                None => Err(gpt2::Error::Engine("no scheduler".into())),
             },
         }
     }
@@ -137,7 +137,7 @@ impl Backend for InProcess<'_> {
             Err(panic) => {
                 // The session may be half-updated; start afresh.
                 client.session = None;
-                Err(format!("panicked: {}", crate::scheduler::panic_message(&*panic)))
+                Err(format!("panicked: {}", gpt2::scheduler::panic_message(&*panic)))
             }
         }
     }

@@ -17,7 +17,7 @@ use super::{
     Batch8Roofline, DecodeRoofline, DtypeProfile, DtypeRoofline, DtypeRun, PrefillRoofline, Recommendation,
     Roofline, RooflineLimits, StepRoofline,
 };
-use crate::profile::OpRow;
+use gpt2::profile::OpRow;
 
 /// The dtype of everything a report before schema 3 measured.
 const LEGACY_DTYPE: &str = "f32";

@@ -14,7 +14,8 @@ pub mod roofline;
 pub mod run;
 pub mod runner;
 pub mod stats;
-pub mod step;
+pub mod probe;
+pub mod progress;
 
 use serde::{Deserialize, Serialize};
 
@@ -489,7 +490,7 @@ impl DtypeRoofline {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DtypeProfile {
     pub dtype: String,
-    pub rows: Vec<crate::profile::OpRow>,
+    pub rows: Vec<gpt2::profile::OpRow>,
 }
 
 /// Everything one `throughput` run wrote.

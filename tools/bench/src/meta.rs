@@ -8,7 +8,7 @@ use sha2::Sha256;
 
 /// The SHA-256 of a file, in hex; the error names the file.
 pub fn sha256_file(path: &Path) -> Result<String, String> {
-    crate::files::hex_digest::<Sha256>(path, b"").map_err(|e| e.to_string())
+    gpt2::files::hex_digest::<Sha256>(path, b"").map_err(|e| e.to_string())
 }
 
 /// The commit of the source tree this binary was built from, `-dirty` if
@@ -39,7 +39,7 @@ pub fn git_commit() -> String {
 
 /// Resets this process's resident high-water mark (VmHWM) to its resident
 /// size now (Linux 4.0 and later: `5` written to `/proc/self/clear_refs`),
-/// so that a later [`crate::profile::peak_rss_bytes`] is the peak since
+/// so that a later [`gpt2::profile::peak_rss_bytes`] is the peak since
 /// this call; whether it did.
 pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
@@ -91,7 +91,7 @@ mod tests {
     /// peak: 64 MiB touched and freed no longer count.
     #[test]
     fn the_peak_resets_to_the_resident_size() {
-        let peak = || crate::profile::peak_rss_bytes().unwrap_or(0);
+        let peak = || gpt2::profile::peak_rss_bytes().unwrap_or(0);
         let touched = vec![1u8; 64 << 20];
         let before = peak();
         drop(std::hint::black_box(touched));

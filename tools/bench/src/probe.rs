@@ -5,8 +5,8 @@
 //!
 //! One idea, three layers: `gpt2_kernels::probe` holds the raw probes (a read
 //! loop, an FMA loop); this module runs them and `linear_packed` into
-//! [`Limits`]; `crate::bench::roofline` sets what the engine achieves against
-//! a [`Limits`] (`crate::bench::Roofline`, the report's `roofline`).
+//! [`Limits`]; `crate::roofline` sets what the engine achieves against
+//! a [`Limits`] (`crate::Roofline`, the report's `roofline`).
 //!
 //! Units are SI: 1 GB = 1e9 bytes, 1 GFLOP = 1e9 floating-point operations.
 
@@ -557,7 +557,7 @@ mod tests {
             "{l:?}"
         );
 
-        let table = crate::bench::report::limits_table(&l);
+        let table = crate::report::limits_table(&l);
         assert!(
             table.contains("| read bandwidth (GB/s) |") && table.contains("| many | 40 | 48 | 80 |"),
             "{table}"
@@ -638,7 +638,7 @@ mod tests {
     #[ignore = "takes seconds and 1 GiB of RAM; run by hand"]
     fn print_full_measurement() {
         let l = measure(false);
-        println!("{}", crate::bench::report::limits_table(&l));
+        println!("{}", crate::report::limits_table(&l));
         println!("{}", serde_json::to_string_pretty(&l).unwrap());
         assert!(l.read_gbs_all > 0.0 && l.fma_gflops_all > 0.0);
     }

@@ -6,16 +6,16 @@
 
 use std::time::Duration;
 
-use super::step::DecodeStep;
+use gpt2::timed::DecodeStep;
 use super::{
     Batch8Roofline, ComputePeak, DecodeRoofline, DtypeRoofline, PrefillRoofline, Roofline, RooflineLimits,
     StepRoofline, TestResult,
 };
-use crate::config::Gpt2Config;
-use crate::error::Result;
+use gpt2::config::Gpt2Config;
+use gpt2::error::Result;
 use crate::probe::Limits;
 use crate::progress::Progress;
-use crate::{Dtype, GenerateOptions, Gpt2Model, Session};
+use gpt2::{Dtype, GenerateOptions, Gpt2Model, Session};
 
 /// Tokens of the prefill timed alone (capped by the context).
 pub const PREFILL_TOKENS: usize = 128;

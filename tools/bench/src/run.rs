@@ -28,10 +28,10 @@ use super::{
     meta, report, roofline, DtypeProfile, DtypeRun, Metadata, ModelInfo, Report, ServerInfo, TestResult,
     SCHEMA_VERSION,
 };
-use crate::hub::{self, WeightsArgs};
-use crate::profile::{self, Profile};
+use gpt2_hub::{self as hub, WeightsArgs};
+use gpt2::profile::{self, Profile};
 use crate::progress::Progress;
-use crate::{Dtype, GenerateOptions, Gpt2Config, Gpt2Model, Scheduler, SchedulerConfig};
+use gpt2::{Dtype, GenerateOptions, Gpt2Config, Gpt2Model, Scheduler, SchedulerConfig};
 
 /// The prompts of the concurrent tests unless `--concurrent-prompt` is given.
 pub const DEFAULT_CONCURRENT_PROMPTS: [&str; 3] = [
@@ -407,12 +407,12 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let plan = RunPlan::new(opts, cores)?;
     // Before any work: a run whose results cannot be written is not started.
-    crate::files::check_writable_dir(&opts.out_dir)?;
+    gpt2::files::check_writable_dir(&opts.out_dir)?;
     let resolved = hub::resolve(&opts.weights)?;
     let tok = resolved.load_tokenizer()?;
     // Every dtype loads the same checkpoint, so its config checks the
     // prompts before any model is loaded.
-    let (config_path, model_path) = crate::weights::checkpoint_files(&resolved.dir);
+    let (config_path, model_path) = gpt2::weights::checkpoint_files(&resolved.dir);
     let cfg = Gpt2Config::from_file(&config_path)?;
     let progress = Progress::new(
         plan.total_requests(opts.warmup, opts.single_requests) as u64,
@@ -432,7 +432,7 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
     let encode = |text: &str| -> Result<Vec<u32>, Box<dyn Error>> {
         let ids = tok.encode(text)?;
         let gen = GenerateOptions::greedy(opts.max_new_tokens);
-        crate::generate::check_request(&ids, &gen, cfg.n_positions)?;
+        gpt2::generate::check_request(&ids, &gen, cfg.n_positions)?;
         let need = ids.len() + opts.max_new_tokens - 1;
         if need > cfg.n_positions {
             return Err(format!(
@@ -636,15 +636,15 @@ pub fn run_http(opts: &Options, url: &str) -> Result<RunOutcome, Box<dyn Error>>
             .into());
         }
     }
-    crate::files::check_writable_dir(&opts.out_dir)?;
+    gpt2::files::check_writable_dir(&opts.out_dir)?;
     let (tok, tokenizer_source) = match (&opts.weights.tokenizer, &opts.weights.weights) {
-        (Some(t), _) => (crate::Gpt2Tokenizer::from_file(t)?, t.display().to_string()),
+        (Some(t), _) => (gpt2::Gpt2Tokenizer::from_file(t)?, t.display().to_string()),
         (None, Some(dir)) if dir.join("tokenizer.json").is_file() => {
             let t = dir.join("tokenizer.json");
-            (crate::Gpt2Tokenizer::from_file(&t)?, t.display().to_string())
+            (gpt2::Gpt2Tokenizer::from_file(&t)?, t.display().to_string())
         }
         _ => (
-            crate::Gpt2Tokenizer::builtin(),
+            gpt2::Gpt2Tokenizer::builtin(),
             "the built-in GPT-2 tokenizer".to_string(),
         ),
     };
@@ -1046,9 +1046,9 @@ pub fn write_set(
             .map(|(ext, bytes)| (dir.join(format!("{stem}.{ext}")), bytes))
             .collect();
         let files: Vec<(&Path, &[u8])> = made.iter().map(|(p, b)| (p.as_path(), b.as_slice())).collect();
-        match crate::files::write_new_set(&files) {
+        match gpt2::files::write_new_set(&files) {
             Ok(()) => return Ok(made.into_iter().map(|(p, _)| p).collect()),
-            Err(crate::Error::Exists { .. }) if n < 1000 => n += 1,
+            Err(gpt2::Error::Exists { .. }) if n < 1000 => n += 1,
             Err(e) => return Err(e.into()),
         }
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::RequestRecord;
 use crate::progress::Progress;
-use crate::rng::Rng;
+use gpt2::rng::Rng;
 
 /// What one request returned, as its client saw it.
 #[derive(Debug, Clone, PartialEq)]

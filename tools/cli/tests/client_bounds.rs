@@ -195,7 +195,7 @@ fn report_errors(dir: &std::path::Path) -> Vec<(String, usize)> {
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "json"))
         .expect("the report is written");
-    let report = gpt2::bench::compare::read_report(&json).unwrap();
+    let report = gpt2_bench::compare::read_report(&json).unwrap();
     let mut out: Vec<(String, usize)> = Vec::new();
     for r in report.tests.iter().flat_map(|t| &t.raw) {
         if let Some(e) = &r.error {

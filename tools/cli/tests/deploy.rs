@@ -14,7 +14,7 @@ use common::{scratch_dir, synth_dir};
 use gpt2::synth::Preset;
 
 fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    common::repo_root()
 }
 
 /// Whether HAProxy is installed; if not, says which test skips.

@@ -15,10 +15,11 @@ use yaml_rust2::{Yaml, YamlLoader};
 const DEPLOYMENT: &str = "deploy/k8s/deployment.yaml";
 const DOCKERFILE: &str = "deploy/Dockerfile";
 const LOCAL_CLUSTER: &str = "deploy/local-cluster.sh";
-const METRICS_SOURCE: &str = "src/serve/metrics.rs";
+const METRICS_SOURCE: &str = "tools/serve/src/metrics.rs";
 
 fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // The repository root: this crate is tools/cli.
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
 fn read(rel: &str) -> String {

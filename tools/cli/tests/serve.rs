@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::server::{self, metric, post_json, post_raw, ServerProcess, PATIENCE};
 use common::synth_dir;
 use gpt2::scheduler::{StepObserver, StepStats};
-use gpt2::serve::{Engine, ServeConfig};
+use gpt2_serve::{Engine, ServeConfig};
 use gpt2::synth::Preset;
 use gpt2::tokenizer::Gpt2Tokenizer;
 use gpt2::{GenerateOptions, Gpt2Model, Scheduler, SchedulerConfig, Session};
@@ -383,7 +383,7 @@ impl StepObserver for Gate {
     }
 }
 
-/// `gpt2::serve::serve` on its own runtime thread; stopped and joined on drop.
+/// `gpt2_serve::serve` on its own runtime thread; stopped and joined on drop.
 struct InProcess {
     base: String,
     gate: Arc<Gate>,
@@ -438,7 +438,7 @@ fn start(
             let stopped = async move {
                 let _ = stop_rx.await;
             };
-            gpt2::serve::serve(listener, config, load, stopped).await.unwrap();
+            gpt2_serve::serve(listener, config, load, stopped).await.unwrap();
         });
         rt.shutdown_timeout(Duration::from_secs(5));
     });

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::server::{self, metric, post_json, post_raw, ServerProcess, PATIENCE};
 use common::{scratch_dir, synth_dir};
 use gpt2::scheduler::{StepObserver, StepStats};
-use gpt2::serve::{Engine, ServeConfig};
+use gpt2_serve::{Engine, ServeConfig};
 use gpt2::synth::Preset;
 use gpt2::tokenizer::Gpt2Tokenizer;
 use gpt2::{Gpt2Model, Scheduler, SchedulerConfig};
@@ -444,7 +444,7 @@ struct InProcess {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// `gpt2::serve::serve` on the long-context tiny model, on its own runtime
+/// `gpt2_serve::serve` on the long-context tiny model, on its own runtime
 /// thread; its listener's send buffer set to `send_buffer` bytes (accepted
 /// sockets inherit it) when given.
 fn start(config: ServeConfig, send_buffer: Option<u32>) -> InProcess {
@@ -484,7 +484,7 @@ fn start(config: ServeConfig, send_buffer: Option<u32>) -> InProcess {
             let stopped = async move {
                 let _ = stop_rx.await;
             };
-            gpt2::serve::serve(listener, config, load, stopped).await.unwrap();
+            gpt2_serve::serve(listener, config, load, stopped).await.unwrap();
         });
         rt.shutdown_timeout(Duration::from_secs(5));
     });

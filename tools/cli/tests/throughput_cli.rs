@@ -39,7 +39,7 @@ fn both_modes_write_a_complete_report() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    let report: gpt2::bench::Report = serde_json::from_str(&stdout).unwrap();
+    let report: gpt2_bench::Report = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report.metadata.modes, ["threads", "batched"]);
     let modes: Vec<(&str, usize)> = report
         .tests
@@ -166,7 +166,7 @@ fn several_dtypes_run_every_test_each() {
     );
     // The default targets are a real machine's: a tiny model may miss none or some.
     assert!(matches!(out.status.code(), Some(0 | 3)), "{stderr}");
-    let report: gpt2::bench::Report = serde_json::from_str(&stdout).unwrap();
+    let report: gpt2_bench::Report = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report.schema_version, 4);
     let dtypes: Vec<&str> = report.metadata.dtypes.iter().map(|d| d.dtype.as_str()).collect();
     assert_eq!(dtypes, ["f32", "bf16"]);

@@ -256,7 +256,7 @@ fn a_good_server_gives_a_complete_report() {
     let out = throughput_within(&args, 120);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    let report: gpt2::bench::Report = serde_json::from_str(&stdout).unwrap();
+    let report: gpt2_bench::Report = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report.schema_version, 4);
     let md = &report.metadata;
     assert_eq!(md.modes, ["http"]);
@@ -352,7 +352,7 @@ fn the_model_sent_can_be_named() {
     let seen = mock.seen();
     assert_eq!(seen.len(), 7);
     assert!(seen.iter().all(|b| b["model"] == "other"));
-    let report = gpt2::bench::compare::read_report(&files_in(&out_dir, "json")[0]).unwrap();
+    let report = gpt2_bench::compare::read_report(&files_in(&out_dir, "json")[0]).unwrap();
     let server = report.metadata.server.unwrap();
     assert_eq!(
         (server.model.as_str(), server.owned_by.as_deref()),
@@ -362,19 +362,19 @@ fn the_model_sent_can_be_named() {
 
 /// Runs `behaviour`'s mock through `quick` and returns (status, stderr,
 /// the report if one was written).
-fn run_against(behaviour: Behaviour, name: &str) -> (Option<i32>, String, Option<gpt2::bench::Report>) {
+fn run_against(behaviour: Behaviour, name: &str) -> (Option<i32>, String, Option<gpt2_bench::Report>) {
     let mock = Mock::start(behaviour, None);
     let out_dir = scratch_dir(name);
     let url = mock.url();
     let out = throughput_within(&quick(&url, out_dir.to_str().unwrap()), 120);
     let report = files_in(&out_dir, "json")
         .first()
-        .map(|p| gpt2::bench::compare::read_report(p).unwrap());
+        .map(|p| gpt2_bench::compare::read_report(p).unwrap());
     (out.status.code(), text(&out).1, report)
 }
 
 /// The errors of a report's requests, each with how many requests had it.
-fn errors(report: &gpt2::bench::Report) -> Vec<(String, usize)> {
+fn errors(report: &gpt2_bench::Report) -> Vec<(String, usize)> {
     let mut out: Vec<(String, usize)> = Vec::new();
     for r in report.tests.iter().flat_map(|t| &t.raw) {
         if let Some(e) = &r.error {
@@ -536,8 +536,8 @@ fn engine_flags_are_refused_with_url() {
 }
 
 fn testdata(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("src/bench/testdata")
+    common::repo_root()
+        .join("tools/bench/src/testdata")
         .join(name)
 }
 
@@ -712,7 +712,7 @@ fn the_real_server_is_benchmarked() {
         "{stderr}\nserver:\n{}",
         serve.log.lock().unwrap()
     );
-    let report: gpt2::bench::Report = serde_json::from_str(&stdout).unwrap();
+    let report: gpt2_bench::Report = serde_json::from_str(&stdout).unwrap();
     let md = &report.metadata;
     let server = md.server.as_ref().unwrap();
     assert_eq!(server.owned_by.as_deref(), Some("gpt2-rs"));

@@ -40,7 +40,7 @@ impl Programs {
         let exe = std::env::current_exe().map_err(|e| format!("cannot locate this program: {e}"))?;
         let dir = exe.parent().unwrap_or(Path::new("."));
         let programs = Programs {
-            script: Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local-cluster.sh"),
+            script: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/local-cluster.sh"),
             gpt2: dir.join("gpt2"),
             throughput: dir.join("throughput"),
         };

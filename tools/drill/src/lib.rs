@@ -34,8 +34,8 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::ValueEnum;
 use serde::Serialize;
 
-use crate::bench::{meta, Report};
-use crate::hub::WeightsSource;
+use gpt2_bench::{meta, Report};
+use gpt2_hub::WeightsSource;
 use cluster::{metric_sum, Cluster, ClusterSpec, Programs};
 
 /// Which drill (`drill <DRILL>`).
@@ -711,7 +711,7 @@ impl Drills {
             .ok_or_else(|| format!("/v1/models lists no model: {}", models.body))?;
         let context = match &self.args.weights {
             Some(dir) => {
-                crate::config::Gpt2Config::from_file(&dir.join("config.json"))
+                gpt2::config::Gpt2Config::from_file(&dir.join("config.json"))
                     .map_err(|e| e.to_string())?
                     .n_positions
             }
@@ -1008,16 +1008,16 @@ pub fn run(args: DrillArgs) -> Result<bool, Box<dyn std::error::Error>> {
     }
     let weights = match &args.weights {
         Some(dir) => {
-            let config = crate::config::Gpt2Config::from_file(&dir.join("config.json"))?;
+            let config = gpt2::config::Gpt2Config::from_file(&dir.join("config.json"))?;
             WeightsSource::Local { dir: dir.clone() }.describe(config.synthetic.as_ref())
         }
         None => WeightsSource::Synthetic {
             preset: "124m".into(),
-            seed: crate::hub::SYNTHETIC_SEED,
+            seed: gpt2_hub::SYNTHETIC_SEED,
         }
         .to_string(),
     };
-    crate::files::check_writable_dir(&args.out_dir)?;
+    gpt2::files::check_writable_dir(&args.out_dir)?;
     let programs = Programs::beside_current_exe()?;
     let work = std::env::temp_dir().join(format!(
         "gpt2-drill-{}-{}",
@@ -1034,7 +1034,7 @@ pub fn run(args: DrillArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let write = |name: &str, md: String, json: String| -> Result<(), Box<dyn std::error::Error>> {
         println!("{md}");
         let paths =
-            crate::bench::run::write_set(&drills.args.out_dir, &format!("drill_{name}_{stamp}"), |_| {
+            gpt2_bench::run::write_set(&drills.args.out_dir, &format!("drill_{name}_{stamp}"), |_| {
                 vec![
                     ("md", md.clone().into_bytes()),
                     ("json", json.clone().into_bytes()),

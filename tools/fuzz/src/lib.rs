@@ -28,8 +28,8 @@ pub use mutation::{
     apply, grow_json, random_case, random_mutation, Bulk, Family, Mutation, Special, Target, FAMILIES,
 };
 
-use crate::weights::expected_shapes;
-use crate::{Error, Gpt2Config, Gpt2Model};
+use gpt2::weights::expected_shapes;
+use gpt2::{Error, Gpt2Config, Gpt2Model};
 
 /// L = 2, H = 2, C = 8, P = 4, V = 16, F = 32: 1920 parameters, 7.7 kB.
 pub const MICRO_CONFIG: &str = r#"{"model_type":"gpt2","n_layer":2,"n_head":2,"n_embd":8,"n_positions":4,"n_ctx":4,"vocab_size":16,"eos_token_id":15}"#;

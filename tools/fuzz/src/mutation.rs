@@ -3,8 +3,8 @@
 use serde_json::{json, Value};
 
 use super::{Base, Case, MICRO_CONFIG};
-use crate::files::CONFIG_LIMIT;
-use crate::rng::Rng;
+use gpt2::files::CONFIG_LIMIT;
+use gpt2::rng::Rng;
 
 /// One way to damage the checkpoint. Tensor indices count in file order,
 /// modulo the number of tensors; positions are taken modulo the length.

@@ -1,11 +1,12 @@
 //! Loader fuzzing under proptest: a valid micro checkpoint, damaged by the
-//! mutations of [`gpt2::fuzz`] (the same ones the `fuzz_loader` binary
+//! mutations of [`gpt2_fuzz`] (the same ones the `fuzz_loader` binary
 //! draws), must load or fail with a `gpt2::Error` naming the file, never
 //! panic, and never allocate a size read from a header (the fuzzer's
 //! allocator, installed here too, refuses single allocations over 1 GiB and
 //! records the largest). The long run is
 //! `cargo run --release --bin fuzz_loader -- --seconds 600`.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use gpt2::files::CONFIG_LIMIT;
-use gpt2::fuzz::{
+use gpt2_fuzz::{
     apply, base, contract_violation, random_case, run_case_caught, Base, Bulk, CappedAlloc, Family, Mutation,
     Outcome, Special, Target, FAMILIES, LARGEST_ALLOC,
 };
@@ -124,7 +125,7 @@ fn the_undamaged_checkpoint_loads() {
 
 /// The bound on `LARGEST_ALLOC` above means something only if the capped
 /// allocator is this program's, recording what is asked. (That it refuses
-/// over the cap is a unit test of `gpt2::fuzz`: asking that much here would
+/// over the cap is a unit test of `gpt2_fuzz`: asking that much here would
 /// raise the maximum the other tests bound.)
 #[test]
 fn the_capped_allocator_is_installed() {

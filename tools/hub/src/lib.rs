@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use sha2::Sha256;
 
-use crate::error::{Error, Result};
-use crate::synth::{self, Preset};
-use crate::tokenizer::Gpt2Tokenizer;
+use gpt2::error::{Error, Result};
+use gpt2::synth::{self, Preset};
+use gpt2::tokenizer::Gpt2Tokenizer;
 
 /// The seed of the default synthetic checkpoint.
 pub const SYNTHETIC_SEED: u64 = 0;
@@ -58,8 +58,8 @@ pub struct WeightsArgs {
 pub struct DtypeArgs {
     /// Weight format of the linear layers and the LM head: f32, bf16 or int8
     /// (activations, biases, norms, attention and the KV cache stay f32).
-    #[arg(long, default_value_t = crate::Dtype::F32)]
-    pub dtype: crate::Dtype,
+    #[arg(long, default_value_t = gpt2::Dtype::F32)]
+    pub dtype: gpt2::Dtype,
 }
 
 /// `--kernels`: which instruction set's kernels run (chosen once, before any kernel).
@@ -93,7 +93,7 @@ impl WeightsSource {
     /// This source in words for every output: a synthetic checkpoint passed as a local
     /// directory (`marked`: the `gpt2_rs_synthetic` entry our generator writes into
     /// `config.json`) says that it is synthetic, as the generated fallback does.
-    pub fn describe(&self, marked: Option<&crate::config::SyntheticInfo>) -> String {
+    pub fn describe(&self, marked: Option<&gpt2::config::SyntheticInfo>) -> String {
         match (self, marked) {
             (WeightsSource::Local { .. }, Some(info)) => format!(
                 "{self} (SYNTHETIC {} checkpoint, seed {}: random weights, the text is noise)",
@@ -104,7 +104,7 @@ impl WeightsSource {
     }
 
     /// Whether the weights are random: generated here, or marked so by our generator.
-    pub fn is_synthetic(&self, marked: Option<&crate::config::SyntheticInfo>) -> bool {
+    pub fn is_synthetic(&self, marked: Option<&gpt2::config::SyntheticInfo>) -> bool {
         marked.is_some() || matches!(self, WeightsSource::Synthetic { .. })
     }
 }
@@ -180,19 +180,16 @@ pub fn resolve(args: &WeightsArgs) -> Result<Resolved> {
     Ok(resolved)
 }
 
-/// The synthetic checkpoint of `preset` and `seed` under `weights/synthetic/`,
-/// generated on first use.
+/// The synthetic checkpoint of `preset` and `seed` ([`synth::cached`]:
+/// under `weights/synthetic/`, generated on first use).
 pub fn synthetic(preset: Preset, seed: u64) -> Result<Resolved> {
-    let dir = synthetic_root().join(format!("{}-seed{seed}", preset.name()));
-    // config.json is written last, so its presence means a complete checkpoint.
-    if !dir.join("config.json").is_file() {
+    let dir = synth::cached(preset, seed, |dir| {
         eprintln!(
             "generating the synthetic {} checkpoint into {} (once) ...",
             preset.name(),
             dir.display()
-        );
-        synth::write_checkpoint(&dir, preset, seed)?;
-    }
+        )
+    })?;
     Ok(Resolved {
         dir,
         source: WeightsSource::Synthetic {
@@ -201,13 +198,6 @@ pub fn synthetic(preset: Preset, seed: u64) -> Result<Resolved> {
         },
         tokenizer: None,
     })
-}
-
-/// `weights/synthetic` in the source tree (git-ignored), or `GPT2_RS_SYNTHETIC_DIR`.
-fn synthetic_root() -> PathBuf {
-    std::env::var_os("GPT2_RS_SYNTHETIC_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/synthetic"))
 }
 
 fn offline() -> bool {
@@ -381,7 +371,7 @@ pub fn expected_from_blob(path: &Path) -> Result<Expected> {
 /// Hashes `path` (streaming, 1 MiB at a time) and fails on a mismatch,
 /// naming the file and both digests.
 pub fn verify_file(path: &Path, expected: &Expected) -> Result<()> {
-    use crate::files::hex_digest;
+    use gpt2::files::hex_digest;
     let (what, want, got) = match expected {
         Expected::Sha256(want) => ("sha256", want, hex_digest::<Sha256>(path, b"")?),
         Expected::GitBlob(want) => {

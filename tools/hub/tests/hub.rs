@@ -1,12 +1,13 @@
 //! Weights resolution. One test function: it sets process environment
 //! variables, which must not race with other tests in this binary.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
 
 use common::scratch_dir;
-use gpt2::hub::{resolve, WeightsArgs, WeightsSource};
+use gpt2_hub::{resolve, WeightsArgs, WeightsSource};
 use gpt2::synth::{self, Preset};
 
 fn args(model: &str) -> WeightsArgs {

@@ -41,10 +41,10 @@ pub use metrics::{Metrics, StepTimes};
 pub use request::{CompletionRequest, Prompt};
 pub use stream::StopFilter;
 
-use crate::hub::{self, DtypeArgs, WeightsArgs, WeightsSource};
-use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::tokenizer::Gpt2Tokenizer;
-use crate::{Dtype, Gpt2Model};
+use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs, WeightsSource};
+use gpt2::scheduler::{Scheduler, SchedulerConfig};
+use gpt2::tokenizer::Gpt2Tokenizer;
+use gpt2::{Dtype, Gpt2Model};
 
 /// Errors of starting or running the server.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -152,7 +152,7 @@ pub async fn serve<L, F>(
     shutdown: F,
 ) -> Result<(), BoxError>
 where
-    L: FnOnce(SchedulerConfig) -> crate::Result<Engine> + Send + 'static,
+    L: FnOnce(SchedulerConfig) -> gpt2::Result<Engine> + Send + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     let (drain, grace) = (config.drain, config.grace);
@@ -193,7 +193,7 @@ where
                         engine.scheduler.model().dtype(),
                         config.n_positions,
                         budget >> 20,
-                        budget / crate::model::KvCache::resident_bytes(config, config.n_positions).max(1)
+                        budget / gpt2::model::KvCache::resident_bytes(config, config.n_positions).max(1)
                     );
                     app.metrics
                         .kv_budget
@@ -261,9 +261,9 @@ where
 /// The KV cache budget by default: half of `MemAvailable` (read after the
 /// weights are loaded), but at least one full-context sequence; without
 /// `/proc/meminfo`, no budget beyond `--max-batch`.
-fn default_kv_budget(config: &crate::Gpt2Config) -> usize {
-    let one = crate::model::KvCache::resident_bytes(config, config.n_positions);
-    crate::profile::mem_available_bytes().map_or(usize::MAX, |bytes| {
+fn default_kv_budget(config: &gpt2::Gpt2Config) -> usize {
+    let one = gpt2::model::KvCache::resident_bytes(config, config.n_positions);
+    gpt2::profile::mem_available_bytes().map_or(usize::MAX, |bytes| {
         (usize::try_from(bytes).unwrap_or(usize::MAX) / 2).max(one)
     })
 }
@@ -581,7 +581,7 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
 
 /// Resolves and loads the weights (announcing where they came from, SYNTHETIC
 /// ones included) and starts the scheduler over them.
-pub fn load_engine(weights: &WeightsArgs, dtype: Dtype, config: SchedulerConfig) -> crate::Result<Engine> {
+pub fn load_engine(weights: &WeightsArgs, dtype: Dtype, config: SchedulerConfig) -> gpt2::Result<Engine> {
     eprintln!("gpt2 serve: loading the weights ({dtype}) ...");
     let resolved = hub::resolve(weights)?;
     let tokenizer = resolved.load_tokenizer()?;

@@ -12,7 +12,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::scheduler::{SchedulerStats, StepObserver, StepStats};
+use gpt2::scheduler::{SchedulerStats, StepObserver, StepStats};
 
 /// Every metric the server exports, registered in its own registry.
 #[derive(Debug)]

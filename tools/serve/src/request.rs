@@ -8,7 +8,7 @@
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::sampling::SamplingParams;
+use gpt2::sampling::SamplingParams;
 
 /// OpenAI's limit on stop sequences.
 pub const MAX_STOPS: usize = 4;

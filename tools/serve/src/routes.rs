@@ -29,9 +29,9 @@ use super::metrics::Metrics;
 use super::request::{CompletionRequest, Prompt};
 use super::stream::{bridge, Finish, Job, Update};
 use super::{Connection, Engine, ServeConfig};
-use crate::model::KvCache;
-use crate::tokenizer::EOS_TOKEN;
-use crate::{Error, GenerateOptions};
+use gpt2::model::KvCache;
+use gpt2::tokenizer::EOS_TOKEN;
+use gpt2::{Error, GenerateOptions};
 
 /// What every handler shares.
 pub struct App {

@@ -14,9 +14,9 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use super::error::ApiError;
 use super::routes::{App, InFlight, RequestLog};
 use super::{Connection, Engine};
-use crate::scheduler::{Event, RequestHandle};
-use crate::tokenizer::TextStream;
-use crate::StopReason;
+use gpt2::scheduler::{Event, RequestHandle};
+use gpt2::tokenizer::TextStream;
+use gpt2::StopReason;
 
 /// What the bridge sends to the HTTP side.
 #[derive(Debug)]
@@ -224,7 +224,7 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
             }
             Some(Event::Done(Err(e))) => break Ok(Err(engine_error(e))),
             None => {
-                break Ok(Err(engine_error(crate::Error::Engine(
+                break Ok(Err(engine_error(gpt2::Error::Engine(
                     "the engine stopped before the request finished".into(),
                 ))))
             }
@@ -265,7 +265,7 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
 /// The outcome of a stream whose client stopped reading.
 pub const WRITE_STALLED: &str = "write_stalled";
 
-fn engine_error(e: crate::Error) -> ApiError {
+fn engine_error(e: gpt2::Error) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "engine_error",

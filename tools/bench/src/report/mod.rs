@@ -1010,7 +1010,7 @@ mod tests {
         let local = report(&["threads", "batched"], &[1, 2, 4], 1);
         let mut server = report(&["http"], &[1, 2, 8], 1);
         server.metadata.synthetic_weights = false;
-        server.metadata.server = Some(crate::bench::ServerInfo {
+        server.metadata.server = Some(crate::ServerInfo {
             url: "http://10.0.0.1:8000".to_string(),
             model: "gpt2 & <co>".to_string(),
             owned_by: Some("vllm".to_string()),

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::*;
-use crate::bench::{DtypeRoofline, Roofline, RooflineLimits, StepRoofline};
+use crate::{DtypeRoofline, Roofline, RooflineLimits, StepRoofline};
 use crate::probe::Limits;
 use gpt2_kernels::probe::FMA_ROWS;
 
@@ -31,7 +31,7 @@ pub(super) fn optional_sections(report: &Report) -> String {
             "\n## Per-op profile of the single-request test ({})",
             p.dtype
         );
-        out.push_str(&crate::profile::rows_table(&p.rows));
+        out.push_str(&gpt2::profile::rows_table(&p.rows));
     }
     out
 }

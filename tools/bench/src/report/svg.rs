@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use super::*;
-use crate::bench::Metadata;
+use crate::Metadata;
 
 const SVG_W: f64 = 800.0;
 const SVG_H: f64 = 420.0;

@@ -1,7 +1,7 @@
 //! `drill`: fault drills (rolling restart, crash, overload) and the
 //! scale-out sweep of `gpt2 serve` replicas behind HAProxy, each driving
 //! `throughput --url` through a local cluster (`deploy/local-cluster.sh`).
-//! The drills are `gpt2::drill`; this file parses the flags.
+//! The drills are `gpt2_drill`; this file parses the flags.
 
 use std::process::ExitCode;
 
@@ -18,11 +18,11 @@ use clap::Parser;
 )]
 struct Args {
     #[command(flatten)]
-    drill: gpt2::drill::DrillArgs,
+    drill: gpt2_drill::DrillArgs,
 }
 
 fn main() -> ExitCode {
-    match gpt2::drill::run(Args::parse().drill) {
+    match gpt2_drill::run(Args::parse().drill) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             eprintln!("drill: a check FAILED (exit status 3)");

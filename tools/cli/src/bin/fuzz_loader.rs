@@ -2,7 +2,7 @@
 //! `model.safetensors`) and checks that loading never panics, never trusts a
 //! size written in a header, and turns every bad input into a `gpt2::Error`
 //! that names the file. The mutations and the contract live in
-//! [`gpt2::fuzz`]; this binary is the timed run.
+//! [`gpt2_fuzz`]; this binary is the timed run.
 //!
 //!     cargo run --release --bin fuzz_loader -- --seconds 600 [--seed N]
 //!
@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use gpt2::fuzz::{
+use gpt2_fuzz::{
     apply, base, contract_violation, kind, quiet_panics, random_case, run_case, run_case_caught, Base,
     CappedAlloc, Outcome, Tally, FAMILIES, LARGEST_ALLOC,
 };
-use gpt2::progress::Progress;
+use gpt2_bench::progress::Progress;
 use gpt2::rng::Rng;
 
 #[global_allocator]

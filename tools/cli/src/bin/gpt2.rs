@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use gpt2::hub::{self, DtypeArgs, WeightsArgs};
+use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs};
 use gpt2::synth::{self, Preset};
 use gpt2::tokenizer::{Gpt2Tokenizer, TextStream, EOS_TOKEN};
 use gpt2::{GenerateOptions, Gpt2Model, SamplingParams, Session};
@@ -16,7 +16,7 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     #[command(flatten)]
-    kernels: gpt2::hub::KernelArgs,
+    kernels: gpt2_hub::KernelArgs,
 }
 
 #[derive(Subcommand)]
@@ -84,7 +84,7 @@ enum Command {
     },
     /// Serve completions over HTTP (OpenAI-compatible: /v1/completions,
     /// /v1/models, /health, /metrics); every request shares one batching engine.
-    Serve(Box<gpt2::serve::ServeArgs>),
+    Serve(Box<gpt2_serve::ServeArgs>),
     /// Print the logits of every position of a token sequence as JSON.
     Logits {
         /// Checkpoint directory holding config.json and model.safetensors.
@@ -209,7 +209,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
         }
-        Command::Serve(args) => gpt2::serve::run(*args).map_err(|e| -> Box<dyn std::error::Error> { e })?,
+        Command::Serve(args) => gpt2_serve::run(*args).map_err(|e| -> Box<dyn std::error::Error> { e })?,
         Command::Tokenize {
             text,
             tokenizer: path,

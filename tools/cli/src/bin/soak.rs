@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use gpt2::hub::{self, DtypeArgs, WeightsArgs};
-use gpt2::progress::Progress;
+use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs};
+use gpt2_bench::progress::Progress;
 use gpt2::rng::Rng;
 use gpt2::{GenerateOptions, Gpt2Model, Scheduler, SchedulerConfig, Session};
 
@@ -47,7 +47,7 @@ struct Args {
     #[command(flatten)]
     weights: WeightsArgs,
     #[command(flatten)]
-    kernels: gpt2::hub::KernelArgs,
+    kernels: gpt2_hub::KernelArgs,
     #[command(flatten)]
     dtype: DtypeArgs,
     /// Requests per mode (at most 100000).
@@ -135,7 +135,7 @@ fn main() -> ExitCode {
 }
 
 /// Most client threads (`--concurrency`), as `throughput --levels`.
-const MAX_CONCURRENCY: usize = gpt2::bench::runner::MAX_CLIENTS;
+const MAX_CONCURRENCY: usize = gpt2_bench::runner::MAX_CLIENTS;
 /// Most requests per mode (`--requests`): the mix is drawn up front, up to
 /// a context window of prompt tokens each.
 const MAX_REQUESTS: usize = 100_000;

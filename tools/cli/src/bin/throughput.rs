@@ -15,14 +15,14 @@
 //! server instead (mode `http`); `throughput compare A.json B.json ...`
 //! renders reports together.
 //!
-//! This file parses the flags; the run is `gpt2::bench::run`, the
-//! comparison `gpt2::bench::compare`.
+//! This file parses the flags; the run is `gpt2_bench::run`, the
+//! comparison `gpt2_bench::compare`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gpt2::bench::compare::{self, CompareOptions};
-use gpt2::bench::run::{self, Options};
+use gpt2_bench::compare::{self, CompareOptions};
+use gpt2_bench::run::{self, Options};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,7 +45,7 @@ struct Args {
     #[command(flatten)]
     options: Options,
     #[command(flatten)]
-    kernels: gpt2::hub::KernelArgs,
+    kernels: gpt2_hub::KernelArgs,
 }
 
 #[derive(Subcommand, Debug)]
