@@ -1,14 +1,35 @@
 //! gpt2-rs: a pure-Rust GPT-2 inference engine.
 //!
-//! The path of data: [`hub`] finds a checkpoint (local, Hugging Face cache or
-//! synthetic); [`config`] and [`weights`] read it (bounded reads, no file
-//! map: every tensor kept is copied or packed) into a [`model::Gpt2Model`],
-//! whose [`forward`](model::Gpt2Model::forward) turns a batch of rows
-//! (token, sequence, position) into logits using the kernels of the
-//! `gpt2-kernels` crate. [`tokenizer`] turns text into ids and
-//! back, [`sampling`] picks tokens, and [`generate`] runs the decode loop.
-//! [`synth`] writes deterministic synthetic checkpoints for machines that
-//! cannot download the real one.
+//! ```
+//! use gpt2::synth::{self, Preset};
+//! use gpt2::{GenerateOptions, Gpt2Model, Gpt2Tokenizer, Session};
+//!
+//! # fn main() -> gpt2::Result<()> {
+//! // Any checkpoint directory (config.json, model.safetensors) loads; this is
+//! // the tiny synthetic one, whose random weights write noise.
+//! let model = Gpt2Model::load(&synth::cached(Preset::Tiny, 0, |_| {})?)?;
+//! let tokenizer = Gpt2Tokenizer::builtin();
+//! let prompt = tokenizer.encode("Hello, how are you?")?;
+//! let mut session = Session::new(&model, prompt.len())?;
+//! let out = session.generate(&model, &prompt, &GenerateOptions::greedy(8), |_| {})?;
+//! println!("{}", tokenizer.decode(&out.tokens)?);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The path of data: [`config`] and [`weights`] read a checkpoint (bounded
+//! reads, no file map: every tensor kept is copied or packed) into a
+//! [`model::Gpt2Model`], whose [`forward`](model::Gpt2Model::forward) turns a
+//! batch of rows (token, sequence, position) into logits using the kernels of
+//! the `gpt2-kernels` crate. [`tokenizer`] turns text into ids and back,
+//! [`sampling`] picks tokens, [`generate`] runs one request's decode loop and
+//! [`scheduler`] many requests' in one batch. [`synth`] writes deterministic
+//! synthetic checkpoints for machines that cannot download the real one.
+//!
+//! This crate has no network, HTTP or terminal code: finding weights on the
+//! Hugging Face hub (`gpt2-hub`), the server (`gpt2-serve`), the benchmark
+//! (`gpt2-bench`), the drills (`gpt2-drill`), the loader fuzzer (`gpt2-fuzz`)
+//! and the binaries (`gpt2-cli`) are crates above it, under `tools/`.
 
 pub mod config;
 pub mod error;

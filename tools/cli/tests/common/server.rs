@@ -77,6 +77,19 @@ impl ServerProcess {
         self.stderr.lock().unwrap().join("\n")
     }
 
+    /// Waits up to `patience` for the server's stderr to hold `text` (it is
+    /// read by a thread, so a line written a moment ago may not be there yet).
+    pub fn stderr_contains_within(&self, text: &str, patience: Duration) -> bool {
+        let start = Instant::now();
+        while !self.stderr().contains(text) {
+            if start.elapsed() > patience {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let status = Command::new("kill")
