@@ -1,5 +1,5 @@
 //! Machine limits, measured: sustained memory read bandwidth and peak FMA
-//! throughput, the raw probes. `gpt2::probe` runs them (and `linear_packed`
+//! throughput, the raw probes. `gpt2_bench::probe` runs them (and `linear_packed`
 //! at GPT-2 shapes) into its `Limits`, and the benchmark report's `Roofline`
 //! divides what the engine achieves by those.
 //!

@@ -10,9 +10,9 @@
 //!
 //! ```
 //! #[global_allocator]
-//! static ALLOC: gpt2::fuzz::CappedAlloc = gpt2::fuzz::CappedAlloc;
+//! static ALLOC: gpt2_fuzz::CappedAlloc = gpt2_fuzz::CappedAlloc;
 //! # fn main() {
-//! assert!(Vec::<u8>::new().try_reserve(gpt2::fuzz::ALLOC_CAP + 1).is_err());
+//! assert!(Vec::<u8>::new().try_reserve(gpt2_fuzz::ALLOC_CAP + 1).is_err());
 //! # }
 //! ```
 

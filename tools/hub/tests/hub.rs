@@ -73,7 +73,7 @@ fn resolution_order_cache_offline_and_fallback() {
     let snapshot = repo.join("snapshots").join(commit);
     synth::write_checkpoint(&snapshot, Preset::Tiny, 0).unwrap();
     std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/gpt2/tokenizer.json"),
+        common::repo_root().join("weights/gpt2/tokenizer.json"),
         snapshot.join("tokenizer.json"),
     )
     .unwrap();
