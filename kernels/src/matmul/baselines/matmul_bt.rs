@@ -8,10 +8,10 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::arch::avx2::Avx2;
 use crate::arch::portable::Portable;
 use crate::arch::Isa;
-#[cfg(target_arch = "x86_64")]
-use crate::arch::{avx2::Avx2, avx512::Avx512};
 use crate::matmul::{column_chunks, OutPtr};
 use crate::{active, KernelSet, Kernels};
 
@@ -54,139 +54,6 @@ impl Kernels {
             // writes them.
             unsafe { run_chunk(self, chunk) };
         });
-    }
-}
-
-/// Runs `chunk` compiled for `kernels`' set, as [`Kernels::run`] does for
-/// the engine's kernels, through this baseline's own entry points.
-///
-/// # Safety
-/// The chunk's contract; the CPU side is what a `Kernels` proves.
-unsafe fn run_chunk(kernels: Kernels, chunk: BtChunk) {
-    match kernels.set() {
-        // SAFETY: the caller's contract; the portable set needs no feature.
-        KernelSet::Portable => unsafe { entry_portable(chunk) },
-        // SAFETY: a `Kernels` holds a set only once it found every one of
-        // its features on this CPU; the chunk's contract is the caller's.
-        #[cfg(target_arch = "x86_64")]
-        KernelSet::Avx2 => unsafe { entry_avx2(chunk) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        KernelSet::Avx512 => unsafe { entry_avx512(chunk) },
-        #[cfg(not(target_arch = "x86_64"))]
-        set => unreachable!("{set} is never supported off x86-64"),
-    }
-}
-
-/// The portable instantiation of a chunk, out of line like the others.
-///
-/// # Safety
-/// The chunk's contract.
-#[inline(never)]
-unsafe fn entry_portable(chunk: BtChunk) {
-    // SAFETY: the caller's contract; the portable set needs no feature.
-    unsafe { chunk.run::<Portable>() }
-}
-
-/// A chunk compiled for AVX2 + FMA (`arch::avx2::entry`'s features).
-///
-/// # Safety
-/// The CPU has AVX2 and FMA, and the chunk's contract holds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn entry_avx2(chunk: BtChunk) {
-    // SAFETY: the caller's contract.
-    unsafe { chunk.run::<Avx2<false>>() }
-}
-
-/// A chunk compiled for AVX-512 (`arch::avx512::entry`'s features).
-///
-/// # Safety
-/// The CPU has the AVX-512 set's features, and the chunk's contract holds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn entry_avx512(chunk: BtChunk) {
-    // SAFETY: the caller's contract.
-    unsafe { chunk.run::<Avx512<false>>() }
-}
-
-/// A set's 8-lane sums for [`bt_tile`]: the part of `matmul_bt` written per
-/// instruction set (the `K % 8` tail rounds with the set's [`Isa::fmadd`]).
-trait BtLanes: Isa {
-    /// The 8-lane sums of `x[r0 + r, 0..k8] · w[j0 + c, 0..k8]` for `R x C`
-    /// pairs (lane l holds the products at `k ≡ l mod 8`, added in order of
-    /// k), unreduced.
-    ///
-    /// # Safety
-    /// The CPU has the set; pointers valid for `x[M, K]` and `w[N, K]`, with
-    /// `r0 + R <= M`, `j0 + C <= N`, and `k8 <= K` a multiple of 8.
-    unsafe fn bt_lanes<const R: usize, const C: usize>(
-        x: *const f32,
-        w: *const f32,
-        r0: usize,
-        j0: usize,
-        k8: usize,
-        k: usize,
-    ) -> [[[f32; 8]; C]; R];
-}
-
-impl BtLanes for Portable {
-    #[inline(always)]
-    unsafe fn bt_lanes<const R: usize, const C: usize>(
-        x: *const f32,
-        w: *const f32,
-        r0: usize,
-        j0: usize,
-        k8: usize,
-        k: usize,
-    ) -> [[[f32; 8]; C]; R] {
-        let mut acc = [[[0f32; 8]; C]; R];
-        for kk in (0..k8).step_by(8) {
-            for (r, ar) in acc.iter_mut().enumerate() {
-                // SAFETY: in bounds by the contract.
-                let xs = unsafe { std::slice::from_raw_parts(x.add((r0 + r) * k + kk), 8) };
-                for (c, a) in ar.iter_mut().enumerate() {
-                    // SAFETY: as above.
-                    let ws = unsafe { std::slice::from_raw_parts(w.add((j0 + c) * k + kk), 8) };
-                    for l in 0..8 {
-                        a[l] = Self::fmadd(xs[l], ws[l], a[l]);
-                    }
-                }
-            }
-        }
-        acc
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl BtLanes for Avx2<false> {
-    #[inline(always)]
-    unsafe fn bt_lanes<const R: usize, const C: usize>(
-        x: *const f32,
-        w: *const f32,
-        r0: usize,
-        j0: usize,
-        k8: usize,
-        k: usize,
-    ) -> [[[f32; 8]; C]; R] {
-        // SAFETY: the caller's contract.
-        unsafe { lanes_m256(x, w, r0, j0, k8, k) }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl BtLanes for Avx512<false> {
-    #[inline(always)]
-    unsafe fn bt_lanes<const R: usize, const C: usize>(
-        x: *const f32,
-        w: *const f32,
-        r0: usize,
-        j0: usize,
-        k8: usize,
-        k: usize,
-    ) -> [[[f32; 8]; C]; R] {
-        // SAFETY: the caller's contract; this set includes AVX2 and FMA.
-        unsafe { lanes_m256(x, w, r0, j0, k8, k) }
     }
 }
 
@@ -307,43 +174,143 @@ unsafe fn bt_tile<I: BtLanes, const R: usize, const C: usize>(
     }
 }
 
-/// [`BtLanes::bt_lanes`] in `__m256` registers: AVX2's, and AVX-512's too
-/// (the baseline's sums are 8 lanes in every set).
-///
-/// # Safety
-/// As [`BtLanes::bt_lanes`], the CPU with AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn lanes_m256<const R: usize, const C: usize>(
-    x: *const f32,
-    w: *const f32,
-    r0: usize,
-    j0: usize,
-    k8: usize,
-    k: usize,
-) -> [[[f32; 8]; C]; R] {
-    let mut acc = [[[0f32; 8]; C]; R];
-    // SAFETY (whole body): every offset is inside the buffers by the contract.
-    unsafe {
-        use std::arch::x86_64::*;
-        let mut v = [[_mm256_setzero_ps(); C]; R];
+/// A set's 8-lane sums for [`bt_tile`]: the part of `matmul_bt` written per
+/// instruction set (the `K % 8` tail rounds with the set's [`Isa::fmadd`]).
+trait BtLanes: Isa {
+    /// The 8-lane sums of `x[r0 + r, 0..k8] · w[j0 + c, 0..k8]` for `R x C`
+    /// pairs (lane l holds the products at `k ≡ l mod 8`, added in order of
+    /// k), unreduced.
+    ///
+    /// # Safety
+    /// The CPU has the set; pointers valid for `x[M, K]` and `w[N, K]`, with
+    /// `r0 + R <= M`, `j0 + C <= N`, and `k8 <= K` a multiple of 8.
+    unsafe fn bt_lanes<const R: usize, const C: usize>(
+        x: *const f32,
+        w: *const f32,
+        r0: usize,
+        j0: usize,
+        k8: usize,
+        k: usize,
+    ) -> [[[f32; 8]; C]; R];
+}
+
+impl BtLanes for Portable {
+    #[inline(always)]
+    unsafe fn bt_lanes<const R: usize, const C: usize>(
+        x: *const f32,
+        w: *const f32,
+        r0: usize,
+        j0: usize,
+        k8: usize,
+        k: usize,
+    ) -> [[[f32; 8]; C]; R] {
+        let mut acc = [[[0f32; 8]; C]; R];
         for kk in (0..k8).step_by(8) {
-            let mut wv = [_mm256_setzero_ps(); C];
-            for (c, reg) in wv.iter_mut().enumerate() {
-                *reg = _mm256_loadu_ps(w.add((j0 + c) * k + kk));
-            }
-            for (r, vr) in v.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(x.add((r0 + r) * k + kk));
-                for (reg, wc) in vr.iter_mut().zip(&wv) {
-                    *reg = _mm256_fmadd_ps(xv, *wc, *reg);
+            for (r, ar) in acc.iter_mut().enumerate() {
+                // SAFETY: in bounds by the contract.
+                let xs = unsafe { std::slice::from_raw_parts(x.add((r0 + r) * k + kk), 8) };
+                for (c, a) in ar.iter_mut().enumerate() {
+                    // SAFETY: as above.
+                    let ws = unsafe { std::slice::from_raw_parts(w.add((j0 + c) * k + kk), 8) };
+                    for l in 0..8 {
+                        a[l] = Self::fmadd(xs[l], ws[l], a[l]);
+                    }
                 }
             }
         }
-        for (ar, vr) in acc.iter_mut().zip(&v) {
-            for (a, reg) in ar.iter_mut().zip(vr) {
-                _mm256_storeu_ps(a.as_mut_ptr(), *reg);
+        acc
+    }
+}
+
+/// In `__m256` registers (AVX-512 runs them too: [`entry_avx512`]).
+#[cfg(target_arch = "x86_64")]
+impl BtLanes for Avx2<false> {
+    #[inline(always)]
+    unsafe fn bt_lanes<const R: usize, const C: usize>(
+        x: *const f32,
+        w: *const f32,
+        r0: usize,
+        j0: usize,
+        k8: usize,
+        k: usize,
+    ) -> [[[f32; 8]; C]; R] {
+        let mut acc = [[[0f32; 8]; C]; R];
+        // SAFETY (whole body): every offset is inside the buffers by the contract.
+        unsafe {
+            use std::arch::x86_64::*;
+            let mut v = [[_mm256_setzero_ps(); C]; R];
+            for kk in (0..k8).step_by(8) {
+                let mut wv = [_mm256_setzero_ps(); C];
+                for (c, reg) in wv.iter_mut().enumerate() {
+                    *reg = _mm256_loadu_ps(w.add((j0 + c) * k + kk));
+                }
+                for (r, vr) in v.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add((r0 + r) * k + kk));
+                    for (reg, wc) in vr.iter_mut().zip(&wv) {
+                        *reg = _mm256_fmadd_ps(xv, *wc, *reg);
+                    }
+                }
+            }
+            for (ar, vr) in acc.iter_mut().zip(&v) {
+                for (a, reg) in ar.iter_mut().zip(vr) {
+                    _mm256_storeu_ps(a.as_mut_ptr(), *reg);
+                }
             }
         }
+        acc
     }
-    acc
+}
+
+/// Runs `chunk` compiled for `kernels`' set, as [`Kernels::run`] does for
+/// the engine's kernels, through this baseline's own entry points.
+///
+/// # Safety
+/// The chunk's contract; the CPU side is what a `Kernels` proves.
+unsafe fn run_chunk(kernels: Kernels, chunk: BtChunk) {
+    match kernels.set() {
+        // SAFETY: the caller's contract; the portable set needs no feature.
+        KernelSet::Portable => unsafe { entry_portable(chunk) },
+        // SAFETY: a `Kernels` holds a set only once it found every one of
+        // its features on this CPU; the chunk's contract is the caller's.
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx2 => unsafe { entry_avx2(chunk) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx512 => unsafe { entry_avx512(chunk) },
+        #[cfg(not(target_arch = "x86_64"))]
+        set => unreachable!("{set} is never supported off x86-64"),
+    }
+}
+
+/// The portable instantiation of a chunk, out of line like the others.
+///
+/// # Safety
+/// The chunk's contract.
+#[inline(never)]
+unsafe fn entry_portable(chunk: BtChunk) {
+    // SAFETY: the caller's contract; the portable set needs no feature.
+    unsafe { chunk.run::<Portable>() }
+}
+
+/// A chunk compiled for AVX2 + FMA (`arch::avx2::entry`'s features).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA, and the chunk's contract holds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn entry_avx2(chunk: BtChunk) {
+    // SAFETY: the caller's contract.
+    unsafe { chunk.run::<Avx2<false>>() }
+}
+
+/// A chunk compiled for AVX-512 (`arch::avx512::entry`'s features): AVX2's
+/// body, whose sums are the 8 lanes this baseline promises on every set.
+///
+/// # Safety
+/// The CPU has the AVX-512 set's features, and the chunk's contract holds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn entry_avx512(chunk: BtChunk) {
+    // SAFETY: the caller's contract; the set includes AVX2 and FMA.
+    unsafe { chunk.run::<Avx2<false>>() }
 }
