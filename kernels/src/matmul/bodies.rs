@@ -32,7 +32,7 @@ const PANEL_VECTORS: usize = PANEL / MIN_LANES;
 /// of a weight group.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Widen>(
+pub(super) unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Widen>(
     out: *mut f32,
     x: *const f32,
     w: *const E,
@@ -141,7 +141,7 @@ unsafe fn tile_row<I: Isa, const R: usize, const W: usize, const PF: usize, E: W
 /// The CPU has `I`; `x` valid for `ks.end` floats, each `w[s]` for `ks.end`
 /// rows of 48, `out` for columns `j[s]..j[s]+48`.
 #[inline(always)]
-pub(crate) unsafe fn tile_streams<I: Isa, E: Widen, const S: usize>(
+pub(super) unsafe fn tile_streams<I: Isa, E: Widen, const S: usize>(
     out: *mut f32,
     x: *const f32,
     w: [*const E; S],

@@ -1,6 +1,6 @@
 //! Products the engine does not call; the benches compare them with
 //! [`linear_packed`](super::linear_packed), and `dot` is their streaming
-//! yardstick. [`matmul_bt`] keeps its per-set code in `matmul_bt.rs`,
+//! yardstick. [`matmul_bt()`] keeps its per-set code in `matmul_bt.rs`,
 //! outside the instruction-set seam.
 
 mod matmul_bt;
