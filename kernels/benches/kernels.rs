@@ -105,6 +105,13 @@ fn report(label: &str, t: Duration, bytes: usize, flops: usize) {
     );
 }
 
+/// GPT-2 124M's channels and vocabulary.
+const C: usize = 768;
+const V: usize = 50257;
+
+/// The row counts every product is timed at: decode, batched decode, a prompt.
+const ROWS: [usize; 7] = [1, 2, 4, 8, 16, 32, 128];
+
 fn main() {
     let filter = std::env::args()
         .nth(1)
@@ -122,52 +129,82 @@ fn main() {
         "threads: {threads}, kernels: {kernels}, cpu: {}",
         k::CpuInfo::detect()
     );
-    let (c, v) = (768, 50257);
     // The int8 activations' work space, allocated once as the engine does.
-    let mut quant = k::QuantScratch::new(128, 4 * c);
-    {
-        // The yardstick: a plain streaming read (dot products) of 1 GiB.
-        use rayon::prelude::*;
-        let buf = Weights::new(256 << 20);
-        let buf = buf.get();
-        let ones = vec![1.0f32; 1 << 16];
-        let t = median(|| {
-            let s: f32 = buf
-                .par_chunks(1 << 16)
-                .map(|ch| k::dot(ch, &ones[..ch.len()]))
-                .sum();
-            black_box(s);
-        });
-        println!(
-            "{:42} {:9.1} us {:7.1} GB/s",
-            "stream read 1 GiB (all threads)",
-            t.as_secs_f64() * 1e6,
-            (buf.len() * 4) as f64 / t.as_secs_f64() / 1e9
-        );
-    }
+    let mut quant = k::QuantScratch::new(128, 4 * C);
+    stream_read();
     for &(name, kk, n) in &[
-        ("qkv", c, 3 * c),
-        ("attn_proj", c, c),
-        ("mlp_up", c, 4 * c),
-        ("mlp_down", 4 * c, c),
+        ("qkv", C, 3 * C),
+        ("attn_proj", C, C),
+        ("mlp_up", C, 4 * C),
+        ("mlp_down", 4 * C, C),
     ] {
+        let layer = Layer::new(kk, n);
+        for m in ROWS {
+            let label = format!("linear {name} M={m} K={kk} N={n}");
+            if label.contains(&filter) {
+                linear_rows(&label, &layer, m, &mut quant);
+            }
+        }
+    }
+    lm_head(&filter, &mut quant);
+    row_kernels(&filter);
+    attention_kernels(&filter);
+}
+
+/// The yardstick: a plain streaming read (dot products) of 1 GiB.
+fn stream_read() {
+    use rayon::prelude::*;
+    let buf = Weights::new(256 << 20);
+    let buf = buf.get();
+    let ones = vec![1.0f32; 1 << 16];
+    let t = median(|| {
+        let s: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|ch| k::dot(ch, &ones[..ch.len()]))
+            .sum();
+        black_box(s);
+    });
+    println!(
+        "{:42} {:9.1} us {:7.1} GB/s",
+        "stream read 1 GiB (all threads)",
+        t.as_secs_f64() * 1e6,
+        (buf.len() * 4) as f64 / t.as_secs_f64() / 1e9
+    );
+}
+
+/// One linear layer's `w[K, N]` in every form the benches time, each in
+/// enough copies to come from memory: the copies are used in turn.
+struct Layer {
+    k: usize,
+    n: usize,
+    /// The copies of each form: `copies` of the f32 ones.
+    copies: usize,
+    /// `copies` x `w[K, N]` as stored.
+    stored: Weights,
+    /// The same matrices packed in panels, as the engine holds them.
+    packed: Weights,
+    /// bf16 and int8 panels: the dtype, its copies, their bytes.
+    reduced: Vec<(k::Dtype, usize, Weights)>,
+    bias: Vec<f32>,
+}
+
+impl Layer {
+    fn new(kk: usize, n: usize) -> Layer {
         // Enough copies of the matrix (1 GiB) to overflow the last-level
         // cache (480 MB on some Xeons), used in turn, so the weights stream
         // from memory as in a real forward pass.
         let copies = (1 << 30) / (kk * n * 4) + 1;
-        let (ws, b) = (Weights::new(copies * kk * n), values(n));
-        let ws: Vec<&[f32]> = ws.get().chunks_exact(kk * n).collect();
-        // The same matrices packed in panels, as the engine holds them.
+        let (stored, bias) = (Weights::new(copies * kk * n), values(n));
+        let ws: Vec<&[f32]> = stored.get().chunks_exact(kk * n).collect();
         let mut packed = Weights::new(copies * k::packed_len(kk, n));
         for (dst, w) in packed.get_mut().chunks_exact_mut(k::packed_len(kk, n)).zip(&ws) {
             k::pack_panels(dst, w, kk, n);
         }
-        let ps: Vec<&[f32]> = packed.get().chunks_exact(k::packed_len(kk, n)).collect();
         // And in the reduced formats, converted from the f32 ones: as many
         // copies as fill the same bytes (so that they too come from memory,
         // past a last-level cache that may hold hundreds of MB), in huge
         // pages like the engine's.
-        let reduced: Vec<(k::Dtype, usize, Weights)> = [k::Dtype::Bf16, k::Dtype::Int8]
+        let reduced = [k::Dtype::Bf16, k::Dtype::Int8]
             .into_iter()
             .map(|d| {
                 let bytes = k::packed_bytes(d, kk, n);
@@ -182,75 +219,89 @@ fn main() {
                 (d, count, buf)
             })
             .collect();
-        for m in [1, 2, 4, 8, 16, 32, 128] {
-            let label = format!("linear {name} M={m} K={kk} N={n}");
-            if !label.contains(&filter) {
-                continue;
-            }
-            let (x, mut out) = (values(m * kk), vec![0.0; m * n]);
-            let mut i = 0;
-            let t = median(|| {
-                i = (i + 1) % copies;
-                k::linear(black_box(&mut out), &x, ws[i], &b, m, kk, n)
-            });
-            report(&format!("{label} (as stored)"), t, kk * n * 4, 2 * m * kk * n);
-            let t = median(|| {
-                i = (i + 1) % copies;
-                k::linear_packed(black_box(&mut out), &x, ps[i], Some(&b), m, kk, n)
-            });
-            report(
-                &format!("  packed panels (engine) M={m}"),
-                t,
-                kk * n * 4,
-                2 * m * kk * n,
-            );
-            for (d, count, buf) in &reduced {
-                let bytes = k::packed_bytes(*d, kk, n);
-                let ps: Vec<k::Panels> = bytemuck::cast_slice::<f32, u8>(buf.get())
-                    .chunks_exact(bytes)
-                    .map(|b| k::Panels::from_bytes(*d, b, kk, n))
-                    .collect();
-                let t = median(|| {
-                    i = (i + 1) % count;
-                    k::linear_panels_with(black_box(&mut out), &x, ps[i], Some(&b), &mut quant, m, kk, n)
-                });
-                report(
-                    &format!("  {d} panels M={m}"),
-                    t,
-                    d.weight_bytes(kk, n),
-                    2 * m * kk * n,
-                );
-            }
-            if m == 1 {
-                // How far int8 (activations quantised per row too) is from
-                // f32 on this layer (no bias).
-                let mut exact = vec![0.0; m * n];
-                k::linear(&mut exact, &x, ws[0], &vec![0.0; n], m, kk, n);
-                let (_, _, buf) = &reduced[1];
-                let packed =
-                    &bytemuck::cast_slice::<f32, u8>(buf.get())[..k::packed_bytes(k::Dtype::Int8, kk, n)];
-                let p = k::Panels::from_bytes(k::Dtype::Int8, packed, kk, n);
-                k::linear_panels(&mut out, &x, p, None, m, kk, n);
-                println!("  int8 error vs f32: {:.3}%", rel_l2(&out, &exact) * 100.0);
-            }
-            if m >= 16 {
-                // matrixmultiply's SGEMM on the same shape, for comparison.
-                let t = median(|| {
-                    i = (i + 1) % copies;
-                    k::linear_sgemm(black_box(&mut out), &x, ws[i], &b, m, kk, n)
-                });
-                let gflops = (2 * m * kk * n) as f64 / t.as_secs_f64() / 1e9;
-                println!(
-                    "{:42} {:9.1} us {:>12} {gflops:7.1} GFLOP/s",
-                    format!("  matrixmultiply M={m}"),
-                    t.as_secs_f64() * 1e6,
-                    ""
-                );
-            }
+        Layer {
+            k: kk,
+            n,
+            copies,
+            stored,
+            packed,
+            reduced,
+            bias,
         }
     }
-    // The LM head: packed from wte's transpose, as the engine runs it, and
-    // the dot-product form over wte as stored.
+}
+
+/// `layer` at `m` rows: as stored, packed in panels (the engine), in bf16
+/// and int8 panels; int8's error at one row; `matrixmultiply` from 16 rows.
+fn linear_rows(label: &str, layer: &Layer, m: usize, quant: &mut k::QuantScratch) {
+    let (kk, n, copies, b) = (layer.k, layer.n, layer.copies, &layer.bias);
+    let ws: Vec<&[f32]> = layer.stored.get().chunks_exact(kk * n).collect();
+    let ps: Vec<&[f32]> = layer.packed.get().chunks_exact(k::packed_len(kk, n)).collect();
+    let (x, mut out) = (values(m * kk), vec![0.0; m * n]);
+    let mut i = 0;
+    let t = median(|| {
+        i = (i + 1) % copies;
+        k::linear(black_box(&mut out), &x, ws[i], b, m, kk, n)
+    });
+    report(&format!("{label} (as stored)"), t, kk * n * 4, 2 * m * kk * n);
+    let t = median(|| {
+        i = (i + 1) % copies;
+        k::linear_packed(black_box(&mut out), &x, ps[i], Some(b), m, kk, n)
+    });
+    report(
+        &format!("  packed panels (engine) M={m}"),
+        t,
+        kk * n * 4,
+        2 * m * kk * n,
+    );
+    for (d, count, buf) in &layer.reduced {
+        let bytes = k::packed_bytes(*d, kk, n);
+        let ps: Vec<k::Panels> = bytemuck::cast_slice::<f32, u8>(buf.get())
+            .chunks_exact(bytes)
+            .map(|b| k::Panels::from_bytes(*d, b, kk, n))
+            .collect();
+        let t = median(|| {
+            i = (i + 1) % count;
+            k::linear_panels_with(black_box(&mut out), &x, ps[i], Some(b), quant, m, kk, n)
+        });
+        report(
+            &format!("  {d} panels M={m}"),
+            t,
+            d.weight_bytes(kk, n),
+            2 * m * kk * n,
+        );
+    }
+    if m == 1 {
+        // How far int8 (activations quantised per row too) is from
+        // f32 on this layer (no bias).
+        let mut exact = vec![0.0; m * n];
+        k::linear(&mut exact, &x, ws[0], &vec![0.0; n], m, kk, n);
+        let (_, _, buf) = &layer.reduced[1];
+        let packed = &bytemuck::cast_slice::<f32, u8>(buf.get())[..k::packed_bytes(k::Dtype::Int8, kk, n)];
+        let p = k::Panels::from_bytes(k::Dtype::Int8, packed, kk, n);
+        k::linear_panels(&mut out, &x, p, None, m, kk, n);
+        println!("  int8 error vs f32: {:.3}%", rel_l2(&out, &exact) * 100.0);
+    }
+    if m >= 16 {
+        // matrixmultiply's SGEMM on the same shape, for comparison.
+        let t = median(|| {
+            i = (i + 1) % copies;
+            k::linear_sgemm(black_box(&mut out), &x, ws[i], b, m, kk, n)
+        });
+        let gflops = (2 * m * kk * n) as f64 / t.as_secs_f64() / 1e9;
+        println!(
+            "{:42} {:9.1} us {:>12} {gflops:7.1} GFLOP/s",
+            format!("  matrixmultiply M={m}"),
+            t.as_secs_f64() * 1e6,
+            ""
+        );
+    }
+}
+
+/// The LM head: packed from wte's transpose, as the engine runs it, and
+/// the dot-product form over wte as stored.
+fn lm_head(filter: &str, quant: &mut k::QuantScratch) {
+    let (c, v) = (C, V);
     let w = Weights::new(v * c);
     let w = w.get();
     let mut packed = Weights::new(k::packed_len(c, v));
@@ -264,9 +315,9 @@ fn main() {
             (d, buf)
         })
         .collect();
-    for m in [1, 2, 4, 8, 16, 32, 128] {
+    for m in ROWS {
         let label = format!("lm_head M={m} K={c} N={v}");
-        if !label.contains(&filter) {
+        if !label.contains(filter) {
             continue;
         }
         let (x, mut out) = (values(m * c), vec![0.0; m * v]);
@@ -274,7 +325,7 @@ fn main() {
         report(&label, t, c * v * 4, 2 * m * c * v);
         for (d, buf) in &heads {
             let p = k::Panels::from_bytes(*d, bytemuck::cast_slice(buf.get()), c, v);
-            let t = median(|| k::linear_panels_with(black_box(&mut out), &x, p, None, &mut quant, m, c, v));
+            let t = median(|| k::linear_panels_with(black_box(&mut out), &x, p, None, quant, m, c, v));
             report(
                 &format!("  {d} panels M={m}"),
                 t,
@@ -290,15 +341,22 @@ fn main() {
             2 * m * c * v,
         );
     }
+}
 
-    // The small kernels of a forward pass, at GPT-2's shapes: one decode row
-    // and a 128-token prompt. GB/s counts the floats read and written once
-    // (they are in cache: this is the in-cache rate, not DRAM); the naive
-    // twin (`reference`, f64 sums, no lanes) for comparison.
-    let gb = |t: Duration, bytes: usize| bytes as f64 / t.as_secs_f64() / 1e9;
+/// GB/s of `bytes` in `t`.
+fn gb(t: Duration, bytes: usize) -> f64 {
+    bytes as f64 / t.as_secs_f64() / 1e9
+}
+
+/// The small kernels of a forward pass over rows, at GPT-2's shapes: one
+/// decode row and a 128-token prompt. GB/s counts the floats read and
+/// written once (they are in cache: this is the in-cache rate, not DRAM);
+/// the naive twin (`reference`, f64 sums, no lanes) for comparison.
+fn row_kernels(filter: &str) {
+    let c = C;
     for rows in [1, 128] {
         let label = format!("layernorm M={rows} C={c}");
-        if label.contains(&filter) {
+        if label.contains(filter) {
             let (x, g, b) = (values(rows * c), values(c), values(c));
             let mut out = vec![0.0; rows * c];
             let t = median(|| k::layernorm(black_box(&mut out), &x, &g, &b, 1e-5));
@@ -311,11 +369,11 @@ fn main() {
             );
         }
         let label = format!("gelu M={rows} N={}", 4 * c);
-        if label.contains(&filter) {
+        if label.contains(filter) {
             in_place(&label, rows * 4 * c, k::gelu_inplace, k::reference::gelu);
         }
         let label = format!("add_assign (residual) M={rows} C={c}");
-        if label.contains(&filter) {
+        if label.contains(filter) {
             let (mut acc, x) = (values(rows * c), values(rows * c));
             let t = median(|| k::add_assign(black_box(&mut acc), &x));
             println!(
@@ -325,15 +383,19 @@ fn main() {
             );
         }
     }
+}
+
+/// Softmax over t scores, and one query of one head (hd 64) over t cached
+/// positions, the cache laid out as the engine keeps it (each head's
+/// positions contiguous), each beside its naive twin.
+fn attention_kernels(filter: &str) {
     for t_len in [64, 256, 1024] {
         let label = format!("softmax N={t_len}");
-        if label.contains(&filter) {
+        if label.contains(filter) {
             in_place(&label, t_len, k::softmax_inplace, k::reference::softmax);
         }
-        // One query of one head (hd 64) over t cached positions, the cache
-        // laid out as the engine keeps it (each head's positions contiguous).
         let label = format!("attention_head hd=64 t={t_len}");
-        if label.contains(&filter) {
+        if label.contains(filter) {
             let hd = 64;
             let (q, kc, vc) = (values(hd), values(t_len * hd), values(t_len * hd));
             let (mut out, mut scores) = (vec![0.0; hd], vec![0.0; t_len]);

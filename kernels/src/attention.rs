@@ -1,6 +1,6 @@
 //! Softmax and causal self-attention of one query over a KV cache.
 
-use crate::arch::{bodies, Isa, Kernel, Vector};
+use crate::arch::{Isa, Kernel, Vector};
 use crate::{active, Kernels};
 
 /// Numerically stable softmax over `x`, in place. On the
@@ -98,13 +98,41 @@ fn dots<I: Isa, const J: usize>(q: &[f32], ks: [&[f32]; J]) -> [f32; J] {
     }
     // SAFETY: the query and every key hold at least `hd >= h8` floats
     // (asserted above); the CPU has I (the kernel's entry point).
-    let mut out = unsafe { bodies::dot_lanes::<I, J>(q.as_ptr(), ptrs, h8) };
+    let mut out = unsafe { dot_lanes::<I, J>(q.as_ptr(), ptrs, h8) };
     for (o, kj) in out.iter_mut().zip(&ks) {
         for d in h8..hd {
             *o = I::fmadd(q[d], kj[d], *o);
         }
     }
     out
+}
+
+/// `q · k_j` over `0..hl` for `J` keys (`hl` a multiple of the lanes L):
+/// per key, L lanes accumulated over d in steps of L, then summed by halves
+/// ([`Vector::sum`]).
+///
+/// # Safety
+/// The CPU has `I`; `q` and every key valid for `hl` floats.
+#[inline(always)]
+unsafe fn dot_lanes<I: Isa, const J: usize>(q: *const f32, ks: [*const f32; J], hl: usize) -> [f32; J] {
+    let l = I::V::LANES;
+    // SAFETY (whole body): every offset is below hl (the contract above).
+    unsafe {
+        let mut acc = [I::V::zero(); J];
+        let mut d = 0;
+        while d < hl {
+            let qd = I::V::load(q.add(d));
+            for (a, k) in acc.iter_mut().zip(&ks) {
+                *a = I::V::mul_add(qd, I::V::load(k.add(d)), *a);
+            }
+            d += l;
+        }
+        let mut out = [0f32; J];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = a.sum();
+        }
+        out
+    }
 }
 
 /// Attention of one query of one head over the first `t` cached positions:

@@ -1,6 +1,8 @@
 //! Test inputs from the project's one RNG: `rand_xoshiro`'s xoshiro256**
 //! seeded through splitmix64 (`seed_from_u64`), as the root crate's
 //! `src/rng.rs`. Deterministic: a seed fixes the values on every machine.
+//! The unit tests and the tests in `kernels/tests/` (which include this
+//! file) draw from it alike.
 
 use rand_xoshiro::rand_core::{RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256StarStar;

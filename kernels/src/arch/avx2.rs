@@ -138,19 +138,6 @@ impl<const VNNI: bool> Isa for Avx2<VNNI> {
         }
     }
 
-    #[inline(always)]
-    unsafe fn bt_lanes<const R: usize, const C: usize>(
-        x: *const f32,
-        w: *const f32,
-        r0: usize,
-        j0: usize,
-        k8: usize,
-        k: usize,
-    ) -> [[[f32; 8]; C]; R] {
-        // SAFETY: the caller's contract.
-        unsafe { bt_lanes(x, w, r0, j0, k8, k) }
-    }
-
     type Sums = __m256i;
     type Quads = __m256i;
     const OFFSET: i32 = if VNNI { 128 } else { 0 };
@@ -217,43 +204,4 @@ impl<const VNNI: bool> Isa for Avx2<VNNI> {
             }
         }
     }
-}
-
-/// [`Isa::bt_lanes`] in `__m256` registers (AVX-512 uses it too: the
-/// baseline's 8-lane contract).
-///
-/// # Safety
-/// As [`Isa::bt_lanes`], the CPU with AVX2 and FMA.
-#[inline(always)]
-pub(crate) unsafe fn bt_lanes<const R: usize, const C: usize>(
-    x: *const f32,
-    w: *const f32,
-    r0: usize,
-    j0: usize,
-    k8: usize,
-    k: usize,
-) -> [[[f32; 8]; C]; R] {
-    let mut acc = [[[0f32; 8]; C]; R];
-    // SAFETY (whole body): every offset is inside the buffers by the contract.
-    unsafe {
-        let mut v = [[_mm256_setzero_ps(); C]; R];
-        for kk in (0..k8).step_by(8) {
-            let mut wv = [_mm256_setzero_ps(); C];
-            for (c, reg) in wv.iter_mut().enumerate() {
-                *reg = _mm256_loadu_ps(w.add((j0 + c) * k + kk));
-            }
-            for (r, vr) in v.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(x.add((r0 + r) * k + kk));
-                for (reg, wc) in vr.iter_mut().zip(&wv) {
-                    *reg = _mm256_fmadd_ps(xv, *wc, *reg);
-                }
-            }
-        }
-        for (ar, vr) in acc.iter_mut().zip(&v) {
-            for (a, reg) in ar.iter_mut().zip(vr) {
-                _mm256_storeu_ps(a.as_mut_ptr(), *reg);
-            }
-        }
-    }
-    acc
 }

@@ -1,8 +1,7 @@
 //! The AVX-512 set: sixteen f32 lanes per register, thirty-two registers,
 //! so wider tiles (`matmul/tiles.rs`: 8 rows x 48 columns, 24 sums); with
 //! AVX512-VNNI (Cascade Lake, Ice Lake, Zen 4 on), the int8 products in one
-//! `vpdpbusd` per 64. The baseline that promises 8 lanes (`matmul_bt`) runs
-//! AVX2's body here.
+//! `vpdpbusd` per 64.
 
 use std::arch::x86_64::*;
 
@@ -148,19 +147,6 @@ impl<const VNNI: bool> Isa for Avx512<VNNI> {
                 Dtype::Int8 => unreachable!("int8 is multiplied as integers"),
             }
         }
-    }
-
-    #[inline(always)]
-    unsafe fn bt_lanes<const R: usize, const C: usize>(
-        x: *const f32,
-        w: *const f32,
-        r0: usize,
-        j0: usize,
-        k8: usize,
-        k: usize,
-    ) -> [[[f32; 8]; C]; R] {
-        // SAFETY: the caller's contract; this set includes AVX2 and FMA.
-        unsafe { avx2::bt_lanes(x, w, r0, j0, k8, k) }
     }
 
     type Sums = __m512i;

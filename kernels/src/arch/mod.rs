@@ -1,8 +1,11 @@
 //! The instruction-set seam: one module per instruction set, each an [`Isa`]
 //! (its f32 [`Vector`], how each weight format widens into one, its scalar
-//! fused multiply-add, its four-way int8 dot product), and the loop bodies
-//! written once over any of them (`bodies.rs`; the int8 tiles in
-//! `matmul/int8.rs`).
+//! fused multiply-add, its four-way int8 dot product): what the engine's
+//! kernels need, no more. The loop bodies are written once over any of
+//! them, beside the kernels they serve (`matmul/bodies.rs` and
+//! `matmul/int8.rs` for the linear layers, `attention.rs` for its dot
+//! products). The bench baselines that need per-set code of their own keep
+//! it outside the seam (`matmul/baselines/`).
 //!
 //! | set | module | vector | registers | int8 dot product |
 //! |---|---|---|---|---|
@@ -31,7 +34,6 @@
 //!
 //! [`KernelSet`]: crate::KernelSet
 
-pub(crate) mod bodies;
 pub(crate) mod portable;
 
 #[cfg(target_arch = "x86_64")]
@@ -43,6 +45,10 @@ use crate::Dtype;
 
 /// Bytes in a cache line: the unit of the tiles' prefetch.
 pub(crate) const LINE: usize = 64;
+
+/// The fewest f32 lanes of any set's [`Vector`] (portable and AVX2 have 8,
+/// AVX-512 16): what arrays of vectors sized at compile time are sized for.
+pub(crate) const MIN_LANES: usize = 8;
 
 /// A kernel body, generic over the instruction set it is compiled for.
 /// [`Kernels::run`](crate::Kernels) calls [`Kernel::run`] through the set's
@@ -63,6 +69,7 @@ pub(crate) trait Kernel {
 /// Called only where the CPU has the owning set's instructions (inside its
 /// entry point), with pointers valid for `LANES` floats.
 pub(crate) trait Vector: Copy {
+    /// A multiple of [`MIN_LANES`].
     const LANES: usize;
     unsafe fn zero() -> Self;
     unsafe fn load(p: *const f32) -> Self;
@@ -92,22 +99,6 @@ pub(crate) trait Isa: Copy + 'static {
     /// The CPU has the set; `row` starts a group of [`Weight::GROUP`]
     /// columns and is valid for every group that holds those columns.
     unsafe fn widen<E: Widen>(row: *const E, v: usize) -> Self::V;
-
-    /// The 8-lane sums of `x[r0 + r, 0..k8] · w[j0 + c, 0..k8]` for `R x C`
-    /// pairs (lane l holds the products at `k ≡ l mod 8`, added in order of
-    /// k), unreduced: `matmul_bt`'s body, in 8 lanes in every set.
-    ///
-    /// # Safety
-    /// The CPU has the set; pointers valid for `x[M, K]` and `w[N, K]`, with
-    /// `r0 + R <= M`, `j0 + C <= N`, and `k8 <= K` a multiple of 8.
-    unsafe fn bt_lanes<const R: usize, const C: usize>(
-        x: *const f32,
-        w: *const f32,
-        r0: usize,
-        j0: usize,
-        k8: usize,
-        k: usize,
-    ) -> [[[f32; 8]; C]; R];
 
     /// `LANES` i32 sums: the accumulators of the int8 products.
     type Sums: Copy;
@@ -185,14 +176,6 @@ pub(crate) trait Weight: Copy + Send + Sync + 'static {
     #[inline(always)]
     fn slot(c: usize) -> usize {
         c
-    }
-
-    /// Where `w[kk, c]` (row kk, column c of the panel) is stored, from the
-    /// panel's start.
-    #[inline(always)]
-    fn index(kk: usize, c: usize) -> usize {
-        let g = Self::K_GROUP;
-        (kk / g * crate::PANEL + Self::slot(c)) * g + kk % g
     }
 
     fn to_f32(self) -> f32;

@@ -91,32 +91,6 @@ impl Isa for Portable {
         P8(o)
     }
 
-    #[inline(always)]
-    unsafe fn bt_lanes<const R: usize, const C: usize>(
-        x: *const f32,
-        w: *const f32,
-        r0: usize,
-        j0: usize,
-        k8: usize,
-        k: usize,
-    ) -> [[[f32; 8]; C]; R] {
-        let mut acc = [[[0f32; 8]; C]; R];
-        for kk in (0..k8).step_by(8) {
-            for (r, ar) in acc.iter_mut().enumerate() {
-                // SAFETY: in bounds by the contract.
-                let xs = unsafe { std::slice::from_raw_parts(x.add((r0 + r) * k + kk), 8) };
-                for (c, a) in ar.iter_mut().enumerate() {
-                    // SAFETY: as above.
-                    let ws = unsafe { std::slice::from_raw_parts(w.add((j0 + c) * k + kk), 8) };
-                    for l in 0..8 {
-                        a[l] = Self::fmadd(xs[l], ws[l], a[l]);
-                    }
-                }
-            }
-        }
-        acc
-    }
-
     type Sums = [i32; 8];
     type Quads = [i8; 32];
     const OFFSET: i32 = 0;

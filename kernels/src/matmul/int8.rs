@@ -5,7 +5,7 @@
 //! per row, `sx = max|x| / 127`, `q = round(x · 127 / max|x|)` in ±127, so
 //! a row's values never depend on the other rows of its batch. The weights are
 //! int8 with one scale per column (`sw`), packed with four consecutive k of
-//! a column in each 32-bit lane (`Weight::index` for `i8`). Then
+//! a column in each 32-bit lane (`pack.rs`, `index` for `i8`). Then
 //!
 //! `out[r, j] = (Σ_k q[r, k] · w[k, j]) as f32 · (sx[r] · sw[j]) + b[j]`
 //!

@@ -28,16 +28,20 @@
 //! - here: [`linear_packed`], the engine's kernel, and the split of a call
 //!   into one task per thread.
 //! - `tiles.rs`: what one task does: tile shapes by row count, block lengths,
-//!   the order the weights are read in, software prefetch.
-//! - `baselines.rs`: what the engine does not call and the benches compare:
+//!   the order the weights are read in, software prefetch; `bodies.rs`: the
+//!   tiles' innermost loops; `int8.rs`: the int8 products.
+//! - `baselines/`: what the engine does not call and the benches compare:
 //!   [`linear`] (the stored layout, through the same tiles: same results bit
 //!   for bit, slower from memory), [`matmul_bt`] (dot products over `wte` as
-//!   stored), [`linear_sgemm`] (`matrixmultiply`), [`dot`].
-//! - `crate::arch`: the innermost loops, one module per instruction set.
+//!   stored, with its own per-set code), [`linear_sgemm`] (`matrixmultiply`),
+//!   [`dot`].
+//! - `crate::arch`: the instruction-set seam the loops are written over, one
+//!   module per set.
 //!
 //! What each choice measured: `docs/hot-path.md`.
 
 mod baselines;
+mod bodies;
 mod int8;
 mod pack;
 mod tiles;

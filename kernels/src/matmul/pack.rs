@@ -3,7 +3,7 @@
 //! one scale per column. Within a panel, f32 and bf16 keep row after row of
 //! 48 values; int8 keeps groups of four rows, each column's four values
 //! side by side (the operand of an integer dot product), K rounded up to a
-//! multiple of 4 with zeros (`Weight::index`).
+//! multiple of 4 with zeros ([`index`]).
 
 use std::ops::Range;
 
@@ -16,6 +16,15 @@ use crate::Dtype;
 /// Width of the column panels of [`pack_panels`]: a multiple of every tile
 /// width (48, 24, 16), so that a tile never straddles two panels.
 pub const PANEL: usize = 48;
+
+/// Where `w[kk, c]` (row kk, column c of a panel) is stored, from the
+/// panel's start: rows in groups of `T::K_GROUP`, a group's columns at
+/// their [`Weight::slot`], each column's rows of the group side by side.
+#[inline(always)]
+fn index<T: Weight>(kk: usize, c: usize) -> usize {
+    let g = T::K_GROUP;
+    (kk / g * PANEL + T::slot(c)) * g + kk % g
+}
 
 /// Floats in the packed form of a `[K, N]` weight: N rounded up to whole panels.
 pub fn packed_len(k: usize, n: usize) -> usize {
@@ -188,11 +197,11 @@ fn unpack_with<T: Weight>(dst: &mut [f32], panels: &[T], k: usize, j: usize, f: 
     assert_eq!(dst.len(), k, "unpack_column: dst is not [K={k}]");
     let panel = &panels[(j / PANEL * panel_rows::<T>(k) * PANEL).min(panels.len())..];
     assert!(
-        k == 0 || T::index(k - 1, j % PANEL) < panel.len(),
+        k == 0 || index::<T>(k - 1, j % PANEL) < panel.len(),
         "unpack_column: column {j} is past the panels"
     );
     for (kk, d) in dst.iter_mut().enumerate() {
-        *d = f(panel[T::index(kk, j % PANEL)]);
+        *d = f(panel[index::<T>(kk, j % PANEL)]);
     }
 }
 
@@ -312,7 +321,7 @@ fn panels_to_fill<T: Weight>(len: usize, k: usize, n: usize) -> bool {
 }
 
 /// [`pack_panels`] into any format: `conv(w[k, j], j)` where the format
-/// keeps it ([`Weight::index`]), zero past column N and row K.
+/// keeps it ([`index`]), zero past column N and row K.
 fn pack_with<T: Weight + Default>(
     dst: &mut [T],
     w: &[f32],
@@ -333,7 +342,7 @@ fn pack_with<T: Weight + Default>(
             }
             for kk in 0..k {
                 for (c, &v) in w[kk * n + j0..kk * n + j1].iter().enumerate() {
-                    panel[T::index(kk, c)] = conv(v, j0 + c);
+                    panel[index::<T>(kk, c)] = conv(v, j0 + c);
                 }
             }
         });
@@ -358,7 +367,7 @@ fn pack_with_t<T: Weight + Default>(
             for c in 0..PANEL.min(n - p * PANEL) {
                 let j = p * PANEL + c;
                 for (kk, &v) in wt[j * k..][..k].iter().enumerate() {
-                    panel[T::index(kk, c)] = conv(v, j);
+                    panel[index::<T>(kk, c)] = conv(v, j);
                 }
             }
         });

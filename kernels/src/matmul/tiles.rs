@@ -15,16 +15,16 @@
 //! Every width divides 48, the panel width. The weight rows go in blocks of
 //! [`block_rows`]; within a block every tile adds its products in order of
 //! k, and blocks go in order of k, so each output is the same sum in the
-//! same order whatever the shape. The tile bodies are `arch::bodies::tile`
-//! and `tile_streams`; a partial tile at the right edge is scalar ([`edge`]).
+//! same order whatever the shape. The tile bodies are in `bodies.rs`
+//! (`tile`, `tile_streams`); a partial tile at the right edge is scalar ([`edge`]).
 //!
 //! [`linear_packed`]: super::linear_packed
 //! [`linear`]: super::linear
 
 use std::ops::Range;
 
-use super::{Layout, OutPtr, PANEL};
-use crate::arch::{bodies, Isa, Vector, Widen, LINE};
+use super::{bodies, Layout, OutPtr, PANEL};
+use crate::arch::{Isa, Vector, Widen, LINE};
 
 /// One call's operands, as every tile of its tasks sees them. `E` is the
 /// weights' format (f32, bf16 or int8), widened to f32 as it is loaded.

@@ -1,15 +1,20 @@
-//! The innermost loops, written once over any [`Isa`]: the register tiles of
-//! the linear layers and the dot products of attention. What changes with the
-//! set is the vector (8 or 16 lanes) and how a weight widens; the order of
-//! the sums does not.
+//! The innermost loops of the f32 and bf16 tiles, written once over any
+//! [`Isa`]: what changes with the set is the vector (8 or 16 lanes) and how
+//! a weight widens; the order of the sums does not. `tiles.rs` chooses the
+//! shapes and calls them; the int8 tiles are in `int8.rs`.
 
 use std::ops::Range;
 
-use super::{Isa, Vector, Widen, LINE};
-use crate::matmul::PANEL;
+use super::pack::PANEL;
+use crate::arch::{Isa, Vector, Widen, LINE, MIN_LANES};
 
-/// Most vectors a tile row holds: 64 columns of 8 lanes.
-const MAX_VECTORS: usize = 8;
+/// Most vectors a tile row holds: 64 columns (the widest tile) in the
+/// narrowest vectors.
+const MAX_VECTORS: usize = 64 / MIN_LANES;
+
+/// Vectors in one row of a panel: [`PANEL`] columns in the narrowest
+/// vectors (6 of 8 lanes; AVX-512 fills 3 of 16).
+const PANEL_VECTORS: usize = PANEL / MIN_LANES;
 
 /// `out[r0..r0+R, j0..j0+W] += x[r0..r0+R, ks] · w[ks, 0..W]`: for each k in
 /// `ks`, broadcast `x[r, k]` and multiply-add it with the `W` weights at
@@ -27,7 +32,7 @@ const MAX_VECTORS: usize = 8;
 /// of a weight group.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Widen>(
+pub(super) unsafe fn tile<I: Isa, const R: usize, const W: usize, const PF: usize, E: Widen>(
     out: *mut f32,
     x: *const f32,
     w: *const E,
@@ -136,7 +141,7 @@ unsafe fn tile_row<I: Isa, const R: usize, const W: usize, const PF: usize, E: W
 /// The CPU has `I`; `x` valid for `ks.end` floats, each `w[s]` for `ks.end`
 /// rows of 48, `out` for columns `j[s]..j[s]+48`.
 #[inline(always)]
-pub(crate) unsafe fn tile_streams<I: Isa, E: Widen, const S: usize>(
+pub(super) unsafe fn tile_streams<I: Isa, E: Widen, const S: usize>(
     out: *mut f32,
     x: *const f32,
     w: [*const E; S],
@@ -145,9 +150,10 @@ pub(crate) unsafe fn tile_streams<I: Isa, E: Widen, const S: usize>(
 ) {
     let l = I::V::LANES;
     let nv = PANEL / l;
+    debug_assert!(nv <= PANEL_VECTORS);
     // SAFETY (whole body): every offset is inside the buffers by the contract above.
     unsafe {
-        let mut acc = [[I::V::zero(); 6]; S];
+        let mut acc = [[I::V::zero(); PANEL_VECTORS]; S];
         for (a, &js) in acc.iter_mut().zip(&j) {
             for (v, reg) in a.iter_mut().enumerate().take(nv) {
                 *reg = I::V::load(out.add(js + l * v));
@@ -179,7 +185,7 @@ pub(crate) unsafe fn tile_streams<I: Isa, E: Widen, const S: usize>(
 /// As [`tile_streams`], with `kk` in its `ks`.
 #[inline(always)]
 unsafe fn streams_row<I: Isa, E: Widen, const S: usize>(
-    acc: &mut [[I::V; 6]; S],
+    acc: &mut [[I::V; PANEL_VECTORS]; S],
     x: *const f32,
     w: &[*const E; S],
     kk: usize,
@@ -194,37 +200,5 @@ unsafe fn streams_row<I: Isa, E: Widen, const S: usize>(
                 *reg = I::V::mul_add(xv, I::widen(row, v), *reg);
             }
         }
-    }
-}
-
-/// `q · k_j` over `0..hl` for `J` keys (`hl` a multiple of the lanes L):
-/// per key, L lanes accumulated over d in steps of L, then summed by halves
-/// ([`Vector::sum`]).
-///
-/// # Safety
-/// The CPU has `I`; `q` and every key valid for `hl` floats.
-#[inline(always)]
-pub(crate) unsafe fn dot_lanes<I: Isa, const J: usize>(
-    q: *const f32,
-    ks: [*const f32; J],
-    hl: usize,
-) -> [f32; J] {
-    let l = I::V::LANES;
-    // SAFETY (whole body): every offset is below hl (the contract above).
-    unsafe {
-        let mut acc = [I::V::zero(); J];
-        let mut d = 0;
-        while d < hl {
-            let qd = I::V::load(q.add(d));
-            for (a, k) in acc.iter_mut().zip(&ks) {
-                *a = I::V::mul_add(qd, I::V::load(k.add(d)), *a);
-            }
-            d += l;
-        }
-        let mut out = [0f32; J];
-        for (o, a) in out.iter_mut().zip(&acc) {
-            *o = a.sum();
-        }
-        out
     }
 }
