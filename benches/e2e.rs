@@ -15,8 +15,8 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use gpt2::timed::DecodeStep;
 use gpt2::synth::{self, Preset};
+use gpt2::timed::DecodeStep;
 use gpt2::{Dtype, Gpt2Model, Row};
 
 fn median(reps: usize, mut f: impl FnMut()) -> Duration {

@@ -28,10 +28,10 @@ use super::{
     meta, report, roofline, DtypeProfile, DtypeRun, Metadata, ModelInfo, Report, ServerInfo, TestResult,
     SCHEMA_VERSION,
 };
-use gpt2_hub::{self as hub, WeightsArgs};
-use gpt2::profile::{self, Profile};
 use crate::progress::Progress;
+use gpt2::profile::{self, Profile};
 use gpt2::{Dtype, GenerateOptions, Gpt2Config, Gpt2Model, Scheduler, SchedulerConfig};
+use gpt2_hub::{self as hub, WeightsArgs};
 
 /// The prompts of the concurrent tests unless `--concurrent-prompt` is given.
 pub const DEFAULT_CONCURRENT_PROMPTS: [&str; 3] = [

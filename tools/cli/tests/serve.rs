@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use common::server::{self, metric, post_json, post_raw, ServerProcess, PATIENCE};
 use common::synth_dir;
 use gpt2::scheduler::{StepObserver, StepStats};
-use gpt2_serve::{Engine, ServeConfig};
 use gpt2::synth::Preset;
 use gpt2::tokenizer::Gpt2Tokenizer;
 use gpt2::{GenerateOptions, Gpt2Model, Scheduler, SchedulerConfig, Session};
+use gpt2_serve::{Engine, ServeConfig};
 use serde_json::{json, Value};
 
 const PROMPT: &str = "The quick brown fox jumps over";

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use common::server::{self, metric, post_json, post_raw, ServerProcess, PATIENCE};
 use common::{scratch_dir, synth_dir};
 use gpt2::scheduler::{StepObserver, StepStats};
-use gpt2_serve::{Engine, ServeConfig};
 use gpt2::synth::Preset;
 use gpt2::tokenizer::Gpt2Tokenizer;
 use gpt2::{Gpt2Model, Scheduler, SchedulerConfig};
+use gpt2_serve::{Engine, ServeConfig};
 use serde_json::{json, Value};
 
 fn tiny_dir() -> String {
@@ -746,7 +746,11 @@ fn a_half_closed_request_is_answered_with_half_close_and_counted_without() {
     }
     counted(&server, "gpt2_connections_closed_mid_request_total");
     let logged = "closed its side of a connection before its request was answered";
-    assert!(server.stderr_contains_within(logged, PATIENCE), "{}", server.stderr());
+    assert!(
+        server.stderr_contains_within(logged, PATIENCE),
+        "{}",
+        server.stderr()
+    );
 }
 
 // ---- item 9: the KV cache budget ----

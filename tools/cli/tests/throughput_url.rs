@@ -536,9 +536,7 @@ fn engine_flags_are_refused_with_url() {
 }
 
 fn testdata(name: &str) -> PathBuf {
-    common::repo_root()
-        .join("tools/bench/src/testdata")
-        .join(name)
+    common::repo_root().join("tools/bench/src/testdata").join(name)
 }
 
 /// A server's report and two committed in-process ones (schemas 1 and 2)

@@ -34,9 +34,9 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::ValueEnum;
 use serde::Serialize;
 
+use cluster::{metric_sum, Cluster, ClusterSpec, Programs};
 use gpt2_bench::{meta, Report};
 use gpt2_hub::WeightsSource;
-use cluster::{metric_sum, Cluster, ClusterSpec, Programs};
 
 /// Which drill (`drill <DRILL>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]

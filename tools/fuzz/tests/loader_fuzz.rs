@@ -15,11 +15,11 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use gpt2::files::CONFIG_LIMIT;
+use gpt2::Error;
 use gpt2_fuzz::{
     apply, base, contract_violation, random_case, run_case_caught, Base, Bulk, CappedAlloc, Family, Mutation,
     Outcome, Special, Target, FAMILIES, LARGEST_ALLOC,
 };
-use gpt2::Error;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{RngSeed, TestCaseError};

@@ -7,8 +7,8 @@ mod common;
 use std::path::Path;
 
 use common::scratch_dir;
-use gpt2_hub::{resolve, WeightsArgs, WeightsSource};
 use gpt2::synth::{self, Preset};
+use gpt2_hub::{resolve, WeightsArgs, WeightsSource};
 
 fn args(model: &str) -> WeightsArgs {
     WeightsArgs {

@@ -41,10 +41,10 @@ pub use metrics::{Metrics, StepTimes};
 pub use request::{CompletionRequest, Prompt};
 pub use stream::StopFilter;
 
-use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs, WeightsSource};
 use gpt2::scheduler::{Scheduler, SchedulerConfig};
 use gpt2::tokenizer::Gpt2Tokenizer;
 use gpt2::{Dtype, Gpt2Model};
+use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs, WeightsSource};
 
 /// Errors of starting or running the server.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

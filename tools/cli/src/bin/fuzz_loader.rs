@@ -18,12 +18,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use gpt2::rng::Rng;
+use gpt2_bench::progress::Progress;
 use gpt2_fuzz::{
     apply, base, contract_violation, kind, quiet_panics, random_case, run_case, run_case_caught, Base,
     CappedAlloc, Outcome, Tally, FAMILIES, LARGEST_ALLOC,
 };
-use gpt2_bench::progress::Progress;
-use gpt2::rng::Rng;
 
 #[global_allocator]
 static ALLOC: CappedAlloc = CappedAlloc;

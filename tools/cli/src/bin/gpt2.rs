@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs};
 use gpt2::synth::{self, Preset};
 use gpt2::tokenizer::{Gpt2Tokenizer, TextStream, EOS_TOKEN};
 use gpt2::{GenerateOptions, Gpt2Model, SamplingParams, Session};
+use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs};
 
 #[derive(Parser)]
 #[command(name = "gpt2", version, about = "A pure-Rust GPT-2 inference engine")]

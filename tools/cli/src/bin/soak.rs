@@ -25,10 +25,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs};
-use gpt2_bench::progress::Progress;
 use gpt2::rng::Rng;
 use gpt2::{GenerateOptions, Gpt2Model, Scheduler, SchedulerConfig, Session};
+use gpt2_bench::progress::Progress;
+use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ModeArg {

@@ -60,4 +60,3 @@ pub fn throughput_measured(args: &[&str], secs: u64) -> (std::process::Output, u
     );
     (out, peak.load(Ordering::SeqCst), start.elapsed().as_secs_f64())
 }
-
