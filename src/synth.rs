@@ -14,7 +14,7 @@ use safetensors::{tensor::TensorView, Dtype};
 
 use crate::config::{Gpt2Config, SyntheticInfo};
 use crate::error::{Error, Result};
-use crate::weights::expected_shapes;
+use crate::specs::expected_shapes;
 
 /// Named shapes we can generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
