@@ -5,12 +5,13 @@
 //! synthetic generator writes what [`expected_shapes`] lists.
 //!
 //! Names are built in one place, by prefix (as candle's `VarBuilder::pp`):
-//! a block's in [`block`], which the table lists and the loader reads
-//! through the same function ([`Tensors`] says what each does with a
-//! layer's tensors), and the four outside the blocks in [`Specs::new`].
-//! Adding a layer to a block is a line there and a field of
-//! [`Block`]; adding a tensor to every linear layer or layer norm is a line
-//! in each [`Tensors`] implementation.
+//! a block's in `block`, which the table lists and the loader reads
+//! through the same function (`Tensors` says what each does with a
+//! layer's tensors), and the ones outside the blocks from the constants
+//! below, in [`Specs::new`]. Adding a layer to a block is a line in `block`
+//! and a field of [`Block`] (a linear one also a line in its `map_linear`);
+//! adding a tensor to every linear layer or layer norm is a line in each
+//! `Tensors` implementation.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

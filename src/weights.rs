@@ -10,7 +10,7 @@
 //!    order. Errors say the tensor, expected and got. No weight is read, and
 //!    nothing is allocated for them, before the whole file has passed.
 //! 3. **One pass** over the table, in checkpoint order, reads each tensor
-//!    once, with bounded reads (`pread`, a [`READ_PIECE`] at a time, in
+//!    once, with bounded reads (`pread`, a `READ_PIECE` at a time, in
 //!    parallel) of exactly its bytes; F32, BF16 and F16 are widened to f32
 //!    exactly:
 //!    - *copied*: the norms, the biases and `wpe` (and `wte` when the
