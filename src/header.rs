@@ -23,7 +23,7 @@ const MAX_HEADER: u64 = 100_000_000;
 
 /// The header of the safetensors file `file` (opened from `path`, `file_len`
 /// bytes long), read with two bounded reads (its length, then at most
-/// [`MAX_HEADER`] bytes, never more than the file holds), checked entry by
+/// `MAX_HEADER` bytes, never more than the file holds), checked entry by
 /// entry, then parsed by the `safetensors` crate. Returns where the data
 /// starts (`8 + n`) and the crate's metadata, whose offsets count from there.
 pub fn read(path: &Path, file: &File, file_len: u64) -> Result<(u64, Metadata)> {

@@ -8,11 +8,40 @@
 
 use gpt2_kernels::{add_assign, gelu_inplace, layernorm, linear_panels_with, QuantScratch};
 
-use crate::model::Row;
 use crate::profile::{Op, Timer};
-use crate::weights::{Packed, Tensor};
+use crate::row::Row;
+use crate::tensor::{Packed, Tensor};
 
 const F32: usize = std::mem::size_of::<f32>();
+
+/// The layers of one transformer block (Conv1D weights are `[in, out]`).
+///
+/// `N` is what a layer norm is and `L` what a linear layer is: in a loaded
+/// model the layers themselves (the defaults); while the table of tensors
+/// is listed ([`crate::specs`]), nothing (`()`); while the loader reads a
+/// block, a linear layer whose panels are not yet shared.
+pub struct Block<N = LayerNorm, L = PackedLinear> {
+    pub ln_1: N,      // (C), (C)            `ln_1`
+    pub attn_qkv: L,  // (C, 3C) + (3C)      `attn.c_attn`
+    pub attn_proj: L, // (C, C) + (C)        `attn.c_proj`
+    pub ln_2: N,      // (C), (C)            `ln_2`
+    pub mlp_fc: L,    // (C, F) + (F)        `mlp.c_fc`
+    pub mlp_proj: L,  // (F, C) + (C)        `mlp.c_proj`
+}
+
+impl<N, L> Block<N, L> {
+    /// The same block with each linear layer made into `f` of it.
+    pub(crate) fn map_linear<M>(self, mut f: impl FnMut(L) -> M) -> Block<N, M> {
+        Block {
+            ln_1: self.ln_1,
+            attn_qkv: f(self.attn_qkv),
+            attn_proj: f(self.attn_proj),
+            ln_2: self.ln_2,
+            mlp_fc: f(self.mlp_fc),
+            mlp_proj: f(self.mlp_proj),
+        }
+    }
+}
 
 /// `out (M, N) = x (M, K) W + b`, with `W` packed in column panels, in the
 /// run's dtype.
@@ -116,10 +145,8 @@ pub struct Embeddings {
 enum TokenTable {
     /// The tied LM head's panels (`wte` transposed, `(C, V)` packed), read
     /// back as f32 (exactly as the LM head uses them: in bf16 or int8, the
-    /// rounded values): the file's pages of `wte` were handed back after
-    /// packing, and reading them again would grow resident memory as prompts
-    /// touch more of the vocabulary (an f32 copy would cost 154 MB beside a
-    /// 39 MB int8 head).
+    /// rounded values): the file is closed once loaded, and an f32 copy of
+    /// `wte` would cost 154 MB beside a 39 MB int8 head.
     Tied(Packed),
     /// `wte (V, C)` as loaded, when the checkpoint has its own LM head.
     Untied(Tensor),

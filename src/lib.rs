@@ -17,11 +17,16 @@
 //! # }
 //! ```
 //!
-//! The path of data: [`config`] and [`weights`] read a checkpoint (bounded
-//! reads, no file map: every tensor kept is copied or packed) into a
-//! [`model::Gpt2Model`], whose [`forward`](model::Gpt2Model::forward) turns a
-//! batch of rows (token, sequence, position) into logits using the kernels of
-//! the `gpt2-kernels` crate. [`tokenizer`] turns text into ids and back,
+//! The path of data: [`config`] reads a checkpoint's hyper-parameters,
+//! [`specs`] lists the tensors they imply, and [`weights`] checks the file
+//! against that table and reads it in one pass of bounded reads into a
+//! [`model::Gpt2Model`]. Nothing is mapped from the file or zero-copy: each
+//! weight is copied into memory (the norms, biases, position embeddings) or
+//! packed into one anonymous map of panels (the matrices, the LM head)
+//! ([`tensor`]), and the file is closed before the load returns. The model's
+//! [`forward`](model::Gpt2Model::forward) turns a batch of [`row::Row`]s
+//! (token, sequence, position) into logits using the kernels of the
+//! `gpt2-kernels` crate. [`tokenizer`] turns text into ids and back,
 //! [`sampling`] picks tokens, [`generate`] runs one request's decode loop and
 //! [`scheduler`] many requests' in one batch. [`synth`] writes deterministic
 //! synthetic checkpoints for machines that cannot download the real one.
@@ -40,9 +45,12 @@ pub mod layers;
 pub mod model;
 pub mod profile;
 pub mod rng;
+pub mod row;
 pub mod sampling;
 pub mod scheduler;
+pub mod specs;
 pub mod synth;
+pub mod tensor;
 pub mod timed;
 pub mod tokenizer;
 pub mod weights;

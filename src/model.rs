@@ -23,6 +23,7 @@ use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
 use crate::layers::{gelu, residual};
 use crate::profile::{Op, Profile, Timer};
+pub use crate::row::Row;
 use crate::weights::{self, Weights};
 
 /// Attention work (cached positions x channels, summed over the batch's
@@ -76,17 +77,6 @@ pub(crate) fn keep_pool_awake<T>(f: impl FnOnce() -> T) -> T {
 pub struct Gpt2Model {
     pub config: Gpt2Config,
     pub weights: Weights,
-}
-
-/// One row of a batch: `token` of sequence `seq` (an index into the caches
-/// passed to `forward`) at position `pos`. `logits` asks for this row's
-/// next-token logits; rows that do not ask skip the final norm and LM head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Row {
-    pub seq: usize,
-    pub token: u32,
-    pub pos: usize,
-    pub logits: bool,
 }
 
 /// Keys and values of every layer for one sequence.

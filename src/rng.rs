@@ -7,6 +7,10 @@
 //! conversions to floats and ranges are written here, not taken from `rand`'s
 //! distributions, so that a crate upgrade cannot change a seed's draws
 //! silently: the test below pins a seed's first values.
+//!
+//! [`SplitMix64`] is the seeding half on its own: a stream whose whole state
+//! is one word, for the synthetic weights, which draw every tensor from a
+//! stream of its own (and whose files, byte for byte, depend on it).
 
 use rand_xoshiro::rand_core::{RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256StarStar;
@@ -33,7 +37,7 @@ impl Rng {
 
     /// Uniform in (0, 1]: never 0, so `ln` of it is finite.
     pub fn next_f64_nonzero(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
+        nonzero_unit(self.next_u64())
     }
 
     /// Uniform in `0..n` (multiply-high: no division, a bias below 2^-32 for
@@ -52,6 +56,34 @@ impl Rng {
     pub fn exponential(&mut self, rate: f64) -> f64 {
         -self.next_f64_nonzero().ln() / rate
     }
+}
+
+/// A seeded SplitMix64 stream (Vigna's, as `rand_xoshiro` writes it): one
+/// word of state, so a stream per key costs nothing to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitMix64(rand_xoshiro::SplitMix64);
+
+impl SplitMix64 {
+    /// The stream whose state starts at `seed`.
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(rand_xoshiro::SplitMix64::seed_from_u64(seed))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+
+    /// Uniform in (0, 1]: never 0, so `ln` of it is finite.
+    pub fn next_f64_nonzero(&mut self) -> f64 {
+        nonzero_unit(self.next_u64())
+    }
+}
+
+/// Uniform in (0, 1] from 64 random bits: their top 53, plus one, times
+/// 2^-53 (exact: every value is representable).
+fn nonzero_unit(bits: u64) -> f64 {
+    ((bits >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
 #[cfg(test)]
@@ -82,7 +114,7 @@ mod tests {
     #[test]
     fn generator_matches_reference_streams() {
         // splitmix64 from seed 0 (Vigna's reference, also Java's SplittableRandom).
-        let mut sm = rand_xoshiro::SplitMix64::seed_from_u64(0);
+        let mut sm = SplitMix64::new(0);
         assert_eq!(sm.next_u64(), 0xE220_A839_7B1D_CDAF);
         assert_eq!(sm.next_u64(), 0x6E78_9E6A_A1B9_65F4);
         // xoshiro256** from state [1, 2, 3, 4] (the rand_xoshiro test vector).

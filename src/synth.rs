@@ -4,7 +4,8 @@
 //! Weights are N(0, 0.02) as GPT-2 initialises them (residual projections
 //! scaled by 1/sqrt(2L)); layer norms and biases get non-trivial values so
 //! that a test notices if one is ignored. Every tensor draws from its own
-//! stream, seeded by the seed and the tensor's name, and the Gaussian draws
+//! stream (a [`SplitMix64`] of [`crate::rng`]), seeded by the seed and the
+//! tensor's name, and the Gaussian draws
 //! use `libm` (pure Rust, identical everywhere) rather than the platform's
 //! math library, so the file is byte-identical for a seed on every machine.
 
@@ -14,7 +15,8 @@ use safetensors::{tensor::TensorView, Dtype};
 
 use crate::config::{Gpt2Config, SyntheticInfo};
 use crate::error::{Error, Result};
-use crate::weights::expected_shapes;
+use crate::rng::SplitMix64;
+use crate::specs::expected_shapes;
 
 /// Named shapes we can generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,24 +76,6 @@ impl Preset {
     }
 }
 
-/// SplitMix64: a tiny, well-mixed generator; plenty for test weights.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1], never 0 so that `ln` is finite.
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// FNV-1a of a tensor name: gives each tensor its own stream.
 fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
@@ -101,11 +85,11 @@ fn name_hash(name: &str) -> u64 {
 
 /// `n` values `mean + std * N(0, 1)` (Box-Muller, in f64 through `libm`).
 fn gaussian(seed: u64, name: &str, n: usize, mean: f64, std: f64) -> Vec<f32> {
-    let mut rng = SplitMix64(seed ^ name_hash(name));
+    let mut rng = SplitMix64::new(seed ^ name_hash(name));
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
-        let r = libm::sqrt(-2.0 * libm::log(rng.unit()));
-        let theta = 2.0 * std::f64::consts::PI * rng.unit();
+        let r = libm::sqrt(-2.0 * libm::log(rng.next_f64_nonzero()));
+        let theta = 2.0 * std::f64::consts::PI * rng.next_f64_nonzero();
         out.push((mean + std * r * libm::cos(theta)) as f32);
         out.push((mean + std * r * libm::sin(theta)) as f32);
     }
