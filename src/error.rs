@@ -189,9 +189,9 @@ impl Invalid {
     /// the prompt when the prompt alone fills it, else `max_new_tokens`.
     pub fn param(&self) -> Param {
         match self {
-            Invalid::EmptyPrompt | Invalid::TokenId { .. } | Invalid::PromptTooLong { .. } => Param::Prompt,
+            Invalid::EmptyPrompt | Invalid::TokenId { .. } | Invalid::PromptTooLong(_) => Param::Prompt,
             Invalid::ContextExceeded(l) if l.prompt_tokens >= l.n_positions => Param::Prompt,
-            Invalid::ContextExceeded { .. } | Invalid::NoNewTokens => Param::MaxNewTokens,
+            Invalid::ContextExceeded(_) | Invalid::NoNewTokens => Param::MaxNewTokens,
             Invalid::Temperature(_) => Param::Temperature,
             Invalid::TopK(_) => Param::TopK,
             Invalid::TopP(_) => Param::TopP,
@@ -212,11 +212,9 @@ impl From<Invalid> for Error {
                     n_positions: l.n_positions,
                 }
             }
-            Invalid::EmptyPrompt => {
-                "empty prompt: at least one token is needed (start from `<|endoftext|>` to \
-                                     generate from nothing)"
-                    .to_string()
-            }
+            Invalid::EmptyPrompt => "empty prompt: at least one token is needed (start from `<|endoftext|>` \
+                                     to generate from nothing)"
+                .to_string(),
             Invalid::ContextExceeded(l) => format!(
                 "{} prompt tokens + {} max_new_tokens need {} positions (the last new token needs none), past the \
                  context window of {}",

@@ -190,9 +190,10 @@ mod tests {
     fn the_message_is_the_errors() {
         let err = prepare(&[], 1, Fit::Prompt).unwrap_err();
         assert_eq!(err.to_string(), crate::Error::from(err.clone()).to_string());
-        assert!(
-            err.to_string().starts_with("invalid argument: empty prompt"),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            "invalid argument: empty prompt: at least one token is needed (start from `<|endoftext|>` to \
+             generate from nothing)"
         );
     }
 }
