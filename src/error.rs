@@ -1,6 +1,11 @@
 //! The one error type of the library. Every variant names what went wrong and
 //! where: the file, the tensor, the shapes, the token id, the lengths.
+//!
+//! A request the engine refuses before any work is an [`Invalid`], which
+//! names the parameter at fault; it becomes an [`Error`] (with the same
+//! message) wherever it meets other failures.
 
+use std::fmt;
 use std::path::PathBuf;
 
 /// Result alias used across the crate.
@@ -101,6 +106,141 @@ pub enum Error {
     #[error("engine: {0}")]
     Engine(String),
 }
+
+/// Why a request cannot run, found at the engine's door
+/// ([`Request::prepare`](crate::request::Request::prepare)) before any work.
+/// Each names its parameter ([`Invalid::param`]) and carries the values at
+/// fault, so a front end can say it in its own words: the CLI prints it (its
+/// `Display` is the [`Error`] it converts to), the server answers a 400
+/// naming the parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Invalid {
+    /// No prompt token: the model needs one to predict the next from.
+    EmptyPrompt,
+    /// `prompt[index]` is past the vocabulary.
+    TokenId {
+        index: usize,
+        id: u32,
+        vocab_size: usize,
+    },
+    /// The prompt alone is longer than the context window.
+    PromptTooLong(Lengths),
+    /// The prompt fits, but not with every token asked for (refused only
+    /// when the caller wants them all: [`Fit::Whole`](crate::request::Fit::Whole)).
+    /// The last new token is never fed back, so it needs no position.
+    ContextExceeded(Lengths),
+    /// `max_new_tokens` is 0.
+    NoNewTokens,
+    /// Negative, NaN or infinite.
+    Temperature(f32),
+    /// 0 (at least one token must be kept).
+    TopK(usize),
+    /// Outside (0, 1], or NaN.
+    TopP(f32),
+    /// Zero, negative, NaN or infinite.
+    RepetitionPenalty(f32),
+}
+
+/// A request's lengths against the context window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lengths {
+    pub prompt_tokens: usize,
+    pub max_new_tokens: usize,
+    pub n_positions: usize,
+}
+
+impl Lengths {
+    /// Positions the request fills at most: every token but the last new
+    /// one, which is never fed back.
+    pub fn positions(&self) -> usize {
+        self.prompt_tokens
+            .saturating_add(self.max_new_tokens)
+            .saturating_sub(1)
+    }
+}
+
+/// The request parameter an [`Invalid`] is about, by the engine's names (a
+/// front end maps them to its own: the server's `max_tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    Prompt,
+    MaxNewTokens,
+    Temperature,
+    TopK,
+    TopP,
+    RepetitionPenalty,
+}
+
+impl Param {
+    pub fn name(self) -> &'static str {
+        match self {
+            Param::Prompt => "prompt",
+            Param::MaxNewTokens => "max_new_tokens",
+            Param::Temperature => "temperature",
+            Param::TopK => "top_k",
+            Param::TopP => "top_p",
+            Param::RepetitionPenalty => "repetition_penalty",
+        }
+    }
+}
+
+impl Invalid {
+    /// The parameter to change. A request past the context window blames
+    /// the prompt when the prompt alone fills it, else `max_new_tokens`.
+    pub fn param(&self) -> Param {
+        match self {
+            Invalid::EmptyPrompt | Invalid::TokenId { .. } | Invalid::PromptTooLong(_) => Param::Prompt,
+            Invalid::ContextExceeded(l) if l.prompt_tokens >= l.n_positions => Param::Prompt,
+            Invalid::ContextExceeded(_) | Invalid::NoNewTokens => Param::MaxNewTokens,
+            Invalid::Temperature(_) => Param::Temperature,
+            Invalid::TopK(_) => Param::TopK,
+            Invalid::TopP(_) => Param::TopP,
+            Invalid::RepetitionPenalty(_) => Param::RepetitionPenalty,
+        }
+    }
+}
+
+impl From<Invalid> for Error {
+    /// The ids and lengths keep their own variants (as the model and the
+    /// tokenizer report them); the rest are invalid arguments.
+    fn from(e: Invalid) -> Self {
+        let msg = match e {
+            Invalid::TokenId { id, vocab_size, .. } => return Error::TokenId { id, vocab_size },
+            Invalid::PromptTooLong(l) => {
+                return Error::PromptTooLong {
+                    prompt_tokens: l.prompt_tokens,
+                    n_positions: l.n_positions,
+                }
+            }
+            Invalid::EmptyPrompt => "empty prompt: at least one token is needed (start from `<|endoftext|>` \
+                                     to generate from nothing)"
+                .to_string(),
+            Invalid::ContextExceeded(l) => format!(
+                "{} prompt tokens + {} max_new_tokens need {} positions (the last new token needs none), past the \
+                 context window of {}",
+                l.prompt_tokens,
+                l.max_new_tokens,
+                l.positions(),
+                l.n_positions
+            ),
+            Invalid::NoNewTokens => "max_new_tokens must be at least 1".to_string(),
+            Invalid::Temperature(t) => format!("temperature must be >= 0 and finite, got {t}"),
+            Invalid::TopK(k) => format!("top_k must be at least 1, got {k}"),
+            Invalid::TopP(p) => format!("top_p must be in (0, 1], got {p}"),
+            Invalid::RepetitionPenalty(r) => format!("repetition_penalty must be > 0 and finite, got {r}"),
+        };
+        Error::InvalidArgument(msg)
+    }
+}
+
+impl fmt::Display for Invalid {
+    /// The message of the [`Error`] it becomes: one wording for each problem.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Error::from(self.clone()).fmt(f)
+    }
+}
+
+impl std::error::Error for Invalid {}
 
 impl Error {
     /// An I/O failure on `path`.

@@ -1,38 +1,18 @@
 //! Generation: prompt ids → prefill → decode loop over the KV cache → stop.
+//!
+//! `Decode` is one sequence's side of a decode step: sample the next
+//! token, stamp its time, apply the stop rule. [`Session`] runs it for one
+//! request on the caller's thread; the [`Scheduler`](crate::Scheduler) runs
+//! it for each sequence of a batch, so both stop and time alike.
 
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{Gpt2Model, KvCache, Row, Scratch};
 use crate::profile::{Op, Phase, Profile};
-use crate::sampling::{Sampler, SamplingParams};
-
-/// What to generate.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerateOptions {
-    /// Generate at most this many tokens (at least 1).
-    pub max_new_tokens: usize,
-    pub sampling: SamplingParams,
-    /// Seed of this request's own RNG: same seed, same text, whatever else runs.
-    pub seed: u64,
-    /// Keep going past `<|endoftext|>` (benchmarks need exact lengths).
-    pub ignore_eos: bool,
-    /// The end-of-text token; `None` means generation never stops on a token.
-    pub eos_token_id: Option<u32>,
-}
-
-impl GenerateOptions {
-    /// Greedy decoding of exactly `max_new_tokens` tokens (EOS ignored).
-    pub fn greedy(max_new_tokens: usize) -> Self {
-        GenerateOptions {
-            max_new_tokens,
-            sampling: SamplingParams::greedy(),
-            seed: 0,
-            ignore_eos: true,
-            eos_token_id: None,
-        }
-    }
-}
+pub use crate::request::GenerateOptions;
+use crate::request::{Fit, Request};
+use crate::sampling::Sampler;
 
 /// Why generation stopped. All are normal ends, not errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -46,7 +26,8 @@ pub enum StopReason {
     ContextFull,
 }
 
-/// Per-request timings, measured from the start of `generate`.
+/// Per-request timings, measured from the start of `generate` (or `run`,
+/// or the submission to a scheduler).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Timings {
     /// Time to first token: prefill plus the first sample.
@@ -73,6 +54,93 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub stop: StopReason,
     pub timings: Timings,
+}
+
+/// One sequence's decoding: its sampler, its tokens, its timings and the
+/// stop rule. Whatever runs the forward passes hands it each row of logits
+/// the sequence gets; it samples from nothing else, so a sequence's tokens
+/// do not depend on what else ran.
+pub(crate) struct Decode {
+    sampler: Sampler,
+    /// Prompt then generated ids.
+    history: Vec<u32>,
+    prompt_tokens: usize,
+    max_new_tokens: usize,
+    /// The token that stops generation (`None` with `ignore_eos`).
+    eos: Option<u32>,
+    /// The model's context window.
+    n_positions: usize,
+    started: Instant,
+    timings: Timings,
+}
+
+impl Decode {
+    /// Starts `request` on a model of `n_positions` positions; its timings
+    /// count from `started`.
+    pub(crate) fn new(request: Request, n_positions: usize, started: Instant) -> Self {
+        let (mut history, opts) = request.into_parts();
+        let prompt_tokens = history.len();
+        history.reserve_exact(opts.max_new_tokens);
+        Decode {
+            sampler: Sampler::checked(opts.sampling, opts.seed),
+            history,
+            prompt_tokens,
+            max_new_tokens: opts.max_new_tokens,
+            eos: opts.eos_token_id.filter(|_| !opts.ignore_eos),
+            n_positions,
+            started,
+            timings: Timings {
+                token_times: Vec::with_capacity(opts.max_new_tokens),
+                ..Timings::default()
+            },
+        }
+    }
+
+    pub(crate) fn prompt(&self) -> &[u32] {
+        &self.history[..self.prompt_tokens]
+    }
+
+    /// The newest token: the one the next decode row feeds back.
+    pub(crate) fn last(&self) -> u32 {
+        *self.history.last().expect("a request has a prompt")
+    }
+
+    /// The decode step: samples the next token from `logits` (this
+    /// sequence's row, after its last token), stamps its time, and returns
+    /// it with the reason to stop after it, if there is one.
+    pub(crate) fn step(&mut self, logits: &[f32]) -> Result<(u32, Option<StopReason>)> {
+        let next = self.sampler.sample(logits, &self.history)?;
+        let now = self.started.elapsed();
+        let t = &mut self.timings;
+        if t.token_times.is_empty() {
+            t.ttft = now;
+        }
+        t.token_times.push(now);
+        t.total = now;
+        self.history.push(next);
+        // Every token but the newest holds a position in the cache: with
+        // the window full there is none to feed the newest back into.
+        let stop = if self.history.len() - self.prompt_tokens == self.max_new_tokens {
+            Some(StopReason::MaxNewTokens)
+        } else if self.eos == Some(next) {
+            Some(StopReason::Eos)
+        } else if self.history.len() > self.n_positions {
+            Some(StopReason::ContextFull)
+        } else {
+            None
+        };
+        Ok((next, stop))
+    }
+
+    /// The result, once [`step`](Decode::step) gave a reason to stop.
+    pub(crate) fn finish(mut self, stop: StopReason) -> Generation {
+        Generation {
+            prompt_tokens: self.prompt_tokens,
+            tokens: self.history.split_off(self.prompt_tokens),
+            stop,
+            timings: self.timings,
+        }
+    }
 }
 
 /// A request's reusable state: its KV cache and work buffers. Keep one per
@@ -109,25 +177,41 @@ impl Session {
         }
     }
 
-    /// Generates from `prompt`, calling `on_token` with each new id as soon as
-    /// it is sampled.
+    /// Checks the request ([`Request::prepare`], the context window holding
+    /// the prompt), then generates, calling `on_token` with each new id as
+    /// soon as it is sampled.
     pub fn generate(
         &mut self,
         model: &Gpt2Model,
         prompt: &[u32],
         opts: &GenerateOptions,
-        mut on_token: impl FnMut(u32),
+        on_token: impl FnMut(u32),
     ) -> Result<Generation> {
         let start = Instant::now();
-        let n_positions = model.config.n_positions;
-        check_request(prompt, opts, n_positions)?;
-        let mut sampler = Sampler::new(opts.sampling.clone(), opts.seed)?;
-        let mut history = Vec::with_capacity(prompt.len() + opts.max_new_tokens);
-        history.extend_from_slice(prompt);
-        let mut timings = Timings {
-            token_times: Vec::with_capacity(opts.max_new_tokens),
-            ..Timings::default()
-        };
+        let request = Request::prepare(&model.config, prompt.to_vec(), opts.clone(), Fit::Prompt)?;
+        self.decode(model, request, start, on_token)
+    }
+
+    /// Generates for a request already checked, calling `on_token` with
+    /// each new id as soon as it is sampled.
+    pub fn run(
+        &mut self,
+        model: &Gpt2Model,
+        request: Request,
+        on_token: impl FnMut(u32),
+    ) -> Result<Generation> {
+        self.decode(model, request, Instant::now(), on_token)
+    }
+
+    fn decode(
+        &mut self,
+        model: &Gpt2Model,
+        request: Request,
+        start: Instant,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Generation> {
+        let mut seq = Decode::new(request, model.config.n_positions, start);
+        let prompt = seq.prompt();
         let mut rows = Vec::with_capacity(self.scratch.max_rows());
 
         // Prefill, in chunks of at most max_rows rows; only the very last row
@@ -150,29 +234,16 @@ impl Session {
             pos = end;
         }
 
-        let stop = loop {
+        loop {
             let t = Instant::now();
-            let next = sampler.sample(logits, &history)?;
-            let now = start.elapsed();
+            let (next, stop) = seq.step(logits)?;
             if let Some(p) = self.scratch.profile.as_deref_mut() {
                 p.add(Op::Sampling, t.elapsed().as_nanos() as u64, 0, 0);
                 p.phase = Phase::Decode;
             }
-            if timings.token_times.is_empty() {
-                timings.ttft = now;
-            }
-            timings.token_times.push(now);
-            timings.total = now;
-            history.push(next);
             on_token(next);
-            if history.len() - prompt.len() == opts.max_new_tokens {
-                break StopReason::MaxNewTokens;
-            }
-            if !opts.ignore_eos && opts.eos_token_id == Some(next) {
-                break StopReason::Eos;
-            }
-            if pos == n_positions {
-                break StopReason::ContextFull;
+            if let Some(stop) = stop {
+                return Ok(seq.finish(stop));
             }
             let row = Row {
                 seq: 0,
@@ -182,32 +253,6 @@ impl Session {
             };
             logits = model.forward(&[row], &mut [&mut self.cache], &mut self.scratch)?;
             pos += 1;
-        };
-        Ok(Generation {
-            prompt_tokens: prompt.len(),
-            tokens: history.split_off(prompt.len()),
-            stop,
-            timings,
-        })
+        }
     }
-}
-
-/// Checks a request before any work.
-pub fn check_request(prompt: &[u32], opts: &GenerateOptions, n_positions: usize) -> Result<()> {
-    if prompt.is_empty() {
-        return Err(Error::InvalidArgument(
-            "empty prompt: at least one token is needed (start from `<|endoftext|>` to generate from nothing)"
-                .into(),
-        ));
-    }
-    if prompt.len() > n_positions {
-        return Err(Error::PromptTooLong {
-            prompt_tokens: prompt.len(),
-            n_positions,
-        });
-    }
-    if opts.max_new_tokens == 0 {
-        return Err(Error::InvalidArgument("max_new_tokens must be at least 1".into()));
-    }
-    opts.sampling.validate()
 }

@@ -500,12 +500,7 @@ impl Gpt2Model {
         s.next_pos.clear();
         s.next_pos.extend(caches.iter().map(|c| c.len));
         for (i, row) in rows.iter().enumerate() {
-            if row.token as usize >= cfg.vocab_size {
-                return Err(Error::TokenId {
-                    id: row.token,
-                    vocab_size: cfg.vocab_size,
-                });
-            }
+            crate::request::check_token_ids([row.token], cfg.vocab_size)?;
             if row.pos >= cfg.n_positions {
                 return Err(Error::ContextLength {
                     pos: row.pos,

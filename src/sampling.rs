@@ -13,7 +13,7 @@
 use std::cmp::Ordering;
 use std::fmt;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Invalid, Result};
 use crate::rng::Rng;
 
 /// How to pick the next token. `temperature == 0` means greedy (argmax,
@@ -49,28 +49,24 @@ impl SamplingParams {
     }
 
     /// Checks every parameter; the error names the parameter and its value.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         let t = self.temperature;
         if !(t.is_finite() && t >= 0.0) {
-            return Err(invalid(format!("temperature must be >= 0 and finite, got {t}")));
+            return Err(Invalid::Temperature(t));
         }
-        if let Some(k) = self.top_k {
-            if k == 0 {
-                return Err(invalid(format!("top_k must be at least 1, got {k}")));
-            }
+        if self.top_k == Some(0) {
+            return Err(Invalid::TopK(0));
         }
         if let Some(p) = self.top_p {
             // Written so that NaN fails too.
             let in_range = p > 0.0 && p <= 1.0;
             if !in_range {
-                return Err(invalid(format!("top_p must be in (0, 1], got {p}")));
+                return Err(Invalid::TopP(p));
             }
         }
         if let Some(r) = self.repetition_penalty {
             if !(r.is_finite() && r > 0.0) {
-                return Err(invalid(format!(
-                    "repetition_penalty must be > 0 and finite, got {r}"
-                )));
+                return Err(Invalid::RepetitionPenalty(r));
             }
         }
         Ok(())
@@ -119,11 +115,17 @@ impl Sampler {
     /// parameters are invalid (see [`SamplingParams::validate`]).
     pub fn new(params: SamplingParams, seed: u64) -> Result<Self> {
         params.validate()?;
-        Ok(Sampler {
+        Ok(Sampler::checked(params, seed))
+    }
+
+    /// A sampler for parameters already checked, by
+    /// [`Request::prepare`](crate::request::Request::prepare).
+    pub(crate) fn checked(params: SamplingParams, seed: u64) -> Self {
+        Sampler {
             params,
             rng: Rng::new(seed),
             candidates: Vec::new(),
-        })
+        }
     }
 
     /// The parameters it was built with.
@@ -420,7 +422,7 @@ mod tests {
     }
 
     fn invalid_message(p: SamplingParams) -> String {
-        match p.validate() {
+        match p.validate().map_err(Error::from) {
             Err(Error::InvalidArgument(msg)) => msg,
             other => panic!("expected InvalidArgument for {p:?}, got {other:?}"),
         }

@@ -16,9 +16,14 @@
 //! 4. samples each sequence's next token with its own seeded sampler,
 //!    streams it, and retires finished, failed or cancelled sequences.
 //!
-//! Failure isolation: a request is checked when submitted (empty prompt,
-//! context overflow, bad token ids or sampling parameters fail only that
-//! request); a sampling error (e.g. non-finite logits) ends only its
+//! Sampling, timing and the stop rule are `generate::Decode`'s, the step a
+//! [`Session`](crate::Session) takes for a request alone: with the forward
+//! pass giving each row the logits it would get alone, a request's tokens
+//! and stop are those it gets alone, and its timings are counted alike.
+//!
+//! Failure isolation: a request is checked before it is queued
+//! ([`Request::prepare`]: a bad one fails alone, and nothing is queued); a
+//! sampling error (e.g. non-finite logits) ends only its
 //! sequence; a panic inside a batched step is caught, and the step's
 //! sequences are re-run one by one so that only the culprit fails.
 
@@ -32,9 +37,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::generate::{check_request, GenerateOptions, Generation, StopReason, Timings};
+use crate::generate::{Decode, GenerateOptions, Generation, StopReason};
 use crate::model::{keep_pool_awake, Gpt2Model, KvCache, Row, Scratch};
-use crate::sampling::Sampler;
+use crate::request::{Fit, Request};
 
 /// Limits of the engine loop.
 #[derive(Debug, Clone)]
@@ -155,19 +160,30 @@ impl RequestHandle {
     }
 }
 
-struct Request {
-    prompt: Vec<u32>,
-    opts: GenerateOptions,
+/// A request on its way to the engine.
+struct Submission {
+    request: Request,
     submitted: Instant,
+    reply: Reply,
+}
+
+/// The engine's side of a request's handle.
+struct Reply {
     events: Sender<Event>,
     /// Whether every token is sent as it comes, or only the result at the end.
     stream: bool,
     cancelled: Arc<AtomicBool>,
 }
 
+impl Reply {
+    fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+}
+
 /// Runs submitted requests in shared batched forward steps on its own thread.
 pub struct Scheduler {
-    submit: Option<Sender<Request>>,
+    submit: Option<Sender<Submission>>,
     engine: Option<JoinHandle<()>>,
     model: Arc<Gpt2Model>,
     counters: Arc<Counters>,
@@ -217,10 +233,18 @@ impl Scheduler {
     }
 
     /// Queues a request. A request that can never run (empty prompt, prompt
-    /// past the context window, unknown token id, bad sampling parameters)
-    /// is an error here, and nothing is queued.
+    /// past the context window, unknown token id, bad sampling parameters:
+    /// [`Request::prepare`] with [`Fit::Prompt`]) is an error here, and
+    /// nothing is queued.
     pub fn submit(&self, prompt: Vec<u32>, opts: GenerateOptions) -> Result<RequestHandle> {
-        self.enqueue(prompt, opts, true)
+        let submitted = Instant::now();
+        let request = Request::prepare(&self.model.config, prompt, opts, Fit::Prompt)?;
+        self.enqueue(request, submitted, true)
+    }
+
+    /// Queues a request already checked.
+    pub fn submit_request(&self, request: Request) -> Result<RequestHandle> {
+        self.enqueue(request, Instant::now(), true)
     }
 
     /// Submits and waits: the batched twin of [`crate::Session::generate`].
@@ -228,32 +252,26 @@ impl Scheduler {
     /// the end: each send wakes the waiting thread, which cost the engine
     /// 20-40 µs per sequence per step here.
     pub fn generate(&self, prompt: Vec<u32>, opts: GenerateOptions) -> Result<Generation> {
-        self.enqueue(prompt, opts, false)?.wait()
+        let submitted = Instant::now();
+        let request = Request::prepare(&self.model.config, prompt, opts, Fit::Prompt)?;
+        self.enqueue(request, submitted, false)?.wait()
     }
 
-    fn enqueue(&self, prompt: Vec<u32>, opts: GenerateOptions, stream: bool) -> Result<RequestHandle> {
-        let submitted = Instant::now();
-        let cfg = &self.model.config;
-        check_request(&prompt, &opts, cfg.n_positions)?;
-        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(Error::TokenId {
-                id,
-                vocab_size: cfg.vocab_size,
-            });
-        }
+    fn enqueue(&self, request: Request, submitted: Instant, stream: bool) -> Result<RequestHandle> {
         let (events, rx) = mpsc::channel();
         let cancelled = Arc::new(AtomicBool::new(false));
-        let request = Request {
-            prompt,
-            opts,
+        let submission = Submission {
+            request,
             submitted,
-            events,
-            stream,
-            cancelled: Arc::clone(&cancelled),
+            reply: Reply {
+                events,
+                stream,
+                cancelled: Arc::clone(&cancelled),
+            },
         };
         // Counted before the send, so the engine never takes it off first.
         self.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        let sent = self.submit.as_ref().and_then(|tx| tx.send(request).ok());
+        let sent = self.submit.as_ref().and_then(|tx| tx.send(submission).ok());
         if sent.is_none() {
             self.counters.submitted.fetch_sub(1, Ordering::Relaxed);
             return Err(Error::Engine("the engine thread has stopped".into()));
@@ -277,25 +295,20 @@ impl Drop for Scheduler {
 
 /// A request being served.
 struct Sequence {
-    req: Request,
-    sampler: Sampler,
+    reply: Reply,
+    decode: Decode,
     cache: KvCache,
-    /// Prompt then generated ids.
-    history: Vec<u32>,
     /// Prompt tokens already in the cache.
     prefilled: usize,
     /// Ended with an error (already sent); retired at the end of the step.
     failed: bool,
-    timings: Timings,
+    /// Why it ends after its newest token; retired at the end of the step.
+    stop: Option<StopReason>,
 }
 
 impl Sequence {
-    fn generated(&self) -> usize {
-        self.history.len() - self.req.prompt.len()
-    }
-
     fn in_prefill(&self) -> bool {
-        self.prefilled < self.req.prompt.len()
+        self.prefilled < self.decode.prompt().len()
     }
 }
 
@@ -303,7 +316,7 @@ struct Engine {
     model: Arc<Gpt2Model>,
     config: SchedulerConfig,
     scratch: Scratch,
-    queue: VecDeque<Request>,
+    queue: VecDeque<Submission>,
     active: Vec<Sequence>,
     pool: Vec<KvCache>,
     rows: Vec<Row>,
@@ -330,7 +343,7 @@ impl Engine {
     }
 
     /// A request taken off the submission channel into the queue.
-    fn enqueue(&mut self, r: Request) {
+    fn enqueue(&mut self, r: Submission) {
         self.counters.submitted.fetch_sub(1, Ordering::Relaxed);
         self.queue.push_back(r);
     }
@@ -342,7 +355,7 @@ impl Engine {
         self.counters.pooled.store(self.pool.len(), Ordering::Relaxed);
     }
 
-    fn run(mut self, mut rx: Receiver<Request>) {
+    fn run(mut self, mut rx: Receiver<Submission>) {
         let pool = self.config.pool.clone();
         let mut open = true;
         loop {
@@ -375,7 +388,7 @@ impl Engine {
 
     /// Steps until no sequence is active or queued, taking new requests
     /// between steps. Returns whether any submitter is left.
-    fn busy(&mut self, rx: &Receiver<Request>, mut open: bool) -> bool {
+    fn busy(&mut self, rx: &Receiver<Submission>, mut open: bool) -> bool {
         loop {
             while open {
                 match rx.try_recv() {
@@ -399,52 +412,39 @@ impl Engine {
     fn retire_cancelled(&mut self) {
         let mut i = 0;
         while i < self.active.len() {
-            if self.active[i].req.cancelled.load(Ordering::Relaxed) {
+            if self.active[i].reply.cancelled() {
                 let seq = self.active.remove(i);
                 self.pool.push(seq.cache);
             } else {
                 i += 1;
             }
         }
-        self.queue.retain(|r| !r.cancelled.load(Ordering::Relaxed));
+        self.queue.retain(|r| !r.reply.cancelled());
     }
 
     fn admit(&mut self) {
         while self.active.len() < self.config.max_batch {
-            let Some(req) = self.queue.pop_front() else {
+            let Some(sub) = self.queue.pop_front() else {
                 break;
-            };
-            let sampler = match Sampler::new(req.opts.sampling.clone(), req.opts.seed) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = req.events.send(Event::Done(Err(e)));
-                    continue;
-                }
             };
             // A cache from the pool, or a new one; if none can be had, this
             // request fails and the others carry on.
             let mut cache = match self.pool.pop().map_or_else(|| self.model.new_cache(), Ok) {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = req.events.send(Event::Done(Err(e)));
+                    let _ = sub.reply.events.send(Event::Done(Err(e)));
                     continue;
                 }
             };
             cache.clear();
-            let mut history = Vec::with_capacity(req.prompt.len() + req.opts.max_new_tokens);
-            history.extend_from_slice(&req.prompt);
-            let timings = Timings {
-                token_times: Vec::with_capacity(req.opts.max_new_tokens),
-                ..Timings::default()
-            };
+            let n_positions = self.model.config.n_positions;
             self.active.push(Sequence {
-                req,
-                sampler,
+                reply: sub.reply,
+                decode: Decode::new(sub.request, n_positions, sub.submitted),
                 cache,
-                history,
                 prefilled: 0,
                 failed: false,
-                timings,
+                stop: None,
             });
         }
     }
@@ -460,7 +460,7 @@ impl Engine {
                 let pos = seq.cache.len();
                 self.rows.push(Row {
                     seq: i,
-                    token: *seq.history.last().expect("a decoding sequence has tokens"),
+                    token: seq.decode.last(),
                     pos,
                     logits: true,
                 });
@@ -471,13 +471,14 @@ impl Engine {
                 break;
             }
             if seq.in_prefill() {
-                let n = (seq.req.prompt.len() - seq.prefilled).min(budget);
+                let prompt = seq.decode.prompt();
+                let n = (prompt.len() - seq.prefilled).min(budget);
                 let end = seq.prefilled + n;
                 self.rows.extend((seq.prefilled..end).map(|p| Row {
                     seq: i,
-                    token: seq.req.prompt[p],
+                    token: prompt[p],
                     pos: p,
-                    logits: p + 1 == seq.req.prompt.len(),
+                    logits: p + 1 == prompt.len(),
                 }));
                 budget -= n;
             }
@@ -496,7 +497,7 @@ impl Engine {
             rows: rows.len(),
             decode_rows: rows
                 .iter()
-                .filter(|r| r.pos >= self.active[r.seq].req.prompt.len())
+                .filter(|r| r.pos >= self.active[r.seq].decode.prompt().len())
                 .count(),
             elapsed: start.elapsed(),
         };
@@ -557,30 +558,26 @@ impl Engine {
             }
             let lg = &logits[li * v..(li + 1) * v];
             li += 1;
-            let next = match catch_unwind(AssertUnwindSafe(|| seq.sampler.sample(lg, &seq.history))) {
-                Ok(Ok(t)) => t,
+            let next = match catch_unwind(AssertUnwindSafe(|| seq.decode.step(lg))) {
+                Ok(Ok((next, stop))) => {
+                    seq.stop = stop;
+                    next
+                }
                 Ok(Err(e)) => {
                     seq.failed = true;
-                    let _ = seq.req.events.send(Event::Done(Err(e)));
+                    let _ = seq.reply.events.send(Event::Done(Err(e)));
                     continue;
                 }
                 Err(p) => {
                     seq.failed = true;
                     let msg = format!("sampling panicked: {}", panic_message(&*p));
-                    let _ = seq.req.events.send(Event::Done(Err(Error::Engine(msg))));
+                    let _ = seq.reply.events.send(Event::Done(Err(Error::Engine(msg))));
                     continue;
                 }
             };
-            let now = seq.req.submitted.elapsed();
-            if seq.timings.token_times.is_empty() {
-                seq.timings.ttft = now;
-            }
-            seq.timings.token_times.push(now);
-            seq.timings.total = now;
-            seq.history.push(next);
-            if seq.req.stream && seq.req.events.send(Event::Token(next)).is_err() {
+            if seq.reply.stream && seq.reply.events.send(Event::Token(next)).is_err() {
                 // The handle is gone: nobody wants the rest.
-                seq.req.cancelled.store(true, Ordering::Relaxed);
+                seq.reply.cancelled.store(true, Ordering::Relaxed);
             }
         }
     }
@@ -588,54 +585,29 @@ impl Engine {
     fn fail(&mut self, s: usize, e: Error) {
         let seq = &mut self.active[s];
         seq.failed = true;
-        let _ = seq.req.events.send(Event::Done(Err(e)));
+        let _ = seq.reply.events.send(Event::Done(Err(e)));
     }
 
     /// Ends sequences that reached a stop (sending their result), failed, or
     /// were cancelled, and returns their caches to the pool.
     fn retire_finished(&mut self) {
-        let n_positions = self.model.config.n_positions;
         let mut i = 0;
         while i < self.active.len() {
             let seq = &self.active[i];
-            let stop = if seq.failed || seq.req.cancelled.load(Ordering::Relaxed) {
-                Some(None)
-            } else if seq.in_prefill() || seq.timings.token_times.is_empty() {
-                None
-            } else {
-                let last = *seq.history.last().expect("generated at least one token");
-                let opts = &seq.req.opts;
-                if seq.generated() == opts.max_new_tokens {
-                    Some(Some(StopReason::MaxNewTokens))
-                } else if !opts.ignore_eos && opts.eos_token_id == Some(last) {
-                    Some(Some(StopReason::Eos))
-                } else if seq.cache.len() == n_positions {
-                    Some(Some(StopReason::ContextFull))
-                } else {
-                    None
-                }
-            };
-            match stop {
-                None => i += 1,
-                Some(reason) => {
-                    // `remove`, not `swap_remove`: admission order is the
-                    // prompt-row priority order.
-                    let mut seq = self.active.remove(i);
-                    // Before the result goes out, so whoever has it sees the slot free.
-                    self.counters.active.store(self.active.len(), Ordering::Relaxed);
-                    if let Some(stop) = reason {
-                        let prompt_tokens = seq.req.prompt.len();
-                        let generation = Generation {
-                            prompt_tokens,
-                            tokens: seq.history.split_off(prompt_tokens),
-                            stop,
-                            timings: seq.timings,
-                        };
-                        let _ = seq.req.events.send(Event::Done(Ok(generation)));
-                    }
-                    self.pool.push(seq.cache);
-                }
+            let dropped = seq.failed || seq.reply.cancelled();
+            if !dropped && seq.stop.is_none() {
+                i += 1;
+                continue;
             }
+            // `remove`, not `swap_remove`: admission order is the prompt-row
+            // priority order.
+            let seq = self.active.remove(i);
+            // Before the result goes out, so whoever has it sees the slot free.
+            self.counters.active.store(self.active.len(), Ordering::Relaxed);
+            if let (false, Some(stop)) = (dropped, seq.stop) {
+                let _ = seq.reply.events.send(Event::Done(Ok(seq.decode.finish(stop))));
+            }
+            self.pool.push(seq.cache);
         }
     }
 }

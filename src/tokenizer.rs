@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::request::check_token_ids;
 
 /// The committed GPT-2 tokenizer (`weights/gpt2/tokenizer.json`, built from
 /// OpenAI's published vocab and merges; see `weights/gpt2/README.md`),
@@ -49,13 +50,7 @@ impl Gpt2Tokenizer {
 
     /// Ids to text; special tokens are kept (so `decode(encode(s)) == s`).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let vocab = self.vocab_size();
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::TokenId {
-                id,
-                vocab_size: vocab,
-            });
-        }
+        check_token_ids(ids.iter().copied(), self.vocab_size())?;
         self.inner
             .decode(ids, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))

@@ -30,7 +30,9 @@ use super::{
 };
 use crate::progress::Progress;
 use gpt2::profile::{self, Profile};
-use gpt2::{Dtype, GenerateOptions, Gpt2Config, Gpt2Model, Scheduler, SchedulerConfig};
+use gpt2::{
+    Dtype, Fit, GenerateOptions, Gpt2Config, Gpt2Model, Invalid, Request, Scheduler, SchedulerConfig,
+};
 use gpt2_hub::{self as hub, WeightsArgs};
 
 /// The prompts of the concurrent tests unless `--concurrent-prompt` is given.
@@ -430,21 +432,20 @@ pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
         opts.concurrent_prompts.clone()
     };
     let encode = |text: &str| -> Result<Vec<u32>, Box<dyn Error>> {
-        let ids = tok.encode(text)?;
         let gen = GenerateOptions::greedy(opts.max_new_tokens);
-        gpt2::generate::check_request(&ids, &gen, cfg.n_positions)?;
-        let need = ids.len() + opts.max_new_tokens - 1;
-        if need > cfg.n_positions {
-            return Err(format!(
-                "prompt {text:?} is {} tokens; with --max-new-tokens {} it needs {need} positions, past the \
-                 context window of {}",
-                ids.len(),
-                opts.max_new_tokens,
-                cfg.n_positions
+        match Request::prepare(&cfg, tok.encode(text)?, gen, Fit::Whole) {
+            Ok(request) => Ok(request.into_parts().0),
+            Err(Invalid::ContextExceeded(l)) => Err(format!(
+                "prompt {text:?} is {} tokens; with --max-new-tokens {} it needs {} positions, past the context \
+                 window of {}",
+                l.prompt_tokens,
+                l.max_new_tokens,
+                l.positions(),
+                l.n_positions
             )
-            .into());
+            .into()),
+            Err(e) => Err(e.into()),
         }
-        Ok(ids)
     };
     let single_prompt = vec![encode(&opts.prompt)?];
     let concurrent_prompts = concurrent_texts

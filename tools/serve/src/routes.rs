@@ -31,7 +31,7 @@ use super::stream::{bridge, Finish, Job, Update};
 use super::{Connection, Engine, ServeConfig};
 use gpt2::model::KvCache;
 use gpt2::tokenizer::EOS_TOKEN;
-use gpt2::{Error, GenerateOptions};
+use gpt2::{Error, Fit, GenerateOptions, Invalid, Param};
 
 /// What every handler shares.
 pub struct App {
@@ -554,7 +554,7 @@ fn start_completion(
         }
     }
     let model = engine.scheduler.model();
-    let (n_positions, vocab_size) = (model.config.n_positions, model.config.vocab_size);
+    let n_positions = model.config.n_positions;
     let prompt = match &req.prompt {
         // As OpenAI does: no prompt means the start of a new document.
         Prompt::Text(t) if t.is_empty() => vec![EOS_TOKEN],
@@ -580,37 +580,18 @@ fn start_completion(
         }
         Prompt::Ids(ids) => ids.clone(),
     };
-    if let Some((i, id)) = prompt.iter().enumerate().find(|(_, &t)| t as usize >= vocab_size) {
-        return Err(ApiError::param(
-            "prompt",
-            format!("`prompt[{i}]` is token id {id}, past the vocabulary of {vocab_size} tokens (0..{vocab_size})"),
-        ));
-    }
-    // The last token generated is never fed back, so it needs no position:
-    // a full-context prompt can still get its one next token.
-    let wanted = prompt.len().saturating_add(req.max_tokens);
-    if prompt.len() > n_positions || wanted - 1 > n_positions {
-        let param = if prompt.len() >= n_positions {
-            "prompt"
-        } else {
-            "max_tokens"
-        };
-        let e = ApiError::param(
-            param,
-            format!(
-                "the context window is {n_positions} positions, but the request needs {wanted}: \
-                 {} prompt tokens + {} max_tokens (the last generated token needs none, so \
-                 prompt + max_tokens may be {}); shorten the prompt or lower max_tokens",
-                prompt.len(),
-                req.max_tokens,
-                n_positions + 1
-            ),
-        );
-        return Err(ApiError {
-            code: "context_length_exceeded",
-            ..e
-        });
-    }
+    let opts = GenerateOptions {
+        max_new_tokens: req.max_tokens,
+        sampling: req.sampling.clone(),
+        // Drawn below, once the request is admitted.
+        seed: 0,
+        ignore_eos: req.ignore_eos,
+        eos_token_id: Some(EOS_TOKEN),
+    };
+    // Every token asked for must fit, as `max_tokens` promises.
+    let mut request = gpt2::Request::prepare(&model.config, prompt, opts, Fit::Whole).map_err(refused)?;
+    let prompt_tokens = request.prompt().len();
+    let wanted = prompt_tokens.saturating_add(req.max_tokens);
     // Positions this request's cache may fill, in resident bytes.
     let kv = KvCache::resident_bytes(&model.config, wanted.min(n_positions));
     let budget = app.kv_budget.get().copied().unwrap_or(usize::MAX);
@@ -622,7 +603,7 @@ fn start_completion(
                 format!(
                     "{} prompt tokens + {} max_tokens need {:.1} MiB of KV cache, more than this server's \
                      whole budget of {} MiB (--kv-cache-mib); lower max_tokens or shorten the prompt",
-                    prompt.len(),
+                    prompt_tokens,
                     req.max_tokens,
                     kv as f64 / (1 << 20) as f64,
                     budget >> 20
@@ -633,21 +614,13 @@ fn start_completion(
     let in_flight = app.admit(kv)?;
     let id = app.next_id.fetch_add(1, Ordering::Relaxed);
     // Without a seed every request gets its own, as OpenAI samples afresh.
-    let seed = req.seed.unwrap_or_else(|| {
+    request.set_seed(req.seed.unwrap_or_else(|| {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         nanos ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    });
-    let opts = GenerateOptions {
-        max_new_tokens: req.max_tokens,
-        sampling: req.sampling.clone(),
-        seed,
-        ignore_eos: req.ignore_eos,
-        eos_token_id: Some(EOS_TOKEN),
-    };
-    let prompt_tokens = prompt.len();
-    let handle = engine.scheduler.submit(prompt, opts).map_err(submit_error)?;
+    }));
+    let handle = engine.scheduler.submit_request(request).map_err(submit_error)?;
     log.prompt.store(prompt_tokens, Ordering::Relaxed);
     app.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
     let reply = Reply {
@@ -697,16 +670,50 @@ fn body_error(app: &App, e: BytesRejection) -> ApiError {
     }
 }
 
-fn submit_error(e: Error) -> ApiError {
+/// A request the engine's door refused, in this API's words (its
+/// `max_tokens` is the engine's `max_new_tokens`).
+fn refused(e: Invalid) -> ApiError {
+    let param = match e.param() {
+        Param::MaxNewTokens => "max_tokens",
+        p => p.name(),
+    };
     match e {
-        Error::Engine(_) => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "engine_error",
-            format!("cannot submit the request: {e}"),
+        Invalid::TokenId {
+            index,
+            id,
+            vocab_size,
+        } => ApiError::param(
+            param,
+            format!("`prompt[{index}]` is token id {id}, past the vocabulary of {vocab_size} tokens (0..{vocab_size})"),
         ),
-        Error::TokenId { .. } | Error::PromptTooLong { .. } => ApiError::param("prompt", e.to_string()),
-        _ => ApiError::bad_request("invalid_request", e.to_string()),
+        Invalid::PromptTooLong(l) | Invalid::ContextExceeded(l) => ApiError {
+            code: "context_length_exceeded",
+            ..ApiError::param(
+                param,
+                format!(
+                    "the context window is {} positions, but the request needs {}: {} prompt tokens + {} \
+                     max_tokens (the last generated token needs none, so prompt + max_tokens may be {}); shorten \
+                     the prompt or lower max_tokens",
+                    l.n_positions,
+                    l.prompt_tokens.saturating_add(l.max_new_tokens),
+                    l.prompt_tokens,
+                    l.max_new_tokens,
+                    l.n_positions + 1
+                ),
+            )
+        },
+        // The body's parser refuses these first, in its own words.
+        other => ApiError::param(param, other.to_string()),
     }
+}
+
+/// A checked request can fail to be queued only if the engine stopped.
+fn submit_error(e: Error) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "engine_error",
+        format!("cannot submit the request: {e}"),
+    )
 }
 
 /// The answer to a request still running when the grace period ends.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use gpt2::synth::{self, Preset};
 use gpt2::tokenizer::{Gpt2Tokenizer, TextStream, EOS_TOKEN};
-use gpt2::{GenerateOptions, Gpt2Model, SamplingParams, Session};
+use gpt2::{Fit, GenerateOptions, Gpt2Model, Request, SamplingParams, Session};
 use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs};
 
 #[derive(Parser)]
@@ -155,7 +155,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let model = Gpt2Model::load_with(&resolved.dir, dtype.dtype)?;
             let load = t.elapsed();
             // Check the request before printing anything, so a bad one fails cleanly.
-            gpt2::generate::check_request(&ids, &opts, model.config.n_positions)?;
+            let request = Request::prepare(&model.config, ids, opts, Fit::Prompt)?;
             eprintln!(
                 "weights: {}",
                 resolved.source.describe(model.config.synthetic.as_ref())
@@ -165,15 +165,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 load.as_secs_f64() * 1e3,
                 model.weights.packed_bytes as f64 / 1e6,
                 model.dtype(),
-                ids.len()
+                request.prompt().len()
             );
-            let mut session = Session::new(&model, ids.len().clamp(1, 128))?;
+            let mut session = Session::new(&model, request.prompt().len().clamp(1, 128))?;
             session.set_profiling(profile);
             let mut stream = TextStream::new(&tok);
             let mut out = std::io::stdout();
             print_flush(&mut out, &prompt);
             let mut stream_err = None;
-            let gen = session.generate(&model, &ids, &opts, |id| match stream.push(id) {
+            let gen = session.run(&model, request, |id| match stream.push(id) {
                 Ok(Some(piece)) => print_flush(&mut out, &piece),
                 Ok(None) => {}
                 Err(e) => stream_err = Some(e),
