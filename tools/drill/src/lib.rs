@@ -34,9 +34,10 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::ValueEnum;
 use serde::Serialize;
 
-use gpt2_bench::{meta, Report};
-use gpt2_hub::WeightsSource;
 use cluster::{metric_sum, Cluster, ClusterSpec, Programs};
+use gpt2_bench::failure::{Cause, Failure, Said};
+use gpt2_bench::{meta, stats, Report};
+use gpt2_hub::WeightsSource;
 
 /// Which drill (`drill <DRILL>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -123,8 +124,9 @@ pub struct Tally {
     pub sent: usize,
     pub succeeded: usize,
     /// Failures grouped by cause, most frequent first.
-    pub failed_by_cause: Vec<(String, usize)>,
-    /// Latency of the successful requests, ms.
+    pub failed_by_cause: Vec<(Group, usize)>,
+    /// Latency of the successful requests, ms (percentiles as the
+    /// benchmark's: [`stats::summarize`]).
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub tokens_per_s: f64,
@@ -138,10 +140,10 @@ impl Tally {
     }
 
     /// Failures whose cause `of` accepts.
-    pub fn failed_where(&self, of: impl Fn(&str) -> bool) -> usize {
+    pub fn failed_where(&self, of: impl Fn(Cause) -> bool) -> usize {
         self.failed_by_cause
             .iter()
-            .filter(|(c, _)| of(c))
+            .filter(|(g, _)| of(g.cause))
             .map(|(_, n)| n)
             .sum()
     }
@@ -156,30 +158,26 @@ impl Tally {
             seconds += test.duration_s;
             for r in &test.raw {
                 t.sent += 1;
-                match &r.error {
-                    None if r.generated_tokens == report.metadata.max_new_tokens => {
+                let group = match (&r.cause, &r.error) {
+                    (None, None) if r.generated_tokens == report.metadata.max_new_tokens => {
                         t.succeeded += 1;
                         latencies.push(r.latency_ms);
+                        continue;
                     }
-                    None => {
-                        t.wrong_token_counts += 1;
-                        count(&mut t.failed_by_cause, "wrong token count");
-                    }
-                    Some(e) => {
-                        let c = cause(e);
-                        if c == "wrong token count" {
-                            t.wrong_token_counts += 1;
-                        }
-                        count(&mut t.failed_by_cause, &c);
-                    }
+                    (Some(f), _) => Group::of(f),
+                    // A report written before causes were recorded.
+                    (None, Some(e)) => Group::other(e),
+                    (None, None) => Group::wrong_count(),
+                };
+                if group.cause == Cause::WrongCount {
+                    t.wrong_token_counts += 1;
                 }
+                count(&mut t.failed_by_cause, group);
             }
         }
-        t.failed_by_cause
-            .sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        latencies.sort_by(f64::total_cmp);
-        t.p50_ms = nearest_rank(&latencies, 0.50);
-        t.p99_ms = nearest_rank(&latencies, 0.99);
+        most_first(&mut t.failed_by_cause, |g| &g.label);
+        let latency = stats::summarize(&latencies);
+        (t.p50_ms, t.p99_ms) = (latency.p50, latency.p99);
         t.tokens_per_s = if seconds > 0.0 {
             tokens as f64 / seconds
         } else {
@@ -189,79 +187,90 @@ impl Tally {
     }
 }
 
-fn count(causes: &mut Vec<(String, usize)>, c: &str) {
-    match causes.iter_mut().find(|(k, _)| k == c) {
+/// Adds one `key` to `counts`.
+fn count<K: PartialEq>(counts: &mut Vec<(K, usize)>, key: K) {
+    match counts.iter_mut().find(|(k, _)| *k == key) {
         Some((_, n)) => *n += 1,
-        None => causes.push((c.to_string(), 1)),
+        None => counts.push((key, 1)),
     }
 }
 
-/// The `q` quantile of sorted `v` (nearest rank), 0 if empty.
-fn nearest_rank(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
+/// Sorts `counts` most frequent first, ties by `name`.
+fn most_first<K>(counts: &mut [(K, usize)], name: impl Fn(&K) -> &str) {
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| name(&a.0).cmp(name(&b.0))));
 }
 
-/// A failure's text (from `throughput --url`'s client) as a cause to group
-/// by: the HTTP status with the server's words, a cut stream, a timeout, a
-/// connection that failed, or a wrong token count.
-pub fn cause(error: &str) -> String {
-    let e = error.to_ascii_lowercase();
-    if let Some(rest) = error.strip_prefix("HTTP ") {
-        let (status, message) = rest.split_once(": ").unwrap_or((rest, ""));
-        if message.starts_with("`<html>") {
-            // Not the server's JSON error but a proxy's page (HAProxy's
-            // 502: the replica died before it answered).
-            return format!("HTTP {status} (the proxy's error page)");
-        }
-        // The server's words, to the last whole word within 72 characters.
-        let mut message: String = message.chars().take(72).collect();
-        if message.len() < rest.len() - status.len() - 2 {
-            if let Some(cut) = message.rfind(' ') {
-                message.truncate(cut);
-                message.push_str(" ...");
-            }
-        }
-        return if message.is_empty() {
-            format!("HTTP {status}")
-        } else {
-            format!("HTTP {status} ({message})")
+/// Failures of one kind, as the drill counts them: their [`Cause`] (what
+/// the checks read) and how the table names them (what the JSON writes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub cause: Cause,
+    pub label: String,
+}
+
+impl Serialize for Group {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.label)
+    }
+}
+
+impl Group {
+    /// A request's failure as a group to count by: the HTTP status with the
+    /// server's words, a cut stream, a timeout, a connection that failed, a
+    /// stream past the client's bounds, or a wrong token count; anything
+    /// else by its own words.
+    pub fn of(f: &Failure) -> Group {
+        let cause = f.cause();
+        let label = match (f, cause) {
+            (Failure::HttpStatus { status, said }, _) => status_label(*status, said),
+            (_, Cause::WrongCount) => return Group::wrong_count(),
+            (_, Cause::Deadline) => "timeout (request deadline passed)".into(),
+            (_, Cause::TimedOut) => "timeout (no answer in time)".into(),
+            (_, Cause::StreamCut) => "stream cut mid-response".into(),
+            (_, Cause::Connection) => "connection failed".into(),
+            // The client's bounds on a stream (`throughput --url`): the kind.
+            (_, Cause::PastBound) => format!("stream past its bounds ({})", f.bound().unwrap_or_default()),
+            (_, Cause::Status(_) | Cause::Other) => return Group::other(&f.to_string()),
         };
+        Group { cause, label }
     }
-    if e.starts_with("short:") || e.starts_with("long:") || e.contains("completion tokens but") {
-        "wrong token count".into()
-    } else if e.starts_with("request deadline passed") {
-        "timeout (request deadline passed)".into()
-    } else if [
-        "line too long:",
-        "event too long:",
-        "too many events:",
-        "stream too long:",
-    ]
-    .iter()
-    .any(|k| e.starts_with(k))
-    {
-        // The client's bounds on a stream (`throughput --url`): the kind.
-        format!(
-            "stream past its bounds ({})",
-            error.split(':').next().unwrap_or(error)
-        )
-    } else if e.contains("timeout") || e.contains("timed out") {
-        "timeout (no answer in time)".into()
-    } else if e.contains("stream broke") || e.contains("without `data: [done]`") {
-        "stream cut mid-response".into()
-    } else if e.contains("refused")
-        || e.contains("reset")
-        || e.contains("connection")
-        || e.contains("disconnected")
-    {
-        "connection failed".into()
-    } else {
-        error.chars().take(80).collect()
+
+    /// A failure known only by its words: the first 80 characters.
+    fn other(error: &str) -> Group {
+        Group {
+            cause: Cause::Other,
+            label: error.chars().take(80).collect(),
+        }
     }
+
+    fn wrong_count() -> Group {
+        Group {
+            cause: Cause::WrongCount,
+            label: "wrong token count".into(),
+        }
+    }
+}
+
+/// An HTTP status as a group: with the server's words to the last whole
+/// word within 72 characters, or naming a proxy's error page.
+fn status_label(status: u16, said: &Said) -> String {
+    if matches!(said, Said::Body(b) if b.starts_with("<html>")) {
+        // Not the server's JSON error but a proxy's page (HAProxy's
+        // 502: the replica died before it answered).
+        return format!("HTTP {status} (the proxy's error page)");
+    }
+    let words = said.to_string();
+    if words.is_empty() {
+        return format!("HTTP {status}");
+    }
+    let mut message: String = words.chars().take(72).collect();
+    if message.len() < words.len() {
+        if let Some(cut) = message.rfind(' ') {
+            message.truncate(cut);
+            message.push_str(" ...");
+        }
+    }
+    format!("HTTP {status} ({message})")
 }
 
 /// One `throughput --url` run through the cluster's HAProxy.
@@ -391,7 +400,7 @@ impl DrillReport {
         if !t.failed_by_cause.is_empty() {
             s.push_str("| failed by cause | requests |\n|---|---:|\n");
             for (c, n) in &t.failed_by_cause {
-                s.push_str(&format!("| {} | {n} |\n", c.replace('|', "\\|")));
+                s.push_str(&format!("| {} | {n} |\n", c.label.replace('|', "\\|")));
             }
             s.push('\n');
         }
@@ -610,9 +619,7 @@ impl Drills {
             ),
         ));
         let t = &run.tally;
-        let cut = t.failed_where(|c| {
-            c == "stream cut mid-response" || c == "connection failed" || c.starts_with("HTTP 502")
-        });
+        let cut = t.failed_where(|c| matches!(c, Cause::StreamCut | Cause::Connection | Cause::Status(502)));
         run.checks.insert(
             0,
             Check {
@@ -671,7 +678,7 @@ impl Drills {
         })?;
         let mut run = run;
         let t = &run.tally;
-        let by_429 = t.failed_where(|c| c.starts_with("HTTP 429"));
+        let by_429 = t.failed_where(|c| c == Cause::Status(429));
         run.checks.insert(
             0,
             Check {
@@ -1135,49 +1142,69 @@ mod tests {
 
     #[test]
     fn failures_group_by_cause() {
+        let label = |f: Failure| Group::of(&f).label;
+        let status = |status, said| Failure::HttpStatus { status, said };
+        let message = |m: &str| Said::Message(m.into());
         assert_eq!(
-            cause("HTTP 429: the server is full: 4 requests in flight"),
+            label(status(429, message("the server is full: 4 requests in flight"))),
             "HTTP 429 (the server is full: 4 requests in flight)"
         );
         assert_eq!(
-            cause(&format!("HTTP 429: {}", "word ".repeat(30))),
+            label(status(429, message(&"word ".repeat(30)))),
             format!("HTTP 429 ({}...)", "word ".repeat(14))
         );
-        assert_eq!(cause("HTTP 503"), "HTTP 503");
+        assert_eq!(label(status(503, Said::Nothing)), "HTTP 503");
         assert_eq!(
-            cause("HTTP 502: `<html><body><h1>502 Bad Gateway</h1> The server returned an invalid`"),
+            label(status(
+                502,
+                Said::Body("<html><body><h1>502 Bad Gateway</h1> The server returned an invalid".into())
+            )),
             "HTTP 502 (the proxy's error page)"
         );
-        assert_eq!(cause("short: 3 of 16 tokens (stop: length)"), "wrong token count");
+        let short = Failure::Short {
+            tokens: 3,
+            asked: 16,
+            stop: "length".into(),
+        };
+        assert_eq!(label(short), "wrong token count");
         assert_eq!(
-            cause("`usage` counts 15 completion tokens but 16 token chunks were streamed"),
+            label(Failure::CompletionMiscount {
+                usage: 15,
+                chunks: 16
+            }),
             "wrong token count"
         );
+        let reset = Failure::StreamBroke {
+            events: 5,
+            error: "connection reset".into(),
+        };
+        assert_eq!(label(reset), "stream cut mid-response");
+        let error = |e: &str| e.to_string();
         assert_eq!(
-            cause("the event stream broke after 5 events: connection reset"),
-            "stream cut mid-response"
+            label(Failure::TimedOut {
+                error: error("timeout: global")
+            }),
+            "timeout (no answer in time)"
         );
-        assert_eq!(cause("timeout: global"), "timeout (no answer in time)");
         assert_eq!(
-            cause("io: Connection refused (os error 111)"),
+            label(Failure::Connection {
+                error: error("io: Connection refused (os error 111)")
+            }),
             "connection failed"
         );
-        assert_eq!(cause("io: Peer disconnected"), "connection failed");
         assert_eq!(
-            cause("too many events: the stream went past 12 events for 4 tokens asked"),
+            label(Failure::Connection {
+                error: error("io: Peer disconnected")
+            }),
+            "connection failed"
+        );
+        assert_eq!(
+            label(Failure::TooManyEvents { limit: 12, asked: 4 }),
             "stream past its bounds (too many events)"
         );
         assert_eq!(
-            cause("request deadline passed: 6.1 s (--request-deadline; ...)"),
+            label(Failure::Deadline { seconds: 6.1 }),
             "timeout (request deadline passed)"
         );
-    }
-
-    #[test]
-    fn nearest_rank_quantiles() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(nearest_rank(&v, 0.5), 50.0);
-        assert_eq!(nearest_rank(&v, 0.99), 99.0);
-        assert_eq!(nearest_rank(&[], 0.5), 0.0);
     }
 }
