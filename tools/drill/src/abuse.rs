@@ -27,7 +27,7 @@ use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use super::cluster::Cluster;
-use super::{count, most_first, Check, Events};
+use super::tally::{count, most_first, Check, Events};
 use gpt2_bench::stats;
 
 /// What the attack is made of (`drill abuse`'s flags).

@@ -26,6 +26,7 @@
 
 pub mod abuse;
 pub mod cluster;
+pub mod tally;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -35,9 +36,10 @@ use clap::ValueEnum;
 use serde::Serialize;
 
 use cluster::{metric_sum, Cluster, ClusterSpec, Programs};
-use gpt2_bench::failure::{Cause, Failure, Said};
+use gpt2_bench::failure::Cause;
 use gpt2_bench::{meta, stats, Report};
 use gpt2_hub::WeightsSource;
+use tally::{Check, Events, Tally};
 
 /// Which drill (`drill <DRILL>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -110,169 +112,6 @@ pub struct DrillArgs {
     pub out_dir: PathBuf,
 }
 
-/// One check of a drill: what was required, whether it held, what was seen.
-#[derive(Debug, Clone, Serialize)]
-pub struct Check {
-    pub what: String,
-    pub passed: bool,
-    pub seen: String,
-}
-
-/// What the clients of one measured run saw.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Tally {
-    pub sent: usize,
-    pub succeeded: usize,
-    /// Failures grouped by cause, most frequent first.
-    pub failed_by_cause: Vec<(Group, usize)>,
-    /// Latency of the successful requests, ms (percentiles as the
-    /// benchmark's: [`stats::summarize`]).
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub tokens_per_s: f64,
-    /// Requests whose token count was not the one asked for.
-    pub wrong_token_counts: usize,
-}
-
-impl Tally {
-    pub fn failed(&self) -> usize {
-        self.failed_where(|_| true)
-    }
-
-    /// Failures whose cause `of` accepts.
-    pub fn failed_where(&self, of: impl Fn(Cause) -> bool) -> usize {
-        self.failed_by_cause
-            .iter()
-            .filter(|(g, _)| of(g.cause))
-            .map(|(_, n)| n)
-            .sum()
-    }
-
-    /// Every request of every test of `report` (the warmup is not in it).
-    pub fn of(report: &Report) -> Tally {
-        let mut t = Tally::default();
-        let mut latencies = Vec::new();
-        let (mut tokens, mut seconds) = (0usize, 0.0);
-        for test in &report.tests {
-            tokens += test.total_tokens;
-            seconds += test.duration_s;
-            for r in &test.raw {
-                t.sent += 1;
-                let group = match (&r.cause, &r.error) {
-                    (None, None) if r.generated_tokens == report.metadata.max_new_tokens => {
-                        t.succeeded += 1;
-                        latencies.push(r.latency_ms);
-                        continue;
-                    }
-                    (Some(f), _) => Group::of(f),
-                    // A report written before causes were recorded.
-                    (None, Some(e)) => Group::other(e),
-                    (None, None) => Group::wrong_count(),
-                };
-                if group.cause == Cause::WrongCount {
-                    t.wrong_token_counts += 1;
-                }
-                count(&mut t.failed_by_cause, group);
-            }
-        }
-        most_first(&mut t.failed_by_cause, |g| &g.label);
-        let latency = stats::summarize(&latencies);
-        (t.p50_ms, t.p99_ms) = (latency.p50, latency.p99);
-        t.tokens_per_s = if seconds > 0.0 {
-            tokens as f64 / seconds
-        } else {
-            0.0
-        };
-        t
-    }
-}
-
-/// Adds one `key` to `counts`.
-fn count<K: PartialEq>(counts: &mut Vec<(K, usize)>, key: K) {
-    match counts.iter_mut().find(|(k, _)| *k == key) {
-        Some((_, n)) => *n += 1,
-        None => counts.push((key, 1)),
-    }
-}
-
-/// Sorts `counts` most frequent first, ties by `name`.
-fn most_first<K>(counts: &mut [(K, usize)], name: impl Fn(&K) -> &str) {
-    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| name(&a.0).cmp(name(&b.0))));
-}
-
-/// Failures of one kind, as the drill counts them: their [`Cause`] (what
-/// the checks read) and how the table names them (what the JSON writes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Group {
-    pub cause: Cause,
-    pub label: String,
-}
-
-impl Serialize for Group {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.label)
-    }
-}
-
-impl Group {
-    /// A request's failure as a group to count by: the HTTP status with the
-    /// server's words, a cut stream, a timeout, a connection that failed, a
-    /// stream past the client's bounds, or a wrong token count; anything
-    /// else by its own words.
-    pub fn of(f: &Failure) -> Group {
-        let cause = f.cause();
-        let label = match (f, cause) {
-            (Failure::HttpStatus { status, said }, _) => status_label(*status, said),
-            (_, Cause::WrongCount) => return Group::wrong_count(),
-            (_, Cause::Deadline) => "timeout (request deadline passed)".into(),
-            (_, Cause::TimedOut) => "timeout (no answer in time)".into(),
-            (_, Cause::StreamCut) => "stream cut mid-response".into(),
-            (_, Cause::Connection) => "connection failed".into(),
-            // The client's bounds on a stream (`throughput --url`): the kind.
-            (_, Cause::PastBound) => format!("stream past its bounds ({})", f.bound().unwrap_or_default()),
-            (_, Cause::Status(_) | Cause::Other) => return Group::other(&f.to_string()),
-        };
-        Group { cause, label }
-    }
-
-    /// A failure known only by its words: the first 80 characters.
-    fn other(error: &str) -> Group {
-        Group {
-            cause: Cause::Other,
-            label: error.chars().take(80).collect(),
-        }
-    }
-
-    fn wrong_count() -> Group {
-        Group {
-            cause: Cause::WrongCount,
-            label: "wrong token count".into(),
-        }
-    }
-}
-
-/// An HTTP status as a group: with the server's words to the last whole
-/// word within 72 characters, or naming a proxy's error page.
-fn status_label(status: u16, said: &Said) -> String {
-    if matches!(said, Said::Body(b) if b.starts_with("<html>")) {
-        // Not the server's JSON error but a proxy's page (HAProxy's
-        // 502: the replica died before it answered).
-        return format!("HTTP {status} (the proxy's error page)");
-    }
-    let words = said.to_string();
-    if words.is_empty() {
-        return format!("HTTP {status}");
-    }
-    let mut message: String = words.chars().take(72).collect();
-    if message.len() < words.len() {
-        if let Some(cut) = message.rfind(' ') {
-            message.truncate(cut);
-            message.push_str(" ...");
-        }
-    }
-    format!("HTTP {status} ({message})")
-}
-
 /// One `throughput --url` run through the cluster's HAProxy.
 struct Load {
     levels: Vec<usize>,
@@ -322,12 +161,13 @@ fn spawn_load(
         .map_err(|e| format!("cannot run {}: {e}", programs.throughput.display()))
 }
 
-/// Waits for a load at most `limit` (then kills it: a client hung) and
-/// reads its report. Exit 0, 3 (targets) and 4 (failed requests) all wrote one.
+/// A new file at `path`, or an error naming it.
 fn create(path: &Path) -> Result<std::fs::File, String> {
     std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
+/// Waits for a load at most `limit` (then kills it: a client hung) and
+/// reads its report. Exit 0, 3 (targets) and 4 (failed requests) all wrote one.
 fn finish_load(mut child: Child, limit: Duration, state: &Path) -> Result<Report, String> {
     let start = Instant::now();
     loop {
@@ -434,15 +274,20 @@ pub struct Drills {
     pub weights: String,
 }
 
+/// `gpt2 serve`'s batch and queue flags.
+fn serve_flags(max_batch: usize, max_queue: usize) -> Vec<String> {
+    vec![
+        "--max-batch".into(),
+        max_batch.to_string(),
+        "--max-queue".into(),
+        max_queue.to_string(),
+    ]
+}
+
 /// The drills' engine settings: room for every client, so only the fault
 /// can fail a request.
 fn roomy_flags(concurrency: usize) -> Vec<String> {
-    vec![
-        "--max-batch".into(),
-        concurrency.to_string(),
-        "--max-queue".into(),
-        (4 * concurrency).to_string(),
-    ]
+    serve_flags(concurrency, 4 * concurrency)
 }
 
 impl Drills {
@@ -465,22 +310,30 @@ impl Drills {
         Cluster::start(spec, &self.programs, &self.work.join(name))
     }
 
-    /// Requests per second at the drill's concurrency, from a short run.
-    fn calibrate(&self, cluster: &Cluster, c: usize) -> Result<f64, String> {
-        let load = Load {
-            levels: vec![c],
-            requests_per_level: 2 * c,
-            single_requests: 1,
+    /// A closed-loop load of the drill's requests: `requests_per_level` at
+    /// each of `levels`, after `single_requests` alone.
+    fn load(&self, levels: Vec<usize>, requests_per_level: usize, single_requests: usize) -> Load {
+        Load {
+            levels,
+            requests_per_level,
+            single_requests,
             max_new_tokens: self.args.max_new_tokens,
             request_rate: None,
             deadline: self.args.request_deadline,
-        };
-        let child = spawn_load(&self.programs, cluster, &load, self.args.weights.as_deref())?;
-        let report = finish_load(
-            child,
-            Duration::from_secs_f64(self.args.request_deadline * 4.0 + 120.0),
-            &cluster.state,
-        )?;
+        }
+    }
+
+    /// Runs `load` on `cluster` to its end (within `limit`): its report.
+    fn run_load(&self, cluster: &Cluster, load: &Load, limit: Duration) -> Result<Report, String> {
+        let child = spawn_load(&self.programs, cluster, load, self.args.weights.as_deref())?;
+        finish_load(child, limit, &cluster.state)
+    }
+
+    /// Requests per second at the drill's concurrency, from a short run.
+    fn calibrate(&self, cluster: &Cluster, c: usize) -> Result<f64, String> {
+        let load = self.load(vec![c], 2 * c, 1);
+        let limit = Duration::from_secs_f64(self.args.request_deadline * 4.0 + 120.0);
+        let report = self.run_load(cluster, &load, limit)?;
         let test = report
             .tests
             .iter()
@@ -508,12 +361,8 @@ impl Drills {
         let c = self.args.concurrency;
         let wanted = (rate * self.args.duration).ceil() as usize;
         Load {
-            levels: vec![c],
-            requests_per_level: wanted.max(2 * c),
-            single_requests: 1,
-            max_new_tokens: self.args.max_new_tokens,
             request_rate,
-            deadline: self.args.request_deadline,
+            ..self.load(vec![c], wanted.max(2 * c), 1)
         }
     }
 
@@ -549,7 +398,7 @@ impl Drills {
         let cluster = self.start("rolling", &self.spec(self.args.replicas, 1, serve.clone()))?;
         let rate = self.calibrate(&cluster, self.args.concurrency)?;
         let load = self.measured_load(rate, None);
-        let run = self.measure(&cluster, &load, |cluster, ev, checks| {
+        let mut run = self.measure(&cluster, &load, |cluster, ev, checks| {
             std::thread::sleep(Duration::from_secs_f64(self.args.duration * 0.15));
             for i in 0..cluster.spec.replicas {
                 let old = cluster.signal(i, "TERM")?;
@@ -560,7 +409,6 @@ impl Drills {
             }
             Ok(())
         })?;
-        let mut run = run;
         run.checks.insert(0, none_failed(&run.tally, "no request failed"));
         Ok(self.report(DrillKind::Rolling, self.setting("rolling restart", &serve), run))
     }
@@ -573,7 +421,7 @@ impl Drills {
         let rate = self.calibrate(&cluster, self.args.concurrency)?;
         let load = self.measured_load(rate, None);
         let mut held = 0.0;
-        let run = self.measure(&cluster, &load, |cluster, ev, checks| {
+        let mut run = self.measure(&cluster, &load, |cluster, ev, checks| {
             std::thread::sleep(Duration::from_secs_f64(self.args.duration * 0.3));
             let page = cluster
                 .get(&cluster.replica_url(0, "/metrics"))
@@ -600,7 +448,6 @@ impl Drills {
             checks.push(serves_again(cluster, 0, new, ev));
             Ok(())
         })?;
-        let mut run = run;
         // What HAProxy did with the connections the dead replica refused.
         let field = |name: &str| {
             cluster
@@ -651,12 +498,7 @@ impl Drills {
         // Each replica holds max_batch + max_queue requests; concurrency is
         // 4x the replicas' queues (and 2x what they hold in all).
         let queue = (c / (4 * self.args.replicas)).max(1);
-        let serve = vec![
-            "--max-batch".to_string(),
-            queue.to_string(),
-            "--max-queue".to_string(),
-            queue.to_string(),
-        ];
+        let serve = serve_flags(queue, queue);
         let cluster = self.start("overload", &self.spec(self.args.replicas, 1, serve.clone()))?;
         // The rate it serves with every batch slot busy. Not at max_batch +
         // max_queue per replica: a client sends its next request as soon as
@@ -668,7 +510,7 @@ impl Drills {
         let offered = 4.0 * rate;
         let mut load = self.measured_load(offered, Some(offered));
         load.requests_per_level = load.requests_per_level.max(4 * c);
-        let run = self.measure(&cluster, &load, |_, ev, _| {
+        let mut run = self.measure(&cluster, &load, |_, ev, _| {
             ev.note(format!(
                 "arrivals at {offered:.2} requests/s (4x the {rate:.2}/s measured), concurrency {c} = 4 x \
                  {} replicas x --max-queue {queue}",
@@ -676,7 +518,6 @@ impl Drills {
             ));
             Ok(())
         })?;
-        let mut run = run;
         let t = &run.tally;
         let by_429 = t.failed_where(|c| c == Cause::Status(429));
         run.checks.insert(
@@ -704,12 +545,7 @@ impl Drills {
         // Each replica holds its share of the ordinary clients and of the
         // non-readers, no more: a slot the attack keeps shows as a 429.
         let share = c.div_ceil(r) + self.args.non_readers.div_ceil(r);
-        let serve = vec![
-            "--max-batch".to_string(),
-            share.to_string(),
-            "--max-queue".to_string(),
-            share.to_string(),
-        ];
+        let serve = serve_flags(share, share);
         let cluster = self.start("abuse", &self.spec(r, 1, serve.clone()))?;
         let models = cluster.get(&format!("{}/v1/models", cluster.lb_url()))?;
         let model = serde_json::from_str::<serde_json::Value>(&models.body)
@@ -733,13 +569,12 @@ impl Drills {
         };
         let rate = self.calibrate(&cluster, c)?;
         let load = self.measured_load(rate, None);
-        let run = self.measure(&cluster, &load, |cluster, ev, checks| {
+        let mut run = self.measure(&cluster, &load, |cluster, ev, checks| {
             std::thread::sleep(Duration::from_secs_f64(self.args.duration * 0.1));
             let (_, found) = abuse::attack(cluster, &model, &attack, ev)?;
             checks.extend(found);
             Ok(())
         })?;
-        let mut run = run;
         run.checks.insert(
             0,
             none_failed(
@@ -774,10 +609,7 @@ impl Drills {
             load.levels[0]
         );
         let mut child = spawn_load(&self.programs, cluster, load, self.args.weights.as_deref())?;
-        let mut events = Events {
-            start: Instant::now(),
-            list: Vec::new(),
-        };
+        let mut events = Events::start();
         let mut checks = Vec::new();
         let acted = faults(cluster, &mut events, &mut checks);
         let still_running = matches!(child.try_wait(), Ok(None));
@@ -807,7 +639,7 @@ impl Drills {
         });
         Ok(Finished {
             tally,
-            events: events.list,
+            events: events.into_list(),
             checks,
         })
     }
@@ -924,16 +756,8 @@ impl Drills {
                 let spec = self.spec(l.replicas, l.cores_per_replica, serve.clone());
                 let name = format!("scale-{}x{}-rep{rep}", l.replicas, l.cores_per_replica);
                 let cluster = self.start(&name, &spec)?;
-                let load = Load {
-                    levels: concurrent.clone(),
-                    requests_per_level: self.args.scale_requests,
-                    single_requests: 4,
-                    max_new_tokens: self.args.max_new_tokens,
-                    request_rate: None,
-                    deadline: self.args.request_deadline,
-                };
-                let child = spawn_load(&self.programs, &cluster, &load, self.args.weights.as_deref())?;
-                let report = finish_load(child, Duration::from_secs(3600), &cluster.state)?;
+                let load = self.load(concurrent.clone(), self.args.scale_requests, 4);
+                let report = self.run_load(&cluster, &load, Duration::from_secs(3600))?;
                 drop(cluster);
                 let cells: Vec<(f64, f64)> = levels
                     .iter()
@@ -950,27 +774,7 @@ impl Drills {
                 runs.push((which, cells));
             }
         }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let cells = (0..layouts.len())
-            .map(|k| {
-                (0..levels.len())
-                    .map(|j| {
-                        let of = |f: fn(&(f64, f64)) -> f64| {
-                            let mut v: Vec<f64> = runs
-                                .iter()
-                                .filter(|(w, _)| *w == k)
-                                .map(|(_, c)| f(&c[j]))
-                                .collect();
-                            median(&mut v)
-                        };
-                        (of(|c| c.0), of(|c| c.1))
-                    })
-                    .collect()
-            })
-            .collect();
+        let cells = medians(&runs, layouts.len(), levels.len());
         Ok(ScaleReport {
             timestamp_utc: meta::utc_timestamp(SystemTime::now(), true),
             git_commit: meta::git_commit(),
@@ -991,6 +795,27 @@ impl Drills {
             failed_requests: failed,
         })
     }
+}
+
+/// Per layout and level, the median (by [`stats::quantile`]) of every
+/// run's tok/s and of its p50 latency; `runs` are (layout, cells by level).
+fn medians(runs: &[(usize, Vec<(f64, f64)>)], layouts: usize, levels: usize) -> Vec<Vec<(f64, f64)>> {
+    let median = |layout: usize, level: usize, f: fn(&(f64, f64)) -> f64| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .filter(|(w, _)| *w == layout)
+            .map(|(_, cells)| f(&cells[level]))
+            .collect();
+        v.sort_by(f64::total_cmp);
+        stats::quantile(&v, 0.5)
+    };
+    (0..layouts)
+        .map(|k| {
+            (0..levels)
+                .map(|j| (median(k, j, |c| c.0), median(k, j, |c| c.1)))
+                .collect()
+        })
+        .collect()
 }
 
 /// Runs the drill `args` names; the reports go to stdout and `--out-dir`.
@@ -1084,20 +909,6 @@ struct Finished {
     checks: Vec<Check>,
 }
 
-/// Events stamped with their time since the measured run began.
-pub struct Events {
-    start: Instant,
-    list: Vec<(f64, String)>,
-}
-
-impl Events {
-    fn note(&mut self, what: String) {
-        let at = self.start.elapsed().as_secs_f64();
-        eprintln!("drill: {at:.2} s: {what}");
-        self.list.push((at, what));
-    }
-}
-
 /// The check that every request of a run was sent and none failed.
 fn none_failed(t: &Tally, what: &str) -> Check {
     Check {
@@ -1134,77 +945,4 @@ fn completions(cluster: &Cluster, i: usize) -> f64 {
         .map(|g| g.body)
         .unwrap_or_default();
     metric_sum(&page, "gpt2_requests_total", &["route=\"/v1/completions\""])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failures_group_by_cause() {
-        let label = |f: Failure| Group::of(&f).label;
-        let status = |status, said| Failure::HttpStatus { status, said };
-        let message = |m: &str| Said::Message(m.into());
-        assert_eq!(
-            label(status(429, message("the server is full: 4 requests in flight"))),
-            "HTTP 429 (the server is full: 4 requests in flight)"
-        );
-        assert_eq!(
-            label(status(429, message(&"word ".repeat(30)))),
-            format!("HTTP 429 ({}...)", "word ".repeat(14))
-        );
-        assert_eq!(label(status(503, Said::Nothing)), "HTTP 503");
-        assert_eq!(
-            label(status(
-                502,
-                Said::Body("<html><body><h1>502 Bad Gateway</h1> The server returned an invalid".into())
-            )),
-            "HTTP 502 (the proxy's error page)"
-        );
-        let short = Failure::Short {
-            tokens: 3,
-            asked: 16,
-            stop: "length".into(),
-        };
-        assert_eq!(label(short), "wrong token count");
-        assert_eq!(
-            label(Failure::CompletionMiscount {
-                usage: 15,
-                chunks: 16
-            }),
-            "wrong token count"
-        );
-        let reset = Failure::StreamBroke {
-            events: 5,
-            error: "connection reset".into(),
-        };
-        assert_eq!(label(reset), "stream cut mid-response");
-        let error = |e: &str| e.to_string();
-        assert_eq!(
-            label(Failure::TimedOut {
-                error: error("timeout: global")
-            }),
-            "timeout (no answer in time)"
-        );
-        assert_eq!(
-            label(Failure::Connection {
-                error: error("io: Connection refused (os error 111)")
-            }),
-            "connection failed"
-        );
-        assert_eq!(
-            label(Failure::Connection {
-                error: error("io: Peer disconnected")
-            }),
-            "connection failed"
-        );
-        assert_eq!(
-            label(Failure::TooManyEvents { limit: 12, asked: 4 }),
-            "stream past its bounds (too many events)"
-        );
-        assert_eq!(
-            label(Failure::Deadline { seconds: 6.1 }),
-            "timeout (request deadline passed)"
-        );
-    }
 }
