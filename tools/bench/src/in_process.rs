@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use clap::ValueEnum;
 
 use super::runner::{Backend, Reply};
+use crate::failure::Failure;
 use gpt2::profile::Profile;
 use gpt2::{GenerateOptions, Generation, Gpt2Model, Scheduler, Session};
 
@@ -124,7 +125,7 @@ impl Backend for InProcess<'_> {
         }
     }
 
-    fn send(&self, client: &mut Client, prompt: &[u32]) -> Result<Reply, String> {
+    fn send(&self, client: &mut Client, prompt: &[u32]) -> Result<Reply, Failure> {
         match catch_unwind(AssertUnwindSafe(|| self.generate(client, prompt))) {
             Ok(Ok(g)) => Ok(Reply {
                 tokens: g.tokens.len(),
@@ -133,11 +134,14 @@ impl Backend for InProcess<'_> {
                 token_times: g.timings.token_times,
                 stop: format!("{:?}", g.stop),
             }),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(Failure::Engine {
+                message: e.to_string(),
+            }),
             Err(panic) => {
                 // The session may be half-updated; start afresh.
                 client.session = None;
-                Err(format!("panicked: {}", gpt2::scheduler::panic_message(&*panic)))
+                let message = gpt2::scheduler::panic_message(&*panic);
+                Err(Failure::Panicked { message })
             }
         }
     }

@@ -5,6 +5,8 @@
 //! documented in `docs/results-schema.md` and versioned by [`SCHEMA_VERSION`].
 
 pub mod compare;
+pub mod deadline;
+pub mod failure;
 pub mod http;
 pub mod in_process;
 pub mod legacy;
@@ -15,9 +17,12 @@ pub mod report;
 pub mod roofline;
 pub mod run;
 pub mod runner;
+pub mod sse;
 pub mod stats;
 
 use serde::{Deserialize, Serialize};
+
+use failure::Failure;
 
 /// Bump when a field changes meaning or disappears (adding fields is compatible).
 ///
@@ -71,8 +76,28 @@ pub struct RequestRecord {
     /// first is `ttft_ms`); empty if it failed, and in reports before schema 4.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_ms: Vec<f64>,
-    /// Why it failed (an error, a panic, or fewer tokens than asked); `None` if it succeeded.
+    /// Why it failed, in words (an error, a panic, or fewer tokens than
+    /// asked): `cause`'s text; `None` if it succeeded.
     pub error: Option<String>,
+    /// Why it failed, as a value: what the drill groups by. `None` if it
+    /// succeeded, and in reports written before it was recorded (their
+    /// `error` alone says why).
+    #[serde(default)]
+    pub cause: Option<Failure>,
+}
+
+impl RequestRecord {
+    /// Whether the request failed: what every count of failures (a test's
+    /// `failed`, the exit status, the drill's tally) reads.
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// Marks the request failed by `failure`: its cause, and its text as the error.
+    pub fn fail(&mut self, failure: Failure) {
+        self.error = Some(failure.to_string());
+        self.cause = Some(failure);
+    }
 }
 
 /// One test: a number of requests at a fixed concurrency in one mode.

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::RequestRecord;
+use crate::failure::Failure;
 use crate::progress::Progress;
 use gpt2::rng::Rng;
 
@@ -39,7 +40,7 @@ pub trait Backend: Sync {
 
     /// Runs one request to the end; `Err` names why it failed (an error, a
     /// panic).
-    fn send(&self, client: &mut Self::Client, prompt: &[u32]) -> Result<Reply, String>;
+    fn send(&self, client: &mut Self::Client, prompt: &[u32]) -> Result<Reply, Failure>;
 
     /// The client thread is done (after its last request).
     fn disconnect(&self, _client: Self::Client) {}
@@ -248,7 +249,7 @@ fn record(
     prompt_tokens: usize,
     start_ms: f64,
     latency_ms: f64,
-    reply: Result<Reply, String>,
+    reply: Result<Reply, Failure>,
     max_new_tokens: usize,
 ) -> RequestRecord {
     let mut rec = RequestRecord {
@@ -262,6 +263,7 @@ fn record(
         tpot_ms: None,
         token_ms: Vec::new(),
         error: None,
+        cause: None,
     };
     match reply {
         Ok(r) => {
@@ -278,19 +280,14 @@ fn record(
                 .iter()
                 .map(|t| queued_ms.max(0.0) + t.as_secs_f64() * 1e3)
                 .collect();
+            let (tokens, asked, stop) = (k, max_new_tokens, r.stop);
             if k < max_new_tokens {
-                rec.error = Some(format!(
-                    "short: {k} of {max_new_tokens} tokens (stop: {})",
-                    r.stop
-                ));
+                rec.fail(Failure::Short { tokens, asked, stop });
             } else if k > max_new_tokens {
-                rec.error = Some(format!(
-                    "long: {k} tokens where {max_new_tokens} were asked (stop: {})",
-                    r.stop
-                ));
+                rec.fail(Failure::Long { tokens, asked, stop });
             }
         }
-        Err(e) => rec.error = Some(e),
+        Err(e) => rec.fail(e),
     }
     rec
 }
@@ -327,7 +324,7 @@ mod tests {
             self.connected.lock().unwrap().push(client);
             client
         }
-        fn send(&self, _client: &mut usize, prompt: &[u32]) -> Result<Reply, String> {
+        fn send(&self, _client: &mut usize, prompt: &[u32]) -> Result<Reply, Failure> {
             if prompt == [0] {
                 return Err("boom".into());
             }

@@ -64,7 +64,7 @@ pub fn test_result(
     duration_s: f64,
     raw: Vec<RequestRecord>,
 ) -> TestResult {
-    let ok: Vec<&RequestRecord> = raw.iter().filter(|r| r.error.is_none()).collect();
+    let ok: Vec<&RequestRecord> = raw.iter().filter(|r| !r.failed()).collect();
     let total_tokens: usize = ok.iter().map(|r| r.generated_tokens).sum();
     let per_s = |x: f64| if duration_s > 0.0 { x / duration_s } else { 0.0 };
     TestResult {
@@ -212,24 +212,29 @@ fn mean_of(tests: &[&TestResult], f: impl Fn(&TestResult) -> f64) -> f64 {
     }
 }
 
+/// The distinct `items`, in order of first appearance.
+fn distinct<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
 /// Scaling per level, the recommended concurrency, targets and spread, each
 /// dtype on its own (against its own single request, held to the same
 /// targets), dtypes in order of first appearance; then each level's tokens/s
 /// against f32's.
 pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
-    let mut dtypes: Vec<&str> = Vec::new();
-    for t in tests {
-        if !dtypes.contains(&t.dtype.as_str()) {
-            dtypes.push(&t.dtype);
-        }
-    }
     let mut all = Analysis {
         levels: Vec::new(),
         recommended_concurrency: Vec::new(),
         targets: Vec::new(),
         spread: Vec::new(),
     };
-    for dtype in dtypes {
+    for dtype in distinct(tests.iter().map(|t| t.dtype.as_str())) {
         let mine: Vec<&TestResult> = tests.iter().filter(|t| t.dtype == dtype).collect();
         let a = analyze_dtype(dtype, &mine, thresholds);
         all.levels.extend(a.levels);
@@ -237,18 +242,34 @@ pub fn analyze(tests: &[TestResult], thresholds: &Thresholds) -> Analysis {
         all.targets.extend(a.targets);
         all.spread.extend(a.spread);
     }
-    for i in 0..all.levels.len() {
-        let l = &all.levels[i];
-        if l.dtype != "f32" {
-            let f32 = all
-                .levels
-                .iter()
-                .find(|f| f.dtype == "f32" && f.mode == l.mode && f.concurrency == l.concurrency)
-                .map(|f| ratio(l.tokens_per_s, f.tokens_per_s));
-            all.levels[i].vs_f32 = f32;
+    set_ratios(
+        &mut all.levels,
+        |l, f32| {
+            l.dtype != "f32" && f32.dtype == "f32" && f32.mode == l.mode && f32.concurrency == l.concurrency
+        },
+        |l| &mut l.vs_f32,
+    );
+    all
+}
+
+/// Sets `field` of every level that has a match among `levels` (the first
+/// `other` that `matches(level, other)` accepts) to the level's tokens/s
+/// over the match's.
+fn set_ratios(
+    levels: &mut [LevelAnalysis],
+    matches: impl Fn(&LevelAnalysis, &LevelAnalysis) -> bool,
+    field: fn(&mut LevelAnalysis) -> &mut Option<f64>,
+) {
+    for i in 0..levels.len() {
+        let l = &levels[i];
+        let r = levels
+            .iter()
+            .find(|other| matches(l, other))
+            .map(|other| ratio(l.tokens_per_s, other.tokens_per_s));
+        if r.is_some() {
+            *field(&mut levels[i]) = r;
         }
     }
-    all
 }
 
 /// `a / b`, 0 when `b` is not positive.
@@ -260,75 +281,101 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-/// [`analyze`] of one dtype's tests.
-fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) -> Analysis {
-    // Distinct (mode, concurrency) levels in order of first appearance.
-    let mut keys: Vec<(String, usize)> = Vec::new();
-    for t in tests {
-        let key = (t.mode.clone(), t.concurrency);
-        if !keys.contains(&key) {
-            keys.push(key);
-        }
-    }
-    let of = |mode: &str, c: usize| -> Vec<&TestResult> {
-        tests
+/// One dtype's tests, grouped as the analysis reads them.
+struct Dtype<'a> {
+    dtype: &'a str,
+    tests: &'a [&'a TestResult],
+    /// The single-request baseline, shared by every mode: with one request
+    /// in flight, batching has nothing to batch.
+    base: Vec<&'a TestResult>,
+}
+
+impl<'a> Dtype<'a> {
+    /// The tests (repetitions) of one level.
+    fn level(&self, mode: &str, c: usize) -> Vec<&'a TestResult> {
+        self.tests
             .iter()
             .copied()
             .filter(|t| t.mode == mode && t.concurrency == c)
             .collect()
+    }
+
+    /// Distinct (mode, concurrency) levels in order of first appearance.
+    fn keys(&self) -> Vec<(&'a str, usize)> {
+        distinct(self.tests.iter().map(|t| (t.mode.as_str(), t.concurrency)))
+    }
+}
+
+/// [`analyze`] of one dtype's tests.
+fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) -> Analysis {
+    let d = Dtype {
+        dtype,
+        tests,
+        base: tests.iter().copied().filter(|t| t.concurrency == 1).collect(),
     };
-    // The single-request baseline is shared by every mode: with one request
-    // in flight, batching has nothing to batch.
-    let base: Vec<&TestResult> = tests.iter().copied().filter(|t| t.concurrency == 1).collect();
-    let base_tps = mean_of(&base, |t| t.tokens_per_s);
-    let base_p50 = mean_of(&base, |t| t.latency_ms.p50);
-    let levels: Vec<LevelAnalysis> = keys
-        .iter()
+    let levels = levels(&d);
+    let mut targets = reference_targets(&d, &levels, thresholds);
+    targets.extend(batched_targets(&d, &levels, thresholds));
+    let failed: usize = tests.iter().map(|t| t.failed).sum();
+    targets.push(Op::AtMost.target(dtype, "failed", thresholds.failed as f64, failed as f64));
+    for t in &mut targets {
+        t.required = thresholds.required(&t.name);
+    }
+    Analysis {
+        recommended_concurrency: recommendations(dtype, &levels),
+        levels,
+        targets,
+        spread: spread_rows(&d),
+    }
+}
+
+/// Each level's means over its repetitions, set against the single request
+/// (and, for modes other than threads, against threads at the same level).
+fn levels(d: &Dtype) -> Vec<LevelAnalysis> {
+    let base_tps = mean_of(&d.base, |t| t.tokens_per_s);
+    let base_p50 = mean_of(&d.base, |t| t.latency_ms.p50);
+    let mut levels: Vec<LevelAnalysis> = d
+        .keys()
+        .into_iter()
         .map(|(mode, c)| {
-            let ts = of(mode, *c);
+            let ts = d.level(mode, c);
             let tps = mean_of(&ts, |t| t.tokens_per_s);
             let p50 = mean_of(&ts, |t| t.latency_ms.p50);
             LevelAnalysis {
-                dtype: dtype.into(),
-                mode: mode.clone(),
-                concurrency: *c,
+                dtype: d.dtype.into(),
+                mode: mode.into(),
+                concurrency: c,
                 requests_per_s: mean_of(&ts, |t| t.requests_per_s),
                 tokens_per_s: tps,
                 latency_p50_ms: p50,
                 scaling: ratio(tps, base_tps),
-                efficiency: ratio(tps, base_tps * *c as f64),
+                efficiency: ratio(tps, base_tps * c as f64),
                 latency_penalty: ratio(p50, base_p50),
-                reference: REFERENCE_STUDY.iter().find(|r| r.0 == *c).map(|r| (r.1, r.2)),
+                reference: REFERENCE_STUDY.iter().find(|r| r.0 == c).map(|r| (r.1, r.2)),
                 vs_threads: None,
                 vs_f32: None,
             }
         })
         .collect();
-    let mut levels = levels;
-    for i in 0..levels.len() {
-        let l = &levels[i];
-        if l.mode != "threads" && l.concurrency > 1 {
-            let threads = levels
-                .iter()
-                .find(|t| t.mode == "threads" && t.concurrency == l.concurrency)
-                .map(|t| ratio(l.tokens_per_s, t.tokens_per_s));
-            levels[i].vs_threads = threads;
-        }
-    }
+    set_ratios(
+        &mut levels,
+        |l, t| {
+            l.mode != "threads" && l.concurrency > 1 && t.mode == "threads" && t.concurrency == l.concurrency
+        },
+        |l| &mut l.vs_threads,
+    );
+    levels
+}
 
-    let mut modes: Vec<&str> = Vec::new();
-    for l in &levels {
-        if !modes.contains(&l.mode.as_str()) {
-            modes.push(&l.mode);
-        }
-    }
-    let recommended_concurrency = modes
-        .iter()
+/// Per mode, the lowest concurrency reaching 90% of its best tokens/s (the
+/// single-request level counting for every mode).
+fn recommendations(dtype: &str, levels: &[LevelAnalysis]) -> Vec<Recommendation> {
+    distinct(levels.iter().map(|l| l.mode.as_str()))
+        .into_iter()
         .map(|m| {
-            // The single-request level counts for every mode.
             let mine: Vec<&LevelAnalysis> = levels
                 .iter()
-                .filter(|l| l.mode == *m || l.concurrency == 1)
+                .filter(|l| l.mode == m || l.concurrency == 1)
                 .collect();
             let best = mine.iter().map(|l| l.tokens_per_s).fold(0.0, f64::max);
             let knee = mine
@@ -343,92 +390,120 @@ fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) ->
                 concurrency: knee,
             }
         })
-        .collect();
+        .collect()
+}
 
-    let concurrent: Vec<&LevelAnalysis> = levels.iter().filter(|l| l.concurrency > 1).collect();
-    let best_conc_rps = concurrent.iter().map(|l| l.requests_per_s).fold(0.0, f64::max);
-    let best_conc_tps = concurrent.iter().map(|l| l.tokens_per_s).fold(0.0, f64::max);
-    let failed: usize = tests.iter().map(|t| t.failed).sum();
-    let gt = |name: &str, threshold: f64, measured: f64| Target {
-        name: name.into(),
-        dtype: dtype.into(),
-        op: ">".into(),
-        threshold,
-        measured,
-        pass: measured > threshold,
-        required: true,
-    };
+/// How a target's measured figure is held to its threshold.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Above,
+    AtLeast,
+    AtMost,
+}
+
+impl Op {
+    /// Target `name` of `dtype`: `measured` against `threshold` (required
+    /// until the thresholds say otherwise).
+    fn target(self, dtype: &str, name: &str, threshold: f64, measured: f64) -> Target {
+        let (op, pass) = match self {
+            Op::Above => (">", measured > threshold),
+            Op::AtLeast => (">=", measured >= threshold),
+            Op::AtMost => ("<=", measured <= threshold),
+        };
+        Target {
+            name: name.into(),
+            dtype: dtype.into(),
+            op: op.into(),
+            threshold,
+            measured,
+            pass,
+            required: true,
+        }
+    }
+}
+
+/// The reference study's targets: the single request's rates, and the
+/// best concurrent level's when there is one.
+fn reference_targets(d: &Dtype, levels: &[LevelAnalysis], th: &Thresholds) -> Vec<Target> {
+    let single_rps = mean_of(&d.base, |t| t.requests_per_s);
+    let single_tps = mean_of(&d.base, |t| t.tokens_per_s);
     let mut targets = vec![
-        gt(
+        Op::Above.target(
+            d.dtype,
             "single_requests_per_s",
-            thresholds.single_requests_per_s,
-            mean_of(&base, |t| t.requests_per_s),
+            th.single_requests_per_s,
+            single_rps,
         ),
-        gt("single_tokens_per_s", thresholds.single_tokens_per_s, base_tps),
+        Op::Above.target(d.dtype, "single_tokens_per_s", th.single_tokens_per_s, single_tps),
     ];
+    let concurrent: Vec<&LevelAnalysis> = levels.iter().filter(|l| l.concurrency > 1).collect();
     if !concurrent.is_empty() {
-        targets.push(gt(
+        let best = |f: fn(&LevelAnalysis) -> f64| concurrent.iter().map(|l| f(l)).fold(0.0, f64::max);
+        targets.push(Op::Above.target(
+            d.dtype,
             "concurrent_requests_per_s",
-            thresholds.concurrent_requests_per_s,
-            best_conc_rps,
+            th.concurrent_requests_per_s,
+            best(|l| l.requests_per_s),
         ));
-        targets.push(gt(
+        targets.push(Op::Above.target(
+            d.dtype,
             "concurrent_tokens_per_s",
-            thresholds.concurrent_tokens_per_s,
-            best_conc_tps,
+            th.concurrent_tokens_per_s,
+            best(|l| l.tokens_per_s),
         ));
     }
-    // Continuous batching (issue 6): at concurrency 8, >= 6x the single
-    // request's tokens/s with p50 per-token latency <= 1.5x; at 4, >= 90%
-    // efficiency.
+    targets
+}
+
+/// Continuous batching (issue 6): at concurrency 8, >= 6x the single
+/// request's tokens/s with p50 per-token latency <= 1.5x; at 4, >= 90%
+/// efficiency; past 8, the curve keeps rising or holds. Each where the run
+/// measured that level.
+fn batched_targets(d: &Dtype, levels: &[LevelAnalysis], th: &Thresholds) -> Vec<Target> {
+    let mut targets = Vec::new();
     let batched = |c: usize| levels.iter().find(|l| l.mode == "batched" && l.concurrency == c);
     if let Some(l) = batched(8) {
-        targets.push(Target {
-            name: "batched_scaling_at_8".into(),
-            dtype: dtype.into(),
-            op: ">=".into(),
-            threshold: thresholds.batched_scaling_at_8,
-            measured: l.scaling,
-            pass: l.scaling >= thresholds.batched_scaling_at_8,
-            required: true,
-        });
+        targets.push(Op::AtLeast.target(
+            d.dtype,
+            "batched_scaling_at_8",
+            th.batched_scaling_at_8,
+            l.scaling,
+        ));
         let tpot = |ts: &[&TestResult]| mean_of(ts, |t| t.tpot_ms.p50);
-        let at8: Vec<&TestResult> = tests
-            .iter()
-            .copied()
-            .filter(|t| t.mode == "batched" && t.concurrency == 8)
-            .collect();
-        let penalty = ratio(tpot(&at8), tpot(&base));
-        targets.push(Target {
-            name: "batched_tpot_penalty_at_8".into(),
-            dtype: dtype.into(),
-            op: "<=".into(),
-            threshold: thresholds.batched_tpot_penalty_at_8,
-            measured: penalty,
-            pass: penalty > 0.0 && penalty <= thresholds.batched_tpot_penalty_at_8,
-            required: true,
-        });
+        let penalty = ratio(tpot(&d.level("batched", 8)), tpot(&d.base));
+        let mut t = Op::AtMost.target(
+            d.dtype,
+            "batched_tpot_penalty_at_8",
+            th.batched_tpot_penalty_at_8,
+            penalty,
+        );
+        t.pass &= penalty > 0.0;
+        targets.push(t);
     }
     if let Some(l) = batched(4) {
-        targets.push(Target {
-            name: "batched_efficiency_at_4".into(),
-            dtype: dtype.into(),
-            op: ">=".into(),
-            threshold: thresholds.batched_efficiency_at_4,
-            measured: l.efficiency,
-            pass: l.efficiency >= thresholds.batched_efficiency_at_4,
-            required: true,
-        });
+        targets.push(Op::AtLeast.target(
+            d.dtype,
+            "batched_efficiency_at_4",
+            th.batched_efficiency_at_4,
+            l.efficiency,
+        ));
     }
-    // Past 8, batched throughput keeps rising or holds: each level's tok/s
-    // over the best of the batched levels below it (the single request
-    // included), the worst such ratio.
+    if let Some(worst) = worst_past_8(levels) {
+        targets.push(Op::AtLeast.target(d.dtype, "batched_holds_past_8", th.batched_holds_past_8, worst));
+    }
+    targets
+}
+
+/// Past 8, batched throughput keeps rising or holds: each level's tok/s
+/// over the best of the batched levels below it (the single request
+/// included), the worst such ratio; `None` without a level past 8.
+fn worst_past_8(levels: &[LevelAnalysis]) -> Option<f64> {
     let mut ladder: Vec<&LevelAnalysis> = levels
         .iter()
         .filter(|l| l.mode == "batched" || l.concurrency == 1)
         .collect();
     ladder.sort_by_key(|l| l.concurrency);
-    let holds = ladder
+    ladder
         .iter()
         .enumerate()
         .filter(|(_, l)| l.concurrency > 8)
@@ -436,52 +511,33 @@ fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) ->
             let below = ladder[..i].iter().map(|b| b.tokens_per_s).fold(0.0, f64::max);
             ratio(l.tokens_per_s, below)
         })
-        .reduce(f64::min);
-    if let Some(worst) = holds {
-        targets.push(Target {
-            name: "batched_holds_past_8".into(),
-            dtype: dtype.into(),
-            op: ">=".into(),
-            threshold: thresholds.batched_holds_past_8,
-            measured: worst,
-            pass: worst >= thresholds.batched_holds_past_8,
-            required: true,
-        });
-    }
-    targets.push(Target {
-        name: "failed".into(),
-        dtype: dtype.into(),
-        op: "<=".into(),
-        threshold: thresholds.failed as f64,
-        measured: failed as f64,
-        pass: failed <= thresholds.failed,
-        required: true,
-    });
+        .reduce(f64::min)
+}
 
-    for t in &mut targets {
-        t.required = thresholds.required(&t.name);
-    }
+/// One figure of a test, read from it.
+type Figure = fn(&TestResult) -> f64;
 
-    let mut spread_rows = Vec::new();
-    for (mode, c) in &keys {
-        let ts = of(mode, *c);
+/// mean / stddev / min / max over the repetitions of every level that has
+/// several, for its tokens/s, requests/s and p50 latency.
+fn spread_rows(d: &Dtype) -> Vec<Spread> {
+    let metrics: [(&str, Figure); 3] = [
+        ("tokens_per_s", |t| t.tokens_per_s),
+        ("requests_per_s", |t| t.requests_per_s),
+        ("latency_p50_ms", |t| t.latency_ms.p50),
+    ];
+    let mut rows = Vec::new();
+    for (mode, c) in d.keys() {
+        let ts = d.level(mode, c);
         if ts.len() < 2 {
             continue;
         }
-        for (metric, f) in [
-            (
-                "tokens_per_s",
-                (|t: &TestResult| t.tokens_per_s) as fn(&TestResult) -> f64,
-            ),
-            ("requests_per_s", |t| t.requests_per_s),
-            ("latency_p50_ms", |t| t.latency_ms.p50),
-        ] {
+        for (metric, f) in metrics {
             let values: Vec<f64> = ts.iter().map(|t| f(t)).collect();
             let (mean, stddev, min, max) = spread(&values);
-            spread_rows.push(Spread {
+            rows.push(Spread {
                 test: ts[0].name.clone(),
-                dtype: dtype.into(),
-                mode: mode.clone(),
+                dtype: d.dtype.into(),
+                mode: mode.into(),
                 metric: metric.into(),
                 mean,
                 stddev,
@@ -491,13 +547,7 @@ fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) ->
             });
         }
     }
-
-    Analysis {
-        levels,
-        recommended_concurrency,
-        targets,
-        spread: spread_rows,
-    }
+    rows
 }
 
 #[cfg(test)]
@@ -516,6 +566,7 @@ mod tests {
             tpot_ms: Some(latency * 0.9 / (tokens.max(2) - 1) as f64),
             token_ms: Vec::new(),
             error: error.map(String::from),
+            cause: None,
         }
     }
 

@@ -23,11 +23,12 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use super::cluster::Cluster;
-use super::{Check, Events};
+use super::tally::{count, most_first, Check, Events};
+use gpt2_bench::stats;
 
 /// What the attack is made of (`drill abuse`'s flags).
 #[derive(Debug, Clone, Copy)]
@@ -63,13 +64,6 @@ pub struct Seen {
     pub non_readers: Vec<(String, String)>,
 }
 
-fn count(list: &mut Vec<(String, usize)>, key: String) {
-    match list.iter_mut().find(|(k, _)| *k == key) {
-        Some((_, n)) => *n += 1,
-        None => list.push((key, 1)),
-    }
-}
-
 /// `host:port` of an `http://host:port` URL.
 fn addr_of(url: &str) -> Result<SocketAddr, String> {
     let hostport = url.trim_start_matches("http://");
@@ -85,6 +79,18 @@ fn status_of(bytes: &[u8]) -> Option<u16> {
     let mut words = text.split_whitespace();
     words.next().filter(|w| w.starts_with("HTTP/"))?;
     words.next()?.parse().ok()
+}
+
+/// The head and body of a completion request for `body`, on a connection
+/// the server is to close after it.
+fn completion_request(body: serde_json::Value) -> (String, String) {
+    let body = body.to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: drill\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    (head, body)
 }
 
 /// One request on a fresh connection, read until the peer closes or
@@ -157,260 +163,295 @@ pub fn attack(
             .unwrap_or(0)
     };
     let downs_before: Vec<u64> = (0..replicas.len()).map(chkdown).collect();
-    let stop = AtomicBool::new(false);
-    let seen = Mutex::new(Seen::default());
-    let flood_body = {
-        let prompt = "1".repeat(FLOOD_PROMPT_CHARS);
-        serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 1}).to_string()
-    };
-    let flood_head = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: drill\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        flood_body.len()
-    );
-    let length = Duration::from_secs_f64(a.flood_seconds);
-    let start = Instant::now();
     ev.note(format!(
         "attack begins: {} flooders ({FLOOD_PROMPT_CHARS}-digit prompts through HAProxy) for {:.0} s, {} slowloris \
          connections, {} non-reading streams of {} tokens",
         a.flood_clients, a.flood_seconds, a.slowloris, a.non_readers, a.non_reader_tokens
     ));
-    std::thread::scope(|s| {
-        // Case 2: slowloris, opened first and held to the end.
-        s.spawn(|| {
-            let targets: Vec<SocketAddr> = std::iter::once(lb).chain(replicas.iter().copied()).collect();
-            let mut conns: Vec<Option<TcpStream>> = (0..a.slowloris)
-                .map(|i| {
-                    let mut c =
-                        TcpStream::connect_timeout(&targets[i % targets.len()], Duration::from_secs(2))
-                            .ok()?;
-                    c.set_write_timeout(Some(Duration::from_millis(200))).ok()?;
-                    c.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: drill\r\n")
-                        .ok()?;
-                    c.set_nonblocking(true).ok()?;
-                    Some(c)
-                })
-                .collect();
-            let opened = conns.iter().filter(|c| c.is_some()).count();
-            let mut closed = 0;
-            let mut last_line = Instant::now();
-            while !stop.load(Ordering::SeqCst) {
-                let due = last_line.elapsed() >= Duration::from_secs(5);
-                for slot in conns.iter_mut() {
-                    let Some(c) = slot else { continue };
-                    let mut buf = [0u8; 512];
-                    let gone = match c.read(&mut buf) {
-                        Ok(_) => true, // closed, or an answer (a 408): either ends it
-                        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-                    };
-                    let gone = gone || (due && c.write_all(b"X-Slow: 1\r\n").is_err());
-                    if gone {
-                        closed += 1;
-                        *slot = None;
-                    }
-                }
-                if due {
-                    last_line = Instant::now();
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
-            g.slowloris_opened = opened;
-            g.slowloris_closed = closed;
-        });
-        // Case 3: non-readers, one per replica in turn, held to the end.
-        s.spawn(|| {
-            let mut held = Vec::new();
-            for i in 0..a.non_readers {
-                let target = replicas[i % replicas.len()];
-                let body =
-                    serde_json::json!({"model": model, "prompt": "Hello", "max_tokens": a.non_reader_tokens,
-                                              "stream": true, "ignore_eos": true})
-                    .to_string();
-                let head = format!(
-                    "POST /v1/completions HTTP/1.1\r\nHost: drill\r\nContent-Type: application/json\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let sent = small_window(target).and_then(|mut c| {
-                    c.write_all(head.as_bytes())
-                        .and_then(|_| c.write_all(body.as_bytes()))
-                        .map_err(|e| e.to_string())?;
-                    Ok(c)
-                });
-                held.push((format!("replica {} ({target})", i % replicas.len()), sent));
-            }
-            while !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            // What became of each stream while nobody read it: drain what
-            // the buffers hold (for at most 2 s) and see how it ends.
-            let mut out = Vec::new();
-            for (name, conn) in held {
-                let state = match conn {
-                    Ok(mut c) => {
-                        let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
-                        let mut buf = vec![0u8; 64 << 10];
-                        let mut tail: Vec<u8> = Vec::new();
-                        let until = Instant::now() + Duration::from_secs(2);
-                        let mut closed = false;
-                        while Instant::now() < until {
-                            match c.read(&mut buf) {
-                                Ok(0) => {
-                                    closed = true;
-                                    break;
-                                }
-                                Ok(n) => {
-                                    tail.extend_from_slice(&buf[..n]);
-                                    let cut = tail.len().saturating_sub(4096);
-                                    tail.drain(..cut);
-                                }
-                                Err(e)
-                                    if e.kind() == std::io::ErrorKind::WouldBlock
-                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
-                                Err(_) => {
-                                    closed = true;
-                                    break;
-                                }
-                            }
-                        }
-                        let done = String::from_utf8_lossy(&tail).contains("data: [DONE]");
-                        match (closed, done) {
-                            (_, true) => "completed (read to [DONE] once drained)",
-                            (true, false) => "ended by the server before [DONE]",
-                            (false, false) => "still streaming",
-                        }
-                        .to_string()
-                    }
-                    Err(e) => format!("not sent: {e}"),
-                };
-                out.push((name, state));
-            }
-            seen.lock().unwrap_or_else(|e| e.into_inner()).non_readers = out;
-        });
-        // /health on every replica, a fresh connection every 100 ms.
-        s.spawn(|| {
-            let head = "GET /health HTTP/1.1\r\nHost: drill\r\nConnection: close\r\n\r\n";
-            while !stop.load(Ordering::SeqCst) {
-                for &r in &replicas {
-                    let t = Instant::now();
-                    let ok = one_request(r, head, b"", PROBE_TIMEOUT) == Ok(200);
-                    let ms = t.elapsed().as_secs_f64() * 1e3;
-                    seen.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .probes
-                        .push((ms, ok));
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        // HAProxy's view.
-        s.spawn(|| {
-            while !stop.load(Ordering::SeqCst) {
-                for i in 0..replicas.len() {
-                    if let Ok(st) = cluster.lb_status(i) {
-                        if st != "UP" {
-                            let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
-                            if !g.not_up.iter().any(|(j, x)| *j == i && *x == st) {
-                                g.not_up.push((i, st));
-                            }
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        // Case 1: the flooders, for their time; then everything stops.
-        let flooders: Vec<_> = (0..a.flood_clients)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    while start.elapsed() < length {
-                        let outcome = match one_request(
-                            lb,
-                            &flood_head,
-                            flood_body.as_bytes(),
-                            Duration::from_secs(30),
-                        ) {
-                            Ok(code) => format!("HTTP {code}"),
-                            Err(e) => format!("no answer ({e})"),
-                        };
-                        count(&mut mine, outcome);
-                    }
-                    mine
-                })
-            })
-            .collect();
-        let mut flood = Vec::new();
-        for f in flooders {
-            for (k, n) in f.join().unwrap_or_default() {
-                for _ in 0..n {
-                    count(&mut flood, k.clone());
-                }
-            }
-        }
-        flood.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        seen.lock().unwrap_or_else(|e| e.into_inner()).flood = flood;
-        stop.store(true, Ordering::SeqCst);
-    });
-    let seen = seen.into_inner().unwrap_or_else(|e| e.into_inner());
-    let flood_total: usize = seen.flood.iter().map(|(_, n)| n).sum();
-    ev.note(format!(
-        "attack ends: {flood_total} flood requests ({}); slowloris: {} of {} closed by the far end while held; \
-         non-readers: {}",
-        seen.flood
-            .iter()
-            .map(|(k, n)| format!("{n} {k}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        seen.slowloris_closed,
-        seen.slowloris_opened,
-        seen.non_readers
-            .iter()
-            .map(|(n, state)| format!("{n}: {state}"))
-            .collect::<Vec<_>>()
-            .join("; ")
-    ));
+    let seen = run(cluster, model, a, lb, &replicas);
+    ev.note(seen.summary());
     let downs: Vec<u64> = (0..replicas.len())
         .map(|i| chkdown(i).saturating_sub(downs_before[i]))
         .collect();
-    let mut lat: Vec<f64> = seen.probes.iter().map(|p| p.0).collect();
-    lat.sort_by(f64::total_cmp);
-    let p99 = super::nearest_rank(&lat, 0.99);
-    let failed_probes = seen.probes.iter().filter(|p| !p.1).count();
-    let checks = vec![
+    let checks = vec![seen.no_replica_down(&downs), seen.health_held()];
+    Ok((seen, checks))
+}
+
+/// The attackers and the watchers, each on its own thread: the flooders
+/// for their time, the others until the flooders are done.
+fn run(cluster: &Cluster, model: &str, a: &Attack, lb: SocketAddr, replicas: &[SocketAddr]) -> Seen {
+    let stop = AtomicBool::new(false);
+    let length = Duration::from_secs_f64(a.flood_seconds);
+    // Slowloris spreads over HAProxy and each replica.
+    let targets: Vec<SocketAddr> = std::iter::once(lb).chain(replicas.iter().copied()).collect();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        // Case 2: slowloris, opened first and held to the end.
+        let slowloris = s.spawn(|| slowloris(&targets, a.slowloris, &stop));
+        // Case 3: non-readers, one per replica in turn, held to the end.
+        let non_readers = s.spawn(|| non_readers(replicas, model, a, &stop));
+        let probes = s.spawn(|| probe_health(replicas, &stop));
+        let not_up = s.spawn(|| watch_haproxy(cluster, replicas.len(), &stop));
+        // Case 1: the flooders, for their time; then everything stops.
+        let flood = flood(s, lb, model, a.flood_clients, start + length);
+        stop.store(true, Ordering::SeqCst);
+        let (slowloris_opened, slowloris_closed) = joined(slowloris);
+        Seen {
+            flood,
+            probes: joined(probes),
+            not_up: joined(not_up),
+            slowloris_closed,
+            slowloris_opened,
+            non_readers: joined(non_readers),
+        }
+    })
+}
+
+/// A thread's result; its panic goes on.
+fn joined<T>(h: ScopedJoinHandle<'_, T>) -> T {
+    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Calls `each` every `period` until `stop` is set.
+fn until_stopped(stop: &AtomicBool, period: Duration, mut each: impl FnMut()) {
+    while !stop.load(Ordering::SeqCst) {
+        each();
+        std::thread::sleep(period);
+    }
+}
+
+/// `n` connections spread over `targets`, each sending a partial request
+/// head and then one more header line every 5 s until `stop`: how many
+/// were opened, and how many of those the far end closed meanwhile.
+fn slowloris(targets: &[SocketAddr], n: usize, stop: &AtomicBool) -> (usize, usize) {
+    let open = |target: &SocketAddr| {
+        let mut c = TcpStream::connect_timeout(target, Duration::from_secs(2)).ok()?;
+        c.set_write_timeout(Some(Duration::from_millis(200))).ok()?;
+        c.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: drill\r\n")
+            .ok()?;
+        c.set_nonblocking(true).ok()?;
+        Some(c)
+    };
+    let mut conns: Vec<Option<TcpStream>> = (0..n).map(|i| open(&targets[i % targets.len()])).collect();
+    let opened = conns.iter().filter(|c| c.is_some()).count();
+    let mut closed = 0;
+    let mut last_line = Instant::now();
+    until_stopped(stop, Duration::from_millis(100), || {
+        let due = last_line.elapsed() >= Duration::from_secs(5);
+        for slot in conns.iter_mut() {
+            let Some(c) = slot else { continue };
+            let mut buf = [0u8; 512];
+            let gone = match c.read(&mut buf) {
+                Ok(_) => true, // closed, or an answer (a 408): either ends it
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            };
+            let gone = gone || (due && c.write_all(b"X-Slow: 1\r\n").is_err());
+            if gone {
+                closed += 1;
+                *slot = None;
+            }
+        }
+        if due {
+            last_line = Instant::now();
+        }
+    });
+    (opened, closed)
+}
+
+/// Streaming completions of `a.non_reader_tokens` sent to the replicas in
+/// turn from small-window sockets nobody reads until `stop`: per stream,
+/// where it went and what became of it.
+fn non_readers(replicas: &[SocketAddr], model: &str, a: &Attack, stop: &AtomicBool) -> Vec<(String, String)> {
+    let (head, body) = completion_request(serde_json::json!({"model": model, "prompt": "Hello",
+        "max_tokens": a.non_reader_tokens, "stream": true, "ignore_eos": true}));
+    let held: Vec<(String, Result<TcpStream, String>)> = (0..a.non_readers)
+        .map(|i| {
+            let target = replicas[i % replicas.len()];
+            let sent = small_window(target).and_then(|mut c| {
+                c.write_all(head.as_bytes())
+                    .and_then(|_| c.write_all(body.as_bytes()))
+                    .map_err(|e| e.to_string())?;
+                Ok(c)
+            });
+            (format!("replica {} ({target})", i % replicas.len()), sent)
+        })
+        .collect();
+    until_stopped(stop, Duration::from_millis(100), || {});
+    held.into_iter()
+        .map(|(name, conn)| {
+            let state = match conn {
+                Ok(c) => drain(c).to_string(),
+                Err(e) => format!("not sent: {e}"),
+            };
+            (name, state)
+        })
+        .collect()
+}
+
+/// What became of a stream while nobody read it: drains what the buffers
+/// hold (for at most 2 s) and sees how it ends.
+fn drain(mut c: TcpStream) -> &'static str {
+    let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = vec![0u8; 64 << 10];
+    let mut tail: Vec<u8> = Vec::new();
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut closed = false;
+    while Instant::now() < until {
+        match c.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                let cut = tail.len().saturating_sub(4096);
+                tail.drain(..cut);
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+            }
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    let done = String::from_utf8_lossy(&tail).contains("data: [DONE]");
+    match (closed, done) {
+        (_, true) => "completed (read to [DONE] once drained)",
+        (true, false) => "ended by the server before [DONE]",
+        (false, false) => "still streaming",
+    }
+}
+
+/// `/health` on every replica, a fresh connection every 100 ms, until
+/// `stop`: each probe's latency (ms) and whether it answered 200.
+fn probe_health(replicas: &[SocketAddr], stop: &AtomicBool) -> Vec<(f64, bool)> {
+    let head = "GET /health HTTP/1.1\r\nHost: drill\r\nConnection: close\r\n\r\n";
+    let mut probes = Vec::new();
+    until_stopped(stop, Duration::from_millis(100), || {
+        for &r in replicas {
+            let t = Instant::now();
+            let ok = one_request(r, head, b"", PROBE_TIMEOUT) == Ok(200);
+            probes.push((t.elapsed().as_secs_f64() * 1e3, ok));
+        }
+    });
+    probes
+}
+
+/// HAProxy's view of the `replicas`, polled until `stop`: every state
+/// other than UP seen, once each.
+fn watch_haproxy(cluster: &Cluster, replicas: usize, stop: &AtomicBool) -> Vec<(usize, String)> {
+    let mut not_up: Vec<(usize, String)> = Vec::new();
+    until_stopped(stop, Duration::from_millis(200), || {
+        for i in 0..replicas {
+            if let Ok(st) = cluster.lb_status(i) {
+                if st != "UP" && !not_up.iter().any(|(j, x)| *j == i && *x == st) {
+                    not_up.push((i, st));
+                }
+            }
+        }
+    });
+    not_up
+}
+
+/// `clients` threads posting a completion of a [`FLOOD_PROMPT_CHARS`]-digit
+/// prompt to `lb` again and again until `end`: the outcomes, most first.
+fn flood<'s>(
+    s: &'s Scope<'s, '_>,
+    lb: SocketAddr,
+    model: &str,
+    clients: usize,
+    end: Instant,
+) -> Vec<(String, usize)> {
+    let prompt = "1".repeat(FLOOD_PROMPT_CHARS);
+    let (head, body) =
+        completion_request(serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 1}));
+    let request = std::sync::Arc::new((head, body));
+    let flooders: Vec<_> = (0..clients)
+        .map(|_| {
+            let request = request.clone();
+            s.spawn(move || {
+                let mut mine = Vec::new();
+                while Instant::now() < end {
+                    let outcome =
+                        match one_request(lb, &request.0, request.1.as_bytes(), Duration::from_secs(30)) {
+                            Ok(code) => format!("HTTP {code}"),
+                            Err(e) => format!("no answer ({e})"),
+                        };
+                    count(&mut mine, outcome);
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut flood = Vec::new();
+    for f in flooders {
+        for (k, n) in f.join().unwrap_or_default() {
+            for _ in 0..n {
+                count(&mut flood, k.clone());
+            }
+        }
+    }
+    most_first(&mut flood, |k| k);
+    flood
+}
+
+impl Seen {
+    /// The event line that ends the attack.
+    fn summary(&self) -> String {
+        let flood_total: usize = self.flood.iter().map(|(_, n)| n).sum();
+        let listed = |items: Vec<String>, sep: &str| items.join(sep);
+        format!(
+            "attack ends: {flood_total} flood requests ({}); slowloris: {} of {} closed by the far end while held; \
+             non-readers: {}",
+            listed(self.flood.iter().map(|(k, n)| format!("{n} {k}")).collect(), ", "),
+            self.slowloris_closed,
+            self.slowloris_opened,
+            listed(self.non_readers.iter().map(|(n, s)| format!("{n}: {s}")).collect(), "; ")
+        )
+    }
+
+    /// HAProxy marked no replica DOWN: its counters of DOWN transitions
+    /// (`downs`, per replica) did not move and no poll saw one.
+    fn no_replica_down(&self, downs: &[u64]) -> Check {
+        let states = self
+            .not_up
+            .iter()
+            .map(|(i, s)| format!("replica {i} {s}"))
+            .collect::<Vec<_>>();
         Check {
             what: "HAProxy marks no replica DOWN".into(),
-            passed: downs.iter().all(|&d| d == 0) && seen.not_up.is_empty(),
+            passed: downs.iter().all(|&d| d == 0) && self.not_up.is_empty(),
             seen: format!(
                 "DOWN transitions per replica {downs:?}{}",
-                if seen.not_up.is_empty() {
+                if states.is_empty() {
                     String::new()
                 } else {
-                    format!(
-                        "; seen: {}",
-                        seen.not_up
-                            .iter()
-                            .map(|(i, s)| format!("replica {i} {s}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
+                    format!("; seen: {}", states.join(", "))
                 }
             ),
-        },
+        }
+    }
+
+    /// Every `/health` probe answered 200, the p99 under [`HEALTH_P99_MS`].
+    fn health_held(&self) -> Check {
+        let lat: Vec<f64> = self.probes.iter().map(|p| p.0).collect();
+        let latency = stats::summarize(&lat);
+        let max = lat.iter().copied().fold(0.0, f64::max);
+        let failed = self.probes.iter().filter(|p| !p.1).count();
         Check {
             what: format!("every replica's /health answers 200, p99 under {HEALTH_P99_MS:.0} ms"),
-            passed: !seen.probes.is_empty() && failed_probes == 0 && p99 < HEALTH_P99_MS,
+            passed: !self.probes.is_empty() && failed == 0 && latency.p99 < HEALTH_P99_MS,
             seen: format!(
-                "{} probes, {failed_probes} failed (no 200 within {} s), p50 {:.1} ms, p99 {p99:.1} ms, max {:.1} ms",
-                seen.probes.len(),
+                "{} probes, {failed} failed (no 200 within {} s), p50 {:.1} ms, p99 {:.1} ms, max {max:.1} ms",
+                self.probes.len(),
                 PROBE_TIMEOUT.as_secs(),
-                super::nearest_rank(&lat, 0.5),
-                lat.last().copied().unwrap_or(0.0)
+                latency.p50,
+                latency.p99
             ),
-        },
-    ];
-    Ok((seen, checks))
+        }
+    }
 }
 
 #[cfg(test)]

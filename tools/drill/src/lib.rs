@@ -26,6 +26,7 @@
 
 pub mod abuse;
 pub mod cluster;
+pub mod tally;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -35,8 +36,10 @@ use clap::ValueEnum;
 use serde::Serialize;
 
 use cluster::{metric_sum, Cluster, ClusterSpec, Programs};
-use gpt2_bench::{meta, Report};
+use gpt2_bench::failure::Cause;
+use gpt2_bench::{meta, stats, Report};
 use gpt2_hub::WeightsSource;
+use tally::{Check, Events, Tally};
 
 /// Which drill (`drill <DRILL>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -109,161 +112,6 @@ pub struct DrillArgs {
     pub out_dir: PathBuf,
 }
 
-/// One check of a drill: what was required, whether it held, what was seen.
-#[derive(Debug, Clone, Serialize)]
-pub struct Check {
-    pub what: String,
-    pub passed: bool,
-    pub seen: String,
-}
-
-/// What the clients of one measured run saw.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Tally {
-    pub sent: usize,
-    pub succeeded: usize,
-    /// Failures grouped by cause, most frequent first.
-    pub failed_by_cause: Vec<(String, usize)>,
-    /// Latency of the successful requests, ms.
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub tokens_per_s: f64,
-    /// Requests whose token count was not the one asked for.
-    pub wrong_token_counts: usize,
-}
-
-impl Tally {
-    pub fn failed(&self) -> usize {
-        self.failed_where(|_| true)
-    }
-
-    /// Failures whose cause `of` accepts.
-    pub fn failed_where(&self, of: impl Fn(&str) -> bool) -> usize {
-        self.failed_by_cause
-            .iter()
-            .filter(|(c, _)| of(c))
-            .map(|(_, n)| n)
-            .sum()
-    }
-
-    /// Every request of every test of `report` (the warmup is not in it).
-    pub fn of(report: &Report) -> Tally {
-        let mut t = Tally::default();
-        let mut latencies = Vec::new();
-        let (mut tokens, mut seconds) = (0usize, 0.0);
-        for test in &report.tests {
-            tokens += test.total_tokens;
-            seconds += test.duration_s;
-            for r in &test.raw {
-                t.sent += 1;
-                match &r.error {
-                    None if r.generated_tokens == report.metadata.max_new_tokens => {
-                        t.succeeded += 1;
-                        latencies.push(r.latency_ms);
-                    }
-                    None => {
-                        t.wrong_token_counts += 1;
-                        count(&mut t.failed_by_cause, "wrong token count");
-                    }
-                    Some(e) => {
-                        let c = cause(e);
-                        if c == "wrong token count" {
-                            t.wrong_token_counts += 1;
-                        }
-                        count(&mut t.failed_by_cause, &c);
-                    }
-                }
-            }
-        }
-        t.failed_by_cause
-            .sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        latencies.sort_by(f64::total_cmp);
-        t.p50_ms = nearest_rank(&latencies, 0.50);
-        t.p99_ms = nearest_rank(&latencies, 0.99);
-        t.tokens_per_s = if seconds > 0.0 {
-            tokens as f64 / seconds
-        } else {
-            0.0
-        };
-        t
-    }
-}
-
-fn count(causes: &mut Vec<(String, usize)>, c: &str) {
-    match causes.iter_mut().find(|(k, _)| k == c) {
-        Some((_, n)) => *n += 1,
-        None => causes.push((c.to_string(), 1)),
-    }
-}
-
-/// The `q` quantile of sorted `v` (nearest rank), 0 if empty.
-fn nearest_rank(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
-/// A failure's text (from `throughput --url`'s client) as a cause to group
-/// by: the HTTP status with the server's words, a cut stream, a timeout, a
-/// connection that failed, or a wrong token count.
-pub fn cause(error: &str) -> String {
-    let e = error.to_ascii_lowercase();
-    if let Some(rest) = error.strip_prefix("HTTP ") {
-        let (status, message) = rest.split_once(": ").unwrap_or((rest, ""));
-        if message.starts_with("`<html>") {
-            // Not the server's JSON error but a proxy's page (HAProxy's
-            // 502: the replica died before it answered).
-            return format!("HTTP {status} (the proxy's error page)");
-        }
-        // The server's words, to the last whole word within 72 characters.
-        let mut message: String = message.chars().take(72).collect();
-        if message.len() < rest.len() - status.len() - 2 {
-            if let Some(cut) = message.rfind(' ') {
-                message.truncate(cut);
-                message.push_str(" ...");
-            }
-        }
-        return if message.is_empty() {
-            format!("HTTP {status}")
-        } else {
-            format!("HTTP {status} ({message})")
-        };
-    }
-    if e.starts_with("short:") || e.starts_with("long:") || e.contains("completion tokens but") {
-        "wrong token count".into()
-    } else if e.starts_with("request deadline passed") {
-        "timeout (request deadline passed)".into()
-    } else if [
-        "line too long:",
-        "event too long:",
-        "too many events:",
-        "stream too long:",
-    ]
-    .iter()
-    .any(|k| e.starts_with(k))
-    {
-        // The client's bounds on a stream (`throughput --url`): the kind.
-        format!(
-            "stream past its bounds ({})",
-            error.split(':').next().unwrap_or(error)
-        )
-    } else if e.contains("timeout") || e.contains("timed out") {
-        "timeout (no answer in time)".into()
-    } else if e.contains("stream broke") || e.contains("without `data: [done]`") {
-        "stream cut mid-response".into()
-    } else if e.contains("refused")
-        || e.contains("reset")
-        || e.contains("connection")
-        || e.contains("disconnected")
-    {
-        "connection failed".into()
-    } else {
-        error.chars().take(80).collect()
-    }
-}
-
 /// One `throughput --url` run through the cluster's HAProxy.
 struct Load {
     levels: Vec<usize>,
@@ -313,12 +161,13 @@ fn spawn_load(
         .map_err(|e| format!("cannot run {}: {e}", programs.throughput.display()))
 }
 
-/// Waits for a load at most `limit` (then kills it: a client hung) and
-/// reads its report. Exit 0, 3 (targets) and 4 (failed requests) all wrote one.
+/// A new file at `path`, or an error naming it.
 fn create(path: &Path) -> Result<std::fs::File, String> {
     std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
+/// Waits for a load at most `limit` (then kills it: a client hung) and
+/// reads its report. Exit 0, 3 (targets) and 4 (failed requests) all wrote one.
 fn finish_load(mut child: Child, limit: Duration, state: &Path) -> Result<Report, String> {
     let start = Instant::now();
     loop {
@@ -391,7 +240,7 @@ impl DrillReport {
         if !t.failed_by_cause.is_empty() {
             s.push_str("| failed by cause | requests |\n|---|---:|\n");
             for (c, n) in &t.failed_by_cause {
-                s.push_str(&format!("| {} | {n} |\n", c.replace('|', "\\|")));
+                s.push_str(&format!("| {} | {n} |\n", c.label.replace('|', "\\|")));
             }
             s.push('\n');
         }
@@ -425,15 +274,20 @@ pub struct Drills {
     pub weights: String,
 }
 
+/// `gpt2 serve`'s batch and queue flags.
+fn serve_flags(max_batch: usize, max_queue: usize) -> Vec<String> {
+    vec![
+        "--max-batch".into(),
+        max_batch.to_string(),
+        "--max-queue".into(),
+        max_queue.to_string(),
+    ]
+}
+
 /// The drills' engine settings: room for every client, so only the fault
 /// can fail a request.
 fn roomy_flags(concurrency: usize) -> Vec<String> {
-    vec![
-        "--max-batch".into(),
-        concurrency.to_string(),
-        "--max-queue".into(),
-        (4 * concurrency).to_string(),
-    ]
+    serve_flags(concurrency, 4 * concurrency)
 }
 
 impl Drills {
@@ -456,22 +310,30 @@ impl Drills {
         Cluster::start(spec, &self.programs, &self.work.join(name))
     }
 
-    /// Requests per second at the drill's concurrency, from a short run.
-    fn calibrate(&self, cluster: &Cluster, c: usize) -> Result<f64, String> {
-        let load = Load {
-            levels: vec![c],
-            requests_per_level: 2 * c,
-            single_requests: 1,
+    /// A closed-loop load of the drill's requests: `requests_per_level` at
+    /// each of `levels`, after `single_requests` alone.
+    fn load(&self, levels: Vec<usize>, requests_per_level: usize, single_requests: usize) -> Load {
+        Load {
+            levels,
+            requests_per_level,
+            single_requests,
             max_new_tokens: self.args.max_new_tokens,
             request_rate: None,
             deadline: self.args.request_deadline,
-        };
-        let child = spawn_load(&self.programs, cluster, &load, self.args.weights.as_deref())?;
-        let report = finish_load(
-            child,
-            Duration::from_secs_f64(self.args.request_deadline * 4.0 + 120.0),
-            &cluster.state,
-        )?;
+        }
+    }
+
+    /// Runs `load` on `cluster` to its end (within `limit`): its report.
+    fn run_load(&self, cluster: &Cluster, load: &Load, limit: Duration) -> Result<Report, String> {
+        let child = spawn_load(&self.programs, cluster, load, self.args.weights.as_deref())?;
+        finish_load(child, limit, &cluster.state)
+    }
+
+    /// Requests per second at the drill's concurrency, from a short run.
+    fn calibrate(&self, cluster: &Cluster, c: usize) -> Result<f64, String> {
+        let load = self.load(vec![c], 2 * c, 1);
+        let limit = Duration::from_secs_f64(self.args.request_deadline * 4.0 + 120.0);
+        let report = self.run_load(cluster, &load, limit)?;
         let test = report
             .tests
             .iter()
@@ -499,12 +361,8 @@ impl Drills {
         let c = self.args.concurrency;
         let wanted = (rate * self.args.duration).ceil() as usize;
         Load {
-            levels: vec![c],
-            requests_per_level: wanted.max(2 * c),
-            single_requests: 1,
-            max_new_tokens: self.args.max_new_tokens,
             request_rate,
-            deadline: self.args.request_deadline,
+            ..self.load(vec![c], wanted.max(2 * c), 1)
         }
     }
 
@@ -540,7 +398,7 @@ impl Drills {
         let cluster = self.start("rolling", &self.spec(self.args.replicas, 1, serve.clone()))?;
         let rate = self.calibrate(&cluster, self.args.concurrency)?;
         let load = self.measured_load(rate, None);
-        let run = self.measure(&cluster, &load, |cluster, ev, checks| {
+        let mut run = self.measure(&cluster, &load, |cluster, ev, checks| {
             std::thread::sleep(Duration::from_secs_f64(self.args.duration * 0.15));
             for i in 0..cluster.spec.replicas {
                 let old = cluster.signal(i, "TERM")?;
@@ -551,7 +409,6 @@ impl Drills {
             }
             Ok(())
         })?;
-        let mut run = run;
         run.checks.insert(0, none_failed(&run.tally, "no request failed"));
         Ok(self.report(DrillKind::Rolling, self.setting("rolling restart", &serve), run))
     }
@@ -564,7 +421,7 @@ impl Drills {
         let rate = self.calibrate(&cluster, self.args.concurrency)?;
         let load = self.measured_load(rate, None);
         let mut held = 0.0;
-        let run = self.measure(&cluster, &load, |cluster, ev, checks| {
+        let mut run = self.measure(&cluster, &load, |cluster, ev, checks| {
             std::thread::sleep(Duration::from_secs_f64(self.args.duration * 0.3));
             let page = cluster
                 .get(&cluster.replica_url(0, "/metrics"))
@@ -591,7 +448,6 @@ impl Drills {
             checks.push(serves_again(cluster, 0, new, ev));
             Ok(())
         })?;
-        let mut run = run;
         // What HAProxy did with the connections the dead replica refused.
         let field = |name: &str| {
             cluster
@@ -610,9 +466,7 @@ impl Drills {
             ),
         ));
         let t = &run.tally;
-        let cut = t.failed_where(|c| {
-            c == "stream cut mid-response" || c == "connection failed" || c.starts_with("HTTP 502")
-        });
+        let cut = t.failed_where(|c| matches!(c, Cause::StreamCut | Cause::Connection | Cause::Status(502)));
         run.checks.insert(
             0,
             Check {
@@ -644,12 +498,7 @@ impl Drills {
         // Each replica holds max_batch + max_queue requests; concurrency is
         // 4x the replicas' queues (and 2x what they hold in all).
         let queue = (c / (4 * self.args.replicas)).max(1);
-        let serve = vec![
-            "--max-batch".to_string(),
-            queue.to_string(),
-            "--max-queue".to_string(),
-            queue.to_string(),
-        ];
+        let serve = serve_flags(queue, queue);
         let cluster = self.start("overload", &self.spec(self.args.replicas, 1, serve.clone()))?;
         // The rate it serves with every batch slot busy. Not at max_batch +
         // max_queue per replica: a client sends its next request as soon as
@@ -661,7 +510,7 @@ impl Drills {
         let offered = 4.0 * rate;
         let mut load = self.measured_load(offered, Some(offered));
         load.requests_per_level = load.requests_per_level.max(4 * c);
-        let run = self.measure(&cluster, &load, |_, ev, _| {
+        let mut run = self.measure(&cluster, &load, |_, ev, _| {
             ev.note(format!(
                 "arrivals at {offered:.2} requests/s (4x the {rate:.2}/s measured), concurrency {c} = 4 x \
                  {} replicas x --max-queue {queue}",
@@ -669,9 +518,8 @@ impl Drills {
             ));
             Ok(())
         })?;
-        let mut run = run;
         let t = &run.tally;
-        let by_429 = t.failed_where(|c| c.starts_with("HTTP 429"));
+        let by_429 = t.failed_where(|c| c == Cause::Status(429));
         run.checks.insert(
             0,
             Check {
@@ -697,12 +545,7 @@ impl Drills {
         // Each replica holds its share of the ordinary clients and of the
         // non-readers, no more: a slot the attack keeps shows as a 429.
         let share = c.div_ceil(r) + self.args.non_readers.div_ceil(r);
-        let serve = vec![
-            "--max-batch".to_string(),
-            share.to_string(),
-            "--max-queue".to_string(),
-            share.to_string(),
-        ];
+        let serve = serve_flags(share, share);
         let cluster = self.start("abuse", &self.spec(r, 1, serve.clone()))?;
         let models = cluster.get(&format!("{}/v1/models", cluster.lb_url()))?;
         let model = serde_json::from_str::<serde_json::Value>(&models.body)
@@ -726,13 +569,12 @@ impl Drills {
         };
         let rate = self.calibrate(&cluster, c)?;
         let load = self.measured_load(rate, None);
-        let run = self.measure(&cluster, &load, |cluster, ev, checks| {
+        let mut run = self.measure(&cluster, &load, |cluster, ev, checks| {
             std::thread::sleep(Duration::from_secs_f64(self.args.duration * 0.1));
             let (_, found) = abuse::attack(cluster, &model, &attack, ev)?;
             checks.extend(found);
             Ok(())
         })?;
-        let mut run = run;
         run.checks.insert(
             0,
             none_failed(
@@ -767,10 +609,7 @@ impl Drills {
             load.levels[0]
         );
         let mut child = spawn_load(&self.programs, cluster, load, self.args.weights.as_deref())?;
-        let mut events = Events {
-            start: Instant::now(),
-            list: Vec::new(),
-        };
+        let mut events = Events::start();
         let mut checks = Vec::new();
         let acted = faults(cluster, &mut events, &mut checks);
         let still_running = matches!(child.try_wait(), Ok(None));
@@ -800,7 +639,7 @@ impl Drills {
         });
         Ok(Finished {
             tally,
-            events: events.list,
+            events: events.into_list(),
             checks,
         })
     }
@@ -917,16 +756,8 @@ impl Drills {
                 let spec = self.spec(l.replicas, l.cores_per_replica, serve.clone());
                 let name = format!("scale-{}x{}-rep{rep}", l.replicas, l.cores_per_replica);
                 let cluster = self.start(&name, &spec)?;
-                let load = Load {
-                    levels: concurrent.clone(),
-                    requests_per_level: self.args.scale_requests,
-                    single_requests: 4,
-                    max_new_tokens: self.args.max_new_tokens,
-                    request_rate: None,
-                    deadline: self.args.request_deadline,
-                };
-                let child = spawn_load(&self.programs, &cluster, &load, self.args.weights.as_deref())?;
-                let report = finish_load(child, Duration::from_secs(3600), &cluster.state)?;
+                let load = self.load(concurrent.clone(), self.args.scale_requests, 4);
+                let report = self.run_load(&cluster, &load, Duration::from_secs(3600))?;
                 drop(cluster);
                 let cells: Vec<(f64, f64)> = levels
                     .iter()
@@ -943,27 +774,7 @@ impl Drills {
                 runs.push((which, cells));
             }
         }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let cells = (0..layouts.len())
-            .map(|k| {
-                (0..levels.len())
-                    .map(|j| {
-                        let of = |f: fn(&(f64, f64)) -> f64| {
-                            let mut v: Vec<f64> = runs
-                                .iter()
-                                .filter(|(w, _)| *w == k)
-                                .map(|(_, c)| f(&c[j]))
-                                .collect();
-                            median(&mut v)
-                        };
-                        (of(|c| c.0), of(|c| c.1))
-                    })
-                    .collect()
-            })
-            .collect();
+        let cells = medians(&runs, layouts.len(), levels.len());
         Ok(ScaleReport {
             timestamp_utc: meta::utc_timestamp(SystemTime::now(), true),
             git_commit: meta::git_commit(),
@@ -984,6 +795,27 @@ impl Drills {
             failed_requests: failed,
         })
     }
+}
+
+/// Per layout and level, the median (by [`stats::quantile`]) of every
+/// run's tok/s and of its p50 latency; `runs` are (layout, cells by level).
+fn medians(runs: &[(usize, Vec<(f64, f64)>)], layouts: usize, levels: usize) -> Vec<Vec<(f64, f64)>> {
+    let median = |layout: usize, level: usize, f: fn(&(f64, f64)) -> f64| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .filter(|(w, _)| *w == layout)
+            .map(|(_, cells)| f(&cells[level]))
+            .collect();
+        v.sort_by(f64::total_cmp);
+        stats::quantile(&v, 0.5)
+    };
+    (0..layouts)
+        .map(|k| {
+            (0..levels)
+                .map(|j| (median(k, j, |c| c.0), median(k, j, |c| c.1)))
+                .collect()
+        })
+        .collect()
 }
 
 /// Runs the drill `args` names; the reports go to stdout and `--out-dir`.
@@ -1077,20 +909,6 @@ struct Finished {
     checks: Vec<Check>,
 }
 
-/// Events stamped with their time since the measured run began.
-pub struct Events {
-    start: Instant,
-    list: Vec<(f64, String)>,
-}
-
-impl Events {
-    fn note(&mut self, what: String) {
-        let at = self.start.elapsed().as_secs_f64();
-        eprintln!("drill: {at:.2} s: {what}");
-        self.list.push((at, what));
-    }
-}
-
 /// The check that every request of a run was sent and none failed.
 fn none_failed(t: &Tally, what: &str) -> Check {
     Check {
@@ -1127,57 +945,4 @@ fn completions(cluster: &Cluster, i: usize) -> f64 {
         .map(|g| g.body)
         .unwrap_or_default();
     metric_sum(&page, "gpt2_requests_total", &["route=\"/v1/completions\""])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failures_group_by_cause() {
-        assert_eq!(
-            cause("HTTP 429: the server is full: 4 requests in flight"),
-            "HTTP 429 (the server is full: 4 requests in flight)"
-        );
-        assert_eq!(
-            cause(&format!("HTTP 429: {}", "word ".repeat(30))),
-            format!("HTTP 429 ({}...)", "word ".repeat(14))
-        );
-        assert_eq!(cause("HTTP 503"), "HTTP 503");
-        assert_eq!(
-            cause("HTTP 502: `<html><body><h1>502 Bad Gateway</h1> The server returned an invalid`"),
-            "HTTP 502 (the proxy's error page)"
-        );
-        assert_eq!(cause("short: 3 of 16 tokens (stop: length)"), "wrong token count");
-        assert_eq!(
-            cause("`usage` counts 15 completion tokens but 16 token chunks were streamed"),
-            "wrong token count"
-        );
-        assert_eq!(
-            cause("the event stream broke after 5 events: connection reset"),
-            "stream cut mid-response"
-        );
-        assert_eq!(cause("timeout: global"), "timeout (no answer in time)");
-        assert_eq!(
-            cause("io: Connection refused (os error 111)"),
-            "connection failed"
-        );
-        assert_eq!(cause("io: Peer disconnected"), "connection failed");
-        assert_eq!(
-            cause("too many events: the stream went past 12 events for 4 tokens asked"),
-            "stream past its bounds (too many events)"
-        );
-        assert_eq!(
-            cause("request deadline passed: 6.1 s (--request-deadline; ...)"),
-            "timeout (request deadline passed)"
-        );
-    }
-
-    #[test]
-    fn nearest_rank_quantiles() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(nearest_rank(&v, 0.5), 50.0);
-        assert_eq!(nearest_rank(&v, 0.99), 99.0);
-        assert_eq!(nearest_rank(&[], 0.5), 0.0);
-    }
 }

@@ -647,6 +647,7 @@ mod tests {
                 tpot_ms: Some(lat / 50.0),
                 token_ms: Vec::new(),
                 error: None,
+                cause: None,
             }],
         }
     }
