@@ -9,13 +9,14 @@ pub mod http;
 pub mod in_process;
 pub mod legacy;
 pub mod meta;
+pub mod probe;
+pub mod progress;
 pub mod report;
 pub mod roofline;
 pub mod run;
 pub mod runner;
+pub mod soak;
 pub mod stats;
-pub mod probe;
-pub mod progress;
 
 use serde::{Deserialize, Serialize};
 

@@ -6,15 +6,15 @@
 
 use std::time::Duration;
 
-use gpt2::timed::DecodeStep;
 use super::{
     Batch8Roofline, ComputePeak, DecodeRoofline, DtypeRoofline, PrefillRoofline, Roofline, RooflineLimits,
     StepRoofline, TestResult,
 };
-use gpt2::config::Gpt2Config;
-use gpt2::error::Result;
 use crate::probe::Limits;
 use crate::progress::Progress;
+use gpt2::config::Gpt2Config;
+use gpt2::error::Result;
+use gpt2::timed::DecodeStep;
 use gpt2::{Dtype, GenerateOptions, Gpt2Model, Session};
 
 /// Tokens of the prefill timed alone (capped by the context).
