@@ -5,8 +5,8 @@
 use std::fmt::Write as _;
 
 use super::*;
-use crate::{DtypeRoofline, Roofline, RooflineLimits, StepRoofline};
 use crate::probe::Limits;
+use crate::{DtypeRoofline, Roofline, RooflineLimits, StepRoofline};
 use gpt2_kernels::probe::FMA_ROWS;
 
 /// The sections a report has only with `--probe` or `--profile`, in that
