@@ -182,7 +182,8 @@ impl Backend for Http {
 
     fn connect(&self, _client: usize, _prompts: &[Vec<u32>]) {}
 
-    fn send(&self, _client: &mut (), prompt: &[u32]) -> Result<Reply, Failure> {
+    fn send(&self, _client: &mut (), prompt: &[u32], max_new_tokens: usize) -> Result<Reply, Failure> {
+        debug_assert_eq!(max_new_tokens, self.max_tokens, "made for one count");
         let start = Instant::now();
         let deadline = self.deadline(prompt.len());
         let mut req = self

@@ -1,7 +1,7 @@
 //! The benchmark's requests served in this process: a [`Backend`] over the
-//! shared model, each request either on its client's own [`Session`]
-//! (threads mode) or through the continuous-batching [`Scheduler`] (batched
-//! mode).
+//! shared model, each request greedy, either on its client's own
+//! [`Session`] (threads mode) or through the continuous-batching
+//! [`Scheduler`] (batched mode). `throughput` and `soak` both drive it.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
@@ -55,7 +55,6 @@ impl Mode {
 #[derive(Clone)]
 pub struct InProcess<'a> {
     pub model: &'a Gpt2Model,
-    pub opts: GenerateOptions,
     pub mode: Mode,
     pub layout: PoolLayout,
     /// Threads of each request's own pool (per-request layout).
@@ -83,7 +82,13 @@ impl InProcess<'_> {
         Ok(s)
     }
 
-    fn generate(&self, client: &mut Client, prompt: &[u32]) -> gpt2::Result<Generation> {
+    fn generate(
+        &self,
+        client: &mut Client,
+        prompt: &[u32],
+        max_new_tokens: usize,
+    ) -> gpt2::Result<Generation> {
+        let opts = GenerateOptions::greedy(max_new_tokens);
         match self.mode {
             Mode::Threads => {
                 let s = match client.session {
@@ -91,10 +96,10 @@ impl InProcess<'_> {
                     None => client.session.insert(self.new_session(client.max_rows)?),
                 };
                 let pool = client.own_pool.as_ref().unwrap_or(self.shared_pool);
-                pool.install(|| s.generate(self.model, prompt, &self.opts, |_| {}))
+                pool.install(|| s.generate(self.model, prompt, &opts, |_| {}))
             }
             Mode::Batched => match self.scheduler {
-                Some(sched) => sched.generate(prompt.to_vec(), self.opts.clone()),
+                Some(sched) => sched.generate(prompt.to_vec(), opts),
                 None => Err(gpt2::Error::Engine("no scheduler".into())),
             },
         }
@@ -125,8 +130,8 @@ impl Backend for InProcess<'_> {
         }
     }
 
-    fn send(&self, client: &mut Client, prompt: &[u32]) -> Result<Reply, Failure> {
-        match catch_unwind(AssertUnwindSafe(|| self.generate(client, prompt))) {
+    fn send(&self, client: &mut Client, prompt: &[u32], max_new_tokens: usize) -> Result<Reply, Failure> {
+        match catch_unwind(AssertUnwindSafe(|| self.generate(client, prompt, max_new_tokens))) {
             Ok(Ok(g)) => Ok(Reply {
                 tokens: g.tokens.len(),
                 ttft: g.timings.ttft,

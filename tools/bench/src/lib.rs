@@ -17,6 +17,7 @@ pub mod report;
 pub mod roofline;
 pub mod run;
 pub mod runner;
+pub mod soak;
 pub mod sse;
 pub mod stats;
 

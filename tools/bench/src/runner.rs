@@ -2,8 +2,11 @@
 //! benchmark, apart from what serves the requests. A [`Backend`] runs one
 //! request (in this process: [`super::in_process::InProcess`]; over HTTP:
 //! [`super::http::Http`]); [`run_test`] drives it from client threads,
-//! closed loop or on a Poisson schedule, and turns what it returns into
-//! [`RequestRecord`]s.
+//! closed loop or on a Poisson schedule, turns what it returns into
+//! [`RequestRecord`]s, and tells an [`Observer`] as it goes (`throughput`'s
+//! status lines, `soak`'s memory samples). It is the one load loop: every
+//! test of `throughput` (in process or `--url`) and every mode of `soak` runs
+//! through it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -38,9 +41,16 @@ pub trait Backend: Sync {
     /// The state of client thread `client`, which sends requests of `prompts`.
     fn connect(&self, client: usize, prompts: &[Vec<u32>]) -> Self::Client;
 
-    /// Runs one request to the end; `Err` names why it failed (an error, a
-    /// panic).
-    fn send(&self, client: &mut Self::Client, prompt: &[u32]) -> Result<Reply, Failure>;
+    /// Runs one request to the end: `prompt`, greedy, exactly
+    /// `max_new_tokens` new tokens (a backend made for one count, as the
+    /// HTTP one is, is only sent that count); `Err` names why it failed (an
+    /// error, a panic).
+    fn send(
+        &self,
+        client: &mut Self::Client,
+        prompt: &[u32],
+        max_new_tokens: usize,
+    ) -> Result<Reply, Failure>;
 
     /// The client thread is done (after its last request).
     fn disconnect(&self, _client: Self::Client) {}
@@ -58,11 +68,78 @@ pub struct Load<'a> {
     pub requests: usize,
     /// Rotated: request i takes prompt i mod len.
     pub prompts: &'a [Vec<u32>],
-    /// Tokens every request must generate; fewer is a failure.
-    pub max_new_tokens: usize,
+    /// Tokens request i must generate, rotated the same way: one count for
+    /// every request (`throughput`), or one per prompt (`soak`'s mix).
+    /// Fewer or more is a failure.
+    pub max_new_tokens: &'a [usize],
     /// When each request is due, from the start of the test (open loop);
     /// `None`: closed loop, a client sends its next request when its last ends.
     pub arrivals: Option<&'a [Duration]>,
+}
+
+impl Load<'_> {
+    /// The prompt and token count of request `index`.
+    fn request(&self, index: usize) -> (&[u32], usize) {
+        (
+            &self.prompts[index % self.prompts.len()],
+            self.max_new_tokens[index % self.max_new_tokens.len()],
+        )
+    }
+
+    /// `[name mode dtype]`, how every status line of the test starts.
+    fn tag(&self) -> String {
+        format!("[{} {} {}]", self.name, self.mode, self.dtype)
+    }
+}
+
+/// What a driver is told as a test runs: [`Progress`] shows `throughput`'s
+/// status lines; `soak` also samples memory.
+pub trait Observer: Sync {
+    /// Every client is connected (its state made): the test's clock starts
+    /// when this returns, and no request was sent before.
+    fn started(&self) {}
+
+    /// A client took request `index`, before it waits for its arrival or
+    /// sends it.
+    fn taken(&self, _index: usize) {}
+
+    /// A request waits longer than [`LONG_WAIT`] for its open-loop arrival:
+    /// `line` says which and how long.
+    fn waiting(&self, line: &str);
+
+    /// Request `record` of `load` ended (succeeded or failed).
+    fn ended(&self, load: &Load, record: &RequestRecord);
+}
+
+/// `throughput`'s view of a test: one status line per request (the bar's
+/// message on a terminal; a failure stays on screen), counted on the bar.
+impl Observer for Progress {
+    fn waiting(&self, line: &str) {
+        self.status(line);
+    }
+
+    fn ended(&self, load: &Load, rec: &RequestRecord) {
+        let line = format!(
+            "{} request {}/{} (client {}): {:.0} ms, {} tokens{}",
+            load.tag(),
+            rec.index + 1,
+            load.requests,
+            rec.client,
+            rec.latency_ms,
+            rec.generated_tokens,
+            rec.error
+                .as_deref()
+                .map(|e| format!(", FAILED: {e}"))
+                .unwrap_or_default()
+        );
+        // A failure stays on screen above a bar; a success is its message.
+        if rec.error.is_some() {
+            self.println(&line);
+        } else {
+            self.status(&line);
+        }
+        self.inc(1);
+    }
 }
 
 /// Most client threads one test may start (`--levels`): past this a level
@@ -70,26 +147,27 @@ pub struct Load<'a> {
 pub const MAX_CLIENTS: usize = 1024;
 
 /// An open-loop wait longer than this shows as a status line.
-const LONG_WAIT: Duration = Duration::from_secs(1);
+pub const LONG_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs `load` on `backend`: `requests` requests from `concurrency` client
-/// threads, prompts rotated. Closed loop: each client takes the next request
-/// when its last one ends. With arrivals, request i is due at its arrival
-/// time and its latency counts from then. One status line per request on
-/// `progress`. Returns the wall time from the first start to the last end,
-/// in seconds, and the records in submission order.
+/// threads, prompts rotated. Every client connects first; when all have,
+/// `observer` is told and the clock starts. Closed loop: each client takes
+/// the next request when its last one ends. With arrivals, request i is due
+/// at its arrival time from the clock's start and its latency counts from
+/// then. `observer` sees each request taken and ended. Returns the wall time
+/// from the first start to the last end, in seconds, and the records in
+/// submission order.
 ///
-/// Every client thread is started before any request is sent; if one cannot
-/// be started (the OS refuses a thread), those already waiting are released
-/// without sending anything and the error names the thread and the level.
+/// If a client thread cannot be started (the OS refuses a thread), those
+/// already started are released without sending anything and the error
+/// names the thread and the level.
 pub fn run_test<B: Backend>(
     backend: &B,
     load: &Load,
-    progress: &Progress,
+    observer: &impl Observer,
 ) -> Result<(f64, Vec<RequestRecord>), String> {
     let next = AtomicUsize::new(0);
     let gate = Gate::default();
-    let t0 = Instant::now();
     let (mut records, spawn_error) = std::thread::scope(|s| {
         let mut handles = Vec::with_capacity(load.concurrency);
         let mut spawn_error = None;
@@ -97,9 +175,7 @@ pub fn run_test<B: Backend>(
             let (next, gate) = (&next, &gate);
             let spawned = std::thread::Builder::new()
                 .name(format!("client-{client}"))
-                .spawn_scoped(s, move || {
-                    run_client(backend, load, client, next, gate, t0, progress)
-                });
+                .spawn_scoped(s, move || run_client(backend, load, client, next, gate, observer));
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -114,6 +190,10 @@ pub fn run_test<B: Backend>(
                     break;
                 }
             }
+        }
+        if spawn_error.is_none() {
+            gate.wait_connected(handles.len());
+            observer.started();
         }
         gate.open(spawn_error.is_none());
         let records: Vec<RequestRecord> = handles
@@ -134,46 +214,89 @@ pub fn run_test<B: Backend>(
     Ok(((end - start).max(0.0) / 1e3, records))
 }
 
-/// Where client threads wait until all of them are started: opened with
-/// `true` to go, or `false` to leave without sending anything. Unlike a
-/// `Barrier` sized to the level, a thread that never started cannot leave
-/// the others waiting forever.
+/// Where client threads wait until all of them are started and connected:
+/// opened with `true` to go (the clock starts then), or `false` to leave
+/// without sending anything. Unlike a `Barrier` sized to the level, a
+/// thread that never started cannot leave the others waiting forever.
 #[derive(Default)]
 struct Gate {
-    state: std::sync::Mutex<Option<bool>>,
-    opened: std::sync::Condvar,
+    state: std::sync::Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Clients connected so far.
+    connected: usize,
+    /// `None` while closed; then whether to go, and when it opened.
+    opened: Option<(bool, Instant)>,
 }
 
 impl Gate {
-    fn open(&self, go: bool) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(go);
-        self.opened.notify_all();
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Blocks until opened; whether to go.
-    fn wait(&self) -> bool {
-        let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+    /// One more client is connected.
+    fn connected(&self) {
+        self.lock().connected += 1;
+        self.changed.notify_all();
+    }
+
+    /// Blocks until `clients` clients are connected.
+    fn wait_connected(&self, clients: usize) {
+        let guard = self.lock();
+        drop(
+            self.changed
+                .wait_while(guard, |s| s.connected < clients)
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+    }
+
+    fn open(&self, go: bool) {
+        self.lock().opened = Some((go, Instant::now()));
+        self.changed.notify_all();
+    }
+
+    /// Blocks until opened; whether to go, and when it opened (the clock's start).
+    fn wait(&self) -> (bool, Instant) {
+        let guard = self.lock();
         let guard = self
-            .opened
-            .wait_while(guard, |s| s.is_none())
+            .changed
+            .wait_while(guard, |s| s.opened.is_none())
             .unwrap_or_else(|e| e.into_inner());
-        guard.unwrap_or(false)
+        guard.opened.unwrap_or((false, Instant::now()))
     }
 }
 
-/// One client thread: takes the next request index until there are none.
+/// Tells the gate its client is connected when dropped: after `connect`
+/// returns, or as a panic in it unwinds, so the test never waits for a
+/// client that is gone.
+struct Connected<'a>(&'a Gate);
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.connected();
+    }
+}
+
+/// One client thread: connects, then takes the next request index until
+/// there are none.
 fn run_client<B: Backend>(
     backend: &B,
     load: &Load,
     client: usize,
     next: &AtomicUsize,
     gate: &Gate,
-    t0: Instant,
-    progress: &Progress,
+    observer: &impl Observer,
 ) -> Vec<RequestRecord> {
-    let mut state = backend.connect(client, load.prompts);
+    let mut state = {
+        let _connected = Connected(gate);
+        backend.connect(client, load.prompts)
+    };
     let mut records = Vec::new();
-    if !gate.wait() {
+    let (go, t0) = gate.wait();
+    if !go {
         backend.disconnect(state);
         return records;
     }
@@ -182,18 +305,17 @@ fn run_client<B: Backend>(
         if index >= load.requests {
             break;
         }
-        let prompt = &load.prompts[index % load.prompts.len()];
+        observer.taken(index);
+        let (prompt, max_new_tokens) = load.request(index);
         // Open loop: wait for the arrival; latency counts from it.
         let start = match load.arrivals {
             Some(a) => {
                 let due = t0 + a[index];
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     if wait > LONG_WAIT {
-                        progress.status(&format!(
-                            "[{} {} {}] request {}/{} arrives in {:.1} s",
-                            load.name,
-                            load.mode,
-                            load.dtype,
+                        observer.waiting(&format!(
+                            "{} request {}/{} arrives in {:.1} s",
+                            load.tag(),
                             index + 1,
                             load.requests,
                             wait.as_secs_f64()
@@ -205,7 +327,7 @@ fn run_client<B: Backend>(
             }
             None => Instant::now(),
         };
-        let reply = backend.send(&mut state, prompt);
+        let reply = backend.send(&mut state, prompt, max_new_tokens);
         let rec = record(
             index,
             client,
@@ -213,29 +335,9 @@ fn run_client<B: Backend>(
             (start - t0).as_secs_f64() * 1e3,
             start.elapsed().as_secs_f64() * 1e3,
             reply,
-            load.max_new_tokens,
+            max_new_tokens,
         );
-        let line = format!(
-            "[{} {} {}] request {}/{} (client {client}): {:.0} ms, {} tokens{}",
-            load.name,
-            load.mode,
-            load.dtype,
-            index + 1,
-            load.requests,
-            rec.latency_ms,
-            rec.generated_tokens,
-            rec.error
-                .as_deref()
-                .map(|e| format!(", FAILED: {e}"))
-                .unwrap_or_default()
-        );
-        // A failure stays on screen above a bar; a success is its message.
-        if rec.error.is_some() {
-            progress.println(&line);
-        } else {
-            progress.status(&line);
-        }
-        progress.inc(1);
+        observer.ended(load, &rec);
         records.push(rec);
     }
     backend.disconnect(state);
@@ -324,7 +426,12 @@ mod tests {
             self.connected.lock().unwrap().push(client);
             client
         }
-        fn send(&self, _client: &mut usize, prompt: &[u32]) -> Result<Reply, Failure> {
+        fn send(
+            &self,
+            _client: &mut usize,
+            prompt: &[u32],
+            _max_new_tokens: usize,
+        ) -> Result<Reply, Failure> {
             if prompt == [0] {
                 return Err("boom".into());
             }
@@ -347,7 +454,7 @@ mod tests {
             concurrency: 2,
             requests: 5,
             prompts,
-            max_new_tokens: 3,
+            max_new_tokens: &[3],
             arrivals,
         }
     }
@@ -359,7 +466,7 @@ mod tests {
         for go in [false, true] {
             let gate = Gate::default();
             let went = std::thread::scope(|s| {
-                let waiters: Vec<_> = (0..4).map(|_| s.spawn(|| gate.wait())).collect();
+                let waiters: Vec<_> = (0..4).map(|_| s.spawn(|| gate.wait().0)).collect();
                 std::thread::sleep(Duration::from_millis(20));
                 gate.open(go);
                 waiters.into_iter().map(|w| w.join().unwrap()).collect::<Vec<_>>()

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use super::svg::{dtype_dash, legend_entry, lg, nice_axis, series, tick_label};
+use super::svg::{dtype_dash, legend_entry, lg, nice_axis, no_data, series, Frame, Heading};
 use super::*;
 
 /// One curve: a (mode, dtype) of one report, its levels ascending.
@@ -96,7 +96,6 @@ fn all_levels(curves: &[Curve]) -> Vec<usize> {
 /// Markdown file).
 pub fn compare_markdown(reports: &[(String, Report)], svg_file_name: &str) -> String {
     let curves = curves(reports);
-    let xs = all_levels(&curves);
     let mut out = String::from("# GPT-2 throughput comparison\n\n");
     let _ = writeln!(
         out,
@@ -122,8 +121,30 @@ pub fn compare_markdown(reports: &[(String, Report)], svg_file_name: &str) -> St
             synthetic.join(", ")
         );
     }
-
     out.push_str("## Reports\n\n");
+    out.push_str(&reports_table(reports).markdown());
+    out.push_str(&by_level(&curves, "Tokens/s by concurrency", |l| {
+        f2(l.tokens_per_s)
+    }));
+    out.push_str(&by_level(&curves, "p50 latency (ms) by concurrency", |l| {
+        f1(l.latency_p50_ms)
+    }));
+    out.push_str("\n## Curves\n\n");
+    let _ = writeln!(
+        out,
+        "![Tokens/s against concurrency, every curve]({})\n",
+        md_link_target(svg_file_name)
+    );
+    out.push_str(
+        "One line per report, mode and dtype (f32 solid, bf16 dashed, int8 dotted, other dtypes \
+         dash-dotted), numbered as the reports above. Concurrency 1 is each run's single \
+         request, shared by its modes.\n",
+    );
+    out
+}
+
+/// One row per report: what ran, where, when, with which weights.
+fn reports_table(reports: &[(String, Report)]) -> Table {
     let mut t = Table::new(&[
         "#",
         "file",
@@ -142,75 +163,56 @@ pub fn compare_markdown(reports: &[(String, Report)], svg_file_name: &str) -> St
     }
     for (i, (name, r)) in reports.iter().enumerate() {
         let md = &r.metadata;
-        let mut weights = md_text(&md.weights_source);
-        if md.synthetic_weights {
-            weights = format!("**SYNTHETIC** {weights}");
-        }
-        t.row(vec![
-            (i + 1).to_string(),
-            format!("`{}`", md_code(name)),
-            md_text(&md.engine()),
-            md_text(&md.cpu_model),
-            md.cores.to_string(),
-            md_text(&md.timestamp_utc),
-            format!("`{}`", md_code(&short_sha(&md.git_commit))),
+        let weights = if md.synthetic_weights {
+            Cell::Markdown(format!("**SYNTHETIC** {}", md_text(&md.weights_source)))
+        } else {
+            Cell::Text(md.weights_source.clone())
+        };
+        t.row([
+            (i + 1).to_string().into(),
+            Cell::Code(name.clone()),
+            Cell::Text(md.engine()),
+            Cell::Text(md.cpu_model.clone()),
+            md.cores.to_string().into(),
+            Cell::Text(md.timestamp_utc.clone()),
+            Cell::Code(short_sha(&md.git_commit)),
             weights,
-            md.max_new_tokens.to_string(),
-            md_text(&md.arrival),
-            r.schema_version.to_string(),
+            md.max_new_tokens.to_string().into(),
+            Cell::Text(md.arrival.clone()),
+            r.schema_version.to_string().into(),
         ]);
     }
-    out.push_str(&t.markdown());
+    t
+}
 
-    for (title, value, fmt) in [
-        (
-            "Tokens/s by concurrency",
-            (|l: &LevelAnalysis| l.tokens_per_s) as fn(&LevelAnalysis) -> f64,
-            f2 as fn(f64) -> String,
-        ),
-        ("p50 latency (ms) by concurrency", |l| l.latency_p50_ms, f1),
-    ] {
-        let _ = writeln!(out, "\n## {title}\n");
-        if curves.is_empty() {
-            out.push_str("No levels in any report.\n");
-            continue;
-        }
-        let heads: Vec<String> = ["#", "engine", "mode", "dtype", "machine"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(xs.iter().map(|c| format!("c{c}")))
-            .collect();
-        let heads: Vec<&str> = heads.iter().map(String::as_str).collect();
-        let mut t = Table::new(&heads);
-        t.left(1).left(2).left(3).left(4);
-        for c in &curves {
-            let mut row = vec![
-                c.report.to_string(),
-                md_text(&c.engine),
-                md_text(c.mode),
-                md_text(c.dtype),
-                md_text(&c.machine),
-            ];
-            row.extend(
-                xs.iter()
-                    .map(|&x| c.at(x).map_or_else(|| "—".to_string(), |l| fmt(value(l)))),
-            );
-            t.row(row);
-        }
-        out.push_str(&t.markdown());
+/// `## title`: every curve's `value` at every level any curve measured.
+fn by_level(curves: &[Curve], title: &str, value: fn(&LevelAnalysis) -> String) -> String {
+    let mut out = format!("\n## {title}\n\n");
+    if curves.is_empty() {
+        out.push_str("No levels in any report.\n");
+        return out;
     }
-
-    out.push_str("\n## Curves\n\n");
-    let _ = writeln!(
-        out,
-        "![Tokens/s against concurrency, every curve]({})\n",
-        md_link_target(svg_file_name)
-    );
-    out.push_str(
-        "One line per report, mode and dtype (f32 solid, bf16 dashed, int8 dotted, other dtypes \
-         dash-dotted), numbered as the reports above. Concurrency 1 is each run's single \
-         request, shared by its modes.\n",
-    );
+    let xs = all_levels(curves);
+    let heads: Vec<String> = ["#", "engine", "mode", "dtype", "machine"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(xs.iter().map(|c| format!("c{c}")))
+        .collect();
+    let heads: Vec<&str> = heads.iter().map(String::as_str).collect();
+    let mut t = Table::new(&heads);
+    t.left(1).left(2).left(3).left(4);
+    for c in curves {
+        let mut row = vec![
+            c.report.to_string().into(),
+            Cell::Text(c.engine.clone()),
+            Cell::Text(c.mode.to_string()),
+            Cell::Text(c.dtype.to_string()),
+            Cell::Text(c.machine.clone()),
+        ];
+        row.extend(xs.iter().map(|&x| Cell::from(c.at(x).map(value))));
+        t.row(row);
+    }
+    out.push_str(&t.markdown());
     out
 }
 
@@ -250,90 +252,44 @@ pub fn compare_svg(reports: &[(String, Report)]) -> String {
         .flat_map(|c| c.levels.iter().map(|l| finite(l.tokens_per_s)))
         .fold(0.0, f64::max);
     let axis = nice_axis(top * 1.05);
-    let y_at = |v: f64| BOTTOM - finite(v).clamp(0.0, axis.top) / axis.top * (BOTTOM - TOP);
+    let frame = Frame {
+        left: LEFT,
+        right: RIGHT,
+        top: TOP,
+        bottom: BOTTOM,
+    };
 
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="Helvetica, Arial, sans-serif" font-size="12">"#
-    );
     let synthetic = reports.iter().any(|(_, r)| r.metadata.synthetic_weights);
     let mut title = String::from("GPT-2 throughput comparison: tokens/s vs concurrency");
     if synthetic {
         title.push_str(" (some SYNTHETIC weights)");
     }
-    let _ = writeln!(s, "<title>{}</title>", xml(&title));
-    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="26" text-anchor="middle" font-size="16" font-weight="bold" fill="{}">{}</text>"#,
-        W / 2.0,
-        if synthetic { "#b00000" } else { "#000000" },
-        xml(&title)
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="{}" y="46" text-anchor="middle" font-size="11" fill="#555555">{} reports; means over repetitions; numbered as in the Markdown table</text>"##,
-        W / 2.0,
+    let subtitle = format!(
+        "{} reports; means over repetitions; numbered as in the Markdown table",
         reports.len()
     );
-    for i in 0..=axis.steps {
-        let v = axis.step * i as f64;
-        let y = y_at(v);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{RIGHT}" y2="{y:.1}" stroke="#e5e5e5" stroke-width="1"/>"##
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
-            LEFT - 6.0,
-            y + 4.0,
-            tick_label(v, axis.step)
-        );
-    }
-    for &c in &xs {
-        let x = x_at(c);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" y1="{BOTTOM}" x2="{x:.1}" y2="{}" stroke="#333333"/>"##,
-            BOTTOM + 5.0
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{x:.1}" y="{}" text-anchor="middle">{c}</text>"#,
-            BOTTOM + 18.0
-        );
-    }
-    let _ = writeln!(
-        s,
-        r##"<path d="M{LEFT} {TOP} V{BOTTOM} H{RIGHT}" fill="none" stroke="#333333" stroke-width="1"/>"##
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="middle">concurrency (requests in flight)</text>"#,
-        (LEFT + RIGHT) / 2.0,
-        BOTTOM + 36.0
-    );
-    let (yx, yy) = (LEFT - 56.0, (TOP + BOTTOM) / 2.0);
-    let _ = writeln!(
-        s,
-        r#"<text x="{yx}" y="{yy}" text-anchor="middle" transform="rotate(-90 {yx} {yy})">tokens/s</text>"#
-    );
+    let head = Heading {
+        width: W,
+        height: h,
+        title: &title,
+        title_y: 26.0,
+        subtitle: &subtitle,
+        subtitle_y: 46.0,
+        alarm: synthetic,
+    };
+    head.draw(&mut s);
+    let ticks: Vec<(f64, usize)> = xs.iter().map(|&c| (x_at(c), c)).collect();
+    frame.draw(&mut s, &axis, &ticks, "tokens/s", LEFT - 56.0);
     if xs.is_empty() {
-        let _ = writeln!(
-            s,
-            r##"<text x="{}" y="{}" text-anchor="middle" fill="#777777">no data</text>"##,
-            W / 2.0,
-            (TOP + BOTTOM) / 2.0
-        );
+        no_data(&mut s, W / 2.0, (TOP + BOTTOM) / 2.0);
     }
     for (i, c) in curves.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         let pts: Vec<(f64, f64)> = c
             .levels
             .iter()
-            .map(|l| (x_at(l.concurrency), y_at(l.tokens_per_s)))
+            .map(|l| (x_at(l.concurrency), frame.y_at(&axis, l.tokens_per_s)))
             .collect();
         series(&mut s, &pts, color, dtype_dash(c.dtype), &c.label());
         legend_entry(

@@ -80,101 +80,12 @@ fn md_intro(report: &Report) -> String {
 /// `## Setup`: the metadata as a table, then the prompts.
 fn md_setup(report: &Report) -> String {
     let md = &report.metadata;
-    let mut out = String::new();
-    out.push_str("## Setup\n\n");
     let mut t = Table::new(&["setting", "value"]);
     t.left(0).left(1);
-    let mut setup: Vec<(&str, String)> = vec![
-        ("timestamp (UTC)", md_text(&md.timestamp_utc)),
-        ("git commit", format!("`{}`", md_code(&md.git_commit))),
-    ];
-    match &md.server {
-        Some(srv) => setup.extend([
-            ("server", md_text(&srv.url)),
-            ("server model", format!("`{}`", md_code(&srv.model))),
-            (
-                "server owned_by",
-                srv.owned_by.as_deref().map_or_else(|| "—".to_string(), md_text),
-            ),
-            ("client CPU", md_text(&md.cpu_model)),
-            ("client cores", md.cores.to_string()),
-        ]),
-        None => setup.extend([
-            ("CPU", md_text(&md.cpu_model)),
-            (
-                "kernels",
-                if md.kernels.is_empty() {
-                    "—".to_string()
-                } else {
-                    md_text(&md.kernels)
-                },
-            ),
-            ("cores", md.cores.to_string()),
-            ("pool layout", md_text(&md.pool_layout)),
-            ("threads per request", md.threads_per_request.to_string()),
-            ("max busy threads", md.max_busy_threads.to_string()),
-        ]),
+    for (k, v) in setup_rows(report) {
+        t.row([Cell::Plain(k.to_string()), v]);
     }
-    setup.extend([
-        ("rustc", md_text(&md.rustc)),
-        ("weights source", md_text(&md.weights_source)),
-        (
-            "weights sha256",
-            format!("`{}`", md_code(&short_sha(&md.weights_sha256))),
-        ),
-        (
-            "synthetic weights",
-            if md.synthetic_weights {
-                format!("**yes: {SYNTHETIC_BANNER}**")
-            } else if md.server.is_some() {
-                "not that the server says".to_string()
-            } else {
-                "no".to_string()
-            },
-        ),
-    ]);
-    match &md.model {
-        Some(m) => setup.extend([
-            (
-                "model",
-                format!(
-                    "{} layers, {} heads, {} embd, {} positions, vocab {}",
-                    m.n_layer, m.n_head, m.n_embd, m.n_positions, m.vocab_size
-                ),
-            ),
-            (
-                "parameters",
-                format!("{:.1} M ({})", m.n_params as f64 / 1e6, thousands(m.n_params)),
-            ),
-        ]),
-        None => setup.push(("model", "the server's (its shape is not known here)".to_string())),
-    }
-    setup.extend([
-        (
-            "dtypes",
-            md.dtypes
-                .iter()
-                .map(|d| md_text(&d.dtype))
-                .collect::<Vec<_>>()
-                .join(", "),
-        ),
-        ("max_new_tokens", format!("{} (EOS ignored)", md.max_new_tokens)),
-        ("warmup requests", md.warmup_requests.to_string()),
-        ("repetitions", md.repetitions.to_string()),
-        ("run mode", md_text(&md.run_mode)),
-        (
-            "modes",
-            md.modes.iter().map(|s| md_text(s)).collect::<Vec<_>>().join(", "),
-        ),
-        ("concurrency levels", join_usize(&md.concurrency_levels)),
-        ("arrival", md_text(&md.arrival)),
-        ("prompts", format!("{} (listed below)", md.prompts.len())),
-        ("schema version", report.schema_version.to_string()),
-    ]);
-    for (k, v) in setup {
-        t.row(vec![k.to_string(), v]);
-    }
-    out.push_str(&t.markdown());
+    let mut out = format!("## Setup\n\n{}", t.markdown());
     if !md.prompts.is_empty() {
         out.push_str("\nPrompts:\n\n");
         for (i, p) in md.prompts.iter().enumerate() {
@@ -184,160 +95,204 @@ fn md_setup(report: &Report) -> String {
     out
 }
 
+/// The setup table's rows: when and what ran, on what, with which weights
+/// and model, and the protocol.
+fn setup_rows(report: &Report) -> Vec<(&'static str, Cell)> {
+    let md = &report.metadata;
+    let mut rows = vec![
+        ("timestamp (UTC)", Cell::Text(md.timestamp_utc.clone())),
+        ("git commit", Cell::Code(md.git_commit.clone())),
+    ];
+    rows.extend(engine_rows(md));
+    rows.extend([
+        ("rustc", Cell::Text(md.rustc.clone())),
+        ("weights source", Cell::Text(md.weights_source.clone())),
+        ("weights sha256", Cell::Code(short_sha(&md.weights_sha256))),
+        (
+            "synthetic weights",
+            if md.synthetic_weights {
+                Cell::Strong(format!("yes: {SYNTHETIC_BANNER}"))
+            } else if md.server.is_some() {
+                "not that the server says".into()
+            } else {
+                "no".into()
+            },
+        ),
+    ]);
+    match &md.model {
+        Some(m) => rows.extend([
+            (
+                "model",
+                Cell::Plain(format!(
+                    "{} layers, {} heads, {} embd, {} positions, vocab {}",
+                    m.n_layer, m.n_head, m.n_embd, m.n_positions, m.vocab_size
+                )),
+            ),
+            (
+                "parameters",
+                Cell::Plain(format!(
+                    "{:.1} M ({})",
+                    m.n_params as f64 / 1e6,
+                    thousands(m.n_params)
+                )),
+            ),
+        ]),
+        None => rows.push(("model", "the server's (its shape is not known here)".into())),
+    }
+    let dtypes: Vec<&str> = md.dtypes.iter().map(|d| d.dtype.as_str()).collect();
+    rows.extend([
+        ("dtypes", Cell::Text(dtypes.join(", "))),
+        (
+            "max_new_tokens",
+            format!("{} (EOS ignored)", md.max_new_tokens).into(),
+        ),
+        ("warmup requests", md.warmup_requests.to_string().into()),
+        ("repetitions", md.repetitions.to_string().into()),
+        ("run mode", Cell::Text(md.run_mode.clone())),
+        ("modes", Cell::Text(md.modes.join(", "))),
+        ("concurrency levels", join_usize(&md.concurrency_levels).into()),
+        ("arrival", Cell::Text(md.arrival.clone())),
+        ("prompts", format!("{} (listed below)", md.prompts.len()).into()),
+        ("schema version", report.schema_version.to_string().into()),
+    ]);
+    rows
+}
+
+/// What served the requests: the server, or this machine's engine.
+fn engine_rows(md: &crate::Metadata) -> Vec<(&'static str, Cell)> {
+    match &md.server {
+        Some(srv) => vec![
+            ("server", Cell::Text(srv.url.clone())),
+            ("server model", Cell::Code(srv.model.clone())),
+            (
+                "server owned_by",
+                srv.owned_by.clone().map_or(Cell::Missing, Cell::Text),
+            ),
+            ("client CPU", Cell::Text(md.cpu_model.clone())),
+            ("client cores", md.cores.to_string().into()),
+        ],
+        None => vec![
+            ("CPU", Cell::Text(md.cpu_model.clone())),
+            (
+                "kernels",
+                if md.kernels.is_empty() {
+                    Cell::Missing
+                } else {
+                    Cell::Text(md.kernels.clone())
+                },
+            ),
+            ("cores", md.cores.to_string().into()),
+            ("pool layout", Cell::Text(md.pool_layout.clone())),
+            ("threads per request", md.threads_per_request.to_string().into()),
+            ("max busy threads", md.max_busy_threads.to_string().into()),
+        ],
+    }
+}
+
 /// `## Results`: throughput and latency per test, then any failures.
 fn md_results(report: &Report) -> String {
-    let mut out = String::new();
-    out.push_str("\n## Results\n\n");
     if report.tests.is_empty() {
-        out.push_str("No tests were run.\n");
-    } else {
-        out.push_str("### Throughput\n\n");
-        let mut t = Table::new(&[
-            "test",
-            "mode",
-            "dtype",
-            "concurrency",
-            "repetition",
-            "requests",
-            "failed",
-            "generated tokens",
-            "prompt tokens",
-            "duration s",
-            "req/s",
-            "tok/s",
-        ]);
-        t.left(0).left(1).left(2);
-        for r in &report.tests {
-            t.row(vec![
-                md_text(&r.name),
-                md_text(&r.mode),
-                md_text(&r.dtype),
-                r.concurrency.to_string(),
-                r.repetition.to_string(),
-                r.requests.to_string(),
-                r.failed.to_string(),
-                r.total_tokens.to_string(),
-                r.prompt_tokens.to_string(),
-                f2(r.duration_s),
-                f2(r.requests_per_s),
-                f2(r.tokens_per_s),
-            ]);
-        }
-        out.push_str(&t.markdown());
-
-        out.push_str("\n### Latency (ms)\n\n");
-        let mut t = Table::new(&[
-            "test",
-            "mode",
-            "dtype",
-            "concurrency",
-            "repetition",
-            "latency mean",
-            "p50",
-            "p95",
-            "p99",
-            "TTFT mean",
-            "p50",
-            "p99",
-            "TPOT mean",
-            "p50",
-            "p99",
-            "ITL mean",
-            "p50",
-            "p99",
-        ]);
-        t.left(0).left(1).left(2);
-        for r in &report.tests {
-            t.row(vec![
-                md_text(&r.name),
-                md_text(&r.mode),
-                md_text(&r.dtype),
-                r.concurrency.to_string(),
-                r.repetition.to_string(),
-                f1(r.latency_ms.mean),
-                f1(r.latency_ms.p50),
-                f1(r.latency_ms.p95),
-                f1(r.latency_ms.p99),
-                f1(r.ttft_ms.mean),
-                f1(r.ttft_ms.p50),
-                f1(r.ttft_ms.p99),
-                f1(r.tpot_ms.mean),
-                f1(r.tpot_ms.p50),
-                f1(r.tpot_ms.p99),
-                f1(r.itl_ms.map_or(f64::NAN, |s| s.mean)),
-                f1(r.itl_ms.map_or(f64::NAN, |s| s.p50)),
-                f1(r.itl_ms.map_or(f64::NAN, |s| s.p99)),
-            ]);
-        }
-        out.push_str(&t.markdown());
-        out.push_str(&failures_section(report));
+        return "\n## Results\n\nNo tests were run.\n".to_string();
     }
-    out
+    format!(
+        "\n## Results\n\n### Throughput\n\n{}\n### Latency (ms)\n\n{}{}",
+        throughput_table(&report.tests).markdown(),
+        latency_table(&report.tests).markdown(),
+        failures_section(report)
+    )
+}
+
+/// Per test: requests, failures, tokens, duration and rates.
+fn throughput_table(tests: &[TestResult]) -> Table {
+    let mut t = test_table(&[
+        "requests",
+        "failed",
+        "generated tokens",
+        "prompt tokens",
+        "duration s",
+        "req/s",
+        "tok/s",
+    ]);
+    for r in tests {
+        let counts = [r.requests, r.failed, r.total_tokens, r.prompt_tokens].map(|n| n.to_string());
+        let rates = [r.duration_s, r.requests_per_s, r.tokens_per_s].map(f2);
+        test_row(&mut t, r, counts.into_iter().chain(rates));
+    }
+    t
+}
+
+/// Per test: end-to-end latency, TTFT, TPOT and ITL, in ms.
+fn latency_table(tests: &[TestResult]) -> Table {
+    let mut t = test_table(&[
+        "latency mean",
+        "p50",
+        "p95",
+        "p99",
+        "TTFT mean",
+        "p50",
+        "p99",
+        "TPOT mean",
+        "p50",
+        "p99",
+        "ITL mean",
+        "p50",
+        "p99",
+    ]);
+    for r in tests {
+        let (lat, ttft, tpot) = (&r.latency_ms, &r.ttft_ms, &r.tpot_ms);
+        let itl = r.itl_ms.map_or([f64::NAN; 3], |s| [s.mean, s.p50, s.p99]);
+        let ms = [lat.mean, lat.p50, lat.p95, lat.p99]
+            .into_iter()
+            .chain([ttft.mean, ttft.p50, ttft.p99, tpot.mean, tpot.p50, tpot.p99])
+            .chain(itl);
+        test_row(&mut t, r, ms.map(f1));
+    }
+    t
+}
+
+/// A table with a row per test: the columns that name it (test, mode,
+/// dtype, concurrency, repetition), then `figures`.
+fn test_table(figures: &[&str]) -> Table {
+    let names = ["test", "mode", "dtype", "concurrency", "repetition"];
+    let titles: Vec<&str> = names.iter().chain(figures).copied().collect();
+    let mut t = Table::new(&titles);
+    t.left(0).left(1).left(2);
+    t
+}
+
+/// Test `r`'s row of a [`test_table`]: its names, then `figures`.
+fn test_row(t: &mut Table, r: &TestResult, figures: impl Iterator<Item = String>) {
+    let names = [
+        Cell::Text(r.name.clone()),
+        Cell::Text(r.mode.clone()),
+        Cell::Text(r.dtype.clone()),
+        r.concurrency.to_string().into(),
+        r.repetition.to_string().into(),
+    ];
+    t.row(names.into_iter().chain(figures.map(Cell::from)));
 }
 
 /// `## Scaling`: each level against the single request and the reference.
 fn md_scaling(report: &Report) -> String {
     let levels = sorted_levels(&report.analysis.levels);
-    let mut out = String::new();
-    out.push_str("\n## Scaling\n\n");
     if levels.is_empty() {
-        out.push_str("No scaling analysis (no levels).\n");
-    } else {
-        let ref_req = format!("{REFERENCE_LABEL} req/s");
-        let ref_tok = format!("{REFERENCE_LABEL} tok/s");
-        let mut t = Table::new(&[
-            "mode",
-            "dtype",
-            "concurrency",
-            "req/s",
-            "tok/s",
-            &ref_req,
-            &ref_tok,
-            "scaling",
-            "efficiency",
-            "p50 latency ms",
-            "latency penalty",
-            "vs threads",
-            "vs f32",
-        ]);
-        t.left(0).left(1);
-        for l in &levels {
-            let (rr, rt) = match l.reference {
-                Some((r, tk)) => (f2(r), f2(tk)),
-                None => ("—".to_string(), "—".to_string()),
-            };
-            t.row(vec![
-                md_text(&l.mode),
-                md_text(&l.dtype),
-                l.concurrency.to_string(),
-                f2(l.requests_per_s),
-                f2(l.tokens_per_s),
-                rr,
-                rt,
-                times(l.scaling),
-                percent(l.efficiency),
-                f1(l.latency_p50_ms),
-                times(l.latency_penalty),
-                l.vs_threads.map_or_else(|| "—".to_string(), times),
-                l.vs_f32.map_or_else(|| "—".to_string(), times),
-            ]);
-        }
-        out.push_str(&t.markdown());
-        out.push_str(
-            "\n*Scaling* is tokens/s at concurrency N over tokens/s of the single request of the \
-             same dtype (concurrency 1, one baseline for every mode: with one request in flight there is \
-             nothing to batch). \
-             *Efficiency* = throughput(N) / (N · throughput(1)): 100% means N concurrent requests \
-             each run as fast as one alone, 1/N means no gain over running them one after another. \
-             *Latency penalty* is the p50 end-to-end latency at N over that at 1. \
-             *vs threads* is a mode's tokens/s over threads mode's at the same concurrency and dtype; \
-             *vs f32* a dtype's tokens/s over f32's at the same mode and concurrency. \
-             The reference column is a PyTorch GPT-2 124M study on a different CPU: compare the \
-             shape of the curves, not the absolute numbers.\n\n",
-        );
-        out.push_str(&tradeoff_sentences(&levels));
+        return "\n## Scaling\n\nNo scaling analysis (no levels).\n".to_string();
     }
-    out
+    let mut t = scaling_table(&levels);
+    t.note(
+        "*Scaling* is tokens/s at concurrency N over tokens/s of the single request of the \
+         same dtype (concurrency 1, one baseline for every mode: with one request in flight there is \
+         nothing to batch). \
+         *Efficiency* = throughput(N) / (N · throughput(1)): 100% means N concurrent requests \
+         each run as fast as one alone, 1/N means no gain over running them one after another. \
+         *Latency penalty* is the p50 end-to-end latency at N over that at 1. \
+         *vs threads* is a mode's tokens/s over threads mode's at the same concurrency and dtype; \
+         *vs f32* a dtype's tokens/s over f32's at the same mode and concurrency. \
+         The reference column is a PyTorch GPT-2 124M study on a different CPU: compare the \
+         shape of the curves, not the absolute numbers.",
+    );
+    t.note(tradeoff_sentences(&levels));
+    format!("\n## Scaling\n\n{}", t.markdown())
 }
 
 /// `## Dtype comparison`: per dtype its headline rates and memory, against
@@ -347,12 +302,10 @@ fn md_dtypes(report: &Report) -> String {
     if report.metadata.server.is_some() {
         return String::new();
     }
-    let mut out = String::from("\n## Dtype comparison\n\n");
     if report.metadata.dtypes.is_empty() {
-        out.push_str("No dtypes listed.\n");
-        return out;
+        return "\n## Dtype comparison\n\nNo dtypes listed.\n".to_string();
     }
-    out.push_str(&dtype_table(report).markdown());
+    let mut t = dtype_table(report);
     let (_, at) = dtype_rows(report);
     let conc = at.map_or_else(String::new, |(m, c)| {
         format!(
@@ -361,13 +314,12 @@ fn md_dtypes(report: &Report) -> String {
             md_text(&m)
         )
     });
-    let _ = writeln!(
-        out,
-        "\nTokens/s are means over repetitions; *vs f32* is a dtype's figure over f32's, where f32 \
-         ran.{conc}\n"
-    );
-    out.push_str(&dtype_memory_note(report));
-    out
+    t.note(format!(
+        "Tokens/s are means over repetitions; *vs f32* is a dtype's figure over f32's, where f32 \
+         ran.{conc}"
+    ));
+    t.note(dtype_memory_note(report));
+    format!("\n## Dtype comparison\n\n{}", t.markdown())
 }
 
 /// `## Recommended concurrency`: the rule and each mode's level.
@@ -399,14 +351,14 @@ fn md_recommended(report: &Report) -> String {
                 .iter()
                 .filter(|l| l.dtype == r.dtype && (l.mode == r.mode || l.concurrency == 1))
                 .max_by(|x, y| finite(x.tokens_per_s).total_cmp(&finite(y.tokens_per_s)));
-            t.row(vec![
-                md_text(&r.mode),
-                md_text(&r.dtype),
-                r.concurrency.to_string(),
-                at.map_or_else(|| "—".to_string(), |l| f2(l.tokens_per_s)),
-                at.map_or_else(|| "—".to_string(), |l| f1(l.latency_p50_ms)),
-                best.map_or_else(|| "—".to_string(), |l| f2(l.tokens_per_s)),
-                best.map_or_else(|| "—".to_string(), |l| l.concurrency.to_string()),
+            t.row([
+                Cell::Text(r.mode.clone()),
+                Cell::Text(r.dtype.clone()),
+                r.concurrency.to_string().into(),
+                at.map(|l| f2(l.tokens_per_s)).into(),
+                at.map(|l| f1(l.latency_p50_ms)).into(),
+                best.map(|l| f2(l.tokens_per_s)).into(),
+                best.map(|l| l.concurrency.to_string()).into(),
             ]);
         }
         out.push_str(&t.markdown());
@@ -416,36 +368,10 @@ fn md_recommended(report: &Report) -> String {
 
 /// `## Targets`: pass/fail per target and the verdict.
 fn md_targets(report: &Report) -> String {
-    let a = &report.analysis;
-    let mut out = String::new();
-    out.push_str("\n## Targets\n\n");
-    if a.targets.is_empty() {
-        out.push_str("No targets were set.\n");
-    } else {
-        let mut t = Table::new(&["target", "dtype", "condition", "measured", "result"]);
-        t.left(0).left(1).left(2).left(4);
-        for tg in &a.targets {
-            t.row(vec![
-                format!("`{}`", md_code(&tg.name)),
-                md_text(&tg.dtype),
-                format!(
-                    "{} {}",
-                    tg.op.replace('<', "&lt;").replace('|', "\\|"),
-                    target_value(tg.threshold, tg)
-                ),
-                target_value(tg.measured, tg),
-                match target_result(tg) {
-                    "FAIL" => "**FAIL**".to_string(),
-                    other => other.to_string(),
-                },
-            ]);
-        }
-        out.push_str(&t.markdown());
-        out.push('\n');
-        out.push_str(&targets_verdict(report));
-        out.push('\n');
+    if report.analysis.targets.is_empty() {
+        return "\n## Targets\n\nNo targets were set.\n".to_string();
     }
-    out
+    format!("\n## Targets\n\n{}", targets_table(report).markdown())
 }
 
 /// `## Spread over repetitions`, only with repetitions.
@@ -462,29 +388,29 @@ fn md_spread(report: &Report) -> String {
             // Milliseconds with 1 decimal, rates with 2.
             let v = |x: f64| if s.metric.ends_with("_ms") { f1(x) } else { f2(x) };
             let cv = if finite(s.mean) != 0.0 {
-                percent(s.stddev / s.mean)
+                Cell::Plain(percent(s.stddev / s.mean))
             } else {
-                "—".to_string()
+                Cell::Missing
             };
-            t.row(vec![
-                md_text(&s.test),
+            t.row([
+                Cell::Text(s.test.clone()),
                 if s.mode.is_empty() {
-                    "—".to_string()
+                    Cell::Missing
                 } else {
-                    md_text(&s.mode)
+                    Cell::Text(s.mode.clone())
                 },
-                md_text(&s.dtype),
-                format!("`{}`", md_code(&s.metric)),
-                v(s.mean),
-                v(s.stddev),
+                Cell::Text(s.dtype.clone()),
+                Cell::Code(s.metric.clone()),
+                v(s.mean).into(),
+                v(s.stddev).into(),
                 cv,
-                v(s.min),
-                v(s.max),
-                s.n.to_string(),
+                v(s.min).into(),
+                v(s.max).into(),
+                s.n.to_string().into(),
             ]);
         }
+        t.note("cv = stddev / mean.");
         out.push_str(&t.markdown());
-        out.push_str("\ncv = stddev / mean.\n");
     }
     out
 }
@@ -601,14 +527,14 @@ fn failures_section(report: &Report) -> String {
     ]);
     t.left(0).left(1).left(2).left(6);
     for (test, r) in failed.iter().take(SHOWN) {
-        t.row(vec![
-            md_text(&test.name),
-            md_text(&test.mode),
-            md_text(&test.dtype),
-            test.repetition.to_string(),
-            r.index.to_string(),
-            r.generated_tokens.to_string(),
-            md_text(r.error.as_deref().unwrap_or("")),
+        t.row([
+            Cell::Text(test.name.clone()),
+            Cell::Text(test.mode.clone()),
+            Cell::Text(test.dtype.clone()),
+            test.repetition.to_string().into(),
+            r.index.to_string().into(),
+            r.generated_tokens.to_string().into(),
+            Cell::Text(r.error.clone().unwrap_or_default()),
         ]);
     }
     let _ = writeln!(out, "{total_failed} request{} failed.\n", plural(total_failed));
@@ -626,7 +552,7 @@ fn failures_section(report: &Report) -> String {
         let mut c = Table::new(&["requests", "error"]);
         c.left(1);
         for (e, n) in &causes {
-            c.row(vec![n.to_string(), md_text(e)]);
+            c.row([n.to_string().into(), Cell::Text(e.to_string())]);
         }
         out.push_str(&c.markdown());
         out.push('\n');

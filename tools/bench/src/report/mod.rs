@@ -4,7 +4,13 @@
 //! derives ratios already present in [`Analysis`](super::Analysis).
 //!
 //! Numbers: rates with 2 decimals, milliseconds with 1, non-finite values as
-//! "n/a" in tables and as 0 in the plot.
+//! "n/a" in tables and as 0 in the plot; a figure not measured (no
+//! reference at that level, no f32 to compare with) as "—".
+//!
+//! Tables: each is built once, as a `table::Table` of typed cells and notes
+//! (the scaling, targets and dtype tables are shared by stdout and the
+//! Markdown), and rendered as aligned text or as Markdown, where each cell
+//! is escaped by its kind.
 //!
 //! Several dtypes: every row names its dtype, and the rows of one mode and
 //! level sit together, one per dtype in the order they ran, so that they
@@ -15,6 +21,7 @@ mod markdown;
 mod roofline;
 mod stdout;
 mod svg;
+mod table;
 
 pub use compare::{compare_markdown, compare_svg};
 pub use markdown::markdown;
@@ -22,6 +29,7 @@ pub use roofline::limits_table;
 use roofline::optional_sections;
 pub use stdout::stdout_table;
 pub use svg::svg;
+use table::{Cell, Table};
 
 use super::{LevelAnalysis, Report, Spread, TestResult};
 
@@ -249,29 +257,30 @@ fn dtype_table(report: &Report) -> Table {
     let f32 = rows.iter().find(|r| r.run.dtype == "f32");
     let tok = |l: Option<&LevelAnalysis>| l.map_or(f64::NAN, |l| l.tokens_per_s);
     let mib = |b: Option<u64>| b.map_or(f64::NAN, |b| b as f64 / (1u64 << 20) as f64);
-    let vs = |x: f64, f: Option<f64>| match f {
-        Some(f) if f > 0.0 && x.is_finite() => times(x / f),
-        _ => "—".to_string(),
+    let vs = |x: f64, f: Option<f64>| -> Cell {
+        f.filter(|&f| f > 0.0 && x.is_finite())
+            .map(|f| times(x / f))
+            .into()
     };
     for r in &rows {
         let peak = mib(r.run.peak_rss_bytes);
-        t.row(vec![
-            r.run.dtype.clone(),
-            f2(tok(r.single)),
+        t.row([
+            Cell::Text(r.run.dtype.clone()),
+            f2(tok(r.single)).into(),
             vs(tok(r.single), f32.map(|f| tok(f.single))),
-            f2(tok(r.concurrent)),
+            f2(tok(r.concurrent)).into(),
             vs(tok(r.concurrent), f32.map(|f| tok(f.concurrent))),
-            f1(mib(r.run.packed_weight_bytes)),
+            f1(mib(r.run.packed_weight_bytes)).into(),
             vs(
                 mib(r.run.packed_weight_bytes),
                 f32.map(|f| mib(f.run.packed_weight_bytes)),
             ),
-            f1(mib(r.run.rss_after_load_bytes)),
-            if r.run.peak_rss_own || !peak.is_finite() {
+            f1(mib(r.run.rss_after_load_bytes)).into(),
+            Cell::Plain(if r.run.peak_rss_own || !peak.is_finite() {
                 f1(peak)
             } else {
                 format!("{} cumulative", f1(peak))
-            },
+            }),
         ]);
     }
     t
@@ -296,127 +305,71 @@ fn dtype_memory_note(report: &Report) -> String {
     out
 }
 
-/// Minimal text table: right-aligned unless marked left, 2-space gutters.
-struct Table {
-    headers: Vec<String>,
-    left: Vec<bool>,
-    rows: Vec<Vec<String>>,
+/// Each level against the single request of its dtype, the other mode
+/// and f32, and the reference study. Text leaves out the request rates
+/// and shortens the titles to fit a terminal.
+fn scaling_table(levels: &[&LevelAnalysis]) -> Table {
+    let ref_req = format!("{REFERENCE_LABEL} req/s");
+    let ref_tok = format!("{REFERENCE_LABEL} tok/s");
+    let mut t = Table::new(&[
+        "mode",
+        "dtype",
+        "concurrency",
+        "req/s",
+        "tok/s",
+        &ref_req,
+        &ref_tok,
+        "scaling",
+        "efficiency",
+        "p50 latency ms",
+        "latency penalty",
+        "vs threads",
+        "vs f32",
+    ]);
+    t.left(0)
+        .left(1)
+        .short(2, "conc")
+        .markdown_only(3)
+        .markdown_only(5);
+    t.short(6, "ref tok/s").short(9, "p50 ms").short(10, "lat pen");
+    for l in levels {
+        t.row([
+            Cell::Text(l.mode.clone()),
+            Cell::Text(l.dtype.clone()),
+            l.concurrency.to_string().into(),
+            f2(l.requests_per_s).into(),
+            f2(l.tokens_per_s).into(),
+            l.reference.map(|(req, _)| f2(req)).into(),
+            l.reference.map(|(_, tok)| f2(tok)).into(),
+            times(l.scaling).into(),
+            percent(l.efficiency).into(),
+            f1(l.latency_p50_ms).into(),
+            times(l.latency_penalty).into(),
+            l.vs_threads.map(times).into(),
+            l.vs_f32.map(times).into(),
+        ]);
+    }
+    t
 }
 
-impl Table {
-    fn new(headers: &[&str]) -> Self {
-        Table {
-            headers: headers.iter().map(|h| h.to_string()).collect(),
-            left: vec![false; headers.len()],
-            rows: Vec::new(),
-        }
+/// The pass/fail targets, and the verdict under them.
+fn targets_table(report: &Report) -> Table {
+    let mut t = Table::new(&["target", "dtype", "condition", "measured", "result"]);
+    t.left(0).left(1).left(2).left(4);
+    for tg in &report.analysis.targets {
+        t.row([
+            Cell::Code(tg.name.clone()),
+            Cell::Text(tg.dtype.clone()),
+            format!("{} {}", tg.op, target_value(tg.threshold, tg)).into(),
+            target_value(tg.measured, tg).into(),
+            match target_result(tg) {
+                "FAIL" => Cell::Strong("FAIL".into()),
+                other => other.into(),
+            },
+        ]);
     }
-
-    fn left(&mut self, col: usize) -> &mut Self {
-        self.left[col] = true;
-        self
-    }
-
-    fn row(&mut self, row: Vec<String>) {
-        debug_assert_eq!(row.len(), self.headers.len());
-        self.rows.push(row);
-    }
-
-    fn widths(&self) -> Vec<usize> {
-        let mut w: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
-        for r in &self.rows {
-            for (i, c) in r.iter().enumerate() {
-                w[i] = w[i].max(c.chars().count());
-            }
-        }
-        w
-    }
-
-    fn cell(&self, text: &str, col: usize, width: usize) -> String {
-        let pad = " ".repeat(width.saturating_sub(text.chars().count()));
-        if self.left[col] {
-            format!("{text}{pad}")
-        } else {
-            format!("{pad}{text}")
-        }
-    }
-
-    fn text(&self) -> String {
-        let w = self.widths();
-        let line = |cells: &[String]| -> String {
-            let parts: Vec<String> = cells
-                .iter()
-                .enumerate()
-                .map(|(i, c)| self.cell(c, i, w[i]))
-                .collect();
-            format!("{}\n", parts.join("  ").trim_end())
-        };
-        let mut out = line(&self.headers);
-        let rule: Vec<String> = w.iter().map(|&n| "-".repeat(n)).collect();
-        out.push_str(&format!("{}\n", rule.join("  ")));
-        for r in &self.rows {
-            out.push_str(&line(r));
-        }
-        out
-    }
-
-    /// Markdown without padding: `| a | b |` rows under a `|---|---:|`
-    /// rule (no mark on a left column). An empty cell is one space.
-    fn compact_markdown(&self) -> String {
-        let line = |cells: &[String]| -> String {
-            let parts: Vec<String> = cells
-                .iter()
-                .map(|c| {
-                    if c.is_empty() {
-                        " ".to_string()
-                    } else {
-                        format!(" {c} ")
-                    }
-                })
-                .collect();
-            format!("|{}|\n", parts.join("|"))
-        };
-        let mut out = line(&self.headers);
-        let rule: Vec<&str> = self
-            .left
-            .iter()
-            .map(|&l| if l { "---" } else { "---:" })
-            .collect();
-        out.push_str(&format!("|{}|\n", rule.join("|")));
-        for r in &self.rows {
-            out.push_str(&line(r));
-        }
-        out
-    }
-
-    fn markdown(&self) -> String {
-        let w: Vec<usize> = self.widths().into_iter().map(|n| n.max(3)).collect();
-        let line = |cells: &[String]| -> String {
-            let parts: Vec<String> = cells
-                .iter()
-                .enumerate()
-                .map(|(i, c)| self.cell(c, i, w[i]))
-                .collect();
-            format!("| {} |\n", parts.join(" | "))
-        };
-        let mut out = line(&self.headers);
-        let rule: Vec<String> = w
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| {
-                if self.left[i] {
-                    format!(":{}", "-".repeat(n - 1))
-                } else {
-                    format!("{}:", "-".repeat(n - 1))
-                }
-            })
-            .collect();
-        out.push_str(&format!("| {} |\n", rule.join(" | ")));
-        for r in &self.rows {
-            out.push_str(&line(r));
-        }
-        out
-    }
+    t.note(targets_verdict(report));
+    t
 }
 
 fn finite(x: f64) -> f64 {

@@ -118,7 +118,7 @@ fn stdout_tests(report: &Report) -> String {
                 let _ = write!(tok, " ±{}", f2(s.stddev));
             }
         }
-        table.row(vec![
+        table.row([
             first.name.clone(),
             first.mode.clone(),
             first.dtype.clone(),
@@ -136,53 +136,24 @@ fn stdout_tests(report: &Report) -> String {
     if groups.is_empty() {
         out.push_str("(no tests)\n");
     } else {
+        table.note("(end-to-end latency p50/p95/p99, TTFT p50 and TPOT p50, all in ms)");
         out.push_str(&table.text());
-        out.push_str("(end-to-end latency p50/p95/p99, TTFT p50 and TPOT p50, all in ms)\n");
     }
     out
 }
 
 /// Scaling against the single request, per level.
 fn stdout_scaling(report: &Report) -> String {
-    let mut out = String::new();
     let levels = sorted_levels(&report.analysis.levels);
-    if !levels.is_empty() {
-        out.push_str(
-            "\nScaling vs concurrency 1 of the same dtype (efficiency = tok/s(N) / (N * tok/s(1)),\n\
-             lat pen = p50 latency(N) / p50 latency(1); vs f32: tok/s over f32's at the same mode and\n\
-             level; ref: the reference study, on another machine)\n",
-        );
-        let mut t = Table::new(&[
-            "mode",
-            "dtype",
-            "conc",
-            "tok/s",
-            "scaling",
-            "efficiency",
-            "p50 ms",
-            "lat pen",
-            "vs threads",
-            "vs f32",
-            "ref tok/s",
-        ]);
-        t.left(0).left(1);
-        for l in &levels {
-            t.row(vec![
-                l.mode.clone(),
-                l.dtype.clone(),
-                l.concurrency.to_string(),
-                f2(l.tokens_per_s),
-                times(l.scaling),
-                percent(l.efficiency),
-                f1(l.latency_p50_ms),
-                times(l.latency_penalty),
-                l.vs_threads.map_or_else(|| "-".to_string(), times),
-                l.vs_f32.map_or_else(|| "-".to_string(), times),
-                l.reference.map_or_else(|| "-".to_string(), |(_, tok)| f2(tok)),
-            ]);
-        }
-        out.push_str(&t.text());
+    if levels.is_empty() {
+        return String::new();
     }
+    let mut out = String::from(
+        "\nScaling vs concurrency 1 of the same dtype (efficiency = tok/s(N) / (N * tok/s(1)),\n\
+         lat pen = p50 latency(N) / p50 latency(1); vs f32: tok/s over f32's at the same mode and\n\
+         level; ref: the reference study, on another machine)\n",
+    );
+    out.push_str(&scaling_table(&levels).text());
     out
 }
 
@@ -191,10 +162,9 @@ fn stdout_dtypes(report: &Report) -> String {
     if report.metadata.dtypes.is_empty() || report.metadata.server.is_some() {
         return String::new();
     }
-    let mut out = String::from("\nDtype comparison\n");
-    out.push_str(&dtype_table(report).text());
-    out.push_str(&dtype_memory_note(report));
-    out
+    let mut t = dtype_table(report);
+    t.note(dtype_memory_note(report));
+    format!("\nDtype comparison\n{}", t.text())
 }
 
 /// The recommended concurrency of each dtype and mode.
@@ -226,24 +196,8 @@ fn stdout_recommended(report: &Report) -> String {
 
 /// The pass/fail targets and the verdict.
 fn stdout_targets(report: &Report) -> String {
-    let mut out = String::new();
-    let targets = &report.analysis.targets;
-    if !targets.is_empty() {
-        out.push_str("\nTargets\n");
-        let mut t = Table::new(&["target", "dtype", "condition", "measured", "result"]);
-        t.left(0).left(1).left(2).left(4);
-        for tg in targets {
-            t.row(vec![
-                tg.name.clone(),
-                tg.dtype.clone(),
-                format!("{} {}", tg.op, target_value(tg.threshold, tg)),
-                target_value(tg.measured, tg),
-                target_result(tg).to_string(),
-            ]);
-        }
-        out.push_str(&t.text());
-        out.push_str(&targets_verdict(report));
-        out.push('\n');
+    if report.analysis.targets.is_empty() {
+        return String::new();
     }
-    out
+    format!("\nTargets\n{}", targets_table(report).text())
 }

@@ -21,7 +21,8 @@ const REFERENCE_DASH: &str = "6 4";
 /// dash. NaN and infinities are drawn as 0.
 pub fn svg(report: &Report) -> String {
     let plot = Plot::new(report);
-    let mut s = svg_header(&report.metadata);
+    let mut s = String::new();
+    svg_header(&mut s, &report.metadata);
     s.push_str(&plot.panels());
     s.push_str(&plot.series());
     s.push_str(&plot.legend());
@@ -111,13 +112,11 @@ impl<'a> Plot<'a> {
     }
 
     fn y_at(&self, panel: usize, v: f64) -> f64 {
-        let top = self.axes[panel].top;
-        PLOT_BOTTOM - finite(v).clamp(0.0, top) / top * (PLOT_BOTTOM - PLOT_TOP)
+        frame(panel).y_at(&self.axes[panel], v)
     }
 
     /// Each panel's title, grid, ticks and axes ("no data" without levels).
     fn panels(&self) -> String {
-        let (axes, xs) = (&self.axes, &self.xs);
         let mut s = String::new();
         let panel_titles = ["tokens/s vs concurrency", "p50 latency (ms) vs concurrency"];
         let y_titles = ["tokens/s", "p50 latency (ms)"];
@@ -129,63 +128,12 @@ impl<'a> Plot<'a> {
                 (l + r) / 2.0,
                 panel_titles[panel]
             );
-            // Horizontal grid and y ticks.
-            for i in 0..=axes[panel].steps {
-                let v = axes[panel].step * i as f64;
-                let y = self.y_at(panel, v);
-                let _ = writeln!(
-                    s,
-                    r##"<line x1="{l}" y1="{y:.1}" x2="{r}" y2="{y:.1}" stroke="#e5e5e5" stroke-width="1"/>"##
-                );
-                let _ = writeln!(
-                    s,
-                    r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
-                    l - 6.0,
-                    y + 4.0,
-                    tick_label(v, axes[panel].step)
-                );
-            }
-            // X ticks at the measured levels.
-            for &c in xs {
-                let x = self.x_at(panel, c);
-                let _ = writeln!(
-                    s,
-                    r##"<line x1="{x:.1}" y1="{PLOT_BOTTOM}" x2="{x:.1}" y2="{}" stroke="#333333"/>"##,
-                    PLOT_BOTTOM + 5.0
-                );
-                let _ = writeln!(
-                    s,
-                    r#"<text x="{x:.1}" y="{}" text-anchor="middle">{c}</text>"#,
-                    PLOT_BOTTOM + 18.0
-                );
-            }
-            // Axes.
-            let _ = writeln!(
-                s,
-                r##"<path d="M{l} {PLOT_TOP} V{PLOT_BOTTOM} H{r}" fill="none" stroke="#333333" stroke-width="1"/>"##
-            );
-            let _ = writeln!(
-                s,
-                r#"<text x="{}" y="{}" text-anchor="middle">concurrency (requests in flight)</text>"#,
-                (l + r) / 2.0,
-                PLOT_BOTTOM + 36.0
-            );
-            let (yx, yy) = (l - 52.0, (PLOT_TOP + PLOT_BOTTOM) / 2.0);
-            let _ = writeln!(
-                s,
-                r#"<text x="{yx}" y="{yy}" text-anchor="middle" transform="rotate(-90 {yx} {yy})">{}</text>"#,
-                y_titles[panel]
-            );
+            let xs: Vec<(f64, usize)> = self.xs.iter().map(|&c| (self.x_at(panel, c), c)).collect();
+            frame(panel).draw(&mut s, &self.axes[panel], &xs, y_titles[panel], l - 52.0);
         }
-        if xs.is_empty() {
-            let _ = writeln!(
-                s,
-                r##"<text x="{}" y="{}" text-anchor="middle" fill="#777777">no data</text>"##,
-                SVG_W / 2.0,
-                (PLOT_TOP + PLOT_BOTTOM) / 2.0
-            );
+        if self.xs.is_empty() {
+            no_data(&mut s, SVG_W / 2.0, (PLOT_TOP + PLOT_BOTTOM) / 2.0);
         }
-
         s
     }
 
@@ -305,30 +253,13 @@ pub(super) fn legend_entry(s: &mut String, x: f64, y: f64, name: &str, color: &s
     );
 }
 
-/// The opening tag, the title (red for synthetic weights) and the subtitle.
-fn svg_header(md: &Metadata) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_W}" height="{SVG_H}" viewBox="0 0 {SVG_W} {SVG_H}" font-family="Helvetica, Arial, sans-serif" font-size="12">"#
-    );
+/// The saturation curve's opening tag, title and subtitle: the machine
+/// (or the server) and the protocol.
+fn svg_header(s: &mut String, md: &Metadata) {
     let mut title = String::from("GPT-2 throughput: saturation curve");
     if md.synthetic_weights {
         title.push_str(": SYNTHETIC weights (random)");
     }
-    let _ = writeln!(s, "<title>{}</title>", xml(&title));
-    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
-    let title_color = if md.synthetic_weights {
-        "#b00000"
-    } else {
-        "#000000"
-    };
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="16" font-weight="bold" fill="{title_color}">{}</text>"#,
-        SVG_W / 2.0,
-        xml(&title)
-    );
     let dtypes: Vec<&str> = md.dtypes.iter().map(|d| d.dtype.as_str()).collect();
     let noise = if md.synthetic_weights {
         "speed is real, text is noise | "
@@ -356,14 +287,148 @@ fn svg_header(md: &Metadata) -> String {
             md.timestamp_utc
         ),
     };
+    let head = Heading {
+        width: SVG_W,
+        height: SVG_H,
+        title: &title,
+        title_y: 24.0,
+        subtitle: &subtitle,
+        subtitle_y: 42.0,
+        alarm: md.synthetic_weights,
+    };
+    head.draw(s);
+}
+
+/// The opening tag of a picture, its white ground, and its title and
+/// subtitle centred at the top.
+pub(super) struct Heading<'a> {
+    pub(super) width: f64,
+    pub(super) height: f64,
+    pub(super) title: &'a str,
+    pub(super) title_y: f64,
+    /// One line, cut to 128 characters.
+    pub(super) subtitle: &'a str,
+    pub(super) subtitle_y: f64,
+    /// The title in red (synthetic weights).
+    pub(super) alarm: bool,
+}
+
+impl Heading<'_> {
+    pub(super) fn draw(&self, s: &mut String) {
+        let (w, h) = (self.width, self.height);
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="Helvetica, Arial, sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(s, "<title>{}</title>", xml(self.title));
+        let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle" font-size="16" font-weight="bold" fill="{}">{}</text>"#,
+            w / 2.0,
+            self.title_y,
+            if self.alarm { "#b00000" } else { "#000000" },
+            xml(self.title)
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{}" y="{}" text-anchor="middle" font-size="11" fill="#555555">{}</text>"##,
+            w / 2.0,
+            self.subtitle_y,
+            xml(&truncate_chars(&one_line(self.subtitle), 128))
+        );
+    }
+}
+
+/// The plot area of panel `panel` of the saturation curve.
+fn frame(panel: usize) -> Frame {
+    let (left, right) = PANELS[panel];
+    Frame {
+        left,
+        right,
+        top: PLOT_TOP,
+        bottom: PLOT_BOTTOM,
+    }
+}
+
+/// A plot area's edges, in SVG units; concurrency runs along x.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Frame {
+    pub(super) left: f64,
+    pub(super) right: f64,
+    pub(super) top: f64,
+    pub(super) bottom: f64,
+}
+
+impl Frame {
+    /// Where `v` lands on `axis` (NaN and infinities at 0).
+    pub(super) fn y_at(&self, axis: &Axis, v: f64) -> f64 {
+        self.bottom - finite(v).clamp(0.0, axis.top) / axis.top * (self.bottom - self.top)
+    }
+
+    /// The horizontal grid with the y ticks of `axis`, an x tick at each
+    /// `(x, level)`, the axes, and their titles (`y_title` centred on
+    /// `y_title_x`).
+    pub(super) fn draw(
+        &self,
+        s: &mut String,
+        axis: &Axis,
+        xs: &[(f64, usize)],
+        y_title: &str,
+        y_title_x: f64,
+    ) {
+        let (l, r, top, bottom) = (self.left, self.right, self.top, self.bottom);
+        for i in 0..=axis.steps {
+            let v = axis.step * i as f64;
+            let y = self.y_at(axis, v);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{l}" y1="{y:.1}" x2="{r}" y2="{y:.1}" stroke="#e5e5e5" stroke-width="1"/>"##
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+                l - 6.0,
+                y + 4.0,
+                tick_label(v, axis.step)
+            );
+        }
+        for &(x, c) in xs {
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x:.1}" y1="{bottom}" x2="{x:.1}" y2="{}" stroke="#333333"/>"##,
+                bottom + 5.0
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{x:.1}" y="{}" text-anchor="middle">{c}</text>"#,
+                bottom + 18.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            r##"<path d="M{l} {top} V{bottom} H{r}" fill="none" stroke="#333333" stroke-width="1"/>"##
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">concurrency (requests in flight)</text>"#,
+            (l + r) / 2.0,
+            bottom + 36.0
+        );
+        let (yx, yy) = (y_title_x, (top + bottom) / 2.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="{yx}" y="{yy}" text-anchor="middle" transform="rotate(-90 {yx} {yy})">{y_title}</text>"#
+        );
+    }
+}
+
+/// "no data", grey, centred on (`x`, `y`).
+pub(super) fn no_data(s: &mut String, x: f64, y: f64) {
     let _ = writeln!(
         s,
-        r##"<text x="{}" y="42" text-anchor="middle" font-size="11" fill="#555555">{}</text>"##,
-        SVG_W / 2.0,
-        xml(&truncate_chars(&one_line(&subtitle), 128))
+        r##"<text x="{x}" y="{y}" text-anchor="middle" fill="#777777">no data</text>"##
     );
-
-    s
 }
 
 /// One polyline with a marker per point, solid or with `dash` (an SVG
