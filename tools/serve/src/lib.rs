@@ -14,15 +14,22 @@
 //! keep-alive connections). [`run`] is the binary's side: flags, the
 //! listening socket, SIGINT/SIGTERM.
 //!
-//! The modules: `routes` (the handlers, the log and API-key layers, the
-//! shared state), `request` (parsing and validating a completion request),
-//! `stream` (token ids to text pieces, stop strings, cancellation),
-//! `metrics` (Prometheus), `error` (OpenAI-style error bodies).
+//! The modules, each above the ones it uses: `routes` (the router, the log
+//! and API-key layers, the small endpoints), `completions` (`POST
+//! /v1/completions`: body, checks, admission, submission), `reply` (its
+//! answer: one JSON body or server-sent events), `stream` (the bridge: token
+//! ids to text pieces, stop strings, cancellation), `state` (what they all
+//! share: the configuration, the engine, the request slots and log lines),
+//! `request` (parsing a completion request's JSON body), `metrics`
+//! (Prometheus), `error` (OpenAI-style error bodies).
 
+mod completions;
 mod error;
 mod metrics;
+mod reply;
 mod request;
 mod routes;
+mod state;
 mod stream;
 
 use std::future::Future;
@@ -34,112 +41,20 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 pub use error::ApiError;
 pub use metrics::{Metrics, StepTimes};
 pub use request::{CompletionRequest, Prompt};
+pub use state::{Connection, Engine, ServeConfig};
 pub use stream::StopFilter;
 
 use gpt2::scheduler::{Scheduler, SchedulerConfig};
-use gpt2::tokenizer::Gpt2Tokenizer;
 use gpt2::{Dtype, Gpt2Model};
 use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs, WeightsSource};
 
 /// Errors of starting or running the server.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// How the server runs (everything but where the weights come from).
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    /// Most sequences decoded together.
-    pub max_batch: usize,
-    /// Requests that may wait for a batch slot; past `max_batch +
-    /// max_queue` in flight, requests get 429.
-    pub max_queue: usize,
-    /// Most prompt rows per engine step.
-    pub max_prompt_rows: usize,
-    /// The engine's rayon pool; `None` uses the global one.
-    pub pool: Option<Arc<rayon::ThreadPool>>,
-    /// When set, every route but `/health` needs `Authorization: Bearer KEY`.
-    pub api_key: Option<String>,
-    /// After the shutdown signal, how long `/health` says 503 while new
-    /// requests are still taken (so a load balancer stops sending them).
-    pub drain: Duration,
-    /// After the drain, how long in-flight requests may run on.
-    pub grace: Duration,
-    /// Largest request body accepted (413 past it).
-    pub body_limit: usize,
-    /// A connection must deliver a request's whole head within this, from
-    /// its start or from the end of the previous response: a partial header
-    /// and an idle keep-alive connection are closed after it (hyper's
-    /// `header_read_timeout`).
-    pub header_timeout: Duration,
-    /// A request's whole body must arrive within this (408 past it).
-    pub body_timeout: Duration,
-    /// Most connections open at once; past it a new one gets a 503 and is closed.
-    pub max_connections: usize,
-    /// A stream whose client has taken nothing for this long is cancelled,
-    /// its connection closed and its slot freed.
-    pub write_stall: Duration,
-    /// Answer a request whose client shut its sending side down after it
-    /// (hyper's `half_close`). Off, such an end of input counts as the client
-    /// leaving (its request is cancelled, counted in
-    /// `gpt2_connections_closed_mid_request_total`), which is also how a
-    /// client that gave up on a non-streaming request is noticed before its
-    /// answer is written: TCP cannot tell the two apart.
-    pub half_close: bool,
-    /// Bytes the KV caches of the requests in flight may reserve together
-    /// (429 `kv_cache_full` past it); `None`: half the memory available
-    /// (`MemAvailable`) once the weights are loaded.
-    pub kv_cache_bytes: Option<usize>,
-}
-
-impl Default for ServeConfig {
-    fn default() -> Self {
-        ServeConfig {
-            max_batch: 32,
-            max_queue: 256,
-            max_prompt_rows: 128,
-            pool: None,
-            api_key: None,
-            drain: Duration::ZERO,
-            grace: Duration::from_secs(10),
-            body_limit: 1 << 20,
-            header_timeout: Duration::from_secs(30),
-            body_timeout: Duration::from_secs(30),
-            max_connections: 1024,
-            write_stall: Duration::from_secs(30),
-            half_close: false,
-            kv_cache_bytes: None,
-        }
-    }
-}
-
-/// One accepted connection, as its requests see it (a request extension).
-#[derive(Debug, Default)]
-pub struct Connection {
-    closed: Notify,
-}
-
-impl Connection {
-    /// Drops the connection now, whatever it is doing (a write the client
-    /// does not read included).
-    pub fn close(&self) {
-        self.closed.notify_one();
-    }
-}
-
-/// The loaded model behind the server.
-pub struct Engine {
-    pub scheduler: Scheduler,
-    pub tokenizer: Gpt2Tokenizer,
-    /// The id `/v1/models` lists and responses echo by default.
-    pub model_id: String,
-    /// Where the weights came from, in words.
-    pub weights: String,
-    pub synthetic: bool,
-}
 
 /// Serves on `listener` until `shutdown` resolves (then as described in the
 /// module doc). `load` runs on a blocking thread with the scheduler
@@ -156,7 +71,7 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let (drain, grace) = (config.drain, config.grace);
-    let app = Arc::new(routes::App::new(config));
+    let app = Arc::new(state::App::new(config));
     let scheduler_config = SchedulerConfig {
         max_batch: app.config.max_batch,
         max_prompt_rows: app.config.max_prompt_rows,
@@ -173,7 +88,7 @@ where
             let t = Instant::now();
             let result = tokio::task::spawn_blocking(move || {
                 load(scheduler_config).map(|engine| {
-                    let cap = routes::prompt_byte_cap(&engine);
+                    let cap = completions::prompt_byte_cap(&engine);
                     (engine, cap)
                 })
             })
@@ -275,7 +190,7 @@ const ABORT_FLUSH: Duration = Duration::from_secs(2);
 /// hyper with the configured timeouts, at most `max_connections` at once.
 async fn accept(
     listener: &tokio::net::TcpListener,
-    app: &Arc<routes::App>,
+    app: &Arc<state::App>,
     graceful: &GracefulShutdown,
     stop: watch::Receiver<bool>,
 ) {
@@ -341,7 +256,7 @@ async fn accept(
                         );
                     }
                 }
-                () = connection.closed.notified() => {}
+                () = connection.closed() => {}
             }
             app.metrics.open_connections.dec();
             drop(slot);
