@@ -309,7 +309,8 @@ fn refused(e: Invalid) -> ApiError {
                 ),
             )
         },
-        // The body's parser refuses these first, in its own words.
+        // The body's parser refuses these first, in its own words (see
+        // `request.rs`: checked on the JSON numbers, in the body's order).
         other => ApiError::param(param, other.to_string()),
     }
 }

@@ -141,7 +141,8 @@ pub struct App {
     started: u64,
 }
 
-pub(crate) fn unix_now() -> u64 {
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
