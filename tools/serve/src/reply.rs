@@ -34,18 +34,12 @@ impl Reply {
     /// A whole response (`usage` given) or a stream's chunk (`usage` never:
     /// it has a chunk of its own, see [`Reply::usage_chunk`]).
     fn body(&self, text: &str, finish: Option<&Finish>, usage: Option<&Finish>) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{
-                "text": text,
-                "index": 0,
-                "logprobs": null,
-                "finish_reason": finish.map(|f| f.reason),
-            }],
-        });
+        let mut v = self.envelope(json!([{
+            "text": text,
+            "index": 0,
+            "logprobs": null,
+            "finish_reason": finish.map(|f| f.reason),
+        }]));
         if let Some(f) = usage {
             v["usage"] = usage_json(f);
         } else if self.include_usage {
@@ -57,13 +51,19 @@ impl Reply {
 
     /// `stream_options.include_usage`: the last chunk, empty `choices`.
     fn usage_chunk(&self, f: &Finish) -> Value {
+        let mut v = self.envelope(json!([]));
+        v["usage"] = usage_json(f);
+        v
+    }
+
+    /// What every response and chunk holds around its `choices`.
+    fn envelope(&self, choices: Value) -> Value {
         json!({
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [],
-            "usage": usage_json(f),
+            "choices": choices,
         })
     }
 }

@@ -284,31 +284,33 @@ fn no_op(name: &str, v: &Value, accepted: &[Value], shown: &str) -> Result<(), A
     }
 }
 
-fn number(name: &str, v: &Value) -> Result<Option<f64>, ApiError> {
-    match v {
-        Value::Null => Ok(None),
-        Value::Number(n) => Ok(n.as_f64()),
-        _ => Err(ApiError::param(
-            name,
-            format!("`{name}` must be a number, got {v}"),
-        )),
+/// `v` as a `T` (`None` for null), or a refusal saying what `name` must be.
+fn typed<'v, T>(
+    name: &str,
+    v: &'v Value,
+    must_be: &str,
+    get: impl FnOnce(&'v Value) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    if v.is_null() {
+        return Ok(None);
     }
+    get(v)
+        .map(Some)
+        .ok_or_else(|| ApiError::param(name, format!("`{name}` must be {must_be}, got {v}")))
+}
+
+fn number(name: &str, v: &Value) -> Result<Option<f64>, ApiError> {
+    typed(name, v, "a number", Value::as_f64)
 }
 
 fn integer(name: &str, v: &Value) -> Result<Option<i128>, ApiError> {
-    match v {
-        Value::Null => Ok(None),
-        Value::Number(n) => n
-            .as_i64()
-            .map(i128::from)
-            .or_else(|| n.as_u64().map(i128::from))
-            .map(Some)
-            .ok_or_else(|| ApiError::param(name, format!("`{name}` must be an integer, got {v}"))),
-        _ => Err(ApiError::param(
-            name,
-            format!("`{name}` must be an integer, got {v}"),
-        )),
-    }
+    typed(name, v, "an integer", |v| {
+        v.as_i64().map(i128::from).or_else(|| v.as_u64().map(i128::from))
+    })
+}
+
+fn boolean(name: &str, v: &Value) -> Result<Option<bool>, ApiError> {
+    typed(name, v, "true or false", Value::as_bool)
 }
 
 fn positive(name: &str, v: &Value) -> Result<usize, ApiError> {
@@ -317,17 +319,6 @@ fn positive(name: &str, v: &Value) -> Result<usize, ApiError> {
         _ => Err(ApiError::param(
             name,
             format!("`{name}` must be at least 1, got {v}"),
-        )),
-    }
-}
-
-fn boolean(name: &str, v: &Value) -> Result<Option<bool>, ApiError> {
-    match v {
-        Value::Null => Ok(None),
-        Value::Bool(b) => Ok(Some(*b)),
-        _ => Err(ApiError::param(
-            name,
-            format!("`{name}` must be true or false, got {v}"),
         )),
     }
 }

@@ -221,18 +221,16 @@ impl App {
     /// flight, with `kv` bytes of the KV cache budget, unless they are taken.
     pub fn admit(self: &Arc<Self>, kv: usize) -> Result<InFlight, ApiError> {
         let limit = self.config.max_batch + self.config.max_queue;
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
-            .map_err(|n| {
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "queue_full",
-                    format!(
-                        "the server is full: {n} requests in flight (max_batch {} + max_queue {}); retry later",
-                        self.config.max_batch, self.config.max_queue
-                    ),
-                )
-            })?;
+        add_within(&self.in_flight, 1, limit).map_err(|n| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                format!(
+                    "the server is full: {n} requests in flight (max_batch {} + max_queue {}); retry later",
+                    self.config.max_batch, self.config.max_queue
+                ),
+            )
+        })?;
         self.metrics.in_flight.inc();
         // Dropped on the way out if the reservation fails: the slot is freed again.
         let slot = InFlight {
@@ -240,29 +238,32 @@ impl App {
             kv: 0,
         };
         let budget = self.kv_budget.get().copied().unwrap_or(usize::MAX);
-        let reserved = self
-            .kv_reserved
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                r.checked_add(kv).filter(|&t| t <= budget)
-            })
-            .map_err(|r| {
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "kv_cache_full",
-                    format!(
-                        "the server's KV cache budget is taken: {} of {} MiB reserved by the requests in \
-                         flight, and this one needs {:.1} MiB more; retry later",
-                        r >> 20,
-                        budget >> 20,
-                        kv as f64 / (1 << 20) as f64
-                    ),
-                )
-            })?;
+        let reserved = add_within(&self.kv_reserved, kv, budget).map_err(|r| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "kv_cache_full",
+                format!(
+                    "the server's KV cache budget is taken: {} of {} MiB reserved by the requests in \
+                     flight, and this one needs {:.1} MiB more; retry later",
+                    r >> 20,
+                    budget >> 20,
+                    kv as f64 / (1 << 20) as f64
+                ),
+            )
+        })?;
         self.metrics.kv_reserved.set((reserved + kv) as i64);
         let mut slot = slot;
         slot.kv = kv;
         Ok(slot)
     }
+}
+
+/// Adds `n` to `counter` unless the sum would pass `limit`: the count
+/// before, or the count that left no room.
+fn add_within(counter: &AtomicUsize, n: usize, limit: usize) -> Result<usize, usize> {
+    counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+        c.checked_add(n).filter(|&t| t <= limit)
+    })
 }
 
 /// An admitted request; its slot and its KV cache reservation are freed on drop.
