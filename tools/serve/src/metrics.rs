@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
     exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
@@ -49,126 +50,85 @@ pub struct Metrics {
     pub step: Histogram,
 }
 
-fn histogram(name: &str, help: &str, start: f64, count: usize) -> Histogram {
-    let buckets = exponential_buckets(start, 2.0, count).expect("valid bucket parameters");
-    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
-}
-
 impl Metrics {
     pub fn new() -> Self {
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "gpt2_requests_total",
-                "HTTP requests by route, status and outcome",
-            ),
-            &["route", "status", "outcome"],
-        )
-        .expect("valid counter");
-        let prompt_tokens =
-            IntCounter::new("gpt2_prompt_tokens_total", "Prompt tokens admitted").expect("valid counter");
-        let generated_tokens =
-            IntCounter::new("gpt2_generated_tokens_total", "Tokens generated").expect("valid counter");
-        let queue_depth = IntGauge::new(
-            "gpt2_queue_depth",
-            "Requests submitted to the engine, not yet in the batch",
-        )
-        .expect("valid gauge");
-        let active_sequences =
-            IntGauge::new("gpt2_active_sequences", "Sequences in the engine's batch").expect("valid gauge");
-        let in_flight = IntGauge::new(
-            "gpt2_requests_in_flight",
-            "Completion requests admitted and not yet over",
-        )
-        .expect("valid gauge");
-        let draining = IntGauge::new(
-            "gpt2_draining",
-            "1 once the server is shutting down (/health answers 503), else 0",
-        )
-        .expect("valid gauge");
-        let ttft = histogram(
-            "gpt2_time_to_first_token_seconds",
-            "Request arrival to its first generated token",
-            0.000_5,
-            16,
-        );
-        let inter_token = histogram(
-            "gpt2_inter_token_latency_seconds",
-            "Time between two tokens of one request",
-            0.000_1,
-            16,
-        );
-        let step = histogram(
-            "gpt2_step_seconds",
-            "One engine step: a batched forward pass and sampling",
-            0.000_1,
-            16,
-        );
-        let open_connections =
-            IntGauge::new("gpt2_open_connections", "HTTP connections open now").expect("valid gauge");
-        let connections_refused = IntCounter::new(
-            "gpt2_connections_refused_total",
-            "Connections answered 503 and closed because --max-connections were open",
-        )
-        .expect("valid counter");
-        let closed_mid_request = IntCounter::new(
-            "gpt2_connections_closed_mid_request_total",
-            "Connections whose client closed its side before its request was answered",
-        )
-        .expect("valid counter");
-        let kv_reserved = IntGauge::new(
-            "gpt2_kv_cache_reserved_bytes",
-            "KV cache bytes reserved by the requests in flight (resident at most)",
-        )
-        .expect("valid gauge");
-        let kv_budget = IntGauge::new(
-            "gpt2_kv_cache_budget_bytes",
-            "KV cache bytes the requests in flight may reserve together (--kv-cache-mib)",
-        )
-        .expect("valid gauge");
-        let kv_pooled = IntGauge::new(
-            "gpt2_kv_caches_pooled",
-            "KV caches kept for reuse while the engine is busy (released when it goes idle)",
-        )
-        .expect("valid gauge");
         let registry = Registry::new();
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(prompt_tokens.clone()),
-            Box::new(generated_tokens.clone()),
-            Box::new(queue_depth.clone()),
-            Box::new(active_sequences.clone()),
-            Box::new(in_flight.clone()),
-            Box::new(draining.clone()),
-            Box::new(open_connections.clone()),
-            Box::new(kv_reserved.clone()),
-            Box::new(kv_budget.clone()),
-            Box::new(kv_pooled.clone()),
-            Box::new(connections_refused.clone()),
-            Box::new(closed_mid_request.clone()),
-            Box::new(ttft.clone()),
-            Box::new(inter_token.clone()),
-            Box::new(step.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
-        }
+        let r = &registry;
         Metrics {
+            requests: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "gpt2_requests_total",
+                        "HTTP requests by route, status and outcome",
+                    ),
+                    &["route", "status", "outcome"],
+                )
+                .expect("valid counter"),
+            ),
+            prompt_tokens: counter(r, "gpt2_prompt_tokens_total", "Prompt tokens admitted"),
+            generated_tokens: counter(r, "gpt2_generated_tokens_total", "Tokens generated"),
+            queue_depth: gauge(
+                r,
+                "gpt2_queue_depth",
+                "Requests submitted to the engine, not yet in the batch",
+            ),
+            active_sequences: gauge(r, "gpt2_active_sequences", "Sequences in the engine's batch"),
+            in_flight: gauge(
+                r,
+                "gpt2_requests_in_flight",
+                "Completion requests admitted and not yet over",
+            ),
+            draining: gauge(
+                r,
+                "gpt2_draining",
+                "1 once the server is shutting down (/health answers 503), else 0",
+            ),
+            open_connections: gauge(r, "gpt2_open_connections", "HTTP connections open now"),
+            kv_reserved: gauge(
+                r,
+                "gpt2_kv_cache_reserved_bytes",
+                "KV cache bytes reserved by the requests in flight (resident at most)",
+            ),
+            kv_budget: gauge(
+                r,
+                "gpt2_kv_cache_budget_bytes",
+                "KV cache bytes the requests in flight may reserve together (--kv-cache-mib)",
+            ),
+            kv_pooled: gauge(
+                r,
+                "gpt2_kv_caches_pooled",
+                "KV caches kept for reuse while the engine is busy (released when it goes idle)",
+            ),
+            connections_refused: counter(
+                r,
+                "gpt2_connections_refused_total",
+                "Connections answered 503 and closed because --max-connections were open",
+            ),
+            closed_mid_request: counter(
+                r,
+                "gpt2_connections_closed_mid_request_total",
+                "Connections whose client closed its side before its request was answered",
+            ),
+            ttft: histogram(
+                r,
+                "gpt2_time_to_first_token_seconds",
+                "Request arrival to its first generated token",
+                0.000_5,
+            ),
+            inter_token: histogram(
+                r,
+                "gpt2_inter_token_latency_seconds",
+                "Time between two tokens of one request",
+                0.000_1,
+            ),
+            step: histogram(
+                r,
+                "gpt2_step_seconds",
+                "One engine step: a batched forward pass and sampling",
+                0.000_1,
+            ),
             registry,
-            requests,
-            open_connections,
-            kv_reserved,
-            kv_budget,
-            kv_pooled,
-            connections_refused,
-            closed_mid_request,
-            prompt_tokens,
-            generated_tokens,
-            queue_depth,
-            active_sequences,
-            in_flight,
-            draining,
-            ttft,
-            inter_token,
-            step,
         }
     }
 
@@ -197,6 +157,29 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `metric`, registered in `registry` (each name once).
+fn register<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(registry, IntCounter::new(name, help).expect("valid counter"))
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(registry, IntGauge::new(name, help).expect("valid gauge"))
+}
+
+/// 16 buckets, doubling from `start` seconds.
+fn histogram(registry: &Registry, name: &str, help: &str, start: f64) -> Histogram {
+    let buckets = exponential_buckets(start, 2.0, 16).expect("valid bucket parameters");
+    let opts = HistogramOpts::new(name, help).buckets(buckets);
+    register(registry, Histogram::with_opts(opts).expect("valid histogram"))
 }
 
 /// The scheduler's step times go straight into the histogram.

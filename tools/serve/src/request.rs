@@ -4,6 +4,17 @@
 //! Fields OpenAI clients send by default are accepted when their value is
 //! the no-op one (`n: 1`, `echo: false`, `logprobs: null`, ...); any other
 //! value, and any field we do not know, is a 400 naming it.
+//!
+//! What the request asks of the model (token ids, lengths against the
+//! context window) is the engine's door's to check (`gpt2::Request::prepare`,
+//! rendered by `completions::refused`). The ranges of `max_tokens` and the
+//! sampling values are checked here, though the door checks them again:
+//! here they are checked in the body's field order, before the model is
+//! asked for (so a body gets the same answer while the model loads, or
+//! with a wrong `model`), on the f64 the client sent, before rounding to the
+//! engine's f32 could carry a value across a bound (`top_p` 1.00000001
+//! becomes 1, `temperature` 1e39 infinity), and they include the values no
+//! `usize` can carry to the engine (a negative `max_tokens` or `top_k`).
 
 use serde_json::{Map, Value};
 
@@ -86,106 +97,61 @@ impl CompletionRequest {
                     }
                 }
                 "temperature" => {
-                    if let Some(t) = number(name, v)? {
-                        if !(t.is_finite() && t >= 0.0) {
-                            return Err(ApiError::param(
-                                name,
-                                format!("`temperature` must be >= 0, got {t}"),
-                            ));
-                        }
-                        req.sampling.temperature = if t == 0.0 { 0.0 } else { as_f32(name, t)? };
+                    if let Some(t) = in_range(name, v, ">= 0", |t| t >= 0.0)? {
+                        req.sampling.temperature = unless_special(name, t, 0.0)?.unwrap_or(0.0);
                     }
                 }
                 "top_p" => {
-                    if let Some(p) = number(name, v)? {
-                        if !(p > 0.0 && p <= 1.0) {
-                            return Err(ApiError::param(
-                                name,
-                                format!("`top_p` must be in (0, 1], got {p}"),
-                            ));
-                        }
-                        req.sampling.top_p = if p < 1.0 { Some(as_f32(name, p)?) } else { None };
+                    if let Some(p) = in_range(name, v, "in (0, 1]", |p| p > 0.0 && p <= 1.0)? {
+                        req.sampling.top_p = unless_special(name, p, 1.0)?;
                     }
-                }
-                "top_k" => {
-                    req.sampling.top_k = match integer(name, v)? {
-                        None | Some(-1) => None,
-                        Some(k) if k >= 1 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
-                        Some(k) => {
-                            return Err(ApiError::param(
-                                name,
-                                format!("`top_k` must be at least 1, or -1 for no limit; got {k}"),
-                            ))
-                        }
-                    };
                 }
                 "repetition_penalty" => {
-                    if let Some(r) = number(name, v)? {
-                        if !(r.is_finite() && r > 0.0) {
-                            return Err(ApiError::param(
-                                name,
-                                format!("`repetition_penalty` must be > 0, got {r}"),
-                            ));
-                        }
-                        req.sampling.repetition_penalty =
-                            if r != 1.0 { Some(as_f32(name, r)?) } else { None };
+                    if let Some(r) = in_range(name, v, "> 0", |r| r > 0.0)? {
+                        req.sampling.repetition_penalty = unless_special(name, r, 1.0)?;
                     }
                 }
-                "seed" => {
-                    req.seed = match integer(name, v)? {
-                        None => None,
-                        Some(s) => Some(u64::try_from(s).map_err(|_| {
-                            ApiError::param(name, format!("`seed` must be a non-negative integer, got {s}"))
-                        })?),
-                    };
-                }
+                "top_k" => req.sampling.top_k = top_k(v)?,
+                "seed" => req.seed = seed(v)?,
                 "stop" => req.stop = stops(v)?,
                 "stream" => req.stream = boolean(name, v)?.unwrap_or(false),
                 "ignore_eos" => req.ignore_eos = boolean(name, v)?.unwrap_or(false),
-                "model" => {
-                    req.model = match v {
-                        Value::Null => None,
-                        Value::String(s) => Some(s.clone()),
-                        _ => return Err(ApiError::param(name, "`model` must be a string")),
-                    }
-                }
+                "model" => req.model = string(name, v)?.map(str::to_string),
+                // Accepted, and not used.
                 "user" => {
-                    if !(v.is_null() || v.is_string()) {
-                        return Err(ApiError::param(name, "`user` must be a string"));
-                    }
+                    string(name, v)?;
                 }
                 "stream_options" => req.include_usage = stream_options(v)?,
-                // Accepted only at the value that changes nothing.
-                "n" | "best_of" => no_op(name, v, &[Value::Null, Value::from(1)], "1")?,
-                "echo" => no_op(name, v, &[Value::Null, Value::Bool(false)], "false")?,
-                "logprobs" | "suffix" => no_op(name, v, &[Value::Null], "null")?,
-                "presence_penalty" | "frequency_penalty" => {
-                    if number(name, v)?.is_some_and(|x| x != 0.0) {
-                        return Err(unsupported(name, "0"));
-                    }
-                }
-                "logit_bias" => {
-                    let empty = match v {
-                        Value::Null => true,
-                        Value::Object(m) => m.is_empty(),
-                        _ => false,
-                    };
-                    if !empty {
-                        return Err(unsupported(name, "null or {}"));
-                    }
-                }
-                _ => {
-                    return Err(ApiError::param(
-                        name,
-                        format!("unknown parameter `{name}`: this server does not support it"),
-                    ))
-                }
+                _ => no_op_field(name, v)?,
             }
         }
         if !has_prompt {
             return Err(ApiError::param("prompt", "missing required parameter `prompt`"));
         }
         Ok(req)
+    }
+}
+
+/// The fields OpenAI clients send by default, accepted only at the value
+/// that changes nothing; any other field is unknown.
+fn no_op_field(name: &str, v: &Value) -> Result<(), ApiError> {
+    match name {
+        "n" | "best_of" => no_op(name, v, &[Value::Null, Value::from(1)], "1"),
+        "echo" => no_op(name, v, &[Value::Null, Value::Bool(false)], "false"),
+        "logprobs" | "suffix" => no_op(name, v, &[Value::Null], "null"),
+        "presence_penalty" | "frequency_penalty" => match number(name, v)? {
+            Some(x) if x != 0.0 => Err(unsupported(name, "0")),
+            _ => Ok(()),
+        },
+        "logit_bias" => match v {
+            Value::Null => Ok(()),
+            Value::Object(m) if m.is_empty() => Ok(()),
+            _ => Err(unsupported(name, "null or {}")),
+        },
+        _ => Err(ApiError::param(
+            name,
+            format!("unknown parameter `{name}`: this server does not support it"),
+        )),
     }
 }
 
@@ -318,31 +284,33 @@ fn no_op(name: &str, v: &Value, accepted: &[Value], shown: &str) -> Result<(), A
     }
 }
 
-fn number(name: &str, v: &Value) -> Result<Option<f64>, ApiError> {
-    match v {
-        Value::Null => Ok(None),
-        Value::Number(n) => Ok(n.as_f64()),
-        _ => Err(ApiError::param(
-            name,
-            format!("`{name}` must be a number, got {v}"),
-        )),
+/// `v` as a `T` (`None` for null), or a refusal saying what `name` must be.
+fn typed<'v, T>(
+    name: &str,
+    v: &'v Value,
+    must_be: &str,
+    get: impl FnOnce(&'v Value) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    if v.is_null() {
+        return Ok(None);
     }
+    get(v)
+        .map(Some)
+        .ok_or_else(|| ApiError::param(name, format!("`{name}` must be {must_be}, got {v}")))
+}
+
+fn number(name: &str, v: &Value) -> Result<Option<f64>, ApiError> {
+    typed(name, v, "a number", Value::as_f64)
 }
 
 fn integer(name: &str, v: &Value) -> Result<Option<i128>, ApiError> {
-    match v {
-        Value::Null => Ok(None),
-        Value::Number(n) => n
-            .as_i64()
-            .map(i128::from)
-            .or_else(|| n.as_u64().map(i128::from))
-            .map(Some)
-            .ok_or_else(|| ApiError::param(name, format!("`{name}` must be an integer, got {v}"))),
-        _ => Err(ApiError::param(
-            name,
-            format!("`{name}` must be an integer, got {v}"),
-        )),
-    }
+    typed(name, v, "an integer", |v| {
+        v.as_i64().map(i128::from).or_else(|| v.as_u64().map(i128::from))
+    })
+}
+
+fn boolean(name: &str, v: &Value) -> Result<Option<bool>, ApiError> {
+    typed(name, v, "true or false", Value::as_bool)
 }
 
 fn positive(name: &str, v: &Value) -> Result<usize, ApiError> {
@@ -355,14 +323,57 @@ fn positive(name: &str, v: &Value) -> Result<usize, ApiError> {
     }
 }
 
-fn boolean(name: &str, v: &Value) -> Result<Option<bool>, ApiError> {
+/// A sampling number (`None` for null) within its range, checked on the
+/// f64 the client sent (see the module doc for why here).
+fn in_range(name: &str, v: &Value, must_be: &str, holds: fn(f64) -> bool) -> Result<Option<f64>, ApiError> {
+    match number(name, v)? {
+        Some(x) if !(x.is_finite() && holds(x)) => Err(ApiError::param(
+            name,
+            format!("`{name}` must be {must_be}, got {x}"),
+        )),
+        x => Ok(x),
+    }
+}
+
+/// `x` as the f32 sampling computes in ([`as_f32`]), or `None` when it is
+/// `special`: the value that turns the parameter off (`top_p` 1, a
+/// repetition penalty of 1) or makes sampling greedy (temperature 0), which
+/// is kept exactly.
+fn unless_special(name: &str, x: f64, special: f64) -> Result<Option<f32>, ApiError> {
+    if x == special {
+        Ok(None)
+    } else {
+        as_f32(name, x).map(Some)
+    }
+}
+
+/// At least 1, or -1 (or null) for no limit.
+fn top_k(v: &Value) -> Result<Option<usize>, ApiError> {
+    match integer("top_k", v)? {
+        None | Some(-1) => Ok(None),
+        Some(k) if k >= 1 => Ok(Some(usize::try_from(k).unwrap_or(usize::MAX))),
+        Some(k) => Err(ApiError::param(
+            "top_k",
+            format!("`top_k` must be at least 1, or -1 for no limit; got {k}"),
+        )),
+    }
+}
+
+fn seed(v: &Value) -> Result<Option<u64>, ApiError> {
+    integer("seed", v)?
+        .map(|s| {
+            u64::try_from(s).map_err(|_| {
+                ApiError::param("seed", format!("`seed` must be a non-negative integer, got {s}"))
+            })
+        })
+        .transpose()
+}
+
+fn string<'v>(name: &str, v: &'v Value) -> Result<Option<&'v str>, ApiError> {
     match v {
         Value::Null => Ok(None),
-        Value::Bool(b) => Ok(Some(*b)),
-        _ => Err(ApiError::param(
-            name,
-            format!("`{name}` must be true or false, got {v}"),
-        )),
+        Value::String(s) => Ok(Some(s)),
+        _ => Err(ApiError::param(name, format!("`{name}` must be a string"))),
     }
 }
 
@@ -437,5 +448,43 @@ mod tests {
         }
         assert_eq!(parse("{not json").unwrap_err().code, "invalid_json");
         assert_eq!(parse("[1]").unwrap_err().code, "invalid_json");
+    }
+
+    /// The parser's own words, which clients (and the tests over HTTP) see.
+    #[test]
+    fn refusals_word_for_word() {
+        for (body, message) in [
+            (r#"{"prompt": "a", "temperature": -0.5}"#, "`temperature` must be >= 0, got -0.5"),
+            (r#"{"prompt": "a", "top_p": 1.5}"#, "`top_p` must be in (0, 1], got 1.5"),
+            (
+                r#"{"prompt": "a", "repetition_penalty": 0}"#,
+                "`repetition_penalty` must be > 0, got 0",
+            ),
+            (
+                r#"{"prompt": "a", "top_k": 0}"#,
+                "`top_k` must be at least 1, or -1 for no limit; got 0",
+            ),
+            (r#"{"prompt": "a", "max_tokens": -3}"#, "`max_tokens` must be at least 1, got -3"),
+            (r#"{"prompt": "a", "seed": -1}"#, "`seed` must be a non-negative integer, got -1"),
+            (r#"{"prompt": "a", "model": 1}"#, "`model` must be a string"),
+            (r#"{"prompt": "a", "user": 1}"#, "`user` must be a string"),
+            (
+                r#"{"prompt": "a", "presence_penalty": 0.5}"#,
+                "`presence_penalty` is not supported by this server: only 0 (the default) is accepted",
+            ),
+            (
+                r#"{"prompt": "a", "logit_bias": {"1": 2}}"#,
+                "`logit_bias` is not supported by this server: only null or {} (the default) is accepted",
+            ),
+            (
+                r#"{"prompt": "a", "temperature": 1e39}"#,
+                "`temperature` is 1000000000000000000000000000000000000000, which 32-bit floats (what sampling \
+                 computes in) cannot hold: it must be between 1.1754944e-38 and 3.4028235e38",
+            ),
+            // Faults are found in the body's (alphabetical) field order.
+            (r#"{"top_p": 0, "prompt": "a", "temperature": -1}"#, "`temperature` must be >= 0, got -1"),
+        ] {
+            assert_eq!(parse(body).unwrap_err().message, message, "{body}");
+        }
     }
 }

@@ -12,11 +12,10 @@ use axum::http::StatusCode;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::error::ApiError;
-use super::routes::{App, InFlight, RequestLog};
-use super::{Connection, Engine};
+use super::state::{App, Connection, Engine, InFlight, RequestLog};
 use gpt2::scheduler::{Event, RequestHandle};
 use gpt2::tokenizer::TextStream;
-use gpt2::StopReason;
+use gpt2::{Generation, StopReason};
 
 /// What the bridge sends to the HTTP side.
 #[derive(Debug)]
@@ -136,105 +135,24 @@ fn send(
     }
 }
 
+/// How the relay of a request's tokens ended.
+enum End {
+    /// The generation is over: its summary, or its error, goes to the client last.
+    Over(Result<Finish, ApiError>),
+    /// The client cannot take more.
+    Unsent(Unsent),
+}
+
 /// Runs on a blocking thread until the request is over; `tx` closing (the
 /// client left, or the server gave up on it) cancels the sequence.
 pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
-    let Job {
-        app,
-        engine,
-        handle,
-        stops,
-        prompt_tokens,
-        eos,
-        arrived,
-        log,
-        in_flight,
-        runtime,
-        write_stall,
-        connection,
-    } = job;
-    let send = |u| send(&tx, u, &runtime, write_stall);
-    let metrics = &app.metrics;
-    let mut text = TextStream::new(&engine.tokenizer);
-    let mut filter = StopFilter::new(stops);
-    let mut generated = 0;
-    let mut last = arrived;
-    let finish = |reason, text, generated| Finish {
-        text,
-        reason,
-        prompt_tokens,
-        completion_tokens: generated,
-    };
-    let end = loop {
-        if tx.is_closed() || *app.aborted.borrow() {
-            break Err(Unsent::Gone);
-        }
-        match handle.recv() {
-            Some(Event::Token(t)) => {
-                generated += 1;
-                log.generated.store(generated, Ordering::Relaxed);
-                metrics.generated_tokens.inc();
-                let now = Instant::now();
-                if generated == 1 {
-                    metrics.observe_ttft(now - arrived);
-                } else {
-                    metrics.observe_inter_token(now - last);
-                }
-                last = now;
-                let piece = if eos == Some(t) {
-                    // The end-of-text token ends the text; it is not part of it.
-                    Ok(None)
-                } else {
-                    text.push(t)
-                };
-                let piece = match piece {
-                    Ok(p) => p.unwrap_or_default(),
-                    Err(e) => break Ok(Err(engine_error(e))),
-                };
-                let (out, matched) = filter.push(&piece);
-                if let Err(unsent) = send(Update::Token(out)) {
-                    break Err(unsent);
-                }
-                if matched {
-                    handle.cancel();
-                    break Ok(Ok(finish("stop", String::new(), generated)));
-                }
-            }
-            Some(Event::Done(Ok(generation))) => {
-                let rest = if generation.stop == StopReason::Eos {
-                    Ok(None)
-                } else {
-                    text.finish()
-                };
-                let rest = match rest {
-                    Ok(r) => r.unwrap_or_default(),
-                    Err(e) => break Ok(Err(engine_error(e))),
-                };
-                let (mut out, matched) = filter.push(&rest);
-                let reason = if matched {
-                    "stop"
-                } else {
-                    out.push_str(&filter.flush());
-                    match generation.stop {
-                        StopReason::Eos => "stop",
-                        StopReason::MaxNewTokens | StopReason::ContextFull => "length",
-                    }
-                };
-                break Ok(Ok(finish(reason, out, generation.tokens.len())));
-            }
-            Some(Event::Done(Err(e))) => break Ok(Err(engine_error(e))),
-            None => {
-                break Ok(Err(engine_error(gpt2::Error::Engine(
-                    "the engine stopped before the request finished".into(),
-                ))))
-            }
-        }
-    };
+    let send = |u| send(&tx, u, &job.runtime, job.write_stall);
+    let end = Relay::new(&job).run(&tx, &send);
     let unsent = match end {
-        Err(unsent) => Some(unsent),
-        Ok(result) => {
+        End::Unsent(unsent) => Some(unsent),
+        End::Over(result) => {
             if let Err(e) = &result {
-                log.set_outcome(e.code);
+                job.log.set_outcome(e.code);
             }
             send(Update::End(result)).err()
         }
@@ -244,22 +162,132 @@ pub fn bridge(job: Job, tx: mpsc::Sender<Update>) {
         // The first outcome set wins: one set by the HTTP side (the end of
         // the grace period) stays.
         Some(Unsent::Gone) => {
-            handle.cancel();
-            log.set_outcome("cancelled");
+            job.handle.cancel();
+            job.log.set_outcome("cancelled");
         }
         Some(Unsent::Stalled) => {
-            handle.cancel();
-            log.set_outcome(WRITE_STALLED);
-            if let Some(c) = &connection {
+            job.handle.cancel();
+            job.log.set_outcome(WRITE_STALLED);
+            if let Some(c) = &job.connection {
                 c.close();
             }
         }
     }
     // The slot is freed and the request counted before `tx` closes (which
     // ends the stream with `[DONE]`), so a client that has it sees both.
+    let Job { in_flight, log, .. } = job;
     drop(in_flight);
     drop(log);
     drop(tx);
+}
+
+/// One request's tokens on their way to text: counted, timed, decoded and
+/// held back past stop strings.
+struct Relay<'a> {
+    job: &'a Job,
+    text: TextStream<'a>,
+    filter: StopFilter,
+    generated: usize,
+    /// When the last token came (the request's arrival before the first).
+    last: Instant,
+}
+
+impl<'a> Relay<'a> {
+    fn new(job: &'a Job) -> Self {
+        Relay {
+            job,
+            text: TextStream::new(&job.engine.tokenizer),
+            filter: StopFilter::new(job.stops.clone()),
+            generated: 0,
+            last: job.arrived,
+        }
+    }
+
+    /// Relays the engine's events until the generation or the client is done.
+    fn run(mut self, tx: &mpsc::Sender<Update>, send: &impl Fn(Update) -> Result<(), Unsent>) -> End {
+        let job = self.job;
+        loop {
+            if tx.is_closed() || *job.app.aborted.borrow() {
+                return End::Unsent(Unsent::Gone);
+            }
+            let end = match job.handle.recv() {
+                Some(Event::Token(t)) => self.token(t, send),
+                Some(Event::Done(Ok(generation))) => Some(End::Over(self.done(&generation))),
+                Some(Event::Done(Err(e))) => Some(End::Over(Err(engine_error(e)))),
+                None => Some(End::Over(Err(engine_error(gpt2::Error::Engine(
+                    "the engine stopped before the request finished".into(),
+                ))))),
+            };
+            if let Some(end) = end {
+                return end;
+            }
+        }
+    }
+
+    /// Counts and times token `t` and sends its text; the end, if it is one
+    /// (a stop string completed, or the client cannot take it).
+    fn token(&mut self, t: u32, send: &impl Fn(Update) -> Result<(), Unsent>) -> Option<End> {
+        let (job, metrics) = (self.job, &self.job.app.metrics);
+        self.generated += 1;
+        job.log.generated.store(self.generated, Ordering::Relaxed);
+        metrics.generated_tokens.inc();
+        let now = Instant::now();
+        if self.generated == 1 {
+            metrics.observe_ttft(now - job.arrived);
+        } else {
+            metrics.observe_inter_token(now - self.last);
+        }
+        self.last = now;
+        let piece = if job.eos == Some(t) {
+            // The end-of-text token ends the text; it is not part of it.
+            Ok(None)
+        } else {
+            self.text.push(t)
+        };
+        let piece = match piece {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e) => return Some(End::Over(Err(engine_error(e)))),
+        };
+        let (out, matched) = self.filter.push(&piece);
+        if let Err(unsent) = send(Update::Token(out)) {
+            return Some(End::Unsent(unsent));
+        }
+        if matched {
+            job.handle.cancel();
+            return Some(End::Over(Ok(self.finish("stop", String::new(), self.generated))));
+        }
+        None
+    }
+
+    /// The text still held back and the summary, once the engine is done.
+    fn done(&mut self, generation: &Generation) -> Result<Finish, ApiError> {
+        let rest = if generation.stop == StopReason::Eos {
+            Ok(None)
+        } else {
+            self.text.finish()
+        };
+        let rest = rest.map_err(engine_error)?.unwrap_or_default();
+        let (mut out, matched) = self.filter.push(&rest);
+        let reason = if matched {
+            "stop"
+        } else {
+            out.push_str(&self.filter.flush());
+            match generation.stop {
+                StopReason::Eos => "stop",
+                StopReason::MaxNewTokens | StopReason::ContextFull => "length",
+            }
+        };
+        Ok(self.finish(reason, out, generation.tokens.len()))
+    }
+
+    fn finish(&self, reason: &'static str, text: String, generated: usize) -> Finish {
+        Finish {
+            text,
+            reason,
+            prompt_tokens: self.job.prompt_tokens,
+            completion_tokens: generated,
+        }
+    }
 }
 
 /// The outcome of a stream whose client stopped reading.

@@ -1,13 +1,13 @@
 //! `gpt2`: the command-line front door of gpt2-rs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use gpt2::synth::{self, Preset};
 use gpt2::tokenizer::{Gpt2Tokenizer, TextStream, EOS_TOKEN};
-use gpt2::{Fit, GenerateOptions, Gpt2Model, Request, SamplingParams, Session};
+use gpt2::{Fit, GenerateOptions, Generation, Gpt2Model, Request, SamplingParams, Session};
 use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs};
 
 #[derive(Parser)]
@@ -22,38 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate text from a prompt, streamed to stdout; timings go to stderr.
-    Generate {
-        #[arg(long)]
-        prompt: String,
-        /// How many tokens to generate at most.
-        #[arg(long, default_value_t = 30)]
-        max_new_tokens: usize,
-        /// Sampling temperature; 0 is greedy (the default).
-        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-        temperature: f32,
-        /// Sample only among the K most likely tokens.
-        #[arg(long)]
-        top_k: Option<usize>,
-        /// Sample only from the smallest set of tokens whose probability reaches P (0 < P <= 1).
-        #[arg(long)]
-        top_p: Option<f32>,
-        /// Penalise tokens already present (1.0 = off; > 1 discourages repeats).
-        #[arg(long)]
-        repetition_penalty: Option<f32>,
-        /// Seed of the sampler's RNG.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Do not stop at <|endoftext|>.
-        #[arg(long)]
-        ignore_eos: bool,
-        /// Print a per-op breakdown of the time (prefill and decode apart) to stderr.
-        #[arg(long)]
-        profile: bool,
-        #[command(flatten)]
-        weights: WeightsArgs,
-        #[command(flatten)]
-        dtype: DtypeArgs,
-    },
+    Generate(GenerateArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize {
         #[arg(long)]
@@ -101,6 +70,41 @@ enum Command {
     },
 }
 
+// The flags of `gpt2 generate` (its help text is the doc of `Command::Generate`).
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    prompt: String,
+    /// How many tokens to generate at most.
+    #[arg(long, default_value_t = 30)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy (the default).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Sample only among the K most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample only from the smallest set of tokens whose probability reaches P (0 < P <= 1).
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Penalise tokens already present (1.0 = off; > 1 discourages repeats).
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Seed of the sampler's RNG.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Do not stop at <|endoftext|>.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print a per-op breakdown of the time (prefill and decode apart) to stderr.
+    #[arg(long)]
+    profile: bool,
+    #[command(flatten)]
+    weights: WeightsArgs,
+    #[command(flatten)]
+    dtype: DtypeArgs,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = cli.kernels.init() {
@@ -122,93 +126,7 @@ fn tokenizer(path: Option<PathBuf>) -> gpt2::Result<Gpt2Tokenizer> {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
-        Command::Generate {
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            seed,
-            ignore_eos,
-            profile,
-            weights,
-            dtype,
-        } => {
-            let sampling = SamplingParams {
-                temperature,
-                top_k,
-                top_p,
-                repetition_penalty,
-            };
-            let opts = GenerateOptions {
-                max_new_tokens,
-                sampling,
-                seed,
-                ignore_eos,
-                eos_token_id: Some(EOS_TOKEN),
-            };
-            let resolved = hub::resolve(&weights)?;
-            let tok = resolved.load_tokenizer()?;
-            let ids = tok.encode(&prompt)?;
-            let t = Instant::now();
-            let model = Gpt2Model::load_with(&resolved.dir, dtype.dtype)?;
-            let load = t.elapsed();
-            // Check the request before printing anything, so a bad one fails cleanly.
-            let request = Request::prepare(&model.config, ids, opts, Fit::Prompt)?;
-            eprintln!(
-                "weights: {}",
-                resolved.source.describe(model.config.synthetic.as_ref())
-            );
-            eprintln!(
-                "loaded in {:.0} ms ({:.0} MB packed into {} kernel panels); prompt is {} tokens",
-                load.as_secs_f64() * 1e3,
-                model.weights.packed_bytes as f64 / 1e6,
-                model.dtype(),
-                request.prompt().len()
-            );
-            let mut session = Session::new(&model, request.prompt().len().clamp(1, 128))?;
-            session.set_profiling(profile);
-            let mut stream = TextStream::new(&tok);
-            let mut out = std::io::stdout();
-            print_flush(&mut out, &prompt);
-            let mut stream_err = None;
-            let gen = session.run(&model, request, |id| match stream.push(id) {
-                Ok(Some(piece)) => print_flush(&mut out, &piece),
-                Ok(None) => {}
-                Err(e) => stream_err = Some(e),
-            })?;
-            if let Some(e) = stream_err {
-                return Err(e.into());
-            }
-            if let Some(rest) = stream.finish()? {
-                print_flush(&mut out, &rest);
-            }
-            println!();
-            let tm = &gen.timings;
-            let n = gen.tokens.len();
-            eprintln!(
-                "generated {n} tokens ({:?}) in {:.0} ms: time to first token {:.1} ms, {:.1} ms/token after \
-                 ({:.1} tok/s)",
-                gen.stop,
-                tm.total.as_secs_f64() * 1e3,
-                tm.ttft.as_secs_f64() * 1e3,
-                tm.tpot().map_or(0.0, |d| d.as_secs_f64() * 1e3),
-                tm.tpot().map_or(0.0, |d| 1.0 / d.as_secs_f64()),
-            );
-            if let Some(p) = session.profile() {
-                eprintln!("{}", p.table());
-            }
-            if let Some(peak) = gpt2::profile::peak_rss_bytes() {
-                let file = std::fs::metadata(resolved.dir.join("model.safetensors")).map_or(0, |m| m.len());
-                eprintln!(
-                    "peak resident memory {:.0} MiB ({:.2}x the {:.0} MiB weights file)",
-                    peak as f64 / (1 << 20) as f64,
-                    peak as f64 / file.max(1) as f64,
-                    file as f64 / (1 << 20) as f64
-                );
-            }
-        }
+        Command::Generate(args) => generate(args)?,
         Command::Serve(args) => gpt2_serve::run(*args).map_err(|e| -> Box<dyn std::error::Error> { e })?,
         Command::Tokenize {
             text,
@@ -252,6 +170,89 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+/// `gpt2 generate`: the prompt's text, then each piece as it is made.
+fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repetition_penalty: args.repetition_penalty,
+        },
+        seed: args.seed,
+        ignore_eos: args.ignore_eos,
+        eos_token_id: Some(EOS_TOKEN),
+    };
+    let resolved = hub::resolve(&args.weights)?;
+    let tok = resolved.load_tokenizer()?;
+    let ids = tok.encode(&args.prompt)?;
+    let t = Instant::now();
+    let model = Gpt2Model::load_with(&resolved.dir, args.dtype.dtype)?;
+    let load = t.elapsed();
+    // Check the request before printing anything, so a bad one fails cleanly.
+    let request = Request::prepare(&model.config, ids, opts, Fit::Prompt)?;
+    eprintln!(
+        "weights: {}",
+        resolved.source.describe(model.config.synthetic.as_ref())
+    );
+    eprintln!(
+        "loaded in {:.0} ms ({:.0} MB packed into {} kernel panels); prompt is {} tokens",
+        load.as_secs_f64() * 1e3,
+        model.weights.packed_bytes as f64 / 1e6,
+        model.dtype(),
+        request.prompt().len()
+    );
+    let mut session = Session::new(&model, request.prompt().len().clamp(1, 128))?;
+    session.set_profiling(args.profile);
+    let mut stream = TextStream::new(&tok);
+    let mut out = std::io::stdout();
+    print_flush(&mut out, &args.prompt);
+    let mut stream_err = None;
+    let gen = session.run(&model, request, |id| match stream.push(id) {
+        Ok(Some(piece)) => print_flush(&mut out, &piece),
+        Ok(None) => {}
+        Err(e) => stream_err = Some(e),
+    })?;
+    if let Some(e) = stream_err {
+        return Err(e.into());
+    }
+    if let Some(rest) = stream.finish()? {
+        print_flush(&mut out, &rest);
+    }
+    println!();
+    report(&gen, &session, &resolved.dir.join("model.safetensors"));
+    Ok(())
+}
+
+/// The run's timings, its profile if asked for, and the peak resident
+/// memory against the weights file's size, on stderr.
+fn report(gen: &Generation, session: &Session, weights_file: &Path) {
+    let tm = &gen.timings;
+    let n = gen.tokens.len();
+    eprintln!(
+        "generated {n} tokens ({:?}) in {:.0} ms: time to first token {:.1} ms, {:.1} ms/token after \
+         ({:.1} tok/s)",
+        gen.stop,
+        tm.total.as_secs_f64() * 1e3,
+        tm.ttft.as_secs_f64() * 1e3,
+        tm.tpot().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+        tm.tpot().map_or(0.0, |d| 1.0 / d.as_secs_f64()),
+    );
+    if let Some(p) = session.profile() {
+        eprintln!("{}", p.table());
+    }
+    if let Some(peak) = gpt2::profile::peak_rss_bytes() {
+        let file = std::fs::metadata(weights_file).map_or(0, |m| m.len());
+        eprintln!(
+            "peak resident memory {:.0} MiB ({:.2}x the {:.0} MiB weights file)",
+            peak as f64 / (1 << 20) as f64,
+            peak as f64 / file.max(1) as f64,
+            file as f64 / (1 << 20) as f64
+        );
+    }
 }
 
 /// Prints to stdout; a closed pipe (`gpt2 logits ... | head`) ends quietly.
