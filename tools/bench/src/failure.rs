@@ -295,15 +295,6 @@ pub fn clip(text: &str) -> String {
     }
 }
 
-/// A failure the engine reported in words (the runner's tests fake one so).
-impl From<&str> for Failure {
-    fn from(message: &str) -> Failure {
-        Failure::Engine {
-            message: message.to_string(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -433,7 +433,9 @@ mod tests {
             _max_new_tokens: usize,
         ) -> Result<Reply, Failure> {
             if prompt == [0] {
-                return Err("boom".into());
+                return Err(Failure::Engine {
+                    message: "boom".into(),
+                });
             }
             std::thread::sleep(Duration::from_millis(self.ms));
             Ok(Reply {
