@@ -5,6 +5,8 @@
 //! Deployment, the Dockerfile and `deploy/local-cluster.sh` when present) is one `gpt2 serve
 //! --help` lists; the Dockerfile is multi-stage, non-root, with a HEALTHCHECK on the port.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
@@ -18,8 +20,7 @@ const LOCAL_CLUSTER: &str = "deploy/local-cluster.sh";
 const METRICS_SOURCE: &str = "tools/serve/src/metrics.rs";
 
 fn repo() -> &'static Path {
-    // The repository root: this crate is tools/cli.
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+    common::repo_root()
 }
 
 fn read(rel: &str) -> String {
