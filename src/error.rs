@@ -139,6 +139,18 @@ pub enum Invalid {
     TopP(f32),
     /// Zero, negative, NaN or infinite.
     RepetitionPenalty(f32),
+    /// Outside [-2, 2] (OpenAI's range), or NaN.
+    PresencePenalty(f32),
+    /// Outside [-2, 2] (OpenAI's range), or NaN.
+    FrequencyPenalty(f32),
+    /// A `logit_bias` entry for a token past the vocabulary.
+    LogitBiasToken { id: u32, vocab_size: usize },
+    /// A `logit_bias` value outside [-100, 100] (OpenAI's range), or NaN.
+    LogitBiasValue { id: u32, bias: f32 },
+    /// More alternatives per token than [`MAX_LOGPROBS`](crate::logprobs::MAX_LOGPROBS).
+    Logprobs(usize),
+    /// A number of choices that cannot run: 0, or more than the batch holds.
+    Choices { n: usize, max: usize },
 }
 
 /// A request's lengths against the context window.
@@ -169,6 +181,11 @@ pub enum Param {
     TopK,
     TopP,
     RepetitionPenalty,
+    PresencePenalty,
+    FrequencyPenalty,
+    LogitBias,
+    Logprobs,
+    N,
 }
 
 impl Param {
@@ -180,6 +197,11 @@ impl Param {
             Param::TopK => "top_k",
             Param::TopP => "top_p",
             Param::RepetitionPenalty => "repetition_penalty",
+            Param::PresencePenalty => "presence_penalty",
+            Param::FrequencyPenalty => "frequency_penalty",
+            Param::LogitBias => "logit_bias",
+            Param::Logprobs => "logprobs",
+            Param::N => "n",
         }
     }
 }
@@ -196,6 +218,11 @@ impl Invalid {
             Invalid::TopK(_) => Param::TopK,
             Invalid::TopP(_) => Param::TopP,
             Invalid::RepetitionPenalty(_) => Param::RepetitionPenalty,
+            Invalid::PresencePenalty(_) => Param::PresencePenalty,
+            Invalid::FrequencyPenalty(_) => Param::FrequencyPenalty,
+            Invalid::LogitBiasToken { .. } | Invalid::LogitBiasValue { .. } => Param::LogitBias,
+            Invalid::Logprobs(_) => Param::Logprobs,
+            Invalid::Choices { .. } => Param::N,
         }
     }
 }
@@ -223,11 +250,28 @@ impl From<Invalid> for Error {
                 l.positions(),
                 l.n_positions
             ),
-            Invalid::NoNewTokens => "max_new_tokens must be at least 1".to_string(),
+            Invalid::NoNewTokens => {
+                "max_new_tokens must be at least 1 (0 only when the prompt is scored: prompt_logprobs)".to_string()
+            }
             Invalid::Temperature(t) => format!("temperature must be >= 0 and finite, got {t}"),
             Invalid::TopK(k) => format!("top_k must be at least 1, got {k}"),
             Invalid::TopP(p) => format!("top_p must be in (0, 1], got {p}"),
             Invalid::RepetitionPenalty(r) => format!("repetition_penalty must be > 0 and finite, got {r}"),
+            Invalid::PresencePenalty(x) => format!("presence_penalty must be in [-2, 2], got {x}"),
+            Invalid::FrequencyPenalty(x) => format!("frequency_penalty must be in [-2, 2], got {x}"),
+            Invalid::LogitBiasToken { id, vocab_size } => format!(
+                "logit_bias names token id {id}, past the vocabulary of {vocab_size} tokens (0..{vocab_size})"
+            ),
+            Invalid::LogitBiasValue { id, bias } => {
+                format!("logit_bias for token id {id} must be in [-100, 100], got {bias}")
+            }
+            Invalid::Logprobs(n) => format!(
+                "logprobs must be at most {}, got {n}",
+                crate::logprobs::MAX_LOGPROBS
+            ),
+            Invalid::Choices { n, max } => {
+                format!("n must be between 1 and {max} (the most sequences the engine batches), got {n}")
+            }
         };
         Error::InvalidArgument(msg)
     }

@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use crate::error::Result;
+use crate::logprobs::{token_logprob, TokenLogprob};
 use crate::model::{Gpt2Model, KvCache, Row, Scratch};
 use crate::profile::{Op, Phase, Profile};
 pub use crate::request::GenerateOptions;
@@ -54,6 +55,11 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub stop: StopReason,
     pub timings: Timings,
+    /// With [`GenerateOptions::logprobs`]: one per generated token.
+    pub logprobs: Vec<TokenLogprob>,
+    /// With [`GenerateOptions::prompt_logprobs`]: one per prompt token after
+    /// the first (the first has nothing to be predicted from).
+    pub prompt_logprobs: Vec<TokenLogprob>,
 }
 
 /// One sequence's decoding: its sampler, its tokens, its timings and the
@@ -72,6 +78,12 @@ pub(crate) struct Decode {
     n_positions: usize,
     started: Instant,
     timings: Timings,
+    /// Alternatives per generated token, when their logprobs are wanted.
+    logprobs: Option<usize>,
+    token_logprobs: Vec<TokenLogprob>,
+    /// Alternatives per prompt token, when the prompt is scored.
+    prompt_top: Option<usize>,
+    prompt_logprobs: Vec<TokenLogprob>,
 }
 
 impl Decode {
@@ -93,7 +105,51 @@ impl Decode {
                 token_times: Vec::with_capacity(opts.max_new_tokens),
                 ..Timings::default()
             },
+            logprobs: opts.logprobs,
+            token_logprobs: Vec::new(),
+            prompt_top: opts.prompt_logprobs,
+            prompt_logprobs: Vec::new(),
         }
+    }
+
+    /// Whether every prompt row needs its logits (the prompt is scored).
+    pub(crate) fn scores_prompt(&self) -> bool {
+        self.prompt_top.is_some()
+    }
+
+    /// Whether the request only scores its prompt (`max_new_tokens` 0): it
+    /// ends when the prompt's last row is computed, without a token.
+    pub(crate) fn prompt_only(&self) -> bool {
+        self.max_new_tokens == 0
+    }
+
+    /// Prompt and generated ids so far.
+    pub(crate) fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Scores the prompt token after position `pos` from that position's
+    /// `logits` (when the prompt is scored and a next prompt token exists).
+    pub(crate) fn score_prompt(&mut self, pos: usize, logits: &[f32]) {
+        if let (Some(top), true) = (self.prompt_top, pos + 1 < self.prompt_tokens) {
+            let next = self.history[pos + 1];
+            self.prompt_logprobs.push(token_logprob(logits, next, top));
+        }
+    }
+
+    /// The prompt's scores so far (all of them once its rows are computed).
+    pub(crate) fn prompt_logprobs(&self) -> &[TokenLogprob] {
+        &self.prompt_logprobs
+    }
+
+    /// Takes another sequence's prompt scores: a fork of the same prompt.
+    pub(crate) fn set_prompt_logprobs(&mut self, scores: Vec<TokenLogprob>) {
+        self.prompt_logprobs = scores;
+    }
+
+    /// The logprob of the newest token, when they are wanted.
+    pub(crate) fn last_logprob(&self) -> Option<&TokenLogprob> {
+        self.logprobs.and(self.token_logprobs.last())
     }
 
     pub(crate) fn prompt(&self) -> &[u32] {
@@ -109,7 +165,10 @@ impl Decode {
     /// sequence's row, after its last token), stamps its time, and returns
     /// it with the reason to stop after it, if there is one.
     pub(crate) fn step(&mut self, logits: &[f32]) -> Result<(u32, Option<StopReason>)> {
-        let next = self.sampler.sample(logits, &self.history)?;
+        let next = self.sampler.sample(logits, &self.history, self.prompt_tokens)?;
+        if let Some(top) = self.logprobs {
+            self.token_logprobs.push(token_logprob(logits, next, top));
+        }
         let now = self.started.elapsed();
         let t = &mut self.timings;
         if t.token_times.is_empty() {
@@ -134,11 +193,17 @@ impl Decode {
 
     /// The result, once [`step`](Decode::step) gave a reason to stop.
     pub(crate) fn finish(mut self, stop: StopReason) -> Generation {
+        if self.timings.token_times.is_empty() {
+            // A prompt only scored: over when its last row was computed.
+            self.timings.total = self.started.elapsed();
+        }
         Generation {
             prompt_tokens: self.prompt_tokens,
             tokens: self.history.split_off(self.prompt_tokens),
             stop,
             timings: self.timings,
+            logprobs: self.token_logprobs,
+            prompt_logprobs: self.prompt_logprobs,
         }
     }
 }
@@ -211,14 +276,16 @@ impl Session {
         mut on_token: impl FnMut(u32),
     ) -> Result<Generation> {
         let mut seq = Decode::new(request, model.config.n_positions, start);
-        let prompt = seq.prompt();
+        let prompt = seq.prompt().to_vec();
         let mut rows = Vec::with_capacity(self.scratch.max_rows());
 
         // Prefill, in chunks of at most max_rows rows; only the very last row
-        // needs logits.
+        // needs logits, unless the prompt is scored.
         self.cache.clear();
         self.set_phase(Phase::Prefill);
         let chunk = self.scratch.max_rows();
+        let scored = seq.scores_prompt();
+        let v = model.config.vocab_size;
         let mut pos = 0;
         let mut logits: &[f32] = &[];
         while pos < prompt.len() {
@@ -228,10 +295,19 @@ impl Session {
                 seq: 0,
                 token: prompt[p],
                 pos: p,
-                logits: p + 1 == prompt.len(),
+                logits: scored || p + 1 == prompt.len(),
             }));
             logits = model.forward(&rows, &mut [&mut self.cache], &mut self.scratch)?;
+            if scored {
+                for (i, p) in (pos..end).enumerate() {
+                    seq.score_prompt(p, &logits[i * v..(i + 1) * v]);
+                }
+                logits = &logits[(end - pos - 1) * v..(end - pos) * v];
+            }
             pos = end;
+        }
+        if seq.prompt_only() {
+            return Ok(seq.finish(StopReason::MaxNewTokens));
         }
 
         loop {

@@ -154,10 +154,44 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Makes this cache hold the first `len` positions of `src` (a cache of
+    /// the same config), bit for bit: a sequence that shares a prompt
+    /// prefix with `src` continues from there, as if it had computed them.
+    /// Each (layer, head) keeps its positions in one run, so this is
+    /// `2 x layers x heads` copies of `len x head_dim` floats.
+    pub fn copy_prefix_from(&mut self, src: &KvCache, len: usize) -> Result<()> {
+        let same = (self.n_positions, self.n_embd, self.n_head) == (src.n_positions, src.n_embd, src.n_head);
+        if !same || len > src.len {
+            return Err(Error::Engine(format!(
+                "cannot copy {len} positions from a cache of {} (config match: {same})",
+                src.len
+            )));
+        }
+        let hd = self.n_embd / self.n_head;
+        let heads = self.k.len() / (self.n_positions * hd);
+        for lh in 0..heads {
+            let at = lh * self.n_positions * hd;
+            let run = at..at + len * hd;
+            self.k[run.clone()].copy_from_slice(&src.k[run.clone()]);
+            self.v[run.clone()].copy_from_slice(&src.v[run]);
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// Start of layer `l`, head `head`, position `pos` in `k` / `v`.
     fn offset(&self, l: usize, head: usize, pos: usize) -> usize {
         let hd = self.n_embd / self.n_head;
         ((l * self.n_head + head) * self.n_positions + pos) * hd
+    }
+}
+
+#[cfg(test)]
+impl KvCache {
+    /// `cache` as if `len` positions had been written (they hold zeros).
+    pub(crate) fn with_len_for_test(mut cache: KvCache, len: usize) -> KvCache {
+        cache.len = len.min(cache.n_positions);
+        cache
     }
 }
 

@@ -12,12 +12,15 @@
 
 use crate::config::Gpt2Config;
 use crate::error::{Invalid, Lengths};
+use crate::logprobs::MAX_LOGPROBS;
+use crate::rng::SplitMix64;
 use crate::sampling::SamplingParams;
 
 /// What to generate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateOptions {
-    /// Generate at most this many tokens (at least 1).
+    /// Generate at most this many tokens: at least 1, or 0 when the prompt
+    /// is only scored (`prompt_logprobs`).
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     /// Seed of this request's own RNG: same seed, same text, whatever else runs.
@@ -26,6 +29,15 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
     /// The end-of-text token; `None` means generation never stops on a token.
     pub eos_token_id: Option<u32>,
+    /// The raw model's log-probability of each generated token, with this
+    /// many most likely alternatives (at most
+    /// [`MAX_LOGPROBS`](crate::logprobs::MAX_LOGPROBS)); `None`: none.
+    pub logprobs: Option<usize>,
+    /// Score the prompt too: the log-probability of each prompt token after
+    /// the first, with this many alternatives. Every prompt row then gets
+    /// logits, and the prompt is computed in full (no reuse of a cached
+    /// prefix, whose logits are gone).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl GenerateOptions {
@@ -37,6 +49,8 @@ impl GenerateOptions {
             seed: 0,
             ignore_eos: true,
             eos_token_id: None,
+            logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -87,10 +101,26 @@ impl Request {
         if fit == Fit::Whole && lengths.positions() > lengths.n_positions {
             return Err(Invalid::ContextExceeded(lengths));
         }
-        if opts.max_new_tokens == 0 {
+        if opts.max_new_tokens == 0 && opts.prompt_logprobs.is_none() {
             return Err(Invalid::NoNewTokens);
         }
         opts.sampling.validate()?;
+        let vocab_size = config.vocab_size;
+        if let Some(&(id, _)) = opts
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|b| b.0 as usize >= vocab_size)
+        {
+            return Err(Invalid::LogitBiasToken { id, vocab_size });
+        }
+        if let Some(n) = [opts.logprobs, opts.prompt_logprobs]
+            .into_iter()
+            .flatten()
+            .find(|&n| n > MAX_LOGPROBS)
+        {
+            return Err(Invalid::Logprobs(n));
+        }
         Ok(Request { prompt, opts })
     }
 
@@ -108,9 +138,28 @@ impl Request {
         self.opts.seed = seed;
     }
 
+    /// Choice `i` of `n` samples of this request: the same request with
+    /// [`choice_seed`]`(seed, i)`, so choice 0 is the request itself and each
+    /// choice's tokens depend only on the request and `i`.
+    pub fn choice(&self, i: usize) -> Request {
+        let mut r = self.clone();
+        r.opts.seed = choice_seed(self.opts.seed, i);
+        r
+    }
+
     pub fn into_parts(self) -> (Vec<u32>, GenerateOptions) {
         (self.prompt, self.opts)
     }
+}
+
+/// The seed of choice `i` of a request seeded `seed`: `seed` itself for
+/// choice 0, else a SplitMix64 draw from `seed` and `i`, so the choices'
+/// random streams are unrelated and fixed by the request alone.
+pub fn choice_seed(seed: u64, i: usize) -> u64 {
+    if i == 0 {
+        return seed;
+    }
+    SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
 }
 
 /// The first of `ids` outside a vocabulary of `vocab_size` tokens, as the
@@ -167,6 +216,44 @@ mod tests {
         opts.sampling.top_p = Some(1.5);
         let err = Request::prepare(&config(), vec![1], opts, Fit::Prompt).unwrap_err();
         assert_eq!((err.param(), err.param().name()), (Param::TopP, "top_p"));
+        let mut opts = GenerateOptions::greedy(1);
+        opts.sampling.logit_bias = vec![(3, 1.0), (16, 1.0)];
+        let err = Request::prepare(&config(), vec![1], opts, Fit::Prompt).unwrap_err();
+        assert_eq!(
+            err,
+            Invalid::LogitBiasToken {
+                id: 16,
+                vocab_size: 16
+            }
+        );
+        assert_eq!(err.param().name(), "logit_bias");
+        let mut opts = GenerateOptions::greedy(1);
+        opts.prompt_logprobs = Some(21);
+        let err = Request::prepare(&config(), vec![1], opts, Fit::Prompt).unwrap_err();
+        assert_eq!(
+            (err.clone(), err.param().name()),
+            (Invalid::Logprobs(21), "logprobs")
+        );
+    }
+
+    /// `max_new_tokens: 0` only scores the prompt, so it needs `prompt_logprobs`.
+    #[test]
+    fn no_new_tokens_only_when_scoring() {
+        let mut opts = GenerateOptions::greedy(0);
+        assert_eq!(
+            Request::prepare(&config(), vec![1, 2], opts.clone(), Fit::Whole).unwrap_err(),
+            Invalid::NoNewTokens
+        );
+        opts.prompt_logprobs = Some(0);
+        assert!(Request::prepare(&config(), vec![1, 2], opts, Fit::Whole).is_ok());
+    }
+
+    #[test]
+    fn choice_zero_is_the_request() {
+        assert_eq!(choice_seed(7, 0), 7);
+        let seeds: std::collections::BTreeSet<u64> = (0..64).map(|i| choice_seed(7, i)).collect();
+        assert_eq!(seeds.len(), 64, "distinct seeds");
+        assert_ne!(choice_seed(7, 1), choice_seed(8, 1));
     }
 
     /// The last new token needs no position: 8 positions hold a 4-token

@@ -35,6 +35,16 @@ pub struct SamplingParams {
     /// is multiplied by it. A token is penalised once however often it
     /// occurs. Values above 1 discourage repetition.
     pub repetition_penalty: Option<f32>,
+    /// OpenAI's presence penalty, in [-2, 2] (0 = off): subtracted once from
+    /// the logit of every token that occurs among the generated tokens.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2] (0 = off): subtracted from the
+    /// logit of every token once per occurrence among the generated tokens.
+    pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: (token id, bias in [-100, 100]) added to that
+    /// token's logit. Ids are checked against the vocabulary at the door
+    /// ([`Request::prepare`](crate::request::Request::prepare)).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl SamplingParams {
@@ -45,6 +55,9 @@ impl SamplingParams {
             top_k: None,
             top_p: None,
             repetition_penalty: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 
@@ -68,6 +81,16 @@ impl SamplingParams {
             if !(r.is_finite() && r > 0.0) {
                 return Err(Invalid::RepetitionPenalty(r));
             }
+        }
+        let penalty_range = |x: f32| (-2.0..=2.0).contains(&x);
+        if !penalty_range(self.presence_penalty) {
+            return Err(Invalid::PresencePenalty(self.presence_penalty));
+        }
+        if !penalty_range(self.frequency_penalty) {
+            return Err(Invalid::FrequencyPenalty(self.frequency_penalty));
+        }
+        if let Some(&(id, bias)) = self.logit_bias.iter().find(|b| !(-100.0..=100.0).contains(&b.1)) {
+            return Err(Invalid::LogitBiasValue { id, bias });
         }
         Ok(())
     }
@@ -139,7 +162,7 @@ impl Sampler {
     ///
     /// Errors: any NaN or infinite logit (even when greedy), an empty row, or,
     /// with a repetition penalty, a history token id `>= V`.
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+    pub fn sample(&mut self, logits: &[f32], history: &[u32], _prompt_len: usize) -> Result<u32> {
         check_logits(logits)?;
         let params = &self.params;
         let cands = &mut self.candidates;
@@ -397,6 +420,7 @@ mod tests {
             top_k,
             top_p,
             repetition_penalty: None,
+            ..SamplingParams::greedy()
         }
     }
 
@@ -404,7 +428,7 @@ mod tests {
     fn counts(sampler: &mut Sampler, logits: &[f32], n: usize) -> Vec<usize> {
         let mut counts = vec![0; logits.len()];
         for _ in 0..n {
-            counts[sampler.sample(logits, &[]).unwrap() as usize] += 1;
+            counts[sampler.sample(logits, &[], 0).unwrap() as usize] += 1;
         }
         counts
     }
@@ -499,7 +523,7 @@ mod tests {
         let mut s = Sampler::new(SamplingParams::greedy(), 7).unwrap();
         let rng_before = s.rng.clone();
         for _ in 0..10 {
-            assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+            assert_eq!(s.sample(&logits, &[], 0).unwrap(), 1);
         }
         assert_eq!(s.rng, rng_before, "greedy must not consume random numbers");
         assert!(SamplingParams::default().is_greedy());
@@ -514,7 +538,7 @@ mod tests {
         assert!(s.params().is_greedy());
         let rng_before = s.rng.clone();
         for _ in 0..200 {
-            assert_eq!(s.sample(&logits, &[]).unwrap(), 0);
+            assert_eq!(s.sample(&logits, &[], 0).unwrap(), 0);
         }
         assert_eq!(s.rng, rng_before);
     }
@@ -526,7 +550,7 @@ mod tests {
         let draw = |seed| {
             let mut s = Sampler::new(p.clone(), seed).unwrap();
             (0..100)
-                .map(|_| s.sample(&logits, &[]).unwrap())
+                .map(|_| s.sample(&logits, &[], 0).unwrap())
                 .collect::<Vec<u32>>()
         };
         let a = draw(42);
@@ -552,7 +576,7 @@ mod tests {
             let mut s = Sampler::new(p.clone(), 99).unwrap();
             let mut expected = Rng::new(99);
             for _ in 0..25 {
-                s.sample(&logits, &[]).unwrap();
+                s.sample(&logits, &[], 0).unwrap();
                 expected.next_u64();
             }
             assert_eq!(s.rng, expected, "{p:?}");
@@ -567,7 +591,7 @@ mod tests {
             let mut s = Sampler::new(params(t, Some(1), None), 3).unwrap();
             for _ in 0..200 {
                 assert_eq!(
-                    s.sample(&logits, &[]).unwrap(),
+                    s.sample(&logits, &[], 0).unwrap(),
                     argmax(&logits),
                     "temperature {t}"
                 );
@@ -603,7 +627,7 @@ mod tests {
         let logits = [0.1, 0.3, 0.29, -0.2, 0.0];
         let mut s = Sampler::new(params(1.0, None, Some(1e-6)), 17).unwrap();
         for _ in 0..500 {
-            assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+            assert_eq!(s.sample(&logits, &[], 0).unwrap(), 1);
         }
     }
 
@@ -671,12 +695,12 @@ mod tests {
             ..SamplingParams::greedy()
         };
         let mut s = Sampler::new(p, 0).unwrap();
-        assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+        assert_eq!(s.sample(&logits, &[], 0).unwrap(), 1);
         // 3 / 2 = 1.5 < 2.
-        assert_eq!(s.sample(&logits, &[1]).unwrap(), 2);
+        assert_eq!(s.sample(&logits, &[1], 0).unwrap(), 2);
         assert_eq!(logits, [1.0, 3.0, 2.0], "the caller's logits must not change");
         // The buffer is rebuilt each call: a history without token 1 restores it.
-        assert_eq!(s.sample(&logits, &[0]).unwrap(), 1);
+        assert_eq!(s.sample(&logits, &[0], 0).unwrap(), 1);
     }
 
     #[test]
@@ -687,9 +711,9 @@ mod tests {
             ..SamplingParams::greedy()
         };
         let mut s = Sampler::new(p, 0).unwrap();
-        assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+        assert_eq!(s.sample(&logits, &[], 0).unwrap(), 1);
         // -0.5 * 4 = -2 < -1; dividing would have raised it to -0.125.
-        assert_eq!(s.sample(&logits, &[1]).unwrap(), 0);
+        assert_eq!(s.sample(&logits, &[1], 0).unwrap(), 0);
         assert_eq!(logits, [-1.0, -0.5, -3.0]);
     }
 
@@ -702,7 +726,7 @@ mod tests {
         };
         let mut s = Sampler::new(p, 0).unwrap();
         // Once: 3 / 1.4 = 2.14 > 2. Three times would be 3 / 1.4^3 = 1.09.
-        assert_eq!(s.sample(&logits, &[1, 1, 1]).unwrap(), 1);
+        assert_eq!(s.sample(&logits, &[1, 1, 1], 0).unwrap(), 1);
     }
 
     #[test]
@@ -713,13 +737,14 @@ mod tests {
             top_k: Some(2),
             top_p: None,
             repetition_penalty: Some(100.0),
+            ..SamplingParams::greedy()
         };
         // Token 1 falls to 0.05, below token 0: the top 2 become 2 and 0.
         // Token 3 rises to -1000, which changes nothing.
         let mut s = Sampler::new(p, 8).unwrap();
         let mut seen = [0usize; 4];
         for _ in 0..1000 {
-            seen[s.sample(&logits, &[1, 3]).unwrap() as usize] += 1;
+            seen[s.sample(&logits, &[1, 3], 0).unwrap() as usize] += 1;
         }
         assert_eq!((seen[1], seen[3]), (0, 0), "{seen:?}");
         assert!(seen[0] > 0 && seen[2] > 0, "{seen:?}");
@@ -732,13 +757,13 @@ mod tests {
             ..SamplingParams::greedy()
         };
         let mut s = Sampler::new(p, 0).unwrap();
-        match s.sample(&[0.0, 1.0, 2.0], &[0, 3]) {
+        match s.sample(&[0.0, 1.0, 2.0], &[0, 3], 0) {
             Err(Error::TokenId { id: 3, vocab_size: 3 }) => {}
             other => panic!("expected TokenId error, got {other:?}"),
         }
         // Without a penalty the history is not read.
         let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
-        assert_eq!(s.sample(&[0.0, 1.0, 2.0], &[0, 3]).unwrap(), 2);
+        assert_eq!(s.sample(&[0.0, 1.0, 2.0], &[0, 3], 0).unwrap(), 2);
     }
 
     #[test]
@@ -826,6 +851,7 @@ mod tests {
             top_k: Some(1),
             top_p: Some(1.0),
             repetition_penalty: Some(1e-3),
+            ..SamplingParams::greedy()
         };
         assert!(ok.validate().is_ok());
     }
@@ -841,7 +867,7 @@ mod tests {
         for p in [SamplingParams::greedy(), params(1.0, Some(2), Some(0.9))] {
             let mut s = Sampler::new(p, 0).unwrap();
             for (logits, want) in cases {
-                match s.sample(logits, &[]) {
+                match s.sample(logits, &[], 0) {
                     Err(Error::NonFiniteLogits { index, value }) => {
                         assert_eq!(index, want);
                         assert_eq!(value.to_bits(), logits[want].to_bits());
@@ -855,7 +881,7 @@ mod tests {
     #[test]
     fn empty_logits_are_rejected() {
         let mut s = Sampler::new(params(1.0, None, None), 0).unwrap();
-        assert!(matches!(s.sample(&[], &[]), Err(Error::InvalidArgument(_))));
+        assert!(matches!(s.sample(&[], &[], 0), Err(Error::InvalidArgument(_))));
     }
 
     #[test]
@@ -865,7 +891,7 @@ mod tests {
         let logits = [1.0, 2.0, 1.5];
         let mut s = Sampler::new(params(1e-45, None, Some(0.9)), 4).unwrap();
         for _ in 0..50 {
-            assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+            assert_eq!(s.sample(&logits, &[], 0).unwrap(), 1);
         }
         // Huge logits with a temperature near f32::MAX: close to uniform.
         let logits = [3e36, -3e36, 0.0];
@@ -878,9 +904,10 @@ mod tests {
             top_k: None,
             top_p: None,
             repetition_penalty: Some(1e-3),
+            ..SamplingParams::greedy()
         };
         let mut s = Sampler::new(p, 4).unwrap();
-        assert_eq!(s.sample(&[0.0, 3e38, 3e38], &[2]).unwrap(), 2);
+        assert_eq!(s.sample(&[0.0, 3e38, 3e38], &[2], 0).unwrap(), 2);
     }
 
     /// The naive twin of `nucleus`: sort everything, cut the prefix.

@@ -21,6 +21,16 @@
 //! pass giving each row the logits it would get alone, a request's tokens
 //! and stop are those it gets alone, and its timings are counted alike.
 //!
+//! Choices (`n`): [`Scheduler::submit_n`] runs `n` samples of one prompt as
+//! `n` sequences that share its prefill: the first computes the prompt, and
+//! when its last prompt row is done the others copy its cache
+//! ([`KvCache::copy_prefix_from`]) and sample their first token from the
+//! same logits, each with its own seed ([`Request::choice`]).
+//!
+//! Prefix reuse: with `prefix_cache_bytes`, finished sequences' caches are
+//! kept (`crate::prefix`) and a new request starts from the longest cached
+//! prefix of its prompt, prefilling only the rest.
+//!
 //! Failure isolation: a request is checked before it is queued
 //! ([`Request::prepare`]: a bad one fails alone, and nothing is queued); a
 //! sampling error (e.g. non-finite logits) ends only its
@@ -36,9 +46,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::error::Invalid;
 use crate::error::{Error, Result};
 use crate::generate::{Decode, GenerateOptions, Generation, StopReason};
+use crate::logprobs::TokenLogprob;
 use crate::model::{keep_pool_awake, Gpt2Model, KvCache, Row, Scratch};
+use crate::prefix::{PrefixCache, PrefixStats};
 use crate::request::{Fit, Request};
 
 /// Limits of the engine loop.
@@ -57,6 +70,9 @@ pub struct SchedulerConfig {
     pub fault_token: Option<u32>,
     /// Told about every step, on the engine thread (e.g. a server's metrics).
     pub observer: Option<Arc<dyn StepObserver>>,
+    /// Resident bytes of finished sequences' KV caches kept for prefix reuse
+    /// (least recently used out); 0 keeps none.
+    pub prefix_cache_bytes: usize,
 }
 
 /// Sees each engine step as it ends. Runs on the engine thread between
@@ -87,6 +103,8 @@ pub struct SchedulerStats {
     pub steps: u64,
     /// KV caches kept for reuse (released whenever the engine goes idle).
     pub pooled_caches: usize,
+    /// The prefix cache's counters and size.
+    pub prefix: PrefixStats,
 }
 
 /// Written by the engine thread, read by anyone.
@@ -99,6 +117,10 @@ struct Counters {
     active: AtomicUsize,
     steps: AtomicU64,
     pooled: AtomicUsize,
+    prefix_hits: AtomicU64,
+    prefix_tokens: AtomicU64,
+    prefix_bytes: AtomicUsize,
+    prefix_entries: AtomicUsize,
 }
 
 impl Default for SchedulerConfig {
@@ -109,6 +131,7 @@ impl Default for SchedulerConfig {
             pool: None,
             fault_token: None,
             observer: None,
+            prefix_cache_bytes: 0,
         }
     }
 }
@@ -116,6 +139,12 @@ impl Default for SchedulerConfig {
 /// What a request's handle receives.
 #[derive(Debug)]
 pub enum Event {
+    /// The prompt's scores, once its rows are computed (with
+    /// [`GenerateOptions::prompt_logprobs`]; before any token).
+    Prompt(Vec<TokenLogprob>),
+    /// The log-probability of the token that comes next (with
+    /// [`GenerateOptions::logprobs`]; sent just before its `Token`).
+    Logprob(TokenLogprob),
     /// The next generated token.
     Token(u32),
     /// The end: the whole generation, or why this request failed.
@@ -140,6 +169,7 @@ impl RequestHandle {
         while let Some(event) = self.recv() {
             match event {
                 Event::Token(t) => on_token(t),
+                Event::Prompt(_) | Event::Logprob(_) => {}
                 Event::Done(result) => return result,
             }
         }
@@ -160,11 +190,17 @@ impl RequestHandle {
     }
 }
 
-/// A request on its way to the engine.
+/// A request on its way to the engine: one prompt's choices, each with
+/// its own request (seed) and handle; the first computes the prompt.
 struct Submission {
-    request: Request,
+    choices: Vec<(Request, Reply)>,
     submitted: Instant,
-    reply: Reply,
+}
+
+impl Submission {
+    fn cancelled(&self) -> bool {
+        self.choices.iter().all(|(_, r)| r.cancelled())
+    }
 }
 
 /// The engine's side of a request's handle.
@@ -184,6 +220,7 @@ impl Reply {
 /// Runs submitted requests in shared batched forward steps on its own thread.
 pub struct Scheduler {
     submit: Option<Sender<Submission>>,
+    max_batch: usize,
     engine: Option<JoinHandle<()>>,
     model: Arc<Gpt2Model>,
     counters: Arc<Counters>,
@@ -198,6 +235,7 @@ impl Scheduler {
             )));
         }
         let scratch = model.new_scratch(config.max_batch + config.max_prompt_rows)?;
+        let max_batch = config.max_batch;
         let (tx, rx) = mpsc::channel();
         let engine_model = Arc::clone(&model);
         let counters = Arc::new(Counters::default());
@@ -208,6 +246,7 @@ impl Scheduler {
             .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
         Ok(Scheduler {
             submit: Some(tx),
+            max_batch,
             engine: Some(engine),
             model,
             counters,
@@ -229,7 +268,36 @@ impl Scheduler {
             active: c.active.load(Ordering::Relaxed),
             steps: c.steps.load(Ordering::Relaxed),
             pooled_caches: c.pooled.load(Ordering::Relaxed),
+            prefix: PrefixStats {
+                hits: c.prefix_hits.load(Ordering::Relaxed),
+                tokens_reused: c.prefix_tokens.load(Ordering::Relaxed),
+                bytes: c.prefix_bytes.load(Ordering::Relaxed),
+                entries: c.prefix_entries.load(Ordering::Relaxed),
+            },
         }
+    }
+
+    /// The most choices one [`submit_n`](Scheduler::submit_n) may ask for:
+    /// they run at once, so the batch must hold them all.
+    pub fn max_choices(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Queues `n` samples of one checked request (OpenAI's `n`): choice `i`
+    /// runs [`request.choice(i)`](Request::choice), so it gets the tokens
+    /// that request gets alone, and the prompt is computed once for all.
+    /// `n` must be in `1..=`[`max_choices`](Scheduler::max_choices)
+    /// ([`Invalid::Choices`]); the choices are admitted together or not at all.
+    pub fn submit_n(&self, request: Request, n: usize) -> Result<Vec<RequestHandle>> {
+        if n == 0 || n > self.max_batch {
+            return Err(Invalid::Choices {
+                n,
+                max: self.max_batch,
+            }
+            .into());
+        }
+        let choices = (0..n).map(|i| request.choice(i)).collect();
+        self.enqueue_all(choices, Instant::now(), true)
     }
 
     /// Queues a request. A request that can never run (empty prompt, prompt
@@ -258,17 +326,35 @@ impl Scheduler {
     }
 
     fn enqueue(&self, request: Request, submitted: Instant, stream: bool) -> Result<RequestHandle> {
-        let (events, rx) = mpsc::channel();
-        let cancelled = Arc::new(AtomicBool::new(false));
-        let submission = Submission {
-            request,
-            submitted,
-            reply: Reply {
-                events,
-                stream,
-                cancelled: Arc::clone(&cancelled),
-            },
-        };
+        let mut handles = self.enqueue_all(vec![request], submitted, stream)?;
+        Ok(handles.remove(0))
+    }
+
+    fn enqueue_all(
+        &self,
+        requests: Vec<Request>,
+        submitted: Instant,
+        stream: bool,
+    ) -> Result<Vec<RequestHandle>> {
+        let mut handles = Vec::with_capacity(requests.len());
+        let choices = requests
+            .into_iter()
+            .map(|request| {
+                let (events, rx) = mpsc::channel();
+                let cancelled = Arc::new(AtomicBool::new(false));
+                handles.push(RequestHandle {
+                    events: rx,
+                    cancelled: Arc::clone(&cancelled),
+                });
+                let reply = Reply {
+                    events,
+                    stream,
+                    cancelled,
+                };
+                (request, reply)
+            })
+            .collect();
+        let submission = Submission { choices, submitted };
         // Counted before the send, so the engine never takes it off first.
         self.counters.submitted.fetch_add(1, Ordering::Relaxed);
         let sent = self.submit.as_ref().and_then(|tx| tx.send(submission).ok());
@@ -276,10 +362,7 @@ impl Scheduler {
             self.counters.submitted.fetch_sub(1, Ordering::Relaxed);
             return Err(Error::Engine("the engine thread has stopped".into()));
         }
-        Ok(RequestHandle {
-            events: rx,
-            cancelled,
-        })
+        Ok(handles)
     }
 }
 
@@ -304,11 +387,114 @@ struct Sequence {
     failed: bool,
     /// Why it ends after its newest token; retired at the end of the step.
     stop: Option<StopReason>,
+    /// The other choices of its prompt, waiting for its prefill: each gets
+    /// a copy of the cache and samples from its last prompt row's logits.
+    forks: Vec<Fork>,
+}
+
+/// A choice waiting for the sequence computing its prompt.
+struct Fork {
+    reply: Reply,
+    decode: Decode,
+    cache: KvCache,
 }
 
 impl Sequence {
     fn in_prefill(&self) -> bool {
         self.prefilled < self.decode.prompt().len()
+    }
+
+    /// Batch slots it holds: its own and its forks'.
+    fn slots(&self) -> usize {
+        1 + self.forks.len()
+    }
+
+    /// Whether nobody wants it any more: its client, and its forks' (which
+    /// need its prefill), all gone.
+    fn abandoned(&self) -> bool {
+        self.reply.cancelled() && self.forks.iter().all(|f| f.reply.cancelled())
+    }
+
+    /// Sends `e` to it and its waiting forks: they share its prompt.
+    fn fail(&mut self, e: Error) {
+        self.failed = true;
+        for f in self.forks.drain(..) {
+            let _ = f.reply.events.send(Event::Done(Err(Error::Engine(format!(
+                "the prompt shared with choice 0 failed: {e}"
+            )))));
+        }
+        let _ = self.reply.events.send(Event::Done(Err(e)));
+    }
+
+    /// The decode step on this sequence's row of `logits`: the token (and
+    /// its logprob) streamed, the stop or the error recorded.
+    fn decode_step(&mut self, logits: &[f32]) {
+        match catch_unwind(AssertUnwindSafe(|| self.decode.step(logits))) {
+            Ok(Ok((next, stop))) => {
+                self.stop = stop;
+                if !self.reply.stream {
+                    return;
+                }
+                let lp = self.decode.last_logprob().cloned();
+                let sent = lp.map_or(Ok(()), |lp| self.reply.events.send(Event::Logprob(lp)));
+                if sent
+                    .and_then(|()| self.reply.events.send(Event::Token(next)))
+                    .is_err()
+                {
+                    // The handle is gone: nobody wants the rest.
+                    self.reply.cancelled.store(true, Ordering::Relaxed);
+                }
+            }
+            Ok(Err(e)) => self.fail(e),
+            Err(p) => self.fail(Error::Engine(format!(
+                "sampling panicked: {}",
+                panic_message(&*p)
+            ))),
+        }
+    }
+
+    /// Its prompt is computed: the prompt's scores go out, the forks become
+    /// sequences of their own (returned), and a request that only scores
+    /// its prompt ends.
+    fn prompt_done(&mut self, logits: &[f32]) -> Vec<Sequence> {
+        let prompt_len = self.decode.prompt().len();
+        let scores = self.decode.prompt_logprobs().to_vec();
+        let mut spawned = Vec::with_capacity(self.forks.len());
+        for mut f in std::mem::take(&mut self.forks) {
+            if f.reply.cancelled() {
+                continue;
+            }
+            f.decode.set_prompt_logprobs(scores.clone());
+            let mut seq = Sequence {
+                reply: f.reply,
+                decode: f.decode,
+                cache: f.cache,
+                prefilled: prompt_len,
+                failed: false,
+                stop: None,
+                forks: Vec::new(),
+            };
+            match seq.cache.copy_prefix_from(&self.cache, prompt_len) {
+                Ok(()) => seq.start(logits),
+                Err(e) => seq.fail(e),
+            }
+            spawned.push(seq);
+        }
+        self.start(logits);
+        spawned
+    }
+
+    /// The first step after the prompt: its scores, then its first token.
+    fn start(&mut self, logits: &[f32]) {
+        if self.reply.stream && self.decode.scores_prompt() {
+            let scores = self.decode.prompt_logprobs().to_vec();
+            let _ = self.reply.events.send(Event::Prompt(scores));
+        }
+        if self.decode.prompt_only() {
+            self.stop = Some(StopReason::MaxNewTokens);
+        } else {
+            self.decode_step(logits);
+        }
     }
 }
 
@@ -319,6 +505,7 @@ struct Engine {
     queue: VecDeque<Submission>,
     active: Vec<Sequence>,
     pool: Vec<KvCache>,
+    prefix: PrefixCache,
     rows: Vec<Row>,
     counters: Arc<Counters>,
 }
@@ -331,6 +518,7 @@ impl Engine {
         counters: Arc<Counters>,
     ) -> Self {
         Engine {
+            prefix: PrefixCache::new(&model.config, config.prefix_cache_bytes),
             model,
             scratch,
             queue: VecDeque::new(),
@@ -348,11 +536,25 @@ impl Engine {
         self.queue.push_back(r);
     }
 
+    /// Batch slots taken: every active sequence and every waiting fork.
+    fn slots(&self) -> usize {
+        self.active.iter().map(Sequence::slots).sum()
+    }
+
     /// Makes the queue and batch sizes visible to [`Scheduler::stats`].
     fn publish(&self) {
-        self.counters.queued.store(self.queue.len(), Ordering::Relaxed);
-        self.counters.active.store(self.active.len(), Ordering::Relaxed);
-        self.counters.pooled.store(self.pool.len(), Ordering::Relaxed);
+        let c = &self.counters;
+        c.queued.store(
+            self.queue.iter().map(|s| s.choices.len()).sum(),
+            Ordering::Relaxed,
+        );
+        c.active.store(self.slots(), Ordering::Relaxed);
+        c.pooled.store(self.pool.len(), Ordering::Relaxed);
+        let p = self.prefix.stats();
+        c.prefix_hits.store(p.hits, Ordering::Relaxed);
+        c.prefix_tokens.store(p.tokens_reused, Ordering::Relaxed);
+        c.prefix_bytes.store(p.bytes, Ordering::Relaxed);
+        c.prefix_entries.store(p.entries, Ordering::Relaxed);
     }
 
     fn run(mut self, mut rx: Receiver<Submission>) {
@@ -367,7 +569,8 @@ impl Engine {
                 }
                 // Idle: the pooled caches go back to the OS (their written
                 // pages are resident), so memory shrinks back after a burst;
-                // the next burst maps fresh ones.
+                // the next burst maps fresh ones. The prefix cache stays,
+                // within its budget.
                 self.pool.clear();
                 self.publish();
                 match rx.recv() {
@@ -412,39 +615,82 @@ impl Engine {
     fn retire_cancelled(&mut self) {
         let mut i = 0;
         while i < self.active.len() {
-            if self.active[i].reply.cancelled() {
+            let seq = &mut self.active[i];
+            // A waiting fork whose client left frees its slot now.
+            let (gone, kept): (Vec<Fork>, Vec<Fork>) = std::mem::take(&mut seq.forks)
+                .into_iter()
+                .partition(|f| f.reply.cancelled());
+            seq.forks = kept;
+            self.pool.extend(gone.into_iter().map(|f| f.cache));
+            if self.active[i].abandoned() {
                 let seq = self.active.remove(i);
-                self.pool.push(seq.cache);
+                self.keep(seq);
             } else {
                 i += 1;
             }
         }
-        self.queue.retain(|r| !r.reply.cancelled());
+        self.queue.retain(|r| !r.cancelled());
+    }
+
+    /// A cache from the pool, or a new one, emptied.
+    fn cache(&mut self) -> Result<KvCache> {
+        let mut cache = self.pool.pop().map_or_else(|| self.model.new_cache(), Ok)?;
+        cache.clear();
+        Ok(cache)
     }
 
     fn admit(&mut self) {
-        while self.active.len() < self.config.max_batch {
-            let Some(sub) = self.queue.pop_front() else {
+        while let Some(sub) = self.queue.front() {
+            // FIFO: the next submission waits until all its choices fit.
+            if self.slots() + sub.choices.len() > self.config.max_batch {
                 break;
-            };
-            // A cache from the pool, or a new one; if none can be had, this
-            // request fails and the others carry on.
-            let mut cache = match self.pool.pop().map_or_else(|| self.model.new_cache(), Ok) {
+            }
+            let sub = self.queue.pop_front().expect("a front");
+            // A cache per choice; if one cannot be had, the submission fails
+            // and the others carry on.
+            let caches: Result<Vec<KvCache>> = (0..sub.choices.len()).map(|_| self.cache()).collect();
+            let mut caches = match caches {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = sub.reply.events.send(Event::Done(Err(e)));
+                    for (_, reply) in sub.choices {
+                        let _ = reply.events.send(Event::Done(Err(Error::Engine(e.to_string()))));
+                    }
                     continue;
                 }
             };
-            cache.clear();
             let n_positions = self.model.config.n_positions;
+            let mut choices = sub.choices.into_iter();
+            let (request, reply) = choices.next().expect("at least one choice");
+            let mut cache = caches.remove(0);
+            let decode = Decode::new(request, n_positions, sub.submitted);
+            // Start from the longest cached prefix, unless the prompt is
+            // scored: its cached positions' logits are gone.
+            let mut prefilled = 0;
+            if !decode.scores_prompt() {
+                if let Some(hit) = self.prefix.lookup(decode.prompt()) {
+                    if self.prefix.restore(hit, &mut cache).is_ok() {
+                        prefilled = hit.len;
+                    } else {
+                        cache.clear();
+                    }
+                }
+            }
+            let forks = choices
+                .zip(caches)
+                .map(|((request, reply), cache)| Fork {
+                    reply,
+                    decode: Decode::new(request, n_positions, sub.submitted),
+                    cache,
+                })
+                .collect();
             self.active.push(Sequence {
-                reply: sub.reply,
-                decode: Decode::new(sub.request, n_positions, sub.submitted),
+                reply,
+                decode,
                 cache,
-                prefilled: 0,
+                prefilled,
                 failed: false,
                 stop: None,
+                forks,
             });
         }
     }
@@ -472,13 +718,14 @@ impl Engine {
             }
             if seq.in_prefill() {
                 let prompt = seq.decode.prompt();
+                let scored = seq.decode.scores_prompt();
                 let n = (prompt.len() - seq.prefilled).min(budget);
                 let end = seq.prefilled + n;
                 self.rows.extend((seq.prefilled..end).map(|p| Row {
                     seq: i,
                     token: prompt[p],
                     pos: p,
-                    logits: p + 1 == prompt.len(),
+                    logits: scored || p + 1 == prompt.len(),
                 }));
                 budget -= n;
             }
@@ -537,20 +784,23 @@ impl Engine {
             let own: Vec<Row> = rows.iter().filter(|r| r.seq == s).copied().collect();
             match self.forward(&own) {
                 Ok(()) => self.sample(&own),
-                Err(e) => self.fail(s, e),
+                Err(e) => self.active[s].fail(e),
             }
         }
     }
 
-    /// Samples the next token of every sequence that got logits in `rows`,
-    /// whose logits are in the scratch in row order.
+    /// Takes the logits of every row of `rows` that has them (in the
+    /// scratch, in row order): a prompt row's scores its next prompt token,
+    /// the last prompt row's and a decode row's give the next token.
     fn sample(&mut self, rows: &[Row]) {
         let v = self.model.config.vocab_size;
         let logits = self.scratch.logits();
         let mut li = 0;
+        let mut spawned = Vec::new();
         for row in rows {
             let seq = &mut self.active[row.seq];
-            if seq.in_prefill() {
+            let prompt_len = seq.decode.prompt().len();
+            if row.pos < prompt_len {
                 seq.prefilled = row.pos + 1;
             }
             if !row.logits {
@@ -558,43 +808,28 @@ impl Engine {
             }
             let lg = &logits[li * v..(li + 1) * v];
             li += 1;
-            let next = match catch_unwind(AssertUnwindSafe(|| seq.decode.step(lg))) {
-                Ok(Ok((next, stop))) => {
-                    seq.stop = stop;
-                    next
-                }
-                Ok(Err(e)) => {
-                    seq.failed = true;
-                    let _ = seq.reply.events.send(Event::Done(Err(e)));
-                    continue;
-                }
-                Err(p) => {
-                    seq.failed = true;
-                    let msg = format!("sampling panicked: {}", panic_message(&*p));
-                    let _ = seq.reply.events.send(Event::Done(Err(Error::Engine(msg))));
-                    continue;
-                }
-            };
-            if seq.reply.stream && seq.reply.events.send(Event::Token(next)).is_err() {
-                // The handle is gone: nobody wants the rest.
-                seq.reply.cancelled.store(true, Ordering::Relaxed);
+            if seq.failed {
+                continue;
+            }
+            if row.pos + 1 < prompt_len {
+                seq.decode.score_prompt(row.pos, lg);
+            } else if row.pos + 1 == prompt_len {
+                spawned.extend(seq.prompt_done(lg));
+            } else {
+                seq.decode_step(lg);
             }
         }
-    }
-
-    fn fail(&mut self, s: usize, e: Error) {
-        let seq = &mut self.active[s];
-        seq.failed = true;
-        let _ = seq.reply.events.send(Event::Done(Err(e)));
+        // After the others: their rows index `active` as it was.
+        self.active.extend(spawned);
     }
 
     /// Ends sequences that reached a stop (sending their result), failed, or
-    /// were cancelled, and returns their caches to the pool.
+    /// were cancelled; their caches go to the prefix cache or the pool.
     fn retire_finished(&mut self) {
         let mut i = 0;
         while i < self.active.len() {
             let seq = &self.active[i];
-            let dropped = seq.failed || seq.reply.cancelled();
+            let dropped = seq.failed || seq.abandoned();
             if !dropped && seq.stop.is_none() {
                 i += 1;
                 continue;
@@ -603,11 +838,41 @@ impl Engine {
             // priority order.
             let seq = self.active.remove(i);
             // Before the result goes out, so whoever has it sees the slot free.
-            self.counters.active.store(self.active.len(), Ordering::Relaxed);
-            if let (false, Some(stop)) = (dropped, seq.stop) {
-                let _ = seq.reply.events.send(Event::Done(Ok(seq.decode.finish(stop))));
+            self.counters.active.store(self.slots(), Ordering::Relaxed);
+            if seq.failed {
+                self.pool.push(seq.cache);
+                continue;
             }
-            self.pool.push(seq.cache);
+            let Sequence {
+                reply,
+                decode,
+                cache,
+                stop,
+                ..
+            } = seq;
+            let tokens = decode.history().to_vec();
+            if let (false, Some(stop)) = (dropped, stop) {
+                let _ = reply.events.send(Event::Done(Ok(decode.finish(stop))));
+            }
+            self.keep_cache(&tokens, cache);
+        }
+    }
+
+    /// A sequence that is over: its cache, whose positions are valid, to
+    /// the prefix cache.
+    fn keep(&mut self, seq: Sequence) {
+        let tokens = seq.decode.history().to_vec();
+        self.keep_cache(&tokens, seq.cache);
+    }
+
+    /// `cache` (holding `tokens[..cache.len()]`) kept for prefix reuse if
+    /// the budget allows; what is not kept goes to the pool.
+    fn keep_cache(&mut self, tokens: &[u32], cache: KvCache) {
+        if self.config.prefix_cache_bytes == 0 {
+            self.pool.push(cache);
+        } else {
+            let freed = self.prefix.store(tokens, cache);
+            self.pool.extend(freed);
         }
     }
 }

@@ -49,10 +49,13 @@ fn sampled(seed: u64, n: usize) -> GenerateOptions {
             top_k: Some(40),
             top_p: Some(0.95),
             repetition_penalty: None,
+            ..SamplingParams::greedy()
         },
         seed,
         ignore_eos: true,
         eos_token_id: None,
+        logprobs: None,
+        prompt_logprobs: None,
     }
 }
 

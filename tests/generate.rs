@@ -60,6 +60,8 @@ fn eos_stops_unless_ignored() {
     let opts = GenerateOptions {
         ignore_eos: false,
         eos_token_id: Some(first),
+        logprobs: None,
+        prompt_logprobs: None,
         ..GenerateOptions::greedy(10)
     };
     let g = session.generate(&m, &PROMPT, &opts, |_| {}).unwrap();
@@ -105,6 +107,7 @@ fn sampling_is_reproducible_from_the_seed() {
             top_k: Some(50),
             top_p: Some(0.95),
             repetition_penalty: Some(1.3),
+            ..SamplingParams::greedy()
         },
         seed,
         ..GenerateOptions::greedy(20)

@@ -223,6 +223,8 @@ fn prepare(app: &App, engine: &Engine, req: &CompletionRequest) -> Result<gpt2::
         seed: 0,
         ignore_eos: req.ignore_eos,
         eos_token_id: Some(EOS_TOKEN),
+        logprobs: None,
+        prompt_logprobs: None,
     };
     // Every token asked for must fit, as `max_tokens` promises.
     gpt2::Request::prepare(config, prompt, opts, Fit::Whole).map_err(refused)

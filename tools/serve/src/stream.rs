@@ -212,6 +212,7 @@ impl<'a> Relay<'a> {
             }
             let end = match job.handle.recv() {
                 Some(Event::Token(t)) => self.token(t, send),
+                Some(Event::Prompt(_) | Event::Logprob(_)) => None,
                 Some(Event::Done(Ok(generation))) => Some(End::Over(self.done(&generation))),
                 Some(Event::Done(Err(e))) => Some(End::Over(Err(engine_error(e)))),
                 None => Some(End::Over(Err(engine_error(gpt2::Error::Engine(

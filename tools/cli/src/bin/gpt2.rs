@@ -181,10 +181,13 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             top_k: args.top_k,
             top_p: args.top_p,
             repetition_penalty: args.repetition_penalty,
+            ..SamplingParams::greedy()
         },
         seed: args.seed,
         ignore_eos: args.ignore_eos,
         eos_token_id: Some(EOS_TOKEN),
+        logprobs: None,
+        prompt_logprobs: None,
     };
     let resolved = hub::resolve(&args.weights)?;
     let tok = resolved.load_tokenizer()?;
