@@ -850,19 +850,18 @@ impl Engine {
                 stop,
                 ..
             } = seq;
-            let tokens = decode.history().to_vec();
+            self.keep_cache(decode.history(), cache);
             if let (false, Some(stop)) = (dropped, stop) {
                 let _ = reply.events.send(Event::Done(Ok(decode.finish(stop))));
             }
-            self.keep_cache(&tokens, cache);
         }
     }
 
     /// A sequence that is over: its cache, whose positions are valid, to
     /// the prefix cache.
     fn keep(&mut self, seq: Sequence) {
-        let tokens = seq.decode.history().to_vec();
-        self.keep_cache(&tokens, seq.cache);
+        let Sequence { decode, cache, .. } = seq;
+        self.keep_cache(decode.history(), cache);
     }
 
     /// `cache` (holding `tokens[..cache.len()]`) kept for prefix reuse if
