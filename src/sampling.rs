@@ -1,14 +1,30 @@
 //! Picking the next token from one row of logits (length V, the vocabulary).
 //!
-//! The steps run in the order of Hugging Face transformers' logits processors:
-//! repetition penalty, then either argmax (temperature 0) or temperature,
-//! top-k, top-p, softmax and one draw. Randomness comes only from the
-//! sampler's own seeded [`Rng`] (`crate::rng`, whose draws for a seed are
-//! pinned by a test), so a seed gives the same tokens on every machine.
+//! The steps run in the order of vLLM's sampler (v1, `vllm/v1/sample/sampler.py`:
+//! logit bias, then its penalties, then greedy or random sampling):
+//! 1. logit bias (OpenAI's `logit_bias`), added to the logits;
+//! 2. repetition penalty (HF's, CTRL-style), over the whole history;
+//! 3. frequency and presence penalties (OpenAI's), over the generated tokens
+//!    only: `logit[j] -= c[j] * frequency + (c[j] > 0) * presence`;
+//! 4. argmax (temperature 0), or temperature, top-k, top-p (the order of
+//!    Hugging Face transformers' logits warpers), softmax and one draw.
+//!
+//! Steps 1 to 3 change the logits, so they steer greedy decoding too. The bias
+//! comes first because it is the caller's edit of the model's distribution,
+//! which the penalties then act on. The multiplicative repetition penalty
+//! comes before the additive ones, so that frequency and presence shift the
+//! final logit by exactly their OpenAI amount instead of being scaled by the
+//! repetition penalty. When no bias or penalty is set, steps 1 to 3 cost
+//! nothing and change no bit: greedy reads the caller's row.
+//!
+//! Randomness comes only from the sampler's own seeded [`Rng`] (`crate::rng`,
+//! whose draws for a seed are pinned by a test), so a seed gives the same
+//! tokens on every machine.
 //!
 //! A [`Sampler`] belongs to one request, like the KV cache: it keeps its RNG
-//! state and a work buffer between tokens, so after the first call sampling
-//! does not allocate.
+//! state and its work buffers between tokens, so sampling allocates only
+//! while they grow: on the first call, and (with penalties) the few times the
+//! history outgrows them, never per token.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -33,7 +49,8 @@ pub struct SamplingParams {
     /// CTRL-style penalty, `> 0` and finite, as in HF: for every token that is
     /// already in the history, a logit `> 0` is divided by it and any other
     /// is multiplied by it. A token is penalised once however often it
-    /// occurs. Values above 1 discourage repetition.
+    /// occurs. Values above 1 discourage repetition. Applied after the logit
+    /// bias, to the biased logit.
     pub repetition_penalty: Option<f32>,
     /// OpenAI's presence penalty, in [-2, 2] (0 = off): subtracted once from
     /// the logit of every token that occurs among the generated tokens.
@@ -42,8 +59,11 @@ pub struct SamplingParams {
     /// logit of every token once per occurrence among the generated tokens.
     pub frequency_penalty: f32,
     /// OpenAI's `logit_bias`: (token id, bias in [-100, 100]) added to that
-    /// token's logit. Ids are checked against the vocabulary at the door
-    /// ([`Request::prepare`](crate::request::Request::prepare)).
+    /// token's logit, before any penalty: -100 in effect bans the token, 100
+    /// in effect forces it. An id listed twice gets both biases. Ids are
+    /// checked against the vocabulary at the door
+    /// ([`Request::prepare`](crate::request::Request::prepare)); a sampler
+    /// built directly refuses an id `>= V` when it samples.
     pub logit_bias: Vec<(u32, f32)>,
 }
 
@@ -62,6 +82,9 @@ impl SamplingParams {
     }
 
     /// Checks every parameter; the error names the parameter and its value.
+    /// The one thing it cannot check is a `logit_bias` id against the
+    /// vocabulary, which it does not know: [`Request::prepare`](crate::request::Request::prepare)
+    /// does, and [`Sampler::sample`] answers [`Error::TokenId`] for one.
     pub fn validate(&self) -> Result<(), Invalid> {
         let t = self.temperature;
         if !(t.is_finite() && t >= 0.0) {
@@ -99,6 +122,14 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
+
+    /// True when a bias or penalty changes the logits before sampling.
+    fn adjusts_logits(&self) -> bool {
+        !self.logit_bias.is_empty()
+            || self.repetition_penalty.is_some()
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+    }
 }
 
 impl Default for SamplingParams {
@@ -117,10 +148,16 @@ impl Default for SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
-    /// (V) at most: (token id, value). The value is first the (penalised)
-    /// logit, in f64 so that neither the penalty nor a tiny temperature can
-    /// overflow it, then the token's unnormalised probability.
+    /// (V) at most: (token id, value). The value is first the (biased,
+    /// penalised) logit, in f64 so that neither a penalty nor a tiny
+    /// temperature can overflow it, then the token's unnormalised probability.
     candidates: Vec<(u32, f64)>,
+    /// (history) The history's logits before the repetition penalty: HF's
+    /// gather, so that the scatter penalises each token once.
+    gathered: Vec<f64>,
+    /// (generated tokens) Their sorted copy, whose runs count each token for
+    /// the frequency and presence penalties.
+    generated: Vec<u32>,
 }
 
 impl fmt::Debug for Sampler {
@@ -148,6 +185,8 @@ impl Sampler {
             params,
             rng: Rng::new(seed),
             candidates: Vec::new(),
+            gathered: Vec::new(),
+            generated: Vec::new(),
         }
     }
 
@@ -157,34 +196,30 @@ impl Sampler {
     }
 
     /// Picks the next token from `logits` (one row, length V). `history` is
-    /// the tokens so far (prompt + generated), used only by the repetition
-    /// penalty. The caller's logits are never modified.
+    /// the tokens so far, the prompt's `history[..prompt_len]` then the
+    /// generated ones: the repetition penalty reads all of it, the frequency
+    /// and presence penalties the generated tokens only. The caller's logits
+    /// are never modified.
     ///
-    /// Errors: any NaN or infinite logit (even when greedy), an empty row, or,
-    /// with a repetition penalty, a history token id `>= V`.
-    pub fn sample(&mut self, logits: &[f32], history: &[u32], _prompt_len: usize) -> Result<u32> {
+    /// Errors: any NaN or infinite logit (even when greedy), an empty row,
+    /// `prompt_len > history.len()`, a `logit_bias` id `>= V`, or, with a
+    /// penalty that reads it, a history token id `>= V`.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32], prompt_len: usize) -> Result<u32> {
         check_logits(logits)?;
+        let adjusted = self.adjust(logits, history, prompt_len)?;
         let params = &self.params;
         let cands = &mut self.candidates;
 
-        let penalised = match params.repetition_penalty {
-            Some(penalty) => {
-                fill(cands, logits);
-                apply_repetition_penalty(cands, logits, history, f64::from(penalty))?;
-                true
-            }
-            None => false,
-        };
-
         if params.is_greedy() {
-            // Without a penalty there is nothing to copy: argmax reads the row.
-            return Ok(if penalised {
+            // Without a bias or penalty there is nothing to copy: argmax reads
+            // the row.
+            return Ok(if adjusted {
                 argmax_candidates(cands)
             } else {
                 argmax(logits)
             });
         }
-        if !penalised {
+        if !adjusted {
             fill(cands, logits);
         }
 
@@ -200,7 +235,7 @@ impl Sampler {
         }
 
         // Softmax with the max subtracted; the values are finite (checked, and
-        // penalised in f64), so `value - max` is finite and <= 0, and dividing
+        // adjusted in f64), so `value - max` is finite and <= 0, and dividing
         // by even the smallest positive f32 temperature stays finite in f64.
         // libm, not std: std's exp calls the platform's C library, whose last
         // bit can differ between systems, and with it a sampled token.
@@ -222,6 +257,34 @@ impl Sampler {
 
         let u = self.rng.next_f64();
         Ok(pick(cands, u * total))
+    }
+
+    /// Steps 1 to 3 of the module doc: when a bias or penalty is set, fills
+    /// the candidates with the row and applies them, in that order, and
+    /// returns true; otherwise touches nothing and returns false.
+    fn adjust(&mut self, logits: &[f32], history: &[u32], prompt_len: usize) -> Result<bool> {
+        let Some(generated) = history.get(prompt_len..) else {
+            return Err(invalid(format!(
+                "prompt_len {prompt_len} is past the history of {} tokens",
+                history.len()
+            )));
+        };
+        let params = &self.params;
+        if !params.adjusts_logits() {
+            return Ok(false);
+        }
+        let cands = &mut self.candidates;
+        fill(cands, logits);
+        apply_logit_bias(cands, &params.logit_bias)?;
+        if let Some(penalty) = params.repetition_penalty {
+            apply_repetition_penalty(cands, &mut self.gathered, history, f64::from(penalty))?;
+        }
+        let frequency = f64::from(params.frequency_penalty);
+        let presence = f64::from(params.presence_penalty);
+        if frequency != 0.0 || presence != 0.0 {
+            apply_occurrence_penalties(cands, &mut self.generated, generated, frequency, presence)?;
+        }
+        Ok(true)
     }
 }
 
@@ -313,24 +376,68 @@ fn fill(cands: &mut Vec<(u32, f64)>, logits: &[f32]) {
     cands.extend(logits.iter().enumerate().map(|(i, &x)| (i as u32, f64::from(x))));
 }
 
-/// `cands` holds the whole row in token order.
+/// The value of token `id`, where `cands` holds the whole row in token
+/// order; an id past the row is an error, not a panic.
+fn value_of(cands: &mut [(u32, f64)], id: u32) -> Result<&mut f64> {
+    let vocab_size = cands.len();
+    match cands.get_mut(id as usize) {
+        Some(c) => Ok(&mut c.1),
+        None => Err(Error::TokenId { id, vocab_size }),
+    }
+}
+
+/// Adds each bias to its token's logit. `cands` holds the whole row in token
+/// order.
+fn apply_logit_bias(cands: &mut [(u32, f64)], bias: &[(u32, f32)]) -> Result<()> {
+    for &(id, b) in bias {
+        *value_of(cands, id)? += f64::from(b);
+    }
+    Ok(())
+}
+
+/// HF's repetition penalty: gathers the logit of every history token, then
+/// scatters the penalised values, so a token that occurs several times is
+/// penalised once. `cands` holds the whole row in token order; `gathered` is
+/// a reused buffer.
 fn apply_repetition_penalty(
     cands: &mut [(u32, f64)],
-    logits: &[f32],
+    gathered: &mut Vec<f64>,
     history: &[u32],
     penalty: f64,
 ) -> Result<()> {
+    gathered.clear();
     for &id in history {
-        let Some(&x) = logits.get(id as usize) else {
-            return Err(Error::TokenId {
-                id,
-                vocab_size: logits.len(),
-            });
-        };
-        // Computed from the caller's logit, not the buffer, so a token that
-        // occurs several times is penalised once, as in HF (gather, scatter).
-        let x = f64::from(x);
+        gathered.push(*value_of(cands, id)?);
+    }
+    for (&id, &x) in history.iter().zip(gathered.iter()) {
         cands[id as usize].1 = if x < 0.0 { x * penalty } else { x / penalty };
+    }
+    Ok(())
+}
+
+/// OpenAI's frequency and presence penalties over the `generated` tokens:
+/// `logit[j] -= c[j] * frequency + (c[j] > 0) * presence`, where c[j] counts
+/// token j. `cands` holds the whole row in token order.
+///
+/// The counts come from sorting a reused copy of the generated tokens (at
+/// most the context window, 1024 for GPT-2): O(G log G), a few microseconds,
+/// beside the O(V) copy of the row that every adjusted call already makes. A
+/// V-sized count array would have to be zeroed per token (200 KB for
+/// GPT-2's 50257 tokens) or kept zero between calls by undoing each count.
+fn apply_occurrence_penalties(
+    cands: &mut [(u32, f64)],
+    sorted: &mut Vec<u32>,
+    generated: &[u32],
+    frequency: f64,
+    presence: f64,
+) -> Result<()> {
+    sorted.clear();
+    sorted.extend_from_slice(generated);
+    sorted.sort_unstable();
+    for run in sorted.chunk_by(|a, b| a == b) {
+        let id = run[0];
+        let count = run.len() as f64;
+        *value_of(cands, id)? -= count * frequency + presence;
     }
     Ok(())
 }
@@ -908,6 +1015,272 @@ mod tests {
         };
         let mut s = Sampler::new(p, 4).unwrap();
         assert_eq!(s.sample(&[0.0, 3e38, 3e38], &[2], 0).unwrap(), 2);
+    }
+
+    /// The row after steps 1 to 3 (bias, then the penalties), in token order.
+    fn adjusted(p: SamplingParams, logits: &[f32], history: &[u32], prompt_len: usize) -> Vec<f64> {
+        let mut s = Sampler::new(p, 0).unwrap();
+        assert!(s.adjust(logits, history, prompt_len).unwrap());
+        s.candidates.iter().map(|c| c.1).collect()
+    }
+
+    /// The greedy pick for `p` (made greedy) on `logits`.
+    fn greedy_pick(p: &SamplingParams, logits: &[f32], history: &[u32], prompt_len: usize) -> u32 {
+        let p = SamplingParams {
+            temperature: 0.0,
+            ..p.clone()
+        };
+        Sampler::new(p, 0)
+            .unwrap()
+            .sample(logits, history, prompt_len)
+            .unwrap()
+    }
+
+    /// How often each token is drawn in `n` samples, with a history.
+    fn counts_after(sampler: &mut Sampler, logits: &[f32], history: &[u32], n: usize) -> Vec<usize> {
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..n {
+            counts[sampler.sample(logits, history, 0).unwrap() as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn logit_bias_adds_to_the_logits() {
+        let logits = [1.0, 2.0, 0.5, 1.5];
+        let p = SamplingParams {
+            // Token 2 is named twice: both biases are added.
+            logit_bias: vec![(2, 1.25), (1, -0.75), (2, 0.5)],
+            ..SamplingParams::greedy()
+        };
+        // 1, 2 - 0.75, 0.5 + 1.25 + 0.5, 1.5.
+        assert_eq!(adjusted(p.clone(), &logits, &[], 0), [1.0, 1.25, 2.25, 1.5]);
+        assert_eq!(greedy_pick(&p, &logits, &[], 0), 2);
+        assert_eq!(greedy_pick(&SamplingParams::greedy(), &logits, &[], 0), 1);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_follow_openai() {
+        let logits = [1.0, 2.0, 0.5, 1.5];
+        // Prompt [1]; generated: token 3 twice, token 0 once.
+        let (history, prompt_len) = ([1, 3, 3, 0], 1);
+        let p = |frequency_penalty, presence_penalty| SamplingParams {
+            frequency_penalty,
+            presence_penalty,
+            ..SamplingParams::greedy()
+        };
+        // logit[j] -= c[j] * frequency + (c[j] > 0) * presence, c = [1, 0, 0, 2]:
+        // token 1 is only in the prompt and keeps its 2.
+        let cases = [
+            ((0.5, 0.0), [0.5, 2.0, 0.5, 0.5]),
+            ((0.0, 0.25), [0.75, 2.0, 0.5, 1.25]),
+            ((0.5, 0.25), [0.25, 2.0, 0.5, 0.25]),
+            // Negative values encourage repetition.
+            ((-1.0, -0.5), [2.5, 2.0, 0.5, 4.0]),
+        ];
+        for ((f, pr), want) in cases {
+            assert_eq!(
+                adjusted(p(f, pr), &logits, &history, prompt_len),
+                want,
+                "f {f}, p {pr}"
+            );
+        }
+        assert_eq!(greedy_pick(&p(-1.0, -0.5), &logits, &history, prompt_len), 3);
+    }
+
+    #[test]
+    fn frequency_and_presence_count_generated_tokens_only() {
+        let logits = [2.0, 1.75];
+        for p in [
+            SamplingParams {
+                presence_penalty: 0.5,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                frequency_penalty: 0.5,
+                ..SamplingParams::greedy()
+            },
+        ] {
+            // Token 0 as the prompt: not penalised.
+            assert_eq!(greedy_pick(&p, &logits, &[0], 1), 0, "{p:?}");
+            // The same token generated: 2 - 0.5 = 1.5 < 1.75.
+            assert_eq!(greedy_pick(&p, &logits, &[0], 0), 1, "{p:?}");
+        }
+        // The repetition penalty reads the prompt too: 2 / 2 = 1 < 1.75.
+        let p = SamplingParams {
+            repetition_penalty: Some(2.0),
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(greedy_pick(&p, &logits, &[0], 1), 1);
+    }
+
+    #[test]
+    fn logit_bias_comes_before_the_repetition_penalty() {
+        let logits = [-1.0, 0.25];
+        let p = SamplingParams {
+            logit_bias: vec![(0, 2.0)],
+            repetition_penalty: Some(2.0),
+            ..SamplingParams::greedy()
+        };
+        // (-1 + 2) / 2 = 0.5 > 0.25. The other order, -1 * 2 + 2 = 0, would
+        // pick token 1.
+        assert_eq!(adjusted(p.clone(), &logits, &[0, 0], 0), [0.5, 0.25]);
+        assert_eq!(greedy_pick(&p, &logits, &[0, 0], 0), 0);
+    }
+
+    #[test]
+    fn repetition_penalty_comes_before_frequency_and_presence() {
+        let logits = [2.0, 0.25];
+        for p in [
+            SamplingParams {
+                presence_penalty: 1.0,
+                repetition_penalty: Some(2.0),
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                frequency_penalty: 1.0,
+                repetition_penalty: Some(2.0),
+                ..SamplingParams::greedy()
+            },
+        ] {
+            // 2 / 2 - 1 = 0 < 0.25. The other order, (2 - 1) / 2 = 0.5, would
+            // pick token 0.
+            assert_eq!(adjusted(p.clone(), &logits, &[0], 0), [0.0, 0.25], "{p:?}");
+            assert_eq!(greedy_pick(&p, &logits, &[0], 0), 1, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn penalties_come_before_temperature_and_top_k() {
+        // Token 1 generated twice at frequency 0.5: its logit falls to -1.
+        let logits = [0.0; 4];
+        let history = [1, 1];
+        let p = SamplingParams {
+            temperature: 2.0,
+            frequency_penalty: 0.5,
+            ..SamplingParams::greedy()
+        };
+        // At temperature 2 token 1 has e^-0.5 / (3 + e^-0.5) = 0.168; had the
+        // penalty come after the temperature, e^-1 / (3 + e^-1) = 0.109.
+        let n = 20_000;
+        let mut s = Sampler::new(p.clone(), 77).unwrap();
+        let c = counts_after(&mut s, &logits, &history, n);
+        let f1 = c[1] as f64 / n as f64;
+        let want = (-0.5f64).exp() / (3.0 + (-0.5f64).exp());
+        assert!((f1 - want).abs() < 0.015, "{c:?}: {f1} against {want}");
+
+        // top_k = 3 keeps 0, 2, 3: the penalty ranks token 1 last first (top-k
+        // on the raw, equal logits would keep 0, 1, 2).
+        let mut s = Sampler::new(SamplingParams { top_k: Some(3), ..p }, 77).unwrap();
+        let c = counts_after(&mut s, &logits, &history, 3000);
+        assert_eq!(c[1], 0, "{c:?}");
+        assert!(c[0] > 0 && c[2] > 0 && c[3] > 0, "{c:?}");
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_under_sampling() {
+        let logits = [3.0, 1.0, 0.5, -2.0];
+        let sampled = |logit_bias| SamplingParams {
+            temperature: 1.5,
+            logit_bias,
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(sampled(vec![(0, -100.0)]), 5).unwrap();
+        let c = counts(&mut s, &logits, 5000);
+        assert_eq!(c[0], 0, "-100 must ban token 0: {c:?}");
+        assert!(c[1] > 0 && c[2] > 0 && c[3] > 0, "{c:?}");
+
+        let mut s = Sampler::new(sampled(vec![(3, 100.0)]), 5).unwrap();
+        let c = counts(&mut s, &logits, 5000);
+        assert_eq!(c[3], 5000, "+100 must force token 3: {c:?}");
+
+        assert_eq!(greedy_pick(&sampled(vec![(0, -100.0)]), &logits, &[], 0), 1);
+        assert_eq!(greedy_pick(&sampled(vec![(3, 100.0)]), &logits, &[], 0), 3);
+    }
+
+    #[test]
+    fn token_ids_past_the_row_are_errors() {
+        let logits = [0.0, 1.0, 2.0];
+        let bias = |id| SamplingParams {
+            logit_bias: vec![(1, 1.0), (id, 1.0)],
+            ..SamplingParams::greedy()
+        };
+        for (p, id) in [(bias(3), 3), (bias(u32::MAX), u32::MAX)] {
+            for t in [0.0, 1.0] {
+                let p = SamplingParams {
+                    temperature: t,
+                    ..p.clone()
+                };
+                let mut s = Sampler::new(p, 0).unwrap();
+                match s.sample(&logits, &[], 0) {
+                    Err(Error::TokenId {
+                        id: got,
+                        vocab_size: 3,
+                    }) => assert_eq!(got, id),
+                    other => panic!("expected TokenId {id}, got {other:?}"),
+                }
+            }
+        }
+        // A generated token past the row, with a penalty that counts it.
+        for p in [
+            SamplingParams {
+                presence_penalty: 0.1,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                frequency_penalty: -0.1,
+                ..SamplingParams::greedy()
+            },
+        ] {
+            let mut s = Sampler::new(p, 0).unwrap();
+            assert!(matches!(
+                s.sample(&logits, &[0, 1, 7], 1),
+                Err(Error::TokenId { id: 7, vocab_size: 3 })
+            ));
+        }
+        // A prompt longer than the history.
+        let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
+        match s.sample(&logits, &[0, 1], 3) {
+            Err(Error::InvalidArgument(msg)) => {
+                assert_eq!(msg, "prompt_len 3 is past the history of 2 tokens")
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unset_biases_and_penalties_change_nothing() {
+        let logits = [0.1, 0.3, -0.2, 0.0, 0.25, 0.05, -0.1, 0.2];
+        let history = [1, 1, 4, 4, 4, 7];
+        for base in [
+            SamplingParams::greedy(),
+            params(1.0, None, None),
+            params(0.8, Some(5), Some(0.9)),
+        ] {
+            let draw = |p: SamplingParams, history: &[u32]| {
+                let mut s = Sampler::new(p, 42).unwrap();
+                let tokens: Vec<u32> = (0..100).map(|_| s.sample(&logits, history, 2).unwrap()).collect();
+                (tokens, s.rng)
+            };
+            let plain = draw(base.clone(), &history[..2]);
+            // Explicit zeros (-0 too) skip the adjustment: the history is
+            // not read, greedy argmax reads the row.
+            let zeros = SamplingParams {
+                presence_penalty: 0.0,
+                frequency_penalty: -0.0,
+                logit_bias: Vec::new(),
+                ..base.clone()
+            };
+            assert!(!zeros.adjusts_logits());
+            assert_eq!(draw(zeros, &history), plain, "{base:?}");
+            // A bias of 0 takes the adjusted path and changes no bit.
+            let zero_bias = SamplingParams {
+                logit_bias: vec![(1, 0.0)],
+                ..base.clone()
+            };
+            assert!(zero_bias.adjusts_logits());
+            assert_eq!(draw(zero_bias, &history), plain, "{base:?}");
+        }
     }
 
     /// The naive twin of `nucleus`: sort everything, cut the prefix.
