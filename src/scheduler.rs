@@ -436,11 +436,10 @@ impl Sequence {
                     return;
                 }
                 let lp = self.decode.last_logprob().cloned();
-                let sent = lp.map_or(Ok(()), |lp| self.reply.events.send(Event::Logprob(lp)));
-                if sent
-                    .and_then(|()| self.reply.events.send(Event::Token(next)))
-                    .is_err()
-                {
+                let events = &self.reply.events;
+                let gone = lp.is_some_and(|lp| events.send(Event::Logprob(lp)).is_err())
+                    || events.send(Event::Token(next)).is_err();
+                if gone {
                     // The handle is gone: nobody wants the rest.
                     self.reply.cancelled.store(true, Ordering::Relaxed);
                 }
