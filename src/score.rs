@@ -151,18 +151,15 @@ pub fn score(model: &Gpt2Model, tokens: &[u32], opts: &ScoreOptions) -> Result<S
     let mut session = Session::new(model, CHUNK.min(window))?;
     let mut logprobs: Vec<Option<TokenLogprob>> = vec![None; tokens.len()];
     let (mut nll, mut count) = (0f64, 0usize);
+    // Each window is a request that only scores its prompt.
+    let scored = GenerateOptions {
+        prompt_logprobs: Some(opts.top),
+        ..GenerateOptions::greedy(0)
+    };
     let spans = windows(tokens.len(), window, opts.stride);
     for w in &spans {
-        let scored = GenerateOptions {
-            prompt_logprobs: Some(opts.top),
-            ..GenerateOptions::greedy(0)
-        };
-        let request = Request::prepare(
-            &model.config,
-            tokens[w.begin..w.end].to_vec(),
-            scored,
-            Fit::Prompt,
-        )?;
+        let prompt = tokens[w.begin..w.end].to_vec();
+        let request = Request::prepare(&model.config, prompt, scored.clone(), Fit::Prompt)?;
         // `prompt_logprobs[i]` scores the window's token `i + 1`.
         let run = session.run(model, request, |_| {})?;
         let fresh = run.prompt_logprobs.into_iter().skip(w.first - w.begin - 1);
