@@ -65,7 +65,7 @@ pub async fn completions(State(app): State<Arc<App>>, req: Request) -> Response 
 /// The body, read whole within the body timeout, and the headers; a body
 /// declared larger than the limit is refused before any of it is read (so
 /// `Expect: 100-continue` gets 413, never `100 Continue`).
-async fn read_body(app: &App, req: Request) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(app: &App, req: Request) -> Result<Bytes, ApiError> {
     let headers = req.headers();
     let declared = headers
         .get(header::CONTENT_LENGTH)

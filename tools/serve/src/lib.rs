@@ -35,6 +35,7 @@ mod routes;
 mod server;
 mod state;
 mod stream;
+mod tokenize;
 
 pub use cli::{load_engine, run, ServeArgs};
 pub use error::ApiError;
