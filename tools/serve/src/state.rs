@@ -1,5 +1,5 @@
 //! What the server's parts share: its configuration, the loaded engine,
-//! each connection's handle, and the accounting of each request: its slot
+//! each connection's handle, and the accounting of each request: its slots
 //! and KV cache reservation ([`InFlight`]) and its log line ([`RequestLog`]).
 //! Below the routes and the bridge, which both hold them.
 
