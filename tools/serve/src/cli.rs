@@ -3,6 +3,7 @@
 //! SIGINT/SIGTERM that start the shutdown; the weights loaded into an
 //! [`Engine`].
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use gpt2::scheduler::{Scheduler, SchedulerConfig};
 use gpt2::{Dtype, Gpt2Model};
 use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs, WeightsSource};
 
+use super::chat::ChatTemplate;
 use super::server::{serve, BoxError};
 use super::state::{Engine, ServeConfig};
 
@@ -94,6 +96,12 @@ pub struct ServeArgs {
     /// at most 4096 (1024 when the limit is unknown).
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// A JSON chat template for /v1/chat/completions, replacing the plain
+    /// "Role: content" transcript: {"message": "{role}: {content}\n",
+    /// "roles": {...}, "generation": "Assistant:", "stop": [...]} (see the
+    /// serve crate's chat module).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 }
 
 /// `--max-connections`' default: the soft open-files limit
@@ -164,6 +172,10 @@ impl ServeArgs {
             write_stall: Duration::from_secs_f64(self.write_stall_seconds),
             half_close: self.half_close,
             kv_cache_bytes,
+            chat_template: match &self.chat_template {
+                Some(path) => ChatTemplate::from_file(path)?,
+                None => ChatTemplate::default(),
+            },
         })
     }
 

@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use hyper::body::{Frame, SizeHint};
 use serde_json::{json, Value};
 
-use super::completions::completions;
+use super::completions::{chat_completions, completions};
 use super::error::{ApiError, Outcome};
 use super::state::{App, Engine, RequestLog};
 use super::tokenize::{detokenize, tokenize};
@@ -33,6 +33,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics))
