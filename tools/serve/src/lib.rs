@@ -24,8 +24,9 @@
 //! log-probabilities, stop strings, cancellation), `state` (what they all
 //! share: the configuration, the engine, the request slots and log lines),
 //! `chat` (the chat template: messages to a prompt), `request` (parsing a
-//! request's JSON body), `metrics` (Prometheus), `error` (OpenAI-style
-//! error bodies).
+//! request's JSON body), `tokenize` (`POST /tokenize` and `/detokenize`,
+//! llama-server's shapes), `metrics` (Prometheus, with vLLM's names for the
+//! gateways), `error` (OpenAI-style error bodies).
 
 mod chat;
 mod cli;
