@@ -59,6 +59,39 @@ impl Gpt2Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
+
+    /// The bytes token `id` stands for. GPT-2's byte-level BPE may split a
+    /// UTF-8 character over several tokens, whose bytes alone `decode` can
+    /// show only as U+FFFD; these are the bytes themselves (llama-server's
+    /// `/tokenize` pieces, OpenAI's logprob `bytes`).
+    pub fn token_bytes(&self, id: u32) -> Result<Vec<u8>> {
+        check_token_ids([id], self.vocab_size())?;
+        let token = self
+            .inner
+            .id_to_token(id)
+            .ok_or_else(|| Error::Tokenizer(format!("token id {id} has no text")))?;
+        // As the byte-level decoder reads a token: each character is the
+        // byte it stands for, unless one is not (an added token such as
+        // `<|endoftext|>` written as plain text), then the text's own bytes.
+        Ok(token
+            .chars()
+            .map(byte_of)
+            .collect::<Option<Vec<u8>>>()
+            .unwrap_or_else(|| token.into_bytes()))
+    }
+}
+
+/// GPT-2's byte-level alphabet read backwards (`bytes_to_unicode` in
+/// OpenAI's `encoder.py`): the bytes that print (`!`..`~`, `¡`..`¬`,
+/// `®`..`ÿ`) stand for themselves; the other 68, in order, are written as
+/// U+0100 onwards (a space is `Ġ`, U+0120).
+fn byte_of(c: char) -> Option<u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    match u32::from(c) {
+        n @ 0..=255 if printable(n as u8) => Some(n as u8),
+        n @ 256..=323 => (0..=255u8).filter(|&b| !printable(b)).nth((n - 256) as usize),
+        _ => None,
+    }
 }
 
 /// Turns a stream of token ids into text pieces without ever emitting half a
@@ -107,5 +140,36 @@ impl<'t> TextStream<'t> {
         self.prefix = self.ids.len();
         self.context = self.prefix;
         Ok((all.len() > done.len()).then(|| all.get(done.len()..).unwrap_or(&all).to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every token's bytes read as text (lossily) are its decoded text, and
+    /// the bytes of a text's tokens, split characters included, are the text.
+    #[test]
+    fn token_bytes_are_what_decode_reads() {
+        let tok = Gpt2Tokenizer::builtin();
+        for id in 0..tok.vocab_size() as u32 {
+            let bytes = tok.token_bytes(id).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&bytes),
+                tok.decode(&[id]).unwrap(),
+                "token {id}"
+            );
+        }
+        assert_eq!(tok.token_bytes(220).unwrap(), b" ");
+        assert_eq!(tok.token_bytes(EOS_TOKEN).unwrap(), b"<|endoftext|>");
+        let text = "na\u{ef}ve \u{1F917} \u{5ABD} caf\u{e9}<|endoftext|>";
+        let ids = tok.encode(text).unwrap();
+        let split = ids
+            .iter()
+            .filter(|&&id| std::str::from_utf8(&tok.token_bytes(id).unwrap()).is_err());
+        assert!(split.count() > 0, "{ids:?}: no token holds part of a character");
+        let joined: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id).unwrap()).collect();
+        assert_eq!(joined, text.as_bytes());
+        assert!(tok.token_bytes(tok.vocab_size() as u32).is_err());
     }
 }

@@ -3,6 +3,7 @@
 //! SIGINT/SIGTERM that start the shutdown; the weights loaded into an
 //! [`Engine`].
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use gpt2::scheduler::{Scheduler, SchedulerConfig};
 use gpt2::{Dtype, Gpt2Model};
 use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs, WeightsSource};
 
+use super::chat::ChatTemplate;
 use super::server::{serve, BoxError};
 use super::state::{Engine, ServeConfig};
 
@@ -83,11 +85,23 @@ pub struct ServeArgs {
     /// available once the weights are loaded.
     #[arg(long, value_name = "MIB")]
     pub kv_cache_mib: Option<usize>,
+    /// MiB of finished requests' KV caches kept for prefix reuse: a request
+    /// whose prompt starts like one of theirs prefills only the rest (least
+    /// recently used out; 0 turns reuse off). A budget of its own, beside
+    /// --kv-cache-mib (which bounds the requests in flight).
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub prefix_cache_mib: usize,
     /// Most connections open at once; more get a 503 and are closed.
     /// Default: the open-files limit less 64 for the rest of the process,
     /// at most 4096 (1024 when the limit is unknown).
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// A JSON chat template for /v1/chat/completions, replacing the plain
+    /// "Role: content" transcript: {"message": "{role}: {content}\n",
+    /// "roles": {...}, "generation": "Assistant:", "stop": [...]} (see the
+    /// serve crate's chat module).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 }
 
 /// `--max-connections`' default: the soft open-files limit
@@ -158,7 +172,18 @@ impl ServeArgs {
             write_stall: Duration::from_secs_f64(self.write_stall_seconds),
             half_close: self.half_close,
             kv_cache_bytes,
+            chat_template: match &self.chat_template {
+                Some(path) => ChatTemplate::from_file(path)?,
+                None => ChatTemplate::default(),
+            },
         })
+    }
+
+    /// `--prefix-cache-mib` in bytes.
+    fn prefix_cache_bytes(&self) -> Result<usize, BoxError> {
+        let mib = self.prefix_cache_mib;
+        mib.checked_mul(1 << 20)
+            .ok_or_else(|| format!("--prefix-cache-mib {mib} is past the address space").into())
     }
 
     /// The engine's own pool of `--threads`, if given.
@@ -181,6 +206,7 @@ impl ServeArgs {
 /// the weights in the background and serves until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<(), BoxError> {
     let config = args.config()?;
+    let prefix_cache_bytes = args.prefix_cache_bytes()?;
     // Every admitted request holds a blocking thread (its bridge) until it
     // ends, and parsing takes one more for a moment: room for all of them.
     let blocking = config.max_batch + config.max_queue + 64;
@@ -190,14 +216,18 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
         .thread_name("gpt2-http")
         .build()
         .map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
-    let result = runtime.block_on(listen_and_serve(args, config));
+    let result = runtime.block_on(listen_and_serve(args, config, prefix_cache_bytes));
     // Bridges of cancelled requests end at their next token; do not wait on them.
     runtime.shutdown_timeout(Duration::from_secs(2));
     result
 }
 
 /// Binds `--host`:`--port` and serves there until SIGINT or SIGTERM.
-async fn listen_and_serve(args: ServeArgs, config: ServeConfig) -> Result<(), BoxError> {
+async fn listen_and_serve(
+    args: ServeArgs,
+    config: ServeConfig,
+    prefix_cache_bytes: usize,
+) -> Result<(), BoxError> {
     let host = args.host.clone().unwrap_or_else(|| "127.0.0.1".into());
     let listener = tokio::net::TcpListener::bind((host.as_str(), args.port))
         .await
@@ -214,7 +244,14 @@ async fn listen_and_serve(args: ServeArgs, config: ServeConfig) -> Result<(), Bo
     serve(
         listener,
         config,
-        move |sc| load_engine(&weights, dtype, sc),
+        // The server sets the scheduler's limits; the prefix cache's budget is the binary's flag.
+        move |sc| {
+            let sc = SchedulerConfig {
+                prefix_cache_bytes,
+                ..sc
+            };
+            load_engine(&weights, dtype, sc)
+        },
         shutdown_signal(),
     )
     .await

@@ -1,8 +1,25 @@
-//! `POST /v1/completions`: the body read within its limits, parsed and
-//! checked (by the body's parser, then the engine's door), the request
-//! admitted and submitted, and its bridge started; `reply.rs` answers.
+//! `POST /v1/completions` and `POST /v1/chat/completions`, one path for
+//! both: the body read within its limits, parsed (`request.rs`; chat's
+//! `messages` rendered by the chat template, `chat.rs`), each prompt checked
+//! at the engine's door, the request admitted whole (every choice of every
+//! prompt, or none), submitted, and one bridge started per choice;
+//! `reply.rs` answers.
+//!
+//! A request of P prompts and `n` choices runs P × n sequences: each prompt
+//! is submitted once with `Scheduler::submit_n` (its prefill shared by its
+//! choices) and choice i of prompt p is `choices[p × n + i]` (OpenAI's and
+//! vLLM's order). They are admitted together or refused whole: 429 when
+//! they do not fit in flight now (`max_batch + max_queue` sequences, the KV
+//! cache budget), 400 naming `n` (or `prompt`, for a batch with `n: 1`)
+//! when they never could, or when `n` passes the batch (`max_choices`).
+//!
+//! Seeds: every prompt of a request runs with the request's seed (a fresh
+//! one per request without `seed`), and choice i with the engine's
+//! `choice_seed(seed, i)`; so choice i of a prompt is the same whatever else
+//! the request holds, and equals a request of that prompt alone with
+//! `seed: choice_seed(seed, i)`.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,14 +32,22 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::reply::{stream_response, whole_response, Reply};
-use super::request::{CompletionRequest, Prompt};
+use super::request::{Api, CompletionRequest, Input, Prompt, DEFAULT_MAX_TOKENS};
 use super::state::{unix_now, App, Connection, Engine, RequestLog};
-use super::stream::{bridge, Job, Update};
+use super::stream::{bridge, Choice, Job, Update};
 use gpt2::model::KvCache;
 use gpt2::tokenizer::EOS_TOKEN;
 use gpt2::{Error, Fit, GenerateOptions, Gpt2Config, Invalid, Param};
 
 pub async fn completions(State(app): State<Arc<App>>, req: Request) -> Response {
+    handle(app, req, Api::Completions).await
+}
+
+pub async fn chat_completions(State(app): State<Arc<App>>, req: Request) -> Response {
+    handle(app, req, Api::Chat).await
+}
+
+async fn handle(app: Arc<App>, req: Request, api: Api) -> Response {
     let arrived = Instant::now();
     let log = req.extensions().get::<Arc<RequestLog>>().cloned();
     let connection = req.extensions().get::<Arc<Connection>>().cloned();
@@ -44,8 +69,15 @@ pub async fn completions(State(app): State<Arc<App>>, req: Request) -> Response 
     let started = {
         let (app, log) = (Arc::clone(&app), Arc::clone(&log));
         let runtime = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || start_completion(&app, &log, &body, arrived, runtime, connection))
-            .await
+        tokio::task::spawn_blocking(move || {
+            let started = Started {
+                arrived,
+                runtime,
+                connection,
+            };
+            start(&app, &log, api, &body, started)
+        })
+        .await
     };
     let started = started.unwrap_or_else(|e| {
         Err(ApiError::new(
@@ -65,7 +97,7 @@ pub async fn completions(State(app): State<Arc<App>>, req: Request) -> Response 
 /// The body, read whole within the body timeout, and the headers; a body
 /// declared larger than the limit is refused before any of it is read (so
 /// `Expect: 100-continue` gets 413, never `100 Continue`).
-async fn read_body(app: &App, req: Request) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(app: &App, req: Request) -> Result<Bytes, ApiError> {
     let headers = req.headers();
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -122,75 +154,132 @@ pub fn prompt_byte_cap(engine: &Engine) -> usize {
         .saturating_mul(longest)
 }
 
-/// Checks the request, submits it and starts its bridge (on a blocking thread).
-fn start_completion(
-    app: &Arc<App>,
-    log: &Arc<RequestLog>,
-    body: &[u8],
+/// Where and when a request came in.
+struct Started {
     arrived: Instant,
     runtime: tokio::runtime::Handle,
     connection: Option<Arc<Connection>>,
+}
+
+/// Checks the request, admits it, submits its prompts and starts a bridge
+/// per choice (on a blocking thread).
+fn start(
+    app: &Arc<App>,
+    log: &Arc<RequestLog>,
+    api: Api,
+    body: &[u8],
+    started: Started,
 ) -> Result<(mpsc::Receiver<Update>, Reply), ApiError> {
-    let req = CompletionRequest::parse(body)?;
+    let req = CompletionRequest::parse(api, body)?;
     let engine = app.engine()?;
     if let Some(asked) = &req.model {
         if *asked != engine.model_id {
             return Err(ApiError::model_not_found(asked, &engine.model_id));
         }
     }
-    let mut request = prepare(app, &engine, &req)?;
-    let prompt_tokens = request.prompt().len();
-    let kv = kv_reservation(
-        app,
-        &engine.scheduler.model().config,
-        prompt_tokens,
-        req.max_tokens,
-    )?;
-    let in_flight = app.admit(kv)?;
+    let max = engine.scheduler.max_choices();
+    if req.n > max {
+        return Err(refused(Invalid::Choices { n: req.n, max }));
+    }
+    let mut stops = req.stop.clone();
+    let prompts = match &req.input {
+        Input::Prompts(p) => p.clone(),
+        Input::Messages(m) => {
+            let template = &app.config.chat_template;
+            stops.extend_from_slice(template.stop());
+            vec![Prompt::Text(template.render(m))]
+        }
+    };
+    let requests = prompts
+        .iter()
+        .map(|p| prepare(app, &engine, &req, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (n, sequences) = (req.n, requests.len().saturating_mul(req.n));
+    let whole = if n > 1 { "n" } else { "prompt" };
+    if sequences > app.max_sequences() {
+        return Err(ApiError::param(
+            whole,
+            format!(
+                "{} prompt(s) × n = {n} need {sequences} sequences, more than this server ever runs at once \
+                 ({}: --max-batch + --max-queue); lower n or send fewer prompts",
+                requests.len(),
+                app.max_sequences()
+            ),
+        ));
+    }
+    let kv = kv_reservation(app, &engine.scheduler.model().config, &requests, n, whole)?;
+    let in_flight = app.admit(sequences, kv)?;
     let id = app.next_request_id();
     // Without a seed every request gets its own, as OpenAI samples afresh.
-    request.set_seed(req.seed.unwrap_or_else(|| {
+    let seed = req.seed.unwrap_or_else(|| {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         nanos ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    }));
-    let handle = engine.scheduler.submit_request(request).map_err(submit_error)?;
+    });
+    let prompt_tokens: usize = requests.iter().map(|r| r.prompt().len()).sum();
+    let mut choices = Vec::with_capacity(sequences);
+    for (p, mut request) in requests.into_iter().enumerate() {
+        let echo: Option<Arc<[u32]>> = req.echo.then(|| request.prompt().into());
+        request.set_seed(seed);
+        let handles = engine.scheduler.submit_n(request, n).map_err(submit_error)?;
+        choices.extend(handles.into_iter().enumerate().map(|(i, handle)| Choice {
+            index: p * n + i,
+            handle,
+            echo: echo.clone(),
+        }));
+    }
     log.prompt.store(prompt_tokens, Ordering::Relaxed);
     app.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+    let prefix = match api {
+        Api::Completions => "cmpl",
+        Api::Chat => "chatcmpl",
+    };
     let reply = Reply {
-        id: format!("cmpl-{:x}-{id}", app.started()),
+        api,
+        id: format!("{prefix}-{:x}-{id}", app.started()),
         created: unix_now(),
         // Only the served model's name, whatever the request said.
         model: engine.model_id.clone(),
         stream: req.stream,
         include_usage: req.stream && req.include_usage,
+        logprobs: req.logprobs.is_some(),
+        choices: choices.len(),
+        prompt_tokens,
     };
-    let job = Job {
+    let job = Arc::new(Job {
         app: Arc::clone(app),
         eos: (!req.ignore_eos).then_some(EOS_TOKEN),
         engine,
-        handle,
-        stops: req.stop,
-        prompt_tokens,
-        arrived,
+        stops,
+        logprobs: req.logprobs.is_some(),
+        arrived: started.arrived,
+        _in_flight: in_flight,
         log: Arc::clone(log),
-        in_flight,
-        runtime,
+        runtime: started.runtime,
         write_stall: app.config.write_stall,
-        connection,
-    };
-    // Room for a burst of tokens; the bridge waits if the client is slower.
+        connection: started.connection,
+        first_token: AtomicBool::new(false),
+    });
+    // Room for a burst of tokens; the bridges wait if the client is slower.
     let (tx, rx) = mpsc::channel(64);
-    tokio::task::spawn_blocking(move || bridge(job, tx));
+    for choice in choices {
+        let (job, tx) = (Arc::clone(&job), tx.clone());
+        tokio::task::spawn_blocking(move || bridge(job, choice, tx));
+    }
     Ok((rx, reply))
 }
 
-/// The request as the engine runs it: the prompt's token ids and the
-/// options, through the engine's door.
-fn prepare(app: &App, engine: &Engine, req: &CompletionRequest) -> Result<gpt2::Request, ApiError> {
+/// One prompt as the engine runs it: its token ids and the options, through
+/// the engine's door.
+fn prepare(
+    app: &App,
+    engine: &Engine,
+    req: &CompletionRequest,
+    prompt: &Prompt,
+) -> Result<gpt2::Request, ApiError> {
     let config = &engine.scheduler.model().config;
-    let prompt = match &req.prompt {
+    let prompt = match prompt {
         // As OpenAI does: no prompt means the start of a new document.
         Prompt::Text(t) if t.is_empty() => vec![EOS_TOKEN],
         Prompt::Text(t) => {
@@ -216,48 +305,84 @@ fn prepare(app: &App, engine: &Engine, req: &CompletionRequest) -> Result<gpt2::
         }
         Prompt::Ids(ids) => ids.clone(),
     };
+    let max_new_tokens = req.max_tokens.unwrap_or(match req.api {
+        Api::Completions => DEFAULT_MAX_TOKENS,
+        // The rest of the window (the last new token needs no position);
+        // a prompt past it is refused by the door.
+        Api::Chat => (config.n_positions + 1).saturating_sub(prompt.len()).max(1),
+    });
+    // The prompt is scored with `echo` and `logprobs`, and to return it
+    // alone (`max_tokens: 0`, which the engine allows only when scoring).
+    let prompt_logprobs = match (req.echo, max_new_tokens) {
+        (true, 0) => Some(req.logprobs.unwrap_or(0)),
+        (true, _) => req.logprobs,
+        (false, _) => None,
+    };
     let opts = GenerateOptions {
-        max_new_tokens: req.max_tokens,
+        max_new_tokens,
         sampling: req.sampling.clone(),
-        // Drawn once the request is admitted.
+        // Set once the request is admitted.
         seed: 0,
         ignore_eos: req.ignore_eos,
         eos_token_id: Some(EOS_TOKEN),
-        logprobs: None,
-        prompt_logprobs: None,
+        logprobs: req.logprobs,
+        prompt_logprobs,
     };
     // Every token asked for must fit, as `max_tokens` promises.
     gpt2::Request::prepare(config, prompt, opts, Fit::Whole).map_err(refused)
 }
 
-/// The bytes of KV cache the request's positions may fill (resident), if
-/// the server's whole budget can ever hold them.
+/// The bytes of KV cache the request's sequences may fill (resident): one
+/// cache per choice of each prompt, each up to its prompt + `max_tokens`
+/// positions; refused (400) if the server's whole budget can never hold
+/// one sequence (naming `max_tokens`) or all of them (naming `whole`).
 fn kv_reservation(
     app: &App,
     config: &Gpt2Config,
-    prompt_tokens: usize,
-    max_tokens: usize,
+    requests: &[gpt2::Request],
+    n: usize,
+    whole: &str,
 ) -> Result<usize, ApiError> {
-    let wanted = prompt_tokens.saturating_add(max_tokens);
-    let kv = KvCache::resident_bytes(config, wanted.min(config.n_positions));
     let budget = app.kv_budget.get().copied().unwrap_or(usize::MAX);
-    if kv <= budget {
-        return Ok(kv);
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let mut total = 0usize;
+    for r in requests {
+        let (prompt_tokens, max_tokens) = (r.prompt().len(), r.options().max_new_tokens);
+        let wanted = prompt_tokens.saturating_add(max_tokens);
+        let kv = KvCache::resident_bytes(config, wanted.min(config.n_positions));
+        if kv > budget {
+            return Err(ApiError {
+                code: "kv_cache_exceeded",
+                ..ApiError::param(
+                    "max_tokens",
+                    format!(
+                        "{prompt_tokens} prompt tokens + {max_tokens} max_tokens need {:.1} MiB of KV cache, more \
+                         than this server's whole budget of {} MiB (--kv-cache-mib); lower max_tokens or shorten \
+                         the prompt",
+                        mib(kv),
+                        budget >> 20
+                    ),
+                )
+            });
+        }
+        total = total.saturating_add(kv.saturating_mul(n));
     }
-    Err(ApiError {
-        code: "kv_cache_exceeded",
-        ..ApiError::param(
-            "max_tokens",
-            format!(
-                "{} prompt tokens + {} max_tokens need {:.1} MiB of KV cache, more than this server's \
-                 whole budget of {} MiB (--kv-cache-mib); lower max_tokens or shorten the prompt",
-                prompt_tokens,
-                max_tokens,
-                kv as f64 / (1 << 20) as f64,
-                budget >> 20
-            ),
-        )
-    })
+    if total > budget {
+        return Err(ApiError {
+            code: "kv_cache_exceeded",
+            ..ApiError::param(
+                whole,
+                format!(
+                    "{} prompt(s) × n = {n} need {:.1} MiB of KV cache together, more than this server's whole \
+                     budget of {} MiB (--kv-cache-mib); lower n or send fewer prompts",
+                    requests.len(),
+                    mib(total),
+                    budget >> 20
+                ),
+            )
+        });
+    }
+    Ok(total)
 }
 
 fn too_large(app: &App) -> ApiError {

@@ -18,13 +18,17 @@
 //! runtime, socket, signals, loading the weights), `server` ([`serve`]: the
 //! background load, the accept loop, drain and grace), `routes` (the router,
 //! the log and API-key layers, the small endpoints), `completions` (`POST
-//! /v1/completions`: body, checks, admission, submission), `reply` (its
-//! answer: one JSON body or server-sent events), `stream` (the bridge: token
-//! ids to text pieces, stop strings, cancellation), `state` (what they all
+//! /v1/completions` and `POST /v1/chat/completions`, one path: body,
+//! checks, admission, submission), `reply` (their answer: one JSON body or
+//! server-sent events), `stream` (the bridge: token ids to text pieces and
+//! log-probabilities, stop strings, cancellation), `state` (what they all
 //! share: the configuration, the engine, the request slots and log lines),
-//! `request` (parsing a completion request's JSON body), `metrics`
-//! (Prometheus), `error` (OpenAI-style error bodies).
+//! `chat` (the chat template: messages to a prompt), `request` (parsing a
+//! request's JSON body), `tokenize` (`POST /tokenize` and `/detokenize`,
+//! llama-server's shapes), `metrics` (Prometheus, with vLLM's names for the
+//! gateways), `error` (OpenAI-style error bodies).
 
+mod chat;
 mod cli;
 mod completions;
 mod error;
@@ -35,11 +39,13 @@ mod routes;
 mod server;
 mod state;
 mod stream;
+mod tokenize;
 
+pub use chat::ChatTemplate;
 pub use cli::{load_engine, run, ServeArgs};
 pub use error::ApiError;
 pub use metrics::{Metrics, StepTimes};
-pub use request::{CompletionRequest, Prompt};
+pub use request::{Api, CompletionRequest, Input, Message, Prompt, Role};
 pub use server::{serve, BoxError};
 pub use state::{Connection, Engine, ServeConfig};
 pub use stream::StopFilter;

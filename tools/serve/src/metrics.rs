@@ -4,13 +4,26 @@
 //! stream when its last event is sent or its client leaves); token counts
 //! and latencies as they happen; the scheduler's queue depth and active
 //! sequences are read at scrape time, its step times as each step ends.
+//!
+//! Beside our own `gpt2_*` names, the series an inference gateway routes and
+//! scales on, under vLLM's names and types (the model-server protocol of the
+//! Gateway API inference extension; KEDA and HPA examples use them too):
+//! `vllm:num_requests_waiting`, `vllm:num_requests_running`,
+//! `vllm:kv_cache_usage_perc` (a fraction, 0 to 1, as vLLM's), and the
+//! `vllm:time_to_first_token_seconds` and `vllm:e2e_request_latency_seconds`
+//! histograms with vLLM's bucket boundaries. Prometheus allows `:` in metric
+//! names (vLLM exports these so), and so does the `prometheus` crate. vLLM
+//! labels them with `model_name` (and `engine`); ours carry no labels: one
+//! server serves one model, and the gateway's endpoint picker reads the
+//! series whatever its labels.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    exponential_buckets, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use gpt2::scheduler::{SchedulerStats, StepObserver, StepStats};
@@ -48,6 +61,23 @@ pub struct Metrics {
     pub inter_token: Histogram,
     /// One engine step: forward pass and sampling.
     pub step: Histogram,
+    /// vLLM's names for the gateway (see the module doc): the scheduler's
+    /// queue and batch, and KV use over the budget, all set at scrape time.
+    pub num_requests_waiting: IntGauge,
+    pub num_requests_running: IntGauge,
+    pub kv_cache_usage: Gauge,
+    /// Fed by [`observe_ttft`](Metrics::observe_ttft) with `ttft`.
+    pub vllm_ttft: Histogram,
+    /// A generation's arrival to the last byte of its answer (200s only).
+    pub e2e_latency: Histogram,
+    /// The engine's prefix-cache totals, caught up at scrape time (see
+    /// [`catch_up`]), and the bytes it keeps now.
+    pub prefix_hits: IntCounter,
+    pub prefix_tokens_reused: IntCounter,
+    pub prefix_bytes: IntGauge,
+    /// Held while the counters catch up, so two scrapes at once cannot both
+    /// add the same difference.
+    catching_up: Mutex<()>,
 }
 
 impl Metrics {
@@ -128,6 +158,54 @@ impl Metrics {
                 "One engine step: a batched forward pass and sampling",
                 0.000_1,
             ),
+            num_requests_waiting: gauge(
+                r,
+                "vllm:num_requests_waiting",
+                "Requests waiting to be processed (the engine's queue; gpt2_queue_depth)",
+            ),
+            num_requests_running: gauge(
+                r,
+                "vllm:num_requests_running",
+                "Requests in the engine's batch (gpt2_active_sequences)",
+            ),
+            kv_cache_usage: register(
+                r,
+                Gauge::new(
+                    "vllm:kv_cache_usage_perc",
+                    "KV cache use, 0 to 1: the bytes reserved by the requests in flight over the budget \
+                     the server admits (--kv-cache-mib)",
+                )
+                .expect("valid gauge"),
+            ),
+            vllm_ttft: histogram_with(
+                r,
+                "vllm:time_to_first_token_seconds",
+                "Histogram of time to first token in seconds",
+                &VLLM_TTFT_BUCKETS,
+            ),
+            e2e_latency: histogram_with(
+                r,
+                "vllm:e2e_request_latency_seconds",
+                "Histogram of e2e request latency in seconds: a generation's arrival to the last byte \
+                 of its 200 answer",
+                &VLLM_LATENCY_BUCKETS,
+            ),
+            prefix_hits: counter(
+                r,
+                "gpt2_prefix_cache_hits_total",
+                "Requests that started from a cached prefix of a finished request's KV cache",
+            ),
+            prefix_tokens_reused: counter(
+                r,
+                "gpt2_prefix_cache_tokens_reused_total",
+                "Prompt positions taken from the prefix cache instead of computed",
+            ),
+            prefix_bytes: gauge(
+                r,
+                "gpt2_prefix_cache_bytes",
+                "Resident bytes of the KV caches kept for prefix reuse (--prefix-cache-mib)",
+            ),
+            catching_up: Mutex::new(()),
             registry,
         }
     }
@@ -139,13 +217,31 @@ impl Metrics {
         self.queue_depth.set(stats.queued as i64);
         self.active_sequences.set(stats.active as i64);
         self.kv_pooled.set(stats.pooled_caches as i64);
+        self.num_requests_waiting.set(stats.queued as i64);
+        self.num_requests_running.set(stats.active as i64);
+        self.kv_cache_usage
+            .set(usage(self.kv_reserved.get(), self.kv_budget.get()));
+        self.prefix_bytes
+            .set(i64::try_from(stats.prefix.bytes).unwrap_or(i64::MAX));
+        {
+            let _alone = self.catching_up.lock().unwrap_or_else(|e| e.into_inner());
+            catch_up(&self.prefix_hits, stats.prefix.hits);
+            catch_up(&self.prefix_tokens_reused, stats.prefix.tokens_reused);
+        }
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# cannot encode the metrics: {e}\n"))
     }
 
+    /// Into both TTFT histograms: ours and vLLM's buckets.
     pub fn observe_ttft(&self, d: Duration) {
         self.ttft.observe(d.as_secs_f64());
+        self.vllm_ttft.observe(d.as_secs_f64());
+    }
+
+    /// A generation answered whole (200), from its arrival.
+    pub fn observe_e2e(&self, d: Duration) {
+        self.e2e_latency.observe(d.as_secs_f64());
     }
 
     pub fn observe_inter_token(&self, d: Duration) {
@@ -178,8 +274,40 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 /// 16 buckets, doubling from `start` seconds.
 fn histogram(registry: &Registry, name: &str, help: &str, start: f64) -> Histogram {
     let buckets = exponential_buckets(start, 2.0, 16).expect("valid bucket parameters");
-    let opts = HistogramOpts::new(name, help).buckets(buckets);
+    histogram_with(registry, name, help, &buckets)
+}
+
+fn histogram_with(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
     register(registry, Histogram::with_opts(opts).expect("valid histogram"))
+}
+
+/// vLLM's bucket boundaries of `vllm:time_to_first_token_seconds`
+/// (`vllm/v1/metrics/loggers.py`), so dashboards made for vLLM read ours alike.
+const VLLM_TTFT_BUCKETS: [f64; 22] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+    80.0, 160.0, 640.0, 2560.0,
+];
+
+/// vLLM's `request_latency_buckets`, those of `vllm:e2e_request_latency_seconds`.
+const VLLM_LATENCY_BUCKETS: [f64; 21] = [
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+    960.0, 1920.0, 7680.0,
+];
+
+/// `reserved` over `budget`, within 0..=1 (0 while there is no budget yet).
+fn usage(reserved: i64, budget: i64) -> f64 {
+    if budget <= 0 {
+        return 0.0;
+    }
+    (reserved as f64 / budget as f64).clamp(0.0, 1.0)
+}
+
+/// Brings `counter` up to `total`, a count the engine keeps itself: a
+/// Prometheus counter only goes up, so it is raised by the difference (a
+/// total below it, read by a scrape that lost a race, changes nothing).
+fn catch_up(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
 }
 
 /// The scheduler's step times go straight into the histogram.
@@ -189,5 +317,120 @@ pub struct StepTimes(pub Histogram);
 impl StepObserver for StepTimes {
     fn on_step(&self, step: &StepStats) {
         self.0.observe(step.elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpt2::prefix::PrefixStats;
+
+    fn stats(queued: usize, active: usize, hits: u64, tokens_reused: u64) -> SchedulerStats {
+        SchedulerStats {
+            queued,
+            active,
+            prefix: PrefixStats {
+                hits,
+                tokens_reused,
+                bytes: 4096,
+                entries: 1,
+            },
+            ..SchedulerStats::default()
+        }
+    }
+
+    /// The value of an unlabeled series in `text`.
+    fn value(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+
+    #[test]
+    fn gateway_series_have_vllm_names_and_types() {
+        let m = Metrics::new();
+        m.kv_budget.set(1000);
+        m.kv_reserved.set(250);
+        let text = m.render(Some(stats(3, 2, 0, 0)));
+        for (name, kind) in [
+            ("vllm:num_requests_waiting", "gauge"),
+            ("vllm:num_requests_running", "gauge"),
+            ("vllm:kv_cache_usage_perc", "gauge"),
+            ("vllm:time_to_first_token_seconds", "histogram"),
+            ("vllm:e2e_request_latency_seconds", "histogram"),
+            ("gpt2_prefix_cache_hits_total", "counter"),
+            ("gpt2_prefix_cache_tokens_reused_total", "counter"),
+            ("gpt2_prefix_cache_bytes", "gauge"),
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} {kind}:\n{text}"
+            );
+        }
+        assert_eq!(value(&text, "vllm:num_requests_waiting"), 3.0);
+        assert_eq!(value(&text, "vllm:num_requests_running"), 2.0);
+        assert_eq!(value(&text, "vllm:kv_cache_usage_perc"), 0.25);
+        assert_eq!(value(&text, "gpt2_prefix_cache_bytes"), 4096.0);
+        // vLLM's boundaries, first and last.
+        assert!(
+            text.contains(r#"vllm:time_to_first_token_seconds_bucket{le="0.001"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"vllm:e2e_request_latency_seconds_bucket{le="7680"} 0"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ttft_feeds_both_histograms() {
+        let m = Metrics::new();
+        m.observe_ttft(Duration::from_millis(30));
+        m.observe_e2e(Duration::from_millis(700));
+        let text = m.render(None);
+        assert_eq!(value(&text, "gpt2_time_to_first_token_seconds_count"), 1.0);
+        assert_eq!(value(&text, "vllm:time_to_first_token_seconds_count"), 1.0);
+        assert!(
+            text.contains(r#"vllm:time_to_first_token_seconds_bucket{le="0.02"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"vllm:time_to_first_token_seconds_bucket{le="0.04"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"vllm:e2e_request_latency_seconds_bucket{le="0.5"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"vllm:e2e_request_latency_seconds_bucket{le="0.8"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn prefix_counters_follow_the_engine_totals() {
+        let m = Metrics::new();
+        let text = m.render(Some(stats(0, 0, 2, 126)));
+        assert_eq!(value(&text, "gpt2_prefix_cache_hits_total"), 2.0);
+        assert_eq!(value(&text, "gpt2_prefix_cache_tokens_reused_total"), 126.0);
+        // The same totals again add nothing; a later, larger one adds the rest.
+        m.render(Some(stats(0, 0, 2, 126)));
+        let text = m.render(Some(stats(0, 0, 3, 189)));
+        assert_eq!(value(&text, "gpt2_prefix_cache_hits_total"), 3.0);
+        assert_eq!(value(&text, "gpt2_prefix_cache_tokens_reused_total"), 189.0);
+        // A stale snapshot (a scrape that lost a race) never lowers a counter.
+        let text = m.render(Some(stats(0, 0, 1, 0)));
+        assert_eq!(value(&text, "gpt2_prefix_cache_hits_total"), 3.0);
+    }
+
+    #[test]
+    fn kv_usage_is_a_fraction() {
+        assert_eq!(usage(0, 0), 0.0);
+        assert_eq!(usage(5, 0), 0.0);
+        assert_eq!(usage(0, 100), 0.0);
+        assert_eq!(usage(50, 100), 0.5);
+        assert_eq!(usage(100, 100), 1.0);
+        assert_eq!(usage(i64::MAX, 1), 1.0);
     }
 }

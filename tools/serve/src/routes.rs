@@ -1,20 +1,31 @@
 //! The routes and the two layers every request passes: the log line (and
-//! its count in `/metrics`) and the API-key check. `POST /v1/completions`
-//! is `completions.rs`'s; the rest are answered here.
+//! its count in `/metrics`, and a generation's end-to-end latency) and the
+//! API-key check. `POST /v1/completions` is `completions.rs`'s, `/tokenize`
+//! and `/detokenize` are `tokenize.rs`'s; the rest are answered here.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
 
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hyper::body::{Frame, SizeHint};
 use serde_json::{json, Value};
 
-use super::completions::completions;
+use super::completions::{chat_completions, completions};
 use super::error::{ApiError, Outcome};
 use super::state::{App, Engine, RequestLog};
+use super::tokenize::{detokenize, tokenize};
+
+/// The routes that generate text: their 200 answers are timed in
+/// `vllm:e2e_request_latency_seconds`.
+const GENERATION_ROUTES: [&str; 2] = ["/v1/completions", "/v1/chat/completions"];
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -22,6 +33,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -32,13 +46,15 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 async fn log_request(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
+    let arrived = Instant::now();
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_string();
+    let generation = GENERATION_ROUTES.contains(&route.as_str());
     let log = Arc::new(RequestLog::new(
-        app,
+        Arc::clone(&app),
         req.method().clone(),
         req.uri().path().to_string(),
         route,
@@ -49,7 +65,61 @@ async fn log_request(State(app): State<Arc<App>>, mut req: Request, next: Next) 
     if let Some(Outcome(o)) = response.extensions().get::<Outcome>() {
         log.set_outcome(o);
     }
+    if generation && response.status() == StatusCode::OK {
+        return response.map(|inner| {
+            Body::new(Timed {
+                inner,
+                arrived,
+                app: Some(app),
+            })
+        });
+    }
     response
+}
+
+/// A generation's 200 answer, timed into `vllm:e2e_request_latency_seconds`
+/// from the request's arrival to its last byte handed to the connection: a
+/// stream ends long after its handler returns. An answer that does not end
+/// (its client left, or the stream failed) is not counted: it produced no
+/// whole result.
+struct Timed {
+    inner: Body,
+    arrived: Instant,
+    /// Taken when the latency is observed, so it is observed once.
+    app: Option<Arc<App>>,
+}
+
+impl HttpBody for Timed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // A body that knows its length (a whole JSON answer) is over with its
+        // last frame; hyper need not poll it again.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            if let Some(app) = self.app.take() {
+                app.metrics.observe_e2e(self.arrived.elapsed());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {

@@ -1,5 +1,5 @@
 //! What the server's parts share: its configuration, the loaded engine,
-//! each connection's handle, and the accounting of each request: its slot
+//! each connection's handle, and the accounting of each request: its slots
 //! and KV cache reservation ([`InFlight`]) and its log line ([`RequestLog`]).
 //! Below the routes and the bridge, which both hold them.
 
@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{watch, Notify};
 
+use super::chat::ChatTemplate;
 use super::error::ApiError;
 use super::metrics::Metrics;
 use gpt2::scheduler::Scheduler;
@@ -20,10 +21,11 @@ use gpt2::tokenizer::Gpt2Tokenizer;
 /// How the server runs (everything but where the weights come from).
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// Most sequences decoded together.
+    /// Most sequences decoded together (and the most choices, `n`, of one prompt).
     pub max_batch: usize,
-    /// Requests that may wait for a batch slot; past `max_batch +
-    /// max_queue` in flight, requests get 429.
+    /// Sequences that may wait for a batch slot: a request needs one per
+    /// choice of each prompt (`n` × prompts), and gets 429 if they would
+    /// pass `max_batch + max_queue` in flight (400 if they always would).
     pub max_queue: usize,
     /// Most prompt rows per engine step.
     pub max_prompt_rows: usize,
@@ -61,6 +63,9 @@ pub struct ServeConfig {
     /// (429 `kv_cache_full` past it); `None`: half the memory available
     /// (`MemAvailable`) once the weights are loaded.
     pub kv_cache_bytes: Option<usize>,
+    /// How `/v1/chat/completions` renders `messages` into a prompt
+    /// (`--chat-template FILE`, else the plain transcript: see `chat.rs`).
+    pub chat_template: ChatTemplate,
 }
 
 impl Default for ServeConfig {
@@ -80,6 +85,7 @@ impl Default for ServeConfig {
             write_stall: Duration::from_secs(30),
             half_close: false,
             kv_cache_bytes: None,
+            chat_template: ChatTemplate::default(),
         }
     }
 }
@@ -133,7 +139,10 @@ pub struct App {
     kv_reserved: AtomicUsize,
     /// Set on the shutdown signal: `/health` answers 503 from then on.
     draining: AtomicBool,
+    /// Requests admitted and not yet over.
     in_flight: AtomicUsize,
+    /// Their sequences (one per choice of each prompt), against `max_batch + max_queue`.
+    sequences: AtomicUsize,
     next_id: AtomicU64,
     /// SHA-256 of the API key: comparing digests keeps the comparison
     /// constant-time whatever the length of the presented key.
@@ -164,6 +173,7 @@ impl App {
             kv_reserved: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            sequences: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             key_digest,
             started: unix_now(),
@@ -217,24 +227,33 @@ impl App {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// A slot for one more request, unless `max_batch + max_queue` are in
-    /// flight, with `kv` bytes of the KV cache budget, unless they are taken.
-    pub fn admit(self: &Arc<Self>, kv: usize) -> Result<InFlight, ApiError> {
-        let limit = self.config.max_batch + self.config.max_queue;
-        add_within(&self.in_flight, 1, limit).map_err(|n| {
+    /// The most sequences in flight at once: `max_batch + max_queue`.
+    pub fn max_sequences(&self) -> usize {
+        self.config.max_batch.saturating_add(self.config.max_queue)
+    }
+
+    /// Slots for a request of `sequences` sequences, unless they would put
+    /// more than [`max_sequences`](App::max_sequences) in flight, and `kv`
+    /// bytes of the KV cache budget, unless they are taken: all of it, or
+    /// (429) none.
+    pub fn admit(self: &Arc<Self>, sequences: usize, kv: usize) -> Result<InFlight, ApiError> {
+        add_within(&self.sequences, sequences, self.max_sequences()).map_err(|n| {
             ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "queue_full",
                 format!(
-                    "the server is full: {n} requests in flight (max_batch {} + max_queue {}); retry later",
+                    "the server is full: {n} sequences in flight (max_batch {} + max_queue {}), and this request \
+                     needs {sequences} more; retry later",
                     self.config.max_batch, self.config.max_queue
                 ),
             )
         })?;
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.metrics.in_flight.inc();
-        // Dropped on the way out if the reservation fails: the slot is freed again.
+        // Dropped on the way out if the reservation fails: the slots are freed again.
         let slot = InFlight {
             app: Arc::clone(self),
+            sequences,
             kv: 0,
         };
         let budget = self.kv_budget.get().copied().unwrap_or(usize::MAX);
@@ -266,9 +285,10 @@ fn add_within(counter: &AtomicUsize, n: usize, limit: usize) -> Result<usize, us
     })
 }
 
-/// An admitted request; its slot and its KV cache reservation are freed on drop.
+/// An admitted request; its slots and its KV cache reservation are freed on drop.
 pub struct InFlight {
     app: Arc<App>,
+    sequences: usize,
     /// Bytes of the KV cache budget reserved.
     kv: usize,
 }
@@ -277,6 +297,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let app = &self.app;
         app.in_flight.fetch_sub(1, Ordering::AcqRel);
+        app.sequences.fetch_sub(self.sequences, Ordering::AcqRel);
         app.metrics.in_flight.dec();
         if self.kv > 0 {
             let left = app.kv_reserved.fetch_sub(self.kv, Ordering::AcqRel) - self.kv;

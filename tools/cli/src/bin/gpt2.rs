@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+use gpt2::score::{self, ScoreOptions};
 use gpt2::synth::{self, Preset};
 use gpt2::tokenizer::{Gpt2Tokenizer, TextStream, EOS_TOKEN};
-use gpt2::{Fit, GenerateOptions, Generation, Gpt2Model, Request, SamplingParams, Session};
+use gpt2::{Fit, GenerateOptions, Generation, Gpt2Config, Gpt2Model, Request, SamplingParams, Session};
 use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs};
 
 #[derive(Parser)]
@@ -68,6 +69,10 @@ enum Command {
         #[command(flatten)]
         dtype: DtypeArgs,
     },
+    /// Score a text file: each token's log-probability under the model and the
+    /// perplexity, with a sliding window past the context window (the stride of
+    /// the `transformers` perplexity guide). A table, or one JSON object, on stdout.
+    Score(ScoreArgs),
 }
 
 // The flags of `gpt2 generate` (its help text is the doc of `Command::Generate`).
@@ -105,6 +110,31 @@ struct GenerateArgs {
     dtype: DtypeArgs,
 }
 
+// The flags of `gpt2 score` (its help text is the doc of `Command::Score`).
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// The text to score: UTF-8, at most 16 MiB.
+    #[arg(long, value_name = "FILE")]
+    file: PathBuf,
+    /// Tokens between the starts of two windows, in 1..=n_positions; each window scores
+    /// only the tokens the one before it did not. Default: half the window (512 for GPT-2).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Also give the N most likely alternatives of each token (0..=20).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    top: usize,
+    /// Print one JSON object (tokens, nll, count, perplexity, window, stride) instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    weights: WeightsArgs,
+    #[command(flatten)]
+    dtype: DtypeArgs,
+}
+
+/// The longest text file `gpt2 score` reads.
+const SCORE_TEXT_LIMIT: u64 = 16 << 20;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = cli.kernels.init() {
@@ -127,6 +157,7 @@ fn tokenizer(path: Option<PathBuf>) -> gpt2::Result<Gpt2Tokenizer> {
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Generate(args) => generate(args)?,
+        Command::Score(args) => score_file(args)?,
         Command::Serve(args) => gpt2_serve::run(*args).map_err(|e| -> Box<dyn std::error::Error> { e })?,
         Command::Tokenize {
             text,
@@ -228,6 +259,87 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     println!();
     report(&gen, &session, &resolved.dir.join("model.safetensors"));
     Ok(())
+}
+
+/// `gpt2 score`: the text's tokens with their log-probabilities, then the
+/// perplexity; the run's description and timing on stderr.
+fn score_file(args: ScoreArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let text = gpt2::files::read_bounded_string(&args.file, SCORE_TEXT_LIMIT)?;
+    let resolved = hub::resolve(&args.weights)?;
+    let tok = resolved.load_tokenizer()?;
+    let ids = tok.encode(&text)?;
+    let config = Gpt2Config::from_file(&resolved.dir.join("config.json"))?;
+    let opts = ScoreOptions {
+        stride: args.stride.unwrap_or(ScoreOptions::half_window(&config).stride),
+        top: args.top,
+    };
+    // Checked before the weights load, so a bad input fails at once.
+    score::check(&config, &ids, &opts).map_err(|e| match ids.len() {
+        0 | 1 => format!("{}: {e}", args.file.display()),
+        _ => e.to_string(),
+    })?;
+    let model = Gpt2Model::load_with(&resolved.dir, args.dtype.dtype)?;
+    eprintln!(
+        "weights: {}",
+        resolved.source.describe(model.config.synthetic.as_ref())
+    );
+    let t = Instant::now();
+    let s = score::score(&model, &ids, &opts)?;
+    eprintln!(
+        "scored {} of {} tokens in {} windows of {} (stride {}) in {:.2} s",
+        s.count,
+        ids.len(),
+        s.windows,
+        s.window,
+        s.stride,
+        t.elapsed().as_secs_f64()
+    );
+    let piece = |id: u32| tok.decode(&[id]);
+    if args.json {
+        let mut tokens = Vec::with_capacity(ids.len());
+        for (&id, lp) in ids.iter().zip(&s.logprobs) {
+            let mut entry = serde_json::json!({
+                "id": id, "text": piece(id)?, "logprob": lp.as_ref().map(|l| l.logprob),
+            });
+            if let (Some(lp), true) = (lp, opts.top > 0) {
+                let top: Result<Vec<_>, gpt2::Error> = lp
+                    .top
+                    .iter()
+                    .map(|&(id, logprob)| {
+                        Ok(serde_json::json!({ "id": id, "text": piece(id)?, "logprob": logprob }))
+                    })
+                    .collect();
+                entry["top"] = top?.into();
+            }
+            tokens.push(entry);
+        }
+        let json = serde_json::json!({
+            "tokens": tokens, "nll": s.nll, "count": s.count, "perplexity": s.perplexity(),
+            "window": s.window, "stride": s.stride, "windows": s.windows,
+        });
+        return Ok(print_stdout(&json.to_string())?);
+    }
+    let mut table = format!("{:>6} {:>6} {:>11}  text\n", "pos", "id", "logprob");
+    for (pos, (&id, lp)) in ids.iter().zip(&s.logprobs).enumerate() {
+        let value = lp
+            .as_ref()
+            .map_or("-".to_string(), |l| format!("{:.6}", l.logprob));
+        table += &format!("{pos:>6} {id:>6} {value:>11}  {:?}", piece(id)?);
+        for &(alt, logprob) in lp.iter().flat_map(|l| &l.top) {
+            table += &format!("  {alt}:{:?}:{logprob:.4}", piece(alt)?);
+        }
+        table.push('\n');
+    }
+    table += &format!(
+        "perplexity {:.6} (nll {:.6} over {} tokens; {} windows of {}, stride {})",
+        s.perplexity(),
+        s.nll,
+        s.count,
+        s.windows,
+        s.window,
+        s.stride
+    );
+    Ok(print_stdout(&table)?)
 }
 
 /// The run's timings, its profile if asked for, and the peak resident
