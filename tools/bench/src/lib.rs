@@ -11,6 +11,7 @@ pub mod http;
 pub mod in_process;
 pub mod legacy;
 pub mod meta;
+pub mod pair;
 pub mod probe;
 pub mod progress;
 pub mod report;

@@ -464,6 +464,86 @@ fn a_server_that_ignores_n_fails_by_name() {
     );
 }
 
+/// `throughput pair` against one server: the variants alternate (A B, then
+/// B A), each run a whole run of the common flags plus its own; the JSON
+/// keeps every run and the ratios; no run is sent a prompt of another's.
+#[test]
+fn pair_alternates_the_variants_and_never_resends_a_prompt() {
+    let mock = Mock::start(Behaviour::Good, None);
+    let out_dir = scratch_dir("url-pair");
+    let url = mock.url();
+    let args = [
+        "pair",
+        "--pairs",
+        "2",
+        "--a",
+        "--choices 2",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+        "--",
+        "--url",
+        &url,
+        "--prompt-tokens",
+        "3",
+        "--shared-prefix-tokens",
+        "5",
+        "--max-new-tokens",
+        "4",
+        "--warmup",
+        "1",
+        "--single-requests",
+        "1",
+        "--levels",
+        "2",
+        "--requests-per-level",
+        "2",
+        "--http-timeout",
+        "30",
+    ];
+    let out = throughput_within(&args, 120);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("## Ratios") && stdout.contains("| tokens/s"),
+        "{stdout}"
+    );
+    // Four runs of 1 warmup, 1 single request and 2 at level 2, in turn.
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 16);
+    let n: Vec<u64> = seen
+        .chunks(4)
+        .map(|run| run[0]["n"].as_u64().unwrap_or(1))
+        .collect();
+    assert_eq!(n, [2, 1, 1, 2], "A B, then B A");
+    let mut prompts: Vec<String> = seen.iter().map(|b| b["prompt"].to_string()).collect();
+    prompts.sort();
+    prompts.dedup();
+    assert_eq!(prompts.len(), 16, "every prompt sent once");
+
+    let json = files_in(&out_dir, "json");
+    assert_eq!((json.len(), files_in(&out_dir, "md").len()), (1, 1));
+    let report: gpt2_bench::pair::PairReport =
+        serde_json::from_str(&std::fs::read_to_string(&json[0]).unwrap()).unwrap();
+    assert_eq!(
+        (report.a.as_slice(), report.b.len()),
+        (&["--choices".to_string(), "2".into()][..], 0)
+    );
+    let choices: Vec<usize> = report.runs.iter().map(|r| r.metadata.choices).collect();
+    assert_eq!(choices, [2, 1, 1, 2]);
+    let orders: Vec<&str> = report.pairs.iter().map(|p| p.order.as_str()).collect();
+    assert_eq!(orders, ["AB", "BA"]);
+    for p in &report.pairs {
+        assert_eq!(
+            (p.a.test.as_str(), p.b.test.as_str()),
+            ("concurrent-2", "concurrent-2")
+        );
+        assert!(p.ratio.tokens_per_s > 0.0 && p.ratio.ttft_p50 > 0.0, "{p:?}");
+        assert_eq!((p.a.failed, p.b.failed), (0, 0));
+    }
+    let figures: Vec<&str> = report.ratios.iter().map(|r| r.figure.as_str()).collect();
+    assert_eq!(figures, ["tokens_per_s", "ttft_p50", "latency_p50"]);
+}
+
 /// Runs `behaviour`'s mock through `quick` and returns (status, stderr,
 /// the report if one was written).
 fn run_against(behaviour: Behaviour, name: &str) -> (Option<i32>, String, Option<gpt2_bench::Report>) {

@@ -18,6 +18,7 @@
 
 mod compare;
 mod markdown;
+mod pair;
 mod roofline;
 mod stdout;
 mod svg;
@@ -25,6 +26,7 @@ mod table;
 
 pub use compare::{compare_markdown, compare_svg};
 pub use markdown::markdown;
+pub use pair::pair_markdown;
 pub use roofline::limits_table;
 use roofline::optional_sections;
 pub use stdout::stdout_table;
