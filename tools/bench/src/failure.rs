@@ -73,6 +73,9 @@ pub enum Failure {
         asked: usize,
         stop: String,
     },
+    /// Another number of completions than the `asked` choices (`--choices`,
+    /// OpenAI `n`): `got` is the most the answer gave (its highest `index` + 1).
+    Choices { got: usize, asked: usize },
     /// The in-process engine returned an error (its words).
     Engine { message: String },
     /// The in-process engine panicked (the panic's message).
@@ -128,7 +131,7 @@ impl Failure {
             LineTooLong { .. } | EventTooLong { .. } | TooManyEvents { .. } | StreamTooLong { .. } => {
                 Cause::PastBound
             }
-            CompletionMiscount { .. } | Short { .. } | Long { .. } => Cause::WrongCount,
+            CompletionMiscount { .. } | Short { .. } | Long { .. } | Choices { .. } => Cause::WrongCount,
             Transport { .. }
             | NotEventStream { .. }
             | NotJson { .. }
@@ -270,6 +273,9 @@ impl fmt::Display for Failure {
             Long { tokens, asked, stop } => {
                 write!(f, "long: {tokens} tokens where {asked} were asked (stop: {stop})")
             }
+            Choices { got, asked } => {
+                write!(f, "{got} choices where {asked} were asked for (`n`)")
+            }
             Engine { message } => f.write_str(message),
             Panicked { message } => write!(f, "panicked: {message}"),
         }
@@ -381,6 +387,11 @@ mod tests {
                     stop: "stop".into(),
                 },
                 "short: 3 of 4 tokens (stop: stop)",
+                Cause::WrongCount,
+            ),
+            (
+                Failure::Choices { got: 1, asked: 8 },
+                "1 choices where 8 were asked for (`n`)",
                 Cause::WrongCount,
             ),
             (

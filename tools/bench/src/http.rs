@@ -6,7 +6,8 @@
 //! Every request asks for greedy decoding of exactly `max_tokens` tokens
 //! (`temperature: 0`, `ignore_eos: true`, vLLM's name, which llama.cpp's
 //! `llama-server` and `gpt2 serve` take too) and for the token counts
-//! (`stream_options.include_usage`). A request succeeds only if the server's
+//! (`stream_options.include_usage`); with `--choices` N > 1, for N
+//! completions of its prompt (`n`, each chunk naming its choice's `index`). A request succeeds only if the server's
 //! `usage` and the number of streamed token chunks agree (and the runner
 //! then checks they equal `max_tokens`); anything else is a [`Failure`] of
 //! its own kind, so that failures group by cause in the report and the drill.
@@ -41,8 +42,10 @@ pub struct HttpOptions {
     pub api_key: Option<String>,
     /// The `model` of every request; default: the first id `/v1/models` lists.
     pub model: Option<String>,
-    /// Tokens every request asks for.
+    /// Tokens every request asks for, per choice.
     pub max_tokens: usize,
+    /// Completions every request asks for (`n`).
+    pub choices: usize,
     /// Longest silence of the server: waiting for an answer's head, or for
     /// the next bytes of a stream.
     pub timeout: Duration,
@@ -59,6 +62,7 @@ pub struct Http {
     auth: Option<String>,
     model: String,
     max_tokens: usize,
+    choices: usize,
     /// `--http-timeout`, for the default deadline.
     timeout: Duration,
     /// `--request-deadline`, if given.
@@ -142,9 +146,10 @@ impl Http {
             agent,
             completions: format!("{base}/v1/completions"),
             auth,
-            limits: StreamLimits::for_request(opts.max_tokens, &model),
+            limits: StreamLimits::for_request(opts.max_tokens, opts.choices, &model),
             model,
             max_tokens: opts.max_tokens,
+            choices: opts.choices,
             timeout: opts.timeout,
             deadline: opts.deadline,
         };
@@ -152,10 +157,11 @@ impl Http {
     }
 
     /// The deadline of a request of `prompt_tokens`: `--request-deadline`,
-    /// else [`default_deadline`].
+    /// else [`default_deadline`] of the tokens asked, every choice's.
     pub fn deadline(&self, prompt_tokens: usize) -> Duration {
+        let asked = self.max_tokens.saturating_mul(self.choices);
         self.deadline
-            .unwrap_or_else(|| default_deadline(self.timeout, prompt_tokens, self.max_tokens))
+            .unwrap_or_else(|| default_deadline(self.timeout, prompt_tokens, asked))
     }
 
     /// What each request's stream may carry.
@@ -163,9 +169,10 @@ impl Http {
         self.limits
     }
 
-    /// The body of one request for `prompt`.
+    /// The body of one request for `prompt` (`n` only when asking for
+    /// more than one choice, so a one-choice body is what it always was).
     fn request_body(&self, prompt: &[u32]) -> Value {
-        json!({
+        let mut body = json!({
             "model": self.model,
             "prompt": prompt,
             "max_tokens": self.max_tokens,
@@ -173,7 +180,11 @@ impl Http {
             "ignore_eos": true,
             "stream": true,
             "stream_options": {"include_usage": true},
-        })
+        });
+        if self.choices > 1 {
+            body["n"] = json!(self.choices);
+        }
+        body
     }
 }
 
@@ -182,8 +193,18 @@ impl Backend for Http {
 
     fn connect(&self, _client: usize, _prompts: &[Vec<u32>]) {}
 
-    fn send(&self, _client: &mut (), prompt: &[u32], max_new_tokens: usize) -> Result<Reply, Failure> {
-        debug_assert_eq!(max_new_tokens, self.max_tokens, "made for one count");
+    fn send(
+        &self,
+        _client: &mut (),
+        prompt: &[u32],
+        max_new_tokens: usize,
+        choices: usize,
+    ) -> Result<Reply, Failure> {
+        debug_assert_eq!(
+            (max_new_tokens, choices),
+            (self.max_tokens, self.choices),
+            "made for one count"
+        );
         let start = Instant::now();
         let deadline = self.deadline(prompt.len());
         let mut req = self
@@ -300,11 +321,16 @@ mod tests {
             auth: None,
             model: "m".into(),
             max_tokens: 7,
+            choices: 1,
             timeout: Duration::from_secs(60),
             deadline: None,
-            limits: StreamLimits::for_request(7, "m"),
+            limits: StreamLimits::for_request(7, 1, "m"),
         };
         let b = http.request_body(&[1, 2]);
+        assert!(
+            b.get("n").is_none(),
+            "one choice: no `n`, the body as it always was"
+        );
         assert_eq!(b["prompt"], json!([1, 2]));
         assert_eq!(b["max_tokens"], 7);
         assert_eq!(b["temperature"], 0.0);
@@ -314,5 +340,7 @@ mod tests {
         );
         assert_eq!(b["stream_options"]["include_usage"], true);
         assert_eq!(b["model"], "m");
+        let n8 = Http { choices: 8, ..http };
+        assert_eq!(n8.request_body(&[1])["n"], 8);
     }
 }

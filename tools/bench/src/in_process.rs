@@ -2,16 +2,23 @@
 //! shared model, each request greedy, either on its client's own
 //! [`Session`] (threads mode) or through the continuous-batching
 //! [`Scheduler`] (batched mode). `throughput` and `soak` both drive it.
+//!
+//! A request of several choices (`throughput --choices`) is batched mode's
+//! alone: [`Scheduler::submit_n`] computes its prompt once for all of them.
+//! Threads mode runs one request on one session and has no prefill to
+//! share, so `throughput` refuses the two together (a request of several
+//! choices here fails, named, rather than run them one after another).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 use clap::ValueEnum;
 
-use super::runner::{Backend, Reply};
+use super::runner::{Backend, Choice, Reply};
 use crate::failure::Failure;
+use gpt2::prefix::PrefixStats;
 use gpt2::profile::Profile;
-use gpt2::{GenerateOptions, Generation, Gpt2Model, Scheduler, Session};
+use gpt2::{Fit, GenerateOptions, Generation, Gpt2Model, Request, Scheduler, Session};
 
 /// How compute threads are organised (`throughput --pool`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,26 +89,43 @@ impl InProcess<'_> {
         Ok(s)
     }
 
+    /// The request's `choices` generations, in index order.
     fn generate(
         &self,
         client: &mut Client,
         prompt: &[u32],
         max_new_tokens: usize,
-    ) -> gpt2::Result<Generation> {
+        choices: usize,
+    ) -> gpt2::Result<Vec<Generation>> {
         let opts = GenerateOptions::greedy(max_new_tokens);
-        match self.mode {
-            Mode::Threads => {
+        match (self.mode, self.scheduler) {
+            (Mode::Threads, _) if choices > 1 => Err(gpt2::Error::Engine(format!(
+                "threads mode runs one choice per request, not {choices}: only batched mode shares a prefill"
+            ))),
+            (Mode::Threads, _) => {
                 let s = match client.session {
                     Some(ref mut s) => s,
                     None => client.session.insert(self.new_session(client.max_rows)?),
                 };
                 let pool = client.own_pool.as_ref().unwrap_or(self.shared_pool);
-                pool.install(|| s.generate(self.model, prompt, &opts, |_| {}))
+                Ok(vec![
+                    pool.install(|| s.generate(self.model, prompt, &opts, |_| {}))?
+                ])
             }
-            Mode::Batched => match self.scheduler {
-                Some(sched) => sched.generate(prompt.to_vec(), opts),
-                None => Err(gpt2::Error::Engine("no scheduler".into())),
-            },
+            // One choice as before: its tokens are not streamed.
+            (Mode::Batched, Some(sched)) if choices == 1 => Ok(vec![sched.generate(prompt.to_vec(), opts)?]),
+            (Mode::Batched, Some(sched)) => {
+                let request = Request::prepare(&self.model.config, prompt.to_vec(), opts, Fit::Prompt)?;
+                // Waited for in order: while this thread waits for the
+                // first, the others' tokens queue in their channels and
+                // wake nobody.
+                sched
+                    .submit_n(request, choices)?
+                    .into_iter()
+                    .map(|h| h.wait())
+                    .collect()
+            }
+            (Mode::Batched, None) => Err(gpt2::Error::Engine("no scheduler".into())),
         }
     }
 }
@@ -130,15 +154,18 @@ impl Backend for InProcess<'_> {
         }
     }
 
-    fn send(&self, client: &mut Client, prompt: &[u32], max_new_tokens: usize) -> Result<Reply, Failure> {
-        match catch_unwind(AssertUnwindSafe(|| self.generate(client, prompt, max_new_tokens))) {
-            Ok(Ok(g)) => Ok(Reply {
-                tokens: g.tokens.len(),
-                ttft: g.timings.ttft,
-                total: g.timings.total,
-                token_times: g.timings.token_times,
-                stop: format!("{:?}", g.stop),
-            }),
+    fn send(
+        &self,
+        client: &mut Client,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        choices: usize,
+    ) -> Result<Reply, Failure> {
+        let generated = catch_unwind(AssertUnwindSafe(|| {
+            self.generate(client, prompt, max_new_tokens, choices)
+        }));
+        match generated {
+            Ok(Ok(gens)) => Ok(reply(gens)),
             Ok(Err(e)) => Err(Failure::Engine {
                 message: e.to_string(),
             }),
@@ -156,4 +183,28 @@ impl Backend for InProcess<'_> {
             total.lock().unwrap_or_else(|e| e.into_inner()).merge(p);
         }
     }
+
+    /// Batched mode's scheduler's counters (threads mode reuses nothing).
+    fn prefix_stats(&self) -> Option<PrefixStats> {
+        match (self.mode, self.scheduler) {
+            (Mode::Batched, Some(s)) => Some(s.stats().prefix),
+            _ => None,
+        }
+    }
+}
+
+/// A request's reply from its choices' generations, whose timings all count
+/// from the one submission: the first token of any, the end of the last.
+fn reply(gens: Vec<Generation>) -> Reply {
+    let ttft = gens.iter().map(|g| g.timings.ttft).min().unwrap_or_default();
+    let total = gens.iter().map(|g| g.timings.total).max().unwrap_or_default();
+    let choices = gens
+        .into_iter()
+        .map(|g| Choice {
+            tokens: g.tokens.len(),
+            stop: format!("{:?}", g.stop),
+            token_times: g.timings.token_times,
+        })
+        .collect();
+    Reply { ttft, total, choices }
 }

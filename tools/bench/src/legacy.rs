@@ -9,7 +9,10 @@
 //! only: what they lack (a test's dtype, the metadata's list of dtypes) is
 //! read as f32, their per-mode recommendations and their one profile as f32's.
 //! Schema 3 needs nothing here: what schema 4 added (`metadata.server`,
-//! `tests[].itl_ms`, `raw[].token_ms`) is optional and reads as absent.
+//! `tests[].itl_ms`, `raw[].token_ms`) is optional and reads as absent, as
+//! are the fields added later within schema 4 (`metadata.prompt_tokens`,
+//! `shared_prefix_tokens`, `choices` (read as 1), `prefix_cache_mib`,
+//! `tests[].prefix`, `raw[].choice_ms`).
 
 use serde::{Deserialize, Deserializer};
 
@@ -31,6 +34,12 @@ pub fn f32_name() -> String {
 /// existed, every target's miss failed the run.
 pub fn required() -> bool {
     true
+}
+
+/// The choices per request of a report that does not say: one (before
+/// `--choices` existed).
+pub fn one() -> usize {
+    1
 }
 
 /// The dtypes of a report whose metadata lists none: f32, its memory unknown.

@@ -11,6 +11,7 @@ pub mod http;
 pub mod in_process;
 pub mod legacy;
 pub mod meta;
+pub mod pair;
 pub mod probe;
 pub mod progress;
 pub mod report;
@@ -75,8 +76,14 @@ pub struct RequestRecord {
     pub tpot_ms: Option<f64>,
     /// When each generated token arrived, from the request's start (so the
     /// first is `ttft_ms`); empty if it failed, and in reports before schema 4.
+    /// Empty for a request of several choices: see `choice_ms`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_ms: Vec<f64>,
+    /// A request of several choices (`--choices`): when each choice's tokens
+    /// arrived, one list per choice in index order, as `token_ms` is for
+    /// one. Empty for one choice, and if the request failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choice_ms: Vec<Vec<f64>>,
     /// Why it failed, in words (an error, a panic, or fewer tokens than
     /// asked): `cause`'s text; `None` if it succeeded.
     pub error: Option<String>,
@@ -129,11 +136,27 @@ pub struct TestResult {
     pub ttft_ms: Summary,
     pub tpot_ms: Summary,
     /// Inter-token latency: the gaps between consecutive tokens of the
-    /// successful requests, all of them pooled (`None` before schema 4).
+    /// successful requests (of each choice), all of them pooled (`None`
+    /// before schema 4).
     #[serde(default)]
     pub itl_ms: Option<Summary>,
+    /// Prefix reuse during the test, as the in-process scheduler counted it
+    /// (batched mode); `None` where nothing counts it (threads mode, a
+    /// server), and in reports written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<PrefixReuse>,
     /// Every request's raw timings.
     pub raw: Vec<RequestRecord>,
+}
+
+/// What a test's requests took from the scheduler's prefix cache: the
+/// difference of [`gpt2::prefix::PrefixStats`] over the test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PrefixReuse {
+    /// Requests that started from a cached prefix.
+    pub hits: u64,
+    /// Prompt tokens taken from the cache instead of computed.
+    pub tokens_reused: u64,
 }
 
 /// Where and how the run happened.
@@ -181,7 +204,25 @@ pub struct Metadata {
     pub max_new_tokens: usize,
     pub warmup_requests: usize,
     pub repetitions: usize,
+    /// The text prompts (the single test's, then the concurrent tests');
+    /// empty with `--prompt-tokens` (synthetic prompts: see `prompt_tokens`).
     pub prompts: Vec<String>,
+    /// `--prompt-tokens`: every request's prompt ends with this many
+    /// synthetic token ids of its own (the first differing from every other
+    /// request's of the run); `None`: the text prompts, rotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<usize>,
+    /// `--shared-prefix-tokens`: the synthetic preamble every request's
+    /// prompt starts with (0: none).
+    #[serde(default)]
+    pub shared_prefix_tokens: usize,
+    /// `--choices`: completions per request (OpenAI `n`), sharing one prefill.
+    #[serde(default = "legacy::one")]
+    pub choices: usize,
+    /// The in-process scheduler's prefix-cache budget (`--prefix-cache-mib`;
+    /// 0: no reuse); `None` for a server, whose own setting decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_mib: Option<usize>,
     /// The server measured (`throughput --url`); `None` for the in-process engine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerInfo>,
@@ -203,6 +244,29 @@ pub struct ServerInfo {
 }
 
 impl Metadata {
+    /// The requests' shape in words, for the reports: their prompts, the
+    /// choices per request and whether a prefix could be reused.
+    pub fn workload(&self) -> String {
+        let prompts = match self.prompt_tokens {
+            None => format!("{} text prompt(s), rotated", self.prompts.len()),
+            Some(n) if self.shared_prefix_tokens > 0 => format!(
+                "synthetic: a preamble of {} tokens shared by every request, then {n} tokens of its own",
+                self.shared_prefix_tokens
+            ),
+            Some(n) => format!("synthetic: {n} tokens, each request its own"),
+        };
+        let choices = match self.choices {
+            1 => String::new(),
+            n => format!("; {n} choices per request (one prefill)"),
+        };
+        let reuse = match (self.prefix_cache_mib, &self.server) {
+            (_, Some(_)) => "the server's own setting".to_string(),
+            (Some(0) | None, None) => "off".to_string(),
+            (Some(m), None) => format!("on, {m} MiB (batched mode)"),
+        };
+        format!("{prompts}{choices}; prefix reuse: {reuse}")
+    }
+
     /// What served the requests, for labels that must tell runs apart:
     /// `gpt2-rs` in process, or the server's owner and model id.
     pub fn engine(&self) -> String {

@@ -112,15 +112,31 @@ impl RunOutcome {
 /// SVG) under `opts.out_dir`; the summary (or the JSON) goes to stdout,
 /// progress to stderr.
 pub fn run(opts: &Options) -> Result<RunOutcome, Box<dyn Error>> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let plan = RunPlan::new(opts, cores)?;
+    let report = measure(opts)?;
+    write_outputs(&report, &opts.out_dir, opts.json)?;
+    Ok(RunOutcome::of(&report))
+}
+
+/// Runs the benchmark `opts` asks for and returns its report, writing
+/// nothing (progress goes to stderr): [`run`]'s measurement, and each run of
+/// `throughput pair`.
+pub fn measure(opts: &Options) -> Result<Report, Box<dyn Error>> {
+    let plan = RunPlan::new(opts, cores())?;
     let measured = match &opts.url {
         Some(url) => server::measure(opts, &plan, url)?,
         None => engine::measure(opts, &plan)?,
     };
-    let report = measured.report(opts, &plan);
-    write_outputs(&report, &opts.out_dir, opts.json)?;
-    Ok(RunOutcome::of(&report))
+    Ok(measured.report(opts, &plan))
+}
+
+/// Checks `opts` as [`measure`] would before it starts; the error names the flag.
+pub fn check(opts: &Options) -> Result<(), String> {
+    RunPlan::new(opts, cores()).map(|_| ())
+}
+
+/// Logical cores available to this process.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Writes `throughput_gpt2_<UTC>[_N].{json,md,svg}` into `dir` and prints

@@ -16,20 +16,56 @@ use crate::failure::Failure;
 use crate::progress::Progress;
 use gpt2::rng::Rng;
 
-/// What one request returned, as its client saw it.
+/// What one request returned, as its client saw it: its timings, and each
+/// completion it asked for (one, or `--choices` sharing the prompt).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
+    /// From the submission to the first token of any choice.
+    pub ttft: Duration,
+    /// From the submission to the end: the last choice's last token (in
+    /// process), the stream's end (a server).
+    pub total: Duration,
+    /// Each choice, in index order.
+    pub choices: Vec<Choice>,
+}
+
+/// One completion of a [`Reply`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
     /// Tokens generated.
     pub tokens: usize,
-    /// From the submission to the first token.
-    pub ttft: Duration,
-    /// From the submission to the last token.
-    pub total: Duration,
-    /// From the submission to each token, in order (the first is `ttft`, the
-    /// last `total`); what the inter-token latencies are computed from.
+    /// From the submission to each token, in order; what the inter-token
+    /// latencies are computed from.
     pub token_times: Vec<Duration>,
     /// Why generation stopped, for the error of a short request.
     pub stop: String,
+}
+
+impl Reply {
+    /// A reply of one choice of `tokens` tokens that arrived at
+    /// `token_times`, the first at `ttft`, the request ending at `total`.
+    pub fn one(
+        tokens: usize,
+        ttft: Duration,
+        total: Duration,
+        token_times: Vec<Duration>,
+        stop: String,
+    ) -> Reply {
+        Reply {
+            ttft,
+            total,
+            choices: vec![Choice {
+                tokens,
+                token_times,
+                stop,
+            }],
+        }
+    }
+
+    /// Tokens generated, every choice's.
+    pub fn tokens(&self) -> usize {
+        self.choices.iter().map(|c| c.tokens).sum()
+    }
 }
 
 /// What serves the requests of a test.
@@ -41,19 +77,27 @@ pub trait Backend: Sync {
     /// The state of client thread `client`, which sends requests of `prompts`.
     fn connect(&self, client: usize, prompts: &[Vec<u32>]) -> Self::Client;
 
-    /// Runs one request to the end: `prompt`, greedy, exactly
-    /// `max_new_tokens` new tokens (a backend made for one count, as the
-    /// HTTP one is, is only sent that count); `Err` names why it failed (an
-    /// error, a panic).
+    /// Runs one request to the end: `prompt`, greedy, `choices`
+    /// completions of exactly `max_new_tokens` new tokens each (a backend
+    /// made for one count, as the HTTP one is, is only sent that count);
+    /// `Err` names why it failed (an error, a panic).
     fn send(
         &self,
         client: &mut Self::Client,
         prompt: &[u32],
         max_new_tokens: usize,
+        choices: usize,
     ) -> Result<Reply, Failure>;
 
     /// The client thread is done (after its last request).
     fn disconnect(&self, _client: Self::Client) {}
+
+    /// The prefix cache's counters so far, where this backend keeps one
+    /// that can be read (the in-process scheduler); a test's reuse is
+    /// their difference over it.
+    fn prefix_stats(&self) -> Option<gpt2::prefix::PrefixStats> {
+        None
+    }
 }
 
 /// One test's requests.
@@ -72,6 +116,9 @@ pub struct Load<'a> {
     /// every request (`throughput`), or one per prompt (`soak`'s mix).
     /// Fewer or more is a failure.
     pub max_new_tokens: &'a [usize],
+    /// Completions of each request (OpenAI `n`), each of its token count;
+    /// another number of them is a failure.
+    pub choices: usize,
     /// When each request is due, from the start of the test (open loop);
     /// `None`: closed loop, a client sends its next request when its last ends.
     pub arrivals: Option<&'a [Duration]>,
@@ -327,7 +374,7 @@ fn run_client<B: Backend>(
             }
             None => Instant::now(),
         };
-        let reply = backend.send(&mut state, prompt, max_new_tokens);
+        let reply = backend.send(&mut state, prompt, max_new_tokens, load.choices);
         let rec = record(
             index,
             client,
@@ -335,7 +382,7 @@ fn run_client<B: Backend>(
             (start - t0).as_secs_f64() * 1e3,
             start.elapsed().as_secs_f64() * 1e3,
             reply,
-            max_new_tokens,
+            (max_new_tokens, load.choices),
         );
         observer.ended(load, &rec);
         records.push(rec);
@@ -344,7 +391,8 @@ fn run_client<B: Backend>(
     records
 }
 
-/// A request's record from its reply and its latency from `start_ms`.
+/// A request's record from its reply and its latency from `start_ms`;
+/// `asked` is (tokens per choice, choices).
 fn record(
     index: usize,
     client: usize,
@@ -352,7 +400,7 @@ fn record(
     start_ms: f64,
     latency_ms: f64,
     reply: Result<Reply, Failure>,
-    max_new_tokens: usize,
+    asked: (usize, usize),
 ) -> RequestRecord {
     let mut rec = RequestRecord {
         index,
@@ -364,32 +412,58 @@ fn record(
         latency_ms,
         tpot_ms: None,
         token_ms: Vec::new(),
+        choice_ms: Vec::new(),
         error: None,
         cause: None,
     };
-    match reply {
-        Ok(r) => {
-            // The reply's timings count from the submission; add any
-            // queueing between the arrival and the submission.
-            let queued_ms = latency_ms - r.total.as_secs_f64() * 1e3;
-            let k = r.tokens;
-            let ttft_ms = queued_ms.max(0.0) + r.ttft.as_secs_f64() * 1e3;
-            rec.generated_tokens = k;
-            rec.ttft_ms = Some(ttft_ms);
-            rec.tpot_ms = (k > 1).then(|| (latency_ms - ttft_ms) / (k - 1) as f64);
-            rec.token_ms = r
-                .token_times
-                .iter()
-                .map(|t| queued_ms.max(0.0) + t.as_secs_f64() * 1e3)
-                .collect();
-            let (tokens, asked, stop) = (k, max_new_tokens, r.stop);
-            if k < max_new_tokens {
-                rec.fail(Failure::Short { tokens, asked, stop });
-            } else if k > max_new_tokens {
-                rec.fail(Failure::Long { tokens, asked, stop });
-            }
+    let r = match reply {
+        Ok(r) => r,
+        Err(e) => {
+            rec.fail(e);
+            return rec;
         }
-        Err(e) => rec.fail(e),
+    };
+    // The reply's timings count from the submission; add any queueing
+    // between the arrival and the submission.
+    let queued_ms = (latency_ms - r.total.as_secs_f64() * 1e3).max(0.0);
+    let ttft_ms = queued_ms + r.ttft.as_secs_f64() * 1e3;
+    rec.generated_tokens = r.tokens();
+    rec.ttft_ms = Some(ttft_ms);
+    // Per token of one choice after the first: the choices of a request
+    // advance together, one token each per step.
+    let longest = r.choices.iter().map(|c| c.tokens).max().unwrap_or(0);
+    rec.tpot_ms = (longest > 1).then(|| (latency_ms - ttft_ms) / (longest - 1) as f64);
+    let mut times: Vec<Vec<f64>> = r
+        .choices
+        .iter()
+        .map(|c| {
+            c.token_times
+                .iter()
+                .map(|t| queued_ms + t.as_secs_f64() * 1e3)
+                .collect()
+        })
+        .collect();
+    if times.len() == 1 {
+        rec.token_ms = times.remove(0);
+    } else {
+        rec.choice_ms = times;
+    }
+    let (max_new_tokens, choices) = asked;
+    if r.choices.len() != choices {
+        let got = r.choices.len();
+        rec.fail(Failure::Choices { got, asked: choices });
+        return rec;
+    }
+    // The first choice of the wrong length names the failure.
+    for c in r.choices {
+        let (tokens, asked, stop) = (c.tokens, max_new_tokens, c.stop);
+        if tokens < asked {
+            rec.fail(Failure::Short { tokens, asked, stop });
+            break;
+        } else if tokens > asked {
+            rec.fail(Failure::Long { tokens, asked, stop });
+            break;
+        }
     }
     rec
 }
@@ -431,6 +505,7 @@ mod tests {
             _client: &mut usize,
             prompt: &[u32],
             _max_new_tokens: usize,
+            _choices: usize,
         ) -> Result<Reply, Failure> {
             if prompt == [0] {
                 return Err(Failure::Engine {
@@ -438,13 +513,13 @@ mod tests {
                 });
             }
             std::thread::sleep(Duration::from_millis(self.ms));
-            Ok(Reply {
-                tokens: self.tokens,
-                ttft: Duration::from_millis(self.ms / 2),
-                total: Duration::from_millis(self.ms),
-                token_times: vec![Duration::from_millis(self.ms / 2), Duration::from_millis(self.ms)],
-                stop: "Length".into(),
-            })
+            Ok(Reply::one(
+                self.tokens,
+                Duration::from_millis(self.ms / 2),
+                Duration::from_millis(self.ms),
+                vec![Duration::from_millis(self.ms / 2), Duration::from_millis(self.ms)],
+                "Length".into(),
+            ))
         }
     }
 
@@ -457,6 +532,7 @@ mod tests {
             requests: 5,
             prompts,
             max_new_tokens: &[3],
+            choices: 1,
             arrivals,
         }
     }
@@ -509,15 +585,15 @@ mod tests {
     #[test]
     fn short_requests_fail_and_queueing_counts_in_ttft() {
         let ok = |tokens, total_ms| {
-            Ok(Reply {
+            Ok(Reply::one(
                 tokens,
-                ttft: Duration::from_millis(10),
-                total: Duration::from_millis(total_ms),
-                token_times: vec![Duration::from_millis(10), Duration::from_millis(total_ms)],
-                stop: "Eos".into(),
-            })
+                Duration::from_millis(10),
+                Duration::from_millis(total_ms),
+                vec![Duration::from_millis(10), Duration::from_millis(total_ms)],
+                "Eos".into(),
+            ))
         };
-        let r = record(0, 0, 4, 0.0, 100.0, ok(2, 60), 3);
+        let r = record(0, 0, 4, 0.0, 100.0, ok(2, 60), (3, 1));
         assert_eq!(r.error.as_deref(), Some("short: 2 of 3 tokens (stop: Eos)"));
         // 40 ms between the arrival and the submission, then 10 to the first token.
         assert!((r.ttft_ms.unwrap() - 50.0).abs() < 1e-9, "{r:?}");
@@ -526,14 +602,67 @@ mod tests {
             [50.0, 100.0],
             "token times count from the arrival too"
         );
-        let long = record(0, 0, 4, 0.0, 100.0, ok(2, 60), 1);
+        let long = record(0, 0, 4, 0.0, 100.0, ok(2, 60), (1, 1));
         assert_eq!(
             long.error.as_deref(),
             Some("long: 2 tokens where 1 were asked (stop: Eos)")
         );
         assert!((r.tpot_ms.unwrap() - 50.0).abs() < 1e-9, "{r:?}");
-        let one = record(0, 0, 4, 0.0, 100.0, ok(1, 100), 1);
+        let one = record(0, 0, 4, 0.0, 100.0, ok(1, 100), (1, 1));
         assert_eq!((one.error, one.tpot_ms), (None, None));
+    }
+
+    /// A request of several choices counts every choice's tokens, its TTFT
+    /// is the first token of any, its TPOT a step of one choice; each
+    /// choice must have the count asked, and there must be as many choices.
+    #[test]
+    fn choices_count_together_and_each_is_checked() {
+        let ms = Duration::from_millis;
+        let choice = |tokens: usize, first: u64| Choice {
+            tokens,
+            token_times: (0..tokens as u64).map(|i| ms(first + 10 * i)).collect(),
+            stop: "Length".into(),
+        };
+        let reply = |choices| {
+            Ok(Reply {
+                ttft: ms(20),
+                total: ms(60),
+                choices,
+            })
+        };
+        let r = record(
+            0,
+            0,
+            4,
+            0.0,
+            60.0,
+            reply(vec![choice(3, 20), choice(3, 30)]),
+            (3, 2),
+        );
+        assert_eq!(r.error, None, "{r:?}");
+        assert_eq!((r.generated_tokens, r.ttft_ms), (6, Some(20.0)));
+        assert!(
+            (r.tpot_ms.unwrap() - 20.0).abs() < 1e-9,
+            "(60 - 20) / 2 steps: {r:?}"
+        );
+        assert_eq!(r.choice_ms, [vec![20.0, 30.0, 40.0], vec![30.0, 40.0, 50.0]]);
+        assert!(r.token_ms.is_empty());
+
+        let short = record(
+            0,
+            0,
+            4,
+            0.0,
+            60.0,
+            reply(vec![choice(3, 20), choice(2, 30)]),
+            (3, 2),
+        );
+        assert_eq!(
+            short.error.as_deref(),
+            Some("short: 2 of 3 tokens (stop: Length)")
+        );
+        let fewer = record(0, 0, 4, 0.0, 60.0, reply(vec![choice(3, 20)]), (3, 2));
+        assert_eq!(fewer.cause, Some(Failure::Choices { got: 1, asked: 2 }));
     }
 
     #[test]

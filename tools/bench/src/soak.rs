@@ -332,6 +332,7 @@ fn soak(
         requests,
         prompts: &mix.prompts,
         max_new_tokens: &mix.max_new,
+        choices: 1,
         arrivals: None,
     };
     let t0 = Instant::now();
@@ -383,7 +384,7 @@ impl Backend for Soaked<'_> {
     fn connect(&self, client: usize, prompts: &[Vec<u32>]) -> Client {
         let mut state = self.engine.connect(client, prompts);
         let (prompt, max_new_tokens) = self.warmup;
-        if let Err(e) = self.send(&mut state, prompt, max_new_tokens) {
+        if let Err(e) = self.send(&mut state, prompt, max_new_tokens, 1) {
             self.warmup_failed.fetch_add(1, Ordering::Relaxed);
             self.watch
                 .progress
@@ -392,8 +393,14 @@ impl Backend for Soaked<'_> {
         state
     }
 
-    fn send(&self, client: &mut Client, prompt: &[u32], max_new_tokens: usize) -> Result<Reply, Failure> {
-        let reply = self.engine.send(client, prompt, max_new_tokens);
+    fn send(
+        &self,
+        client: &mut Client,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        choices: usize,
+    ) -> Result<Reply, Failure> {
+        let reply = self.engine.send(client, prompt, max_new_tokens, choices);
         if self.leak_kib > 0 {
             std::mem::forget(vec![1u8; self.leak_kib << 10]);
         }

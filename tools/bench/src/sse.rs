@@ -1,6 +1,7 @@
 //! Reading a server's answer to one streamed completion (`throughput
-//! --url`): server-sent events, one chunk per generated token, read to
-//! `data: [DONE]` and checked against the `usage` the server counts.
+//! --url`): server-sent events, one chunk per generated token of a choice
+//! (its `index`: several with `n`), read to `data: [DONE]` and checked
+//! against the `usage` the server counts.
 //!
 //! SSE parsing lives here alone: `data:` lines (several in one event are
 //! joined by newlines) make an event, a blank line ends it, `:` comments and
@@ -17,7 +18,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::failure::{clip, one_line, Failure, Said};
-use crate::runner::Reply;
+use crate::runner::{Choice, Reply};
 
 /// The longest line, and the longest event (its `data:` lines joined), of
 /// an event stream, besides the model's name (which servers echo in every
@@ -27,8 +28,8 @@ pub const LINE_LIMIT: usize = 64 << 10;
 /// a generous bound on one chunk (id, object, created, model, one choice
 /// with its text, index, logprobs and finish reason) and its blank line.
 pub const BYTES_PER_TOKEN: u64 = 16 << 10;
-/// Events a stream may carry beyond one per token asked for: a closing
-/// chunk, the `usage` chunk, `[DONE]`, and a few a server may add.
+/// Events a stream may carry per choice beyond one per token asked for: a
+/// closing chunk, the `usage` chunk, `[DONE]`, and a few a server may add.
 pub const EVENT_SLACK: usize = 8;
 /// Bytes a stream may carry beyond its tokens' (comments, keep-alives, the
 /// `usage` chunk, `[DONE]`).
@@ -38,8 +39,10 @@ pub const STREAM_SLACK_BYTES: u64 = 256 << 10;
 /// its own failure kind, named in the error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamLimits {
-    /// Tokens asked for (named in the errors).
+    /// Tokens asked for, every choice's (named in the errors).
     pub max_tokens: usize,
+    /// Choices asked for (`n`): a chunk of a higher `index` fails.
+    pub choices: usize,
     /// Longest line, and longest event (its data lines joined), bytes.
     pub line: usize,
     /// Most events (`data:` blocks, `[DONE]` included).
@@ -49,17 +52,20 @@ pub struct StreamLimits {
 }
 
 impl StreamLimits {
-    /// The bounds for a request asking for `max_tokens` of model `model`
-    /// (its name is echoed in every chunk): a line or event at most
-    /// [`LINE_LIMIT`] + the name; `max_tokens` + [`EVENT_SLACK`] events; and
-    /// (`max_tokens` + [`EVENT_SLACK`]) × ([`BYTES_PER_TOKEN`] + the name) +
-    /// [`STREAM_SLACK_BYTES`] bytes. A request buffers one line and one
-    /// event at a time, and a time per token chunk.
-    pub fn for_request(max_tokens: usize, model: &str) -> StreamLimits {
+    /// The bounds for a request asking for `choices` completions of
+    /// `max_tokens` each of model `model` (its name is echoed in every
+    /// chunk): a line or event at most [`LINE_LIMIT`] + the name; `choices`
+    /// × (`max_tokens` + [`EVENT_SLACK`]) events; and that many times
+    /// ([`BYTES_PER_TOKEN`] + the name) + [`STREAM_SLACK_BYTES`] bytes. A
+    /// request buffers one line and one event at a time, and a time per
+    /// token chunk.
+    pub fn for_request(max_tokens: usize, choices: usize, model: &str) -> StreamLimits {
         let name = model.len();
-        let events = max_tokens.saturating_add(EVENT_SLACK);
+        let max_tokens = max_tokens.saturating_mul(choices);
+        let events = max_tokens.saturating_add(EVENT_SLACK.saturating_mul(choices));
         StreamLimits {
             max_tokens,
+            choices,
             line: LINE_LIMIT + name,
             events,
             bytes: (events as u64)
@@ -79,18 +85,25 @@ pub struct Usage {
 /// What one streamed completion said, read to its `data: [DONE]`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stream {
-    /// When each chunk with a choice arrived (one per token).
-    pub token_times: Vec<Duration>,
+    /// Each choice, by its `index` (a chunk's choice without one is 0).
+    pub choices: Vec<ChoiceStream>,
     /// When `[DONE]` arrived.
     pub done_at: Duration,
-    /// The last `finish_reason` given.
-    pub finish_reason: Option<String>,
-    /// Whether the last chunk with a choice had empty text and a
-    /// `finish_reason`: a closing chunk that some servers (llama-server)
-    /// send after the last token.
-    pub ends_with_closing_chunk: bool,
     /// The last `usage` given.
     pub usage: Option<Usage>,
+}
+
+/// What a stream said of one choice.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChoiceStream {
+    /// When each of its chunks arrived (one per token).
+    pub token_times: Vec<Duration>,
+    /// The last `finish_reason` given.
+    pub finish_reason: Option<String>,
+    /// Whether its last chunk had empty text and a `finish_reason`: a
+    /// closing chunk that some servers (llama-server) send after the last
+    /// token.
+    pub ends_with_closing_chunk: bool,
 }
 
 /// Reads a server-sent event stream of completion chunks to `data: [DONE]`,
@@ -120,7 +133,7 @@ pub fn read_stream(
                 stream.done_at = now();
                 return Ok(stream);
             }
-            chunk(&mut stream, &data, now())?;
+            chunk(&mut stream, &data, now(), limits.choices)?;
         }
         if line.is_none() {
             return Err(Failure::StreamEnded { events: sse.events });
@@ -239,8 +252,9 @@ impl Sse {
     }
 }
 
-/// One event's JSON chunk into `stream`, arrived at `at`.
-fn chunk(stream: &mut Stream, data: &str, at: Duration) -> Result<(), Failure> {
+/// One event's JSON chunk into `stream`, arrived at `at`, of a request
+/// that asked for `asked` choices.
+fn chunk(stream: &mut Stream, data: &str, at: Duration, asked: usize) -> Result<(), Failure> {
     let v: Value = serde_json::from_str(data).map_err(|e| Failure::NotJson {
         error: e.to_string(),
         data: clip(data),
@@ -255,13 +269,26 @@ fn chunk(stream: &mut Stream, data: &str, at: Duration) -> Result<(), Failure> {
     let Some(choices) = v.get("choices").and_then(Value::as_array) else {
         return Err(Failure::NoChoices { data: clip(data) });
     };
-    if let Some(c) = choices.first() {
+    for c in choices {
+        let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+        // Bounded before anything is kept for it.
+        let index = match usize::try_from(index) {
+            Ok(i) if i < asked => i,
+            _ => {
+                let got = usize::try_from(index).map_or(usize::MAX, |i| i.saturating_add(1));
+                return Err(Failure::Choices { got, asked });
+            }
+        };
+        if stream.choices.len() <= index {
+            stream.choices.resize_with(index + 1, ChoiceStream::default);
+        }
+        let choice = &mut stream.choices[index];
         let text = c.get("text").and_then(Value::as_str).unwrap_or("");
         let finish = c.get("finish_reason").and_then(Value::as_str);
-        stream.token_times.push(at);
-        stream.ends_with_closing_chunk = text.is_empty() && finish.is_some();
+        choice.token_times.push(at);
+        choice.ends_with_closing_chunk = text.is_empty() && finish.is_some();
         if let Some(f) = finish {
-            stream.finish_reason = Some(f.to_string());
+            choice.finish_reason = Some(f.to_string());
         }
     }
     if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
@@ -282,18 +309,23 @@ fn chunk(stream: &mut Stream, data: &str, at: Duration) -> Result<(), Failure> {
 impl Stream {
     /// The request's reply, if the stream is consistent: a `usage` whose
     /// prompt count is `prompt_tokens` and whose completion count is the
-    /// number of token chunks. Whether that count is the one asked for is
-    /// the runner's check.
+    /// number of token chunks, every choice's. Whether each choice has the
+    /// count asked, and whether there are as many choices as asked, is the
+    /// runner's check (a stream of no token at all is one choice of none).
     pub fn reply(mut self, prompt_tokens: usize) -> Result<Reply, Failure> {
         let usage = self.usage.ok_or(Failure::NoUsage)?;
-        // A closing chunk after the last token is not a token.
-        if self.ends_with_closing_chunk && self.token_times.len() == usage.completion_tokens + 1 {
-            self.token_times.pop();
+        let chunks = |s: &Stream| s.choices.iter().map(|c| c.token_times.len()).sum::<usize>();
+        // A closing chunk after a choice's last token is not a token.
+        let closing = self.choices.iter().filter(|c| c.ends_with_closing_chunk).count();
+        if closing > 0 && chunks(&self) == usage.completion_tokens + closing {
+            for c in self.choices.iter_mut().filter(|c| c.ends_with_closing_chunk) {
+                c.token_times.pop();
+            }
         }
-        if self.token_times.len() != usage.completion_tokens {
+        if chunks(&self) != usage.completion_tokens {
             return Err(Failure::CompletionMiscount {
                 usage: usage.completion_tokens,
-                chunks: self.token_times.len(),
+                chunks: chunks(&self),
             });
         }
         if usage.prompt_tokens != prompt_tokens {
@@ -302,13 +334,23 @@ impl Stream {
                 sent: prompt_tokens,
             });
         }
+        if self.choices.is_empty() {
+            self.choices.push(ChoiceStream::default());
+        }
+        let first = self.choices.iter().filter_map(|c| c.token_times.first()).min();
         Ok(Reply {
-            tokens: usage.completion_tokens,
-            ttft: self.token_times.first().copied().unwrap_or(self.done_at),
+            ttft: first.copied().unwrap_or(self.done_at),
             // The end is `[DONE]`: what the client waited for.
             total: self.done_at,
-            token_times: self.token_times,
-            stop: self.finish_reason.unwrap_or_else(|| "none given".into()),
+            choices: self
+                .choices
+                .into_iter()
+                .map(|c| Choice {
+                    tokens: c.token_times.len(),
+                    token_times: c.token_times,
+                    stop: c.finish_reason.unwrap_or_else(|| "none given".into()),
+                })
+                .collect(),
         })
     }
 }
@@ -322,7 +364,7 @@ mod tests {
 
     /// `text` read as a stream, the clock ticking 1 ms per event.
     fn stream_of(text: &str) -> Result<Stream, Failure> {
-        stream_within(text, &StreamLimits::for_request(16, "m"))
+        stream_within(text, &StreamLimits::for_request(16, 1, "m"))
     }
 
     fn stream_within(text: &str, limits: &StreamLimits) -> Result<Stream, Failure> {
@@ -362,15 +404,15 @@ mod tests {
         ]
         .concat();
         let s = stream_of(&text).unwrap();
-        assert_eq!(s.token_times.len(), 3, "an empty piece is a token too");
-        assert_eq!(s.finish_reason.as_deref(), Some("length"));
+        assert_eq!(s.choices[0].token_times.len(), 3, "an empty piece is a token too");
+        assert_eq!(s.choices[0].finish_reason.as_deref(), Some("length"));
         let r = s.reply(4).unwrap();
-        assert_eq!(r.tokens, 3);
+        assert_eq!((r.tokens(), r.choices.len()), (3, 1));
         // The clock ticks once per event: tokens at 1, 2, 3 ms, [DONE] at 5.
         assert_eq!(r.ttft, Duration::from_millis(1));
         assert_eq!(r.total, Duration::from_millis(5));
-        assert_eq!(r.token_times.len(), 3);
-        assert_eq!(r.stop, "length");
+        assert_eq!(r.choices[0].token_times.len(), 3);
+        assert_eq!(r.choices[0].stop, "length");
     }
 
     #[test]
@@ -390,7 +432,57 @@ mod tests {
         ]
         .concat();
         let r = stream_of(&text).unwrap().reply(2).unwrap();
-        assert_eq!((r.tokens, r.token_times.len()), (2, 2));
+        assert_eq!((r.tokens(), r.choices[0].token_times.len()), (2, 2));
+    }
+
+    fn of_choice(index: usize, text: &str, finish: Option<&str>) -> String {
+        format!(
+            "data: {}\n\n",
+            json!({"choices": [{"index": index, "text": text, "finish_reason": finish}]})
+        )
+    }
+
+    /// `n`: each chunk's `index` says its choice; the choices interleave,
+    /// each may end with a closing chunk, and `usage` counts them all.
+    #[test]
+    fn the_choices_of_a_stream_are_told_apart_by_index() {
+        let l = StreamLimits::for_request(2, 2, "m");
+        assert_eq!((l.max_tokens, l.choices, l.events), (4, 2, 4 + 2 * EVENT_SLACK));
+        let text = [
+            of_choice(1, "a", None),
+            of_choice(0, "b", None),
+            of_choice(0, "c", None),
+            of_choice(1, "d", None),
+            of_choice(1, "", Some("length")),
+            of_choice(0, "", Some("length")),
+            usage(3, 4),
+            "data: [DONE]\n\n".into(),
+        ]
+        .concat();
+        let r = stream_within(&text, &l).unwrap().reply(3).unwrap();
+        assert_eq!(r.tokens(), 4);
+        let times: Vec<Vec<u64>> = r
+            .choices
+            .iter()
+            .map(|c| c.token_times.iter().map(|t| t.as_millis() as u64).collect())
+            .collect();
+        assert_eq!(
+            times,
+            [vec![2, 3], vec![1, 4]],
+            "by index, closing chunks dropped"
+        );
+        assert_eq!(r.ttft, Duration::from_millis(1), "the first token of any choice");
+        // A choice past those asked for fails before anything is kept for it.
+        let e = stream_within(&of_choice(2, "x", None), &l).unwrap_err();
+        assert_eq!(e, Failure::Choices { got: 3, asked: 2 });
+        let huge = format!(
+            "data: {}\n\n",
+            json!({"choices": [{"index": u64::MAX, "text": "x"}]})
+        );
+        assert!(matches!(
+            stream_within(&huge, &l).unwrap_err(),
+            Failure::Choices { asked: 2, .. }
+        ));
     }
 
     #[test]
@@ -431,7 +523,7 @@ mod tests {
 
     #[test]
     fn the_limits_follow_the_request() {
-        let l = StreamLimits::for_request(30, "gpt2");
+        let l = StreamLimits::for_request(30, 1, "gpt2");
         assert_eq!(l.line, LINE_LIMIT + 4);
         assert_eq!(l.events, 38);
         assert_eq!(l.bytes, 38 * (BYTES_PER_TOKEN + 4) + STREAM_SLACK_BYTES);
@@ -448,7 +540,7 @@ mod tests {
     /// about the bound (never the whole of an endless stream).
     #[test]
     fn streams_past_their_limits_fail_by_kind() {
-        let l = StreamLimits::for_request(4, "m");
+        let l = StreamLimits::for_request(4, 1, "m");
         // No newline ever: the line is refused at the line limit.
         let mut endless = std::io::repeat(b'x').take(1 << 30);
         let e = read_stream(BufReader::new(&mut endless), &l, Duration::default)
@@ -494,6 +586,6 @@ mod tests {
     #[test]
     fn data_lines_of_one_event_are_joined() {
         let text = "data: {\"choices\":\ndata: [{\"text\":\"x\"}]}\n\ndata: [DONE]\n\n";
-        assert_eq!(stream_of(text).unwrap().token_times.len(), 1);
+        assert_eq!(stream_of(text).unwrap().choices[0].token_times.len(), 1);
     }
 }

@@ -84,17 +84,21 @@ pub fn test_result(
         ttft_ms: summarize(&ok.iter().filter_map(|r| r.ttft_ms).collect::<Vec<_>>()),
         tpot_ms: summarize(&ok.iter().filter_map(|r| r.tpot_ms).collect::<Vec<_>>()),
         itl_ms: Some(summarize(&inter_token_ms(&ok))),
+        prefix: None,
         raw,
     }
 }
 
 /// The gaps between consecutive tokens of `requests`, all pooled (as vLLM's
 /// `bench serve` reports ITL): what a reader of a stream waits per token,
-/// stalls included, which TPOT's mean per request smooths away.
+/// stalls included, which TPOT's mean per request smooths away. A request
+/// of several choices gives each choice's gaps (its choices' tokens arrive
+/// together, and the gap between two of them is no wait of any reader).
 pub fn inter_token_ms(requests: &[&RequestRecord]) -> Vec<f64> {
     requests
         .iter()
-        .flat_map(|r| r.token_ms.windows(2).map(|w| w[1] - w[0]))
+        .flat_map(|r| std::iter::once(&r.token_ms).chain(&r.choice_ms))
+        .flat_map(|times| times.windows(2).map(|w| w[1] - w[0]))
         .collect()
 }
 
@@ -565,6 +569,7 @@ mod tests {
             latency_ms: latency,
             tpot_ms: Some(latency * 0.9 / (tokens.max(2) - 1) as f64),
             token_ms: Vec::new(),
+            choice_ms: Vec::new(),
             error: error.map(String::from),
             cause: None,
         }
@@ -615,6 +620,13 @@ mod tests {
         // Gaps 10, 40 and 2.
         assert!((itl.mean - 52.0 / 3.0).abs() < 1e-9, "{itl:?}");
         assert_eq!(itl.p50, 10.0);
+        // Two choices whose tokens arrive together: each choice's gaps
+        // (10, 10, 20), never the zero gap between the choices.
+        let mut n2 = rec(100.0, 4, None);
+        n2.choice_ms = vec![vec![5.0, 15.0], vec![5.0, 15.0, 35.0]];
+        let t = test_result("x", "batched", "f32", 1, 0, 1.0, vec![n2]);
+        let itl = t.itl_ms.unwrap();
+        assert!((itl.mean - 40.0 / 3.0).abs() < 1e-9, "{itl:?}");
     }
 
     #[test]

@@ -118,6 +118,34 @@ fn bad_flags_are_named_errors() {
             vec!["--dtype", "f32,fp8"],
             "unknown dtype `fp8`: expected f32, bf16 or int8",
         ),
+        (vec!["--choices", "0"], "--choices must be at least 1"),
+        (
+            vec!["--choices", "2"],
+            "--choices 2 needs --mode batched: threads mode runs each request on its own session",
+        ),
+        (
+            vec!["--choices", "40", "--mode", "batched"],
+            "--choices 40 is more than --max-batch 32",
+        ),
+        (
+            vec!["--choices", "2", "--mode", "batched", "--profile"],
+            "--profile times the single request's own session",
+        ),
+        (vec!["--prompt-tokens", "0"], "--prompt-tokens must be at least 1"),
+        (vec!["--shared-prefix-tokens", "8"], "--prompt-tokens <N>"),
+        (
+            vec!["--prompt-tokens", "4", "--prompt", "hi"],
+            "--prompt <PROMPT>",
+        ),
+        (
+            vec!["--prompt-tokens", "100", "--shared-prefix-tokens", "20"],
+            "each synthetic prompt (--shared-prefix-tokens 20 + --prompt-tokens 100) is 120 tokens; with \
+             --max-new-tokens 30 it needs 149 positions, past the context window of 128",
+        ),
+        (
+            vec!["--prefix-cache-mib", "16", "--mode", "threads"],
+            "--prefix-cache-mib 16 is batched mode's scheduler's; --mode threads has none",
+        ),
     ] {
         let mut all = vec!["--weights", w];
         all.extend(args);
@@ -125,6 +153,112 @@ fn bad_flags_are_named_errors() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{all:?} should fail");
         assert!(stderr.contains(needle), "{all:?}: {stderr}");
+    }
+}
+
+/// `--shared-prefix-tokens` with a prefix cache: every request after the
+/// warmup starts from the cached preamble, and each test says how much it
+/// reused; `--choices 2` generates and counts twice the tokens, each
+/// choice's apart. Without the cache (the default) nothing is reused.
+#[test]
+fn shared_prefixes_are_reused_and_choices_counted() {
+    let weights = synth_dir(Preset::Tiny, 0);
+    let out_dir = scratch_dir("throughput-prefix");
+    let (w, o) = (weights.to_str().unwrap(), out_dir.to_str().unwrap());
+    let run = |extra: &[&str]| -> gpt2_bench::Report {
+        let mut args = vec![
+            "--weights",
+            w,
+            "--mode",
+            "batched",
+            "--prompt-tokens",
+            "4",
+            "--shared-prefix-tokens",
+            "8",
+            "--max-new-tokens",
+            "3",
+            "--warmup",
+            "1",
+            "--single-requests",
+            "2",
+            "--levels",
+            "2",
+            "--requests-per-level",
+            "4",
+            "--json",
+            "--out-dir",
+            o,
+        ];
+        args.extend(extra);
+        let out = throughput_within(&args, 120);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(matches!(out.status.code(), Some(0 | 3)), "{extra:?}: {stderr}");
+        serde_json::from_str(&stdout).unwrap()
+    };
+
+    let reused = run(&["--prefix-cache-mib", "16", "--choices", "2"]);
+    let md = &reused.metadata;
+    assert_eq!(
+        (
+            md.prompt_tokens,
+            md.shared_prefix_tokens,
+            md.choices,
+            md.prefix_cache_mib
+        ),
+        (Some(4), 8, 2, Some(16))
+    );
+    assert!(md.prompts.is_empty(), "no text prompts: {:?}", md.prompts);
+    assert!(
+        md.workload().contains("prefix reuse: on, 16 MiB"),
+        "{}",
+        md.workload()
+    );
+    let names: Vec<(&str, &str)> = reused
+        .tests
+        .iter()
+        .map(|t| (t.name.as_str(), t.mode.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [("single", "batched"), ("concurrent-2", "batched")],
+        "several choices run batched, the single request too"
+    );
+    for t in &reused.tests {
+        assert_eq!((t.failed, t.total_tokens), (0, t.requests * 2 * 3), "{}", t.name);
+        let r = t.requests as u64;
+        assert_eq!(
+            t.prefix,
+            Some(gpt2_bench::PrefixReuse {
+                hits: r,
+                tokens_reused: 8 * r
+            }),
+            "{}: every request starts from the preamble the warmup left, and from no more",
+            t.name
+        );
+        for rec in &t.raw {
+            assert_eq!((rec.prompt_tokens, rec.generated_tokens), (12, 6), "{rec:?}");
+            assert!(rec.token_ms.is_empty(), "{rec:?}");
+            assert_eq!(rec.choice_ms.len(), 2, "{rec:?}");
+            assert!(rec.choice_ms.iter().all(|c| c.len() == 3), "{rec:?}");
+        }
+    }
+
+    let cold = run(&[]);
+    assert_eq!(
+        (cold.metadata.choices, cold.metadata.prefix_cache_mib),
+        (1, Some(0))
+    );
+    for t in &cold.tests {
+        assert_eq!((t.failed, t.total_tokens), (0, t.requests * 3), "{}", t.name);
+        let counted = (t.mode == "batched").then_some(gpt2_bench::PrefixReuse::default());
+        assert_eq!(t.prefix, counted, "{} {}: no cache, no reuse", t.name, t.mode);
+        assert!(t
+            .raw
+            .iter()
+            .all(|r| r.token_ms.len() == 3 && r.choice_ms.is_empty()));
     }
 }
 

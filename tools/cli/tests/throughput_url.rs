@@ -22,8 +22,11 @@ use serde_json::{json, Value};
 /// What the mock does with completions (and its model list).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Behaviour {
-    /// Exactly `max_tokens` chunks, the usage to match.
+    /// Exactly `max_tokens` chunks for each of the `n` choices asked (their
+    /// chunks interleaved, each naming its `index`), the usage to match.
     Good,
+    /// As `Good`, but one choice whatever `n` asks (a server that ignores it).
+    OneChoice,
     /// One token fewer than asked, the usage to match (an early stop).
     Short,
     /// One chunk fewer than its usage counts.
@@ -163,6 +166,10 @@ async fn completions(
     shared.seen.lock().unwrap().push(body.clone());
     let asked = body["max_tokens"].as_u64().unwrap_or(0) as usize;
     let prompt_tokens = body["prompt"].as_array().map_or(0, Vec::len);
+    let choices = match shared.behaviour {
+        Behaviour::Good => body["n"].as_u64().unwrap_or(1) as usize,
+        _ => 1,
+    };
     let (chunks, counted, finish) = match shared.behaviour {
         Behaviour::SomeErrors if n % 4 == 1 => {
             return error(
@@ -184,10 +191,14 @@ async fn completions(
     let mut sse = String::new();
     for i in 0..chunks {
         let finish = (i + 1 == chunks).then_some(finish);
-        let chunk = json!({"id": "c", "object": "text_completion", "model": body["model"],
-                           "choices": [{"index": 0, "text": format!(" t{i}"), "finish_reason": finish}]});
-        sse.push_str(&format!("data: {chunk}\n\n"));
+        // The last choice first: chunks need not come in index order.
+        for index in (0..choices).rev() {
+            let chunk = json!({"id": "c", "object": "text_completion", "model": body["model"],
+                               "choices": [{"index": index, "text": format!(" t{i}"), "finish_reason": finish}]});
+            sse.push_str(&format!("data: {chunk}\n\n"));
+        }
     }
+    let counted = counted * choices;
     let usage = json!({"choices": [], "usage": {"prompt_tokens": prompt_tokens,
                        "completion_tokens": counted, "total_tokens": prompt_tokens + counted}});
     sse.push_str(&format!("data: {usage}\n\ndata: [DONE]\n\n"));
@@ -360,6 +371,179 @@ fn the_model_sent_can_be_named() {
     );
 }
 
+/// `--choices 2`: every request asks for `n: 2` and counts both choices'
+/// tokens, each choice's times apart; `--prompt-tokens` with
+/// `--shared-prefix-tokens`: every prompt starts with the same preamble,
+/// then differs from every other at its first own token.
+#[test]
+fn choices_and_shared_prefixes_are_sent_and_counted() {
+    let mock = Mock::start(Behaviour::Good, None);
+    let out_dir = scratch_dir("url-choices");
+    let url = mock.url();
+    let mut args = quick(&url, out_dir.to_str().unwrap());
+    args.extend(EASY_TARGETS);
+    args.extend([
+        "--choices",
+        "2",
+        "--prompt-tokens",
+        "3",
+        "--shared-prefix-tokens",
+        "5",
+        "--json",
+    ]);
+    let out = throughput_within(&args, 120);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let report: gpt2_bench::Report = serde_json::from_str(&stdout).unwrap();
+    let md = &report.metadata;
+    assert_eq!(
+        (
+            md.choices,
+            md.prompt_tokens,
+            md.shared_prefix_tokens,
+            md.prefix_cache_mib
+        ),
+        (2, Some(3), 5, None),
+        "a server's prefix cache is its own"
+    );
+    for t in &report.tests {
+        assert_eq!((t.failed, t.total_tokens), (0, t.requests * 2 * 4), "{}", t.name);
+        assert_eq!(t.prefix, None, "{}: a server's reuse is not counted here", t.name);
+        for r in &t.raw {
+            assert_eq!(r.prompt_tokens, 8, "{r:?}");
+            assert_eq!(r.choice_ms.len(), 2, "{r:?}");
+            assert!(r.choice_ms.iter().all(|c| c.len() == 4), "{r:?}");
+        }
+    }
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 7);
+    assert!(seen.iter().all(|b| b["n"] == 2), "{seen:?}");
+    let prompts: Vec<Vec<u64>> = seen
+        .iter()
+        .map(|b| {
+            b["prompt"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap())
+                .collect()
+        })
+        .collect();
+    for p in &prompts {
+        assert_eq!(
+            (p.len(), &p[..5]),
+            (8, &prompts[0][..5]),
+            "one preamble: {prompts:?}"
+        );
+        assert!(p.iter().all(|&t| t < 50257), "{p:?}");
+    }
+    let firsts: std::collections::HashSet<u64> = prompts.iter().map(|p| p[5]).collect();
+    assert_eq!(
+        firsts.len(),
+        7,
+        "each request's own tokens start apart: {prompts:?}"
+    );
+}
+
+/// A server that answers one choice where `n` asked for more fails every
+/// request, by name.
+#[test]
+fn a_server_that_ignores_n_fails_by_name() {
+    let mock = Mock::start(Behaviour::OneChoice, None);
+    let out_dir = scratch_dir("url-one-choice");
+    let url = mock.url();
+    let mut args = quick(&url, out_dir.to_str().unwrap());
+    args.extend(["--choices", "3"]);
+    let out = throughput_within(&args, 120);
+    let stderr = text(&out).1;
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let report = gpt2_bench::compare::read_report(&files_in(&out_dir, "json")[0]).unwrap();
+    assert_eq!(
+        errors(&report),
+        [("1 choices where 3 were asked for (`n`)".to_string(), 6)]
+    );
+}
+
+/// `throughput pair` against one server: the variants alternate (A B, then
+/// B A), each run a whole run of the common flags plus its own; the JSON
+/// keeps every run and the ratios; no run is sent a prompt of another's.
+#[test]
+fn pair_alternates_the_variants_and_never_resends_a_prompt() {
+    let mock = Mock::start(Behaviour::Good, None);
+    let out_dir = scratch_dir("url-pair");
+    let url = mock.url();
+    let args = [
+        "pair",
+        "--pairs",
+        "2",
+        "--a",
+        "--choices 2",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+        "--",
+        "--url",
+        &url,
+        "--prompt-tokens",
+        "3",
+        "--shared-prefix-tokens",
+        "5",
+        "--max-new-tokens",
+        "4",
+        "--warmup",
+        "1",
+        "--single-requests",
+        "1",
+        "--levels",
+        "2",
+        "--requests-per-level",
+        "2",
+        "--http-timeout",
+        "30",
+    ];
+    let out = throughput_within(&args, 120);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("## Ratios") && stdout.contains("| tokens/s"),
+        "{stdout}"
+    );
+    // Four runs of 1 warmup, 1 single request and 2 at level 2, in turn.
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 16);
+    let n: Vec<u64> = seen
+        .chunks(4)
+        .map(|run| run[0]["n"].as_u64().unwrap_or(1))
+        .collect();
+    assert_eq!(n, [2, 1, 1, 2], "A B, then B A");
+    let mut prompts: Vec<String> = seen.iter().map(|b| b["prompt"].to_string()).collect();
+    prompts.sort();
+    prompts.dedup();
+    assert_eq!(prompts.len(), 16, "every prompt sent once");
+
+    let json = files_in(&out_dir, "json");
+    assert_eq!((json.len(), files_in(&out_dir, "md").len()), (1, 1));
+    let report: gpt2_bench::pair::PairReport =
+        serde_json::from_str(&std::fs::read_to_string(&json[0]).unwrap()).unwrap();
+    assert_eq!(
+        (report.a.as_slice(), report.b.len()),
+        (&["--choices".to_string(), "2".into()][..], 0)
+    );
+    let choices: Vec<usize> = report.runs.iter().map(|r| r.metadata.choices).collect();
+    assert_eq!(choices, [2, 1, 1, 2]);
+    let orders: Vec<&str> = report.pairs.iter().map(|p| p.order.as_str()).collect();
+    assert_eq!(orders, ["AB", "BA"]);
+    for p in &report.pairs {
+        assert_eq!(
+            (p.a.test.as_str(), p.b.test.as_str()),
+            ("concurrent-2", "concurrent-2")
+        );
+        assert!(p.ratio.tokens_per_s > 0.0 && p.ratio.ttft_p50 > 0.0, "{p:?}");
+        assert_eq!((p.a.failed, p.b.failed), (0, 0));
+    }
+    let figures: Vec<&str> = report.ratios.iter().map(|r| r.figure.as_str()).collect();
+    assert_eq!(figures, ["tokens_per_s", "ttft_p50", "latency_p50"]);
+}
+
 /// Runs `behaviour`'s mock through `quick` and returns (status, stderr,
 /// the report if one was written).
 fn run_against(behaviour: Behaviour, name: &str) -> (Option<i32>, String, Option<gpt2_bench::Report>) {
@@ -516,6 +700,7 @@ fn engine_flags_are_refused_with_url() {
         vec!["--threads-per-request", "1"],
         vec!["--model", "gpt2"],
         vec!["--synthetic"],
+        vec!["--prefix-cache-mib", "16"],
     ] {
         let mut args = vec!["--url", "http://127.0.0.1:9"];
         args.extend(&flag);

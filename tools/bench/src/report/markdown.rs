@@ -46,14 +46,24 @@ fn md_intro(report: &Report) -> String {
         None => format!("with the linear layers' weights in {}", dtypes.join(", ")),
         Some(_) => format!("weights in {} (as the server names them)", dtypes.join(", ")),
     };
+    let prompts = match md.prompt_tokens {
+        None => format!("one of {} prompt{}", md.prompts.len(), plural(md.prompts.len())),
+        Some(n) if md.shared_prefix_tokens > 0 => format!(
+            "a synthetic prompt of its own ({} tokens shared by every request, then {n} of its own)",
+            md.shared_prefix_tokens
+        ),
+        Some(n) => format!("a synthetic prompt of its own ({n} tokens)"),
+    };
+    let choices = match md.choices {
+        1 => String::new(),
+        n => format!(" in each of its {n} choices (OpenAI `n`, one prefill)"),
+    };
     let _ = writeln!(
         out,
-        "Concurrent text generation with {engine}: each request generates exactly {} tokens \
-         from one of {} prompt{}, at concurrency levels {} in mode{} {}, {weights}{}. Throughput \
+        "Concurrent text generation with {engine}: each request generates exactly {} tokens{choices} \
+         from {prompts}, at concurrency levels {} in mode{} {}, {weights}{}. Throughput \
          counts generated tokens only; latencies are per request.\n",
         md.max_new_tokens,
-        md.prompts.len(),
-        plural(md.prompts.len()),
         join_usize(&md.concurrency_levels),
         plural(md.modes.len()),
         md.modes
@@ -152,7 +162,15 @@ fn setup_rows(report: &Report) -> Vec<(&'static str, Cell)> {
         ("modes", Cell::Text(md.modes.join(", "))),
         ("concurrency levels", join_usize(&md.concurrency_levels).into()),
         ("arrival", Cell::Text(md.arrival.clone())),
-        ("prompts", format!("{} (listed below)", md.prompts.len()).into()),
+        ("requests", Cell::Text(md.workload())),
+        (
+            "prompts",
+            if md.prompts.is_empty() {
+                "synthetic (see requests)".into()
+            } else {
+                format!("{} (listed below)", md.prompts.len()).into()
+            },
+        ),
         ("schema version", report.schema_version.to_string().into()),
     ]);
     rows
@@ -195,11 +213,45 @@ fn md_results(report: &Report) -> String {
         return "\n## Results\n\nNo tests were run.\n".to_string();
     }
     format!(
-        "\n## Results\n\n### Throughput\n\n{}\n### Latency (ms)\n\n{}{}",
+        "\n## Results\n\n### Throughput\n\n{}\n### Latency (ms)\n\n{}{}{}",
         throughput_table(&report.tests).markdown(),
         latency_table(&report.tests).markdown(),
+        prefix_section(&report.tests),
         failures_section(report)
     )
+}
+
+/// `### Prefix reuse`: what each test took from the scheduler's prefix
+/// cache, where it was counted (in process, batched mode); nothing if no
+/// test counted any.
+fn prefix_section(tests: &[TestResult]) -> String {
+    if tests.iter().all(|t| t.prefix.is_none()) {
+        return String::new();
+    }
+    let mut t = test_table(&["requests", "hits", "prompt tokens", "reused", "reused %"]);
+    for r in tests {
+        let (hits, reused, share) = match r.prefix {
+            Some(p) => (
+                Some(p.hits.to_string()),
+                Some(p.tokens_reused.to_string()),
+                Some(percent(p.tokens_reused as f64 / r.prompt_tokens as f64)),
+            ),
+            None => (None, None, None),
+        };
+        let cells: [Cell; 5] = [
+            r.requests.to_string().into(),
+            hits.into(),
+            r.prompt_tokens.to_string().into(),
+            reused.into(),
+            share.into(),
+        ];
+        test_row(&mut t, r, cells);
+    }
+    t.note(
+        "Hits: requests that started from a cached prefix; reused: prompt tokens taken from the cache instead \
+         of computed (— where nothing counts it: threads mode).",
+    );
+    format!("\n### Prefix reuse\n\n{}", t.markdown())
 }
 
 /// Per test: requests, failures, tokens, duration and rates.
@@ -261,7 +313,7 @@ fn test_table(figures: &[&str]) -> Table {
 }
 
 /// Test `r`'s row of a [`test_table`]: its names, then `figures`.
-fn test_row(t: &mut Table, r: &TestResult, figures: impl Iterator<Item = String>) {
+fn test_row<C: Into<Cell>>(t: &mut Table, r: &TestResult, figures: impl IntoIterator<Item = C>) {
     let names = [
         Cell::Text(r.name.clone()),
         Cell::Text(r.mode.clone()),
@@ -269,7 +321,7 @@ fn test_row(t: &mut Table, r: &TestResult, figures: impl Iterator<Item = String>
         r.concurrency.to_string().into(),
         r.repetition.to_string().into(),
     ];
-    t.row(names.into_iter().chain(figures.map(Cell::from)));
+    t.row(names.into_iter().chain(figures.into_iter().map(Into::into)));
 }
 
 /// `## Scaling`: each level against the single request and the reference.

@@ -18,6 +18,7 @@
 
 mod compare;
 mod markdown;
+mod pair;
 mod roofline;
 mod stdout;
 mod svg;
@@ -25,6 +26,7 @@ mod table;
 
 pub use compare::{compare_markdown, compare_svg};
 pub use markdown::markdown;
+pub use pair::pair_markdown;
 pub use roofline::limits_table;
 use roofline::optional_sections;
 pub use stdout::stdout_table;
@@ -589,6 +591,7 @@ mod tests {
             ttft_ms: s(lat / 20.0),
             tpot_ms: s(lat / 50.0),
             itl_ms: Some(s(lat / 50.0)),
+            prefix: None,
             raw: vec![RequestRecord {
                 index: 0,
                 client: 0,
@@ -599,6 +602,7 @@ mod tests {
                 latency_ms: lat,
                 tpot_ms: Some(lat / 50.0),
                 token_ms: Vec::new(),
+                choice_ms: Vec::new(),
                 error: None,
                 cause: None,
             }],
@@ -692,6 +696,10 @@ mod tests {
                 warmup_requests: 2,
                 repetitions: reps,
                 prompts: vec!["Hello | world".to_string(), "The *quick* fox".to_string()],
+                prompt_tokens: None,
+                shared_prefix_tokens: 0,
+                choices: 1,
+                prefix_cache_mib: Some(0),
                 server: None,
             },
             tests,

@@ -68,7 +68,7 @@ fn stdout_header(report: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "{}cpu: {}\n{}{} new tokens per request (EOS ignored), {} warmup, {} repetition{}",
+        "{}cpu: {}\n{}{} new tokens per {} (EOS ignored), {} warmup, {} repetition{}",
         if md.server.is_some() { "client " } else { "" },
         one_line(&md.cpu_model),
         if md.server.is_none() && !md.kernels.is_empty() {
@@ -77,10 +77,25 @@ fn stdout_header(report: &Report) -> String {
             String::new()
         },
         md.max_new_tokens,
+        if md.choices > 1 { "choice" } else { "request" },
         md.warmup_requests,
         md.repetitions,
         plural(md.repetitions)
     );
+    let _ = writeln!(out, "requests: {}", one_line(&md.workload()));
+    // What the prefix cache gave each test that counted it.
+    for t in report
+        .tests
+        .iter()
+        .filter(|t| t.prefix.is_some_and(|p| p.hits > 0))
+    {
+        let p = t.prefix.unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "prefix reuse, {} {} {} rep {}: {} of {} requests started from a cached prefix, {} of {} prompt tokens reused",
+            t.name, t.mode, t.dtype, t.repetition, p.hits, t.requests, p.tokens_reused, t.prompt_tokens
+        );
+    }
     out
 }
 

@@ -43,7 +43,9 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan) -> Result<Measured, Box<dy
     );
     let weights_source = resolved.source.describe(cfg.synthetic.as_ref());
     progress.println(&format!("weights: {weights_source}"));
-    let prompts = Prompts::encode(opts, &tok, |text, ids| fits(opts, &cfg, text, ids))?;
+    let prompts = Prompts::new(opts, &tok, cfg.vocab_size, |what, ids| {
+        fits(opts, &cfg, what, ids)
+    })?;
     announce_threads(opts, plan, &progress);
     let bench = Bench {
         protocol: Protocol {
@@ -96,13 +98,13 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan) -> Result<Measured, Box<dy
 }
 
 /// A prompt's check: a valid request (the engine's door) whose prompt and
-/// new tokens fit the context window.
-fn fits(opts: &Options, cfg: &Gpt2Config, text: &str, ids: &[u32]) -> Result<(), Box<dyn Error>> {
+/// new tokens fit the context window; `what` names the prompt.
+fn fits(opts: &Options, cfg: &Gpt2Config, what: &str, ids: &[u32]) -> Result<(), Box<dyn Error>> {
     let gen = GenerateOptions::greedy(opts.max_new_tokens);
     match Request::prepare(cfg, ids.to_vec(), gen, Fit::Whole) {
         Ok(_) => Ok(()),
         Err(Invalid::ContextExceeded(l)) => Err(format!(
-            "prompt {text:?} is {} tokens; with --max-new-tokens {} it needs {} positions, past the context \
+            "{what} is {} tokens; with --max-new-tokens {} it needs {} positions, past the context \
              window of {}",
             l.prompt_tokens,
             l.max_new_tokens,
@@ -131,8 +133,14 @@ fn announce_threads(opts: &Options, plan: &RunPlan, progress: &Progress) {
     if plan.modes.contains(&Mode::Batched) {
         progress.println(&format!(
             "batched mode: one engine thread on the shared pool of {} compute threads, max batch {}, at most {} \
-             prompt rows per step",
-            plan.threads, opts.max_batch, opts.max_prompt_rows
+             prompt rows per step, prefix reuse {}",
+            plan.threads,
+            opts.max_batch,
+            opts.max_prompt_rows,
+            match opts.prefix_cache_mib {
+                0 => "off (--prefix-cache-mib 0)".to_string(),
+                m => format!("on: {m} MiB of finished KV caches kept"),
+            }
         ));
     }
 }
@@ -249,6 +257,7 @@ impl Bench<'_> {
                     max_batch: opts.max_batch,
                     max_prompt_rows: opts.max_prompt_rows,
                     pool: Some(Arc::clone(self.pool)),
+                    prefix_cache_bytes: plan.prefix_cache_bytes,
                     ..SchedulerConfig::default()
                 },
             )?)
@@ -275,9 +284,14 @@ impl Bench<'_> {
         );
         self.protocol.warmup(&lanes, d, &note)?;
         // The single request runs in threads mode, profiled in the first
-        // repetition with `--profile`.
+        // repetition with `--profile`; a request of several choices is
+        // batched mode's alone (the plan refused threads mode with it).
         let single_profile = Mutex::new(Profile::default());
-        let mut single = engine(Mode::Threads);
+        let mut single = engine(if opts.choices > 1 {
+            Mode::Batched
+        } else {
+            Mode::Threads
+        });
         single.backend.profile = (opts.profile && rep == 0).then_some(&single_profile);
         let tests = self.protocol.repetition(&single, &lanes, d, rep)?;
         drop(scheduler);

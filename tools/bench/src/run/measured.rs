@@ -86,7 +86,14 @@ fn metadata(opts: &Options, plan: &RunPlan, served: Served) -> Metadata {
         max_new_tokens: opts.max_new_tokens,
         warmup_requests: opts.warmup,
         repetitions: plan.repetitions,
-        prompts: prompt_texts(opts),
+        prompts: match opts.prompt_tokens {
+            Some(_) => Vec::new(),
+            None => prompt_texts(opts),
+        },
+        prompt_tokens: opts.prompt_tokens,
+        shared_prefix_tokens: opts.shared_prefix_tokens,
+        choices: opts.choices,
+        prefix_cache_mib: served.server.is_none().then_some(opts.prefix_cache_mib),
         server: served.server,
     }
 }

@@ -110,6 +110,37 @@ pub struct Options {
     /// Prompts rotated in the concurrent tests (repeat the flag) [default: 3 built-in prompts].
     #[arg(long = "concurrent-prompt", value_name = "TEXT")]
     pub concurrent_prompts: Vec<String>,
+    /// Synthetic prompts instead of the text ones: every request (warmup and
+    /// single test too) gets N seeded token ids of its own, whose first
+    /// differs from every other request's of the run, so that no two
+    /// requests share more than --shared-prefix-tokens and no prefix cache
+    /// can reuse more.
+    #[arg(long, value_name = "N", conflicts_with_all = ["prompt", "concurrent_prompts"])]
+    pub prompt_tokens: Option<usize>,
+    /// With --prompt-tokens: every request's prompt starts with the same
+    /// N-token preamble (seeded), then its own --prompt-tokens tokens: the
+    /// few-shot or system text a prefix cache can reuse.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "prompt_tokens")]
+    pub shared_prefix_tokens: usize,
+    /// With --prompt-tokens: the seed of the synthetic prompts (`throughput
+    /// pair` adds the run's number, so that runs against one server never
+    /// send the prompts of an earlier run).
+    #[arg(long, value_name = "SEED", default_value_t = 0, requires = "prompt_tokens")]
+    pub prompt_seed: u64,
+    /// Completions of each request (OpenAI `n`), each of --max-new-tokens
+    /// tokens, sharing the prompt's prefill; tokens/s counts them all, TTFT
+    /// is the first token of any, latency the end of the last. In process
+    /// batched mode only (--mode batched; the single test then runs batched
+    /// too): threads mode runs a request on its own session, with no
+    /// prefill to share. With --url: the `n` of every request.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub choices: usize,
+    /// Batched mode: MiB of finished sequences' KV caches the scheduler
+    /// keeps for prefix reuse (least recently used out; 0: none, every
+    /// prompt is prefilled whole). A server's own setting decides with --url
+    /// (`gpt2 serve --prefix-cache-mib`).
+    #[arg(long, value_name = "MIB", default_value_t = 0, conflicts_with = "url")]
+    pub prefix_cache_mib: usize,
     /// How compute threads are organised.
     #[arg(long, value_enum, default_value = "shared", conflicts_with = "url")]
     pub pool: PoolLayout,
@@ -144,7 +175,8 @@ pub struct Options {
     /// --weights DIR's tokenizer.json, else the built-in GPT-2 one); no model
     /// is loaded. Refused with it: --dtype, --mode, --max-batch,
     /// --max-prompt-rows, --pool, --threads-per-request, --oversubscribe,
-    /// --profile, --probe (the server's own settings; no roofline), and
+    /// --prefix-cache-mib, --profile, --probe (the server's own settings; no
+    /// roofline), and
     /// --model, --synthetic, --revision (the hub's; see --server-model).
     #[arg(
         long,

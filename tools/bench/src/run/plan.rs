@@ -3,6 +3,8 @@
 
 use gpt2::Dtype;
 
+use clap::ValueEnum;
+
 use super::options::Options;
 use crate::in_process::{Mode, PoolLayout};
 use crate::runner::{poisson_arrivals, MAX_CLIENTS};
@@ -26,6 +28,8 @@ pub struct RunPlan {
     pub cores: usize,
     /// Most compute threads busy at once, at the highest level.
     pub max_busy: usize,
+    /// Batched mode's prefix-cache budget, bytes (`--prefix-cache-mib`).
+    pub prefix_cache_bytes: usize,
     pub thresholds: Thresholds,
 }
 
@@ -49,6 +53,7 @@ impl RunPlan {
             }
         }
         let (threads, max_busy) = threads(opts, cores, levels.last().copied().unwrap_or(1))?;
+        let prefix_cache_bytes = workload(opts)?;
         if let Some(rate) = opts.request_rate {
             check_rate(opts, rate, &levels, requests_per_level)?;
         }
@@ -68,6 +73,7 @@ impl RunPlan {
             threads,
             cores,
             max_busy,
+            prefix_cache_bytes,
             thresholds,
         })
     }
@@ -100,6 +106,59 @@ fn dtypes(opts: &Options) -> Result<Vec<Dtype>, String> {
         return Err("--dtype: name at least one of f32, bf16, int8".into());
     }
     Ok(dtypes)
+}
+
+/// `--choices`, `--prompt-tokens` and `--prefix-cache-mib`, checked; the
+/// prefix cache's budget in bytes. In process, several choices need batched
+/// mode alone (threads mode has no prefill to share) and fit the batch; a
+/// prefix cache needs the scheduler of batched mode. (The prompts' length
+/// against the context is checked with the model's config, before it loads.)
+fn workload(opts: &Options) -> Result<usize, String> {
+    if opts.choices == 0 {
+        return Err("--choices must be at least 1 (completions per request)".into());
+    }
+    if opts.prompt_tokens == Some(0) {
+        return Err(
+            "--prompt-tokens must be at least 1 (each request's own tokens, after any --shared-prefix-tokens)"
+                .into(),
+        );
+    }
+    if opts.url.is_some() {
+        return Ok(0);
+    }
+    let modes = opts.mode.modes();
+    if opts.choices > 1 && modes.contains(&Mode::Threads) {
+        return Err(format!(
+            "--choices {} needs --mode batched: threads mode runs each request on its own session, which cannot \
+             share one prefill between choices (--mode is {})",
+            opts.choices,
+            opts.mode.to_possible_value().map_or("?".into(), |v| v.get_name().to_string())
+        ));
+    }
+    if opts.choices > 1 && opts.profile {
+        return Err(format!(
+            "--profile times the single request's own session in threads mode; with --choices {} it runs batched",
+            opts.choices
+        ));
+    }
+    if opts.choices > opts.max_batch {
+        return Err(format!(
+            "--choices {} is more than --max-batch {}: a request's choices are decoded together, in one batch",
+            opts.choices, opts.max_batch
+        ));
+    }
+    if opts.prefix_cache_mib > 0 && !modes.contains(&Mode::Batched) {
+        return Err(format!(
+            "--prefix-cache-mib {} is batched mode's scheduler's; --mode threads has none",
+            opts.prefix_cache_mib
+        ));
+    }
+    opts.prefix_cache_mib.checked_mul(1 << 20).ok_or_else(|| {
+        format!(
+            "--prefix-cache-mib {} is more bytes than this machine can count",
+            opts.prefix_cache_mib
+        )
+    })
 }
 
 /// The concurrency levels above 1, ascending, without duplicates; 0 and

@@ -24,9 +24,10 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan, url: &str) -> Result<Measu
     check_timeouts(opts)?;
     gpt2::files::check_writable_dir(&opts.out_dir)?;
     let (tok, tokenizer_source) = tokenizer(opts)?;
-    let prompts = Prompts::encode(opts, &tok, |text, ids| {
+    // Synthetic prompts' ids are the tokenizer's: the server's model is not known here.
+    let prompts = Prompts::new(opts, &tok, tok.vocab_size(), |what, ids| {
         if ids.is_empty() {
-            return Err(format!("prompt {text:?} is no tokens at all; a request needs at least one").into());
+            return Err(format!("{what} is no tokens at all; a request needs at least one").into());
         }
         Ok(())
     })?;
@@ -39,6 +40,7 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan, url: &str) -> Result<Measu
         api_key,
         model: opts.server_model.clone(),
         max_tokens: opts.max_new_tokens,
+        choices: opts.choices,
         timeout: std::time::Duration::from_secs_f64(opts.http_timeout),
         deadline: opts.request_deadline.map(std::time::Duration::from_secs_f64),
     })?;

@@ -13,15 +13,17 @@
 //!
 //! `--url http://HOST:PORT` sends the same tests to an OpenAI-compatible
 //! server instead (mode `http`); `throughput compare A.json B.json ...`
-//! renders reports together.
+//! renders reports together; `throughput pair --a FLAGS --b FLAGS --
+//! COMMON...` measures two variants alternating and gives their ratios.
 //!
 //! This file parses the flags; the run is `gpt2_bench::run`, the
-//! comparison `gpt2_bench::compare`.
+//! comparison `gpt2_bench::compare`, the pairs `gpt2_bench::pair`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gpt2_bench::compare::{self, CompareOptions};
+use gpt2_bench::pair::{self, PairOptions};
 use gpt2_bench::run::{self, Options};
 
 #[derive(Parser, Debug)]
@@ -36,7 +38,9 @@ use gpt2_bench::run::{self, Options};
                   targets (single_* and concurrent_* requests and tokens per second, failed), any target named by \
                   --target, and with --strict every target; the project's own batching targets are otherwise \
                   reported, and a miss noted on stderr, without failing the run. `throughput compare`: 0 \
-                  written, 1 an input unreadable or not a report, 2 a bad flag.",
+                  written, 1 an input unreadable or not a report, 2 a bad flag. `throughput pair`: 0 written, \
+                  1 a run could not finish or a variant's flags are wrong (named), 2 a bad flag of its own, 4 \
+                  written but requests failed.",
     args_conflicts_with_subcommands = true
 )]
 struct Args {
@@ -54,6 +58,14 @@ enum Command {
     /// runs, any machine) into one Markdown table and one SVG with every
     /// curve (tokens/s against concurrency), under --out-dir.
     Compare(CompareOptions),
+    /// Measure two variants of one benchmark alternating (A B, B A, ...):
+    /// each run the flags after `--` plus the variant's own (--a, --b), in
+    /// process or --url; the ratios A / B of the runs' last tests (tokens/s,
+    /// TTFT p50, latency p50), pair by pair, and their medians. E.g. n
+    /// choices against as many requests: `throughput pair --a '--choices 8
+    /// --levels 1' --b '--levels 8' -- --synthetic --mode batched
+    /// --prompt-tokens 200`.
+    Pair(PairOptions),
 }
 
 fn main() -> ExitCode {
@@ -62,14 +74,33 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    if let Some(Command::Compare(c)) = &args.command {
-        return match compare::compare(c) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
+    match &args.command {
+        Some(Command::Compare(c)) => {
+            return match compare::compare(c) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        };
+        }
+        Some(Command::Pair(p)) => {
+            return match pair::pair(p) {
+                Ok(report) if report.failed_requests() > 0 => {
+                    eprintln!(
+                        "FAILED: {} requests failed over the runs (exit status 4)",
+                        report.failed_requests()
+                    );
+                    ExitCode::from(4)
+                }
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => {}
     }
     match run::run(&args.options) {
         Ok(outcome) => {
