@@ -325,6 +325,25 @@ impl Scheduler {
         self.enqueue(request, submitted, false)?.wait()
     }
 
+    /// Runs `n` choices of a checked request and waits for all of them, in
+    /// choice order: the batched twin of `n` calls of
+    /// [`Session::run`](crate::Session::run). As with
+    /// [`generate`](Scheduler::generate), nothing is sent before the end.
+    pub fn generate_n(&self, request: Request, n: usize) -> Result<Vec<Generation>> {
+        if n == 0 || n > self.max_batch {
+            return Err(Invalid::Choices {
+                n,
+                max: self.max_batch,
+            }
+            .into());
+        }
+        let choices = (0..n).map(|i| request.choice(i)).collect();
+        self.enqueue_all(choices, Instant::now(), false)?
+            .into_iter()
+            .map(RequestHandle::wait)
+            .collect()
+    }
+
     fn enqueue(&self, request: Request, submitted: Instant, stream: bool) -> Result<RequestHandle> {
         let mut handles = self.enqueue_all(vec![request], submitted, stream)?;
         Ok(handles.remove(0))

@@ -116,14 +116,8 @@ impl InProcess<'_> {
             (Mode::Batched, Some(sched)) if choices == 1 => Ok(vec![sched.generate(prompt.to_vec(), opts)?]),
             (Mode::Batched, Some(sched)) => {
                 let request = Request::prepare(&self.model.config, prompt.to_vec(), opts, Fit::Prompt)?;
-                // Waited for in order: while this thread waits for the
-                // first, the others' tokens queue in their channels and
-                // wake nobody.
-                sched
-                    .submit_n(request, choices)?
-                    .into_iter()
-                    .map(|h| h.wait())
-                    .collect()
+                // Not streamed either: the choices' tokens wake nobody.
+                sched.generate_n(request, choices)
             }
             (Mode::Batched, None) => Err(gpt2::Error::Engine("no scheduler".into())),
         }
