@@ -9,6 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::server::{post_json, ServerProcess};
 use common::{scratch_dir, synth_dir};
 use gpt2::score::{self, Score, ScoreOptions};
 use gpt2::synth::Preset;
@@ -204,4 +205,51 @@ fn bad_inputs_are_named_errors() {
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(out.stdout.is_empty(), "nothing printed on failure");
     }
+}
+
+/// The same figure over HTTP: a text within the window, sent to `gpt2 serve`
+/// with `echo`, `logprobs` and `max_tokens: 0` (how evaluation harnesses
+/// score a text), gives the per-token logprobs and the perplexity that
+/// `gpt2 score` prints.
+#[test]
+fn http_echo_gives_the_same_perplexity() {
+    let dir = scratch_dir("score-cli-http");
+    let words =
+        "Evaluation harnesses score a text by sending it back with echo and reading each token's logprob.";
+    let file = write(&dir, "eval.txt", words);
+    let out = score_cli(&file, &["--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cli: Vec<f64> = json["tokens"].as_array().unwrap()[1..]
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect();
+
+    let weights = synth_dir(Preset::Tiny, 0);
+    let server = ServerProcess::ready(&["--weights", weights.to_str().unwrap()], &[]);
+    let body = serde_json::json!({"prompt": words, "echo": true, "logprobs": 0, "max_tokens": 0});
+    let reply = post_json(&format!("{}/v1/completions", server.base), &body);
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let choice = &reply.json["choices"][0];
+    assert_eq!(choice["text"].as_str(), Some(words));
+    let lps = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert!(
+        lps[0].is_null(),
+        "the first token has nothing to be predicted from"
+    );
+    let http: Vec<f64> = lps[1..].iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(http.len(), cli.len(), "one logprob per token after the first");
+    for (i, (h, c)) in http.iter().zip(&cli).enumerate() {
+        assert!(
+            (h - c).abs() <= 1e-6,
+            "token {}: HTTP {h} vs gpt2 score {c}",
+            i + 1
+        );
+    }
+    let ppl = (-http.iter().sum::<f64>() / http.len() as f64).exp();
+    let want = json["perplexity"].as_f64().unwrap();
+    assert!(
+        (ppl - want).abs() <= 1e-6 * want,
+        "HTTP perplexity {ppl} vs gpt2 score {want}"
+    );
 }
