@@ -335,7 +335,9 @@ fn prompts(v: &Value) -> Result<Vec<Prompt>, ApiError> {
             .iter()
             .enumerate()
             .map(|(i, ids)| match ids {
-                Value::Array(a) if !a.is_empty() => token_ids(a, &format!("prompt[{i}]")).map(Prompt::Ids),
+                Value::Array(a) if !a.is_empty() => {
+                    token_ids(a, "prompt", &format!("prompt[{i}]")).map(Prompt::Ids)
+                }
                 Value::Array(_) => Err(ApiError::param(
                     "prompt",
                     format!("`prompt[{i}]` is an empty array: at least one token id is needed"),
@@ -349,20 +351,21 @@ fn prompts(v: &Value) -> Result<Vec<Prompt>, ApiError> {
                 )),
             })
             .collect(),
-        Some(_) => Ok(vec![Prompt::Ids(token_ids(items, "prompt")?)]),
+        Some(_) => Ok(vec![Prompt::Ids(token_ids(items, "prompt", "prompt")?)]),
     }
 }
 
 /// Token ids: non-negative integers that fit 32 bits (the vocabulary is the
-/// door's to check).
-fn token_ids(items: &[Value], at: &str) -> Result<Vec<u32>, ApiError> {
+/// door's to check); a refusal names `param` and the item's place, `at[i]`.
+/// Also `/tokenize`'s reader of `tokens`.
+pub(crate) fn token_ids(items: &[Value], param: &str, at: &str) -> Result<Vec<u32>, ApiError> {
     items
         .iter()
         .enumerate()
         .map(|(i, t)| {
             t.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
                 ApiError::param(
-                    "prompt",
+                    param,
                     format!("`{at}[{i}]` is {t}, not a token id (a non-negative integer)"),
                 )
             })

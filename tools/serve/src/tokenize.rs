@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 
 use super::completions::read_body;
 use super::error::ApiError;
+use super::request;
 use super::state::{App, Engine};
 use gpt2::request::check_token_ids;
 use gpt2::Invalid;
@@ -168,18 +169,7 @@ fn token_ids(v: &Value) -> Result<Vec<u32>, ApiError> {
     let items = v
         .as_array()
         .ok_or_else(|| ApiError::param("tokens", "`tokens` must be an array of token ids"))?;
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            t.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
-                ApiError::param(
-                    "tokens",
-                    format!("`tokens[{i}]` is {t}, not a token id (a non-negative integer)"),
-                )
-            })
-        })
-        .collect()
+    request::token_ids(items, "tokens", "tokens")
 }
 
 fn boolean(name: &str, v: &Value) -> Result<Option<bool>, ApiError> {
