@@ -31,8 +31,9 @@ pub struct ServeArgs {
     /// Most sequences decoded together in one forward step.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
-    /// Requests that may wait for a batch slot; more in flight than
-    /// max-batch + max-queue get 429.
+    /// Sequences that may wait for a batch slot (a request runs one per
+    /// prompt and choice: prompts x n); a request that would put more than
+    /// max-batch + max-queue in flight gets 429, whole.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
     /// Most prompt rows prefilled per step, beside the decode rows.
@@ -207,7 +208,7 @@ impl ServeArgs {
 pub fn run(args: ServeArgs) -> Result<(), BoxError> {
     let config = args.config()?;
     let prefix_cache_bytes = args.prefix_cache_bytes()?;
-    // Every admitted request holds a blocking thread (its bridge) until it
+    // Every admitted sequence holds a blocking thread (its bridge) until it
     // ends, and parsing takes one more for a moment: room for all of them.
     let blocking = config.max_batch + config.max_queue + 64;
     let runtime = tokio::runtime::Builder::new_multi_thread()
