@@ -9,16 +9,14 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::in_process::{Checkpoint, InProcess};
 use common::server::{self, metric, post_json, post_raw, ServerProcess, PATIENCE};
 use common::{scratch_dir, synth_dir};
-use gpt2::scheduler::{StepObserver, StepStats};
 use gpt2::synth::Preset;
-use gpt2::tokenizer::Gpt2Tokenizer;
-use gpt2::{Gpt2Model, Scheduler, SchedulerConfig};
-use gpt2_serve::{Engine, ServeConfig};
+use gpt2_serve::ServeConfig;
 use serde_json::{json, Value};
 
 fn tiny_dir() -> String {
@@ -410,127 +408,16 @@ fn long_context_dir() -> PathBuf {
     dir
 }
 
-/// Holds the engine after each step while closed.
-#[derive(Debug, Default)]
-struct Gate {
-    inner: std::sync::OnceLock<Arc<dyn StepObserver>>,
-    held: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    fn set(&self, held: bool) {
-        *self.held.lock().unwrap() = held;
-        self.cv.notify_all();
-    }
-}
-
-impl StepObserver for Gate {
-    fn on_step(&self, step: &StepStats) {
-        if let Some(inner) = self.inner.get() {
-            inner.on_step(step);
-        }
-        let mut held = self.held.lock().unwrap();
-        while *held {
-            held = self.cv.wait(held).unwrap();
-        }
-    }
-}
-
-struct InProcess {
-    base: String,
-    gate: Arc<Gate>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
 /// `gpt2_serve::serve` on the long-context tiny model, on its own runtime
-/// thread; its listener's send buffer set to `send_buffer` bytes (accepted
-/// sockets inherit it) when given.
+/// thread, the engine held at will; its listener's send buffer set to
+/// `send_buffer` bytes (accepted sockets inherit it) when given.
 fn start(config: ServeConfig, send_buffer: Option<u32>) -> InProcess {
-    let dir = long_context_dir();
-    let gate = Arc::new(Gate::default());
-    let engine_gate = Arc::clone(&gate);
-    let load = move |mut sc: SchedulerConfig| {
-        let model = Arc::new(Gpt2Model::load_with(&dir, gpt2::Dtype::F32)?);
-        if let Some(inner) = sc.observer.take() {
-            let _ = engine_gate.inner.set(inner);
-        }
-        sc.observer = Some(engine_gate as Arc<dyn StepObserver>);
-        Ok(Engine {
-            scheduler: Scheduler::new(model, sc)?,
-            tokenizer: Gpt2Tokenizer::builtin(),
-            model_id: "tiny-1024".into(),
-            weights: "SYNTHETIC tiny checkpoint, 1024 positions".into(),
-            synthetic: true,
-        })
+    let checkpoint = Checkpoint {
+        dir: long_context_dir(),
+        model_id: "tiny-1024",
+        weights: "SYNTHETIC tiny checkpoint, 1024 positions",
     };
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            if let Some(n) = send_buffer {
-                socket.set_send_buffer_size(n).unwrap();
-            }
-            socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-            let listener = socket.listen(64).unwrap();
-            addr_tx.send(listener.local_addr().unwrap()).unwrap();
-            let stopped = async move {
-                let _ = stop_rx.await;
-            };
-            gpt2_serve::serve(listener, config, load, stopped).await.unwrap();
-        });
-        rt.shutdown_timeout(Duration::from_secs(5));
-    });
-    let addr = addr_rx.recv_timeout(PATIENCE).expect("the server binds");
-    let server = InProcess {
-        base: format!("http://{addr}"),
-        gate,
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    };
-    server::wait_healthy(&server.base);
-    server
-}
-
-impl InProcess {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn metrics(&self) -> String {
-        server::get(&self.url("/metrics"), None).text
-    }
-
-    fn wait_for(&self, what: &str, limit: Duration, ok: impl Fn(&str) -> bool) {
-        let start = Instant::now();
-        loop {
-            let m = self.metrics();
-            if ok(&m) {
-                return;
-            }
-            assert!(start.elapsed() < limit, "never {what} within {limit:?}:\n{m}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for InProcess {
-    fn drop(&mut self) {
-        self.gate.set(false);
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    InProcess::start(checkpoint, config, send_buffer)
 }
 
 fn config(max_batch: usize, max_queue: usize) -> ServeConfig {
@@ -618,13 +505,13 @@ fn a_stream_longer_than_the_header_timeout_is_not_cut() {
         },
         None,
     );
-    server.gate.set(true);
+    server.hold(true);
     let url = server.url("/v1/completions");
     let (released, streamed) = std::thread::scope(|s| {
         let h = s.spawn(|| server::stream(&url, &greedy(json!("a"), 20, true), || {}));
         // Held for three header timeouts while its response is open.
         std::thread::sleep(Duration::from_secs(1));
-        server.gate.set(false);
+        server.hold(false);
         (true, h.join().unwrap())
     });
     assert!(released && streamed.done, "{:?}", streamed.chunks);
@@ -636,7 +523,7 @@ fn a_stream_longer_than_the_header_timeout_is_not_cut() {
 #[test]
 fn retry_after_on_429() {
     let server = start(config(1, 0), None);
-    server.gate.set(true);
+    server.hold(true);
     let mut first = connect(&server.base);
     send_request(&mut first, &greedy(json!("a"), 5, true));
     server.wait_for("admitted", PATIENCE, |m| {
@@ -652,7 +539,7 @@ fn retry_after_on_429() {
         r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
         Some("1")
     );
-    server.gate.set(false);
+    server.hold(false);
     drop(first);
 }
 
@@ -665,7 +552,7 @@ fn at_the_end_of_the_grace_period_requests_get_503_and_streams_an_error_then_don
         },
         None,
     );
-    server.gate.set(true);
+    server.hold(true);
     // A stream, held after its first token...
     let mut streamed = BufReader::new(connect(&server.base));
     send_request(streamed.get_mut(), &greedy(json!("a"), 100, true));
@@ -680,7 +567,7 @@ fn at_the_end_of_the_grace_period_requests_get_503_and_streams_an_error_then_don
     server.wait_for("queued", PATIENCE, |m| {
         metric(m, "gpt2_requests_in_flight") == Some(2.0)
     });
-    server.stop.take().unwrap().send(()).unwrap();
+    server.signal_stop();
     let (answer, waited) = read_to_close(&mut whole);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.to_ascii_lowercase().contains("retry-after: 1"), "{answer}");
@@ -694,8 +581,8 @@ fn at_the_end_of_the_grace_period_requests_get_503_and_streams_an_error_then_don
     assert_eq!(events[n - 1], "[DONE]", "{rest}");
     let error: Value = serde_json::from_str(events[n - 2]).unwrap();
     assert_eq!(error["error"]["code"], "shutdown", "{rest}");
-    server.gate.set(false);
-    server.thread.take().unwrap().join().unwrap();
+    server.hold(false);
+    server.join();
 }
 
 // ---- item 7: half-closed requests ----
@@ -766,7 +653,7 @@ fn the_kv_cache_budget_bounds_admission_and_idle_caches_are_released() {
         },
         None,
     );
-    server.gate.set(true);
+    server.hold(true);
     let url = server.url("/v1/completions");
     let in_flight = |n: f64| move |m: &str| metric(m, "gpt2_requests_in_flight") == Some(n);
     // 1 + 400 positions: 7 pages of each region, 448 KiB.
@@ -798,7 +685,7 @@ fn the_kv_cache_budget_bounds_admission_and_idle_caches_are_released() {
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(r.json["error"]["param"], "max_tokens", "{}", r.text);
     assert_eq!(r.json["error"]["code"], "kv_cache_exceeded", "{}", r.text);
-    server.gate.set(false);
+    server.hold(false);
     for conn in [&mut first, &mut second] {
         let (text, _) = read_to_close_or_done(conn);
         assert!(text.contains("data: [DONE]"), "{text}");

@@ -10,18 +10,18 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use common::fixture::{case, fixture};
+use common::in_process::{Checkpoint, InProcess};
 use common::server::{self, metric, post_json, ServerProcess, PATIENCE};
 use common::{scratch_dir, synth_dir};
 use gpt2::request::choice_seed;
-use gpt2::scheduler::{StepObserver, StepStats};
 use gpt2::synth::Preset;
 use gpt2::tokenizer::Gpt2Tokenizer;
-use gpt2::{GenerateOptions, Gpt2Model, Scheduler, SchedulerConfig, Session};
-use gpt2_serve::{Engine, ServeConfig};
+use gpt2::{GenerateOptions, Gpt2Model, Session};
+use gpt2_serve::ServeConfig;
 use serde_json::{json, Value};
 
 const PROMPT: &str = "The quick brown fox jumps over";
@@ -682,120 +682,17 @@ fn n_past_the_whole_kv_budget_is_a_400() {
 
 // ---- in-process: the engine held while a request is in flight ----
 
-/// Holds the engine after each step while `held`.
-#[derive(Debug, Default)]
-struct Hold {
-    /// The server's own observer, passed every step.
-    inner: OnceLock<Arc<dyn StepObserver>>,
-    held: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Hold {
-    fn set(&self, held: bool) {
-        *self.held.lock().unwrap() = held;
-        self.cv.notify_all();
-    }
-}
-
-impl StepObserver for Hold {
-    fn on_step(&self, step: &StepStats) {
-        if let Some(inner) = self.inner.get() {
-            inner.on_step(step);
-        }
-        let mut held = self.held.lock().unwrap();
-        while *held {
-            held = self.cv.wait(held).unwrap();
-        }
-    }
-}
-
-/// `gpt2_serve::serve` on the tiny model, on its own runtime thread;
-/// stopped and joined on drop.
-struct InProcess {
-    base: String,
-    hold: Arc<Hold>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl InProcess {
-    fn start(config: ServeConfig) -> Self {
-        let hold = Arc::new(Hold::default());
-        let engine_hold = Arc::clone(&hold);
-        let load = move |mut sc: SchedulerConfig| {
-            let model = Arc::new(Gpt2Model::load_with(
-                &synth_dir(Preset::Tiny, 0),
-                gpt2::Dtype::F32,
-            )?);
-            if let Some(inner) = sc.observer.take() {
-                let _ = engine_hold.inner.set(inner);
-            }
-            sc.observer = Some(engine_hold as Arc<dyn StepObserver>);
-            Ok(Engine {
-                scheduler: Scheduler::new(model, sc)?,
-                tokenizer: Gpt2Tokenizer::builtin(),
-                model_id: "tiny".into(),
-                weights: "SYNTHETIC tiny checkpoint (random weights)".into(),
-                synthetic: true,
-            })
-        };
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                let stopped = async move {
-                    let _ = stop_rx.await;
-                };
-                gpt2_serve::serve(listener, config, load, stopped).await.unwrap();
-            });
-            rt.shutdown_timeout(Duration::from_secs(5));
-        });
-        let addr = addr_rx.recv_timeout(PATIENCE).expect("the server binds");
-        let server = InProcess {
-            base: format!("http://{addr}"),
-            hold,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        };
-        server::wait_healthy(&server.base);
-        server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn metric(&self, series: &str) -> Option<f64> {
-        metric(&server::get(&self.url("/metrics"), None).text, series)
-    }
-}
-
-impl Drop for InProcess {
-    fn drop(&mut self) {
-        self.hold.set(false);
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Room for 3 sequences (max_batch 2 + max_queue 1): while a request of 2
 /// choices runs, one of 2 more is refused whole (429, nothing of it runs)
 /// and one of 1 more is taken; once the first is done, the 2 fit.
 #[test]
 fn choices_are_admitted_whole_or_refused_whole() {
-    let server = InProcess::start(ServeConfig {
+    let tiny = Checkpoint {
+        dir: synth_dir(Preset::Tiny, 0),
+        model_id: "tiny",
+        weights: "SYNTHETIC tiny checkpoint (random weights)",
+    };
+    let config = ServeConfig {
         max_batch: 2,
         max_queue: 1,
         // Its own pool, so the held engine holds none of another test's threads.
@@ -804,10 +701,11 @@ fn choices_are_admitted_whole_or_refused_whole() {
         )),
         grace: Duration::from_secs(1),
         ..ServeConfig::default()
-    });
+    };
+    let server = InProcess::start(tiny, config, None);
     let url = server.url("/v1/completions");
     let body = |n: usize, stream: bool| json!({"prompt": PROMPT, "n": n, "max_tokens": 6, "temperature": 0, "ignore_eos": true, "stream": stream});
-    server.hold.set(true);
+    server.hold(true);
     // The first request's stream starts; the engine is held after a step.
     let addr = server.base.trim_start_matches("http://").to_string();
     let mut first = TcpStream::connect(&addr).unwrap();
@@ -849,7 +747,7 @@ fn choices_are_admitted_whole_or_refused_whole() {
             assert!(start.elapsed() < PATIENCE, "the third request was not admitted");
             std::thread::sleep(Duration::from_millis(20));
         }
-        server.hold.set(false);
+        server.hold(false);
         let third = third.join().unwrap();
         assert_eq!(third.status, 200, "{}", third.text);
     });

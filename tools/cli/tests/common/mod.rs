@@ -4,6 +4,7 @@
 
 #[path = "../../../../tests/common/mod.rs"]
 mod engine;
+pub mod in_process;
 pub mod server;
 
 pub use engine::*;
