@@ -155,6 +155,45 @@ fn by_choice(
 /// the engine's own logits (1e-5) and of the `transformers` reference logits
 /// (the reference tests' tolerance), position by position; the first token
 /// has none. Several prompts in one request, as evaluation harnesses send.
+/// The same on the 124M checkpoint: the server's echo logprobs of each
+/// committed reference prompt equal `log_softmax` of the `transformers`
+/// logits at every position the fixture holds.
+#[test]
+fn echo_scores_match_transformers_on_124m() {
+    let big = case(Preset::Gpt2_124M);
+    let dir = synth_dir(Preset::Gpt2_124M, big.seed);
+    let server = ServerProcess::ready(&["--weights", dir.to_str().unwrap()], &[]);
+    // Both presets have the full GPT-2 vocabulary.
+    let v = model().config.vocab_size;
+    let mut compared = 0;
+    for (k, p) in big.prompts.iter().enumerate() {
+        let r = post_json(
+            &format!("{}/v1/completions", server.base),
+            &json!({"prompt": p.ids, "echo": true, "logprobs": 0, "max_tokens": 0}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+        let got = floats(&r.json["choices"][0]["logprobs"]["token_logprobs"]);
+        assert_eq!(got.len(), p.ids.len());
+        assert_eq!(got[0], None, "the first token has no logprob");
+        for (j, &pos) in p.positions.iter().enumerate() {
+            let Some(&next) = p.ids.get(pos + 1) else { continue };
+            let reference = &fixture().logits[p.logits_offset + j * v..][..v];
+            let want = log_softmax(reference)[next as usize];
+            let g = got[pos + 1].unwrap_or_else(|| panic!("prompt {k}: token {} has no logprob", pos + 1));
+            assert_near(
+                &format!("124M prompt {k}, token {}", pos + 1),
+                g,
+                want,
+                1e-4,
+                1e-4,
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared > 0, "the fixture has no 124M position with a next token");
+    eprintln!("124M: {compared} positions compared with transformers over HTTP");
+}
+
 #[test]
 fn echo_scores_prompts_as_the_engine_and_transformers_do() {
     let server = tiny_server(&[]);
