@@ -196,27 +196,11 @@ fn start(
         .collect::<Result<Vec<_>, _>>()?;
     let (n, sequences) = (req.n, requests.len().saturating_mul(req.n));
     let whole = if n > 1 { "n" } else { "prompt" };
-    if sequences > app.max_sequences() {
-        return Err(ApiError::param(
-            whole,
-            format!(
-                "{} prompt(s) × n = {n} need {sequences} sequences, more than this server ever runs at once \
-                 ({}: --max-batch + --max-queue); lower n or send fewer prompts",
-                requests.len(),
-                app.max_sequences()
-            ),
-        ));
-    }
+    fits_ever(app, requests.len(), n, whole)?;
     let kv = kv_reservation(app, &engine.scheduler.model().config, &requests, n, whole)?;
     let in_flight = app.admit(sequences, kv)?;
     let id = app.next_request_id();
-    // Without a seed every request gets its own, as OpenAI samples afresh.
-    let seed = req.seed.unwrap_or_else(|| {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        nanos ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    });
+    let seed = req.seed.unwrap_or_else(|| fresh_seed(id));
     let prompt_tokens: usize = requests.iter().map(|r| r.prompt().len()).sum();
     let mut choices = Vec::with_capacity(sequences);
     for (p, mut request) in requests.into_iter().enumerate() {
@@ -268,6 +252,33 @@ fn start(
         tokio::task::spawn_blocking(move || bridge(job, choice, tx));
     }
     Ok((rx, reply))
+}
+
+/// Refuses (400, naming `whole`: `n`, or `prompt` for a batch) a request
+/// whose `prompts` x `n` sequences are more than the server ever runs at
+/// once; one that fits now or later goes on to admission.
+fn fits_ever(app: &App, prompts: usize, n: usize, whole: &str) -> Result<(), ApiError> {
+    let sequences = prompts.saturating_mul(n);
+    if sequences <= app.max_sequences() {
+        return Ok(());
+    }
+    Err(ApiError::param(
+        whole,
+        format!(
+            "{prompts} prompt(s) × n = {n} need {sequences} sequences, more than this server ever runs at once \
+             ({}: --max-batch + --max-queue); lower n or send fewer prompts",
+            app.max_sequences()
+        ),
+    ))
+}
+
+/// A seed for a request without one: every request gets its own, as OpenAI
+/// samples afresh.
+fn fresh_seed(id: u64) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// One prompt as the engine runs it: its token ids and the options, through

@@ -26,6 +26,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use gpt2::prefix::PrefixStats;
 use gpt2::scheduler::{SchedulerStats, StepObserver, StepStats};
 
 /// Every metric the server exports, registered in its own registry.
@@ -61,20 +62,33 @@ pub struct Metrics {
     pub inter_token: Histogram,
     /// One engine step: forward pass and sampling.
     pub step: Histogram,
-    /// vLLM's names for the gateway (see the module doc): the scheduler's
-    /// queue and batch, and KV use over the budget, all set at scrape time.
+    /// vLLM's names, for the inference gateways (see the module doc).
+    pub gateway: Gateway,
+    /// The engine's prefix cache.
+    pub prefix: PrefixCache,
+}
+
+/// The series inference gateways route and scale on, under vLLM's names and
+/// types: the scheduler's queue and batch and KV use over the budget (set
+/// at scrape time), TTFT and end-to-end latency with vLLM's buckets.
+#[derive(Debug)]
+pub struct Gateway {
     pub num_requests_waiting: IntGauge,
     pub num_requests_running: IntGauge,
     pub kv_cache_usage: Gauge,
-    /// Fed by [`observe_ttft`](Metrics::observe_ttft) with `ttft`.
-    pub vllm_ttft: Histogram,
+    /// Fed by [`Metrics::observe_ttft`] beside `gpt2_time_to_first_token_seconds`.
+    pub ttft: Histogram,
     /// A generation's arrival to the last byte of its answer (200s only).
     pub e2e_latency: Histogram,
-    /// The engine's prefix-cache totals, caught up at scrape time (see
-    /// [`catch_up`]), and the bytes it keeps now.
-    pub prefix_hits: IntCounter,
-    pub prefix_tokens_reused: IntCounter,
-    pub prefix_bytes: IntGauge,
+}
+
+/// The engine's prefix-cache totals, caught up at scrape time (see
+/// [`catch_up`]), and the bytes it keeps now.
+#[derive(Debug)]
+pub struct PrefixCache {
+    pub hits: IntCounter,
+    pub tokens_reused: IntCounter,
+    pub bytes: IntGauge,
     /// Held while the counters catch up, so two scrapes at once cannot both
     /// add the same difference.
     catching_up: Mutex<()>,
@@ -158,6 +172,46 @@ impl Metrics {
                 "One engine step: a batched forward pass and sampling",
                 0.000_1,
             ),
+            gateway: Gateway::new(r),
+            prefix: PrefixCache::new(r),
+            registry,
+        }
+    }
+
+    /// The text exposition, with the engine's gauges as of now (`None`
+    /// while the model loads).
+    pub fn render(&self, engine: Option<SchedulerStats>) -> String {
+        let stats = engine.unwrap_or_default();
+        self.queue_depth.set(stats.queued as i64);
+        self.active_sequences.set(stats.active as i64);
+        self.kv_pooled.set(stats.pooled_caches as i64);
+        self.gateway
+            .set(&stats, self.kv_reserved.get(), self.kv_budget.get());
+        self.prefix.set(&stats.prefix);
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# cannot encode the metrics: {e}\n"))
+    }
+
+    /// Into both TTFT histograms: ours and vLLM's buckets.
+    pub fn observe_ttft(&self, d: Duration) {
+        self.ttft.observe(d.as_secs_f64());
+        self.gateway.ttft.observe(d.as_secs_f64());
+    }
+
+    /// A generation answered whole (200), from its arrival.
+    pub fn observe_e2e(&self, d: Duration) {
+        self.gateway.e2e_latency.observe(d.as_secs_f64());
+    }
+
+    pub fn observe_inter_token(&self, d: Duration) {
+        self.inter_token.observe(d.as_secs_f64());
+    }
+}
+
+impl Gateway {
+    fn new(r: &Registry) -> Self {
+        Gateway {
             num_requests_waiting: gauge(
                 r,
                 "vllm:num_requests_waiting",
@@ -177,7 +231,7 @@ impl Metrics {
                 )
                 .expect("valid gauge"),
             ),
-            vllm_ttft: histogram_with(
+            ttft: histogram_with(
                 r,
                 "vllm:time_to_first_token_seconds",
                 "Histogram of time to first token in seconds",
@@ -190,62 +244,45 @@ impl Metrics {
                  of its 200 answer",
                 &VLLM_LATENCY_BUCKETS,
             ),
-            prefix_hits: counter(
+        }
+    }
+
+    /// The gauges, from the engine's stats and the KV bytes reserved of the budget.
+    fn set(&self, stats: &SchedulerStats, kv_reserved: i64, kv_budget: i64) {
+        self.num_requests_waiting.set(stats.queued as i64);
+        self.num_requests_running.set(stats.active as i64);
+        self.kv_cache_usage.set(usage(kv_reserved, kv_budget));
+    }
+}
+
+impl PrefixCache {
+    fn new(r: &Registry) -> Self {
+        PrefixCache {
+            hits: counter(
                 r,
                 "gpt2_prefix_cache_hits_total",
                 "Requests that started from a cached prefix of a finished request's KV cache",
             ),
-            prefix_tokens_reused: counter(
+            tokens_reused: counter(
                 r,
                 "gpt2_prefix_cache_tokens_reused_total",
                 "Prompt positions taken from the prefix cache instead of computed",
             ),
-            prefix_bytes: gauge(
+            bytes: gauge(
                 r,
                 "gpt2_prefix_cache_bytes",
                 "Resident bytes of the KV caches kept for prefix reuse (--prefix-cache-mib)",
             ),
             catching_up: Mutex::new(()),
-            registry,
         }
     }
 
-    /// The text exposition, with the engine's gauges as of now (`None`
-    /// while the model loads).
-    pub fn render(&self, engine: Option<SchedulerStats>) -> String {
-        let stats = engine.unwrap_or_default();
-        self.queue_depth.set(stats.queued as i64);
-        self.active_sequences.set(stats.active as i64);
-        self.kv_pooled.set(stats.pooled_caches as i64);
-        self.num_requests_waiting.set(stats.queued as i64);
-        self.num_requests_running.set(stats.active as i64);
-        self.kv_cache_usage
-            .set(usage(self.kv_reserved.get(), self.kv_budget.get()));
-        self.prefix_bytes
-            .set(i64::try_from(stats.prefix.bytes).unwrap_or(i64::MAX));
-        {
-            let _alone = self.catching_up.lock().unwrap_or_else(|e| e.into_inner());
-            catch_up(&self.prefix_hits, stats.prefix.hits);
-            catch_up(&self.prefix_tokens_reused, stats.prefix.tokens_reused);
-        }
-        TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_else(|e| format!("# cannot encode the metrics: {e}\n"))
-    }
-
-    /// Into both TTFT histograms: ours and vLLM's buckets.
-    pub fn observe_ttft(&self, d: Duration) {
-        self.ttft.observe(d.as_secs_f64());
-        self.vllm_ttft.observe(d.as_secs_f64());
-    }
-
-    /// A generation answered whole (200), from its arrival.
-    pub fn observe_e2e(&self, d: Duration) {
-        self.e2e_latency.observe(d.as_secs_f64());
-    }
-
-    pub fn observe_inter_token(&self, d: Duration) {
-        self.inter_token.observe(d.as_secs_f64());
+    /// Catches the counters up with the engine's totals.
+    fn set(&self, stats: &PrefixStats) {
+        self.bytes.set(i64::try_from(stats.bytes).unwrap_or(i64::MAX));
+        let _alone = self.catching_up.lock().unwrap_or_else(|e| e.into_inner());
+        catch_up(&self.hits, stats.hits);
+        catch_up(&self.tokens_reused, stats.tokens_reused);
     }
 }
 
