@@ -276,7 +276,7 @@ impl Session {
         mut on_token: impl FnMut(u32),
     ) -> Result<Generation> {
         let mut seq = Decode::new(request, model.config.n_positions, start);
-        let prompt = seq.prompt().to_vec();
+        let prompt_len = seq.prompt().len();
         let mut rows = Vec::with_capacity(self.scratch.max_rows());
 
         // Prefill, in chunks of at most max_rows rows; only the very last row
@@ -288,14 +288,15 @@ impl Session {
         let v = model.config.vocab_size;
         let mut pos = 0;
         let mut logits: &[f32] = &[];
-        while pos < prompt.len() {
-            let end = (pos + chunk).min(prompt.len());
+        while pos < prompt_len {
+            let end = (pos + chunk).min(prompt_len);
+            let prompt = seq.prompt();
             rows.clear();
             rows.extend((pos..end).map(|p| Row {
                 seq: 0,
                 token: prompt[p],
                 pos: p,
-                logits: scored || p + 1 == prompt.len(),
+                logits: scored || p + 1 == prompt_len,
             }));
             logits = model.forward(&rows, &mut [&mut self.cache], &mut self.scratch)?;
             if scored {
