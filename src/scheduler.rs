@@ -289,14 +289,7 @@ impl Scheduler {
     /// `n` must be in `1..=`[`max_choices`](Scheduler::max_choices)
     /// ([`Invalid::Choices`]); the choices are admitted together or not at all.
     pub fn submit_n(&self, request: Request, n: usize) -> Result<Vec<RequestHandle>> {
-        if n == 0 || n > self.max_batch {
-            return Err(Invalid::Choices {
-                n,
-                max: self.max_batch,
-            }
-            .into());
-        }
-        let choices = (0..n).map(|i| request.choice(i)).collect();
+        let choices = self.choices(&request, n)?;
         self.enqueue_all(choices, Instant::now(), true)
     }
 
@@ -330,6 +323,15 @@ impl Scheduler {
     /// [`Session::run`](crate::Session::run). As with
     /// [`generate`](Scheduler::generate), nothing is sent before the end.
     pub fn generate_n(&self, request: Request, n: usize) -> Result<Vec<Generation>> {
+        let choices = self.choices(&request, n)?;
+        self.enqueue_all(choices, Instant::now(), false)?
+            .into_iter()
+            .map(RequestHandle::wait)
+            .collect()
+    }
+
+    /// The `n` choices of `request`, if the batch can hold them all.
+    fn choices(&self, request: &Request, n: usize) -> Result<Vec<Request>> {
         if n == 0 || n > self.max_batch {
             return Err(Invalid::Choices {
                 n,
@@ -337,11 +339,7 @@ impl Scheduler {
             }
             .into());
         }
-        let choices = (0..n).map(|i| request.choice(i)).collect();
-        self.enqueue_all(choices, Instant::now(), false)?
-            .into_iter()
-            .map(RequestHandle::wait)
-            .collect()
+        Ok((0..n).map(|i| request.choice(i)).collect())
     }
 
     fn enqueue(&self, request: Request, submitted: Instant, stream: bool) -> Result<RequestHandle> {
