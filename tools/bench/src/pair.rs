@@ -214,7 +214,8 @@ pub fn pair(opts: &PairOptions) -> Result<PairReport, Box<dyn Error>> {
     let mut runs = Vec::with_capacity(2 * opts.pairs);
     let mut pairs = Vec::with_capacity(opts.pairs);
     for i in 0..opts.pairs {
-        let order = if i % 2 == 0 { [&a, &b] } else { [&b, &a] };
+        let ab = i % 2 == 0;
+        let order = if ab { [&a, &b] } else { [&b, &a] };
         let mut heads = Vec::with_capacity(2);
         for v in order {
             let number = runs.len();
@@ -237,14 +238,11 @@ pub fn pair(opts: &PairOptions) -> Result<PairReport, Box<dyn Error>> {
             heads.push(headline(&report).ok_or("a run measured no test")?);
             runs.push(report);
         }
-        let (a_head, b_head) = if i % 2 == 0 {
-            (heads.remove(0), heads.remove(0))
-        } else {
-            let b_head = heads.remove(0);
-            (heads.remove(0), b_head)
-        };
+        let second = heads.pop().expect("two runs");
+        let first = heads.pop().expect("two runs");
+        let (a_head, b_head) = if ab { (first, second) } else { (second, first) };
         pairs.push(Pair {
-            order: if i % 2 == 0 { "AB" } else { "BA" }.into(),
+            order: if ab { "AB" } else { "BA" }.into(),
             ratio: ratios(&a_head, &b_head),
             a: a_head,
             b: b_head,
