@@ -63,7 +63,7 @@ pub use config::Gpt2Config;
 pub use error::{Error, Result};
 pub use error::{Invalid, Lengths, Param};
 pub use generate::{GenerateOptions, Generation, Session, StopReason};
-pub use gpt2_kernels::Dtype;
+pub use gpt2_kernels::{Dtype, KvDtype};
 pub use logprobs::TokenLogprob;
 pub use model::{Gpt2Model, KvCache, Row, Scratch};
 pub use request::{Fit, Request};

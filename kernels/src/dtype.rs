@@ -1,8 +1,8 @@
 //! The number formats a packed weight can be stored in.
 //!
-//! Activations, accumulation, biases, layer norms, attention and the KV cache
-//! are f32 in every format; only the matrices of the linear layers (and the
-//! LM head) change. What each format costs and how far it moves the logits:
+//! Activations, accumulation, biases, layer norms and attention are f32 in
+//! every format; only the matrices of the linear layers (and the LM head)
+//! change. The KV cache's keys and values have their own [`KvDtype`]. What each format costs and how far it moves the logits:
 //! `docs/hot-path.md`, "Reduced precision".
 
 use std::fmt;
@@ -81,6 +81,72 @@ impl FromStr for Dtype {
     }
 }
 
+/// The format of a KV cache's keys and values (`--kv-dtype`).
+///
+/// Queries, scores, softmax and the attention output stay f32 in both; only
+/// what is stored changes. bf16 halves the bytes a decode step streams from
+/// the cache (round to nearest even as each key and value is written,
+/// widened exactly as it is read), so a row's result still depends only on
+/// its own sequence: batching never changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum KvDtype {
+    /// IEEE f32: the reference.
+    #[default]
+    F32,
+    /// bfloat16, as [`Dtype::Bf16`] rounds weights.
+    Bf16,
+}
+
+impl KvDtype {
+    /// Every format, in the order reports list them.
+    pub const ALL: [KvDtype; 2] = [KvDtype::F32, KvDtype::Bf16];
+
+    /// The name `--kv-dtype` takes and every report prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes of one stored key or value element.
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `--kv-dtype` value that names no format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownKvDtype(pub String);
+
+impl fmt::Display for UnknownKvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown KV cache dtype `{}`: expected f32 or bf16", self.0)
+    }
+}
+
+impl std::error::Error for UnknownKvDtype {}
+
+impl FromStr for KvDtype {
+    type Err = UnknownKvDtype;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        KvDtype::ALL
+            .into_iter()
+            .find(|d| d.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| UnknownKvDtype(s.to_owned()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +159,11 @@ mod tests {
         assert_eq!("BF16".parse::<Dtype>(), Ok(Dtype::Bf16));
         let err = "fp8".parse::<Dtype>().unwrap_err().to_string();
         assert!(err.contains("`fp8`") && err.contains("bf16"), "{err}");
+        for d in KvDtype::ALL {
+            assert_eq!(d.as_str().parse::<KvDtype>(), Ok(d));
+        }
+        let err = "int8".parse::<KvDtype>().unwrap_err().to_string();
+        assert!(err.contains("`int8`") && err.contains("KV"), "{err}");
     }
 
     #[test]

@@ -32,7 +32,7 @@ mod test_data;
 
 pub use attention::{attention_head, softmax_inplace};
 pub use dispatch::{active, init, CpuInfo, KernelSet, KernelSpec, Kernels, KernelsError, UnknownKernelSet};
-pub use dtype::{Dtype, UnknownDtype};
+pub use dtype::{Dtype, KvDtype, UnknownDtype, UnknownKvDtype};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};
 pub use matmul::{
     dot, linear, linear_packed, linear_panels, linear_panels_with, linear_sgemm, matmul_bt, pack,
