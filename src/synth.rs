@@ -22,25 +22,56 @@ use crate::specs::expected_shapes;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Preset {
+    /// distilgpt2: 6 layers, 12 heads, 768 channels, 1024 positions, 82M parameters.
+    Distil,
     /// GPT-2 small: 12 layers, 12 heads, 768 channels, 1024 positions, 124M parameters.
     #[cfg_attr(feature = "clap", value(name = "124m"))]
     Gpt2_124M,
+    /// gpt2-medium: 24 layers, 16 heads, 1024 channels, 1024 positions, 355M parameters.
+    Medium,
+    /// gpt2-large: 36 layers, 20 heads, 1280 channels, 1024 positions, 774M parameters.
+    Large,
+    /// gpt2-xl: 48 layers, 25 heads, 1600 channels, 1024 positions, 1.56B parameters.
+    Xl,
     /// 2 layers, 4 heads, 64 channels, 128 positions, the full GPT-2 vocabulary.
     Tiny,
 }
 
 impl Preset {
+    /// Every preset, smallest real model first.
+    pub const ALL: [Preset; 6] = [
+        Preset::Distil,
+        Preset::Gpt2_124M,
+        Preset::Medium,
+        Preset::Large,
+        Preset::Xl,
+        Preset::Tiny,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
+            Preset::Distil => "distil",
             Preset::Gpt2_124M => "124m",
+            Preset::Medium => "medium",
+            Preset::Large => "large",
+            Preset::Xl => "xl",
             Preset::Tiny => "tiny",
         }
+    }
+
+    /// The preset a name ([`Preset::name`]) stands for.
+    pub fn from_name(name: &str) -> Option<Preset> {
+        Preset::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(name.trim()))
     }
 
     /// `(n_layer, n_head, n_embd, n_positions)`; the vocabulary is GPT-2's 50257.
     fn dims(self) -> (usize, usize, usize, usize) {
         match self {
+            Preset::Distil => (6, 12, 768, 1024),
             Preset::Gpt2_124M => (12, 12, 768, 1024),
+            Preset::Medium => (24, 16, 1024, 1024),
+            Preset::Large => (36, 20, 1280, 1024),
+            Preset::Xl => (48, 25, 1600, 1024),
             Preset::Tiny => (2, 4, 64, 128),
         }
     }
@@ -181,6 +212,24 @@ mod tests {
         );
         assert_eq!(v, gaussian(7, "x", 100_001, 1.0, 0.5));
         assert_ne!(v[..10], gaussian(7, "y", 10, 1.0, 0.5)[..]);
+    }
+
+    /// The parameter counts of the Hugging Face models each preset copies.
+    #[test]
+    fn presets_have_the_family_s_parameter_counts() {
+        let want = [
+            (Preset::Distil, 81_912_576),
+            (Preset::Gpt2_124M, 124_439_808),
+            (Preset::Medium, 354_823_168),
+            (Preset::Large, 774_030_080),
+            (Preset::Xl, 1_557_611_200),
+        ];
+        for (preset, n) in want {
+            assert_eq!(preset.config(0).n_params(), n, "{}", preset.name());
+            assert_eq!(Preset::from_name(preset.name()), Some(preset));
+        }
+        assert_eq!(Preset::from_name("XL"), Some(Preset::Xl));
+        assert_eq!(Preset::from_name("gpt3"), None);
     }
 
     #[test]
