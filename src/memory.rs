@@ -24,6 +24,7 @@ use gpt2_kernels::{Dtype, KvDtype};
 
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
+use crate::kv::KvCache;
 use crate::specs::{panel_len, Role, Specs};
 
 pub use crate::profile::peak_rss_bytes;
@@ -204,7 +205,7 @@ impl Footprint {
     ) -> Footprint {
         Footprint {
             weights: weight_bytes(config, dtype),
-            kv_per_sequence: kv_cache_bytes(config, kv, positions),
+            kv_per_sequence: KvCache::resident_bytes(config, kv, positions) as u64,
             sequences,
             scratch: scratch_bytes(config, max_rows).max(staging_bytes(config)),
             prefix_cache: 0,
@@ -261,16 +262,6 @@ fn staging_bytes(config: &Gpt2Config) -> u64 {
     let matrices = specs.iter().filter(|(_, s)| s.role == Role::Packed);
     let largest = matrices.map(|(_, s)| s.shape.iter().product::<usize>()).max();
     4 * largest.unwrap_or(0) as u64
-}
-
-/// Resident bytes of one sequence's KV cache once `positions` are written,
-/// as [`KvCache`](crate::model::KvCache) lays it out: the keys and the
-/// values of each (layer, head) from the start of their own region, each
-/// rounded up to whole 4 KiB pages.
-pub fn kv_cache_bytes(config: &Gpt2Config, kv: KvDtype, positions: usize) -> u64 {
-    let head_dim = config.n_embd / config.n_head.max(1);
-    let region = (positions as u64 * head_dim as u64 * kv.bytes_per_value() as u64).div_ceil(4096) * 4096;
-    2 * (config.n_layer * config.n_head) as u64 * region
 }
 
 /// The forward pass's work buffers for `max_rows` rows, as

@@ -61,7 +61,9 @@ impl Preset {
 
     /// The preset a name ([`Preset::name`]) stands for.
     pub fn from_name(name: &str) -> Option<Preset> {
-        Preset::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(name.trim()))
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(name.trim()))
     }
 
     /// `(n_layer, n_head, n_embd, n_positions)`; the vocabulary is GPT-2's 50257.
