@@ -128,8 +128,8 @@ impl LlamaPoint {
 }
 
 /// Our weight format that a llama.cpp GGUF type is measured against: f32
-/// with f32, f16 with bf16 (both 2 bytes), q8_0 with int8 (8-bit weights,
-/// a scale per block of 32 against ours per row).
+/// with f32, f16 with bf16 (both 2 bytes), q8_0 with int8 (8-bit weights;
+/// q8_0 has a scale per block of 32, ours one per output column).
 pub fn counterpart(dtype: &str) -> Option<&'static str> {
     match dtype {
         "f32" => Some("f32"),
@@ -141,7 +141,9 @@ pub fn counterpart(dtype: &str) -> Option<&'static str> {
 
 /// Which tool wrote `text`, if it looks like llama.cpp's output: a JSON
 /// array (llama-bench `-o json`; our reports are objects), or a first line
-/// with llama-bench's `avg_ts` or llama-batched-bench's `speed_tg`.
+/// with llama-bench's `avg_ts` or llama-batched-bench's `speed_tg` or `pl`
+/// (either, so that a line missing one is still read as that tool's and
+/// its error names the field).
 pub fn detect(text: &str) -> Option<&'static str> {
     let text = text.trim_start();
     if text.starts_with('[') {
@@ -187,7 +189,7 @@ pub fn parse_llama(path: &Path, text: &str) -> Result<Vec<LlamaPoint>, String> {
 #[derive(Deserialize)]
 struct BenchTest {
     model_filename: String,
-    /// e.g. `gpt2 ?B all F32`: the architecture, size and GGUF type.
+    /// e.g. `gpt2 0.1B all F32`: the architecture, size and GGUF type.
     model_type: String,
     model_size: u64,
     model_n_params: u64,
