@@ -242,7 +242,7 @@ async fn listen_and_serve(
              can use it (set --api-key or GPT2_API_KEY)"
         );
     }
-    let (weights, dtype, kv_budget) = (args.weights, args.dtype.dtype, config.kv_cache_bytes);
+    let (weights, dtypes, kv_budget) = (args.weights, args.dtype, config.kv_cache_bytes);
     serve(
         listener,
         config,
@@ -252,7 +252,7 @@ async fn listen_and_serve(
                 prefix_cache_bytes,
                 ..sc
             };
-            load_engine(&weights, dtype, sc, kv_budget)
+            load_engine(&weights, dtypes, sc, kv_budget)
         },
         shutdown_signal(),
     )
@@ -265,15 +265,16 @@ async fn listen_and_serve(
 /// ([`check_memory`]). `kv_budget`: `--kv-cache-mib` in bytes, if given.
 pub fn load_engine(
     weights: &WeightsArgs,
-    dtype: Dtype,
+    dtypes: DtypeArgs,
     config: SchedulerConfig,
     kv_budget: Option<usize>,
 ) -> gpt2::Result<Engine> {
+    let (dtype, kv) = (dtypes.dtype, dtypes.kv_dtype);
     let resolved = hub::resolve(weights)?;
-    check_memory(&resolved.dir, dtype, &config, kv_budget)?;
-    eprintln!("gpt2 serve: loading the weights ({dtype}) ...");
+    check_memory(&resolved.dir, dtype, kv, &config, kv_budget)?;
+    eprintln!("gpt2 serve: loading the weights ({dtype}, KV cache {kv}) ...");
     let tokenizer = resolved.load_tokenizer()?;
-    let model = Arc::new(Gpt2Model::load_with(&resolved.dir, dtype)?);
+    let model = Arc::new(Gpt2Model::load_with(&resolved.dir, dtype)?.with_kv_dtype(kv));
     let weights_text = resolved.source.describe(model.config.synthetic.as_ref());
     eprintln!("gpt2 serve: weights: {weights_text}");
     let synthetic = resolved.source.is_synthetic(model.config.synthetic.as_ref());
@@ -304,6 +305,7 @@ pub fn load_engine(
 fn check_memory(
     dir: &Path,
     dtype: Dtype,
+    kv: KvDtype,
     sc: &SchedulerConfig,
     kv_budget: Option<usize>,
 ) -> gpt2::Result<()> {
@@ -311,8 +313,7 @@ fn check_memory(
     let model = Gpt2Config::from_file(&config_path)?;
     let positions = model.n_positions;
     let rows = sc.max_batch.saturating_add(sc.max_prompt_rows);
-    // The caches are f32 (the KV cache's only format in the server today).
-    let estimate = |sequences| Footprint::estimate(&model, dtype, KvDtype::F32, sequences, positions, rows);
+    let estimate = |sequences| Footprint::estimate(&model, dtype, kv, sequences, positions, rows);
     let one = estimate(1);
     let budget = match kv_budget {
         Some(bytes) => bytes as u64,
@@ -327,7 +328,7 @@ fn check_memory(
         ..estimate(sequences as usize)
     };
     let what = format!(
-        "`gpt2 serve` of {} ({dtype}): {sequences} sequences of {positions} positions (--max-batch {}, \
+        "`gpt2 serve` of {} ({dtype}, KV cache {kv}): {sequences} sequences of {positions} positions (--max-batch {}, \
          --kv-cache-mib {}), {rows} rows a step (--max-batch + --max-prompt-rows {}), --prefix-cache-mib {}",
         dir.display(),
         sc.max_batch,
