@@ -21,8 +21,17 @@ use gpt2::{GenerateOptions, Generation, Gpt2Model, SamplingParams, Scheduler, Sc
 #[derive(Debug, Default)]
 struct Steps {
     log: Mutex<Vec<StepStats>>,
-    /// (n, told when the engine is held, the go signal).
-    gate: Mutex<Option<(usize, Sender<()>, Receiver<()>)>>,
+    gate: Mutex<Option<Held>>,
+}
+
+/// The engine's side of the gate.
+#[derive(Debug)]
+struct Held {
+    /// Decode rows of the step after which the engine waits.
+    n: usize,
+    /// Told when the engine waits.
+    held: Sender<()>,
+    go: Receiver<()>,
 }
 
 /// The test's side of the gate.
@@ -36,7 +45,11 @@ impl Steps {
         let (held_tx, held) = mpsc::channel();
         let (go, go_rx) = mpsc::channel();
         let steps = Steps {
-            gate: Mutex::new(Some((n, held_tx, go_rx))),
+            gate: Mutex::new(Some(Held {
+                n,
+                held: held_tx,
+                go: go_rx,
+            })),
             ..Steps::default()
         };
         (Arc::new(steps), Gate { held, go })
@@ -51,11 +64,11 @@ impl StepObserver for Steps {
     fn on_step(&self, step: &StepStats) {
         self.log.lock().unwrap().push(*step);
         let mut gate = self.gate.lock().unwrap();
-        if gate.as_ref().is_some_and(|(n, _, _)| step.decode_rows == *n) {
-            let (_, held, go) = gate.take().expect("a gate");
-            held.send(()).expect("the test waits");
+        if gate.as_ref().is_some_and(|g| step.decode_rows == g.n) {
+            let g = gate.take().expect("a gate");
+            g.held.send(()).expect("the test waits");
             // The engine reads its submissions right after this returns.
-            go.recv().expect("the test sends go");
+            g.go.recv().expect("the test sends go");
         }
     }
 }
