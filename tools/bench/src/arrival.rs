@@ -25,7 +25,7 @@
 //!
 //! ```text
 //! throughput arrival --synthetic --threads 2 --streams 15 --prompt-tokens 900 \
-//!     --max-step-rows 32,160 --repetitions 3
+//!     --max-step-rows 28,160 --repetitions 3
 //! ```
 
 use std::error::Error;

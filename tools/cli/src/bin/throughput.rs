@@ -76,7 +76,7 @@ enum Command {
     /// max), its time to first token there and alone, and the steps the
     /// engine ran, for each --max-step-rows budget, alternating. In
     /// process, on the scheduler. E.g. `throughput arrival --synthetic
-    /// --threads 2 --streams 15 --prompt-tokens 900 --max-step-rows 32,160`.
+    /// --threads 2 --streams 15 --prompt-tokens 900 --max-step-rows 28,160`.
     Arrival(ArrivalOptions),
 }
 
