@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// Most prompt rows prefilled per step, beside the decode rows.
     #[arg(long, default_value_t = 128)]
     pub max_prompt_rows: usize,
+    /// While sequences decode, most rows per step: decode rows first, a
+    /// long prompt's chunk fills the rest (at least half the decode rows),
+    /// so its prefill does not stall the streams.
+    #[arg(long, default_value_t = SchedulerConfig::default().max_step_rows)]
+    pub max_step_rows: usize,
     /// Threads of the engine's pool (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -128,10 +133,10 @@ impl ServeArgs {
         if api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
             return Err("--api-key must not be empty".into());
         }
-        if self.max_batch == 0 || self.max_prompt_rows == 0 {
+        if self.max_batch == 0 || self.max_prompt_rows == 0 || self.max_step_rows == 0 {
             return Err(format!(
-                "--max-batch ({}) and --max-prompt-rows ({}) must be at least 1",
-                self.max_batch, self.max_prompt_rows
+                "--max-batch ({}), --max-prompt-rows ({}) and --max-step-rows ({}) must be at least 1",
+                self.max_batch, self.max_prompt_rows, self.max_step_rows
             )
             .into());
         }
@@ -163,6 +168,7 @@ impl ServeArgs {
             max_batch: self.max_batch,
             max_queue: self.max_queue,
             max_prompt_rows: self.max_prompt_rows,
+            max_step_rows: self.max_step_rows,
             pool: self.pool()?,
             api_key,
             drain: Duration::from_secs_f64(self.drain_seconds),
