@@ -166,6 +166,8 @@ pub struct ArrivalReport {
     pub cpu: String,
     pub weights: String,
     pub dtype: String,
+    /// The KV cache's format (`--kv-dtype`).
+    pub kv_dtype: String,
     pub threads: usize,
     pub streams: usize,
     pub stream_prompt_tokens: usize,
@@ -192,7 +194,7 @@ pub fn arrival(opts: &ArrivalOptions) -> Result<ArrivalReport, Box<dyn Error>> {
     fits(opts, &cfg)?;
     let weights = resolved.source.describe(cfg.synthetic.as_ref());
     eprintln!("weights: {weights}");
-    let model = Arc::new(Gpt2Model::load_with(&resolved.dir, opts.dtype.dtype)?);
+    let model = Arc::new(Gpt2Model::load_with(&resolved.dir, opts.dtype.dtype)?.with_kv_dtype(opts.dtype.kv_dtype));
     let threads = opts
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -216,6 +218,7 @@ pub fn arrival(opts: &ArrivalOptions) -> Result<ArrivalReport, Box<dyn Error>> {
         cpu: meta::cpu_model(),
         weights,
         dtype: opts.dtype.dtype.as_str().into(),
+        kv_dtype: opts.dtype.kv_dtype.as_str().into(),
         threads,
         streams: opts.streams,
         stream_prompt_tokens: opts.stream_prompt_tokens,
