@@ -10,6 +10,13 @@
 //! instead: f32, bf16 and int8 models loaded side by side, each round timing
 //! every dtype in turn (the order rotating), and the median over rounds of
 //! each round's ratio to f32.
+//!
+//! `cargo bench --bench e2e -- kv`: the KV cache's formats against each
+//! other at long context: f32 and bf16 caches over the same f32 weights,
+//! decode steps of 1 sequence after 6 and 900 tokens and of 16 sequences
+//! after 900, each round timing both formats (the order alternating); the
+//! medians, the GB/s of weights and cache read, and the ratios issue 34's
+//! targets are stated in (900 against 6 tokens; bf16 against f32).
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -17,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use gpt2::synth::{self, Preset};
 use gpt2::timed::DecodeStep;
-use gpt2::{Dtype, Gpt2Model, Row};
+use gpt2::{Dtype, Gpt2Model, KvDtype, Row};
 
 fn median(reps: usize, mut f: impl FnMut()) -> Duration {
     f();
@@ -43,6 +50,10 @@ fn main() {
     }
     if std::env::args().skip(1).any(|a| a == "dtypes") {
         compare_dtypes(&dir);
+        return;
+    }
+    if std::env::args().skip(1).any(|a| a == "kv") {
+        compare_kv_dtypes(&dir);
         return;
     }
     let dtype: Dtype = match std::env::var("E2E_DTYPE") {
@@ -192,5 +203,71 @@ fn compare_dtypes(dir: &std::path::Path) {
             print!("  {dtype} {ms:7.2} ms {speedup:5.2}x ({lo:.2}-{hi:.2})");
         }
         println!();
+    }
+}
+
+/// `cargo bench --bench e2e -- kv`: see the module docs.
+fn compare_kv_dtypes(dir: &std::path::Path) {
+    const ROUNDS: usize = 7;
+    let models: Vec<Gpt2Model> = KvDtype::ALL
+        .iter()
+        .map(|&kv| {
+            Gpt2Model::load_with(dir, Dtype::F32)
+                .expect("load")
+                .with_kv_dtype(kv)
+        })
+        .collect();
+    let cfg = &models[0].config;
+    println!(
+        "threads: {}; SYNTHETIC 124M weights in f32; KV caches f32 and bf16; {ROUNDS} rounds, alternating",
+        rayon::current_num_threads()
+    );
+    // (batch, position) of each step; the steps are made once per model.
+    let shapes = [(1, 6), (1, 900), (16, 900)];
+    let mut steps: Vec<Vec<DecodeStep>> = models
+        .iter()
+        .map(|m| {
+            shapes
+                .iter()
+                .map(|&(b, p)| DecodeStep::new(m, b, p).expect("decode step"))
+                .collect()
+        })
+        .collect();
+    // times[shape][kv] over rounds, in ms.
+    let mut times = vec![vec![Vec::new(); models.len()]; shapes.len()];
+    for round in 0..ROUNDS {
+        for (s, per_kv) in times.iter_mut().enumerate() {
+            for i in 0..models.len() {
+                let kv = (round + i) % models.len();
+                let step = &mut steps[kv][s];
+                let ms = median(5, || {
+                    black_box(step.run(&models[kv]).unwrap());
+                });
+                per_kv[kv].push(ms.as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let median_of = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let weights = (cfg.n_params() * 4) as f64;
+    for (s, &(b, p)) in shapes.iter().enumerate() {
+        print!("decode step B={b:2} after {p:3} tokens");
+        for (kv, &dtype) in KvDtype::ALL.iter().enumerate() {
+            let ms = median_of(&times[s][kv]);
+            let cache = (b * gpt2::KvCache::resident_bytes(cfg, dtype, p + 1)) as f64;
+            print!("  {dtype} {ms:7.2} ms {:5.1} GB/s", (weights + cache) / ms / 1e6);
+        }
+        let ratios: Vec<f64> = (0..ROUNDS).map(|r| times[s][1][r] / times[s][0][r]).collect();
+        println!("  bf16/f32 {:.2}", median_of(&ratios));
+    }
+    for (kv, dtype) in KvDtype::ALL.iter().enumerate() {
+        let ratios: Vec<f64> = (0..ROUNDS).map(|r| times[0][kv][r] / times[1][kv][r]).collect();
+        println!(
+            "{dtype} KV: single decode tok/s after 900 tokens / after 6: {:.2}",
+            median_of(&ratios)
+        );
     }
 }

@@ -18,8 +18,8 @@ pub struct DecodeStep {
 }
 
 impl DecodeStep {
-    /// Prefills `batch` caches with `position` tokens each (capped by the
-    /// context window) on the current rayon pool.
+    /// Prefills `batch` caches with the same `position` tokens each (capped
+    /// by the context window) on the current rayon pool.
     pub fn new(model: &Gpt2Model, batch: usize, position: usize) -> Result<Self> {
         let cfg = &model.config;
         let position = position.min(cfg.n_positions - 1);
@@ -34,9 +34,12 @@ impl DecodeStep {
                 logits: false,
             })
             .collect();
-        if !prompt.is_empty() {
-            for cache in caches.iter_mut() {
-                model.forward(&prompt, &mut [cache], &mut scratch)?;
+        // One sequence computes the prompt; the others copy its cache (the
+        // same bits as computing it: `KvCache::copy_prefix_from`).
+        if let Some((first, rest)) = caches.split_first_mut().filter(|_| !prompt.is_empty()) {
+            model.forward(&prompt, &mut [first], &mut scratch)?;
+            for cache in rest {
+                cache.copy_prefix_from(first, position)?;
             }
         }
         let rows = (0..batch)

@@ -194,7 +194,8 @@ pub fn arrival(opts: &ArrivalOptions) -> Result<ArrivalReport, Box<dyn Error>> {
     fits(opts, &cfg)?;
     let weights = resolved.source.describe(cfg.synthetic.as_ref());
     eprintln!("weights: {weights}");
-    let model = Arc::new(Gpt2Model::load_with(&resolved.dir, opts.dtype.dtype)?.with_kv_dtype(opts.dtype.kv_dtype));
+    let model =
+        Arc::new(Gpt2Model::load_with(&resolved.dir, opts.dtype.dtype)?.with_kv_dtype(opts.dtype.kv_dtype));
     let threads = opts
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
