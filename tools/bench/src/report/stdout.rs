@@ -6,10 +6,19 @@ use super::*;
 
 /// The human summary printed on stdout: header, per-test rows (means over
 /// repetitions), scaling, the dtype comparison, recommended concurrency and
-/// targets, then the optional sections (achieved / limit, per-op profile).
+/// targets, then the optional sections (achieved / limit, per-op profile);
+/// for a sweep, the header, its cells and axes, and the targets.
 /// Plain text, aligned columns; the main tables fit a 100-column terminal
 /// for the usual test names.
 pub fn stdout_table(report: &Report) -> String {
+    if report.sweep.is_some() {
+        return [
+            stdout_header(report),
+            stdout_sweep(report),
+            stdout_targets(report),
+        ]
+        .concat();
+    }
     let sections = [
         stdout_header(report),
         stdout_tests(report),
