@@ -16,11 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gpt2_kernels::{attention_head, Dtype, QuantScratch};
+use gpt2_kernels::{Dtype, KvDtype, QuantScratch};
 use rayon::prelude::*;
 
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
+pub use crate::kv::KvCache;
 use crate::layers::{gelu, residual};
 use crate::profile::{Op, Profile, Timer};
 pub use crate::row::Row;
@@ -77,155 +78,8 @@ pub(crate) fn keep_pool_awake<T>(f: impl FnOnce() -> T) -> T {
 pub struct Gpt2Model {
     pub config: Gpt2Config,
     pub weights: Weights,
-}
-
-/// Keys and values of every layer for one sequence.
-///
-/// Memory for the full context window is reserved up front with a zeroed
-/// allocation, which the OS backs with pages only as positions are written.
-///
-/// Each head's keys (and values) of a layer are contiguous, position after
-/// position, so attention streams one run of memory per head (rather than
-/// `hd` floats every C; see `docs/hot-path.md`).
-pub struct KvCache {
-    k: Floats, // (L, H, P, hd)
-    v: Floats, // (L, H, P, hd)
-    len: usize,
-    n_positions: usize,
-    n_embd: usize,
-    n_head: usize,
-}
-
-impl KvCache {
-    /// An empty cache for `config`'s n_layer × n_positions × n_embd keys and
-    /// as many values. Its memory is mapped, not touched: pages become
-    /// resident as positions are written. An error (naming the size) if the
-    /// OS refuses the mapping.
-    pub fn new(config: &Gpt2Config) -> Result<Self> {
-        let size = config
-            .n_layer
-            .checked_mul(config.n_positions)
-            .and_then(|n| n.checked_mul(config.n_embd));
-        let what = || {
-            format!(
-                "a KV cache of 2 x {} layers x {} positions x {} channels",
-                config.n_layer, config.n_positions, config.n_embd
-            )
-        };
-        let size = size.ok_or_else(|| Error::Engine(format!("{} overflows", what())))?;
-        let alloc =
-            || Floats::zeroed(size).map_err(|e| Error::Engine(format!("cannot allocate {}: {e}", what())));
-        Ok(KvCache {
-            k: alloc()?,
-            v: alloc()?,
-            len: 0,
-            n_positions: config.n_positions,
-            n_embd: config.n_embd,
-            n_head: config.n_head,
-        })
-    }
-
-    /// Resident bytes of a cache for `config` once `positions` are written:
-    /// keys and values of every (layer, head) are `positions x head_dim`
-    /// floats at the start of their own region, each rounded up to whole
-    /// 4 KiB pages (the map's untouched pages are not resident).
-    pub fn resident_bytes(config: &Gpt2Config, positions: usize) -> usize {
-        let head_dim = config.n_embd / config.n_head.max(1);
-        let region = (positions * head_dim * std::mem::size_of::<f32>()).div_ceil(4096) * 4096;
-        2 * config.n_layer * config.n_head * region
-    }
-
-    /// Positions stored so far; the next row of this sequence has `pos == len()`.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Forgets positions `len..`, keeping the memory.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
-    /// Forgets every position, keeping the memory for the next sequence.
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
-
-    /// Makes this cache hold the first `len` positions of `src` (a cache of
-    /// the same config), bit for bit: a sequence that shares a prompt
-    /// prefix with `src` continues from there, as if it had computed them.
-    /// Each (layer, head) keeps its positions in one run, so this is
-    /// `2 x layers x heads` copies of `len x head_dim` floats.
-    pub fn copy_prefix_from(&mut self, src: &KvCache, len: usize) -> Result<()> {
-        let same = (self.n_positions, self.n_embd, self.n_head) == (src.n_positions, src.n_embd, src.n_head);
-        if !same || len > src.len {
-            return Err(Error::Engine(format!(
-                "cannot copy {len} positions from a cache of {} (config match: {same})",
-                src.len
-            )));
-        }
-        let hd = self.n_embd / self.n_head;
-        let heads = self.k.len() / (self.n_positions * hd);
-        for lh in 0..heads {
-            let at = lh * self.n_positions * hd;
-            let run = at..at + len * hd;
-            self.k[run.clone()].copy_from_slice(&src.k[run.clone()]);
-            self.v[run.clone()].copy_from_slice(&src.v[run]);
-        }
-        self.len = len;
-        Ok(())
-    }
-
-    /// Start of layer `l`, head `head`, position `pos` in `k` / `v`.
-    fn offset(&self, l: usize, head: usize, pos: usize) -> usize {
-        let hd = self.n_embd / self.n_head;
-        ((l * self.n_head + head) * self.n_positions + pos) * hd
-    }
-}
-
-#[cfg(test)]
-impl KvCache {
-    /// `cache` as if `len` positions had been written (they hold zeros).
-    pub(crate) fn with_len_for_test(mut cache: KvCache, len: usize) -> KvCache {
-        cache.len = len.min(cache.n_positions);
-        cache
-    }
-}
-
-/// Zeroed f32 storage in an anonymous map: the OS hands out zero pages as
-/// they are first written (as `calloc` does for large blocks), and a refusal
-/// is an error rather than an abort.
-struct Floats {
-    map: memmap2::MmapMut,
-    len: usize,
-}
-
-impl Floats {
-    fn zeroed(len: usize) -> std::io::Result<Self> {
-        let bytes = len
-            .checked_mul(std::mem::size_of::<f32>())
-            .ok_or_else(|| std::io::Error::other(format!("{len} floats overflow the address space")))?;
-        // A zero-length map is an error on some systems; map one page instead.
-        let map = memmap2::MmapMut::map_anon(bytes.max(1))?;
-        Ok(Floats { map, len })
-    }
-}
-
-impl std::ops::Deref for Floats {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        // The map is page-aligned, so the cast cannot fail.
-        bytemuck::cast_slice(&self.map[..self.len * std::mem::size_of::<f32>()])
-    }
-}
-
-impl std::ops::DerefMut for Floats {
-    fn deref_mut(&mut self) -> &mut [f32] {
-        bytemuck::cast_slice_mut(&mut self.map[..self.len * std::mem::size_of::<f32>()])
-    }
+    /// The format of every KV cache this model makes ([`Gpt2Model::new_cache`]).
+    kv_dtype: KvDtype,
 }
 
 /// `n` zeroed floats, or an error naming `what` if that much cannot be had.
@@ -307,10 +161,12 @@ struct Attention<'r> {
     scale: f32,
     /// Cached positions attended to, summed over the rows.
     positions: usize,
+    /// Bytes of one cached key or value element.
+    kv_bytes: usize,
 }
 
 impl<'r> Attention<'r> {
-    fn new(cfg: &Gpt2Config, rows: &'r [Row]) -> Self {
+    fn new(cfg: &Gpt2Config, kv: KvDtype, rows: &'r [Row]) -> Self {
         let hd = cfg.head_dim();
         Attention {
             rows,
@@ -320,6 +176,7 @@ impl<'r> Attention<'r> {
             p: cfg.n_positions,
             scale: 1.0 / (hd as f32).sqrt(),
             positions: rows.iter().map(|r| r.pos + 1).sum(),
+            kv_bytes: kv.bytes_per_value(),
         }
     }
 
@@ -336,8 +193,10 @@ impl<'r> Attention<'r> {
         l: usize,
         t: &mut Timer<'_>,
     ) {
-        let f32s = std::mem::size_of::<f32>();
-        let (bytes, flops) = (2 * self.positions * self.c * f32s, 4 * self.positions * self.c);
+        let (bytes, flops) = (
+            2 * self.positions * self.c * self.kv_bytes,
+            4 * self.positions * self.c,
+        );
         t.time(Op::Attention, bytes, flops, || {
             self.append_kv(qkv, caches, l);
             self.heads(att, scores, qkv, caches, l);
@@ -349,9 +208,8 @@ impl<'r> Attention<'r> {
         for (qkv_r, row) in qkv.chunks_exact(3 * c).zip(self.rows) {
             let cache = &mut *caches[row.seq];
             for head in 0..self.nh {
-                let o = cache.offset(l, head, row.pos);
-                cache.k[o..o + hd].copy_from_slice(&qkv_r[c + head * hd..][..hd]);
-                cache.v[o..o + hd].copy_from_slice(&qkv_r[2 * c + head * hd..][..hd]);
+                let (k, v) = (&qkv_r[c + head * hd..][..hd], &qkv_r[2 * c + head * hd..][..hd]);
+                cache.write(l, head, row.pos, k, v);
             }
         }
     }
@@ -363,12 +221,8 @@ impl<'r> Attention<'r> {
         let head = |(i, (out, sc)): (usize, (&mut [f32], &mut [f32]))| {
             let (r, head) = (i / nh, i % nh);
             let row = &self.rows[r];
-            let cache = &*caches[row.seq];
-            let start = cache.offset(l, head, 0);
-            let end = cache.offset(l, head, row.pos) + hd;
             let q = &qkv[r * 3 * c + head * hd..][..hd];
-            let (k, vv) = (&cache.k[start..end], &cache.v[start..end]);
-            attention_head(out, q, k, vv, row.pos + 1, hd, sc, self.scale);
+            caches[row.seq].attend(out, q, l, head, row.pos + 1, sc, self.scale);
         };
         // Short contexts are cheaper on this thread than handed out; the
         // pool spins meanwhile, ready for the projection.
@@ -407,7 +261,17 @@ impl Gpt2Model {
         // One pass over every weight: NaN or infinity is refused at load, not
         // discovered as garbage logits; the first token would read them all anyway.
         weights.check_finite(weights_path)?;
-        Ok(Gpt2Model { config, weights })
+        Ok(Gpt2Model {
+            config,
+            weights,
+            kv_dtype: KvDtype::F32,
+        })
+    }
+
+    /// This model, making its KV caches in `kv` from now on (f32 as loaded).
+    pub fn with_kv_dtype(mut self, kv: KvDtype) -> Self {
+        self.kv_dtype = kv;
+        self
     }
 
     /// The format of the linear layers' packed weights.
@@ -415,9 +279,19 @@ impl Gpt2Model {
         self.weights.dtype
     }
 
-    /// A KV cache for one sequence (see [`KvCache::new`]).
+    /// The format of the KV caches it makes and reads.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
+    }
+
+    /// A KV cache for one sequence, in [`Gpt2Model::kv_dtype`] (see [`KvCache::new`]).
     pub fn new_cache(&self) -> Result<KvCache> {
-        KvCache::new(&self.config)
+        KvCache::new(&self.config, self.kv_dtype)
+    }
+
+    /// [`KvCache::resident_bytes`] of this model's caches.
+    pub fn cache_bytes(&self, positions: usize) -> usize {
+        KvCache::resident_bytes(&self.config, self.kv_dtype, positions)
     }
 
     /// Work buffers for batches of up to `max_rows` rows (see [`Scratch::new`]).
@@ -480,7 +354,7 @@ impl Gpt2Model {
 
         let mut profile = s.profile.take();
         let mut t = Timer::new(profile.as_deref_mut());
-        let attn = Attention::new(cfg, rows);
+        let attn = Attention::new(cfg, self.kv_dtype, rows);
 
         w.embed.forward(x, rows, &mut t); // x = wte[token] + wpe[pos]
         for (l, b) in w.blocks.iter().enumerate() {
@@ -497,8 +371,7 @@ impl Gpt2Model {
         }
 
         for row in rows {
-            let cache = &mut *caches[row.seq];
-            cache.len = cache.len.max(row.pos + 1);
+            caches[row.seq].extend_to(row.pos);
         }
 
         // Final norm and LM head, only for the rows that want logits.
@@ -532,7 +405,7 @@ impl Gpt2Model {
             return Err(Error::Batch("the scratch was made for another config".into()));
         }
         s.next_pos.clear();
-        s.next_pos.extend(caches.iter().map(|c| c.len));
+        s.next_pos.extend(caches.iter().map(|c| c.len()));
         for (i, row) in rows.iter().enumerate() {
             crate::request::check_token_ids([row.token], cfg.vocab_size)?;
             if row.pos >= cfg.n_positions {
@@ -548,14 +421,10 @@ impl Gpt2Model {
                     caches.len()
                 )));
             };
-            if cache.n_positions != cfg.n_positions
-                || cache.n_embd != cfg.n_embd
-                || cache.n_head != cfg.n_head
-                || cache.k.len() != cfg.n_layer * cfg.n_positions * cfg.n_embd
-            {
+            if !cache.fits(cfg, self.kv_dtype) {
                 return Err(Error::Batch(format!(
-                    "row {i}: the cache of sequence {} was made for another config",
-                    row.seq
+                    "row {i}: the cache of sequence {} was made for another config or KV format than {}",
+                    row.seq, self.kv_dtype
                 )));
             }
             let expected = s.next_pos[row.seq];

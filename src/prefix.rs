@@ -9,11 +9,10 @@
 //! that reuses a prefix gets the tokens it gets alone (`tests/prefix.rs`).
 //!
 //! The budget counts each entry's resident bytes
-//! ([`KvCache::resident_bytes`]); the least recently used entries go first.
+//! ([`KvCache::resident_bytes_at`]); the least recently used entries go first.
 //! An entry whose tokens start another's is dropped for the longer one, so
 //! a growing conversation keeps one entry.
 
-use crate::config::Gpt2Config;
 use crate::model::KvCache;
 
 /// What a lookup found: the entry and how many of its positions to take.
@@ -48,7 +47,6 @@ struct Entry {
 
 /// The kept caches and their budget; owned by the engine thread.
 pub(crate) struct PrefixCache {
-    config: Gpt2Config,
     budget: usize,
     entries: Vec<Entry>,
     clock: u64,
@@ -57,9 +55,8 @@ pub(crate) struct PrefixCache {
 
 impl PrefixCache {
     /// Keeps at most `budget` resident bytes of caches (0: keeps none).
-    pub(crate) fn new(config: &Gpt2Config, budget: usize) -> Self {
+    pub(crate) fn new(budget: usize) -> Self {
         PrefixCache {
-            config: config.clone(),
             budget,
             entries: Vec::new(),
             clock: 0,
@@ -100,7 +97,7 @@ impl PrefixCache {
     /// or the ones it replaces or evicts) for reuse as empty caches.
     pub(crate) fn store(&mut self, tokens: &[u32], cache: KvCache) -> Vec<KvCache> {
         let len = cache.len();
-        let bytes = KvCache::resident_bytes(&self.config, len);
+        let bytes = cache.resident_bytes_at(len);
         if len == 0 || bytes > self.budget {
             return vec![cache];
         }
@@ -156,6 +153,8 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Gpt2Config;
+    use crate::KvDtype;
 
     fn config() -> Gpt2Config {
         let json = r#"{"n_layer": 1, "n_head": 1, "n_embd": 1024, "n_positions": 64, "vocab_size": 16}"#;
@@ -165,7 +164,7 @@ mod tests {
     /// A cache of `len` positions whose values encode (position, tag).
     fn filled(len: usize, tag: u32) -> (Vec<u32>, KvCache) {
         let c = config();
-        let model_free = KvCache::new(&c).unwrap();
+        let model_free = KvCache::new(&c, KvDtype::F32).unwrap();
         let tokens: Vec<u32> = (0..len as u32).map(|i| i % 7 + tag).collect();
         (tokens, KvCache::with_len_for_test(model_free, len))
     }
@@ -173,9 +172,9 @@ mod tests {
     #[test]
     fn longest_prefix_leaves_the_last_token_and_lru_evicts() {
         let c = config();
-        let one = KvCache::resident_bytes(&c, 4);
+        let one = KvCache::resident_bytes(&c, KvDtype::F32, 4);
         // Room for two 4-position entries.
-        let mut p = PrefixCache::new(&c, 2 * one);
+        let mut p = PrefixCache::new(2 * one);
         let (a, ca) = filled(4, 0);
         assert!(p.store(&a, ca).is_empty());
         // The same prompt: all but its last token come from the cache.
@@ -190,7 +189,7 @@ mod tests {
         // Two more entries: the least recently used (a, stored first) goes.
         let (b, cb) = filled(4, 1);
         assert!(p.store(&b, cb).is_empty());
-        let mut cache = KvCache::new(&c).unwrap();
+        let mut cache = KvCache::new(&c, KvDtype::F32).unwrap();
         let hit = p.lookup(&b).unwrap();
         p.restore(hit, &mut cache).unwrap();
         let (d, cd) = filled(4, 2);
@@ -205,17 +204,23 @@ mod tests {
     #[test]
     fn an_extension_replaces_its_prefix_and_the_budget_holds() {
         let c = config();
-        let mut p = PrefixCache::new(&c, KvCache::resident_bytes(&c, 16));
+        let mut p = PrefixCache::new(KvCache::resident_bytes(&c, KvDtype::F32, 16));
         let (a, ca) = filled(6, 0);
-        p.store(&a[..3], KvCache::with_len_for_test(KvCache::new(&c).unwrap(), 3));
+        p.store(
+            &a[..3],
+            KvCache::with_len_for_test(KvCache::new(&c, KvDtype::F32).unwrap(), 3),
+        );
         assert_eq!(p.store(&a, ca).len(), 1, "the 3-token entry is replaced");
         assert_eq!(p.stats().entries, 1);
         // A prefix of a kept entry adds nothing.
-        let back = p.store(&a[..2], KvCache::with_len_for_test(KvCache::new(&c).unwrap(), 2));
+        let back = p.store(
+            &a[..2],
+            KvCache::with_len_for_test(KvCache::new(&c, KvDtype::F32).unwrap(), 2),
+        );
         assert_eq!((back.len(), p.stats().entries), (1, 1));
         // Larger than the whole budget: not kept.
         let (big, cbig) = filled(40, 3);
         assert_eq!(p.store(&big, cbig).len(), 1);
-        assert!(p.stats().bytes <= KvCache::resident_bytes(&c, 16));
+        assert!(p.stats().bytes <= KvCache::resident_bytes(&c, KvDtype::F32, 16));
     }
 }

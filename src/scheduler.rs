@@ -534,7 +534,7 @@ impl Engine {
         counters: Arc<Counters>,
     ) -> Self {
         Engine {
-            prefix: PrefixCache::new(&model.config, config.prefix_cache_bytes),
+            prefix: PrefixCache::new(config.prefix_cache_bytes),
             model,
             scratch,
             queue: VecDeque::new(),

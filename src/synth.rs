@@ -8,10 +8,18 @@
 //! tensor's name, and the Gaussian draws
 //! use `libm` (pure Rust, identical everywhere) rather than the platform's
 //! math library, so the file is byte-identical for a seed on every machine.
+//!
+//! The file is streamed: its header first, then each tensor's bytes,
+//! generated in pieces of [`PIECE`] values ([`IN_FLIGHT`] at a time, in
+//! parallel) and written in order, so writing gpt2-xl (6.2 GB) holds tens of
+//! MiB, never the file.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::{tensor::TensorView, Dtype};
+use rayon::prelude::*;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
 
 use crate::config::{Gpt2Config, SyntheticInfo};
 use crate::error::{Error, Result};
@@ -61,10 +69,12 @@ impl Preset {
 
     /// The preset a name ([`Preset::name`]) stands for.
     pub fn from_name(name: &str) -> Option<Preset> {
-        Preset::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(name.trim()))
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(name.trim()))
     }
 
-    /// `(n_layer, n_head, n_embd, n_positions)`; the vocabulary is GPT-2's 50257.
+    /// `(n_layer, n_head, n_embd, n_positions)`; the vocabulary is GPT-2's [`VOCAB`].
     fn dims(self) -> (usize, usize, usize, usize) {
         match self {
             Preset::Distil => (6, 12, 768, 1024),
@@ -76,34 +86,100 @@ impl Preset {
         }
     }
 
+    /// This preset's whole shape.
+    pub fn spec(self) -> SynthSpec {
+        let (n_layer, _, _, n_positions) = self.dims();
+        SynthSpec {
+            preset: self,
+            n_layer,
+            vocab_size: VOCAB,
+            n_positions,
+        }
+    }
+
+    /// This preset's attention geometry (its heads of 64, or tiny's of 16,
+    /// so its width) with `n_layer` blocks, a `vocab_size` vocabulary and
+    /// `n_positions` positions: a small checkpoint laid out as the big one.
+    pub fn reduced(self, n_layer: usize, vocab_size: usize, n_positions: usize) -> SynthSpec {
+        SynthSpec {
+            preset: self,
+            n_layer,
+            vocab_size,
+            n_positions,
+        }
+    }
+
+    /// The text of the `config.json` we write for this preset.
+    pub fn config_json(self, seed: u64) -> String {
+        self.spec().config_json(seed)
+    }
+
+    pub fn config(self, seed: u64) -> Gpt2Config {
+        self.spec().config(seed).expect("presets are valid configs")
+    }
+}
+
+/// GPT-2's vocabulary size.
+pub const VOCAB: usize = 50257;
+
+/// The shape of a synthetic checkpoint: a preset's ([`Preset::spec`]) or a
+/// preset's reduced ([`Preset::reduced`]). Heads and width are the preset's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SynthSpec {
+    pub preset: Preset,
+    pub n_layer: usize,
+    pub vocab_size: usize,
+    pub n_positions: usize,
+}
+
+impl SynthSpec {
+    /// The preset's name, or for a reduced shape the preset and what changed,
+    /// e.g. `xl-2l-v2048-p256`; written into `config.json`.
+    pub fn name(&self) -> String {
+        if *self == self.preset.spec() {
+            self.preset.name().into()
+        } else {
+            let (p, l, v, n) = (
+                self.preset.name(),
+                self.n_layer,
+                self.vocab_size,
+                self.n_positions,
+            );
+            format!("{p}-{l}l-v{v}-p{n}")
+        }
+    }
+
     /// The text of the `config.json` we write: a valid Hugging Face GPT-2
     /// config (so `transformers` loads it) plus our provenance entry.
-    pub fn config_json(self, seed: u64) -> String {
-        let (n_layer, n_head, n_embd, n_positions) = self.dims();
+    pub fn config_json(&self, seed: u64) -> String {
+        let (_, n_head, n_embd, _) = self.preset.dims();
         let config = serde_json::json!({
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
             "activation_function": "gelu_new",
-            "n_layer": n_layer,
+            "n_layer": self.n_layer,
             "n_head": n_head,
             "n_embd": n_embd,
-            "n_positions": n_positions,
-            "n_ctx": n_positions,
+            "n_positions": self.n_positions,
+            "n_ctx": self.n_positions,
             "n_inner": null,
-            "vocab_size": 50257,
+            "vocab_size": self.vocab_size,
             "layer_norm_epsilon": 1e-5,
             "initializer_range": 0.02,
             "bos_token_id": 50256,
             "eos_token_id": 50256,
             "tie_word_embeddings": true,
             "torch_dtype": "float32",
-            "gpt2_rs_synthetic": SyntheticInfo { preset: self.name().into(), seed },
+            "gpt2_rs_synthetic": SyntheticInfo { preset: self.name(), seed },
         });
         serde_json::to_string_pretty(&config).expect("a JSON literal serialises") + "\n"
     }
 
-    pub fn config(self, seed: u64) -> Gpt2Config {
-        Gpt2Config::from_json(&self.config_json(seed)).expect("presets are valid configs")
+    /// The validated config: a reduced shape we refuse (no layer, no
+    /// position) is an [`Error::InvalidArgument`] naming the problem.
+    pub fn config(&self, seed: u64) -> Result<Gpt2Config> {
+        Gpt2Config::from_json(&self.config_json(seed))
+            .map_err(|msg| Error::InvalidArgument(format!("synthetic checkpoint {}: {msg}", self.name())))
     }
 }
 
@@ -114,17 +190,26 @@ fn name_hash(name: &str) -> u64 {
     })
 }
 
-/// `n` values `mean + std * N(0, 1)` (Box-Muller, in f64 through `libm`).
-fn gaussian(seed: u64, name: &str, n: usize, mean: f64, std: f64) -> Vec<f32> {
-    let mut rng = SplitMix64::new(seed ^ name_hash(name));
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
+/// SplitMix64's increment. Its state after `k` draws is its seed plus
+/// `k` times this (a Weyl sequence), so a piece of a tensor can start its
+/// stream where it lies without drawing what comes before it.
+const SPLITMIX64_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Values `start..start + len` (`start` even) of a tensor's values
+/// `mean + std * N(0, 1)`, as little-endian f32 bytes. Box-Muller in f64
+/// through `libm`: the pair `2j, 2j + 1` comes from draws `2j, 2j + 1` of the
+/// tensor's stream, whatever the pieces.
+fn gaussian_bytes(stream: u64, start: usize, len: usize, mean: f64, std: f64) -> Vec<u8> {
+    debug_assert!(start % 2 == 0, "a piece starts on a pair");
+    let mut rng = SplitMix64::new(stream.wrapping_add((start as u64).wrapping_mul(SPLITMIX64_GAMMA)));
+    let mut out = Vec::with_capacity(4 * (len + 1));
+    while out.len() < 4 * len {
         let r = libm::sqrt(-2.0 * libm::log(rng.next_f64_nonzero()));
         let theta = 2.0 * std::f64::consts::PI * rng.next_f64_nonzero();
-        out.push((mean + std * r * libm::cos(theta)) as f32);
-        out.push((mean + std * r * libm::sin(theta)) as f32);
+        out.extend_from_slice(&((mean + std * r * libm::cos(theta)) as f32).to_le_bytes());
+        out.extend_from_slice(&((mean + std * r * libm::sin(theta)) as f32).to_le_bytes());
     }
-    out.truncate(n);
+    out.truncate(4 * len);
     out
 }
 
@@ -161,57 +246,187 @@ pub fn cached(preset: Preset, seed: u64, on_write: impl FnOnce(&Path)) -> Result
     Ok(dir)
 }
 
-/// Writes `config.json` and `model.safetensors` into `dir` (created if needed).
-/// The weights file is written to a temporary file and renamed, and
-/// `config.json` is written last, so a directory with a `config.json` holds a
-/// complete checkpoint even if an earlier run was interrupted.
+/// Writes the checkpoint of `preset` into `dir`: [`write_spec`] of its whole shape.
 pub fn write_checkpoint(dir: &Path, preset: Preset, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Write {
-        path: dir.to_owned(),
-        source: e,
-    })?;
-    let config = preset.config(seed);
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = expected_shapes(&config)
+    write_spec(dir, &preset.spec(), seed)
+}
+
+/// Writes `config.json` and `model.safetensors` of `spec` into `dir`
+/// (created if needed). The weights are streamed into a temporary file that
+/// is renamed when complete, and `config.json` is written last, so a
+/// directory with a `config.json` holds a complete checkpoint even if an
+/// earlier run was interrupted.
+pub fn write_spec(dir: &Path, spec: &SynthSpec, seed: u64) -> Result<()> {
+    let config = spec.config(seed)?;
+    let write_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Write { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
+    let model_path = dir.join("model.safetensors");
+    // The process id keeps two writers of one cache directory apart.
+    let tmp = dir.join(format!(".model.safetensors.{}.tmp", std::process::id()));
+    let written = write_safetensors(&tmp, &config, seed, PIECE, IN_FLIGHT).map_err(write_err(&tmp));
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &model_path).map_err(write_err(&model_path)))
+    {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, spec.config_json(seed)).map_err(write_err(&config_path))
+}
+
+/// Values generated per parallel task: 1 Mi values, 4 MiB.
+const PIECE: usize = 1 << 20;
+/// Pieces generated at once, then written in order: what the writer holds (64 MiB).
+const IN_FLIGHT: usize = 16;
+
+/// The tensors of a checkpoint of `config` in file order, by their names in
+/// the file (`transformer.` and the canonical name), with their shapes.
+fn file_tensors(config: &Gpt2Config) -> Vec<(String, String, Vec<usize>)> {
+    // `expected_shapes` is sorted by name, as safetensors orders tensors of one dtype.
+    expected_shapes(config)
         .into_iter()
-        .map(|(name, shape)| {
-            let (mean, std) = init(&name, config.n_layer);
-            let values = gaussian(seed, &name, shape.iter().product(), mean, std);
-            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (format!("transformer.{name}"), shape, bytes)
+        .map(|(name, shape)| (format!("transformer.{name}"), name, shape))
+        .collect()
+}
+
+/// The header safetensors writes for these f32 tensors (its own `Metadata`,
+/// padded with spaces to 8 bytes), preceded by its length.
+fn header(tensors: &[(String, String, Vec<usize>)]) -> std::io::Result<Vec<u8>> {
+    let mut offset = 0;
+    let infos = tensors
+        .iter()
+        .map(|(name, _, shape)| {
+            let end = offset + 4 * shape.iter().product::<usize>();
+            let info = TensorInfo {
+                dtype: Dtype::F32,
+                shape: shape.clone(),
+                data_offsets: (offset, end),
+            };
+            offset = end;
+            (name.clone(), info)
         })
         .collect();
-    let views = tensors.iter().map(|(name, shape, bytes)| {
-        let view = TensorView::new(Dtype::F32, shape.clone(), bytes).expect("length matches shape");
-        (name.clone(), view)
-    });
     let metadata = Some([("format".to_string(), "pt".to_string())].into());
-    let model_path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, metadata, &model_path).map_err(|e| Error::Write {
-        path: model_path.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let config_path = dir.join("config.json");
-    std::fs::write(&config_path, preset.config_json(seed)).map_err(|e| Error::Write {
-        path: config_path,
-        source: e,
-    })
+    let json = Metadata::new(metadata, infos)
+        .and_then(|m| Ok(serde_json::to_vec(&m)?))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let n = json.len().next_multiple_of(8);
+    let mut out = (n as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.resize(8 + n, b' ');
+    Ok(out)
+}
+
+/// Streams the safetensors file of `config` into `path`: the header, then
+/// each tensor's values, `in_flight` pieces of `piece` values (even)
+/// generated in parallel at a time.
+fn write_safetensors(
+    path: &Path,
+    config: &Gpt2Config,
+    seed: u64,
+    piece: usize,
+    in_flight: usize,
+) -> std::io::Result<()> {
+    let tensors = file_tensors(config);
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    file.write_all(&header(&tensors)?)?;
+    for (_, name, shape) in &tensors {
+        let (mean, std) = init(name, config.n_layer);
+        let (stream, n) = (seed ^ name_hash(name), shape.iter().product::<usize>());
+        let starts: Vec<usize> = (0..n).step_by(piece).collect();
+        for group in starts.chunks(in_flight) {
+            let pieces: Vec<Vec<u8>> = group
+                .par_iter()
+                .map(|&start| gaussian_bytes(stream, start, piece.min(n - start), mean, std))
+                .collect();
+            pieces.iter().try_for_each(|p| file.write_all(p))?;
+        }
+    }
+    file.flush()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The writer before streaming: every tensor in memory, serialised by
+    /// `safetensors` itself. The streamed file must be byte for byte this.
+    fn in_memory(config: &Gpt2Config, seed: u64) -> Vec<u8> {
+        use safetensors::tensor::TensorView;
+        let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = expected_shapes(config)
+            .into_iter()
+            .map(|(name, shape)| {
+                let (mean, std) = init(&name, config.n_layer);
+                let n = shape.iter().product();
+                let bytes = gaussian_bytes(seed ^ name_hash(&name), 0, n, mean, std);
+                (format!("transformer.{name}"), shape, bytes)
+            })
+            .collect();
+        let views = tensors.iter().map(|(name, shape, bytes)| {
+            let view = TensorView::new(Dtype::F32, shape.clone(), bytes).expect("length matches shape");
+            (name.clone(), view)
+        });
+        let metadata = Some([("format".to_string(), "pt".to_string())].into());
+        safetensors::serialize(views, metadata).unwrap()
+    }
+
+    fn values(bytes: &[u8]) -> Vec<f32> {
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+
     #[test]
     fn gaussian_has_the_asked_moments_and_is_repeatable() {
-        let v = gaussian(7, "x", 100_001, 1.0, 0.5);
+        let v = values(&gaussian_bytes(7, 0, 100_001, 1.0, 0.5));
         let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
         assert!(
             (mean - 1.0).abs() < 0.01 && (var.sqrt() - 0.5).abs() < 0.01,
             "{mean} {var}"
         );
-        assert_eq!(v, gaussian(7, "x", 100_001, 1.0, 0.5));
-        assert_ne!(v[..10], gaussian(7, "y", 10, 1.0, 0.5)[..]);
+        assert_eq!(v, values(&gaussian_bytes(7, 0, 100_001, 1.0, 0.5)));
+        assert_ne!(v[..10], values(&gaussian_bytes(8, 0, 10, 1.0, 0.5))[..]);
+    }
+
+    /// A piece started in the middle of a stream is that part of the whole
+    /// stream, drawn from its start (odd lengths included).
+    #[test]
+    fn pieces_are_parts_of_the_whole_stream() {
+        let whole = gaussian_bytes(11, 0, 1001, 0.0, 1.0);
+        for (start, len) in [(0, 1), (2, 7), (500, 501), (1000, 1)] {
+            assert_eq!(
+                gaussian_bytes(11, start, len, 0.0, 1.0),
+                whole[4 * start..4 * (start + len)],
+                "{start} {len}"
+            );
+        }
+    }
+
+    /// The streamed writer writes what `safetensors` would: through
+    /// `write_spec`, and in small pieces that split tensors over many groups.
+    #[test]
+    fn the_streamed_file_is_the_in_memory_one() {
+        let dir = std::env::temp_dir().join(format!("gpt2-synth-stream-{}", std::process::id()));
+        let odd = Preset::Tiny.reduced(1, 1001, 9);
+        for (spec, seed) in [(Preset::Tiny.spec(), 0), (odd, 5)] {
+            let want = in_memory(&spec.config(seed).unwrap(), seed);
+            write_spec(&dir, &spec, seed).unwrap();
+            let streamed = std::fs::read(dir.join("model.safetensors")).unwrap();
+            assert!(streamed == want, "{}", spec.name());
+            let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+            assert_eq!(config, spec.config_json(seed));
+            let small = dir.join("small-pieces");
+            write_safetensors(&small, &spec.config(seed).unwrap(), seed, 6, 3).unwrap();
+            assert!(std::fs::read(&small).unwrap() == want, "{}", spec.name());
+            std::fs::remove_file(small).unwrap();
+        }
+        let leftovers = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(leftovers, 2, "only config.json and model.safetensors remain");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The parameter counts of the Hugging Face models each preset copies.
@@ -227,6 +442,7 @@ mod tests {
         for (preset, n) in want {
             assert_eq!(preset.config(0).n_params(), n, "{}", preset.name());
             assert_eq!(Preset::from_name(preset.name()), Some(preset));
+            assert_eq!(preset.spec().name(), preset.name());
         }
         assert_eq!(Preset::from_name("XL"), Some(Preset::Xl));
         assert_eq!(Preset::from_name("gpt3"), None);
@@ -237,5 +453,29 @@ mod tests {
         let c = Preset::Gpt2_124M.config(3);
         assert_eq!((c.n_layer, c.n_embd, c.vocab_size), (12, 768, 50257));
         assert_eq!(c.synthetic.unwrap().seed, 3);
+    }
+
+    /// A reduced preset keeps the heads and width, changes the rest, says so
+    /// in its name, and a shape we refuse is an error naming it.
+    #[test]
+    fn reduced_presets_keep_the_geometry() {
+        let spec = Preset::Xl.reduced(2, 2048, 256);
+        let c = spec.config(1).unwrap();
+        let dims = (
+            c.n_layer,
+            c.n_head,
+            c.n_embd,
+            c.n_inner,
+            c.vocab_size,
+            c.n_positions,
+        );
+        assert_eq!(dims, (2, 25, 1600, 6400, 2048, 256));
+        assert_eq!(c.synthetic.unwrap().preset, "xl-2l-v2048-p256");
+        let err = Preset::Xl
+            .reduced(0, 2048, 256)
+            .config(1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("xl-0l-v2048-p256"), "{err}");
     }
 }

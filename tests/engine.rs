@@ -4,7 +4,7 @@ mod common;
 
 use common::{assert_close, synth_dir};
 use gpt2::synth::Preset;
-use gpt2::{Error, Gpt2Model, KvCache, Row};
+use gpt2::{Error, Gpt2Model, KvCache, KvDtype, Row};
 
 fn tiny() -> Gpt2Model {
     Gpt2Model::load(&synth_dir(Preset::Tiny, 0)).unwrap()
@@ -192,7 +192,7 @@ fn a_kv_cache_too_large_for_memory_is_an_error_not_an_abort() {
     };
     // 2^30 layers x 2^16 positions x 8 channels: 2 PiB of keys, past any
     // address space, so the OS refuses the map.
-    let err = KvCache::new(&config(1 << 30, 1 << 16))
+    let err = KvCache::new(&config(1 << 30, 1 << 16), KvDtype::F32)
         .err()
         .expect("no such map");
     let msg = err.to_string();
@@ -201,10 +201,10 @@ fn a_kv_cache_too_large_for_memory_is_an_error_not_an_abort() {
         "{msg}"
     );
     // 2^40 x 2^20 x 8 floats fit a usize, their bytes do not.
-    let err = KvCache::new(&config(1 << 40, 1 << 20))
+    let err = KvCache::new(&config(1 << 40, 1 << 20), KvDtype::F32)
         .err()
         .expect("no such size");
     assert!(err.to_string().contains("overflow"), "{err}");
     // A small one maps.
-    assert!(KvCache::new(&config(2, 16)).unwrap().is_empty());
+    assert!(KvCache::new(&config(2, 16), KvDtype::F32).unwrap().is_empty());
 }

@@ -1,7 +1,10 @@
 //! Softmax and causal self-attention of one query over a KV cache.
 
-use crate::arch::{Isa, Kernel, Vector};
-use crate::{active, Kernels};
+use half::bf16;
+
+use crate::arch::{Isa, Kernel, Vector, Weight, Widen, LINE, MIN_LANES};
+use crate::matmul::to_bf16;
+use crate::{active, Dtype, Kernels};
 
 /// Numerically stable softmax over `x`, in place. On the
 /// [`active`] kernel set.
@@ -84,27 +87,41 @@ fn exp<I: Isa>(x: f32) -> f32 {
 /// `q · k_j` for `J` keys at once. Each dot product is accumulated in the
 /// set's L lanes (8 or 16) over `0..hd/L*L`, the lanes summed by halves,
 /// then the tail added in order: the same roundings whatever `J`, so a score
-/// does not depend on how the keys were grouped.
+/// does not depend on how the keys were grouped. A key is `hd` values of `E`
+/// in [`Weight::slot`] order (f32: as is; bf16: [`kv_row_bf16`]'s layout),
+/// widened exactly, so bf16 keys give the scores of their f32 values.
 #[inline(always)]
-fn dots<I: Isa, const J: usize>(q: &[f32], ks: [&[f32]; J]) -> [f32; J] {
+fn dots<I: Isa, E: Widen, const J: usize>(q: &[f32], ks: [&[E]; J]) -> [f32; J] {
     let hd = q.len();
     let h8 = hd / I::V::LANES * I::V::LANES;
     for kj in &ks {
-        assert!(kj.len() >= hd, "dots: key shorter than the query");
+        assert!(kj.len() >= row_len::<E>(hd), "dots: key shorter than the query");
     }
-    let mut ptrs = [q.as_ptr(); J];
+    let mut ptrs = [ks[0].as_ptr(); J];
     for (p, kj) in ptrs.iter_mut().zip(&ks) {
         *p = kj.as_ptr();
     }
-    // SAFETY: the query and every key hold at least `hd >= h8` floats
-    // (asserted above); the CPU has I (the kernel's entry point).
-    let mut out = unsafe { dot_lanes::<I, J>(q.as_ptr(), ptrs, h8) };
+    // SAFETY: the query holds `hd >= h8` floats and every key a whole row
+    // (asserted above): every group that holds a column below h8; the CPU
+    // has I (the kernel's entry point).
+    let mut out = unsafe { dot_lanes::<I, E, J>(q.as_ptr(), ptrs, h8) };
     for (o, kj) in out.iter_mut().zip(&ks) {
         for d in h8..hd {
-            *o = I::fmadd(q[d], kj[d], *o);
+            *o = I::fmadd(q[d], kj[E::slot(d)].to_f32(), *o);
         }
     }
     out
+}
+
+/// Elements of `E` one cached position of `hd` channels takes: `hd` for
+/// f32, whole groups of 16 for bf16 (zero past `hd`), so that every vector
+/// load widens inside the row.
+#[inline(always)]
+fn row_len<E: Weight>(hd: usize) -> usize {
+    match E::DTYPE {
+        Dtype::Bf16 => hd.next_multiple_of(E::GROUP),
+        _ => hd,
+    }
 }
 
 /// `q · k_j` over `0..hl` for `J` keys (`hl` a multiple of the lanes L):
@@ -112,9 +129,14 @@ fn dots<I: Isa, const J: usize>(q: &[f32], ks: [&[f32]; J]) -> [f32; J] {
 /// ([`Vector::sum`]).
 ///
 /// # Safety
-/// The CPU has `I`; `q` and every key valid for `hl` floats.
+/// The CPU has `I`; `q` valid for `hl` floats, every key for the groups of
+/// `E` that hold its first `hl` columns.
 #[inline(always)]
-unsafe fn dot_lanes<I: Isa, const J: usize>(q: *const f32, ks: [*const f32; J], hl: usize) -> [f32; J] {
+unsafe fn dot_lanes<I: Isa, E: Widen, const J: usize>(
+    q: *const f32,
+    ks: [*const E; J],
+    hl: usize,
+) -> [f32; J] {
     let l = I::V::LANES;
     // SAFETY (whole body): every offset is below hl (the contract above).
     unsafe {
@@ -123,7 +145,7 @@ unsafe fn dot_lanes<I: Isa, const J: usize>(q: *const f32, ks: [*const f32; J], 
         while d < hl {
             let qd = I::V::load(q.add(d));
             for (a, k) in acc.iter_mut().zip(&ks) {
-                *a = I::V::mul_add(qd, I::V::load(k.add(d)), *a);
+                *a = I::V::mul_add(qd, I::widen::<E>(*k, d / l), *a);
             }
             d += l;
         }
@@ -158,6 +180,49 @@ pub fn attention_head(
     active().attention_head(out, q, k, v, t, stride, scores, scale)
 }
 
+/// [`attention_head`] over a bf16 cache: `k` and `v` hold one position every
+/// `stride` values (at least [`bf16_row_len`]`(hd)`), each written by
+/// [`kv_row_bf16`]. The result is bit for bit [`attention_head`]'s over the
+/// same keys and values widened to f32 (widening is exact and the sums run
+/// in the same order); only the bytes read are halved. On the [`active`]
+/// kernel set.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_head_bf16(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[u16],
+    v: &[u16],
+    t: usize,
+    stride: usize,
+    scores: &mut [f32],
+    scale: f32,
+) {
+    active().attention_head_bf16(out, q, k, v, t, stride, scores, scale)
+}
+
+/// Values of a bf16 cache row for `hd` channels: `hd` rounded up to whole
+/// groups of 16 (the padding is zero and never read as a channel).
+pub fn bf16_row_len(hd: usize) -> usize {
+    row_len::<bf16>(hd)
+}
+
+/// Writes `src` (one position's `hd` keys or values of one head) as a bf16
+/// cache row: each value rounded to nearest even ([`to_bf16`]), stored at
+/// its [`Weight::slot`] in its group of 16 (the packed bf16 weights' layout,
+/// so one load widens in lane order on every set), zeros past `hd`.
+/// `dst.len()` must be [`bf16_row_len`]`(src.len())`.
+pub fn kv_row_bf16(dst: &mut [u16], src: &[f32]) {
+    assert_eq!(
+        dst.len(),
+        bf16_row_len(src.len()),
+        "kv_row_bf16: dst is not one row"
+    );
+    dst.fill(0);
+    for (c, &x) in src.iter().enumerate() {
+        dst[bf16::slot(c)] = to_bf16(x).to_bits();
+    }
+}
+
 impl Kernels {
     /// [`softmax_inplace`] on this kernel set.
     pub fn softmax_inplace(self, x: &mut [f32]) {
@@ -178,16 +243,73 @@ impl Kernels {
         scores: &mut [f32],
         scale: f32,
     ) {
+        let head = Head::checked(out, q, k, v, t, stride, scores, scale);
+        // SAFETY: Head reads and writes only through its slices (their
+        // lengths checked by `checked`).
+        unsafe { self.run(head) }
+    }
+
+    /// [`attention_head_bf16`] on this kernel set.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_head_bf16(
+        self,
+        out: &mut [f32],
+        q: &[f32],
+        k: &[u16],
+        v: &[u16],
+        t: usize,
+        stride: usize,
+        scores: &mut [f32],
+        scale: f32,
+    ) {
+        let (k, v): (&[bf16], &[bf16]) = (bytemuck::cast_slice(k), bytemuck::cast_slice(v));
+        let head = Head::checked(out, q, k, v, t, stride, scores, scale);
+        // SAFETY: as in `attention_head`.
+        unsafe { self.run(head) }
+    }
+}
+
+/// [`attention_head`]'s body, its lengths checked, over keys and values
+/// stored as `E`.
+struct Head<'a, E> {
+    out: &'a mut [f32],
+    q: &'a [f32],
+    k: &'a [E],
+    v: &'a [E],
+    stride: usize,
+    /// `t` of them.
+    scores: &'a mut [f32],
+    scale: f32,
+}
+
+impl<'a, E: Weight> Head<'a, E> {
+    /// The kernel's arguments, each length checked against the others.
+    #[allow(clippy::too_many_arguments)]
+    fn checked(
+        out: &'a mut [f32],
+        q: &'a [f32],
+        k: &'a [E],
+        v: &'a [E],
+        t: usize,
+        stride: usize,
+        scores: &'a mut [f32],
+        scale: f32,
+    ) -> Self {
         let hd = q.len();
+        let row = row_len::<E>(hd);
         assert_eq!(out.len(), hd, "attention_head: out is not [hd={hd}]");
         assert!(t >= 1, "attention_head: no position to attend to");
-        let need = (t - 1) * stride + hd;
+        assert!(
+            stride >= row,
+            "attention_head: stride {stride} under a row of {row}"
+        );
+        let need = (t - 1) * stride + row;
         assert!(
             k.len() >= need && v.len() >= need,
             "attention_head: cache shorter than t={t}"
         );
         assert!(scores.len() >= t, "attention_head: scores shorter than t={t}");
-        let head = Head {
+        Head {
             out,
             q,
             k,
@@ -195,26 +317,18 @@ impl Kernels {
             stride,
             scores: &mut scores[..t],
             scale,
-        };
-        // SAFETY: Head reads and writes only through its slices (their
-        // lengths checked above).
-        unsafe { self.run(head) }
+        }
     }
 }
 
-/// [`attention_head`]'s body, its lengths checked.
-struct Head<'a> {
-    out: &'a mut [f32],
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    stride: usize,
-    /// `t` of them.
-    scores: &'a mut [f32],
-    scale: f32,
-}
+/// How far ahead of the keys (and values) being read the kernel asks for
+/// lines: 8 positions of 64 f32 channels is 2 KiB, about what one core has
+/// in flight. A head's positions are one run of memory, but the hardware
+/// prefetchers stop at every 4 KiB page; a long context is then read at
+/// the latency of a page's first lines unless we ask ahead.
+const PREFETCH_AHEAD: usize = 2048;
 
-impl Kernel for Head<'_> {
+impl<E: Widen> Kernel for Head<'_, E> {
     type Out = ();
 
     #[inline(always)]
@@ -229,11 +343,16 @@ impl Kernel for Head<'_> {
             scale,
         } = self;
         let (hd, t) = (q.len(), scores.len());
-        let key = |i: usize| &k[i * stride..i * stride + hd];
+        let row = row_len::<E>(hd);
+        let key = |i: usize| &k[i * stride..i * stride + row];
+        let ahead = PREFETCH_AHEAD / std::mem::size_of::<E>();
         // Eight keys at a time: eight independent chains hide the FMA latency.
         let mut i = 0;
         while i + 8 <= t {
-            let s = dots::<I, 8>(
+            // SAFETY: a prefetch never faults; the address is only formed
+            // (wrapping), never dereferenced.
+            unsafe { prefetch_run::<I, E>(k.as_ptr().wrapping_add(i * stride + ahead), 8 * stride) };
+            let s = dots::<I, E, 8>(
                 q,
                 [
                     key(i),
@@ -252,38 +371,71 @@ impl Kernel for Head<'_> {
             i += 8;
         }
         for (j, dst) in scores.iter_mut().enumerate().skip(i) {
-            *dst = dots::<I, 1>(q, [key(j)])[0] * scale;
+            *dst = dots::<I, E, 1>(q, [key(j)])[0] * scale;
         }
         softmax::<I>(scores);
-        weighted_sum::<I>(out, scores, v, stride);
+        weighted_sum::<I, E>(out, scores, v, stride);
     }
 }
 
-/// `out[d] = Σ_i p[i] · v[i·stride + d]`, summed in order of i from 0.
+/// Asks for the lines of `len` values of `E` from `p` (a hint; never faults).
+///
+/// # Safety
+/// The CPU has `I`.
+#[inline(always)]
+unsafe fn prefetch_run<I: Isa, E>(p: *const E, len: usize) {
+    let bytes = len * std::mem::size_of::<E>();
+    let mut at = 0;
+    while at < bytes {
+        // SAFETY: prefetch never faults (the trait's contract); the pointer
+        // is formed with wrapping arithmetic and never read.
+        unsafe { I::V::prefetch(p.cast::<u8>().wrapping_add(at)) };
+        at += LINE;
+    }
+}
+
+/// `out[d] = Σ_i p[i] · v[i·stride + slot(d)]`, summed in order of i from 0.
 /// Columns go 64 at a time (eight AVX2 or four AVX-512 registers held
 /// across all of `p`), so the sums never leave registers; any remainder one
 /// column at a time.
 #[inline(always)]
-fn weighted_sum<I: Isa>(out: &mut [f32], p: &[f32], v: &[f32], stride: usize) {
+fn weighted_sum<I: Isa, E: Widen>(out: &mut [f32], p: &[f32], v: &[E], stride: usize) {
     const W: usize = 64;
     let hd = out.len();
+    let lanes = I::V::LANES;
+    let ahead = PREFETCH_AHEAD / std::mem::size_of::<E>();
     let mut d0 = 0;
     while d0 + W <= hd {
+        let row_end = (p.len() - 1) * stride + d0 + W;
+        assert!(v.len() >= row_end, "weighted_sum: values shorter than p");
         let mut acc = [0f32; W];
-        for (i, &pi) in p.iter().enumerate() {
-            let vi: &[f32; W] = v[i * stride + d0..][..W].try_into().expect("64 floats");
-            for (a, &vv) in acc.iter_mut().zip(vi) {
-                *a = I::fmadd(pi, vv, *a);
+        // SAFETY: every row i < p.len() holds the groups of columns
+        // d0..d0 + W (asserted above; d0 is a multiple of 64, so of every
+        // group); the CPU has I; prefetch never faults.
+        unsafe {
+            let mut sums = [I::V::zero(); W / MIN_LANES];
+            let n = W / lanes;
+            for (i, pi) in p.iter().enumerate() {
+                let row = v.as_ptr().add(i * stride + d0);
+                if i % 8 == 0 {
+                    prefetch_run::<I, E>(row.wrapping_add(ahead), 8 * stride);
+                }
+                let pv = I::V::splat(pi);
+                for (j, a) in sums[..n].iter_mut().enumerate() {
+                    *a = I::V::mul_add(pv, I::widen::<E>(row, j), *a);
+                }
+            }
+            for (j, a) in sums[..n].iter().enumerate() {
+                a.store(acc.as_mut_ptr().add(j * lanes));
             }
         }
         out[d0..d0 + W].copy_from_slice(&acc);
         d0 += W;
     }
     for (d, o) in out.iter_mut().enumerate().skip(d0) {
-        *o = p
-            .iter()
-            .enumerate()
-            .fold(0.0, |a, (i, &pi)| I::fmadd(pi, v[i * stride + d], a));
+        *o = p.iter().enumerate().fold(0.0, |a, (i, &pi)| {
+            I::fmadd(pi, v[i * stride + E::slot(d)].to_f32(), a)
+        });
     }
 }
 
@@ -339,12 +491,12 @@ mod tests {
         #[inline(always)]
         unsafe fn run<I: Isa>(self) -> Self::Out {
             let (q, ks) = (self.q, self.ks);
-            let eight = dots::<I, 8>(
+            let eight = dots::<I, f32, 8>(
                 q,
                 [&ks[0][..], &ks[1], &ks[2], &ks[3], &ks[4], &ks[5], &ks[6], &ks[7]],
             );
-            let four = dots::<I, 4>(q, [&ks[4][..], &ks[5], &ks[6], &ks[7]]);
-            let alone = ks.iter().map(|k| dots::<I, 1>(q, [&k[..]])[0]).collect();
+            let four = dots::<I, f32, 4>(q, [&ks[4][..], &ks[5], &ks[6], &ks[7]]);
+            let alone = ks.iter().map(|k| dots::<I, f32, 1>(q, [&k[..]])[0]).collect();
             (eight, four, alone)
         }
     }

@@ -30,7 +30,7 @@ pub mod reference;
 #[cfg(test)]
 mod test_data;
 
-pub use attention::{attention_head, softmax_inplace};
+pub use attention::{attention_head, attention_head_bf16, bf16_row_len, kv_row_bf16, softmax_inplace};
 pub use dispatch::{active, init, CpuInfo, KernelSet, KernelSpec, Kernels, KernelsError, UnknownKernelSet};
 pub use dtype::{Dtype, KvDtype, UnknownDtype, UnknownKvDtype};
 pub use elementwise::{add_assign, gelu_inplace, layernorm};

@@ -580,9 +580,10 @@ fn log_summary(s: &ModeSummary) {
     );
 }
 
-/// Resident bytes of `caches` KV caches of `positions` positions each.
+/// Resident bytes of `caches` KV caches of `positions` positions each (f32:
+/// the soak's models make f32 caches).
 fn kv_cache_bytes(caches: usize, positions: usize, cfg: &Gpt2Config) -> u64 {
-    (caches as u64) * gpt2::model::KvCache::resident_bytes(cfg, positions) as u64
+    (caches as u64) * gpt2::KvCache::resident_bytes(cfg, gpt2::KvDtype::F32, positions) as u64
 }
 
 /// Resident memory, threads and open files of this process (Linux /proc;

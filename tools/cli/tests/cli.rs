@@ -314,3 +314,71 @@ fn kernels_flag_picks_a_set_and_refuses_what_cannot_run() {
         assert!(text(&out.stderr).contains("lacks"), "{}", text(&out.stderr));
     }
 }
+
+/// `gpt2 synth` with `--layers`, `--vocab` and `--positions` writes a reduced
+/// checkpoint of the preset's heads and width, named so, that loads and runs.
+#[test]
+fn synth_writes_a_reduced_preset() {
+    let dir = common::scratch_dir("cli-synth-reduced");
+    let out = gpt2(&[
+        "synth",
+        "--preset",
+        "medium",
+        "--layers",
+        "1",
+        "--vocab",
+        "300",
+        "--positions",
+        "16",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("wrote synthetic medium-1l-v300-p16 checkpoint"),
+        "{stderr}"
+    );
+    let config =
+        gpt2::Gpt2Config::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let dims = (
+        config.n_layer,
+        config.n_head,
+        config.n_embd,
+        config.vocab_size,
+        config.n_positions,
+    );
+    assert_eq!(dims, (1, 16, 1024, 300, 16));
+    let out = gpt2(&["logits", "--weights", dir.to_str().unwrap(), "--tokens", "1,299"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // A shape we refuse is an error naming it, not a panic.
+    let out = gpt2(&[
+        "synth",
+        "--preset",
+        "tiny",
+        "--layers",
+        "0",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("tiny-0l-v50257-p128"),
+        "{stderr}"
+    );
+}
+
+/// `--synthetic-preset` cannot be given with another source: the error names both flags.
+#[test]
+fn synthetic_preset_conflicts_are_named() {
+    for other in [["--model", "gpt2-xl"], ["--weights", "/tmp"]] {
+        let mut args = vec!["generate", "--prompt", "Hi", "--synthetic-preset", "xl"];
+        args.extend(other);
+        let out = gpt2(&args);
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("--synthetic-preset") && stderr.contains(other[0]),
+            "{stderr}"
+        );
+    }
+}

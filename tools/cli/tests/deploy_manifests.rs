@@ -645,7 +645,7 @@ fn kv_budget_admits_every_queue_slot_at_full_context() {
     let docs = manifests();
     let c = Container::of(server_deployment(&docs));
     let config = gpt2::synth::Preset::Gpt2_124M.config(0);
-    let full = gpt2::KvCache::resident_bytes(&config, config.n_positions);
+    let full = gpt2::KvCache::resident_bytes(&config, gpt2::KvDtype::F32, config.n_positions);
     assert_eq!(
         full % (1 << 20),
         0,

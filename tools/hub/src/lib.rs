@@ -1,17 +1,21 @@
 //! Where the weights come from: one resolution shared by every binary.
 //!
-//! In order: `--weights DIR` (a local Hugging Face directory); `--synthetic`;
+//! In order: `--weights DIR` (a local Hugging Face directory);
+//! `--synthetic-preset NAME` or `--synthetic` (= `--synthetic-preset 124m`);
 //! else `--model ID` (default `gpt2`) from the Hugging Face cache, or
 //! downloaded into it with `hf-hub` unless `HF_HUB_OFFLINE` is set. If that
 //! fails (no network), one notice on stderr and the deterministic synthetic
-//! 124M checkpoint, generated once under `weights/synthetic/` and reused.
+//! checkpoint of the model's shape (124M for a model not of the GPT-2
+//! family), generated once under `weights/synthetic/` and reused.
 //!
 //! Hub files are pinned and verified: `gpt2` resolves to a fixed commit whose
-//! three files' SHA-256 are known here; any other model to `--revision`
-//! (default `main`), each file checked against the hash the hub named it by
-//! (its cache blob's name: the SHA-256 of an LFS file, the git blob id of a
-//! small one). A mismatch, or a cached file we cannot check, is an error that
-//! names the file, never a silent fallback.
+//! three files' SHA-256 are known here; any other model, the rest of the family
+//! (`distilgpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) included, to
+//! `--revision` (default `main`: we know no published SHA-256 of their files to
+//! pin), each file checked against the hash the hub named it by (its cache
+//! blob's name: the SHA-256 of an LFS file, the git blob id of a small one). A
+//! mismatch, or a cached file we cannot check, is an error that names the
+//! file, never a silent fallback.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -38,12 +42,18 @@ pub struct WeightsArgs {
     /// A local checkpoint directory (config.json + model.safetensors).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "synthetic"])]
     pub weights: Option<PathBuf>,
-    /// A Hugging Face model id, looked up in the HF cache or downloaded.
+    /// A Hugging Face model id, looked up in the HF cache or downloaded: `gpt2`
+    /// (pinned), `distilgpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` or any other.
     #[arg(long, value_name = "ID", default_value = "gpt2")]
     pub model: String,
-    /// Use the deterministic synthetic GPT-2 124M checkpoint (random weights).
+    /// Use the deterministic synthetic GPT-2 124M checkpoint (random weights);
+    /// the same as `--synthetic-preset 124m`.
     #[arg(long, conflicts_with = "weights")]
     pub synthetic: bool,
+    /// Use the deterministic synthetic checkpoint of this shape (random
+    /// weights, generated once under weights/synthetic/; xl is 6.2 GB).
+    #[arg(long, value_name = "PRESET", conflicts_with_all = ["weights", "model", "synthetic"])]
+    pub synthetic_preset: Option<Preset>,
     /// The hub revision (branch, tag or commit) of `--model`. Default: the
     /// pinned commit for `gpt2`, `main` for any other model.
     #[arg(long, value_name = "REV")]
@@ -142,6 +152,15 @@ impl Resolved {
     }
 }
 
+impl WeightsArgs {
+    /// The synthetic checkpoint asked for, if one is: `--synthetic-preset`,
+    /// else 124M for `--synthetic`.
+    pub fn synthetic_choice(&self) -> Option<Preset> {
+        let plain = self.synthetic.then_some(Preset::Gpt2_124M);
+        self.synthetic_preset.or(plain)
+    }
+}
+
 /// Resolves the flags to a checkpoint directory. Notices go to stderr.
 pub fn resolve(args: &WeightsArgs) -> Result<Resolved> {
     let mut resolved = if let Some(dir) = &args.weights {
@@ -157,20 +176,22 @@ pub fn resolve(args: &WeightsArgs) -> Result<Resolved> {
             source: WeightsSource::Local { dir: dir.clone() },
             tokenizer: tok.is_file().then_some(tok),
         }
-    } else if args.synthetic {
-        synthetic(Preset::Gpt2_124M, SYNTHETIC_SEED)?
+    } else if let Some(preset) = args.synthetic_choice() {
+        synthetic(preset, SYNTHETIC_SEED)?
     } else {
         match from_hub(&args.model, args.revision.as_deref()) {
             Ok(r) => r,
             Err(HubError::Refused(e)) => return Err(e),
             Err(HubError::Unreachable(why)) => {
+                let preset = model_preset(&args.model).unwrap_or(Preset::Gpt2_124M);
                 eprintln!(
                     "notice: could not get `{}` from the Hugging Face hub ({why}); falling back to the \
-                     deterministic SYNTHETIC GPT-2 124M checkpoint (seed {SYNTHETIC_SEED}, random weights) \
+                     deterministic SYNTHETIC GPT-2 {} checkpoint (seed {SYNTHETIC_SEED}, random weights) \
                      with the built-in GPT-2 tokenizer. Pass --weights DIR to use a local checkpoint.",
-                    args.model
+                    args.model,
+                    preset.name()
                 );
-                synthetic(Preset::Gpt2_124M, SYNTHETIC_SEED)?
+                synthetic(preset, SYNTHETIC_SEED)?
             }
         }
     };
@@ -207,27 +228,73 @@ fn offline() -> bool {
 /// The three files of a checkpoint on the hub, in the order we fetch them.
 const HUB_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
 
-/// A model whose revision and file hashes we know.
-struct Pinned {
+/// A model of the GPT-2 family on the hub: its ids (the short one the hub
+/// redirects, and its organisation's), its shape, and its pin if we have one.
+struct FamilyModel {
     ids: &'static [&'static str],
+    preset: Preset,
+    pin: Option<Pinned>,
+}
+
+/// A revision and the hashes of its files, known here.
+struct Pinned {
     revision: &'static str,
     /// SHA-256 of each of [`HUB_FILES`], in that order.
     sha256: [&'static str; 3],
 }
 
-/// `openai-community/gpt2` (alias `gpt2`) as of its current `main`.
-const PINNED: [Pinned; 1] = [Pinned {
-    ids: &["gpt2", "openai-community/gpt2"],
-    revision: "607a30d783dfa663caf39e06633721c8d4cfcd7e",
-    sha256: [
-        "0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4",
-        "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707",
-        "8414cab924d8b9b33013f0d221c5862f365ee9be39c5c2bfae8a5a9e970478a6",
-    ],
-}];
+/// The family. `gpt2` is pinned to its `main` as of when it was pinned here,
+/// whose files we hashed. The others resolve to `main`, each file checked
+/// against its cache blob's name: we found no published SHA-256 of their
+/// files to pin (their snapshot commits appear in public code, but nothing
+/// says which holds which bytes).
+const FAMILY: [FamilyModel; 5] = [
+    FamilyModel {
+        ids: &["gpt2", "openai-community/gpt2"],
+        preset: Preset::Gpt2_124M,
+        pin: Some(Pinned {
+            revision: "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+            sha256: [
+                "0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4",
+                "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707",
+                "8414cab924d8b9b33013f0d221c5862f365ee9be39c5c2bfae8a5a9e970478a6",
+            ],
+        }),
+    },
+    FamilyModel {
+        ids: &["distilgpt2", "distilbert/distilgpt2"],
+        preset: Preset::Distil,
+        pin: None,
+    },
+    FamilyModel {
+        ids: &["gpt2-medium", "openai-community/gpt2-medium"],
+        preset: Preset::Medium,
+        pin: None,
+    },
+    FamilyModel {
+        ids: &["gpt2-large", "openai-community/gpt2-large"],
+        preset: Preset::Large,
+        pin: None,
+    },
+    FamilyModel {
+        ids: &["gpt2-xl", "openai-community/gpt2-xl"],
+        preset: Preset::Xl,
+        pin: None,
+    },
+];
+
+fn family(model_id: &str) -> Option<&'static FamilyModel> {
+    FAMILY.iter().find(|m| m.ids.contains(&model_id))
+}
 
 fn pinned(model_id: &str) -> Option<&'static Pinned> {
-    PINNED.iter().find(|p| p.ids.contains(&model_id))
+    family(model_id).and_then(|m| m.pin.as_ref())
+}
+
+/// The synthetic preset of a hub model of the GPT-2 family (`gpt2-xl` → xl),
+/// the shape its fallback takes; `None` for any other model.
+pub fn model_preset(model_id: &str) -> Option<Preset> {
+    family(model_id).map(|m| m.preset)
 }
 
 /// Why the hub gave us nothing: unreachable (fall back to the synthetic

@@ -15,6 +15,7 @@ fn args(model: &str) -> WeightsArgs {
         weights: None,
         model: model.into(),
         synthetic: false,
+        synthetic_preset: None,
         revision: None,
         tokenizer: None,
     }

@@ -12,6 +12,7 @@ fn real_gpt2_matches_hugging_face_greedy() {
         weights: None,
         model: "gpt2".into(),
         synthetic: false,
+        synthetic_preset: None,
         revision: None,
         tokenizer: None,
     };

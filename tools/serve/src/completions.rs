@@ -35,9 +35,8 @@ use super::reply::{stream_response, whole_response, Reply};
 use super::request::{Api, CompletionRequest, Input, Prompt, DEFAULT_MAX_TOKENS};
 use super::state::{unix_now, App, Connection, Engine, RequestLog};
 use super::stream::{bridge, Choice, Job, Update};
-use gpt2::model::KvCache;
 use gpt2::tokenizer::EOS_TOKEN;
-use gpt2::{Error, Fit, GenerateOptions, Gpt2Config, Invalid, Param};
+use gpt2::{Error, Fit, GenerateOptions, Invalid, Param};
 
 pub async fn completions(State(app): State<Arc<App>>, req: Request) -> Response {
     handle(app, req, Api::Completions).await
@@ -197,7 +196,7 @@ fn start(
     let (n, sequences) = (req.n, requests.len().saturating_mul(req.n));
     let whole = if n > 1 { "n" } else { "prompt" };
     fits_ever(app, requests.len(), n, whole)?;
-    let kv = kv_reservation(app, &engine.scheduler.model().config, &requests, n, whole)?;
+    let kv = kv_reservation(app, engine.scheduler.model(), &requests, n, whole)?;
     let in_flight = app.admit(sequences, kv)?;
     let id = app.next_request_id();
     let seed = req.seed.unwrap_or_else(|| fresh_seed(id));
@@ -349,7 +348,7 @@ fn prepare(
 /// one sequence (naming `max_tokens`) or all of them (naming `whole`).
 fn kv_reservation(
     app: &App,
-    config: &Gpt2Config,
+    model: &gpt2::Gpt2Model,
     requests: &[gpt2::Request],
     n: usize,
     whole: &str,
@@ -360,7 +359,7 @@ fn kv_reservation(
     for r in requests {
         let (prompt_tokens, max_tokens) = (r.prompt().len(), r.options().max_new_tokens);
         let wanted = prompt_tokens.saturating_add(max_tokens);
-        let kv = KvCache::resident_bytes(config, wanted.min(config.n_positions));
+        let kv = model.cache_bytes(wanted.min(model.config.n_positions));
         if kv > budget {
             return Err(ApiError {
                 code: "kv_cache_exceeded",

@@ -111,11 +111,12 @@ where
 
 /// The loaded engine goes into service, with its KV cache budget and prompt cap.
 fn set_engine(app: &App, engine: Engine, prompt_cap: usize, loaded_in: Duration) {
-    let config = &engine.scheduler.model().config;
+    let model = engine.scheduler.model();
+    let config = &model.config;
     let budget = app
         .config
         .kv_cache_bytes
-        .unwrap_or_else(|| default_kv_budget(config));
+        .unwrap_or_else(|| default_kv_budget(model));
     eprintln!(
         "gpt2 serve: ready in {:.2} s: model `{}`, dtype {}, {} positions; KV cache budget {} MiB \
          ({} full-context sequences)",
@@ -124,7 +125,7 @@ fn set_engine(app: &App, engine: Engine, prompt_cap: usize, loaded_in: Duration)
         engine.scheduler.model().dtype(),
         config.n_positions,
         budget >> 20,
-        budget / gpt2::model::KvCache::resident_bytes(config, config.n_positions).max(1)
+        budget / model.cache_bytes(config.n_positions).max(1)
     );
     app.metrics
         .kv_budget
@@ -158,8 +159,8 @@ where
 /// The KV cache budget by default: half of `MemAvailable` (read after the
 /// weights are loaded), but at least one full-context sequence; without
 /// `/proc/meminfo`, no budget beyond `--max-batch`.
-fn default_kv_budget(config: &gpt2::Gpt2Config) -> usize {
-    let one = gpt2::model::KvCache::resident_bytes(config, config.n_positions);
+fn default_kv_budget(model: &gpt2::Gpt2Model) -> usize {
+    let one = model.cache_bytes(model.config.n_positions);
     gpt2::profile::mem_available_bytes().map_or(usize::MAX, |bytes| {
         (usize::try_from(bytes).unwrap_or(usize::MAX) / 2).max(one)
     })

@@ -51,6 +51,16 @@ enum Command {
         /// Directory to write into (created if missing).
         #[arg(long)]
         out: PathBuf,
+        /// Blocks, instead of the preset's (its heads and width are kept):
+        /// with --vocab and --positions, a small checkpoint of a big one's geometry.
+        #[arg(long, value_name = "N")]
+        layers: Option<usize>,
+        /// Vocabulary size, instead of GPT-2's 50257.
+        #[arg(long, value_name = "N")]
+        vocab: Option<usize>,
+        /// Positions (the context), instead of the preset's.
+        #[arg(long, value_name = "N")]
+        positions: Option<usize>,
     },
     /// Serve completions over HTTP (OpenAI-compatible: /v1/completions,
     /// /v1/models, /health, /metrics); every request shares one batching engine.
@@ -172,12 +182,25 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         } => {
             print_stdout(&tokenizer(path)?.decode(&tokens)?)?;
         }
-        Command::Synth { preset, seed, out } => {
+        Command::Synth {
+            preset,
+            seed,
+            out,
+            layers,
+            vocab,
+            positions,
+        } => {
             let t = Instant::now();
-            synth::write_checkpoint(&out, preset, seed)?;
+            let full = preset.spec();
+            let spec = preset.reduced(
+                layers.unwrap_or(full.n_layer),
+                vocab.unwrap_or(full.vocab_size),
+                positions.unwrap_or(full.n_positions),
+            );
+            synth::write_spec(&out, &spec, seed)?;
             eprintln!(
                 "wrote synthetic {} checkpoint (seed {seed}) to {} in {:.2} s",
-                preset.name(),
+                spec.name(),
                 out.display(),
                 t.elapsed().as_secs_f64()
             );
