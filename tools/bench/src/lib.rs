@@ -212,6 +212,11 @@ pub struct Metadata {
     /// older: f32 alone, its memory unknown).
     #[serde(default = "legacy::f32_runs")]
     pub dtypes: Vec<DtypeRun>,
+    /// The KV caches' format (`--kv-dtype`: `f32` or `bf16`; in a sweep of
+    /// it, each cell's is its own); `f32` in reports before it existed;
+    /// `unknown (the server's)` for a server.
+    #[serde(default = "legacy::f32_name")]
+    pub kv_dtype: String,
     pub max_new_tokens: usize,
     pub warmup_requests: usize,
     pub repetitions: usize,
@@ -666,6 +671,8 @@ pub struct SweepCell {
     pub weights_sha256: String,
     pub synthetic_weights: bool,
     pub dtype: String,
+    /// The KV caches' format: `f32` or `bf16`.
+    pub kv_dtype: String,
     /// Tokens of each synthetic prompt; `None`: the text prompts.
     pub prompt_tokens: Option<usize>,
     pub max_new_tokens: usize,

@@ -177,6 +177,8 @@ fn models_and_concurrency_sweep_by_name() {
         &[
             "--max-new-tokens",
             "2",
+            "--kv-dtype",
+            "bf16",
             "--sweep",
             &models,
             "--sweep",
@@ -209,6 +211,8 @@ fn models_and_concurrency_sweep_by_name() {
         sweep.cells[0]
     );
     assert_eq!(report.metadata.concurrency_levels, [1, 3]);
+    assert_eq!(report.metadata.kv_dtype, "bf16");
+    assert!(sweep.cells.iter().all(|c| c.kv_dtype == "bf16"));
     assert_eq!(report.metadata.model, None, "the model is swept");
     for (i, c) in sweep.cells.iter().enumerate() {
         let conc: Vec<usize> = report
@@ -223,6 +227,40 @@ fn models_and_concurrency_sweep_by_name() {
         files.iter().any(|f| f.ends_with(".model.svg"))
             && files.iter().any(|f| f.ends_with(".concurrency.svg"))
     );
+}
+
+/// The KV cache's format as an axis: each cell's caches in its own.
+#[test]
+fn the_kv_cache_format_sweeps() {
+    let weights = synth_dir(Preset::Tiny, 0);
+    let out_dir = scratch_dir("sweep-kv");
+    let (w, o) = (weights.to_str().unwrap(), out_dir.to_str().unwrap());
+    let args = quick(
+        o,
+        &[
+            "--weights",
+            w,
+            "--max-new-tokens",
+            "3",
+            "--levels",
+            "2",
+            "--prompt-tokens",
+            "40",
+            "--sweep",
+            "kv-dtype=bf16,f32",
+        ],
+    );
+    let (report, stderr, files) = sweep_ok(&args, &out_dir);
+    let sweep = report.sweep.unwrap();
+    let kv: Vec<&str> = sweep.cells.iter().map(|c| c.kv_dtype.as_str()).collect();
+    assert_eq!(kv, ["bf16", "f32"]);
+    assert_eq!(report.metadata.kv_dtype, "f32", "the run's flag, not given");
+    assert!(stderr.contains("dtype f32, KV cache bf16:"), "{stderr}");
+    assert!(report
+        .tests
+        .iter()
+        .all(|t| t.failed == 0 && t.total_tokens == 3 * t.requests));
+    assert!(files.iter().any(|f| f.ends_with(".kv-dtype.svg")), "{files:?}");
 }
 
 /// Bad sweeps are flag errors (status 2) that name the flag and the value,
@@ -276,9 +314,22 @@ fn bad_sweeps_are_refused_by_name() {
             vec!["--sweep", "prompt-tokens=4", "--probe"],
             vec!["--sweep", "--probe"],
         ),
+        (
+            vec!["--sweep", "kv-dtype=f32,bf16", "--kv-dtype", "bf16"],
+            vec!["--sweep kv-dtype and --kv-dtype"],
+        ),
+        (vec!["--sweep", "kv-dtype=f32,fp8"], vec!["--sweep", "kv-dtype: "]),
+        (
+            vec!["--kv-dtype", "bf16", "--probe"],
+            vec!["--probe counts the KV cache's bytes"],
+        ),
+        (
+            vec!["--sweep", "model=tiny", "--synthetic-preset", "tiny"],
+            vec!["--sweep model and --synthetic-preset"],
+        ),
     ] {
         let mut all = vec!["--weights", w];
-        if args.contains(&"--synthetic") {
+        if args.contains(&"--synthetic") || args.contains(&"--synthetic-preset") {
             all.clear();
         }
         all.extend(&args);

@@ -167,6 +167,7 @@ fn setup_rows(report: &Report) -> Vec<(&'static str, Cell)> {
     let dtypes: Vec<&str> = md.dtypes.iter().map(|d| d.dtype.as_str()).collect();
     rows.extend([
         ("dtypes", Cell::Text(dtypes.join(", "))),
+        ("KV cache", Cell::Text(md.kv_dtype.clone())),
         (
             "max_new_tokens",
             format!("{} (EOS ignored)", md.max_new_tokens).into(),
@@ -578,13 +579,14 @@ fn md_method(report: &Report) -> String {
             let _ = writeln!(
                 out,
                 "- Dtypes: {}. Each loads the checkpoint afresh, its linear layers' weights converted as \
-             they are packed (activations, biases, norms, attention and the KV cache stay f32), after \
-             the previous dtype's model is dropped; each runs the warmup and every test.",
+             they are packed (activations, biases, norms and attention stay f32, the KV cache is {}), \
+             after the previous dtype's model is dropped; each runs the warmup and every test.",
                 md.dtypes
                     .iter()
                     .map(|d| md_text(&d.dtype))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                md_text(&md.kv_dtype)
             );
         }
     }

@@ -63,11 +63,17 @@ fn stdout_header(report: &Report) -> String {
         if report.several_dtypes() {
             let _ = writeln!(
                 out,
-                "dtypes: {} (linear layers' weights; each repetition runs each, order rotating)",
-                dtypes.join(", ")
+                "dtypes: {} (linear layers' weights; each repetition runs each, order rotating); KV cache {}",
+                dtypes.join(", "),
+                one_line(&md.kv_dtype)
             );
         } else {
-            let _ = writeln!(out, "dtype: {} (linear layers' weights)", dtypes.join(", "));
+            let _ = writeln!(
+                out,
+                "dtype: {} (linear layers' weights); KV cache {}",
+                dtypes.join(", "),
+                one_line(&md.kv_dtype)
+            );
         }
         let _ = writeln!(
             out,

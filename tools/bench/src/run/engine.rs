@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use gpt2::profile::{self, Profile};
 use gpt2::synth::Preset;
 use gpt2::{
-    Dtype, Fit, GenerateOptions, Gpt2Config, Gpt2Model, Gpt2Tokenizer, Invalid, Request, Scheduler,
+    Dtype, Fit, GenerateOptions, Gpt2Config, Gpt2Model, Gpt2Tokenizer, Invalid, KvDtype, Request, Scheduler,
     SchedulerConfig,
 };
 
@@ -172,8 +172,9 @@ impl Checkpoint {
 
 /// A `--sweep model=` value: a synthetic preset by name (written once under
 /// `weights/synthetic/`), else a checkpoint directory, else a hub model id,
-/// resolved as `--weights` and `--model` are; a hub id the hub cannot give
-/// is an error, not the synthetic fallback (two cells would be one model).
+/// resolved as `--weights` and `--model` are (a hub id the hub cannot give
+/// falls back, with the hub's notice, to the synthetic checkpoint of its
+/// shape, which the cell's weights source names).
 fn sweep_model(opts: &Options, name: &str) -> Result<hub::Resolved, Box<dyn Error>> {
     if let Some(preset) = Preset::from_name(name) {
         return Ok(hub::synthetic(preset, hub::SYNTHETIC_SEED)?);
@@ -184,17 +185,7 @@ fn sweep_model(opts: &Options, name: &str) -> Result<hub::Resolved, Box<dyn Erro
         model: name.to_string(),
         ..opts.weights.clone()
     };
-    let resolved = hub::resolve(&args)?;
-    if matches!(resolved.source, hub::WeightsSource::Synthetic { .. }) {
-        let presets: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
-        return Err(format!(
-            "--sweep model={name}: the hub could not give `{name}` (see the notice above); name a synthetic \
-             preset ({}) or a checkpoint directory",
-            presets.join(", ")
-        )
-        .into());
-    }
-    Ok(resolved)
+    Ok(hub::resolve(&args)?)
 }
 
 /// One cell as it runs: its plan, its checkpoint and its prompts.
@@ -287,6 +278,7 @@ fn sweep(plan: &RunPlan, cells: &[Cell], all: &AllLoads) -> Sweep {
                 weights_sha256: k.sha256.clone(),
                 synthetic_weights: k.synthetic,
                 dtype: c.plan.dtype.as_str().into(),
+                kv_dtype: c.plan.kv_dtype.as_str().into(),
                 prompt_tokens: c.plan.prompt_tokens,
                 max_new_tokens: c.plan.max_new_tokens,
                 concurrency_levels: std::iter::once(1).chain(c.plan.levels.iter().copied()).collect(),
@@ -429,16 +421,16 @@ impl Bench<'_> {
         Ok(all)
     }
 
-    /// Loads `dtype`'s model from `dir` (the caller's previous one is gone
-    /// by then, and the resident high-water mark is reset first, so that
-    /// this load's peak is its own).
-    fn load(&self, dir: &Path, dtype: Dtype) -> Result<Loaded, Box<dyn Error>> {
+    /// Loads `dtype`'s model from `dir`, its KV caches in `kv` (the
+    /// caller's previous one is gone by then, and the resident high-water
+    /// mark is reset first, so that this load's peak is its own).
+    fn load(&self, dir: &Path, dtype: Dtype, kv: KvDtype) -> Result<Loaded, Box<dyn Error>> {
         let peak_rss_own = meta::reset_peak_rss();
-        let model = Arc::new(Gpt2Model::load_with(dir, dtype)?);
+        let model = Arc::new(Gpt2Model::load_with(dir, dtype)?.with_kv_dtype(kv));
         let rss_after_load_bytes = profile::proc_status("VmRSS:").map(|kib| kib * 1024);
         let packed = model.weights.packed_bytes;
         self.progress.println(&format!(
-            "dtype {dtype}: packed weights {:.1} MiB, resident after load {}",
+            "dtype {dtype}, KV cache {kv}: packed weights {:.1} MiB, resident after load {}",
             packed as f64 / MIB,
             rss_after_load_bytes.map_or_else(|| "unknown".into(), |r| format!("{:.1} MiB", r as f64 / MIB))
         ));
@@ -470,7 +462,7 @@ impl Bench<'_> {
                 plan.repetitions
             ));
         }
-        let Loaded { model, mut run } = self.load(&cell.checkpoint.dir, dtype)?;
+        let Loaded { model, mut run } = self.load(&cell.checkpoint.dir, dtype, cell.plan.kv_dtype)?;
         // Batched mode: one engine thread driving the shared pool's compute
         // threads; the client threads only submit and wait.
         let scheduler = if plan.modes.contains(&Mode::Batched) {

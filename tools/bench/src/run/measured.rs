@@ -110,6 +110,10 @@ fn metadata(opts: &Options, plan: &RunPlan, served: Served) -> Metadata {
         synthetic_weights: served.synthetic_weights,
         model: served.model,
         dtypes: served.dtypes,
+        kv_dtype: match served.server {
+            None => opts.kv_dtype.unwrap_or(gpt2::KvDtype::F32).as_str().into(),
+            Some(_) => "unknown (the server's)".into(),
+        },
         max_new_tokens: plan.max_new_tokens,
         warmup_requests: opts.warmup,
         repetitions: plan.repetitions,

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::ValueEnum;
-use gpt2::Dtype;
+use gpt2::{Dtype, KvDtype};
 use gpt2_hub::WeightsArgs;
 
 use super::sweep::AxisSweep;
@@ -65,13 +65,17 @@ pub struct Options {
     /// Exact number of tokens every request generates (EOS is ignored) [default: 30].
     #[arg(long, value_name = "N")]
     pub max_new_tokens: Option<usize>,
+    /// The KV cache's storage format: f32, or bf16 (half the bytes, each key
+    /// and value rounded to bf16) [default: f32].
+    #[arg(long, value_name = "KV", conflicts_with = "url")]
+    pub kv_dtype: Option<KvDtype>,
     /// Sweep an axis of the workload: `--sweep prompt-tokens=6,128,512,900`
     /// (repeatable; several sweeps run their product). Axes: prompt-tokens
     /// (synthetic prompts of that many tokens), model (a synthetic preset:
     /// distil, 124m, medium, large, xl, tiny; else a hub model id or a
     /// checkpoint directory, as --model and --weights), dtype, concurrency
-    /// (the one level measured beside the single request) and
-    /// max-new-tokens. Every cell runs the whole protocol on its own model
+    /// (the one level measured beside the single request), max-new-tokens
+    /// and kv-dtype. Every cell runs the whole protocol on its own model
     /// load (warmup, single request, levels), the cells' order rotating from
     /// one repetition to the next; the report adds a table and an SVG per
     /// axis. An axis and its own flag (e.g. --levels with concurrency) are

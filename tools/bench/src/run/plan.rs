@@ -2,7 +2,7 @@
 //! and their defaults resolved, before anything is loaded or sent; the
 //! cells the run measures (one per dtype, times every `--sweep` axis).
 
-use gpt2::Dtype;
+use gpt2::{Dtype, KvDtype};
 
 use clap::ValueEnum;
 
@@ -50,6 +50,8 @@ pub struct CellPlan {
     /// A `--sweep model=` value; `None`: the run's weights flags.
     pub model: Option<String>,
     pub dtype: Dtype,
+    /// The KV caches' format.
+    pub kv_dtype: KvDtype,
     /// Synthetic prompts of this many tokens each; `None`: the text prompts.
     pub prompt_tokens: Option<usize>,
     pub max_new_tokens: usize,
@@ -74,6 +76,7 @@ impl CellPlan {
             (Axis::MaxNewTokens, Value::Count(n)) => c.max_new_tokens = *n,
             (Axis::Concurrency, Value::Count(n)) => c.levels = (*n > 1).then_some(*n).into_iter().collect(),
             (Axis::Dtype, Value::Dtype(d)) => c.dtype = *d,
+            (Axis::KvDtype, Value::KvDtype(k)) => c.kv_dtype = *k,
             (Axis::Model, Value::Model(m)) => c.model = Some(m.clone()),
             // `sweep::parse` gives each axis its own kind of value.
             _ => unreachable!("--sweep {axis} with the value {value:?}"),
@@ -108,6 +111,13 @@ impl RunPlan {
         let highest = cells.iter().filter_map(|c| c.levels.last()).max();
         let (threads, max_busy) = threads(opts, cores, highest.copied().unwrap_or(1))?;
         let prefix_cache_bytes = workload(opts)?;
+        if opts.probe && cells.iter().any(|c| c.kv_dtype != KvDtype::F32) {
+            return Err(
+                "--probe counts the KV cache's bytes at f32's 4 a value; with --kv-dtype bf16 its decode figures \
+                 would be wrong: run the probe with the f32 cache"
+                    .into(),
+            );
+        }
         if let Some(rate) = opts.request_rate {
             let all = distinct(cells.iter().flat_map(|c| c.levels.iter().copied()));
             check_rate(opts, rate, &all, requests_per_level)?;
@@ -198,10 +208,12 @@ fn check_sweeps(opts: &Options) -> Result<(), String> {
             // WeightsArgs' default model.
             "--model" => opts.weights.model != "gpt2",
             "--synthetic" => opts.weights.synthetic,
+            "--synthetic-preset" => opts.weights.synthetic_preset.is_some(),
             "--revision" => opts.weights.revision.is_some(),
             "--dtype" => !opts.dtypes.is_empty(),
             "--levels" => opts.levels.is_some(),
             "--max-new-tokens" => opts.max_new_tokens.is_some(),
+            "--kv-dtype" => opts.kv_dtype.is_some(),
             _ => false,
         };
         if let Some(flag) = s.axis.flags().iter().find(|f| given(f)) {
@@ -211,6 +223,7 @@ fn check_sweeps(opts: &Options) -> Result<(), String> {
                 Axis::Dtype => "weight format",
                 Axis::Concurrency => "concurrency levels",
                 Axis::MaxNewTokens => "new tokens per request",
+                Axis::KvDtype => "KV cache's format",
             };
             return Err(format!(
                 "--sweep {} and {flag} both set the {what}: give one of them",
@@ -233,6 +246,7 @@ fn cells(opts: &Options, levels: &[usize], max_new_tokens: usize) -> Vec<CellPla
     let mut cells = vec![CellPlan {
         model: None,
         dtype: dtypes[0],
+        kv_dtype: opts.kv_dtype.unwrap_or(KvDtype::F32),
         prompt_tokens: opts.prompt_tokens,
         max_new_tokens,
         levels: levels.to_vec(),

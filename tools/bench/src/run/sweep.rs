@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use gpt2::Dtype;
+use gpt2::{Dtype, KvDtype};
 
 use crate::runner::MAX_CLIENTS;
 
@@ -25,15 +25,18 @@ pub enum Axis {
     Concurrency,
     /// New tokens per request (`--max-new-tokens`).
     MaxNewTokens,
+    /// The KV cache's format (`--kv-dtype`).
+    KvDtype,
 }
 
 impl Axis {
-    pub const ALL: [Axis; 5] = [
+    pub const ALL: [Axis; 6] = [
         Axis::PromptTokens,
         Axis::Model,
         Axis::Dtype,
         Axis::Concurrency,
         Axis::MaxNewTokens,
+        Axis::KvDtype,
     ];
 
     /// The name `--sweep` takes, and the reports and file names use.
@@ -44,6 +47,7 @@ impl Axis {
             Axis::Dtype => "dtype",
             Axis::Concurrency => "concurrency",
             Axis::MaxNewTokens => "max-new-tokens",
+            Axis::KvDtype => "kv-dtype",
         }
     }
 
@@ -57,10 +61,17 @@ impl Axis {
     pub fn flags(self) -> &'static [&'static str] {
         match self {
             Axis::PromptTokens => &["--prompt-tokens", "--prompt", "--concurrent-prompt"],
-            Axis::Model => &["--weights", "--model", "--synthetic", "--revision"],
+            Axis::Model => &[
+                "--weights",
+                "--model",
+                "--synthetic",
+                "--synthetic-preset",
+                "--revision",
+            ],
             Axis::Dtype => &["--dtype"],
             Axis::Concurrency => &["--levels"],
             Axis::MaxNewTokens => &["--max-new-tokens"],
+            Axis::KvDtype => &["--kv-dtype"],
         }
     }
 }
@@ -77,6 +88,7 @@ pub enum Value {
     /// Tokens or requests in flight.
     Count(usize),
     Dtype(Dtype),
+    KvDtype(KvDtype),
     /// A preset name, hub model id or directory, as given.
     Model(String),
 }
@@ -86,6 +98,7 @@ impl fmt::Display for Value {
         match self {
             Value::Count(n) => write!(f, "{n}"),
             Value::Dtype(d) => write!(f, "{d}"),
+            Value::KvDtype(d) => write!(f, "{d}"),
             Value::Model(m) => f.write_str(m),
         }
     }
@@ -142,6 +155,10 @@ fn value(axis: Axis, raw: &str) -> Result<Value, String> {
             .parse::<Dtype>()
             .map(Value::Dtype)
             .map_err(|e| format!("{axis}: {e}")),
+        Axis::KvDtype => raw
+            .parse::<KvDtype>()
+            .map(Value::KvDtype)
+            .map_err(|e| format!("{axis}: {e}")),
         Axis::Model => Ok(Value::Model(raw.to_string())),
     }
 }
@@ -158,6 +175,11 @@ mod tests {
         let d = parse("dtype=bf16,f32").unwrap();
         assert_eq!(d.values, [Value::Dtype(Dtype::Bf16), Value::Dtype(Dtype::F32)]);
         assert_eq!(parse("model=tiny,gpt2").unwrap().values[1].to_string(), "gpt2");
+        let kv = parse("kv-dtype=f32,bf16").unwrap();
+        assert_eq!(
+            kv.values,
+            [Value::KvDtype(KvDtype::F32), Value::KvDtype(KvDtype::Bf16)]
+        );
         for (spec, needle) in [
             (
                 "prompt-tokens=6,abc",
@@ -169,6 +191,7 @@ mod tests {
                 "unknown axis `width` (axes: prompt-tokens, model, dtype",
             ),
             ("dtype=f32,fp8", "unknown dtype `fp8`"),
+            ("kv-dtype=int8", "kv-dtype: "),
             ("concurrency=2,2", "concurrency: the value `2` is given twice"),
             ("concurrency=100000", "from 1 to"),
             ("max-new-tokens=", "max-new-tokens: an empty value"),
