@@ -105,6 +105,19 @@ pub enum Error {
     /// The batching engine failed a request (a caught panic, or it stopped).
     #[error("engine: {0}")]
     Engine(String),
+    /// A run that would need more memory than the process can have, refused
+    /// before it starts (see [`memory::check`](crate::memory::check)).
+    #[error(
+        "not enough memory for {what}: it needs {needed} ({breakdown}), more than the {available} available \
+         ({limit}); use a smaller dtype, fewer sequences or shorter ones"
+    )]
+    Memory {
+        what: String,
+        needed: String,
+        breakdown: String,
+        available: String,
+        limit: String,
+    },
 }
 
 /// Why a request cannot run, found at the engine's door

@@ -10,6 +10,7 @@ pub mod failure;
 pub mod http;
 pub mod in_process;
 pub mod legacy;
+pub mod llama;
 pub mod meta;
 pub mod pair;
 pub mod probe;

@@ -3,12 +3,13 @@
 //! SIGINT/SIGTERM that start the shutdown; the weights loaded into an
 //! [`Engine`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use gpt2::memory::{self, Footprint};
 use gpt2::scheduler::{Scheduler, SchedulerConfig};
-use gpt2::{Dtype, Gpt2Model};
+use gpt2::{Dtype, Gpt2Config, Gpt2Model, KvDtype};
 use gpt2_hub::{self as hub, DtypeArgs, WeightsArgs, WeightsSource};
 
 use super::chat::ChatTemplate;
@@ -241,7 +242,7 @@ async fn listen_and_serve(
              can use it (set --api-key or GPT2_API_KEY)"
         );
     }
-    let (weights, dtype) = (args.weights, args.dtype.dtype);
+    let (weights, dtype, kv_budget) = (args.weights, args.dtype.dtype, config.kv_cache_bytes);
     serve(
         listener,
         config,
@@ -251,7 +252,7 @@ async fn listen_and_serve(
                 prefix_cache_bytes,
                 ..sc
             };
-            load_engine(&weights, dtype, sc)
+            load_engine(&weights, dtype, sc, kv_budget)
         },
         shutdown_signal(),
     )
@@ -259,10 +260,18 @@ async fn listen_and_serve(
 }
 
 /// Resolves and loads the weights (announcing where they came from, SYNTHETIC
-/// ones included) and starts the scheduler over them.
-pub fn load_engine(weights: &WeightsArgs, dtype: Dtype, config: SchedulerConfig) -> gpt2::Result<Engine> {
-    eprintln!("gpt2 serve: loading the weights ({dtype}) ...");
+/// ones included) and starts the scheduler over them; first refuses, before
+/// a weight is read, a server that could outgrow the memory it can have
+/// ([`check_memory`]). `kv_budget`: `--kv-cache-mib` in bytes, if given.
+pub fn load_engine(
+    weights: &WeightsArgs,
+    dtype: Dtype,
+    config: SchedulerConfig,
+    kv_budget: Option<usize>,
+) -> gpt2::Result<Engine> {
     let resolved = hub::resolve(weights)?;
+    check_memory(&resolved.dir, dtype, &config, kv_budget)?;
+    eprintln!("gpt2 serve: loading the weights ({dtype}) ...");
     let tokenizer = resolved.load_tokenizer()?;
     let model = Arc::new(Gpt2Model::load_with(&resolved.dir, dtype)?);
     let weights_text = resolved.source.describe(model.config.synthetic.as_ref());
@@ -282,6 +291,51 @@ pub fn load_engine(weights: &WeightsArgs, dtype: Dtype, config: SchedulerConfig)
         weights: weights_text,
         synthetic,
     })
+}
+
+/// Refuses a server over the checkpoint in `dir` whose weights in `dtype`,
+/// KV caches and work buffers could together need more memory than the
+/// process can have, reading only its config.json. The KV caches are those
+/// the server can grow to: `--max-batch` full-context sequences, or fewer
+/// when the KV budget (`kv_budget`, else the server's default: half of
+/// `MemAvailable` once the weights are in) holds fewer; beside them the
+/// prefix cache's budget. The work buffers are a step's rows: `--max-batch`
+/// decode rows plus `--max-prompt-rows` prompt rows.
+fn check_memory(
+    dir: &Path,
+    dtype: Dtype,
+    sc: &SchedulerConfig,
+    kv_budget: Option<usize>,
+) -> gpt2::Result<()> {
+    let (config_path, _) = gpt2::weights::checkpoint_files(dir);
+    let model = Gpt2Config::from_file(&config_path)?;
+    let positions = model.n_positions;
+    let rows = sc.max_batch.saturating_add(sc.max_prompt_rows);
+    // The caches are f32 (the KV cache's only format in the server today).
+    let estimate = |sequences| Footprint::estimate(&model, dtype, KvDtype::F32, sequences, positions, rows);
+    let one = estimate(1);
+    let budget = match kv_budget {
+        Some(bytes) => bytes as u64,
+        None => gpt2::profile::mem_available_bytes()
+            .map_or(u64::MAX, |available| available.saturating_sub(one.weights) / 2),
+    };
+    let sequences = budget
+        .div_ceil(one.kv_per_sequence.max(1))
+        .clamp(1, sc.max_batch as u64);
+    let footprint = Footprint {
+        prefix_cache: sc.prefix_cache_bytes as u64,
+        ..estimate(sequences as usize)
+    };
+    let what = format!(
+        "`gpt2 serve` of {} ({dtype}): {sequences} sequences of {positions} positions (--max-batch {}, \
+         --kv-cache-mib {}), {rows} rows a step (--max-batch + --max-prompt-rows {}), --prefix-cache-mib {}",
+        dir.display(),
+        sc.max_batch,
+        kv_budget.map_or_else(|| "default".to_string(), |b| (b >> 20).to_string()),
+        sc.max_prompt_rows,
+        sc.prefix_cache_bytes >> 20
+    );
+    memory::check(&footprint, &what)
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM.

@@ -30,7 +30,7 @@ mod svg;
 mod sweep;
 mod table;
 
-pub use compare::{compare_markdown, compare_svg};
+pub use compare::{compare_markdown, compare_svg, Compared};
 pub use markdown::markdown;
 pub use pair::pair_markdown;
 pub use roofline::limits_table;
@@ -998,7 +998,11 @@ mod tests {
             models: serde_json::json!({"data": []}),
         });
         let reports = [("a.json".to_string(), local), ("b.json".to_string(), server)];
-        let md = compare_markdown(&reports, "cmp.svg");
+        let both = Compared {
+            reports: &reports,
+            llama: &[],
+        };
+        let md = compare_markdown(&both, "cmp.svg");
         assert!(md.contains("(cmp.svg)") && md.contains(SYNTHETIC_BANNER));
         let rows: Vec<&str> = md
             .lines()
@@ -1024,13 +1028,16 @@ mod tests {
             .collect();
         assert_eq!(cols, ["c1", "c2", "c4", "c8"], "{head}");
         assert!(rows[0].trim_end().ends_with("— |"), "{}", rows[0]);
-        let s = compare_svg(&reports);
+        let s = compare_svg(&both);
         assert_eq!(s.matches("<polyline").count(), 3);
         assert!(s.contains("[2] vllm gpt2 &amp; &lt;co&gt; http f32"));
         assert_no_raw_ampersand(&s);
         assert_balanced_tags(&s);
         assert!(!s.contains("NaN") && !s.contains("inf"));
-        let empty = compare_svg(&[]);
+        let empty = compare_svg(&Compared {
+            reports: &[],
+            llama: &[],
+        });
         assert_balanced_tags(&empty);
         assert!(empty.contains("no data"));
     }
