@@ -366,3 +366,42 @@ fn bad_sweeps_are_refused_by_name() {
         "ran a cell before refusing: {stderr}"
     );
 }
+
+/// A cell that cannot fit the machine's memory is refused up front, by
+/// name, before any cell runs and before a weight is read: here XL's config
+/// alone (no weights file), 1024 sequences of 930 positions (some 550 GiB of
+/// KV cache) in the second cell.
+#[test]
+fn a_cell_too_large_for_memory_is_refused_before_any_runs() {
+    let dir = scratch_dir("sweep-memory-xl");
+    std::fs::write(dir.join("config.json"), Preset::Xl.config_json(0)).unwrap();
+    let out_dir = scratch_dir("sweep-memory-out");
+    let out = throughput_within(
+        &[
+            "--weights",
+            dir.to_str().unwrap(),
+            "--out-dir",
+            out_dir.to_str().unwrap(),
+            "--mode",
+            "batched",
+            "--sweep",
+            "prompt-tokens=4,900",
+            "--sweep",
+            "concurrency=1,1024",
+        ],
+        60,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for needle in ["not enough memory", "--sweep cell ", "sequences of", "available"] {
+        assert!(stderr.contains(needle), "no {needle:?} in {stderr}");
+    }
+    assert!(
+        !stderr.contains("model.safetensors"),
+        "a weight was looked for: {stderr}"
+    );
+    assert!(
+        !stderr.lines().any(|l| l.starts_with("cell ")),
+        "a cell ran: {stderr}"
+    );
+}

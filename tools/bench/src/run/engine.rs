@@ -3,18 +3,22 @@
 //! its model afresh (the previous one dropped first, the order rotating) and
 //! running the protocol on it in threads and batched modes; with
 //! `--profile` the single request is profiled, with `--probe` the machine's
-//! limits are measured once, after the last.
+//! limits are measured once, after the last. Before any cell runs, every
+//! cell's prompts are checked against its model's context and its
+//! footprint against the memory the process can have (`gpt2::memory`), a
+//! synthetic preset's config read before it is written.
 
 use std::collections::BTreeMap;
 use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use gpt2::memory;
 use gpt2::profile::{self, Profile};
 use gpt2::synth::Preset;
 use gpt2::{
-    Dtype, Fit, GenerateOptions, Gpt2Config, Gpt2Model, Gpt2Tokenizer, Invalid, KvDtype, Request, Scheduler,
-    SchedulerConfig,
+    Dtype, Fit, Footprint, GenerateOptions, Gpt2Config, Gpt2Model, Gpt2Tokenizer, Invalid, KvDtype, Request,
+    Scheduler, SchedulerConfig,
 };
 
 use super::measured::{Measured, Served};
@@ -35,30 +39,39 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan) -> Result<Measured, Box<dy
     // Before any work: a run whose results cannot be written is not started.
     gpt2::files::check_writable_dir(&opts.out_dir)?;
     let checkpoints = Checkpoint::every(opts, plan)?;
-    // Every cell's prompts are checked against its model's config before
-    // any model is loaded.
+    // Every cell's prompts are checked against its model's context, and
+    // its footprint against the memory the process can have, before any
+    // model is loaded or a synthetic one written.
     let cells = plan
         .cells
         .iter()
         .enumerate()
         .map(|(i, c)| Cell::new(opts, plan, i, c, &checkpoints))
         .collect::<Result<Vec<_>, _>>()?;
+    for cell in &cells {
+        cell.check_memory(opts, plan)?;
+    }
+    let files = checkpoints
+        .iter()
+        .map(Checkpoint::files)
+        .collect::<Result<Vec<_>, _>>()?;
     let progress = Progress::new(
         plan.total_requests(opts, plan.modes.len(), false) as u64,
         "requests",
     );
-    for c in &checkpoints {
+    for (c, f) in checkpoints.iter().zip(&files) {
         let sweep = c
             .asked
             .as_ref()
             .map_or_else(String::new, |m| format!(" (model={m})"));
-        progress.println(&format!("weights{sweep}: {}", c.source));
+        progress.println(&format!("weights{sweep}: {}", f.source));
     }
     announce_threads(opts, plan, &progress);
     let bench = Bench {
         opts,
         plan,
         progress: &progress,
+        files: &files,
         pool: &Arc::new(
             rayon::ThreadPoolBuilder::new()
                 .num_threads(plan.threads)
@@ -73,9 +86,9 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan) -> Result<Measured, Box<dy
         roofline::roofline(cfg, &limits, &all.tests, &all.engines)
     });
     progress.finish();
-    let sweep = plan.is_sweep().then(|| sweep(plan, &cells, &all));
+    let sweep = plan.is_sweep().then(|| sweep(plan, &cells, &files, &all));
     Ok(Measured {
-        served: served(opts, plan, &checkpoints, all.dtypes),
+        served: served(opts, plan, &checkpoints, &files, all.dtypes),
         tests: all.tests,
         profile: opts.profile.then_some(all.profiles),
         roofline,
@@ -85,13 +98,20 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan) -> Result<Measured, Box<dy
 
 /// What served an in-process run: this engine, and its checkpoint (or, in
 /// a model sweep, every one).
-fn served(opts: &Options, plan: &RunPlan, checkpoints: &[Checkpoint], dtypes: Vec<DtypeRun>) -> Served {
-    let (weights_source, weights_sha256, model) = match checkpoints {
-        [one] => (one.source.clone(), one.sha256.clone(), Some(model_info(&one.cfg))),
-        several => {
-            let each: Vec<String> = several
+fn served(
+    opts: &Options,
+    plan: &RunPlan,
+    checkpoints: &[Checkpoint],
+    files: &[Files],
+    dtypes: Vec<DtypeRun>,
+) -> Served {
+    let (weights_source, weights_sha256, model) = match (checkpoints, files) {
+        ([one], [f]) => (f.source.clone(), f.sha256.clone(), Some(model_info(&one.cfg))),
+        _ => {
+            let each: Vec<String> = checkpoints
                 .iter()
-                .map(|c| format!("model={}: {}", c.asked.as_deref().unwrap_or("?"), c.source))
+                .zip(files)
+                .map(|(c, f)| format!("model={}: {}", c.asked.as_deref().unwrap_or("?"), f.source))
                 .collect();
             (format!("swept: {}", each.join("; ")), String::new(), None)
         }
@@ -106,7 +126,7 @@ fn served(opts: &Options, plan: &RunPlan, checkpoints: &[Checkpoint], dtypes: Ve
         max_prompt_rows: opts.max_prompt_rows,
         weights_source,
         weights_sha256,
-        synthetic_weights: checkpoints.iter().any(|c| c.synthetic),
+        synthetic_weights: files.iter().any(|f| f.synthetic),
         model,
         dtypes,
         server: None,
@@ -125,13 +145,27 @@ fn model_info(cfg: &Gpt2Config) -> ModelInfo {
 }
 
 /// A checkpoint the run's cells load: the run's own (its weights flags),
-/// or a `--sweep model=` value's.
+/// or a `--sweep model=` value's; its config and tokenizer known before
+/// anything is loaded, a synthetic one not yet written.
 struct Checkpoint {
     /// The sweep's `model` value; `None`: the run's weights flags.
     asked: Option<String>,
-    dir: PathBuf,
     cfg: Gpt2Config,
     tok: Gpt2Tokenizer,
+    at: At,
+}
+
+/// Where a checkpoint is.
+enum At {
+    /// A directory (local, or the hub's cache).
+    Dir(hub::Resolved),
+    /// A synthetic preset, written (once) only after the run is checked.
+    Preset(Preset),
+}
+
+/// A checkpoint's files, ready to load.
+struct Files {
+    dir: PathBuf,
     /// Where it came from, in words (a synthetic one named so).
     source: String,
     synthetic: bool,
@@ -139,8 +173,8 @@ struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Every checkpoint the cells name, each resolved (and a synthetic one
-    /// written) once, in the order first named.
+    /// Every checkpoint the cells name, each resolved once, in the order
+    /// first named.
     fn every(opts: &Options, plan: &RunPlan) -> Result<Vec<Checkpoint>, Box<dyn Error>> {
         let mut out: Vec<Checkpoint> = Vec::new();
         for c in &plan.cells {
@@ -151,48 +185,80 @@ impl Checkpoint {
         Ok(out)
     }
 
+    /// The run's weights flags, or a `--sweep model=` value: a synthetic
+    /// preset by name, else a checkpoint directory, else a hub model id,
+    /// resolved as `--weights` and `--model` are (a hub id the hub cannot
+    /// give falls back, with the hub's notice, to the synthetic checkpoint
+    /// of its shape, which the weights source names).
     fn resolve(opts: &Options, asked: Option<&str>) -> Result<Checkpoint, Box<dyn Error>> {
-        let resolved = match asked {
-            None => hub::resolve(&opts.weights)?,
-            Some(name) => sweep_model(opts, name)?,
+        let w = &opts.weights;
+        // `--synthetic-preset`/`--synthetic` (`--weights` wins over them).
+        let preset = w.weights.is_none().then(|| w.synthetic_choice()).flatten();
+        let at = match (asked, preset) {
+            (None, Some(preset)) => At::Preset(preset),
+            (None, None) => At::Dir(hub::resolve(w)?),
+            (Some(name), _) => match Preset::from_name(name) {
+                Some(preset) => At::Preset(preset),
+                None => {
+                    let dir = Path::new(name);
+                    let args = hub::WeightsArgs {
+                        weights: dir.is_dir().then(|| dir.to_path_buf()),
+                        model: name.to_string(),
+                        ..w.clone()
+                    };
+                    At::Dir(hub::resolve(&args)?)
+                }
+            },
         };
-        let (config_path, model_path) = gpt2::weights::checkpoint_files(&resolved.dir);
-        let cfg = Gpt2Config::from_file(&config_path)?;
+        let (cfg, tok) = match &at {
+            At::Preset(p) => {
+                let tok = match &w.tokenizer {
+                    Some(t) => Gpt2Tokenizer::from_file(t)?,
+                    None => Gpt2Tokenizer::builtin(),
+                };
+                (p.config(hub::SYNTHETIC_SEED), tok)
+            }
+            At::Dir(r) => {
+                let (config_path, _) = gpt2::weights::checkpoint_files(&r.dir);
+                (Gpt2Config::from_file(&config_path)?, r.load_tokenizer()?)
+            }
+        };
         Ok(Checkpoint {
             asked: asked.map(String::from),
-            tok: resolved.load_tokenizer()?,
-            source: resolved.source.describe(cfg.synthetic.as_ref()),
-            synthetic: resolved.source.is_synthetic(cfg.synthetic.as_ref()),
+            cfg,
+            tok,
+            at,
+        })
+    }
+
+    /// Its files: a synthetic preset written under `weights/synthetic/`
+    /// (once), the weights file hashed.
+    fn files(&self) -> Result<Files, Box<dyn Error>> {
+        let resolved = match &self.at {
+            At::Dir(r) => r.clone(),
+            At::Preset(p) => hub::synthetic(*p, hub::SYNTHETIC_SEED)?,
+        };
+        let (_, model_path) = gpt2::weights::checkpoint_files(&resolved.dir);
+        let marked = self.cfg.synthetic.as_ref();
+        Ok(Files {
+            source: resolved.source.describe(marked),
+            synthetic: resolved.source.is_synthetic(marked),
             sha256: meta::sha256_file(&model_path)?,
             dir: resolved.dir,
-            cfg,
         })
     }
 }
 
-/// A `--sweep model=` value: a synthetic preset by name (written once under
-/// `weights/synthetic/`), else a checkpoint directory, else a hub model id,
-/// resolved as `--weights` and `--model` are (a hub id the hub cannot give
-/// falls back, with the hub's notice, to the synthetic checkpoint of its
-/// shape, which the cell's weights source names).
-fn sweep_model(opts: &Options, name: &str) -> Result<hub::Resolved, Box<dyn Error>> {
-    if let Some(preset) = Preset::from_name(name) {
-        return Ok(hub::synthetic(preset, hub::SYNTHETIC_SEED)?);
-    }
-    let dir = Path::new(name);
-    let args = hub::WeightsArgs {
-        weights: dir.is_dir().then(|| dir.to_path_buf()),
-        model: name.to_string(),
-        ..opts.weights.clone()
-    };
-    Ok(hub::resolve(&args)?)
-}
-
-/// One cell as it runs: its plan, its checkpoint and its prompts.
+/// One cell as it runs: its plan, its checkpoint (and that checkpoint's
+/// index) and its prompts.
 struct Cell<'a> {
     plan: &'a CellPlan,
     checkpoint: &'a Checkpoint,
+    /// The index of its checkpoint (and of its [`Files`]).
+    k: usize,
     prompts: Prompts,
+    /// `cell 3 (dtype=bf16)` in a sweep, else empty: what errors name.
+    name: String,
 }
 
 impl<'a> Cell<'a> {
@@ -205,28 +271,62 @@ impl<'a> Cell<'a> {
         plan: &'a CellPlan,
         checkpoints: &'a [Checkpoint],
     ) -> Result<Cell<'a>, Box<dyn Error>> {
-        let checkpoint = checkpoints
+        let k = checkpoints
             .iter()
-            .find(|k| k.asked == plan.model)
+            .position(|c| c.asked == plan.model)
             .ok_or("a cell's checkpoint was not resolved")?;
+        let checkpoint = &checkpoints[k];
         let cfg = &checkpoint.cfg;
+        let name = match run.is_sweep() {
+            true => format!("--sweep cell {i} ({})", plan.label()),
+            false => String::new(),
+        };
         let prompts = Prompts::new(
             opts,
             plan.prompt_tokens,
             &checkpoint.tok,
             cfg.vocab_size,
             |what, ids| {
-                fits(cfg, plan.max_new_tokens, what, ids).map_err(|e| match run.is_sweep() {
-                    true => format!("--sweep cell {i} ({}): {e}", plan.label()).into(),
-                    false => e,
+                fits(cfg, plan.max_new_tokens, what, ids).map_err(|e| match name.is_empty() {
+                    true => e,
+                    false => format!("{name}: {e}").into(),
                 })
             },
         )?;
         Ok(Cell {
             plan,
             checkpoint,
+            k,
             prompts,
+            name,
         })
+    }
+
+    /// Whether the cell's weights, KV caches (its highest level's sequences,
+    /// every choice one, each of its longest prompt and new tokens; the
+    /// prefix cache) and work buffers fit the memory the process can have
+    /// (`gpt2::memory::check`): else the engine's error naming it.
+    fn check_memory(&self, opts: &Options, run: &RunPlan) -> Result<(), Box<dyn Error>> {
+        let (c, cfg) = (self.plan, &self.checkpoint.cfg);
+        let sequences = c.levels.last().copied().unwrap_or(1) * opts.choices;
+        let positions = (self.prompts.longest() + c.max_new_tokens).min(cfg.n_positions);
+        let rows = opts.max_batch + opts.max_prompt_rows;
+        let footprint = Footprint {
+            prefix_cache: run.prefix_cache_bytes as u64,
+            ..Footprint::estimate(cfg, c.dtype, c.kv_dtype, sequences, positions, rows)
+        };
+        let what = format!(
+            "`throughput`{} of {} ({}, KV cache {}): {sequences} sequences of {positions} positions (the highest \
+             level x --choices), {rows} rows a step (--max-batch {} + --max-prompt-rows {}), --prefix-cache-mib {}",
+            if self.name.is_empty() { String::new() } else { format!(" {}", self.name) },
+            c.model.as_deref().unwrap_or("the run's checkpoint"),
+            c.dtype,
+            c.kv_dtype,
+            opts.max_batch,
+            opts.max_prompt_rows,
+            opts.prefix_cache_mib
+        );
+        Ok(memory::check(&footprint, &what)?)
     }
 }
 
@@ -251,7 +351,7 @@ fn fits(cfg: &Gpt2Config, max_new_tokens: usize, what: &str, ids: &[u32]) -> Res
 
 /// The sweep's record: its axes, each cell's settings and memory (their
 /// analyses come with the report), and the order the cells ran.
-fn sweep(plan: &RunPlan, cells: &[Cell], all: &AllLoads) -> Sweep {
+fn sweep(plan: &RunPlan, cells: &[Cell], files: &[Files], all: &AllLoads) -> Sweep {
     let axes = plan
         .sweeps
         .iter()
@@ -264,7 +364,7 @@ fn sweep(plan: &RunPlan, cells: &[Cell], all: &AllLoads) -> Sweep {
         .iter()
         .zip(&all.cells)
         .map(|(c, memory)| {
-            let k = c.checkpoint;
+            let (k, f) = (c.checkpoint, &files[c.k]);
             SweepCell {
                 swept: c
                     .plan
@@ -272,11 +372,11 @@ fn sweep(plan: &RunPlan, cells: &[Cell], all: &AllLoads) -> Sweep {
                     .iter()
                     .map(|(a, v)| (a.name().to_string(), v.clone()))
                     .collect::<BTreeMap<_, _>>(),
-                model_name: c.plan.model.clone().unwrap_or_else(|| k.source.clone()),
+                model_name: c.plan.model.clone().unwrap_or_else(|| f.source.clone()),
                 model: model_info(&k.cfg),
-                weights_source: k.source.clone(),
-                weights_sha256: k.sha256.clone(),
-                synthetic_weights: k.synthetic,
+                weights_source: f.source.clone(),
+                weights_sha256: f.sha256.clone(),
+                synthetic_weights: f.synthetic,
                 dtype: c.plan.dtype.as_str().into(),
                 kv_dtype: c.plan.kv_dtype.as_str().into(),
                 prompt_tokens: c.plan.prompt_tokens,
@@ -340,6 +440,8 @@ struct Bench<'a> {
     opts: &'a Options,
     plan: &'a RunPlan,
     progress: &'a Progress,
+    /// Each checkpoint's files, by its index.
+    files: &'a [Files],
     pool: &'a Arc<rayon::ThreadPool>,
 }
 
@@ -462,7 +564,8 @@ impl Bench<'_> {
                 plan.repetitions
             ));
         }
-        let Loaded { model, mut run } = self.load(&cell.checkpoint.dir, dtype, cell.plan.kv_dtype)?;
+        let dir = &self.files[cell.k].dir;
+        let Loaded { model, mut run } = self.load(dir, dtype, cell.plan.kv_dtype)?;
         // Batched mode: one engine thread driving the shared pool's compute
         // threads; the client threads only submit and wait.
         let scheduler = if plan.modes.contains(&Mode::Batched) {

@@ -79,8 +79,11 @@ pub struct Options {
     /// load (warmup, single request, levels), the cells' order rotating from
     /// one repetition to the next; the report adds a table and an SVG per
     /// axis. An axis and its own flag (e.g. --levels with concurrency) are
-    /// refused together. Only `failed` and the --target named targets are
-    /// held in a sweep: the default targets are the default workload's.
+    /// refused together. Before any cell runs, a cell whose weights, KV
+    /// caches and work buffers could outgrow the memory the process can
+    /// have is refused by name. Only `failed` and the --target named
+    /// targets are held in a sweep: the default targets are the default
+    /// workload's.
     #[arg(
         long = "sweep",
         value_name = "AXIS=V1,V2,...",
