@@ -4,6 +4,7 @@
 //! The JSON written by `throughput` is [`Report`] serialised; its schema is
 //! documented in `docs/results-schema.md` and versioned by [`SCHEMA_VERSION`].
 
+pub mod arrival;
 pub mod compare;
 pub mod deadline;
 pub mod failure;

@@ -138,9 +138,9 @@ pub fn run(opts: &Options) -> Result<bool, Box<dyn Error>> {
         check_json_path(path)?;
     }
     let resolved = hub::resolve(&opts.weights)?;
-    let dtype = opts.dtype.dtype;
-    eprintln!("dtype: {dtype} (linear layers' weights)");
-    let model = Arc::new(Gpt2Model::load_with(&resolved.dir, dtype)?);
+    let (dtype, kv) = (opts.dtype.dtype, opts.dtype.kv_dtype);
+    eprintln!("dtype: {dtype} (linear layers' weights), KV cache {kv}");
+    let model = Arc::new(Gpt2Model::load_with(&resolved.dir, dtype)?.with_kv_dtype(kv));
     let weights_source = resolved.source.describe(model.config.synthetic.as_ref());
     eprintln!("weights: {weights_source}");
     let mix = Mix::draw(opts, &model.config);
@@ -229,7 +229,7 @@ fn check_json_path(path: &Path) -> Result<(), String> {
 /// longest request at once: refused, by name, where that cannot fit.
 fn check_memory(opts: &Options, mix: &Mix, cfg: &Gpt2Config) -> Result<(), String> {
     let positions = mix.warmup_positions();
-    let kv = kv_cache_bytes(opts.concurrency, positions, cfg);
+    let kv = kv_cache_bytes(opts.concurrency, positions, cfg, opts.dtype.kv_dtype);
     match gpt2::profile::mem_available_bytes() {
         Some(avail) if kv > avail => Err(format!(
             "--concurrency {}: the warm-up holds {} KV caches of {positions} positions, {:.1} GiB, more \
@@ -348,8 +348,8 @@ fn soak(
         end: sample(),
     };
     let positions = mix.warmup_positions();
-    let kv_caches_mib =
-        kv_cache_bytes(opts.concurrency, positions, &model.config) as f64 / (1u64 << 20) as f64;
+    let kv_caches_mib = kv_cache_bytes(opts.concurrency, positions, &model.config, model.kv_dtype()) as f64
+        / (1u64 << 20) as f64;
     let summary = watch.summary(&ran, opts.rss_slack_mib, positions, kv_caches_mib);
     log_summary(&summary);
     Ok(summary)
@@ -580,10 +580,9 @@ fn log_summary(s: &ModeSummary) {
     );
 }
 
-/// Resident bytes of `caches` KV caches of `positions` positions each (f32:
-/// the soak's models make f32 caches).
-fn kv_cache_bytes(caches: usize, positions: usize, cfg: &Gpt2Config) -> u64 {
-    (caches as u64) * gpt2::KvCache::resident_bytes(cfg, gpt2::KvDtype::F32, positions) as u64
+/// Resident bytes of `caches` KV caches of `positions` positions each.
+fn kv_cache_bytes(caches: usize, positions: usize, cfg: &Gpt2Config, kv: gpt2::KvDtype) -> u64 {
+    (caches as u64) * gpt2::KvCache::resident_bytes(cfg, kv, positions) as u64
 }
 
 /// Resident memory, threads and open files of this process (Linux /proc;

@@ -63,13 +63,18 @@ pub struct WeightsArgs {
     pub tokenizer: Option<PathBuf>,
 }
 
-/// `--dtype`: the format the linear layers' weights are converted to at load.
+/// `--dtype`: the format the linear layers' weights are converted to at
+/// load; `--kv-dtype`: the format of the KV caches.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct DtypeArgs {
     /// Weight format of the linear layers and the LM head: f32, bf16 or int8
-    /// (activations, biases, norms, attention and the KV cache stay f32).
+    /// (activations, biases, norms and attention stay f32).
     #[arg(long, default_value_t = gpt2::Dtype::F32)]
     pub dtype: gpt2::Dtype,
+    /// Format of the KV cache's keys and values: f32, or bf16 (half the bytes a
+    /// decode step reads from a long context; rounded to nearest even as written).
+    #[arg(long, value_name = "KV_DTYPE", default_value_t = gpt2::KvDtype::F32)]
+    pub kv_dtype: gpt2::KvDtype,
 }
 
 /// `--kernels`: which instruction set's kernels run (chosen once, before any kernel).

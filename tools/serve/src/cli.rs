@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// Most prompt rows prefilled per step, beside the decode rows.
     #[arg(long, default_value_t = 128)]
     pub max_prompt_rows: usize,
+    /// While sequences decode, most rows per step: decode rows first, a
+    /// long prompt's chunk fills the rest (at least half the decode rows),
+    /// so its prefill does not stall the streams.
+    #[arg(long, default_value_t = SchedulerConfig::default().max_step_rows)]
+    pub max_step_rows: usize,
     /// Threads of the engine's pool (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -128,10 +133,10 @@ impl ServeArgs {
         if api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
             return Err("--api-key must not be empty".into());
         }
-        if self.max_batch == 0 || self.max_prompt_rows == 0 {
+        if self.max_batch == 0 || self.max_prompt_rows == 0 || self.max_step_rows == 0 {
             return Err(format!(
-                "--max-batch ({}) and --max-prompt-rows ({}) must be at least 1",
-                self.max_batch, self.max_prompt_rows
+                "--max-batch ({}), --max-prompt-rows ({}) and --max-step-rows ({}) must be at least 1",
+                self.max_batch, self.max_prompt_rows, self.max_step_rows
             )
             .into());
         }
@@ -163,6 +168,7 @@ impl ServeArgs {
             max_batch: self.max_batch,
             max_queue: self.max_queue,
             max_prompt_rows: self.max_prompt_rows,
+            max_step_rows: self.max_step_rows,
             pool: self.pool()?,
             api_key,
             drain: Duration::from_secs_f64(self.drain_seconds),
@@ -242,7 +248,7 @@ async fn listen_and_serve(
              can use it (set --api-key or GPT2_API_KEY)"
         );
     }
-    let (weights, dtype, kv_budget) = (args.weights, args.dtype.dtype, config.kv_cache_bytes);
+    let (weights, dtypes, kv_budget) = (args.weights, args.dtype, config.kv_cache_bytes);
     serve(
         listener,
         config,
@@ -252,7 +258,7 @@ async fn listen_and_serve(
                 prefix_cache_bytes,
                 ..sc
             };
-            load_engine(&weights, dtype, sc, kv_budget)
+            load_engine(&weights, dtypes, sc, kv_budget)
         },
         shutdown_signal(),
     )
@@ -265,15 +271,16 @@ async fn listen_and_serve(
 /// ([`check_memory`]). `kv_budget`: `--kv-cache-mib` in bytes, if given.
 pub fn load_engine(
     weights: &WeightsArgs,
-    dtype: Dtype,
+    dtypes: DtypeArgs,
     config: SchedulerConfig,
     kv_budget: Option<usize>,
 ) -> gpt2::Result<Engine> {
+    let (dtype, kv) = (dtypes.dtype, dtypes.kv_dtype);
     let resolved = hub::resolve(weights)?;
-    check_memory(&resolved.dir, dtype, &config, kv_budget)?;
-    eprintln!("gpt2 serve: loading the weights ({dtype}) ...");
+    check_memory(&resolved.dir, dtype, kv, &config, kv_budget)?;
+    eprintln!("gpt2 serve: loading the weights ({dtype}, KV cache {kv}) ...");
     let tokenizer = resolved.load_tokenizer()?;
-    let model = Arc::new(Gpt2Model::load_with(&resolved.dir, dtype)?);
+    let model = Arc::new(Gpt2Model::load_with(&resolved.dir, dtype)?.with_kv_dtype(kv));
     let weights_text = resolved.source.describe(model.config.synthetic.as_ref());
     eprintln!("gpt2 serve: weights: {weights_text}");
     let synthetic = resolved.source.is_synthetic(model.config.synthetic.as_ref());
@@ -304,6 +311,7 @@ pub fn load_engine(
 fn check_memory(
     dir: &Path,
     dtype: Dtype,
+    kv: KvDtype,
     sc: &SchedulerConfig,
     kv_budget: Option<usize>,
 ) -> gpt2::Result<()> {
@@ -311,8 +319,7 @@ fn check_memory(
     let model = Gpt2Config::from_file(&config_path)?;
     let positions = model.n_positions;
     let rows = sc.max_batch.saturating_add(sc.max_prompt_rows);
-    // The caches are f32 (the KV cache's only format in the server today).
-    let estimate = |sequences| Footprint::estimate(&model, dtype, KvDtype::F32, sequences, positions, rows);
+    let estimate = |sequences| Footprint::estimate(&model, dtype, kv, sequences, positions, rows);
     let one = estimate(1);
     let budget = match kv_budget {
         Some(bytes) => bytes as u64,
@@ -327,7 +334,7 @@ fn check_memory(
         ..estimate(sequences as usize)
     };
     let what = format!(
-        "`gpt2 serve` of {} ({dtype}): {sequences} sequences of {positions} positions (--max-batch {}, \
+        "`gpt2 serve` of {} ({dtype}, KV cache {kv}): {sequences} sequences of {positions} positions (--max-batch {}, \
          --kv-cache-mib {}), {rows} rows a step (--max-batch + --max-prompt-rows {}), --prefix-cache-mib {}",
         dir.display(),
         sc.max_batch,

@@ -86,6 +86,7 @@ where
     let scheduler_config = SchedulerConfig {
         max_batch: app.config.max_batch,
         max_prompt_rows: app.config.max_prompt_rows,
+        max_step_rows: app.config.max_step_rows,
         pool: app.config.pool.clone(),
         observer: Some(Arc::new(StepTimes(app.metrics.step.clone()))),
         ..SchedulerConfig::default()

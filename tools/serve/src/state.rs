@@ -29,6 +29,9 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// Most prompt rows per engine step.
     pub max_prompt_rows: usize,
+    /// While sequences decode, most rows per engine step
+    /// (`SchedulerConfig::max_step_rows`).
+    pub max_step_rows: usize,
     /// The engine's rayon pool; `None` uses the global one.
     pub pool: Option<Arc<rayon::ThreadPool>>,
     /// When set, every route but `/health` needs `Authorization: Bearer KEY`.
@@ -74,6 +77,7 @@ impl Default for ServeConfig {
             max_batch: 32,
             max_queue: 256,
             max_prompt_rows: 128,
+            max_step_rows: gpt2::SchedulerConfig::default().max_step_rows,
             pool: None,
             api_key: None,
             drain: Duration::ZERO,

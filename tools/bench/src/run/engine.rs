@@ -574,6 +574,7 @@ impl Bench<'_> {
                 SchedulerConfig {
                     max_batch: opts.max_batch,
                     max_prompt_rows: opts.max_prompt_rows,
+                    max_step_rows: opts.max_step_rows,
                     pool: Some(Arc::clone(self.pool)),
                     prefix_cache_bytes: plan.prefix_cache_bytes,
                     ..SchedulerConfig::default()

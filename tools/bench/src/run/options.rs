@@ -110,6 +110,10 @@ pub struct Options {
     /// Batched mode: most prompt rows prefilled per step.
     #[arg(long, default_value_t = 128, conflicts_with = "url")]
     pub max_prompt_rows: usize,
+    /// Batched mode: while sequences decode, most rows per step (decode
+    /// rows first, prompt rows fill the rest, at least half the decode rows).
+    #[arg(long, default_value_t = gpt2::SchedulerConfig::default().max_step_rows, conflicts_with = "url")]
+    pub max_step_rows: usize,
     /// Open loop: requests arrive as a seeded Poisson process at this many per
     /// second (each level still caps in-flight requests at its concurrency);
     /// latency and TTFT count from the arrival, so queueing shows.

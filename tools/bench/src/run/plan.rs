@@ -103,6 +103,7 @@ impl RunPlan {
             ("--max-new-tokens", max_new_tokens),
             ("--max-batch", opts.max_batch),
             ("--max-prompt-rows", opts.max_prompt_rows),
+            ("--max-step-rows", opts.max_step_rows),
         ] {
             if v < 1 {
                 return Err(format!("{name} must be at least 1"));

@@ -211,7 +211,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             out,
             dtype,
         } => {
-            let model = Gpt2Model::load_with(&weights, dtype.dtype)?;
+            let model = Gpt2Model::load_with(&weights, dtype.dtype)?.with_kv_dtype(dtype.kv_dtype);
             let v = model.config.vocab_size;
             let logits = model.logits_all(&tokens, 64)?;
             let rows: Vec<&[f32]> = logits.chunks_exact(v).collect();
@@ -247,7 +247,7 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let tok = resolved.load_tokenizer()?;
     let ids = tok.encode(&args.prompt)?;
     let t = Instant::now();
-    let model = Gpt2Model::load_with(&resolved.dir, args.dtype.dtype)?;
+    let model = Gpt2Model::load_with(&resolved.dir, args.dtype.dtype)?.with_kv_dtype(args.dtype.kv_dtype);
     let load = t.elapsed();
     // Check the request before printing anything, so a bad one fails cleanly.
     let request = Request::prepare(&model.config, ids, opts, Fit::Prompt)?;
@@ -301,7 +301,7 @@ fn score_file(args: ScoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         0 | 1 => format!("{}: {e}", args.file.display()),
         _ => e.to_string(),
     })?;
-    let model = Gpt2Model::load_with(&resolved.dir, args.dtype.dtype)?;
+    let model = Gpt2Model::load_with(&resolved.dir, args.dtype.dtype)?.with_kv_dtype(args.dtype.kv_dtype);
     eprintln!(
         "weights: {}",
         resolved.source.describe(model.config.synthetic.as_ref())

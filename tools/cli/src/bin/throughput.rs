@@ -14,14 +14,18 @@
 //! `--url http://HOST:PORT` sends the same tests to an OpenAI-compatible
 //! server instead (mode `http`); `throughput compare A.json B.json ...`
 //! renders reports together; `throughput pair --a FLAGS --b FLAGS --
-//! COMMON...` measures two variants alternating and gives their ratios.
+//! COMMON...` measures two variants alternating and gives their ratios;
+//! `throughput arrival` measures what one long prompt's arrival does to the
+//! inter-token latency of the streams already decoding.
 //!
 //! This file parses the flags; the run is `gpt2_bench::run`, the
-//! comparison `gpt2_bench::compare`, the pairs `gpt2_bench::pair`.
+//! comparison `gpt2_bench::compare`, the pairs `gpt2_bench::pair`, the
+//! arrival `gpt2_bench::arrival`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gpt2_bench::arrival::{self, ArrivalOptions};
 use gpt2_bench::compare::{self, CompareOptions};
 use gpt2_bench::pair::{self, PairOptions};
 use gpt2_bench::run::{self, Options};
@@ -40,7 +44,8 @@ use gpt2_bench::run::{self, Options};
                   reported, and a miss noted on stderr, without failing the run. `throughput compare`: 0 \
                   written, 1 an input unreadable or not a report, 2 a bad flag. `throughput pair`: 0 written, \
                   1 a run could not finish or a variant's flags are wrong (named), 2 a bad flag of its own, 4 \
-                  written but requests failed.",
+                  written but requests failed. `throughput arrival`: 0 written, 1 a trial could not finish \
+                  or a flag's value is refused (named), 2 a bad flag.",
     args_conflicts_with_subcommands = true
 )]
 struct Args {
@@ -66,6 +71,13 @@ enum Command {
     /// --levels 1' --b '--levels 8' -- --synthetic --mode batched
     /// --prompt-tokens 200`.
     Pair(PairOptions),
+    /// One long prompt arriving among decoding streams: the streams'
+    /// inter-token latency before it (p50) and during its prefill (p99,
+    /// max), its time to first token there and alone, and the steps the
+    /// engine ran, for each --max-step-rows budget, alternating. In
+    /// process, on the scheduler. E.g. `throughput arrival --synthetic
+    /// --threads 2 --streams 15 --prompt-tokens 900 --max-step-rows 28,160`.
+    Arrival(ArrivalOptions),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +105,15 @@ fn main() -> ExitCode {
                     );
                     ExitCode::from(4)
                 }
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Arrival(a)) => {
+            return match arrival::arrival(a) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
