@@ -12,7 +12,9 @@
 //! `tests[].itl_ms`, `raw[].token_ms`) is optional and reads as absent, as
 //! are the fields added later within schema 4 (`metadata.prompt_tokens`,
 //! `shared_prefix_tokens`, `choices` (read as 1), `prefix_cache_mib`,
-//! `tests[].prefix`, `raw[].choice_ms`).
+//! `tests[].prefix`, `raw[].choice_ms`). Schema 4 needs nothing either: what
+//! schema 5 added (`sweep`, `tests[].cell`, `analysis.targets[].cell`) is
+//! optional and reads as absent, a run without a sweep.
 
 use serde::{Deserialize, Deserializer};
 
@@ -422,6 +424,25 @@ mod tests {
         assert_eq!(old.metadata.server, None);
         assert_eq!(old.metadata.model, report.metadata.model);
         assert!(old.metadata.model.is_some());
+    }
+
+    /// A schema-4 report (no sweep, no cells) reads as a run without a
+    /// sweep; today's writes neither field when there is no sweep.
+    #[test]
+    fn a_schema4_report_loads_without_a_sweep() {
+        let report: Report = serde_json::from_str(SCHEMA2).unwrap();
+        let mut v = serde_json::to_value(&report).unwrap();
+        v["schema_version"] = 4.into();
+        let json = v.to_string();
+        assert!(
+            !json.contains("\"sweep\"") && !json.contains("\"cell\""),
+            "{json}"
+        );
+        let old: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(old.sweep, None);
+        assert!(old.tests.iter().all(|t| t.cell.is_none()));
+        assert!(old.analysis.targets.iter().all(|t| t.cell.is_none()));
+        assert_eq!(old.tests, report.tests);
     }
 
     #[test]

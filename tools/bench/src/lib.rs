@@ -44,7 +44,14 @@ use failure::Failure;
 /// `metadata.model` is `null` (the server's model is not known here); every
 /// test has `itl_ms` (inter-token latency) and every request its
 /// `token_ms`. Reports of schema 3 read as they are (no server, no ITL).
-pub const SCHEMA_VERSION: u32 = 4;
+///
+/// 5: a run may sweep the workload (`throughput --sweep`): `sweep` holds
+/// the axes, every cell's settings, memory and analysis, and the order the
+/// cells ran; each test and target names its `cell`; the top-level
+/// `analysis` of a sweep has only the targets (a level or a spread of
+/// several cells would mean nothing). Reports of schema 4 read as they are
+/// (no sweep).
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// The reference study that our default protocol reproduces: PyTorch GPT-2
 /// 124M on some other CPU. `(concurrency, requests/s, tokens/s)`.
@@ -147,6 +154,10 @@ pub struct TestResult {
     /// server), and in reports written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<PrefixReuse>,
+    /// The sweep cell the test ran in (an index of `sweep.cells`); `None`
+    /// in a run without a sweep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<usize>,
     /// Every request's raw timings.
     pub raw: Vec<RequestRecord>,
 }
@@ -203,6 +214,11 @@ pub struct Metadata {
     /// older: f32 alone, its memory unknown).
     #[serde(default = "legacy::f32_runs")]
     pub dtypes: Vec<DtypeRun>,
+    /// The KV caches' format (`--kv-dtype`: `f32` or `bf16`; in a sweep of
+    /// it, each cell's is its own); `f32` in reports before it existed;
+    /// `unknown (the server's)` for a server.
+    #[serde(default = "legacy::f32_name")]
+    pub kv_dtype: String,
     pub max_new_tokens: usize,
     pub warmup_requests: usize,
     pub repetitions: usize,
@@ -250,6 +266,10 @@ impl Metadata {
     /// choices per request and whether a prefix could be reused.
     pub fn workload(&self) -> String {
         let prompts = match self.prompt_tokens {
+            // A sweep of prompt-tokens: each cell's own.
+            None if self.prompts.is_empty() => {
+                "synthetic: each cell's prompt-tokens, each request its own".into()
+            }
             None => format!("{} text prompt(s), rotated", self.prompts.len()),
             Some(n) if self.shared_prefix_tokens > 0 => format!(
                 "synthetic: a preamble of {} tokens shared by every request, then {n} tokens of its own",
@@ -372,6 +392,10 @@ pub struct Target {
     /// field existed held every target required.
     #[serde(default = "legacy::required")]
     pub required: bool,
+    /// The sweep cell it was measured on (an index of `sweep.cells`);
+    /// `None` in a run without a sweep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<usize>,
 }
 
 /// mean / stddev / min / max of one headline figure over repetitions.
@@ -392,7 +416,7 @@ pub struct Spread {
     pub n: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Analysis {
     pub levels: Vec<LevelAnalysis>,
     /// Per dtype and mode (schema 2 wrote `[mode, concurrency]` pairs).
@@ -607,6 +631,61 @@ pub struct Report {
         deserialize_with = "legacy::roofline"
     )]
     pub roofline: Option<Roofline>,
+    /// The sweep (`--sweep`): its axes and cells; `None` without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<Sweep>,
+}
+
+/// A run's sweep of the workload (`throughput --sweep AXIS=V1,V2,...`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sweep {
+    /// The swept axes, in the order given.
+    pub axes: Vec<SweepAxis>,
+    /// Every cell: the product of the axes (the first varying slowest),
+    /// each once per `--dtype` unless dtype is swept. Tests and targets
+    /// name theirs by its index here.
+    pub cells: Vec<SweepCell>,
+    /// Per repetition, the cells' indices in the order they ran (each
+    /// repetition starts one cell further on).
+    pub order: Vec<Vec<usize>>,
+}
+
+/// One swept axis and its values, as given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepAxis {
+    /// `prompt-tokens`, `model`, `dtype`, `concurrency` or `max-new-tokens`.
+    pub axis: String,
+    pub values: Vec<String>,
+}
+
+/// One cell of a sweep: what it ran with, the memory it took, and its
+/// analysis (levels, recommendations, spread; its targets are the
+/// report's, naming the cell).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepCell {
+    /// The cell's value on each swept axis (axis name to value).
+    pub swept: std::collections::BTreeMap<String, String>,
+    /// What the checkpoint was asked as: a `model` value of the sweep, else
+    /// the run's own (as `metadata.weights_source` names it).
+    pub model_name: String,
+    pub model: ModelInfo,
+    pub weights_source: String,
+    pub weights_sha256: String,
+    pub synthetic_weights: bool,
+    pub dtype: String,
+    /// The KV caches' format: `f32` or `bf16`.
+    pub kv_dtype: String,
+    /// Tokens of each synthetic prompt; `None`: the text prompts.
+    pub prompt_tokens: Option<usize>,
+    pub max_new_tokens: usize,
+    /// The concurrency levels measured, the single request's 1 first.
+    pub concurrency_levels: Vec<usize>,
+    /// The cell's memory: its packed weights, the resident size after its
+    /// load and the high-water mark of its load and tests, the largest over
+    /// its repetitions (`peak_rss_own`: the mark was reset before each of
+    /// its loads; else it is the process's peak so far).
+    pub memory: DtypeRun,
+    pub analysis: Analysis,
 }
 
 impl Report {
@@ -619,11 +698,30 @@ impl Report {
     /// A target's name as the exit summary and the verdicts print it: with
     /// its dtype when the run measured several.
     pub fn target_label(&self, t: &Target) -> String {
-        if self.several_dtypes() {
-            format!("{} ({})", t.name, t.dtype)
-        } else {
-            t.name.clone()
+        match (t.cell, &self.sweep) {
+            (Some(i), Some(s)) => format!("{} ({})", t.name, s.cell_label(i)),
+            _ if self.several_dtypes() => format!("{} ({})", t.name, t.dtype),
+            _ => t.name.clone(),
         }
+    }
+}
+
+impl Sweep {
+    /// `cell 3: prompt-tokens=128, dtype=bf16`: the cell's swept values in
+    /// the axes' order (its dtype too where several ran).
+    pub fn cell_label(&self, i: usize) -> String {
+        let Some(c) = self.cells.get(i) else {
+            return format!("cell {i}");
+        };
+        let mut parts: Vec<String> = self
+            .axes
+            .iter()
+            .filter_map(|a| c.swept.get(&a.axis).map(|v| format!("{}={v}", a.axis)))
+            .collect();
+        if !c.swept.contains_key("dtype") && self.cells.iter().any(|o| o.dtype != c.dtype) {
+            parts.push(format!("dtype={}", c.dtype));
+        }
+        format!("cell {i}: {}", parts.join(", "))
     }
 }
 

@@ -1,9 +1,10 @@
 //! One `throughput` run: the options and their validated plan
-//! ([`RunPlan`]), the tests written once over any backend (`protocol`: the
+//! ([`RunPlan`]: its cells, one per dtype times the `--sweep` axes, parsed
+//! by `sweep`), the tests written once over any backend (`protocol`: the
 //! warmup, the single request, every mode's levels, each test through the
 //! one load loop [`crate::runner::run_test`]), what serves them (`engine`:
-//! the engine in this process, each repetition loading each weight format
-//! (dtype) afresh, the order rotating, with the optional profile and probe;
+//! the engine in this process, each repetition loading each cell's model
+//! afresh, the order rotating, with the optional profile and probe;
 //! `server`: with `--url`, an OpenAI-compatible server, mode `http`), what
 //! they measured made into the report with its one metadata builder
 //! (`measured`), and the report written to disk.
@@ -20,6 +21,7 @@ mod options;
 mod plan;
 mod protocol;
 mod server;
+mod sweep;
 
 use std::error::Error;
 use std::io::Write;
@@ -27,8 +29,9 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 pub use self::options::{ModeChoice, Options, DEFAULT_CONCURRENT_PROMPTS};
-pub use self::plan::{RunPlan, MAX_SCHEDULE};
+pub use self::plan::{CellPlan, RunPlan, MAX_SCHEDULE};
 pub use self::server::HTTP_MODE;
+pub use self::sweep::{Axis, AxisSweep, Value};
 use super::{meta, report, Report};
 
 /// How a finished run went, for the exit status (`throughput --help`).
@@ -139,8 +142,9 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Writes `throughput_gpt2_<UTC>[_N].{json,md,svg}` into `dir` and prints
-/// the summary (or, with `json`, the JSON) on stdout. No report is ever
+/// Writes `throughput_gpt2_<UTC>[_N].{json,md,svg}` into `dir` (a sweep:
+/// `.{json,md}` and a `.<axis>.svg` per swept axis) and prints the summary
+/// (or, with `json`, the JSON) on stdout. No report is ever
 /// replaced: a stem taken by an earlier run (another run in the same second)
 /// gets the next free `_N`. The three files are written under temporary
 /// names first and only then given their names, so an interrupted run leaves
@@ -151,14 +155,26 @@ pub fn write_outputs(report: &Report, dir: &Path, json: bool) -> Result<(), Box<
         meta::utc_timestamp(SystemTime::now(), false)
     );
     let text = serde_json::to_string_pretty(report)?;
-    let svg = report::svg(report);
+    // A sweep's pictures are its axes' (a saturation curve would mix its
+    // cells); a run without one has its saturation curve.
+    let svgs: Vec<(String, String)> = match &report.sweep {
+        Some(_) => report::axis_svgs(report)
+            .into_iter()
+            .map(|(axis, svg)| (report::axis_svg_ext(&axis), svg))
+            .collect(),
+        None => vec![("svg".into(), report::svg(report))],
+    };
     let paths = write_set(dir, &base, |stem| {
         let md = report::markdown(report, &format!("{stem}.svg"));
-        vec![
-            ("json", text.clone().into_bytes()),
-            ("md", md.into_bytes()),
-            ("svg", svg.clone().into_bytes()),
-        ]
+        let mut files = vec![
+            ("json".to_string(), text.clone().into_bytes()),
+            ("md".to_string(), md.into_bytes()),
+        ];
+        files.extend(
+            svgs.iter()
+                .map(|(ext, svg)| (ext.clone(), svg.clone().into_bytes())),
+        );
+        files
     })?;
     let mut out = std::io::stdout().lock();
     if json {
@@ -175,10 +191,10 @@ pub fn write_outputs(report: &Report, dir: &Path, json: bool) -> Result<(), Box<
 /// named `<base>[_N].<ext>` in `dir` (created if missing): the first `_N`
 /// whose names are all free, so nothing is ever replaced; all or none of
 /// them. Returns their paths.
-pub fn write_set(
+pub fn write_set<E: AsRef<str>>(
     dir: &Path,
     base: &str,
-    make: impl Fn(&str) -> Vec<(&'static str, Vec<u8>)>,
+    make: impl Fn(&str) -> Vec<(E, Vec<u8>)>,
 ) -> Result<Vec<PathBuf>, Box<dyn Error>> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut n = 1;
@@ -190,7 +206,7 @@ pub fn write_set(
         };
         let made: Vec<(PathBuf, Vec<u8>)> = make(&stem)
             .into_iter()
-            .map(|(ext, bytes)| (dir.join(format!("{stem}.{ext}")), bytes))
+            .map(|(ext, bytes)| (dir.join(format!("{stem}.{}", ext.as_ref())), bytes))
             .collect();
         let files: Vec<(&Path, &[u8])> = made.iter().map(|(p, b)| (p.as_path(), b.as_slice())).collect();
         match gpt2::files::write_new_set(&files) {

@@ -85,6 +85,7 @@ pub fn test_result(
         tpot_ms: summarize(&ok.iter().filter_map(|r| r.tpot_ms).collect::<Vec<_>>()),
         itl_ms: Some(summarize(&inter_token_ms(&ok))),
         prefix: None,
+        cell: None,
         raw,
     }
 }
@@ -135,6 +136,10 @@ pub struct Thresholds {
     pub batched_holds_past_8: f64,
     /// `--strict`: every target is required.
     pub strict: bool,
+    /// Whether the default thresholds are held at all: they are the
+    /// default workload's (GPT-2 124M, short prompts). False in a sweep,
+    /// where only `failed` and the targets named by `--target` are.
+    pub defaults: bool,
     /// Targets named by `--target`: required whatever `strict` says.
     pub named: Vec<String>,
 }
@@ -154,6 +159,7 @@ impl Default for Thresholds {
             // machine's run-to-run noise.
             batched_holds_past_8: 0.9,
             strict: false,
+            defaults: true,
             named: Vec::new(),
         }
     }
@@ -205,6 +211,12 @@ impl Thresholds {
     /// target, any target under `--strict`, or one named by `--target`.
     pub fn required(&self, name: &str) -> bool {
         self.strict || REFERENCE_TARGETS.contains(&name) || self.named.iter().any(|n| n == name)
+    }
+
+    /// Whether target `name` is measured: every one with the defaults,
+    /// else `failed` and those named by `--target`.
+    pub fn held(&self, name: &str) -> bool {
+        self.defaults || name == "failed" || self.named.iter().any(|n| n == name)
     }
 }
 
@@ -322,6 +334,7 @@ fn analyze_dtype(dtype: &str, tests: &[&TestResult], thresholds: &Thresholds) ->
     targets.extend(batched_targets(&d, &levels, thresholds));
     let failed: usize = tests.iter().map(|t| t.failed).sum();
     targets.push(Op::AtMost.target(dtype, "failed", thresholds.failed as f64, failed as f64));
+    targets.retain(|t| thresholds.held(&t.name));
     for t in &mut targets {
         t.required = thresholds.required(&t.name);
     }
@@ -422,6 +435,7 @@ impl Op {
             measured,
             pass,
             required: true,
+            cell: None,
         }
     }
 }
@@ -801,5 +815,19 @@ mod tests {
             .find(|t| t.0 == "batched_efficiency_at_4")
             .unwrap();
         assert_eq!((eff.1, eff.2), (false, true));
+
+        // A sweep holds `failed` and what --target names, nothing else.
+        let mut sweep = Thresholds {
+            defaults: false,
+            ..Thresholds::default()
+        };
+        let names = |t: &Thresholds| -> Vec<String> { required(t).into_iter().map(|t| t.0).collect() };
+        assert_eq!(names(&sweep), ["failed"]);
+        sweep.set("single_tokens_per_s=1e12").unwrap();
+        assert_eq!(names(&sweep), ["single_tokens_per_s", "failed"]);
+        assert!(
+            required(&sweep).iter().any(|t| !t.1 && t.2),
+            "the named target is missed and required"
+        );
     }
 }

@@ -313,7 +313,7 @@ fn non_finite_targets_are_refused() {
         let spec = format!("single_tokens_per_s={value}");
         let out = throughput_within(&["--weights", weights.to_str().unwrap(), "--target", &spec], 60);
         let stderr = text(&out);
-        assert_eq!(out.status.code(), Some(1), "{spec}: {stderr}");
+        assert_eq!(out.status.code(), Some(2), "{spec}: {stderr}");
         assert!(
             stderr.contains(&format!("--target `{spec}`: the value must be a finite number")),
             "{spec}: {stderr}"

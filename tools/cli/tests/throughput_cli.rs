@@ -132,7 +132,10 @@ fn bad_flags_are_named_errors() {
             "--profile times the single request's own session",
         ),
         (vec!["--prompt-tokens", "0"], "--prompt-tokens must be at least 1"),
-        (vec!["--shared-prefix-tokens", "8"], "--prompt-tokens <N>"),
+        (
+            vec!["--shared-prefix-tokens", "8"],
+            "--shared-prefix-tokens shapes synthetic prompts: it needs --prompt-tokens <N>",
+        ),
         (
             vec!["--prompt-tokens", "4", "--prompt", "hi"],
             "--prompt <PROMPT>",
@@ -301,7 +304,7 @@ fn several_dtypes_run_every_test_each() {
     // The default targets are a real machine's: a tiny model may miss none or some.
     assert!(matches!(out.status.code(), Some(0 | 3)), "{stderr}");
     let report: gpt2_bench::Report = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(report.schema_version, 4);
+    assert_eq!(report.schema_version, 5);
     let dtypes: Vec<&str> = report.metadata.dtypes.iter().map(|d| d.dtype.as_str()).collect();
     assert_eq!(dtypes, ["f32", "bf16"]);
     for d in &report.metadata.dtypes {
@@ -377,7 +380,7 @@ fn impossible_levels_and_rates_are_refused_not_a_hang() {
         all.extend(args);
         let out = throughput_within(&all, 60);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{all:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(2), "{all:?}: a bad flag: {stderr}");
         assert!(
             stderr.contains(needle) && !stderr.contains("panicked"),
             "{all:?}: {stderr}"

@@ -268,7 +268,7 @@ fn a_good_server_gives_a_complete_report() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let report: gpt2_bench::Report = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(report.schema_version, 4);
+    assert_eq!(report.schema_version, 5);
     let md = &report.metadata;
     assert_eq!(md.modes, ["http"]);
     assert_eq!(md.model, None, "a server's model shape is not known");

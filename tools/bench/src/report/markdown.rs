@@ -6,8 +6,21 @@ use super::*;
 
 /// The Markdown report. `svg_file_name` is the saturation-curve plot, linked
 /// relative to the Markdown file (so both should sit in the same directory).
-/// The optional sections (achieved / limit, per-op profile) come last.
+/// The optional sections (achieved / limit, per-op profile) come last. A
+/// sweep's report has its cells and axes instead of the sections that read
+/// the whole run as one (its axes' SVGs are named from `svg_file_name`).
 pub fn markdown(report: &Report, svg_file_name: &str) -> String {
+    if report.sweep.is_some() {
+        let sections = [
+            md_intro(report),
+            md_setup(report),
+            md_sweep(report, svg_file_name),
+            md_results(report),
+            md_targets(report),
+            md_method(report),
+        ];
+        return sections.concat();
+    }
     let sections = [
         md_intro(report),
         md_setup(report),
@@ -47,6 +60,7 @@ fn md_intro(report: &Report) -> String {
         Some(_) => format!("weights in {} (as the server names them)", dtypes.join(", ")),
     };
     let prompts = match md.prompt_tokens {
+        None if md.prompts.is_empty() => "a synthetic prompt of its own (its cell's prompt-tokens)".into(),
         None => format!("one of {} prompt{}", md.prompts.len(), plural(md.prompts.len())),
         Some(n) if md.shared_prefix_tokens > 0 => format!(
             "a synthetic prompt of its own ({} tokens shared by every request, then {n} of its own)",
@@ -147,11 +161,13 @@ fn setup_rows(report: &Report) -> Vec<(&'static str, Cell)> {
                 )),
             ),
         ]),
+        None if report.sweep.is_some() => rows.push(("model", "swept (see Sweep)".into())),
         None => rows.push(("model", "the server's (its shape is not known here)".into())),
     }
     let dtypes: Vec<&str> = md.dtypes.iter().map(|d| d.dtype.as_str()).collect();
     rows.extend([
         ("dtypes", Cell::Text(dtypes.join(", "))),
+        ("KV cache", Cell::Text(md.kv_dtype.clone())),
         (
             "max_new_tokens",
             format!("{} (EOS ignored)", md.max_new_tokens).into(),
@@ -228,7 +244,10 @@ fn prefix_section(tests: &[TestResult]) -> String {
     if tests.iter().all(|t| t.prefix.is_none()) {
         return String::new();
     }
-    let mut t = test_table(&["requests", "hits", "prompt tokens", "reused", "reused %"]);
+    let mut t = test_table(
+        &["requests", "hits", "prompt tokens", "reused", "reused %"],
+        tests,
+    );
     for r in tests {
         let (hits, reused, share) = match r.prefix {
             Some(p) => (
@@ -256,15 +275,18 @@ fn prefix_section(tests: &[TestResult]) -> String {
 
 /// Per test: requests, failures, tokens, duration and rates.
 fn throughput_table(tests: &[TestResult]) -> Table {
-    let mut t = test_table(&[
-        "requests",
-        "failed",
-        "generated tokens",
-        "prompt tokens",
-        "duration s",
-        "req/s",
-        "tok/s",
-    ]);
+    let mut t = test_table(
+        &[
+            "requests",
+            "failed",
+            "generated tokens",
+            "prompt tokens",
+            "duration s",
+            "req/s",
+            "tok/s",
+        ],
+        tests,
+    );
     for r in tests {
         let counts = [r.requests, r.failed, r.total_tokens, r.prompt_tokens].map(|n| n.to_string());
         let rates = [r.duration_s, r.requests_per_s, r.tokens_per_s].map(f2);
@@ -275,21 +297,24 @@ fn throughput_table(tests: &[TestResult]) -> Table {
 
 /// Per test: end-to-end latency, TTFT, TPOT and ITL, in ms.
 fn latency_table(tests: &[TestResult]) -> Table {
-    let mut t = test_table(&[
-        "latency mean",
-        "p50",
-        "p95",
-        "p99",
-        "TTFT mean",
-        "p50",
-        "p99",
-        "TPOT mean",
-        "p50",
-        "p99",
-        "ITL mean",
-        "p50",
-        "p99",
-    ]);
+    let mut t = test_table(
+        &[
+            "latency mean",
+            "p50",
+            "p95",
+            "p99",
+            "TTFT mean",
+            "p50",
+            "p99",
+            "TPOT mean",
+            "p50",
+            "p99",
+            "ITL mean",
+            "p50",
+            "p99",
+        ],
+        tests,
+    );
     for r in tests {
         let (lat, ttft, tpot) = (&r.latency_ms, &r.ttft_ms, &r.tpot_ms);
         let itl = r.itl_ms.map_or([f64::NAN; 3], |s| [s.mean, s.p50, s.p99]);
@@ -304,16 +329,25 @@ fn latency_table(tests: &[TestResult]) -> Table {
 
 /// A table with a row per test: the columns that name it (test, mode,
 /// dtype, concurrency, repetition), then `figures`.
-fn test_table(figures: &[&str]) -> Table {
+/// `tests` of a sweep name their cell first.
+fn test_table(figures: &[&str], tests: &[TestResult]) -> Table {
+    let cell: &[&str] = if tests.iter().any(|t| t.cell.is_some()) {
+        &["cell"]
+    } else {
+        &[]
+    };
     let names = ["test", "mode", "dtype", "concurrency", "repetition"];
-    let titles: Vec<&str> = names.iter().chain(figures).copied().collect();
+    let titles: Vec<&str> = cell.iter().chain(&names).chain(figures).copied().collect();
     let mut t = Table::new(&titles);
-    t.left(0).left(1).left(2);
+    let first = cell.len();
+    t.left(first).left(first + 1).left(first + 2);
     t
 }
 
-/// Test `r`'s row of a [`test_table`]: its names, then `figures`.
+/// Test `r`'s row of a [`test_table`]: its names (its cell first in a
+/// sweep), then `figures`.
 fn test_row<C: Into<Cell>>(t: &mut Table, r: &TestResult, figures: impl IntoIterator<Item = C>) {
+    let cell = r.cell.map(|c| Cell::from(c.to_string()));
     let names = [
         Cell::Text(r.name.clone()),
         Cell::Text(r.mode.clone()),
@@ -321,7 +355,11 @@ fn test_row<C: Into<Cell>>(t: &mut Table, r: &TestResult, figures: impl IntoIter
         r.concurrency.to_string().into(),
         r.repetition.to_string().into(),
     ];
-    t.row(names.into_iter().chain(figures.into_iter().map(Into::into)));
+    let row = cell
+        .into_iter()
+        .chain(names)
+        .chain(figures.into_iter().map(Into::into));
+    t.row(row);
 }
 
 /// `## Scaling`: each level against the single request and the reference.
@@ -541,13 +579,14 @@ fn md_method(report: &Report) -> String {
             let _ = writeln!(
                 out,
                 "- Dtypes: {}. Each loads the checkpoint afresh, its linear layers' weights converted as \
-             they are packed (activations, biases, norms, attention and the KV cache stay f32), after \
-             the previous dtype's model is dropped; each runs the warmup and every test.",
+             they are packed (activations, biases, norms and attention stay f32, the KV cache is {}), \
+             after the previous dtype's model is dropped; each runs the warmup and every test.",
                 md.dtypes
                     .iter()
                     .map(|d| md_text(&d.dtype))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                md_text(&md.kv_dtype)
             );
         }
     }

@@ -15,6 +15,11 @@
 //! Several dtypes: every row names its dtype, and the rows of one mode and
 //! level sit together, one per dtype in the order they ran, so that they
 //! read side by side.
+//!
+//! A sweep (`--sweep`): its cells side by side and a table and an SVG per
+//! swept axis (`sweep.rs`) take the place of the sections that read one
+//! analysis of the whole run (scaling, dtypes, recommendations, spread,
+//! the saturation curve): those would mix the cells.
 
 mod compare;
 mod markdown;
@@ -22,6 +27,7 @@ mod pair;
 mod roofline;
 mod stdout;
 mod svg;
+mod sweep;
 mod table;
 
 pub use compare::{compare_markdown, compare_svg, Compared};
@@ -31,6 +37,8 @@ pub use roofline::limits_table;
 use roofline::optional_sections;
 pub use stdout::stdout_table;
 pub use svg::svg;
+pub use sweep::{axis_points, axis_svg, axis_svg_ext, axis_svgs, CurvePoint};
+use sweep::{md_sweep, stdout_sweep};
 use table::{Cell, Table};
 
 use super::{LevelAnalysis, Report, Spread, TestResult};
@@ -356,12 +364,18 @@ fn scaling_table(levels: &[&LevelAnalysis]) -> Table {
 
 /// The pass/fail targets, and the verdict under them.
 fn targets_table(report: &Report) -> Table {
-    let mut t = Table::new(&["target", "dtype", "condition", "measured", "result"]);
+    // A sweep's targets are its cells'.
+    let of = if report.sweep.is_some() { "cell" } else { "dtype" };
+    let mut t = Table::new(&["target", of, "condition", "measured", "result"]);
     t.left(0).left(1).left(2).left(4);
     for tg in &report.analysis.targets {
+        let whose = match (tg.cell, &report.sweep) {
+            (Some(i), Some(s)) => s.cell_label(i),
+            _ => tg.dtype.clone(),
+        };
         t.row([
             Cell::Code(tg.name.clone()),
-            Cell::Text(tg.dtype.clone()),
+            Cell::Text(whose),
             format!("{} {}", tg.op, target_value(tg.threshold, tg)).into(),
             target_value(tg.measured, tg).into(),
             match target_result(tg) {
@@ -592,6 +606,7 @@ mod tests {
             tpot_ms: s(lat / 50.0),
             itl_ms: Some(s(lat / 50.0)),
             prefix: None,
+            cell: None,
             raw: vec![RequestRecord {
                 index: 0,
                 client: 0,
@@ -692,6 +707,7 @@ mod tests {
                     peak_rss_bytes: Some(600_000_000),
                     peak_rss_own: true,
                 }],
+                kv_dtype: "f32".to_string(),
                 max_new_tokens: 50,
                 warmup_requests: 2,
                 repetitions: reps,
@@ -715,6 +731,7 @@ mod tests {
                         measured: 30.0,
                         pass: true,
                         required: true,
+                        cell: None,
                     },
                     Target {
                         name: "failed".to_string(),
@@ -724,12 +741,14 @@ mod tests {
                         measured: 1.0,
                         pass: false,
                         required: true,
+                        cell: None,
                     },
                 ],
                 spread,
             },
             profile: None,
             roofline: None,
+            sweep: None,
         }
     }
 
@@ -1021,6 +1040,135 @@ mod tests {
         });
         assert_balanced_tags(&empty);
         assert!(empty.contains("no data"));
+    }
+
+    /// `r` as a sweep of `axis` over `values`: each value a cell with a
+    /// copy of `r`'s tests, its tokens/s divided by the cell's number + 1.
+    fn as_sweep(r: &Report, axis: &str, values: &[&str]) -> Report {
+        let mut out = r.clone();
+        out.tests.clear();
+        let mut cells = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            out.tests.extend(r.tests.iter().map(|t| TestResult {
+                cell: Some(i),
+                tokens_per_s: t.tokens_per_s / (i + 1) as f64,
+                ..t.clone()
+            }));
+            cells.push(crate::SweepCell {
+                swept: [(axis.to_string(), v.to_string())].into_iter().collect(),
+                model_name: "tiny".into(),
+                model: r.metadata.model.clone().unwrap(),
+                weights_source: "synthetic tiny".into(),
+                weights_sha256: String::new(),
+                synthetic_weights: true,
+                dtype: "f32".into(),
+                kv_dtype: "f32".into(),
+                prompt_tokens: Some(6),
+                max_new_tokens: 50,
+                concurrency_levels: vec![1, 2, 4],
+                memory: r.metadata.dtypes[0].clone(),
+                analysis: r.analysis.clone(),
+            });
+        }
+        out.analysis.targets = vec![Target {
+            cell: Some(1),
+            ..r.analysis.targets[1].clone()
+        }];
+        out.sweep = Some(crate::Sweep {
+            axes: vec![crate::SweepAxis {
+                axis: axis.into(),
+                values: values.iter().map(|v| v.to_string()).collect(),
+            }],
+            cells,
+            order: vec![vec![0, 1], vec![1, 0]],
+        });
+        out
+    }
+
+    /// A sweep of two prompt lengths: a curve per test (single, each mode
+    /// and level), a point per cell; its table, its SVG, and the sections
+    /// that would mix the cells left out.
+    #[test]
+    fn a_sweep_draws_a_curve_per_other_setting() {
+        let r = as_sweep(
+            &report(&["threads", "batched"], &[1, 2, 4], 1),
+            "prompt-tokens",
+            &["6", "900"],
+        );
+        let points = axis_points(&r, "prompt-tokens");
+        let series = first_seen(points.iter().map(|p| p.series.as_str()));
+        assert_eq!(
+            series,
+            ["single", "threads c2", "threads c4", "batched c2", "batched c4"]
+        );
+        let single: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|p| p.series == "single")
+            .map(|p| (p.x, p.tokens_per_s))
+            .collect();
+        assert_eq!(single, [(6.0, 30.0), (900.0, 15.0)], "{points:?}");
+        assert!(points.iter().all(|p| p.ttft_ms.is_some_and(|t| t > 0.0)));
+        assert!(axis_points(&r, "dtype").is_empty(), "not swept");
+
+        let s = axis_svg("GPT-2 & co against prompt-tokens", "prompt-tokens", &points);
+        assert_eq!(s.matches("<polyline").count(), 2 * 5, "two panels, five curves");
+        assert!(s.contains(">900</text>") && s.contains("TTFT p50 (ms) vs prompt-tokens"));
+        assert_no_raw_ampersand(&s);
+        assert_balanced_tags(&s);
+        assert!(!s.contains("NaN") && !s.contains("inf"));
+        let [(axis, svg)] = &axis_svgs(&r)[..] else {
+            panic!("one SVG per axis")
+        };
+        assert_eq!(
+            (axis.as_str(), axis_svg_ext(axis).as_str()),
+            ("prompt-tokens", "prompt-tokens.svg")
+        );
+        assert!(svg.contains("SYNTHETIC"));
+
+        let t = stdout_table(&r);
+        assert!(
+            t.contains("Sweep: 2 cells") && t.contains("against prompt-tokens"),
+            "{t}"
+        );
+        assert!(t.contains("repetition 2: 1 0"), "{t}");
+        let row = t
+            .lines()
+            .find(|l| l.starts_with("single") && l.contains(" 900 "))
+            .unwrap();
+        assert!(row.contains("15.00") && row.contains("0.50×"), "{row}");
+        assert!(
+            !t.contains("Scaling vs concurrency"),
+            "no section that mixes the cells: {t}"
+        );
+        assert!(t.contains("failed (cell 1: prompt-tokens=900)"), "{t}");
+        let md = markdown(&r, "run.svg");
+        assert!(
+            md.contains("## Sweep") && md.contains("(run.prompt-tokens.svg)"),
+            "{md}"
+        );
+        assert!(!md.contains("## Saturation curve") && !md.contains("## Scaling"));
+        assert!(md.contains("| cell | test"), "the tests name their cell: {md}");
+
+        // Against concurrency: each mode's test at the cell's level, the
+        // single request standing for every mode at 1.
+        let c = as_sweep(
+            &report(&["threads", "batched"], &[1, 2, 4], 1),
+            "concurrency",
+            &["1", "2"],
+        );
+        let points = axis_points(&c, "concurrency");
+        let got: Vec<(&str, f64)> = points.iter().map(|p| (p.series.as_str(), p.x)).collect();
+        assert_eq!(
+            got,
+            [
+                ("threads", 1.0),
+                ("batched", 1.0),
+                ("threads", 2.0),
+                ("batched", 2.0)
+            ]
+        );
+        assert_balanced_tags(&axis_svg("t", "concurrency", &points));
+        assert!(axis_svg("t", "x", &[]).contains("no data"));
     }
 
     fn assert_no_raw_ampersand(s: &str) {

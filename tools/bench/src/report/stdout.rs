@@ -6,10 +6,19 @@ use super::*;
 
 /// The human summary printed on stdout: header, per-test rows (means over
 /// repetitions), scaling, the dtype comparison, recommended concurrency and
-/// targets, then the optional sections (achieved / limit, per-op profile).
+/// targets, then the optional sections (achieved / limit, per-op profile);
+/// for a sweep, the header, its cells and axes, and the targets.
 /// Plain text, aligned columns; the main tables fit a 100-column terminal
 /// for the usual test names.
 pub fn stdout_table(report: &Report) -> String {
+    if report.sweep.is_some() {
+        return [
+            stdout_header(report),
+            stdout_sweep(report),
+            stdout_targets(report),
+        ]
+        .concat();
+    }
     let sections = [
         stdout_header(report),
         stdout_tests(report),
@@ -54,11 +63,17 @@ fn stdout_header(report: &Report) -> String {
         if report.several_dtypes() {
             let _ = writeln!(
                 out,
-                "dtypes: {} (linear layers' weights; each repetition runs each, order rotating)",
-                dtypes.join(", ")
+                "dtypes: {} (linear layers' weights; each repetition runs each, order rotating); KV cache {}",
+                dtypes.join(", "),
+                one_line(&md.kv_dtype)
             );
         } else {
-            let _ = writeln!(out, "dtype: {} (linear layers' weights)", dtypes.join(", "));
+            let _ = writeln!(
+                out,
+                "dtype: {} (linear layers' weights); KV cache {}",
+                dtypes.join(", "),
+                one_line(&md.kv_dtype)
+            );
         }
         let _ = writeln!(
             out,

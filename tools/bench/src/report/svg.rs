@@ -6,12 +6,12 @@ use std::fmt::Write as _;
 use super::*;
 use crate::Metadata;
 
-const SVG_W: f64 = 800.0;
-const SVG_H: f64 = 420.0;
-const PLOT_TOP: f64 = 78.0;
-const PLOT_BOTTOM: f64 = 330.0;
+pub(super) const SVG_W: f64 = 800.0;
+pub(super) const SVG_H: f64 = 420.0;
+pub(super) const PLOT_TOP: f64 = 78.0;
+pub(super) const PLOT_BOTTOM: f64 = 330.0;
 /// (left, right) of the two panels' plot areas.
-const PANELS: [(f64, f64); 2] = [(72.0, 372.0), (472.0, 772.0)];
+pub(super) const PANELS: [(f64, f64); 2] = [(72.0, 372.0), (472.0, 772.0)];
 const REFERENCE_COLOR: &str = "#8c8c8c";
 const REFERENCE_DASH: &str = "6 4";
 
@@ -184,7 +184,7 @@ impl<'a> Plot<'a> {
     /// (one line per mode and dtype: a dtype alone needs no name).
     fn legend(&self) -> String {
         let several = dtypes_in_order(&self.levels).len() > 1;
-        let mut entries: Vec<(String, &str, Option<&str>)> = self
+        let mut entries: Vec<LegendEntry> = self
             .lines
             .iter()
             .map(|(m, d)| {
@@ -199,37 +199,54 @@ impl<'a> Plot<'a> {
                 Some(REFERENCE_DASH),
             ));
         }
-        let width = |name: &str| 40.0 + 7.0 * name.chars().count() as f64;
-        // Rows of entries, each within the picture's width.
-        let mut rows: Vec<Vec<usize>> = vec![Vec::new()];
-        let mut used = 0.0;
-        for (i, (name, _, _)) in entries.iter().enumerate() {
-            let w = width(name);
-            if used + w > SVG_W - 20.0 && !rows[rows.len() - 1].is_empty() {
-                rows.push(Vec::new());
-                used = 0.0;
-            }
-            used += w;
-            let last = rows.len() - 1;
-            rows[last].push(i);
-        }
-        let mut s = String::new();
-        for (r, row) in rows.iter().enumerate() {
-            let total: f64 = row.iter().map(|&i| width(&entries[i].0)).sum();
-            let mut x = (SVG_W - total).max(0.0) / 2.0;
-            let y = SVG_H - 30.0 + LEGEND_ROW * r as f64;
-            for &i in row {
-                let (name, color, dash) = &entries[i];
-                legend_entry(&mut s, x, y, name, color, *dash);
-                x += width(name);
-            }
-        }
-        s
+        draw_legend(&entries, &legend_rows(&entries), SVG_H - 30.0)
     }
 }
 
+/// A legend entry: its name, colour and dash.
+pub(super) type LegendEntry = (String, &'static str, Option<&'static str>);
+
+/// The width a legend entry takes.
+fn entry_width(name: &str) -> f64 {
+    40.0 + 7.0 * name.chars().count() as f64
+}
+
+/// The entries laid out in rows (their indices), each row within the
+/// picture's width.
+pub(super) fn legend_rows(entries: &[LegendEntry]) -> Vec<Vec<usize>> {
+    let mut rows: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut used = 0.0;
+    for (i, (name, _, _)) in entries.iter().enumerate() {
+        let w = entry_width(name);
+        if used + w > SVG_W - 20.0 && !rows[rows.len() - 1].is_empty() {
+            rows.push(Vec::new());
+            used = 0.0;
+        }
+        used += w;
+        let last = rows.len() - 1;
+        rows[last].push(i);
+    }
+    rows
+}
+
+/// The legend's `rows` of `entries`, each centred, the first at `y`.
+pub(super) fn draw_legend(entries: &[LegendEntry], rows: &[Vec<usize>], y: f64) -> String {
+    let mut s = String::new();
+    for (r, row) in rows.iter().enumerate() {
+        let total: f64 = row.iter().map(|&i| entry_width(&entries[i].0)).sum();
+        let mut x = (SVG_W - total).max(0.0) / 2.0;
+        let y = y + LEGEND_ROW * r as f64;
+        for &i in row {
+            let (name, color, dash) = &entries[i];
+            legend_entry(&mut s, x, y, name, color, *dash);
+            x += entry_width(name);
+        }
+    }
+    s
+}
+
 /// The height of a legend row.
-const LEGEND_ROW: f64 = 16.0;
+pub(super) const LEGEND_ROW: f64 = 16.0;
 
 /// One legend entry at (`x`, `y`): a line with a marker, and its name.
 pub(super) fn legend_entry(s: &mut String, x: f64, y: f64, name: &str, color: &str, dash: Option<&str>) {
@@ -340,8 +357,9 @@ impl Heading<'_> {
     }
 }
 
-/// The plot area of panel `panel` of the saturation curve.
-fn frame(panel: usize) -> Frame {
+/// The plot area of panel `panel` (0 left, 1 right) of the two-panel
+/// pictures (the saturation curve, an axis of a sweep).
+pub(super) fn frame(panel: usize) -> Frame {
     let (left, right) = PANELS[panel];
     Frame {
         left,
@@ -377,6 +395,20 @@ impl Frame {
         y_title: &str,
         y_title_x: f64,
     ) {
+        let xs: Vec<(f64, String)> = xs.iter().map(|&(x, c)| (x, c.to_string())).collect();
+        let titles = ("concurrency (requests in flight)", y_title);
+        self.draw_labelled(s, axis, &xs, titles, y_title_x);
+    }
+
+    /// [`Frame::draw`] with any x tick labels and the axes' `(x, y)` titles.
+    pub(super) fn draw_labelled(
+        &self,
+        s: &mut String,
+        axis: &Axis,
+        xs: &[(f64, String)],
+        (x_title, y_title): (&str, &str),
+        y_title_x: f64,
+    ) {
         let (l, r, top, bottom) = (self.left, self.right, self.top, self.bottom);
         for i in 0..=axis.steps {
             let v = axis.step * i as f64;
@@ -393,7 +425,7 @@ impl Frame {
                 tick_label(v, axis.step)
             );
         }
-        for &(x, c) in xs {
+        for (x, label) in xs {
             let _ = writeln!(
                 s,
                 r##"<line x1="{x:.1}" y1="{bottom}" x2="{x:.1}" y2="{}" stroke="#333333"/>"##,
@@ -401,8 +433,9 @@ impl Frame {
             );
             let _ = writeln!(
                 s,
-                r#"<text x="{x:.1}" y="{}" text-anchor="middle">{c}</text>"#,
-                bottom + 18.0
+                r#"<text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                bottom + 18.0,
+                xml(label)
             );
         }
         let _ = writeln!(
@@ -411,14 +444,16 @@ impl Frame {
         );
         let _ = writeln!(
             s,
-            r#"<text x="{}" y="{}" text-anchor="middle">concurrency (requests in flight)</text>"#,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
             (l + r) / 2.0,
-            bottom + 36.0
+            bottom + 36.0,
+            xml(x_title)
         );
         let (yx, yy) = (y_title_x, (top + bottom) / 2.0);
         let _ = writeln!(
             s,
-            r#"<text x="{yx}" y="{yy}" text-anchor="middle" transform="rotate(-90 {yx} {yy})">{y_title}</text>"#
+            r#"<text x="{yx}" y="{yy}" text-anchor="middle" transform="rotate(-90 {yx} {yy})">{}</text>"#,
+            xml(y_title)
         );
     }
 }
@@ -457,7 +492,7 @@ pub(super) fn dtype_dash(dtype: &str) -> Option<&'static str> {
     }
 }
 
-fn mode_color(mode: &str) -> &'static str {
+pub(super) fn mode_color(mode: &str) -> &'static str {
     match mode {
         "threads" => "#d62728",
         "batched" => "#1f77b4",

@@ -8,8 +8,8 @@ use super::options::Options;
 use super::plan::RunPlan;
 use super::protocol::prompt_texts;
 use crate::{
-    meta, stats, DtypeProfile, DtypeRun, Metadata, ModelInfo, Report, Roofline, ServerInfo, TestResult,
-    SCHEMA_VERSION,
+    meta, stats, Analysis, DtypeProfile, DtypeRun, Metadata, ModelInfo, Report, Roofline, ServerInfo, Sweep,
+    Target, TestResult, SCHEMA_VERSION,
 };
 
 /// What a run measured, and what served it.
@@ -20,13 +20,21 @@ pub(super) struct Measured {
     pub profile: Option<Vec<DtypeProfile>>,
     /// With `--probe`.
     pub roofline: Option<Roofline>,
+    /// With `--sweep`: the cells (their analyses still empty) and their order.
+    pub sweep: Option<Sweep>,
 }
 
 impl Measured {
-    /// The report: the tests, their analysis against the plan's targets,
-    /// and the metadata.
+    /// The report: the tests, their analysis against the plan's targets
+    /// (each cell's on its own in a sweep), and the metadata.
     pub fn report(self, opts: &Options, plan: &RunPlan) -> Report {
-        let analysis = stats::analyze(&self.tests, &plan.thresholds);
+        let (analysis, sweep) = match self.sweep {
+            None => (stats::analyze(&self.tests, &plan.thresholds), None),
+            Some(sweep) => {
+                let (analysis, sweep) = analyze_cells(&self.tests, sweep, plan);
+                (analysis, Some(sweep))
+            }
+        };
         Report {
             schema_version: SCHEMA_VERSION,
             metadata: metadata(opts, plan, self.served),
@@ -34,8 +42,27 @@ impl Measured {
             analysis,
             profile: self.profile,
             roofline: self.roofline,
+            sweep,
         }
     }
+}
+
+/// Each cell analysed on its own tests; the run's analysis is every cell's
+/// targets, each naming its cell (levels and spread mean something only
+/// within a cell).
+fn analyze_cells(tests: &[TestResult], mut sweep: Sweep, plan: &RunPlan) -> (Analysis, Sweep) {
+    let mut targets = Vec::new();
+    for (i, cell) in sweep.cells.iter_mut().enumerate() {
+        let mine: Vec<TestResult> = tests.iter().filter(|t| t.cell == Some(i)).cloned().collect();
+        let mut a = stats::analyze(&mine, &plan.thresholds);
+        targets.extend(a.targets.drain(..).map(|t| Target { cell: Some(i), ..t }));
+        cell.analysis = a;
+    }
+    let analysis = Analysis {
+        targets,
+        ..Analysis::default()
+    };
+    (analysis, sweep)
 }
 
 /// What served a run's requests: the metadata in which the engine in this
@@ -69,7 +96,7 @@ fn metadata(opts: &Options, plan: &RunPlan, served: Served) -> Metadata {
         pool_layout: served.pool_layout,
         threads_per_request: served.threads_per_request,
         max_busy_threads: served.max_busy_threads,
-        concurrency_levels: std::iter::once(1).chain(plan.levels.iter().copied()).collect(),
+        concurrency_levels: concurrency_levels(plan),
         run_mode: if opts.full { "full" } else { "quick" }.into(),
         modes: served.modes,
         arrival: match opts.request_rate {
@@ -83,12 +110,16 @@ fn metadata(opts: &Options, plan: &RunPlan, served: Served) -> Metadata {
         synthetic_weights: served.synthetic_weights,
         model: served.model,
         dtypes: served.dtypes,
-        max_new_tokens: opts.max_new_tokens,
+        kv_dtype: match served.server {
+            None => opts.kv_dtype.unwrap_or(gpt2::KvDtype::F32).as_str().into(),
+            Some(_) => "unknown (the server's)".into(),
+        },
+        max_new_tokens: plan.max_new_tokens,
         warmup_requests: opts.warmup,
         repetitions: plan.repetitions,
-        prompts: match opts.prompt_tokens {
-            Some(_) => Vec::new(),
-            None => prompt_texts(opts),
+        prompts: match plan.cells.iter().all(|c| c.prompt_tokens.is_none()) {
+            true => prompt_texts(opts),
+            false => Vec::new(),
         },
         prompt_tokens: opts.prompt_tokens,
         shared_prefix_tokens: opts.shared_prefix_tokens,
@@ -96,4 +127,15 @@ fn metadata(opts: &Options, plan: &RunPlan, served: Served) -> Metadata {
         prefix_cache_mib: served.server.is_none().then_some(opts.prefix_cache_mib),
         server: served.server,
     }
+}
+
+/// Every concurrency level of the run, ascending, the single request's 1
+/// first: the cells' (each the run's `--levels`, or its own in a
+/// concurrency sweep).
+fn concurrency_levels(plan: &RunPlan) -> Vec<usize> {
+    let mut levels: Vec<usize> = plan.cells.iter().flat_map(|c| c.levels.iter().copied()).collect();
+    levels.push(1);
+    levels.sort_unstable();
+    levels.dedup();
+    levels
 }

@@ -4,10 +4,17 @@
 use std::path::PathBuf;
 
 use clap::ValueEnum;
-use gpt2::Dtype;
+use gpt2::{Dtype, KvDtype};
 use gpt2_hub::WeightsArgs;
 
+use super::sweep::AxisSweep;
 use crate::in_process::{Mode, PoolLayout};
+
+/// New tokens per request unless `--max-new-tokens` is given.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 30;
+
+/// The single test's prompt unless `--prompt` is given.
+pub const DEFAULT_PROMPT: &str = "Hello, how are you?";
 
 /// The prompts of the concurrent tests unless `--concurrent-prompt` is given.
 pub const DEFAULT_CONCURRENT_PROMPTS: [&str; 3] = [
@@ -47,18 +54,43 @@ pub struct Options {
     /// Weight formats to measure, comma-separated: f32, bf16, int8. Each
     /// repetition runs them in turn, each loading the model afresh (the
     /// previous one dropped first), the order rotating from one repetition to
-    /// the next: use --repetitions 3 or more to compare them.
+    /// the next: use --repetitions 3 or more to compare them [default: f32].
     #[arg(
         long = "dtype",
         value_name = "DTYPE",
         value_delimiter = ',',
-        default_value = "f32",
         conflicts_with = "url"
     )]
     pub dtypes: Vec<Dtype>,
-    /// Exact number of tokens every request generates (EOS is ignored).
-    #[arg(long, default_value_t = 30)]
-    pub max_new_tokens: usize,
+    /// Exact number of tokens every request generates (EOS is ignored) [default: 30].
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// The KV cache's storage format: f32, or bf16 (half the bytes, each key
+    /// and value rounded to bf16) [default: f32].
+    #[arg(long, value_name = "KV", conflicts_with = "url")]
+    pub kv_dtype: Option<KvDtype>,
+    /// Sweep an axis of the workload: `--sweep prompt-tokens=6,128,512,900`
+    /// (repeatable; several sweeps run their product). Axes: prompt-tokens
+    /// (synthetic prompts of that many tokens), model (a synthetic preset:
+    /// distil, 124m, medium, large, xl, tiny; else a hub model id or a
+    /// checkpoint directory, as --model and --weights), dtype, concurrency
+    /// (the one level measured beside the single request), max-new-tokens
+    /// and kv-dtype. Every cell runs the whole protocol on its own model
+    /// load (warmup, single request, levels), the cells' order rotating from
+    /// one repetition to the next; the report adds a table and an SVG per
+    /// axis. An axis and its own flag (e.g. --levels with concurrency) are
+    /// refused together. Before any cell runs, a cell whose weights, KV
+    /// caches and work buffers could outgrow the memory the process can
+    /// have is refused by name. Only `failed` and the --target named
+    /// targets are held in a sweep: the default targets are the default
+    /// workload's.
+    #[arg(
+        long = "sweep",
+        value_name = "AXIS=V1,V2,...",
+        value_parser = super::sweep::parse,
+        conflicts_with_all = ["url", "probe", "profile"]
+    )]
+    pub sweeps: Vec<AxisSweep>,
     /// Requests run before measuring, not counted.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
@@ -109,7 +141,7 @@ pub struct Options {
     #[arg(long)]
     pub full: bool,
     /// Prompt of the single-request test.
-    #[arg(long, default_value = "Hello, how are you?")]
+    #[arg(long, default_value = DEFAULT_PROMPT)]
     pub prompt: String,
     /// Prompts rotated in the concurrent tests (repeat the flag) [default: 3 built-in prompts].
     #[arg(long = "concurrent-prompt", value_name = "TEXT")]
@@ -121,15 +153,16 @@ pub struct Options {
     /// can reuse more.
     #[arg(long, value_name = "N", conflicts_with_all = ["prompt", "concurrent_prompts"])]
     pub prompt_tokens: Option<usize>,
-    /// With --prompt-tokens: every request's prompt starts with the same
+    /// With --prompt-tokens (or its sweep): every request's prompt starts with the same
     /// N-token preamble (seeded), then its own --prompt-tokens tokens: the
     /// few-shot or system text a prefix cache can reuse.
-    #[arg(long, value_name = "N", default_value_t = 0, requires = "prompt_tokens")]
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub shared_prefix_tokens: usize,
-    /// With --prompt-tokens: the seed of the synthetic prompts (`throughput
-    /// pair` adds the run's number, so that runs against one server never
-    /// send the prompts of an earlier run).
-    #[arg(long, value_name = "SEED", default_value_t = 0, requires = "prompt_tokens")]
+    /// With --prompt-tokens (or its sweep): the seed of the synthetic
+    /// prompts (`throughput pair` adds the run's number, so that runs against
+    /// one server never send the prompts of an earlier run); text prompts
+    /// have no seed.
+    #[arg(long, value_name = "SEED", default_value_t = 0)]
     pub prompt_seed: u64,
     /// Completions of each request (OpenAI `n`), each of --max-new-tokens
     /// tokens, sharing the prompt's prefill; tokens/s counts them all, TTFT

@@ -1,11 +1,13 @@
 //! The validated shape of a run: the flags checked (errors name the flag)
-//! and their defaults resolved, before anything is loaded or sent.
+//! and their defaults resolved, before anything is loaded or sent; the
+//! cells the run measures (one per dtype, times every `--sweep` axis).
 
-use gpt2::Dtype;
+use gpt2::{Dtype, KvDtype};
 
 use clap::ValueEnum;
 
-use super::options::Options;
+use super::options::{Options, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT};
+use super::sweep::{Axis, AxisSweep, Value};
 use crate::in_process::{Mode, PoolLayout};
 use crate::runner::{poisson_arrivals, MAX_CLIENTS};
 use crate::stats::Thresholds;
@@ -16,10 +18,13 @@ pub const MAX_SCHEDULE: std::time::Duration = std::time::Duration::from_secs(360
 /// The validated shape of a run: defaults resolved, flags checked.
 #[derive(Debug, Clone)]
 pub struct RunPlan {
-    /// The weight formats, in the order given, without duplicates.
+    /// The cells' weight formats, in the order first met, without duplicates.
     pub dtypes: Vec<Dtype>,
-    /// Concurrency levels above 1, ascending, without duplicates.
+    /// The run's concurrency levels above 1 (`--levels`), ascending,
+    /// without duplicates; a cell of the concurrency axis has its own.
     pub levels: Vec<usize>,
+    /// The run's new tokens per request (`--max-new-tokens`).
+    pub max_new_tokens: usize,
     pub modes: Vec<Mode>,
     pub requests_per_level: usize,
     pub repetitions: usize,
@@ -31,20 +36,71 @@ pub struct RunPlan {
     /// Batched mode's prefix-cache budget, bytes (`--prefix-cache-mib`).
     pub prefix_cache_bytes: usize,
     pub thresholds: Thresholds,
+    /// The `--sweep` axes, in the order given (none: no sweep).
+    pub sweeps: Vec<AxisSweep>,
+    /// What each repetition measures, a model load each: the product of
+    /// the sweeps (the first varying slowest), each once per dtype of
+    /// `--dtype` unless dtype is swept; without a sweep, one per dtype.
+    pub cells: Vec<CellPlan>,
+}
+
+/// One cell of a run: the settings its model load and its tests run with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellPlan {
+    /// A `--sweep model=` value; `None`: the run's weights flags.
+    pub model: Option<String>,
+    pub dtype: Dtype,
+    /// The KV caches' format.
+    pub kv_dtype: KvDtype,
+    /// Synthetic prompts of this many tokens each; `None`: the text prompts.
+    pub prompt_tokens: Option<usize>,
+    pub max_new_tokens: usize,
+    /// Concurrency levels above 1, ascending.
+    pub levels: Vec<usize>,
+    /// The cell's value on each swept axis, in the sweeps' order.
+    pub swept: Vec<(Axis, String)>,
+}
+
+impl CellPlan {
+    /// `prompt-tokens=128, dtype=bf16`: the swept values, for progress and labels.
+    pub fn label(&self) -> String {
+        let parts: Vec<String> = self.swept.iter().map(|(a, v)| format!("{a}={v}")).collect();
+        parts.join(", ")
+    }
+
+    /// This cell with `axis` set to `value`.
+    fn with(&self, axis: Axis, value: &Value) -> CellPlan {
+        let mut c = self.clone();
+        match (axis, value) {
+            (Axis::PromptTokens, Value::Count(n)) => c.prompt_tokens = Some(*n),
+            (Axis::MaxNewTokens, Value::Count(n)) => c.max_new_tokens = *n,
+            (Axis::Concurrency, Value::Count(n)) => c.levels = (*n > 1).then_some(*n).into_iter().collect(),
+            (Axis::Dtype, Value::Dtype(d)) => c.dtype = *d,
+            (Axis::KvDtype, Value::KvDtype(k)) => c.kv_dtype = *k,
+            (Axis::Model, Value::Model(m)) => c.model = Some(m.clone()),
+            // `sweep::parse` gives each axis its own kind of value.
+            _ => unreachable!("--sweep {axis} with the value {value:?}"),
+        }
+        c.swept.push((axis, value.to_string()));
+        c
+    }
 }
 
 impl RunPlan {
     /// Checks `opts` on a machine of `cores` cores; errors name the flag.
     pub fn new(opts: &Options, cores: usize) -> Result<RunPlan, String> {
-        let dtypes = dtypes(opts)?;
+        check_sweeps(opts)?;
         let levels = levels(opts)?;
+        let max_new_tokens = opts.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+        let cells = cells(opts, &levels, max_new_tokens);
+        let dtypes = distinct(cells.iter().map(|c| c.dtype));
         let requests_per_level = opts.requests_per_level.unwrap_or(if opts.full { 20 } else { 6 });
         let repetitions = opts.repetitions.unwrap_or(if opts.full { 3 } else { 1 });
         for (name, v) in [
             ("--single-requests", opts.single_requests),
             ("--requests-per-level", requests_per_level),
             ("--repetitions", repetitions),
-            ("--max-new-tokens", opts.max_new_tokens),
+            ("--max-new-tokens", max_new_tokens),
             ("--max-batch", opts.max_batch),
             ("--max-prompt-rows", opts.max_prompt_rows),
             ("--max-step-rows", opts.max_step_rows),
@@ -53,13 +109,25 @@ impl RunPlan {
                 return Err(format!("{name} must be at least 1"));
             }
         }
-        let (threads, max_busy) = threads(opts, cores, levels.last().copied().unwrap_or(1))?;
+        let highest = cells.iter().filter_map(|c| c.levels.last()).max();
+        let (threads, max_busy) = threads(opts, cores, highest.copied().unwrap_or(1))?;
         let prefix_cache_bytes = workload(opts)?;
-        if let Some(rate) = opts.request_rate {
-            check_rate(opts, rate, &levels, requests_per_level)?;
+        if opts.probe && cells.iter().any(|c| c.kv_dtype != KvDtype::F32) {
+            return Err(
+                "--probe counts the KV cache's bytes at f32's 4 a value; with --kv-dtype bf16 its decode figures \
+                 would be wrong: run the probe with the f32 cache"
+                    .into(),
+            );
         }
+        if let Some(rate) = opts.request_rate {
+            let all = distinct(cells.iter().flat_map(|c| c.levels.iter().copied()));
+            check_rate(opts, rate, &all, requests_per_level)?;
+        }
+        // The default targets are the default workload's (124M, a short
+        // prompt): a sweep's cells are held to `failed` and to --target.
         let mut thresholds = Thresholds {
             strict: opts.strict,
+            defaults: opts.sweeps.is_empty(),
             ..Thresholds::default()
         };
         for t in &opts.targets {
@@ -68,6 +136,7 @@ impl RunPlan {
         Ok(RunPlan {
             dtypes,
             levels,
+            max_new_tokens,
             modes: opts.mode.modes(),
             requests_per_level,
             repetitions,
@@ -76,7 +145,14 @@ impl RunPlan {
             max_busy,
             prefix_cache_bytes,
             thresholds,
+            sweeps: opts.sweeps.clone(),
+            cells,
         })
+    }
+
+    /// Whether the run sweeps an axis (its report has a `sweep`).
+    pub fn is_sweep(&self) -> bool {
+        !self.sweeps.is_empty()
     }
 
     /// Requests a level runs: fewer than its clients would never reach it.
@@ -84,32 +160,121 @@ impl RunPlan {
         self.requests_per_level.max(level)
     }
 
-    /// Every request of a run, warmups included, over `loads` loads of what
-    /// serves them (each warms up each of its `lanes` modes) and `runs`
-    /// runs of the tests (the single request, then each lane's levels): the
-    /// progress bar's length. In process each dtype of each repetition is a
-    /// load and a run; a server is loaded once for every repetition.
-    pub fn total_requests(&self, opts: &Options, lanes: usize, loads: usize, runs: usize) -> usize {
-        let levels: usize = self.levels.iter().map(|&l| self.requests_at(l)).sum();
-        loads * lanes * opts.warmup + runs * (opts.single_requests + lanes * levels)
+    /// Every request of a run, warmups included, over `lanes` modes (each
+    /// load warms up each): the progress bar's length. In process each cell
+    /// of each repetition is a load and a run of the tests (the single
+    /// request, then each lane's levels); a `server` is loaded once, every
+    /// repetition on it.
+    pub fn total_requests(&self, opts: &Options, lanes: usize, server: bool) -> usize {
+        let run = |levels: &[usize]| -> usize {
+            let concurrent: usize = levels.iter().map(|&l| self.requests_at(l)).sum();
+            opts.single_requests + lanes * concurrent
+        };
+        let warmup = lanes * opts.warmup;
+        if server {
+            return warmup + self.repetitions * run(&self.levels);
+        }
+        let per_rep: usize = self.cells.iter().map(|c| warmup + run(&c.levels)).sum();
+        self.repetitions * per_rep
     }
 }
 
-/// The weight formats, in the order given, without duplicates.
-fn dtypes(opts: &Options) -> Result<Vec<Dtype>, String> {
-    let mut dtypes: Vec<Dtype> = Vec::new();
-    for &d in &opts.dtypes {
-        if !dtypes.contains(&d) {
-            dtypes.push(d);
+/// The distinct items, in the order first met.
+fn distinct<T: PartialEq>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
         }
     }
-    if dtypes.is_empty() {
-        return Err("--dtype: name at least one of f32, bf16, int8".into());
-    }
-    Ok(dtypes)
+    out
 }
 
-/// `--choices`, `--prompt-tokens` and `--prefix-cache-mib`, checked; the
+/// Each `--sweep`: its axis swept once, and not beside a plain flag that
+/// sets the same thing (both named). (`--model gpt2` and `--prompt` with
+/// their default values cannot be told from their absence.)
+fn check_sweeps(opts: &Options) -> Result<(), String> {
+    for (i, s) in opts.sweeps.iter().enumerate() {
+        if opts.sweeps[..i].iter().any(|o| o.axis == s.axis) {
+            return Err(format!(
+                "--sweep {0}: the axis is swept twice; give its values in one --sweep {0}=V1,V2,...",
+                s.axis
+            ));
+        }
+        let given = |flag: &str| match flag {
+            "--prompt-tokens" => opts.prompt_tokens.is_some(),
+            "--prompt" => opts.prompt != DEFAULT_PROMPT,
+            "--concurrent-prompt" => !opts.concurrent_prompts.is_empty(),
+            "--weights" => opts.weights.weights.is_some(),
+            // WeightsArgs' default model.
+            "--model" => opts.weights.model != "gpt2",
+            "--synthetic" => opts.weights.synthetic,
+            "--synthetic-preset" => opts.weights.synthetic_preset.is_some(),
+            "--revision" => opts.weights.revision.is_some(),
+            "--dtype" => !opts.dtypes.is_empty(),
+            "--levels" => opts.levels.is_some(),
+            "--max-new-tokens" => opts.max_new_tokens.is_some(),
+            "--kv-dtype" => opts.kv_dtype.is_some(),
+            _ => false,
+        };
+        if let Some(flag) = s.axis.flags().iter().find(|f| given(f)) {
+            let what = match s.axis {
+                Axis::PromptTokens => "prompts",
+                Axis::Model => "checkpoint",
+                Axis::Dtype => "weight format",
+                Axis::Concurrency => "concurrency levels",
+                Axis::MaxNewTokens => "new tokens per request",
+                Axis::KvDtype => "KV cache's format",
+            };
+            return Err(format!(
+                "--sweep {} and {flag} both set the {what}: give one of them",
+                s.axis
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The cells: the product of the sweeps, the first axis varying slowest,
+/// then each `--dtype` (f32 if none) unless dtype is swept; every setting
+/// not swept is the run's.
+fn cells(opts: &Options, levels: &[usize], max_new_tokens: usize) -> Vec<CellPlan> {
+    let dtypes = if opts.dtypes.is_empty() {
+        vec![Dtype::F32]
+    } else {
+        distinct(opts.dtypes.iter().copied())
+    };
+    let mut cells = vec![CellPlan {
+        model: None,
+        dtype: dtypes[0],
+        kv_dtype: opts.kv_dtype.unwrap_or(KvDtype::F32),
+        prompt_tokens: opts.prompt_tokens,
+        max_new_tokens,
+        levels: levels.to_vec(),
+        swept: Vec::new(),
+    }];
+    for sweep in &opts.sweeps {
+        cells = cells
+            .iter()
+            .flat_map(|c| sweep.values.iter().map(move |v| c.with(sweep.axis, v)))
+            .collect();
+    }
+    if opts.sweeps.iter().all(|s| s.axis != Axis::Dtype) {
+        cells = cells
+            .iter()
+            .flat_map(|c| {
+                dtypes.iter().map(move |&d| CellPlan {
+                    dtype: d,
+                    ..c.clone()
+                })
+            })
+            .collect();
+    }
+    cells
+}
+
+/// `--choices`, `--prompt-tokens` (and the flags that shape synthetic
+/// prompts) and `--prefix-cache-mib`, checked; the
 /// prefix cache's budget in bytes. In process, several choices need batched
 /// mode alone (threads mode has no prefill to share) and fit the batch; a
 /// prefix cache needs the scheduler of batched mode. (The prompts' length
@@ -121,6 +286,14 @@ fn workload(opts: &Options) -> Result<usize, String> {
     if opts.prompt_tokens == Some(0) {
         return Err(
             "--prompt-tokens must be at least 1 (each request's own tokens, after any --shared-prefix-tokens)"
+                .into(),
+        );
+    }
+    let synthetic = opts.prompt_tokens.is_some() || opts.sweeps.iter().any(|s| s.axis == Axis::PromptTokens);
+    if opts.shared_prefix_tokens > 0 && !synthetic {
+        return Err(
+            "--shared-prefix-tokens shapes synthetic prompts: it needs --prompt-tokens <N> (or --sweep \
+             prompt-tokens=...)"
                 .into(),
         );
     }

@@ -39,16 +39,18 @@ pub(super) enum Which {
 
 impl Prompts {
     /// The prompts `opts` names: the text ones, each tokenized by `tok`, or
-    /// synthetic ones of token ids below `vocab`. `check` sees each text
-    /// prompt, or one synthetic prompt (all have its length), with words
-    /// naming it for its error, before any work.
+    /// with `prompt_tokens` (`--prompt-tokens`, or a cell's) synthetic ones
+    /// of token ids below `vocab`. `check` sees each text prompt, or one
+    /// synthetic prompt (all have its length), with words naming it for its
+    /// error, before any work.
     pub fn new(
         opts: &Options,
+        prompt_tokens: Option<usize>,
         tok: &gpt2::Gpt2Tokenizer,
         vocab: usize,
         check: impl Fn(&str, &[u32]) -> Result<(), Box<dyn Error>>,
     ) -> Result<Prompts, Box<dyn Error>> {
-        if let Some(own) = opts.prompt_tokens {
+        if let Some(own) = prompt_tokens {
             let synthetic = Synthetic::new(opts.shared_prefix_tokens, own, vocab, opts.prompt_seed);
             let what = format!(
                 "each synthetic prompt (--shared-prefix-tokens {} + --prompt-tokens {own})",
@@ -164,12 +166,16 @@ pub(super) struct Lane<'a, B> {
     pub backend: B,
 }
 
-/// What every test of a run shares.
+/// What every test of a load shares: the run's, and the workload of its
+/// cell (a server's is the run's).
 pub(super) struct Protocol<'a> {
     pub opts: &'a Options,
     pub plan: &'a RunPlan,
     pub progress: &'a Progress,
     pub prompts: &'a Prompts,
+    pub max_new_tokens: usize,
+    /// Concurrency levels above 1.
+    pub levels: &'a [usize],
 }
 
 /// What one test measured: its wall time, its requests, and the prefix
@@ -191,7 +197,7 @@ impl Ran {
 
 impl Protocol<'_> {
     /// One test on `lane`: `requests` requests from `concurrency` clients,
-    /// each of `--choices` × `--max-new-tokens` tokens, on `which` prompts,
+    /// each of `--choices` × the load's new tokens, on `which` prompts,
     /// its open-loop arrivals drawn afresh from the seed.
     fn test<B: Backend>(
         &self,
@@ -214,7 +220,7 @@ impl Protocol<'_> {
             concurrency,
             requests,
             prompts: &prompts,
-            max_new_tokens: &[opts.max_new_tokens],
+            max_new_tokens: &[self.max_new_tokens],
             choices: opts.choices,
             arrivals: arrivals.as_deref(),
         };
@@ -261,7 +267,7 @@ impl Protocol<'_> {
         )?;
         let mut tests = vec![single_test.result("single", single.mode, dtype, 1, rep)];
         for lane in lanes {
-            for &level in &self.plan.levels {
+            for &level in self.levels {
                 let name = format!("concurrent-{level}");
                 let requests = self.plan.requests_at(level);
                 let ran = self.test(lane, dtype, &name, level, requests, Which::Concurrent)?;

@@ -25,7 +25,7 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan, url: &str) -> Result<Measu
     gpt2::files::check_writable_dir(&opts.out_dir)?;
     let (tok, tokenizer_source) = tokenizer(opts)?;
     // Synthetic prompts' ids are the tokenizer's: the server's model is not known here.
-    let prompts = Prompts::new(opts, &tok, tok.vocab_size(), |what, ids| {
+    let prompts = Prompts::new(opts, opts.prompt_tokens, &tok, tok.vocab_size(), |what, ids| {
         if ids.is_empty() {
             return Err(format!("{what} is no tokens at all; a request needs at least one").into());
         }
@@ -39,7 +39,7 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan, url: &str) -> Result<Measu
         url: url.to_string(),
         api_key,
         model: opts.server_model.clone(),
-        max_tokens: opts.max_new_tokens,
+        max_tokens: plan.max_new_tokens,
         choices: opts.choices,
         timeout: std::time::Duration::from_secs_f64(opts.http_timeout),
         deadline: opts.request_deadline.map(std::time::Duration::from_secs_f64),
@@ -48,10 +48,7 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan, url: &str) -> Result<Measu
         .and_then(serde_json::Value::as_str)
         .map_or_else(|| "unknown".to_string(), String::from);
     let synthetic = says_synthetic(&server);
-    let progress = Progress::new(
-        plan.total_requests(opts, 1, 1, plan.repetitions) as u64,
-        "requests",
-    );
+    let progress = Progress::new(plan.total_requests(opts, 1, true) as u64, "requests");
     announce(
         opts,
         &http,
@@ -66,6 +63,8 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan, url: &str) -> Result<Measu
         plan,
         progress: &progress,
         prompts: &prompts,
+        max_new_tokens: plan.max_new_tokens,
+        levels: &plan.levels,
     };
     let lanes = [Lane {
         mode: HTTP_MODE,
@@ -83,6 +82,7 @@ pub(super) fn measure(opts: &Options, plan: &RunPlan, url: &str) -> Result<Measu
         served: served(server, synthetic, dtype),
         profile: None,
         roofline: None,
+        sweep: None,
     })
 }
 

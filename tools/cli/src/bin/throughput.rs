@@ -123,6 +123,11 @@ fn main() -> ExitCode {
         }
         None => {}
     }
+    // A value the plan refuses (out of range, two flags setting one thing) is a bad flag too.
+    if let Err(e) = run::check(&args.options) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run::run(&args.options) {
         Ok(outcome) => {
             if let Some(line) = outcome.summary() {
