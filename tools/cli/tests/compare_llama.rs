@@ -168,3 +168,50 @@ fn a_malformed_llama_cpp_file_is_named_and_nothing_is_written() {
     }
     assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0, "nothing written");
 }
+
+/// A sweep over prompt tokens beside llama-bench's prefill tests: one more
+/// SVG, against prompt tokens, with both engines' prefill curves (ours from
+/// the cells' TTFT, llama.cpp's from its `pp` tests).
+#[test]
+fn a_prompt_sweep_and_llama_bench_share_one_prefill_plot() {
+    let run_dir = scratch_dir("compare-llama-sweep-run");
+    let run_str = run_dir.to_str().unwrap().to_string();
+    let args = [
+        "--synthetic-preset",
+        "tiny",
+        "--sweep",
+        "prompt-tokens=6,16",
+        "--max-new-tokens",
+        "4",
+        "--warmup",
+        "0",
+        "--single-requests",
+        "1",
+        "--levels",
+        "2",
+        "--requests-per-level",
+        "2",
+        "--mode",
+        "batched",
+        "--out-dir",
+        &run_str,
+    ];
+    let out = throughput_within(&args, 120);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .expect("the sweep's JSON");
+    let out_dir = scratch_dir("compare-llama-sweep");
+    let out = compare(&out_dir, &[&report, &testdata(BENCH)]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let joint = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".prompt-tokens.svg"))
+        .expect("a prompt-tokens SVG");
+    let svg = std::fs::read_to_string(joint).unwrap();
+    assert!(svg.contains("gpt2-rs f32 prefill"), "{svg}");
+    assert!(svg.contains("llama.cpp 124m f32 prefill"), "{svg}");
+}
