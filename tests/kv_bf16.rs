@@ -111,11 +111,10 @@ fn a_bf16_cache_moves_the_logits_at_position_900_by_little() {
     let positions = [0, 100, 500, 899, 900];
     let (rel_l2, same) = drift_at(&positions);
     eprintln!("124M synthetic, bf16 KV vs f32 KV: relative L2 {rel_l2:.2e}, argmax kept at {same}/5");
-    // Position 0 attends to itself only: softmax is exactly 1 and the value
-    // is rounded, so even it moves; 1e-2 is what bf16's 8 mantissa bits
-    // allow (2^-9 relative per value) with room, and far below what
-    // truncation instead of rounding, or a wrong row, would give.
-    assert!(rel_l2 > 0.0, "bf16 keys and values must round something");
-    assert!(rel_l2 < 1e-2, "relative L2 {rel_l2}");
+    // Measured: 1.04e-3 (the bf16 weights move the same logits by 4.5e-3,
+    // `docs/hot-path.md`). The bound is 1.4x that, so truncating instead of
+    // rounding to nearest (about twice the error) or a row in the wrong
+    // slot fails it.
+    assert!(rel_l2 < 1.5e-3, "relative L2 {rel_l2}");
     assert_eq!(same, positions.len(), "the most likely token changed");
 }
