@@ -74,14 +74,14 @@ impl KvCache {
     /// at the start of their own region, each rounded up to whole 4 KiB
     /// pages (the map's untouched pages are not resident).
     pub fn resident_bytes(config: &Gpt2Config, kv: KvDtype, positions: usize) -> usize {
-        let region = (positions * row_len(config, kv) * kv.bytes_per_value()).div_ceil(4096) * 4096;
-        2 * config.n_layer * config.n_head * region
+        let row_bytes = row_len(config, kv) * kv.bytes_per_value();
+        resident(config.n_layer * config.n_head, row_bytes, positions)
     }
 
     /// [`KvCache::resident_bytes`] of this cache's config and format.
     pub fn resident_bytes_at(&self, positions: usize) -> usize {
-        let region = (positions * self.row() * self.dtype().bytes_per_value()).div_ceil(4096) * 4096;
-        2 * self.n_layer * self.n_head * region
+        let row_bytes = self.row() * self.dtype().bytes_per_value();
+        resident(self.n_layer * self.n_head, row_bytes, positions)
     }
 
     /// The format its keys and values are stored in.
@@ -227,6 +227,12 @@ impl KvCache {
         cache.len = len.min(cache.n_positions);
         cache
     }
+}
+
+/// Resident bytes of keys and values of `heads` (layer, head) regions, each
+/// `positions` rows of `row_bytes` rounded up to whole 4 KiB pages.
+fn resident(heads: usize, row_bytes: usize, positions: usize) -> usize {
+    2 * heads * (positions * row_bytes).div_ceil(4096) * 4096
 }
 
 /// Values a position of one head takes in `kv`.

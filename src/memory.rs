@@ -97,7 +97,7 @@ fn inactive_file(stat: &str, key: &str) -> u64 {
 }
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes.
-fn mem_available(text: &str) -> Option<u64> {
+pub(crate) fn mem_available(text: &str) -> Option<u64> {
     let line = text.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().next()?.parse().ok()?;
     Some(kib * 1024)

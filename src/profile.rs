@@ -231,13 +231,7 @@ pub fn proc_status(field: &str) -> Option<u64> {
 /// Bytes of memory the OS can still give (`MemAvailable` of
 /// `/proc/meminfo`), where it tells (Linux); `None` elsewhere.
 pub fn mem_available_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
-    line.split_whitespace()
-        .next()?
-        .parse::<u64>()
-        .ok()
-        .map(|kib| kib * 1024)
+    crate::memory::mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
 }
 
 /// This process's peak resident set size in bytes (`VmHWM`), where the OS

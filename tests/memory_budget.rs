@@ -146,3 +146,22 @@ fn peak_rss_is_read_and_reset() {
     );
     std::hint::black_box(touched);
 }
+
+/// After a reset the peak is the resident size then, not the earlier
+/// peak: 64 MiB touched and freed no longer count.
+#[test]
+fn the_peak_resets_to_the_resident_size() {
+    let peak = || memory::peak_rss_bytes().unwrap_or(0);
+    let touched = vec![1u8; 64 << 20];
+    let before = peak();
+    drop(std::hint::black_box(touched));
+    if !memory::reset_peak_rss() {
+        // Not Linux, or a kernel older than 4.0: nothing to reset.
+        return;
+    }
+    assert!(
+        peak() + (32 << 20) < before,
+        "peak {} after the reset, {before} before",
+        peak()
+    );
+}

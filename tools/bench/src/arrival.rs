@@ -476,20 +476,24 @@ fn trial(
         arrival_ttft_ms: ms(first - submitted),
         lone_ttft_ms: ms(lone - alone_at),
         arrival_steps: shapes(&prefill_steps(&steps, submitted, opts.prompt_tokens)),
-        baseline_step_ms_p50: {
-            let mut v: Vec<f64> = steps
+        baseline_step_ms_p50: median(
+            steps
                 .iter()
                 .filter(|(t, s)| *t <= baseline_done && s.rows == s.decode_rows && s.rows == opts.streams)
                 .map(|(_, s)| ms(s.elapsed))
-                .collect();
-            v.sort_by(f64::total_cmp);
-            stats::quantile(&v, 0.5)
-        },
+                .collect(),
+        ),
     })
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// The median of `v` ([`stats::quantile`]'s, 0 when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    stats::quantile(&v, 0.5)
 }
 
 fn gaps(values: &[f64]) -> Gaps {
@@ -531,14 +535,11 @@ fn shapes(steps: &[StepStats]) -> Vec<StepShape> {
     }
     groups
         .into_iter()
-        .map(|(rows, decode_rows, mut t)| {
-            t.sort_by(f64::total_cmp);
-            StepShape {
-                rows,
-                decode_rows,
-                steps: t.len(),
-                step_ms_p50: stats::quantile(&t, 0.5),
-            }
+        .map(|(rows, decode_rows, t)| StepShape {
+            rows,
+            decode_rows,
+            steps: t.len(),
+            step_ms_p50: median(t),
         })
         .collect()
 }
@@ -546,11 +547,7 @@ fn shapes(steps: &[StepStats]) -> Vec<StepShape> {
 /// `budget`'s trials: each figure's median.
 fn summarize(trials: &[Trial], budget: usize) -> BudgetSummary {
     let mine: Vec<&Trial> = trials.iter().filter(|t| t.max_step_rows == budget).collect();
-    let median = |f: fn(&Trial) -> f64| {
-        let mut v: Vec<f64> = mine.iter().map(|t| f(t)).collect();
-        v.sort_by(f64::total_cmp);
-        stats::quantile(&v, 0.5)
-    };
+    let median = |f: fn(&Trial) -> f64| median(mine.iter().map(|t| f(t)).collect());
     BudgetSummary {
         max_step_rows: budget,
         baseline_itl_p50_ms: median(|t| t.baseline_itl_ms.p50),

@@ -37,14 +37,6 @@ pub fn git_commit() -> String {
     }
 }
 
-/// Resets this process's resident high-water mark (VmHWM) to its resident
-/// size now (Linux 4.0 and later: `5` written to `/proc/self/clear_refs`),
-/// so that a later [`gpt2::profile::peak_rss_bytes`] is the peak since
-/// this call; whether it did.
-pub fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
 /// The CPU: model name, family, model and stepping, and the vector features the
 /// kernels care about (e.g. `AMD EPYC (family 25, model 1, stepping 1; avx2 fma)`).
 pub fn cpu_model() -> String {
@@ -85,25 +77,6 @@ mod tests {
         // 2000-02-29 (a leap day of a century leap year) 12:34:56.
         assert_eq!(utc_timestamp(t(951_827_696), true), "2000-02-29T12:34:56Z");
         assert_eq!(utc_timestamp(t(951_827_696), false), "20000229T123456Z");
-    }
-
-    /// After a reset the peak is the resident size then, not the earlier
-    /// peak: 64 MiB touched and freed no longer count.
-    #[test]
-    fn the_peak_resets_to_the_resident_size() {
-        let peak = || gpt2::profile::peak_rss_bytes().unwrap_or(0);
-        let touched = vec![1u8; 64 << 20];
-        let before = peak();
-        drop(std::hint::black_box(touched));
-        if !reset_peak_rss() {
-            // Not Linux, or a kernel older than 4.0: nothing to reset.
-            return;
-        }
-        assert!(
-            peak() + (32 << 20) < before,
-            "peak {} after the reset, {before} before",
-            peak()
-        );
     }
 
     #[test]

@@ -527,7 +527,7 @@ impl Bench<'_> {
     /// caller's previous one is gone by then, and the resident high-water
     /// mark is reset first, so that this load's peak is its own).
     fn load(&self, dir: &Path, dtype: Dtype, kv: KvDtype) -> Result<Loaded, Box<dyn Error>> {
-        let peak_rss_own = meta::reset_peak_rss();
+        let peak_rss_own = gpt2::memory::reset_peak_rss();
         let model = Arc::new(Gpt2Model::load_with(dir, dtype)?.with_kv_dtype(kv));
         let rss_after_load_bytes = profile::proc_status("VmRSS:").map(|kib| kib * 1024);
         let packed = model.weights.packed_bytes;
